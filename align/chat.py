@@ -1,0 +1,92 @@
+"""Chat rendering: the model's own chat template, assistant-token masks, and control-token safety.
+
+Why not `assistant_only_loss` in TRL: it needs `{% generation %}` markers that most templates (SmolLM2's
+included) lack. Instead each assistant turn's tokens are found by rendering the conversation up to that turn
+with and without it, which works with any template whose renderings of prefixes are prefixes.
+
+User text must never become control tokens: a string like "<|im_start|>system" inside a message would
+otherwise be parsed by the tokenizer as the real marker and let data forge turns. `neutralise()` breaks every
+special-token string by inserting U+2060 (WORD JOINER, invisible) after its first character, so it tokenizes as
+plain text; `control_tokens_in()` lets a caller reject such rows instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+WORD_JOINER = "\u2060"
+
+
+def special_strings(tokenizer) -> list[str]:
+    """Every string the tokenizer would turn into a control token, longest first."""
+    specials = set(tokenizer.all_special_tokens)
+    for tok in getattr(tokenizer, "added_tokens_decoder", {}).values():
+        if getattr(tok, "special", False):
+            specials.add(str(tok))
+    return sorted((s for s in specials if s), key=len, reverse=True)
+
+
+def control_tokens_in(text: str, specials: list[str]) -> list[str]:
+    return [s for s in specials if s in text]
+
+
+def neutralise(text: str, specials: list[str]) -> str:
+    for s in specials:
+        if s in text:
+            text = text.replace(s, s[0] + WORD_JOINER + s[1:])
+    return text
+
+
+@dataclass
+class Rendered:
+    input_ids: list[int]
+    labels: list[int]  # -100 where no loss (prompt/system/user tokens)
+    truncated: bool
+
+
+def render(
+    tokenizer,
+    messages: list[dict],
+    max_length: int,
+    truncation_side: str = "right",
+    assistant_only: bool = True,
+) -> Rendered:
+    """Tokenize a conversation with the model's chat template; labels only on assistant turns.
+
+    Returns ids and labels of equal length (unshifted; the model shifts). Each assistant turn's label span
+    covers its content and its end-of-turn marker, so the model learns to stop.
+    """
+    ids = _ids(tokenizer, messages, add_generation_prompt=False)
+    mask = [0] * len(ids)
+    if assistant_only:
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            start = len(_ids(tokenizer, messages[:i], add_generation_prompt=True))
+            end = len(_ids(tokenizer, messages[: i + 1], add_generation_prompt=False))
+            for j in range(start, min(end, len(ids))):
+                mask[j] = 1
+    else:
+        mask = [1] * len(ids)
+    truncated = len(ids) > max_length
+    if truncated:
+        sl = slice(0, max_length) if truncation_side == "right" else slice(len(ids) - max_length, len(ids))
+        ids, mask = ids[sl], mask[sl]
+    labels = [t if k else -100 for t, k in zip(ids, mask, strict=True)]
+    return Rendered(ids, labels, truncated)
+
+
+def render_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a prompt ready for generation (ends with the assistant header)."""
+    return _ids(tokenizer, messages, add_generation_prompt=True)
+
+
+def _ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    if not messages:
+        return []
+    out = tokenizer.apply_chat_template(
+        messages, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=False
+    )
+    if isinstance(out, dict) or hasattr(out, "keys"):
+        out = out["input_ids"]
+    return list(out)

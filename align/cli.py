@@ -1,0 +1,207 @@
+"""The `align` command line.
+
+    align sft  --config configs/sft.yaml [key=value ...] [--resume]
+    align eval perplexity --model REF --data FILE
+    align eval gate perplexity --candidate REF --parent REF --data FILE --out DIR [--config configs/gates.yaml]
+    align model prepare [NAME]
+
+REF is a model alias, a checkpoint folder, a hub id, or an align artifact directory (its adapter is applied).
+Exit status: 0 success / gate passed, 1 gate failed or internal error, 2 bad config or input, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from align import __version__
+from align.config import UserError
+
+err = Console(stderr=True)
+out = Console()
+
+PLANNED = {
+    "reward": "reward model from K-wise human rankings (issue: align reward)",
+    "ppo": "PPO with vLLM rollouts (issue: align ppo)",
+    "dpo": "direct preference optimisation (issue: align dpo)",
+    "run": "the whole pipeline with gates (issue: gates and align run)",
+    "report": "render a run's gate reports (issue: gates and align run)",
+}
+PLANNED_DATA = {
+    "build": "instruction dataset builder",
+    "check-rankings": "ranking-file validation and annotator agreement",
+    "import-rankings": "converters into the ranking format",
+    "build-preferences": "reward/DPO training sets from rankings",
+}
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.learning_rate=1e-4")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="align", description="Alignment toolkit: data, SFT, reward, PPO/DPO, gates.")
+    ap.add_argument("--version", action="version", version=f"align {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("sft", help="supervised fine-tuning with LoRA")
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+
+    ev = sub.add_parser("eval", help="evaluation and gates").add_subparsers(dest="eval_command", metavar="WHAT")
+    pp = ev.add_parser("perplexity", help="token-weighted perplexity of a model or artifact on a dataset")
+    pp.add_argument("--model", required=True, help="alias, checkpoint folder, hub id or align artifact dir")
+    pp.add_argument("--data", required=True, type=Path, help="instruction data file or built dataset folder")
+    pp.add_argument("--scope", choices=["assistant", "all"], default="assistant")
+    pp.add_argument("--max-length", type=int, default=512)
+    pp.add_argument("--batch-size", type=int, default=8)
+    pp.add_argument("--max-examples", type=int, default=None)
+    pp.add_argument("--json", action="store_true", help="print JSON only")
+    gate = ev.add_parser("gate", help="compare a candidate with its parent and decide")
+    gsub = gate.add_subparsers(dest="gate_kind", metavar="KIND")
+    gp = gsub.add_parser("perplexity", help="candidate must not raise perplexity over its parent")
+    gp.add_argument("--candidate", required=True)
+    gp.add_argument("--parent", required=True, help="usually the base model, or the parent artifact")
+    gp.add_argument("--data", required=True, type=Path)
+    gp.add_argument("--out", required=True, type=Path, help="folder for gate.json and gate.md")
+    _add_config_args(gp)
+
+    mp = sub.add_parser("model", help="model utilities").add_subparsers(dest="model_command", metavar="WHAT")
+    prep = mp.add_parser("prepare", help="convert/cache a built-in model and print its folder")
+    prep.add_argument("name", nargs="?", default="smollm2-135m-instruct")
+
+    dp = sub.add_parser("data", help="datasets and ranking files").add_subparsers(dest="data_command", metavar="WHAT")
+    for name, what in PLANNED_DATA.items():
+        d = dp.add_parser(name, help=f"{what} (not built yet)")
+        d.add_argument("args", nargs=argparse.REMAINDER)
+    for name, what in PLANNED.items():
+        s = sub.add_parser(name, help=f"{what.split(' (')[0]} (not built yet)")
+        s.add_argument("args", nargs=argparse.REMAINDER)
+    return ap
+
+
+def _not_built(what: str) -> int:
+    err.print(f"[yellow]not built yet:[/] {what}. This command is planned; see the issues and docs/roadmap.md.")
+    return 2
+
+
+def _cmd_sft(a) -> int:
+    from align.config import load_config
+    from data_schemas.config import SFTConfig
+    from stages import sft
+
+    cfg = load_config(SFTConfig, a.config, a.overrides)
+    sft.run(cfg, resume=a.resume)
+    return 0
+
+
+def _cmd_eval(a) -> int:
+    if a.eval_command == "perplexity":
+        from align.models import load_for_eval
+        from eval.perplexity import perplexity
+        from stages.data import load_instructions
+
+        convs, report = load_instructions(a.data)
+        if a.max_examples:
+            convs = convs[: a.max_examples]
+        model, tok, desc = load_for_eval(a.model)
+        r = perplexity(model, tok, convs, a.scope, a.max_length, a.batch_size)
+        res = {"model": desc, "data": str(a.data), "scope": a.scope, **r.as_dict()}
+        if a.json:
+            print(json.dumps(res))
+        else:
+            out.print(
+                f"{desc}\nperplexity ({a.scope} tokens): [bold]{r.perplexity:.3f}[/] over {r.tokens} tokens in "
+                f"{r.examples} examples ({r.truncated} truncated to {a.max_length})"
+            )
+        return 0
+    if a.eval_command == "gate" and a.gate_kind == "perplexity":
+        from align.config import load_config
+        from data_schemas.config import GatesConfig
+        from eval.gates import run_perplexity_gate
+
+        settings = load_config(GatesConfig, a.config, a.overrides).perplexity
+        r = run_perplexity_gate(a.candidate, a.parent, a.data, settings, a.out)
+        colour = "green" if r["verdict"] == "pass" else "red"
+        out.print(f"perplexity gate: [bold {colour}]{r['verdict'].upper()}[/] (report: {a.out / 'gate.md'})")
+        for reason in r["reasons"]:
+            out.print(f"  - {reason}")
+        m = r.get("metrics") or {}
+        if m:
+            out.print(
+                f"  parent {m['parent']['perplexity']:.3f} -> candidate {m['candidate']['perplexity']:.3f} "
+                f"(ratio {m['ratio']:.4f}, {int(m['confidence'] * 100)}% CI {m['ratio_ci'][0]:.4f}-{m['ratio_ci'][1]:.4f})"
+            )
+        return 0 if r["verdict"] == "pass" else 1
+    raise UserError("align eval: say what to evaluate: perplexity | gate perplexity (see align eval --help)")
+
+
+def _quiet_libraries() -> None:
+    """Library chatter (deprecation warnings, per-load progress bars) buries what users need to read."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    for name in ("transformers", "datasets", "peft", "trl", "accelerate", "torch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        import datasets
+
+        datasets.disable_progress_bars()
+    except ImportError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    if a.command is None:
+        ap.print_help()
+        return 2
+    if not os.environ.get("ALIGN_DEBUG"):
+        _quiet_libraries()
+    try:
+        if a.command == "sft":
+            return _cmd_sft(a)
+        if a.command == "eval":
+            return _cmd_eval(a)
+        if a.command == "model":
+            from align.models import resolve_model_path
+
+            print(resolve_model_path(a.name))
+            return 0
+        if a.command == "data":
+            if a.data_command is None:
+                raise UserError("align data: say what to do: " + " | ".join(PLANNED_DATA))
+            return _not_built(f"align data {a.data_command} ({PLANNED_DATA[a.data_command]})")
+        if a.command in PLANNED:
+            return _not_built(f"align {a.command} ({PLANNED[a.command]})")
+    except UserError as e:
+        for line in str(e).splitlines():
+            err.print(f"[red]error:[/] {line}", highlight=False, soft_wrap=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/]; rerun with --resume to continue from the last checkpoint")
+        return 130
+    except Exception as e:  # an align bug, not a user error: say so plainly
+        if os.environ.get("ALIGN_DEBUG"):
+            raise
+        err.print(f"[red]internal error:[/] {type(e).__name__}: {e}\n(set ALIGN_DEBUG=1 for the traceback)")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

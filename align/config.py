@@ -1,0 +1,103 @@
+"""YAML configs with dotted `key=value` overrides, validated by the pydantic models in data_schemas.
+
+Overrides follow the transformers/TRL habit of `--key value` on the command line, written here as
+`train.learning_rate=1e-4` (values are parsed as YAML scalars, so `true`, `3`, `1e-4`, `[a, b]` work).
+Every problem becomes one line naming the file, the key and what is allowed; the CLI prints them and exits 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+T = TypeVar("T", bound=BaseModel)
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad config, bad input, missing file). Printed without a traceback."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise UserError(f"{path}: config file not found") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e)
+        raise UserError(f"{where}: invalid YAML: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the top level must be a mapping of keys to values, not {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides in order; values are YAML scalars or flow collections."""
+    data = dict(data)
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override '{item}': expected key=value, e.g. train.learning_rate=1e-4")
+        key, raw = item.split("=", 1)
+        key = key.strip().removeprefix("--")
+        if not key:
+            raise UserError(f"override '{item}': the key is empty")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            child = node.get(p)
+            if not isinstance(child, dict):
+                child = {}
+            node[p] = child = dict(child)
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def format_validation_error(err: ValidationError, source: str) -> list[str]:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see the documented keys in configs/ and docs/configuration.md)"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        elif e["type"] == "literal_error":
+            msg = f"{e['msg'].replace('Input should be', 'must be')}; got {e.get('input')!r}"
+        else:
+            msg = f"{e['msg']}; got {e.get('input')!r}"
+        msg = msg.replace("Value error, ", "")
+        lines.append(f"{source}: {key}: {msg}")
+    return lines
+
+
+def load_config(model: type[T], path: Path | None, overrides: list[str] | None = None) -> T:
+    """Read YAML (optional), apply overrides, validate. Raises UserError listing every problem."""
+    data = read_yaml(path) if path is not None else {}
+    data = apply_overrides(data, overrides or [])
+    source = str(path) if path is not None else "command line"
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise UserError("\n".join(format_validation_error(e, source))) from None
+
+
+def dump_config(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

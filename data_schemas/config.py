@@ -1,0 +1,173 @@
+"""Typed configuration of every stage.
+
+Each model forbids unknown keys (they are usually typos) and describes every field; defaults live here and
+nowhere else. The CLI loads YAML, applies dotted ``key=value`` overrides, and validates through these models,
+so a bad config gets one message per problem naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ModelConfig(_Strict):
+    """Which pretrained model to start from and how to load it."""
+
+    name_or_path: str = Field(
+        "smollm2-135m-instruct",
+        description="A built-in alias (smollm2-135m-instruct, tiny-random-llama), a local checkpoint folder, "
+        "or a hub id (needs network).",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="Training/inference precision. 'auto' picks bf16 only where the device runs it fast "
+        "(CUDA with bf16 support, or CPUs with AMX), else fp32.",
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel passed to transformers."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Allow model code from the checkpoint to run. Off unless you trust the source."
+    )
+
+
+class LoraSettings(_Strict):
+    """PEFT LoRA adapter settings (Hu et al. 2021)."""
+
+    enabled: bool = Field(True, description="Train a LoRA adapter; false trains all weights.")
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+        description="Names of the linear modules that get adapters ('all-linear' is accepted by PEFT).",
+    )
+
+
+class InstructionDataSettings(_Strict):
+    """Where the instruction data comes from and how it is cut into sequences."""
+
+    train_file: Path = Field(
+        ...,
+        description="Instruction data: a JSONL/JSON/CSV/Parquet file in alpaca, chat 'messages' or self-instruct "
+        "shape, or a dataset folder built by `align data build`.",
+    )
+    validation_file: Path | None = Field(
+        None, description="Separate validation data; when absent, validation_fraction of train_file is held out."
+    )
+    validation_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0, description="Share of train_file held out for validation when no validation_file."
+    )
+    shape: Literal["auto", "alpaca", "chat", "self_instruct"] = Field(
+        "auto", description="Row shape; 'auto' detects it per row."
+    )
+    max_length: int = Field(512, ge=16, description="Maximum tokens per example after the chat template.")
+    truncation_side: Literal["right", "left"] = Field(
+        "right",
+        description="Which end to cut from examples longer than max_length. Cut examples are counted and "
+        "reported, never dropped silently; an example left with no assistant token is reported as skipped.",
+    )
+    system_prompt: str | None = Field(
+        None, description="System message prepended to conversations that have none (else the template's default)."
+    )
+    control_tokens: Literal["neutralise", "reject"] = Field(
+        "neutralise",
+        description="Text containing the tokenizer's control tokens (e.g. <|im_start|>): 'neutralise' breaks them "
+        "so they tokenize as plain text; 'reject' drops the row. Either way it is counted.",
+    )
+
+
+class SFTTrainSettings(_Strict):
+    """Optimisation settings (names follow transformers TrainingArguments where one exists)."""
+
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate schedule after warmup."
+    )
+    warmup_ratio: float = Field(0.05, ge=0.0, le=1.0, description="Share of steps with linear warmup.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    per_device_train_batch_size: int = Field(8, ge=1, description="Examples per micro-batch.")
+    per_device_eval_batch_size: int = Field(8, ge=1, description="Examples per evaluation batch.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    num_train_epochs: float = Field(1.0, gt=0, description="Epochs over the training data (ignored if max_steps>0).")
+    max_steps: int = Field(-1, description="Total optimizer steps; -1 means use num_train_epochs.")
+    eval_steps: int = Field(50, ge=1, description="Evaluate on the validation split every N steps.")
+    save_steps: int = Field(50, ge=1, description="Write a resumable checkpoint every N steps.")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+    logging_steps: int = Field(1, ge=1, description="Log training metrics every N steps.")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop when validation loss has not improved for this many evaluations."
+    )
+    batching: Literal["padding_free", "padded"] = Field(
+        "padding_free",
+        description="'padding_free' concatenates a micro-batch into one row with a block-diagonal causal mask "
+        "and restarting positions (no pad tokens, exact same loss); 'padded' right-pads to the longest example.",
+    )
+    seed: int = Field(42, description="Seed for data order, dropout and initialisation.")
+    stop_after_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Stop this invocation cleanly after this global step (for time-boxed or preemptible jobs); "
+        "the artifact stays 'running' and `--resume` continues it.",
+    )
+    report_to: list[Literal["tensorboard", "mlflow", "trackio", "none"]] = Field(
+        default_factory=lambda: ["tensorboard"], description="Experiment trackers to log to."
+    )
+
+
+class SFTConfig(_Strict):
+    """`align sft`: supervised fine-tuning of a causal LM on instruction data, with LoRA by default."""
+
+    stage: Literal["sft"] = Field("sft", description="Stage name (fixed).")
+    output_dir: Path = Field(..., description="Artifact directory this stage writes.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Base model.")
+    data: InstructionDataSettings = Field(..., description="Instruction data.")
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapter.")
+    train: SFTTrainSettings = Field(default_factory=SFTTrainSettings, description="Optimisation.")
+    merge_adapter: bool = Field(False, description="Also write merged/ (base weights with the adapter folded in).")
+
+    @model_validator(mode="after")
+    def _checks(self) -> SFTConfig:
+        if self.data.validation_file is None and self.data.validation_fraction == 0.0:
+            if self.train.early_stopping_patience is not None:
+                raise ValueError("train.early_stopping_patience needs validation data (data.validation_fraction > 0)")
+        if self.train.stop_after_steps is not None and 0 < self.train.max_steps < self.train.stop_after_steps:
+            raise ValueError("train.stop_after_steps must not exceed train.max_steps")
+        return self
+
+
+class PerplexityGateSettings(_Strict):
+    """Perplexity gate policy: a candidate may not lose language-modelling ability against its parent."""
+
+    max_relative_increase: float = Field(
+        0.0,
+        ge=0.0,
+        description="Largest allowed (candidate_ppl / parent_ppl - 1); 0.0 means no increase at all.",
+    )
+    min_examples: int = Field(20, ge=1, description="Fewer evaluated examples than this fails the gate (closed).")
+    bootstrap_samples: int = Field(1000, ge=100, description="Paired bootstrap resamples for the interval.")
+    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="Confidence level of the reported interval.")
+    scope: Literal["assistant", "all"] = Field(
+        "assistant", description="Score assistant tokens only, or every token of the rendered conversation."
+    )
+    max_length: int = Field(512, ge=16, description="Tokens per example (longer ones are truncated, counted).")
+    batch_size: int = Field(8, ge=1, description="Examples per forward pass.")
+    max_examples: int | None = Field(None, ge=1, description="Evaluate at most this many examples (first N).")
+
+
+class GatesConfig(_Strict):
+    """Gate policies (configs/gates.yaml). Later gates (bias, reward accuracy) join this file."""
+
+    perplexity: PerplexityGateSettings = Field(
+        default_factory=PerplexityGateSettings, description="Perplexity gate between a candidate and its parent."
+    )

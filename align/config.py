@@ -41,7 +41,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise UserError(f"{path}: the top level must be a mapping of keys to values, not {type(data).__name__}")
+        raise UserError(
+            f"{path}: the top level must be a mapping of keys to values, not {type(data).__name__}"
+        )
     return data
 
 

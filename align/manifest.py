@@ -22,7 +22,18 @@ from align.config import UserError
 from data_schemas.manifest import InputFile, Manifest, ModelIdentity, ParentRef
 
 MANIFEST = "manifest.json"
-_LIBS = ["align", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "deepspeed", "vllm", "pydantic"]
+_LIBS = [
+    "align",
+    "torch",
+    "transformers",
+    "trl",
+    "peft",
+    "datasets",
+    "accelerate",
+    "deepspeed",
+    "vllm",
+    "pydantic",
+]
 
 
 def now() -> str:
@@ -66,7 +77,11 @@ def git_commit() -> str | None:
     here = Path(__file__).resolve().parent.parent
     try:
         out = subprocess.run(
-            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+            ["git", "-C", str(here), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
         )
     except (OSError, subprocess.SubprocessError):
         return None
@@ -105,7 +120,9 @@ def read_manifest(artifact_dir: Path) -> Manifest:
     try:
         return Manifest.model_validate_json(path.read_text(encoding="utf-8"))
     except ValueError as e:
-        raise UserError(f"{path}: unreadable manifest ({e.__class__.__name__}): {str(e).splitlines()[0]}") from None
+        raise UserError(
+            f"{path}: unreadable manifest ({e.__class__.__name__}): {str(e).splitlines()[0]}"
+        ) from None
 
 
 def require_complete(artifact_dir: Path, stage: str | None = None) -> Manifest:

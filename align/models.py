@@ -167,9 +167,13 @@ def load_tokenizer(cfg: ModelConfig):
 
     path = resolve_model_path(cfg.name_or_path)
     try:
-        tok = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(
+            path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
     except OSError as e:
-        raise UserError(f"model {cfg.name_or_path}: tokenizer could not be loaded: {str(e).splitlines()[0]}") from None
+        raise UserError(
+            f"model {cfg.name_or_path}: tokenizer could not be loaded: {str(e).splitlines()[0]}"
+        ) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if tok.chat_template is None:

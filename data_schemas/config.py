@@ -62,10 +62,14 @@ class InstructionDataSettings(_Strict):
         "shape, or a dataset folder built by `align data build`.",
     )
     validation_file: Path | None = Field(
-        None, description="Separate validation data; when absent, validation_fraction of train_file is held out."
+        None,
+        description="Separate validation data; when absent, validation_fraction of train_file is held out.",
     )
     validation_fraction: float = Field(
-        0.1, ge=0.0, lt=1.0, description="Share of train_file held out for validation when no validation_file."
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="Share of train_file held out for validation when no validation_file.",
     )
     shape: Literal["auto", "alpaca", "chat", "self_instruct"] = Field(
         "auto", description="Row shape; 'auto' detects it per row."
@@ -77,7 +81,8 @@ class InstructionDataSettings(_Strict):
         "reported, never dropped silently; an example left with no assistant token is reported as skipped.",
     )
     system_prompt: str | None = Field(
-        None, description="System message prepended to conversations that have none (else the template's default)."
+        None,
+        description="System message prepended to conversations that have none (else the template's default).",
     )
     control_tokens: Literal["neutralise", "reject"] = Field(
         "neutralise",
@@ -99,7 +104,9 @@ class SFTTrainSettings(_Strict):
     per_device_train_batch_size: int = Field(8, ge=1, description="Examples per micro-batch.")
     per_device_eval_batch_size: int = Field(8, ge=1, description="Examples per evaluation batch.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    num_train_epochs: float = Field(1.0, gt=0, description="Epochs over the training data (ignored if max_steps>0).")
+    num_train_epochs: float = Field(
+        1.0, gt=0, description="Epochs over the training data (ignored if max_steps>0)."
+    )
     max_steps: int = Field(-1, description="Total optimizer steps; -1 means use num_train_epochs.")
     eval_steps: int = Field(50, ge=1, description="Evaluate on the validation split every N steps.")
     save_steps: int = Field(50, ge=1, description="Write a resumable checkpoint every N steps.")
@@ -134,13 +141,17 @@ class SFTConfig(_Strict):
     data: InstructionDataSettings = Field(..., description="Instruction data.")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapter.")
     train: SFTTrainSettings = Field(default_factory=SFTTrainSettings, description="Optimisation.")
-    merge_adapter: bool = Field(False, description="Also write merged/ (base weights with the adapter folded in).")
+    merge_adapter: bool = Field(
+        False, description="Also write merged/ (base weights with the adapter folded in)."
+    )
 
     @model_validator(mode="after")
     def _checks(self) -> SFTConfig:
         if self.data.validation_file is None and self.data.validation_fraction == 0.0:
             if self.train.early_stopping_patience is not None:
-                raise ValueError("train.early_stopping_patience needs validation data (data.validation_fraction > 0)")
+                raise ValueError(
+                    "train.early_stopping_patience needs validation data (data.validation_fraction > 0)"
+                )
         if self.train.stop_after_steps is not None and 0 < self.train.max_steps < self.train.stop_after_steps:
             raise ValueError("train.stop_after_steps must not exceed train.max_steps")
         return self
@@ -154,13 +165,17 @@ class PerplexityGateSettings(_Strict):
         ge=0.0,
         description="Largest allowed (candidate_ppl / parent_ppl - 1); 0.0 means no increase at all.",
     )
-    min_examples: int = Field(20, ge=1, description="Fewer evaluated examples than this fails the gate (closed).")
+    min_examples: int = Field(
+        20, ge=1, description="Fewer evaluated examples than this fails the gate (closed)."
+    )
     bootstrap_samples: int = Field(1000, ge=100, description="Paired bootstrap resamples for the interval.")
     confidence: float = Field(0.95, gt=0.5, lt=1.0, description="Confidence level of the reported interval.")
     scope: Literal["assistant", "all"] = Field(
         "assistant", description="Score assistant tokens only, or every token of the rendered conversation."
     )
-    max_length: int = Field(512, ge=16, description="Tokens per example (longer ones are truncated, counted).")
+    max_length: int = Field(
+        512, ge=16, description="Tokens per example (longer ones are truncated, counted)."
+    )
     batch_size: int = Field(8, ge=1, description="Examples per forward pass.")
     max_examples: int | None = Field(None, ge=1, description="Evaluate at most this many examples (first N).")
 
@@ -169,5 +184,6 @@ class GatesConfig(_Strict):
     """Gate policies (configs/gates.yaml). Later gates (bias, reward accuracy) join this file."""
 
     perplexity: PerplexityGateSettings = Field(
-        default_factory=PerplexityGateSettings, description="Perplexity gate between a candidate and its parent."
+        default_factory=PerplexityGateSettings,
+        description="Perplexity gate between a candidate and its parent.",
     )

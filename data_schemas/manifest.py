@@ -14,7 +14,9 @@ class InputFile(BaseModel):
 
     path: str = Field(..., description="Path as given.")
     role: str = Field(..., description="What the stage used it for (train, validation, ...).")
-    sha256: str = Field(..., description="sha256 of the file's bytes (of every file, for folders, in path order).")
+    sha256: str = Field(
+        ..., description="sha256 of the file's bytes (of every file, for folders, in path order)."
+    )
 
 
 class ParentRef(BaseModel):
@@ -41,7 +43,9 @@ class Manifest(BaseModel):
 
     schema_version: int = Field(SCHEMA_VERSION, description="Version of this schema.")
     stage: str = Field(..., description="Which stage wrote the artifact.")
-    status: Literal["running", "complete", "failed"] = Field(..., description="Only 'complete' may be consumed.")
+    status: Literal["running", "complete", "failed"] = Field(
+        ..., description="Only 'complete' may be consumed."
+    )
     key: str = Field(..., description="Hash of the resolved config and every input's hash.")
     started_at: str = Field(..., description="UTC ISO time the stage started.")
     finished_at: str | None = Field(None, description="UTC ISO time the stage ended.")

@@ -47,7 +47,9 @@ class Conversation(BaseModel):
                     "(roles must alternate user/assistant after an optional leading system turn)"
                 )
         if turns[-1].role != "assistant":
-            raise ValueError("messages: the last turn must be 'assistant' (there is nothing to learn otherwise)")
+            raise ValueError(
+                "messages: the last turn must be 'assistant' (there is nothing to learn otherwise)"
+            )
         return self
 
 

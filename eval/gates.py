@@ -21,7 +21,12 @@ from data_schemas.config import PerplexityGateSettings
 
 
 def paired_bootstrap_ratio(
-    cand_nll: list[float], par_nll: list[float], tokens: list[int], samples: int, confidence: float, seed: int = 0
+    cand_nll: list[float],
+    par_nll: list[float],
+    tokens: list[int],
+    samples: int,
+    confidence: float,
+    seed: int = 0,
 ) -> tuple[float, float]:
     """Interval of exp(mean_nll_cand - mean_nll_parent) = ppl ratio, resampling examples jointly."""
     rng = np.random.default_rng(seed)
@@ -40,14 +45,19 @@ def decide_perplexity(cand, parent, settings: PerplexityGateSettings) -> dict[st
     if cand.per_example_tokens != parent.per_example_tokens:
         reasons.append("candidate and parent were not scored on the same tokens (tokenizers differ?)")
     if cand.examples < settings.min_examples:
-        reasons.append(f"only {cand.examples} examples scored; the policy needs at least {settings.min_examples}")
+        reasons.append(
+            f"only {cand.examples} examples scored; the policy needs at least {settings.min_examples}"
+        )
     ratio = cand.perplexity / parent.perplexity if parent.perplexity > 0 else float("inf")
     limit = 1.0 + settings.max_relative_increase
     lo, hi = (float("nan"), float("nan"))
     if not reasons:
         lo, hi = paired_bootstrap_ratio(
-            cand.per_example_nll, parent.per_example_nll, cand.per_example_tokens,
-            settings.bootstrap_samples, settings.confidence,
+            cand.per_example_nll,
+            parent.per_example_nll,
+            cand.per_example_tokens,
+            settings.bootstrap_samples,
+            settings.confidence,
         )
     if not math.isfinite(ratio):
         reasons.append("perplexity ratio is not finite")
@@ -93,7 +103,9 @@ def run_perplexity_gate(
         scores = {}
         for role, ref in (("parent", parent), ("candidate", candidate)):
             model, tok, desc = load_for_eval(str(ref))
-            scores[role] = perplexity(model, tok, convs, settings.scope, settings.max_length, settings.batch_size)
+            scores[role] = perplexity(
+                model, tok, convs, settings.scope, settings.max_length, settings.batch_size
+            )
             result[f"{role}_description"] = desc
             del model
         result.update(decide_perplexity(scores["candidate"], scores["parent"], settings))

@@ -50,7 +50,9 @@ def encode_for_scoring(tokenizer, conversations, scope: str, max_length: int) ->
 
 
 @torch.no_grad()
-def sequence_nll(model, rows: list[dict], batch_size: int, pad_token_id: int) -> tuple[list[float], list[int]]:
+def sequence_nll(
+    model, rows: list[dict], batch_size: int, pad_token_id: int
+) -> tuple[list[float], list[int]]:
     """Summed next-token NLL and scored-token count per row (rows: input_ids + labels, unshifted)."""
     model.eval()
     dev = next(model.parameters()).device
@@ -80,8 +82,9 @@ def sequence_nll(model, rows: list[dict], batch_size: int, pad_token_id: int) ->
     return nlls, counts
 
 
-def perplexity(model, tokenizer, conversations, scope: str = "assistant", max_length: int = 512,
-               batch_size: int = 8) -> PerplexityResult:
+def perplexity(
+    model, tokenizer, conversations, scope: str = "assistant", max_length: int = 512, batch_size: int = 8
+) -> PerplexityResult:
     rows, truncated = encode_for_scoring(tokenizer, conversations, scope, max_length)
     nlls, counts = sequence_nll(model, rows, batch_size, tokenizer.pad_token_id)
     total_nll, total_tok = sum(nlls), sum(counts)

@@ -10,49 +10,165 @@ import random
 from pathlib import Path
 
 FACTS = [
-    ("What is the capital of Japan?", "Tokyo.", "It has been the seat of the Japanese government since 1869."),
-    ("What is the boiling point of water at sea level in Celsius?", "100 °C.", "At one standard atmosphere of pressure water boils at 100 degrees Celsius."),
-    ("Which planet is closest to the Sun?", "Mercury.", "Its average distance from the Sun is about 58 million kilometres, less than any other planet."),
+    (
+        "What is the capital of Japan?",
+        "Tokyo.",
+        "It has been the seat of the Japanese government since 1869.",
+    ),
+    (
+        "What is the boiling point of water at sea level in Celsius?",
+        "100 °C.",
+        "At one standard atmosphere of pressure water boils at 100 degrees Celsius.",
+    ),
+    (
+        "Which planet is closest to the Sun?",
+        "Mercury.",
+        "Its average distance from the Sun is about 58 million kilometres, less than any other planet.",
+    ),
     ("Who wrote 'Pride and Prejudice'?", "Jane Austen.", "She published it in 1813."),
-    ("What gas do plants absorb for photosynthesis?", "Carbon dioxide.", "Plants combine carbon dioxide and water into sugars using light energy."),
-    ("How many continents are there?", "Seven.", "The usual count is Africa, Antarctica, Asia, Australia, Europe, North America and South America."),
+    (
+        "What gas do plants absorb for photosynthesis?",
+        "Carbon dioxide.",
+        "Plants combine carbon dioxide and water into sugars using light energy.",
+    ),
+    (
+        "How many continents are there?",
+        "Seven.",
+        "The usual count is Africa, Antarctica, Asia, Australia, Europe, North America and South America.",
+    ),
     ("What is the chemical symbol for gold?", "Au.", "It comes from the Latin word for gold, aurum."),
-    ("What is the largest ocean on Earth?", "The Pacific Ocean.", "It covers about a third of the planet's surface."),
-    ("What language is mainly spoken in Brazil?", "Portuguese.", "Brazil was a Portuguese colony until 1822."),
+    (
+        "What is the largest ocean on Earth?",
+        "The Pacific Ocean.",
+        "It covers about a third of the planet's surface.",
+    ),
+    (
+        "What language is mainly spoken in Brazil?",
+        "Portuguese.",
+        "Brazil was a Portuguese colony until 1822.",
+    ),
     ("How many sides does a hexagon have?", "Six.", "The prefix hexa- means six."),
-    ("What is the freezing point of water in Fahrenheit?", "32 °F.", "Water freezes at 0 °C, which is 32 °F."),
-    ("Which organ pumps blood through the body?", "The heart.", "Its contractions push blood through the arteries."),
-    ("What is the tallest mountain above sea level?", "Mount Everest.", "Its summit is about 8,849 metres above sea level."),
+    (
+        "What is the freezing point of water in Fahrenheit?",
+        "32 °F.",
+        "Water freezes at 0 °C, which is 32 °F.",
+    ),
+    (
+        "Which organ pumps blood through the body?",
+        "The heart.",
+        "Its contractions push blood through the arteries.",
+    ),
+    (
+        "What is the tallest mountain above sea level?",
+        "Mount Everest.",
+        "Its summit is about 8,849 metres above sea level.",
+    ),
     ("What is the square root of 81?", "9.", "9 multiplied by 9 is 81."),
     ("Which element has atomic number 1?", "Hydrogen.", "Its nucleus has exactly one proton."),
     ("What is the capital of Canada?", "Ottawa.", "Queen Victoria chose it as the capital in 1857."),
     ("How many minutes are in a day?", "1,440.", "A day has 24 hours of 60 minutes each."),
     ("What do bees make from nectar?", "Honey.", "Bees evaporate water from nectar and add enzymes to it."),
     ("Which instrument measures air pressure?", "A barometer.", "It reads the weight of the air above it."),
-    ("What is the main ingredient of guacamole?", "Avocado.", "Guacamole is mashed avocado seasoned with lime, salt and onion."),
-    ("Name the longest river in Africa.", "The Nile.", "It flows about 6,650 kilometres to the Mediterranean."),
+    (
+        "What is the main ingredient of guacamole?",
+        "Avocado.",
+        "Guacamole is mashed avocado seasoned with lime, salt and onion.",
+    ),
+    (
+        "Name the longest river in Africa.",
+        "The Nile.",
+        "It flows about 6,650 kilometres to the Mediterranean.",
+    ),
     ("What is H2O commonly called?", "Water.", "Each molecule has two hydrogen atoms and one oxygen atom."),
-    ("How many legs does a spider have?", "Eight.", "All spiders are arachnids, which have four pairs of legs."),
-    ("Which country gifted the Statue of Liberty to the United States?", "France.", "It was dedicated in 1886 as a gift from the French people."),
-    ("What is the hardest natural substance?", "Diamond.", "Its carbon atoms are bonded in a rigid three-dimensional lattice."),
-    ("What is the primary source of energy for Earth's climate?", "The Sun.", "Sunlight delivers almost all the energy that drives weather and climate."),
+    (
+        "How many legs does a spider have?",
+        "Eight.",
+        "All spiders are arachnids, which have four pairs of legs.",
+    ),
+    (
+        "Which country gifted the Statue of Liberty to the United States?",
+        "France.",
+        "It was dedicated in 1886 as a gift from the French people.",
+    ),
+    (
+        "What is the hardest natural substance?",
+        "Diamond.",
+        "Its carbon atoms are bonded in a rigid three-dimensional lattice.",
+    ),
+    (
+        "What is the primary source of energy for Earth's climate?",
+        "The Sun.",
+        "Sunlight delivers almost all the energy that drives weather and climate.",
+    ),
     ("In which year did humans first land on the Moon?", "1969.", "Apollo 11 landed on 20 July 1969."),
-    ("What is the smallest prime number?", "2.", "It is the only even number whose only divisors are 1 and itself."),
-    ("Which vitamin does the skin make in sunlight?", "Vitamin D.", "Ultraviolet B light converts a cholesterol precursor in the skin into vitamin D."),
-    ("What is the currency of the United Kingdom?", "The pound sterling.", "It is issued by the Bank of England."),
+    (
+        "What is the smallest prime number?",
+        "2.",
+        "It is the only even number whose only divisors are 1 and itself.",
+    ),
+    (
+        "Which vitamin does the skin make in sunlight?",
+        "Vitamin D.",
+        "Ultraviolet B light converts a cholesterol precursor in the skin into vitamin D.",
+    ),
+    (
+        "What is the currency of the United Kingdom?",
+        "The pound sterling.",
+        "It is issued by the Bank of England.",
+    ),
 ]
 
 ADVICE = [
-    ("Give one tip for remembering new vocabulary.", "Review each new word a few times over spaced intervals.", "Spaced repetition strengthens memory more than cramming."),
-    ("How can I make my code easier to read?", "Use clear names and keep functions short.", "Readers understand small, well-named pieces faster."),
-    ("Suggest a way to save energy at home.", "Switch to LED bulbs.", "They use about a fifth of the power of incandescent bulbs for the same light."),
-    ("What should I do before a job interview?", "Research the company and prepare examples of your work.", "Specific examples show your skills better than general claims."),
-    ("How do I keep houseplants healthy?", "Water them only when the top of the soil is dry.", "Overwatering is the most common cause of houseplant death."),
-    ("Give a tip for writing a clear email.", "Put the request in the first sentence.", "Busy readers may not read past the opening."),
-    ("How can I sleep better?", "Keep a regular bedtime and avoid screens for an hour before it.", "A steady schedule and less evening light help the body's clock."),
-    ("What is a good way to start learning to cook?", "Master a few simple recipes before trying complex ones.", "Repetition builds the basic skills that every recipe uses."),
-    ("Summarise why exercise is useful.", "It strengthens the heart, muscles and mood.", "Regular activity improves circulation and releases mood-lifting chemicals."),
-    ("How should I store fresh herbs?", "Keep them in a glass of water in the fridge, loosely covered.", "Water keeps the stems hydrated and the cold slows wilting."),
+    (
+        "Give one tip for remembering new vocabulary.",
+        "Review each new word a few times over spaced intervals.",
+        "Spaced repetition strengthens memory more than cramming.",
+    ),
+    (
+        "How can I make my code easier to read?",
+        "Use clear names and keep functions short.",
+        "Readers understand small, well-named pieces faster.",
+    ),
+    (
+        "Suggest a way to save energy at home.",
+        "Switch to LED bulbs.",
+        "They use about a fifth of the power of incandescent bulbs for the same light.",
+    ),
+    (
+        "What should I do before a job interview?",
+        "Research the company and prepare examples of your work.",
+        "Specific examples show your skills better than general claims.",
+    ),
+    (
+        "How do I keep houseplants healthy?",
+        "Water them only when the top of the soil is dry.",
+        "Overwatering is the most common cause of houseplant death.",
+    ),
+    (
+        "Give a tip for writing a clear email.",
+        "Put the request in the first sentence.",
+        "Busy readers may not read past the opening.",
+    ),
+    (
+        "How can I sleep better?",
+        "Keep a regular bedtime and avoid screens for an hour before it.",
+        "A steady schedule and less evening light help the body's clock.",
+    ),
+    (
+        "What is a good way to start learning to cook?",
+        "Master a few simple recipes before trying complex ones.",
+        "Repetition builds the basic skills that every recipe uses.",
+    ),
+    (
+        "Summarise why exercise is useful.",
+        "It strengthens the heart, muscles and mood.",
+        "Regular activity improves circulation and releases mood-lifting chemicals.",
+    ),
+    (
+        "How should I store fresh herbs?",
+        "Keep them in a glass of water in the fridge, loosely covered.",
+        "Water keeps the stems hydrated and the cold slows wilting.",
+    ),
 ]
 
 
@@ -68,10 +184,18 @@ def conversion(rng):
     kind = rng.choice(["km", "kg", "c"])
     if kind == "km":
         km = rng.randint(2, 50)
-        return (f"Convert {km} kilometres to miles.", f"About {km * 0.621371:.1f} miles.", "One kilometre is 0.621371 miles.")
+        return (
+            f"Convert {km} kilometres to miles.",
+            f"About {km * 0.621371:.1f} miles.",
+            "One kilometre is 0.621371 miles.",
+        )
     if kind == "kg":
         kg = rng.randint(2, 90)
-        return (f"How many pounds is {kg} kg?", f"About {kg * 2.20462:.1f} pounds.", "One kilogram is 2.20462 pounds.")
+        return (
+            f"How many pounds is {kg} kg?",
+            f"About {kg * 2.20462:.1f} pounds.",
+            "One kilogram is 2.20462 pounds.",
+        )
     c = rng.randint(-10, 40)
     return (f"What is {c} °C in Fahrenheit?", f"{c * 9 / 5 + 32:.1f} °F.", "Multiply by 9/5 and add 32.")
 
@@ -91,7 +215,10 @@ def main():
     out = Path(__file__).resolve().parent.parent / "examples" / "data"
     out.mkdir(parents=True, exist_ok=True)
     n_val = 24
-    for name, part in (("instructions_train.jsonl", rows[n_val:]), ("instructions_validation.jsonl", rows[:n_val])):
+    for name, part in (
+        ("instructions_train.jsonl", rows[n_val:]),
+        ("instructions_validation.jsonl", rows[:n_val]),
+    ):
         with open(out / name, "w", encoding="utf-8") as f:
             for r in part:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")

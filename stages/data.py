@@ -54,12 +54,16 @@ def _iter_rows(path: Path, report: LoadReport):
                 report.read += 1
                 where = f"{path}:{lineno}"
                 if len(raw) > MAX_LINE_BYTES:
-                    report.drop(where, "line_too_long", f"line is {len(raw)} bytes (limit {MAX_LINE_BYTES}); skipped")
+                    report.drop(
+                        where, "line_too_long", f"line is {len(raw)} bytes (limit {MAX_LINE_BYTES}); skipped"
+                    )
                     continue
                 try:
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    report.drop(where, "invalid_utf8", f"not valid UTF-8 (byte {e.start}); re-save the file as UTF-8")
+                    report.drop(
+                        where, "invalid_utf8", f"not valid UTF-8 (byte {e.start}); re-save the file as UTF-8"
+                    )
                     continue
                 try:
                     row = json.loads(text)

@@ -224,7 +224,12 @@ def run(cfg: SFTConfig, resume: bool = False) -> Path:
     # 2. Model ----------------------------------------------------------------------------------------
     precision = choose_precision(cfg.model.precision)
     writer = ArtifactWriter(
-        out, "sft", cfg.model_dump(mode="json", exclude={"output_dir"}), inputs, seed=cfg.train.seed
+        out,
+        "sft",
+        # operational fields (where to write, when to pause, where to log) do not change the product
+        cfg.model_dump(mode="json", exclude={"output_dir": True, "train": {"stop_after_steps", "report_to"}}),
+        inputs,
+        seed=cfg.train.seed,
     )
     writer.start(model_identity(cfg.model, precision, adapter="adapter" if cfg.lora.enabled else None))
     atomic_write_text(out / "config.yaml", dump_config(cfg))
@@ -343,9 +348,9 @@ def run(cfg: SFTConfig, resume: bool = False) -> Path:
 
 def _early_stopped(trainer) -> bool:
     for cb in trainer.callback_handler.callbacks:
-        if type(cb).__name__ == "EarlyStoppingCallback" and getattr(cb, "early_stopping_patience_counter", 0) >= (
-            cb.early_stopping_patience
-        ):
+        if type(cb).__name__ == "EarlyStoppingCallback" and getattr(
+            cb, "early_stopping_patience_counter", 0
+        ) >= (cb.early_stopping_patience):
             return True
     return False
 

@@ -1,0 +1,109 @@
+"""`align sft` through the real CLI on the tiny model: what trains, what does not, and resume."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from align.cli import main
+from tests.conftest import EXAMPLES
+
+BASE = [
+    "model.name_or_path=tiny-random-llama",
+    f"data.train_file={EXAMPLES / 'instructions_train.jsonl'}",
+    f"data.validation_file={EXAMPLES / 'instructions_validation.jsonl'}",
+    "lora.r=8",
+    "lora.dropout=0.1",
+    "train.learning_rate=5e-3",
+    "train.per_device_train_batch_size=4",
+    "train.lr_scheduler_type=constant",
+    "train.warmup_ratio=0",
+    "train.eval_steps=4",
+    "train.save_steps=4",
+    "train.early_stopping_patience=null",
+]
+
+
+def sft(out: Path, *extra: str, resume: bool = False) -> int:
+    args = ["sft", "--config", "configs/sft.yaml", f"output_dir={out}", *BASE, *extra]
+    return main(args + (["--resume"] if resume else []))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_path):
+    out = tmp_path_factory.mktemp("sft") / "run"
+    assert sft(out, "train.max_steps=16") == 0
+    return out
+
+
+def test_artifact_layout_and_manifest(trained):
+    for name in (
+        "manifest.json",
+        "config.yaml",
+        "metrics.json",
+        "metrics.jsonl",
+        "adapter/adapter_model.safetensors",
+    ):
+        assert (trained / name).exists(), name
+    assert any((trained / "logs").iterdir()), "TensorBoard events missing"
+    m = json.loads((trained / "manifest.json").read_text())
+    assert m["status"] == "complete" and m["stage"] == "sft"
+    assert [i["role"] for i in m["inputs"]] == ["train", "validation"]
+    assert all(len(i["sha256"]) == 64 for i in m["inputs"])
+    assert m["model"]["name"] == "tiny-random-llama" and m["model"]["precision"] == "fp32"
+    assert m["env"]["versions"]["trl"] and m["env"]["seed"] == 42
+    assert m["metrics"]["global_step"] == 16 and "eval_loss" in m["metrics"]
+    assert m["counts"]["train_examples"] == 76
+
+
+def test_training_loss_falls(trained):
+    losses = [
+        json.loads(x)["loss"] for x in (trained / "metrics.jsonl").read_text().splitlines() if '"loss"' in x
+    ]
+    assert len(losses) == 16
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.1
+
+
+def test_only_lora_weights_change(trained, tiny_model_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = load_file(tiny_model_path / "model.safetensors")
+    adapter = load_file(trained / "adapter" / "adapter_model.safetensors")
+    # LoRA B starts at zero: a trained adapter has non-zero B matrices
+    b_norms = [v.abs().sum().item() for k, v in adapter.items() if "lora_B" in k]
+    assert b_norms and all(n > 0 for n in b_norms)
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_path), trained / "adapter"
+    )
+    merged = model.merge_and_unload().state_dict()
+    still = AutoModelForCausalLM.from_pretrained(tiny_model_path).state_dict()
+    for k, v in base.items():
+        assert torch.equal(still[k], v), f"base weight {k} changed on disk"
+    changed = [k for k, v in base.items() if k in merged and not torch.equal(merged[k], v)]
+    assert any("q_proj" in k for k in changed)
+    assert not any("embed_tokens" in k or "norm" in k for k in changed)
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, trained):
+    out = tmp_path / "resumed"
+    assert sft(out, "train.max_steps=16", "train.stop_after_steps=8") == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["status"] == "running" and not (out / "adapter").exists()
+    assert sft(out, "train.max_steps=16", resume=True) == 0
+    a = load_file(trained / "adapter" / "adapter_model.safetensors")
+    b = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
+    assert (
+        json.loads((out / "manifest.json").read_text())["key"]
+        == json.loads((trained / "manifest.json").read_text())["key"]
+    )
+
+
+def test_refuses_to_overwrite_without_resume(trained, capsys):
+    assert sft(trained, "train.max_steps=16") == 2
+    assert "output directory is not empty" in capsys.readouterr().err

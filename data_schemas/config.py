@@ -147,11 +147,11 @@ class SFTConfig(_Strict):
 
     @model_validator(mode="after")
     def _checks(self) -> SFTConfig:
-        if self.data.validation_file is None and self.data.validation_fraction == 0.0:
-            if self.train.early_stopping_patience is not None:
-                raise ValueError(
-                    "train.early_stopping_patience needs validation data (data.validation_fraction > 0)"
-                )
+        no_validation = self.data.validation_file is None and self.data.validation_fraction == 0.0
+        if no_validation and self.train.early_stopping_patience is not None:
+            raise ValueError(
+                "train.early_stopping_patience needs validation data (data.validation_fraction > 0)"
+            )
         if self.train.stop_after_steps is not None and 0 < self.train.max_steps < self.train.stop_after_steps:
             raise ValueError("train.stop_after_steps must not exceed train.max_steps")
         return self

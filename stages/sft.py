@@ -181,6 +181,12 @@ def run(cfg: SFTConfig, resume: bool = False) -> Path:
 
     out = Path(cfg.output_dir)
     ckpt_dir = out / "checkpoints"
+    if resume and (out / "manifest.json").exists():
+        from align.manifest import read_manifest
+
+        if read_manifest(out).status == "complete":
+            console.print(f"[green]sft already complete[/]: {out} (nothing to resume)")
+            return out
     if out.exists() and any(out.iterdir()) and not resume:
         existing = out / "manifest.json"
         hint = "pass --resume to continue it" if existing.exists() else "choose an empty output_dir"

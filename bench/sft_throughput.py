@@ -1,0 +1,217 @@
+"""SFT throughput: `align sft` vs a plain TRL SFTTrainer script, side by side in one run.
+
+    .venv/bin/python bench/sft_throughput.py [--steps 6] [--bf16-steps 2] [--data PATH]
+
+Same model (SmolLM2-135M-Instruct), data (self-instruct seed tasks from ../shared/data, else the bundled
+examples), LoRA settings (r=16, alpha=32, all linear projections), batch size 8, max length 512, learning rate and
+steps. Configurations:
+  trl-defaults   plain SFTTrainer with TRL's defaults (bf16=True), prompt-completion data
+  trl-fp32       the same with bf16=False (the best plain-TRL configuration on this CPU)
+  align          align's SFT stage (precision from hardware, padding-free block-diagonal batches)
+Throughput counts real (non-pad) tokens per second over the timed steps (the first step, warm-up, is not timed).
+MFU = model FLOPs / measured fp32 matmul peak, with model FLOPs = 4 x params x tokens for LoRA (forward 2NT and
+backward through frozen weights 2NT; no weight gradients for the base).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def matmul_peak_gflops(n: int = 2048, reps: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
+
+
+class Timer:
+    """Trainer callback: wall time of each optimizer step."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class CB(TrainerCallback):
+            def on_step_begin(self, *a, **k):
+                outer.t0 = time.perf_counter()
+
+            def on_step_end(self, *a, **k):
+                outer.steps.append(time.perf_counter() - outer.t0)
+
+        self.steps: list[float] = []
+        self.callback = CB()
+
+
+class CountingCollator:
+    """Wraps a collator and records the real tokens of each batch."""
+
+    def __init__(self, inner):
+        self.inner, self.tokens = inner, []
+
+    def __call__(self, examples):
+        batch = self.inner(examples)
+        am = batch.get("attention_mask")
+        real = int(batch["input_ids"].numel()) if am is None or am.dim() == 4 else int(am.sum())
+        self.tokens.append((real, int(batch["input_ids"].numel())))
+        return batch
+
+
+def load_rows(path: Path):
+    from stages.data import load_instructions
+
+    convs, _ = load_instructions(path)
+    return convs
+
+
+def run_trl(convs, model_path, steps, bf16: bool | None, out: Path):
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    rows = [
+        {
+            "prompt": [m.model_dump() for m in c.messages[:-1]],
+            "completion": [c.messages[-1].model_dump()],
+        }
+        for c in convs
+    ]
+    # TRL's defaults (bf16=True) refuse to start on a CPU unless use_cpu=True: the least a user must change
+    kwargs = {"use_cpu": True} if bf16 is None else {"bf16": bf16}
+    args = SFTConfig(
+        output_dir=str(out),
+        max_steps=steps,
+        per_device_train_batch_size=8,
+        learning_rate=2e-4,
+        max_length=512,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=0,
+        **kwargs,
+    )
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM",
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    timer = Timer()
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                         peft_config=lora, callbacks=[timer.callback])
+    counter = CountingCollator(trainer.data_collator)
+    trainer.data_collator = counter
+    trainer.train()
+    return timer.steps, counter.tokens, args.bf16
+
+
+def run_align(data_path, steps, out: Path):
+    from align.config import load_config
+    from data_schemas.config import SFTConfig
+    from stages import sft
+
+    cfg = load_config(SFTConfig, ROOT / "configs" / "sft.yaml", [
+        f"output_dir={out}", f"data.train_file={data_path}", "data.validation_file=null",
+        "data.validation_fraction=0", f"train.max_steps={steps}", "train.save_steps=100000",
+        "train.early_stopping_patience=null", "train.report_to=[none]", "train.seed=0",
+        "train.warmup_ratio=0", "train.lr_scheduler_type=linear",
+    ])
+    timer = Timer()
+    counter_box = {}
+    orig_cb, orig_cls = sft._callbacks, sft._trainer_class
+
+    def callbacks(out_dir, stop_after):
+        return [*orig_cb(out_dir, stop_after), timer.callback]
+
+    def trainer_class():
+        base = orig_cls()
+
+        class Counting(base):
+            def __init__(self, *a, **k):
+                k["data_collator"] = counter_box.setdefault("c", CountingCollator(k["data_collator"]))
+                super().__init__(*a, **k)
+
+        return Counting
+
+    sft._callbacks, sft._trainer_class = callbacks, trainer_class
+    try:
+        sft.run(cfg)
+    finally:
+        sft._callbacks, sft._trainer_class = orig_cb, orig_cls
+    return timer.steps, counter_box["c"].tokens
+
+
+def summarise(name, step_times, tokens, n_params, peak):
+    timed = step_times[1:]  # the first step includes warm-up
+    real = sum(t for t, _ in tokens[1 : len(step_times)])
+    slots = sum(s for _, s in tokens[1 : len(step_times)])
+    secs = sum(timed)
+    tps = real / secs
+    mfu = 4 * n_params * tps / (peak * 1e9)
+    return {"config": name, "timed_steps": len(timed), "sec_per_step": secs / len(timed), "real_tokens_per_s": tps,
+            "padding_share": 1 - real / slots if slots else 0.0, "mfu": mfu}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--bf16-steps", type=int, default=2, help="steps for TRL defaults (bf16 is very slow on CPU)")
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "self_instruct_seed_tasks.jsonl")
+    ap.add_argument("--skip-trl-defaults", action="store_true")
+    ap.add_argument("--out", type=Path, default=Path("/tmp/align-bench-sft"))
+    a = ap.parse_args()
+    if not a.data.exists():
+        a.data = ROOT / "examples" / "data" / "instructions_train.jsonl"
+    import shutil
+
+    shutil.rmtree(a.out, ignore_errors=True)
+    from align.cli import _quiet_libraries
+    from align.models import resolve_model_path
+
+    _quiet_libraries()
+    model_path = resolve_model_path("smollm2-135m-instruct")
+    from transformers import AutoModelForCausalLM
+
+    n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_path).parameters())
+    peak = matmul_peak_gflops()
+    convs = load_rows(a.data)
+    results = []
+    print(f"data {a.data} ({len(convs)} examples), params {n_params / 1e6:.1f}M, matmul peak {peak:.1f} GFLOP/s",
+          flush=True)
+    if not a.skip_trl_defaults:
+        st, tk, bf16 = run_trl(convs, model_path, a.bf16_steps, None, a.out / "trl-defaults")
+        results.append(summarise(f"trl-defaults (bf16={bf16})", st, tk, n_params, peak))
+        print(json.dumps(results[-1]), flush=True)
+    st, tk, _ = run_trl(convs, model_path, a.steps, False, a.out / "trl-fp32")
+    results.append(summarise("trl-fp32", st, tk, n_params, peak))
+    print(json.dumps(results[-1]), flush=True)
+    st, tk = run_align(a.data, a.steps, a.out / "align")
+    results.append(summarise("align", st, tk, n_params, peak))
+    print(json.dumps(results[-1]), flush=True)
+    best_trl = max(r["real_tokens_per_s"] for r in results if r["config"].startswith("trl"))
+    print("\n| config | s/step | real tokens/s | padding share | MFU | vs best plain TRL |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['config']} | {r['sec_per_step']:.2f} | {r['real_tokens_per_s']:.1f} | "
+              f"{100 * r['padding_share']:.0f}% | {100 * r['mfu']:.1f}% | {r['real_tokens_per_s'] / best_trl:.2f}x |")
+    (ROOT / "bench" / "results").mkdir(exist_ok=True)
+    (ROOT / "bench" / "results" / "sft_throughput.json").write_text(json.dumps(
+        {"data": str(a.data), "steps": a.steps, "peak_gflops": peak, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

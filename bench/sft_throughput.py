@@ -106,12 +106,23 @@ def run_trl(convs, model_path, steps, bf16: bool | None, out: Path):
         seed=0,
         **kwargs,
     )
-    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM",
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    lora = LoraConfig(
+        r=16,
+        lora_alpha=32,
+        lora_dropout=0.05,
+        task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     timer = Timer()
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
-                         peft_config=lora, callbacks=[timer.callback])
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tok,
+        peft_config=lora,
+        callbacks=[timer.callback],
+    )
     counter = CountingCollator(trainer.data_collator)
     trainer.data_collator = counter
     trainer.train()
@@ -123,12 +134,23 @@ def run_align(data_path, steps, out: Path):
     from data_schemas.config import SFTConfig
     from stages import sft
 
-    cfg = load_config(SFTConfig, ROOT / "configs" / "sft.yaml", [
-        f"output_dir={out}", f"data.train_file={data_path}", "data.validation_file=null",
-        "data.validation_fraction=0", f"train.max_steps={steps}", "train.save_steps=100000",
-        "train.early_stopping_patience=null", "train.report_to=[none]", "train.seed=0",
-        "train.warmup_ratio=0", "train.lr_scheduler_type=linear",
-    ])
+    cfg = load_config(
+        SFTConfig,
+        ROOT / "configs" / "sft.yaml",
+        [
+            f"output_dir={out}",
+            f"data.train_file={data_path}",
+            "data.validation_file=null",
+            "data.validation_fraction=0",
+            f"train.max_steps={steps}",
+            "train.save_steps=100000",
+            "train.early_stopping_patience=null",
+            "train.report_to=[none]",
+            "train.seed=0",
+            "train.warmup_ratio=0",
+            "train.lr_scheduler_type=linear",
+        ],
+    )
     timer = Timer()
     counter_box = {}
     orig_cb, orig_cls = sft._callbacks, sft._trainer_class
@@ -161,15 +183,25 @@ def summarise(name, step_times, tokens, n_params, peak):
     secs = sum(timed)
     tps = real / secs
     mfu = 4 * n_params * tps / (peak * 1e9)
-    return {"config": name, "timed_steps": len(timed), "sec_per_step": secs / len(timed), "real_tokens_per_s": tps,
-            "padding_share": 1 - real / slots if slots else 0.0, "mfu": mfu}
+    return {
+        "config": name,
+        "timed_steps": len(timed),
+        "sec_per_step": secs / len(timed),
+        "real_tokens_per_s": tps,
+        "padding_share": 1 - real / slots if slots else 0.0,
+        "mfu": mfu,
+    }
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--bf16-steps", type=int, default=2, help="steps for TRL defaults (bf16 is very slow on CPU)")
-    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "self_instruct_seed_tasks.jsonl")
+    ap.add_argument(
+        "--bf16-steps", type=int, default=2, help="steps for TRL defaults (bf16 is very slow on CPU)"
+    )
+    ap.add_argument(
+        "--data", type=Path, default=ROOT.parent / "shared" / "data" / "self_instruct_seed_tasks.jsonl"
+    )
     ap.add_argument("--skip-trl-defaults", action="store_true")
     ap.add_argument("--out", type=Path, default=Path("/tmp/align-bench-sft"))
     a = ap.parse_args()
@@ -189,8 +221,10 @@ def main():
     peak = matmul_peak_gflops()
     convs = load_rows(a.data)
     results = []
-    print(f"data {a.data} ({len(convs)} examples), params {n_params / 1e6:.1f}M, matmul peak {peak:.1f} GFLOP/s",
-          flush=True)
+    print(
+        f"data {a.data} ({len(convs)} examples), params {n_params / 1e6:.1f}M, matmul peak {peak:.1f} GFLOP/s",
+        flush=True,
+    )
     if not a.skip_trl_defaults:
         st, tk, bf16 = run_trl(convs, model_path, a.bf16_steps, None, a.out / "trl-defaults")
         results.append(summarise(f"trl-defaults (bf16={bf16})", st, tk, n_params, peak))
@@ -205,11 +239,14 @@ def main():
     print("\n| config | s/step | real tokens/s | padding share | MFU | vs best plain TRL |")
     print("|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['config']} | {r['sec_per_step']:.2f} | {r['real_tokens_per_s']:.1f} | "
-              f"{100 * r['padding_share']:.0f}% | {100 * r['mfu']:.1f}% | {r['real_tokens_per_s'] / best_trl:.2f}x |")
+        print(
+            f"| {r['config']} | {r['sec_per_step']:.2f} | {r['real_tokens_per_s']:.1f} | "
+            f"{100 * r['padding_share']:.0f}% | {100 * r['mfu']:.1f}% | {r['real_tokens_per_s'] / best_trl:.2f}x |"
+        )
     (ROOT / "bench" / "results").mkdir(exist_ok=True)
-    (ROOT / "bench" / "results" / "sft_throughput.json").write_text(json.dumps(
-        {"data": str(a.data), "steps": a.steps, "peak_gflops": peak, "results": results}, indent=2))
+    (ROOT / "bench" / "results" / "sft_throughput.json").write_text(
+        json.dumps({"data": str(a.data), "steps": a.steps, "peak_gflops": peak, "results": results}, indent=2)
+    )
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ class LoadReport:
         }
 
 
-def _iter_rows(path: Path, report: LoadReport):
+def iter_rows(path: Path, report: LoadReport):
     """Yield (line_number, row_dict) from JSONL / JSON array / CSV / Parquet; bad lines go to the report."""
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
@@ -122,7 +122,7 @@ def load_instructions(
     if path.is_dir():
         return _load_built(path, report)
     convs: list[Conversation] = []
-    for lineno, row in _iter_rows(path, report):
+    for lineno, row in iter_rows(path, report):
         where = f"{path}:{lineno}"
         row_shape = detect_shape(row) if shape == "auto" else shape
         if row_shape is None:

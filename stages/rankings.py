@@ -1,0 +1,494 @@
+"""Annotators' ranking files: validate, check across lines, measure agreement, aggregate, convert.
+
+Reading keeps every good line: each bad one is reported as `file:line: field: reason` and counted. Across
+lines: a prompt id must keep its prompt text and response texts (a mismatch drops the later line); one
+annotator judging a prompt twice the same way is a duplicate (first kept); twice differently is a conflict
+(by default neither line is trusted). Aggregation across annotators is a Borda count on average ranks
+(eval/agreement.py), ties kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from data_schemas.rankings import KWiseGroup, RankingLine
+from eval.agreement import (
+    borda_consensus,
+    kendall_tau_b,
+    kendalls_w,
+    krippendorff_alpha_ordinal,
+    tier_ranks,
+)
+from stages.data import LoadReport, iter_rows
+
+
+def _problem(err: ValidationError) -> tuple[str, str]:
+    """The first problem of a line, in words: (reason key, 'field: what is wrong')."""
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"]) or "line"
+    msg = e["msg"].replace("Value error, ", "")
+    kind = e["type"]
+    if kind == "missing":
+        msg = "required field is missing"
+    elif kind == "extra_forbidden":
+        msg = "unknown field (a typo? allowed: prompt_id, prompt, responses, ranking, annotator, created_at, notes)"
+    elif kind in ("string_type", "list_type", "model_type", "dict_type"):
+        msg = f"{msg.lower()}, got {type(e.get('input')).__name__}"
+    if kind == "value_error" and ":" in msg.split(" ")[0]:
+        loc, msg = msg.split(":", 1)
+        kind = {
+            "responses": "bad_responses",
+            "ranking": "bad_ranking",
+        }.get(loc, kind)
+        msg = msg.strip()
+    return kind, f"{loc}: {msg}"
+
+
+@dataclass
+class Judgment:
+    where: str
+    line: RankingLine
+
+    def ranks_by_text(self) -> dict[str, float]:
+        text = {r.id: r.text.strip() for r in self.line.responses}
+        return {text[i]: v for i, v in tier_ranks(self.line.tiers()).items()}
+
+
+@dataclass
+class RankingSet:
+    judgments: list[Judgment] = field(default_factory=list)
+    report: LoadReport = field(default_factory=LoadReport)
+    conflicts: list[dict[str, Any]] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+
+    def by_prompt(self) -> dict[str, list[Judgment]]:
+        out: dict[str, list[Judgment]] = defaultdict(list)
+        for j in self.judgments:
+            out[j.line.prompt_id].append(j)
+        return out
+
+
+def read_rankings(paths: list[Path], conflicts: str = "drop") -> RankingSet:
+    """Validate ranking files line by line and across lines. `conflicts`: 'drop' (both lines) or 'keep-latest'."""
+    rs = RankingSet(files=[Path(p) for p in paths])
+    report = rs.report
+    first_seen: dict[
+        str, tuple[str, str, frozenset]
+    ] = {}  # prompt_id -> (where, prompt text, response texts)
+    by_pair: dict[tuple[str, str], list[int]] = defaultdict(
+        list
+    )  # (prompt_id, annotator) -> judgment indices
+    accepted: list[Judgment | None] = []
+    for path in rs.files:
+        if not path.exists():
+            from align.config import UserError
+
+            raise UserError(f"{path}: ranking file not found")
+        for lineno, row in iter_rows(path, report):
+            where = f"{path}:{lineno}"
+            try:
+                line = RankingLine.model_validate(row)
+            except ValidationError as e:
+                kind, msg = _problem(e)
+                report.drop(where, kind, msg)
+                continue
+            texts = frozenset(r.text.strip() for r in line.responses)
+            seen = first_seen.get(line.prompt_id)
+            if seen is None:
+                first_seen[line.prompt_id] = (where, line.prompt_text(), texts)
+            elif seen[1] != line.prompt_text():
+                report.drop(
+                    where,
+                    "prompt_mismatch",
+                    f"prompt: prompt_id '{line.prompt_id}' has a different prompt text here than at {seen[0]}; "
+                    "use a new prompt_id for a different prompt",
+                )
+                continue
+            elif seen[2] != texts:
+                report.drop(
+                    where,
+                    "responses_mismatch",
+                    f"responses: prompt_id '{line.prompt_id}' has different response texts here than at {seen[0]}; "
+                    "every annotator must rank the same responses",
+                )
+                continue
+            j = Judgment(where, line)
+            key = (line.prompt_id, line.annotator)
+            earlier = [accepted[i] for i in by_pair[key] if accepted[i] is not None]
+            if earlier:
+                same = all(_same_ranking(e, j) for e in earlier)
+                if same:
+                    report.drop(
+                        where,
+                        "duplicate_judgment",
+                        f"annotator '{line.annotator}' already judged prompt '{line.prompt_id}' identically at "
+                        f"{earlier[0].where}; duplicate ignored",
+                    )
+                    continue
+                rs.conflicts.append(
+                    {
+                        "prompt_id": line.prompt_id,
+                        "annotator": line.annotator,
+                        "lines": [e.where for e in earlier] + [where],
+                    }
+                )
+                if conflicts == "keep-latest":
+                    for i in by_pair[key]:
+                        if accepted[i] is not None:
+                            report.drop(
+                                accepted[i].where,
+                                "conflict_superseded",
+                                f"annotator '{line.annotator}' re-judged prompt '{line.prompt_id}' differently at "
+                                f"{where}; the later judgment is kept (--conflicts keep-latest)",
+                            )
+                            accepted[i] = None
+                else:
+                    for i in by_pair[key]:
+                        if accepted[i] is not None:
+                            report.drop(
+                                accepted[i].where,
+                                "conflict",
+                                f"annotator '{line.annotator}' judged prompt '{line.prompt_id}' differently at "
+                                f"{where}; neither judgment is used (resolve it, or use --conflicts keep-latest)",
+                            )
+                            accepted[i] = None
+                    report.drop(
+                        where,
+                        "conflict",
+                        f"annotator '{line.annotator}' judged prompt '{line.prompt_id}' differently at "
+                        f"{earlier[0].where}; neither judgment is used",
+                    )
+                    by_pair[key].append(len(accepted))
+                    accepted.append(None)
+                    continue
+            by_pair[key].append(len(accepted))
+            accepted.append(j)
+    rs.judgments = [j for j in accepted if j is not None]
+    report.kept = len(rs.judgments)
+    return rs
+
+
+def _same_ranking(a: Judgment, b: Judgment) -> bool:
+    return a.ranks_by_text() == b.ranks_by_text()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Summary and agreement
+# --------------------------------------------------------------------------------------------------------
+def summarise(rs: RankingSet, min_shared: int = 1) -> dict[str, Any]:
+    groups = rs.by_prompt()
+    k_hist = Counter(len(js[0].line.responses) for js in groups.values())
+    per_annotator = Counter(j.line.annotator for j in rs.judgments)
+    lines_with_ties = sum(1 for j in rs.judgments if any(len(t) > 1 for t in j.line.tiers()))
+    all_tied = sum(1 for j in rs.judgments if j.line.all_tied())
+
+    w_values: dict[str, float] = {}
+    units: list[list[float]] = []
+    tau: dict[str, list[float]] = defaultdict(list)
+    for pid, js in groups.items():
+        ranks = [j.ranks_by_text() for j in js]
+        if len(js) >= 2:
+            w = kendalls_w(ranks)
+            if w is not None:
+                w_values[pid] = w
+            for text in ranks[0]:
+                units.append([r[text] for r in ranks])
+            for i, j in enumerate(js):
+                others = [r for k, r in enumerate(ranks) if k != i]
+                consensus = tier_ranks(borda_consensus(others))
+                t = kendall_tau_b(ranks[i], consensus)
+                if t is not None:
+                    tau[j.line.annotator].append(t)
+    alpha = krippendorff_alpha_ordinal(units)
+    annotators = {
+        a: {
+            "judgments": per_annotator[a],
+            "shared_prompts": len(tau.get(a, [])),
+            "mean_tau_vs_consensus": (sum(tau[a]) / len(tau[a])) if tau.get(a) else None,
+        }
+        for a in sorted(per_annotator)
+    }
+    flagged = sorted(
+        a
+        for a, v in annotators.items()
+        if v["mean_tau_vs_consensus"] is not None
+        and v["shared_prompts"] >= min_shared
+        and v["mean_tau_vs_consensus"] < 0.2
+    )
+    return {
+        "files": [str(f) for f in rs.files],
+        "lines_read": rs.report.read,
+        "lines_kept": rs.report.kept,
+        "lines_dropped": dict(rs.report.dropped),
+        "prompts": len(groups),
+        "responses_per_prompt": {str(k): v for k, v in sorted(k_hist.items())},
+        "judgments_per_annotator": dict(sorted(per_annotator.items())),
+        "lines_with_ties": lines_with_ties,
+        "lines_all_tied": all_tied,
+        "conflicts": rs.conflicts,
+        "multiply_annotated_prompts": len(w_values),
+        "kendalls_w": {
+            "mean": (sum(w_values.values()) / len(w_values)) if w_values else None,
+            "per_prompt": w_values,
+        },
+        "krippendorff_alpha_ordinal": alpha,
+        "annotators": annotators,
+        "flagged_annotators": flagged,
+        "problems": rs.report.problems,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------
+# Aggregation into training sets
+# --------------------------------------------------------------------------------------------------------
+def aggregate(rs: RankingSet) -> list[KWiseGroup]:
+    """One K-wise group per prompt: consensus tiers over all its annotators (Borda on average ranks)."""
+    out = []
+    for pid, js in rs.by_prompt().items():
+        first = js[0].line
+        texts = [r.text for r in first.responses]
+        index = {t.strip(): i for i, t in enumerate(texts)}
+        ranks = [j.ranks_by_text() for j in js]
+        tiers = borda_consensus(ranks)
+        out.append(
+            KWiseGroup(
+                prompt_id=pid,
+                prompt=first.prompt_messages(),
+                responses=texts,
+                tiers=[sorted(index[t] for t in tier) for tier in tiers],
+                annotators=len(js),
+                agreement=kendalls_w(ranks) if len(js) > 1 else None,
+            )
+        )
+    return out
+
+
+def implied_pairs(group: KWiseGroup, mode: str = "all") -> list[tuple[int, int]]:
+    """(chosen, rejected) index pairs: every pair across tiers ('all'), or the top tier vs the rest."""
+    pairs = []
+    tiers = group.tiers if mode == "all" else group.tiers[:1]
+    for ti, tier in enumerate(tiers):
+        for lower in group.tiers[ti + 1 :]:
+            pairs.extend((a, b) for a in tier for b in lower)
+    return pairs
+
+
+def split_of(prompt_id: str, fraction: float, seed: int) -> str:
+    """Deterministic, prompt-level split: stable across runs and when other prompts are added."""
+    h = hashlib.sha256(f"{seed}:{prompt_id}".encode()).digest()
+    return "validation" if int.from_bytes(h[:8], "big") / 2**64 < fraction else "train"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Converters into the ranking format
+# --------------------------------------------------------------------------------------------------------
+def _pid(prefix: str, *parts: str) -> str:
+    return f"{prefix}-" + hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:16]
+
+
+def _as_messages(x) -> list[dict] | None:
+    if isinstance(x, str):
+        return [{"role": "user", "content": x}]
+    if isinstance(x, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in x):
+        return [{"role": m["role"], "content": m["content"]} for m in x]
+    return None
+
+
+def _response_text(x) -> str | None:
+    if isinstance(x, str):
+        return x
+    if isinstance(x, list) and x and isinstance(x[-1], dict) and x[-1].get("role") == "assistant":
+        return x[-1].get("content")
+    return None
+
+
+def convert_pairwise(row: dict, annotator: str) -> list[dict]:
+    """TRL preference rows: explicit {prompt, chosen, rejected} or implicit (chosen/rejected hold the prompt)."""
+    chosen, rejected = row.get("chosen"), row.get("rejected")
+    if chosen is None or rejected is None:
+        raise ValueError("chosen/rejected: both fields are required")
+    if "prompt" in row:
+        prompt = _as_messages(row["prompt"])
+        if prompt is None:
+            raise ValueError("prompt: must be a string or a list of {role, content} messages")
+        a, b = _response_text(chosen), _response_text(rejected)
+    else:
+        if not (isinstance(chosen, list) and isinstance(rejected, list)):
+            raise ValueError("prompt: missing (rows without a prompt need chosen/rejected as message lists)")
+        if chosen[:-1] != rejected[:-1]:
+            raise ValueError("chosen/rejected: the conversations differ before their last message")
+        prompt = _as_messages(chosen[:-1])
+        a, b = _response_text(chosen), _response_text(rejected)
+    if a is None or b is None:
+        raise ValueError("chosen/rejected: must be strings or message lists ending with an assistant message")
+    ptxt = json.dumps(prompt, sort_keys=True)
+    return [
+        {
+            "prompt_id": _pid("pw", ptxt, a, b),
+            "prompt": prompt if len(prompt) > 1 or prompt[0]["role"] != "user" else prompt[0]["content"],
+            "responses": [{"id": "chosen", "text": a}, {"id": "rejected", "text": b}],
+            "ranking": ["chosen", "rejected"],
+            "annotator": str(row.get("annotator") or annotator),
+        }
+    ]
+
+
+_HUMAN, _ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+
+
+def _hh_turns(transcript: str) -> list[dict]:
+    turns: list[dict] = []
+    rest = transcript
+    while rest:
+        h, a = rest.find(_HUMAN), rest.find(_ASSISTANT)
+        starts = [(i, tag) for i, tag in ((h, _HUMAN), (a, _ASSISTANT)) if i >= 0]
+        if not starts:
+            if turns:
+                turns[-1]["content"] += rest
+            break
+        i, tag = min(starts)
+        if turns:
+            turns[-1]["content"] += rest[:i]
+        turns.append({"role": "user" if tag == _HUMAN else "assistant", "content": ""})
+        rest = rest[i + len(tag) :]
+    for t in turns:
+        t["content"] = t["content"].strip()
+    return turns
+
+
+def convert_hh(row: dict, annotator: str) -> list[dict]:
+    """Anthropic HH-RLHF: the prompt is everything up to the last '\\n\\nAssistant:' of each transcript."""
+    chosen, rejected = row.get("chosen"), row.get("rejected")
+    if not isinstance(chosen, str) or not isinstance(rejected, str):
+        raise ValueError("chosen/rejected: must both be transcript strings")
+    ci, ri = chosen.rfind(_ASSISTANT), rejected.rfind(_ASSISTANT)
+    if ci < 0 or ri < 0:
+        raise ValueError("chosen/rejected: no '\\n\\nAssistant:' turn found")
+    if chosen[:ci] != rejected[:ri]:
+        raise ValueError("chosen/rejected: the transcripts differ before the last Assistant turn")
+    prompt = _hh_turns(chosen[:ci])
+    if not prompt or prompt[-1]["role"] != "user":
+        raise ValueError(
+            "chosen: the transcript does not end with a Human turn before the last Assistant turn"
+        )
+    a, b = chosen[ci + len(_ASSISTANT) :].strip(), rejected[ri + len(_ASSISTANT) :].strip()
+    return [
+        {
+            "prompt_id": _pid("hh", chosen[:ci], a, b),
+            "prompt": prompt,
+            "responses": [{"id": "chosen", "text": a}, {"id": "rejected", "text": b}],
+            "ranking": ["chosen", "rejected"],
+            "annotator": annotator,
+        }
+    ]
+
+
+def convert_oasst(tree: dict, annotator: str) -> list[dict]:
+    """OpenAssistant message trees: every prompter message with >= 2 ranked assistant replies (rank 0 = best).
+
+    The prompt is the thread from the root to that message. Replies without a rank, and deleted ones, are left
+    out (OASST ranks are already a consensus of several rankers; `annotator` names that source).
+    """
+    root = tree.get("prompt")
+    if not isinstance(root, dict):
+        raise ValueError("prompt: an OpenAssistant tree needs a 'prompt' message object")
+    out: list[dict] = []
+
+    def walk(node: dict, thread: list[dict]) -> None:
+        role = "user" if node.get("role") == "prompter" else "assistant"
+        here = [*thread, {"role": role, "content": node.get("text", "")}]
+        replies = [r for r in node.get("replies", []) if isinstance(r, dict) and not r.get("deleted")]
+        if role == "user":
+            ranked = [r for r in replies if isinstance(r.get("rank"), int) and str(r.get("text", "")).strip()]
+            if len(ranked) >= 2:
+                by_rank: dict[int, list[str]] = defaultdict(list)
+                for r in ranked:
+                    by_rank[r["rank"]].append(r["message_id"])
+                ranking = [ids[0] if len(ids) == 1 else ids for _, ids in sorted(by_rank.items())]
+                out.append(
+                    {
+                        "prompt_id": node["message_id"],
+                        "prompt": here if len(here) > 1 else here[0]["content"],
+                        "responses": [{"id": r["message_id"], "text": r["text"]} for r in ranked],
+                        "ranking": ranking,
+                        "annotator": annotator,
+                    }
+                )
+        for r in replies:
+            walk(r, here)
+
+    walk(root, [])
+    return out
+
+
+def convert_scores(row: dict, annotator: str) -> list[dict]:
+    """Per-response scores (Likert): higher is better; equal scores become ties."""
+    scores = row.get("scores")
+    if not isinstance(scores, dict) or not scores:
+        raise ValueError("scores: must be an object mapping response id to a number")
+    responses = row.get("responses") or []
+    ids = [r.get("id") for r in responses if isinstance(r, dict)]
+    missing = [i for i in ids if i not in scores]
+    if missing:
+        raise ValueError(f"scores: no score for response(s) {missing}")
+    extra = [i for i in scores if i not in ids]
+    if extra:
+        raise ValueError(f"scores: score(s) for unknown response id(s) {extra}")
+    for i, s in scores.items():
+        if isinstance(s, bool) or not isinstance(s, int | float):
+            raise ValueError(f"scores.{i}: must be a number, got {type(s).__name__}")
+    tiers: dict[float, list[str]] = defaultdict(list)
+    for i in ids:
+        tiers[float(scores[i])].append(i)
+    ranking = [t[0] if len(t) == 1 else t for _, t in sorted(tiers.items(), reverse=True)]
+    line = {k: v for k, v in row.items() if k != "scores"}
+    line["ranking"] = ranking
+    line.setdefault("annotator", annotator)
+    return [line]
+
+
+CONVERTERS = {
+    "pairwise": convert_pairwise,
+    "hh-rlhf": convert_hh,
+    "oasst": convert_oasst,
+    "scores": convert_scores,
+}
+
+
+def import_rankings(fmt: str, inputs: list[Path], out: Path, annotator: str | None = None) -> LoadReport:
+    """Convert files into ranking JSONL; every produced line is validated against the contract first."""
+    from align.manifest import atomic_write_text
+
+    convert = CONVERTERS[fmt]
+    report = LoadReport()
+    lines: list[str] = []
+    for path in inputs:
+        name = annotator or f"import:{fmt}:{Path(path).stem}"
+        for lineno, row in iter_rows(Path(path), report):
+            where = f"{path}:{lineno}"
+            try:
+                produced = convert(row, name)
+            except ValueError as e:
+                report.drop(where, "not_convertible", str(e))
+                continue
+            kept = 0
+            for obj in produced:
+                try:
+                    RankingLine.model_validate(obj)
+                except ValidationError as e:
+                    kind, msg = _problem(e)
+                    report.drop(where, kind, msg)
+                    continue
+                lines.append(json.dumps(obj, ensure_ascii=False))
+                kept += 1
+            report.kept += int(kept > 0)
+            report.examples_from_rows += kept
+    atomic_write_text(out, "".join(x + "\n" for x in lines))
+    return report

@@ -32,12 +32,6 @@ PLANNED = {
     "run": "the whole pipeline with gates (issue: gates and align run)",
     "report": "render a run's gate reports (issue: gates and align run)",
 }
-PLANNED_DATA = {
-    "build": "instruction dataset builder",
-    "check-rankings": "ranking-file validation and annotator agreement",
-    "import-rankings": "converters into the ranking format",
-    "build-preferences": "reward/DPO training sets from rankings",
-}
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -83,9 +77,37 @@ def build_parser() -> argparse.ArgumentParser:
     dp = sub.add_parser("data", help="datasets and ranking files").add_subparsers(
         dest="data_command", metavar="WHAT"
     )
-    for name, what in PLANNED_DATA.items():
-        d = dp.add_parser(name, help=f"{what} (not built yet)")
-        d.add_argument("args", nargs=argparse.REMAINDER)
+    b = dp.add_parser("build", help="instruction files -> cleaned, deduplicated, split dataset folder")
+    b.add_argument("inputs", nargs="*", type=Path, help="instruction files (or set inputs in --config)")
+    b.add_argument("--out", type=Path, help="artifact directory (output_dir)")
+    b.add_argument("--strict", action="store_true", help="exit 2 and write nothing if any row is dropped")
+    b.add_argument("--config", type=Path, help="YAML config (configs/data.yaml)")
+    b.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted override, repeatable (e.g. --set dedup.threshold=0.9)",
+    )
+    c = dp.add_parser("check-rankings", help="validate ranking files; summary and annotator agreement")
+    c.add_argument("files", nargs="+", type=Path)
+    c.add_argument("--json", action="store_true", help="machine-readable summary on stdout")
+    c.add_argument("--strict", action="store_true", help="exit 2 if any line is dropped")
+    c.add_argument("--conflicts", choices=["drop", "keep-latest"], default="drop")
+    c.add_argument("--show", type=int, default=20, help="how many rejected lines to print (default 20)")
+    i = dp.add_parser("import-rankings", help="convert other preference formats into ranking files")
+    i.add_argument("--from", dest="fmt", required=True, choices=["pairwise", "hh-rlhf", "oasst", "scores"])
+    i.add_argument("inputs", nargs="+", type=Path)
+    i.add_argument("--out", required=True, type=Path, help="ranking JSONL to write")
+    i.add_argument("--annotator", help="annotator name for imported judgments (default: import:FORMAT:FILE)")
+    i.add_argument("--strict", action="store_true", help="exit 2 if any input row could not be converted")
+    bp = dp.add_parser("build-preferences", help="ranking files -> K-wise groups and pairs for reward/DPO")
+    bp.add_argument("inputs", nargs="*", type=Path, help="ranking files (or set inputs in --config)")
+    bp.add_argument("--out", type=Path, help="artifact directory (output_dir)")
+    bp.add_argument("--strict", action="store_true")
+    bp.add_argument("--config", type=Path, help="YAML config (configs/preferences.yaml)")
+    bp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     for name, what in PLANNED.items():
         s = sub.add_parser(name, help=f"{what.split(' (')[0]} (not built yet)")
         s.add_argument("args", nargs=argparse.REMAINDER)
@@ -191,9 +213,13 @@ def main(argv: list[str] | None = None) -> int:
             print(resolve_model_path(a.name))
             return 0
         if a.command == "data":
+            from align.data_cli import run_data_command
+
             if a.data_command is None:
-                raise UserError("align data: say what to do: " + " | ".join(PLANNED_DATA))
-            return _not_built(f"align data {a.data_command} ({PLANNED_DATA[a.data_command]})")
+                raise UserError(
+                    "align data: say what to do: build | check-rankings | import-rankings | build-preferences"
+                )
+            return run_data_command(a)
         if a.command in PLANNED:
             return _not_built(f"align {a.command} ({PLANNED[a.command]})")
     except UserError as e:

@@ -7,11 +7,19 @@ counted by reason. Reading is streaming for JSONL and tolerant of a UTF-8 BOM, C
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import random
+import re
+import shutil
+import sys
+import time
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from pydantic import ValidationError
 
 from align.config import UserError
@@ -111,17 +119,8 @@ def _pydantic_problem(err: ValidationError) -> tuple[str, str]:
     return e["type"], f"{loc}: {msg}"
 
 
-def load_instructions(
-    path: Path, shape: str = "auto", system_prompt: str | None = None
-) -> tuple[list[Conversation], LoadReport]:
-    """Normalised conversations from an instruction file (or a dataset folder from `align data build`)."""
-    path = Path(path)
-    report = LoadReport()
-    if not path.exists():
-        raise UserError(f"{path}: instruction data not found")
-    if path.is_dir():
-        return _load_built(path, report)
-    convs: list[Conversation] = []
+def iter_conversations(path: Path, shape: str, system_prompt: str | None, report: LoadReport):
+    """Yield (where, row, conversation) for every valid example of a file; bad rows go to the report."""
     for lineno, row in iter_rows(path, report):
         where = f"{path}:{lineno}"
         row_shape = detect_shape(row) if shape == "auto" else shape
@@ -134,29 +133,53 @@ def load_instructions(
             )
             continue
         try:
-            parsed = SHAPES[row_shape].model_validate(row)
-            got = parsed.conversations(system_prompt)
+            got = SHAPES[row_shape].model_validate(row).conversations(system_prompt)
         except ValidationError as e:
             kind, msg = _pydantic_problem(e)
             report.drop(where, kind, msg)
             continue
         report.kept += 1
         report.examples_from_rows += len(got)
-        convs.extend(got)
+        for conv in got:
+            yield where, row, conv
+
+
+def load_instructions(
+    path: Path, shape: str = "auto", system_prompt: str | None = None, split: str = "train"
+) -> tuple[list[Conversation], LoadReport]:
+    """Normalised conversations from an instruction file (or a split of a folder from `align data build`)."""
+    path = Path(path)
+    report = LoadReport()
+    if not path.exists():
+        raise UserError(f"{path}: instruction data not found")
+    if path.is_dir():
+        return _load_built(path, report, split)
+    convs = [conv for _, _, conv in iter_conversations(path, shape, system_prompt, report)]
     if not convs:
         detail = "; ".join(report.problems[:3])
         raise UserError(f"{path}: no usable instruction rows ({report.read} read). {detail}".strip())
     return convs, report
 
 
-def _load_built(path: Path, report: LoadReport) -> tuple[list[Conversation], LoadReport]:
+def has_split(path: Path, split: str) -> bool:
+    """Whether a built dataset folder has a (non-empty) split."""
+    return (Path(path) / "dataset" / split).exists() or (Path(path) / split).exists()
+
+
+def _load_built(path: Path, report: LoadReport, split_name: str) -> tuple[list[Conversation], LoadReport]:
     from datasets import load_from_disk
 
+    folder = path / "dataset" if (path / "dataset").exists() else path
     try:
-        ds = load_from_disk(str(path))
+        ds = load_from_disk(str(folder))
     except (FileNotFoundError, ValueError) as e:
         raise UserError(f"{path}: not a dataset folder written by `align data build` ({e})") from None
-    split = ds["train"] if hasattr(ds, "keys") and "train" in ds else ds
+    if hasattr(ds, "keys"):
+        if split_name not in ds:
+            raise UserError(f"{path}: has no '{split_name}' split (it has {sorted(ds.keys())})")
+        split = ds[split_name]
+    else:
+        split = ds
     convs = []
     for i, row in enumerate(split, start=1):
         report.read += 1
@@ -167,3 +190,358 @@ def _load_built(path: Path, report: LoadReport) -> tuple[list[Conversation], Loa
             report.drop(f"{path}:row {i}", "invalid", str(e).splitlines()[0])
     report.examples_from_rows = len(convs)
     return convs, report
+
+
+# ==========================================================================================================
+# `align data build`: instruction files -> cleaned, deduplicated, split dataset folder
+# ==========================================================================================================
+# Chat markers of common templates, neutralised even when no tokenizer is given (the tokenizer's own special
+# tokens are added to these when one is).
+COMMON_MARKERS = [
+    "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>",
+    "<|begin_of_text|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "[INST]", "[/INST]", "<s>", "</s>",
+    "<start_of_turn>", "<end_of_turn>",
+]  # fmt: skip
+
+_PII = [
+    ("email", re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b"), "[EMAIL]"),
+    ("ip", re.compile(r"\b(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)\b"), "[IP]"),
+    ("card", re.compile(r"\b(?:\d[ -]?){12,18}\d\b"), "[CARD]"),
+    ("phone", re.compile(r"(?<![\w.])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?)?\d{3,4}[ .-]\d{3,4}(?:[ .-]\d{2,4})?(?![\w.])"), "[PHONE]"),
+]  # fmt: skip
+
+
+def _luhn_ok(digits: str) -> bool:
+    total, alt = 0, False
+    for ch in reversed(digits):
+        d = int(ch)
+        if alt:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+        alt = not alt
+    return total % 10 == 0
+
+
+def scrub_pii(text: str, counts: Counter) -> str:
+    """Replace emails, IPv4 addresses, card numbers (Luhn-valid, 13-19 digits) and phone numbers; count each."""
+    for kind, pattern, repl in _PII:
+
+        def sub(m, kind=kind, repl=repl):
+            if kind == "card" and not _luhn_ok(re.sub(r"\D", "", m.group())):
+                return m.group()
+            counts[kind] += 1
+            return repl
+
+        text = pattern.sub(sub, text)
+    return text
+
+
+def _normalise(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def _shingles(text: str, n: int = 3) -> set[str]:
+    words = _normalise(text).split()
+    if len(words) <= n:
+        return {" ".join(words)}
+    return {" ".join(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+class NearDuplicateIndex:
+    """MinHash + LSH (Broder 1997; Leskovec et al., Mining of Massive Datasets ch. 3).
+
+    Each document's shingles (word 3-grams) are hashed (crc32, deterministic across runs) and min-hashed under
+    `num_perm` universal hash functions h(x) = (a x + b) mod p. The signature is cut into `bands` bands; two
+    documents sharing any band become a candidate pair, and a candidate is a duplicate only if the exact Jaccard
+    similarity of the shingle sets is at least `threshold`. Work is linear in the corpus (plus candidates).
+    """
+
+    _P = (1 << 31) - 1  # Mersenne prime: a, h < 2^31 so a*h + b < 2^63 fits uint64 exactly
+
+    def __init__(self, num_perm: int, bands: int, threshold: float, seed: int = 1):
+        rng = np.random.default_rng(seed)
+        self.a = rng.integers(1, self._P, size=num_perm, dtype=np.uint64)
+        self.b = rng.integers(0, self._P, size=num_perm, dtype=np.uint64)
+        self.rows = num_perm // bands
+        self.bands = bands
+        self.threshold = threshold
+        self.buckets: list[dict[bytes, list[int]]] = [{} for _ in range(bands)]
+        self.sets: list[set[str]] = []
+        self._ids: list[int] = []
+
+    def signature(self, shingles: set[str]) -> np.ndarray:
+        """MinHash signature [num_perm] of a shingle set."""
+        h = np.fromiter((zlib.crc32(s.encode()) for s in shingles), dtype=np.uint64, count=len(shingles))
+        h %= np.uint64(self._P)
+        return ((h[:, None] * self.a + self.b) % np.uint64(self._P)).min(axis=0)
+
+    def add_if_new(self, idx: int, shingles: set[str]) -> int | None:
+        """Register a document unless it near-duplicates an earlier one; return that earlier one's index."""
+        sig = self.signature(shingles)
+        keys = [sig[i * self.rows : (i + 1) * self.rows].tobytes() for i in range(self.bands)]
+        seen: set[int] = set()
+        for band, key in enumerate(keys):
+            for j in self.buckets[band].get(key, ()):
+                if j in seen:
+                    continue
+                seen.add(j)
+                other = self.sets[j]
+                inter = len(shingles & other)
+                if inter and inter / (len(shingles) + len(other) - inter) >= self.threshold:
+                    return j
+        pos = len(self.sets)
+        self.sets.append(shingles)
+        for band, key in enumerate(keys):
+            self.buckets[band].setdefault(key, []).append(pos)
+        self._ids.append(idx)
+        return None
+
+    def original(self, pos: int) -> int:
+        return self._ids[pos]
+
+
+def _conv_text(messages: list[dict]) -> str:
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
+def _split_indices(strata: list[str | None], fraction: float, seed: int) -> set[int]:
+    """Validation indices: a seeded shuffle per stratum, round(n * fraction) from each."""
+    groups: dict[str | None, list[int]] = {}
+    for i, s in enumerate(strata):
+        groups.setdefault(s, []).append(i)
+    val: set[int] = set()
+    rng = random.Random(seed)
+    for key in sorted(groups, key=lambda k: (k is None, str(k))):
+        idx = groups[key]
+        rng.shuffle(idx)
+        val.update(idx[: round(len(idx) * fraction)])
+    return val
+
+
+def build(cfg) -> Path:
+    """Run `align data build` (cfg: data_schemas.config.DataBuildConfig). Returns the artifact directory."""
+    from align.chat import control_tokens_in, neutralise, special_strings
+    from align.config import dump_config
+    from align.manifest import ArtifactWriter, atomic_write_text
+
+    out = Path(cfg.output_dir)
+    t0 = time.perf_counter()
+    report = LoadReport()
+    dropped_examples: dict[str, list[str]] = {}
+
+    def drop(where: str, reason: str, message: str) -> None:
+        report.drop(where, reason, message)
+        dropped_examples.setdefault(reason, [])
+        if len(dropped_examples[reason]) < 5:
+            dropped_examples[reason].append(f"{where}: {message}")
+
+    tokenizer = None
+    specials = list(COMMON_MARKERS)
+    if cfg.tokenizer:
+        from align.models import load_tokenizer
+        from data_schemas.config import ModelConfig
+
+        tokenizer = load_tokenizer(ModelConfig(name_or_path=cfg.tokenizer))
+        specials = sorted(set(specials) | set(special_strings(tokenizer)), key=len, reverse=True)
+
+    pii_counts: Counter = Counter()
+    edits: Counter = Counter()
+    exact_seen: dict[str, str] = {}
+    near = (
+        NearDuplicateIndex(cfg.dedup.num_perm, cfg.dedup.bands, cfg.dedup.threshold)
+        if cfg.dedup.near
+        else None
+    )
+    kept: list[dict] = []
+    wheres: list[str] = []
+    strata: list[str | None] = []
+    for path in cfg.inputs:
+        path = Path(path)
+        if not path.exists():
+            raise UserError(f"{path}: input file not found")
+        for where, row, conv in iter_conversations(path, cfg.shape, cfg.system_prompt, report):
+            msgs = [{"role": m.role, "content": m.content.strip()} for m in conv.messages]
+            answer = " ".join(m["content"] for m in msgs if m["role"] == "assistant")
+            if len(answer) < cfg.min_chars:
+                drop(
+                    where,
+                    "too_short",
+                    f"assistant text has {len(answer)} characters (min_chars {cfg.min_chars})",
+                )
+                continue
+            found = sorted({s for m in msgs for s in control_tokens_in(m["content"], specials)})
+            if found:
+                if cfg.control_tokens == "reject":
+                    drop(
+                        where,
+                        "control_tokens",
+                        f"contains control token(s) {found}; rejected (control_tokens: reject)",
+                    )
+                    continue
+                edits["neutralised_control_tokens"] += 1
+                msgs = [{**m, "content": neutralise(m["content"], specials)} for m in msgs]
+            if cfg.pii:
+                before = sum(pii_counts.values())
+                msgs = [{**m, "content": scrub_pii(m["content"], pii_counts)} for m in msgs]
+                edits["rows_with_pii_scrubbed"] += int(sum(pii_counts.values()) > before)
+            text = _conv_text(msgs)
+            if cfg.dedup.exact:
+                key = hashlib.sha1(_normalise(text).encode()).hexdigest()
+                if key in exact_seen:
+                    drop(where, "exact_duplicate", f"same text as {exact_seen[key]}")
+                    continue
+                exact_seen[key] = where
+            if near is not None:
+                dup = near.add_if_new(len(kept), _shingles(text))
+                if dup is not None:
+                    drop(
+                        where,
+                        "near_duplicate",
+                        f"near duplicate (Jaccard >= {cfg.dedup.threshold}) of {wheres[near.original(dup)]}",
+                    )
+                    continue
+            kept.append({"messages": msgs, "source": where})
+            wheres.append(where)
+            strata.append(None if cfg.stratify_by is None else str(row.get(cfg.stratify_by)))
+
+    # token lengths with the model's own chat template (the length the trainer will see)
+    lengths: list[int] = []
+    if tokenizer is not None:
+        final, final_strata = [], []
+        for ex, st in zip(kept, strata, strict=True):
+            n = len(tokenizer.apply_chat_template(ex["messages"], tokenize=True, return_dict=False))
+            if cfg.max_tokens is not None and n > cfg.max_tokens:
+                drop(
+                    ex["source"],
+                    "too_long",
+                    f"{n} tokens after the chat template (max_tokens {cfg.max_tokens})",
+                )
+                continue
+            ex["num_tokens"] = n
+            lengths.append(n)
+            final.append(ex)
+            final_strata.append(st)
+        kept, strata = final, final_strata
+    invalid = sum(
+        v
+        for k, v in report.dropped.items()
+        if k not in ("exact_duplicate", "near_duplicate", "too_long", "too_short")
+    )
+    if not kept:
+        raise UserError(
+            f"no usable examples in {[str(p) for p in cfg.inputs]}: " + "; ".join(report.problems[:3])
+        )
+    if cfg.strict and report.dropped:
+        for p in report.problems[:50]:
+            print(p, file=sys.stderr)
+        raise UserError(
+            f"--strict: {sum(report.dropped.values())} row(s) dropped ({dict(report.dropped)}); nothing written"
+        )
+
+    val_idx = _split_indices(strata, cfg.validation_fraction, cfg.seed)
+    train = [ex for i, ex in enumerate(kept) if i not in val_idx]
+    val = [ex for i, ex in enumerate(kept) if i in val_idx]
+    if cfg.stratify_by is not None:
+        for ex, st in zip(kept, strata, strict=True):
+            ex[cfg.stratify_by] = st
+
+    writer = ArtifactWriter(
+        out,
+        "data",
+        cfg.model_dump(mode="json", exclude={"output_dir"}),
+        [(p, "instructions") for p in cfg.inputs],
+        seed=cfg.seed,
+    )
+    writer.start()
+    atomic_write_text(out / "config.yaml", dump_config(cfg))
+    from datasets import Dataset, DatasetDict
+
+    parts = {"train": Dataset.from_list(train)}
+    if val:
+        parts["validation"] = Dataset.from_list(val)
+    tmp = out / "dataset.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    DatasetDict(parts).save_to_disk(str(tmp))
+    shutil.rmtree(out / "dataset", ignore_errors=True)
+    tmp.rename(out / "dataset")
+
+    counts = {
+        **report.as_dict(),
+        "examples_kept": len(kept),
+        "train": len(train),
+        "validation": len(val),
+        "invalid_rows": invalid,
+        "edits": dict(edits),
+        "pii": dict(pii_counts),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    if lengths:
+        counts["tokens"] = {"min": min(lengths), "max": max(lengths), "mean": sum(lengths) / len(lengths)}
+        _length_plot(lengths, out / "lengths.png", cfg.max_tokens)
+    atomic_write_text(out / "report.md", _build_report(cfg, counts, dropped_examples, bool(lengths)))
+    writer.complete({"examples": len(kept), "train": len(train), "validation": len(val)}, counts)
+    return out
+
+
+def _length_plot(lengths: list[int], path: Path, limit: int | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.2), dpi=110)
+    ax.hist(lengths, bins=min(60, max(10, len(set(lengths)))), color="#3b6ea8")
+    if limit:
+        ax.axvline(limit, color="#b33", linestyle="--", label=f"max_tokens {limit}")
+        ax.legend()
+    ax.set_xlabel("tokens per example (chat template applied)")
+    ax.set_ylabel("examples")
+    ax.set_title("Example lengths after cleaning")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _build_report(cfg, counts: dict, dropped_examples: dict[str, list[str]], plot: bool) -> str:
+    lines = ["# Data build report", "", f"Inputs: {', '.join(f'`{p}`' for p in cfg.inputs)}", ""]
+    lines += [
+        "| rows read | rows kept | examples kept | train | validation |",
+        "|---|---|---|---|---|",
+        f"| {counts['rows_read']} | {counts['rows_kept']} | {counts['examples_kept']} | {counts['train']} | {counts['validation']} |",
+        "",
+        "## Dropped, by reason",
+        "",
+    ]
+    if counts["dropped"]:
+        lines += ["| reason | count |", "|---|---|"] + [
+            f"| {k} | {v} |" for k, v in sorted(counts["dropped"].items())
+        ]
+    else:
+        lines.append("Nothing was dropped.")
+    lines += ["", "## Edits", ""]
+    lines.append(
+        f"- control tokens neutralised: {counts['edits'].get('neutralised_control_tokens', 0)} example(s)"
+    )
+    lines.append(f"- PII scrubbed ({'on' if cfg.pii else 'off'}): {counts['pii'] or 'none found'}")
+    if plot:
+        t = counts["tokens"]
+        lines += [
+            "",
+            "## Lengths",
+            "",
+            f"min {t['min']}, mean {t['mean']:.1f}, max {t['max']} tokens",
+            "",
+            "![lengths](lengths.png)",
+        ]
+    if dropped_examples:
+        lines += ["", "## Examples of dropped rows", ""]
+        for reason, items in sorted(dropped_examples.items()):
+            lines.append(f"**{reason}**")
+            lines += [f"- `{x}`" for x in items]
+            lines.append("")
+    lines += [
+        "",
+        f"Near-duplicate method: MinHash ({cfg.dedup.num_perm} permutations, {cfg.dedup.bands} bands) over word 3-grams, verified by exact Jaccard >= {cfg.dedup.threshold}.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -43,11 +43,9 @@ def _problem(err: ValidationError) -> tuple[str, str]:
         msg = f"{msg.lower()}, got {type(e.get('input')).__name__}"
     if kind == "value_error" and ":" in msg.split(" ")[0]:
         loc, msg = msg.split(":", 1)
-        kind = {
-            "responses": "bad_responses",
-            "ranking": "bad_ranking",
-        }.get(loc, kind)
         msg = msg.strip()
+    if kind == "value_error":
+        kind = f"invalid_{loc.split('.')[0]}"
     return kind, f"{loc}: {msg}"
 
 
@@ -358,9 +356,14 @@ def _hh_turns(transcript: str) -> list[dict]:
             turns[-1]["content"] += rest[:i]
         turns.append({"role": "user" if tag == _HUMAN else "assistant", "content": ""})
         rest = rest[i + len(tag) :]
-    for t in turns:
+    merged: list[dict] = []
+    for t in turns:  # a few transcripts have two turns of one speaker in a row: join them, keep the row
         t["content"] = t["content"].strip()
-    return turns
+        if merged and merged[-1]["role"] == t["role"]:
+            merged[-1]["content"] = f"{merged[-1]['content']}\n\n{t['content']}".strip()
+        else:
+            merged.append(t)
+    return merged
 
 
 def convert_hh(row: dict, annotator: str) -> list[dict]:
@@ -492,3 +495,112 @@ def import_rankings(fmt: str, inputs: list[Path], out: Path, annotator: str | No
             report.examples_from_rows += kept
     atomic_write_text(out, "".join(x + "\n" for x in lines))
     return report
+
+
+# --------------------------------------------------------------------------------------------------------
+# `align data build-preferences`
+# --------------------------------------------------------------------------------------------------------
+def build_preferences(cfg) -> dict[str, Any]:
+    """Ranking files -> `kwise/` (reward model) and `pairs/` (DPO) dataset folders, split by prompt."""
+    import shutil
+    import sys
+
+    from datasets import Dataset, DatasetDict
+
+    from align.config import UserError, dump_config
+    from align.manifest import ArtifactWriter, atomic_write_text
+
+    rs = read_rankings(cfg.inputs, conflicts=cfg.conflicts)
+    summary = summarise(rs)
+    for p in rs.report.problems[:20]:
+        print(f"rejected {p}", file=sys.stderr)
+    if not rs.judgments:
+        raise UserError(f"no usable ranking lines in {[str(p) for p in cfg.inputs]}")
+    if cfg.strict and rs.report.dropped:
+        raise UserError(
+            f"--strict: {sum(rs.report.dropped.values())} line(s) dropped ({dict(rs.report.dropped)}); nothing written"
+        )
+    groups = aggregate(rs)
+    kw: dict[str, list[dict]] = {"train": [], "validation": []}
+    pairs: dict[str, list[dict]] = {"train": [], "validation": []}
+    no_preference = 0
+    for g in groups:
+        split = split_of(g.prompt_id, cfg.validation_fraction, cfg.seed)
+        if len(g.tiers) < 2:
+            no_preference += 1  # all tied: kept in the counts, nothing to learn from
+            continue
+        kw[split].append(g.model_dump(mode="json"))
+        for a, b in implied_pairs(g, cfg.pairs):
+            pairs[split].append(
+                {
+                    "prompt_id": g.prompt_id,
+                    "prompt": g.model_dump(mode="json")["prompt"],
+                    "chosen": g.responses[a],
+                    "rejected": g.responses[b],
+                    "annotators": g.annotators,
+                }
+            )
+    out = Path(cfg.output_dir)
+    writer = ArtifactWriter(
+        out,
+        "preferences",
+        cfg.model_dump(mode="json", exclude={"output_dir"}),
+        [(p, "rankings") for p in cfg.inputs],
+        seed=cfg.seed,
+    )
+    writer.start()
+    atomic_write_text(out / "config.yaml", dump_config(cfg))
+    for name, parts in (("kwise", kw), ("pairs", pairs)):
+        tmp = out / f"{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        DatasetDict({k: Dataset.from_list(v) for k, v in parts.items() if v}).save_to_disk(str(tmp))
+        shutil.rmtree(out / name, ignore_errors=True)
+        tmp.rename(out / name)
+    counts = {
+        "lines_read": rs.report.read,
+        "lines_kept": rs.report.kept,
+        "lines_dropped": dict(rs.report.dropped),
+        "prompts": len(groups),
+        "prompts_without_preference": no_preference,
+        "kwise": {k: len(v) for k, v in kw.items()},
+        "pairs": {k: len(v) for k, v in pairs.items()},
+        "conflicts": len(rs.conflicts),
+    }
+    metrics = {
+        "kendalls_w_mean": summary["kendalls_w"]["mean"],
+        "krippendorff_alpha_ordinal": summary["krippendorff_alpha_ordinal"],
+        "flagged_annotators": summary["flagged_annotators"],
+    }
+    atomic_write_text(out / "report.md", _preferences_report(cfg, counts, metrics, summary))
+    writer.complete(metrics, counts)
+    return {"kwise": counts["kwise"], "pairs": counts["pairs"], "dropped": counts["lines_dropped"]}
+
+
+def _preferences_report(cfg, counts, metrics, summary) -> str:
+    def f(x):
+        return "n/a" if x is None else f"{x:.3f}"
+
+    lines = [
+        "# Preference data report",
+        "",
+        f"Inputs: {', '.join(f'`{p}`' for p in cfg.inputs)}",
+        "",
+        f"- lines read {counts['lines_read']}, kept {counts['lines_kept']}, dropped {counts['lines_dropped'] or 'none'}",
+        f"- prompts {counts['prompts']} ({counts['prompts_without_preference']} all tied: no preference to learn)",
+        f"- K-wise groups: train {counts['kwise']['train']}, validation {counts['kwise']['validation']} (split by prompt)",
+        f"- pairs ({cfg.pairs}): train {counts['pairs']['train']}, validation {counts['pairs']['validation']}",
+        f"- conflicts (one annotator, two different rankings): {counts['conflicts']} ({cfg.conflicts})",
+        "",
+        "## Agreement",
+        "",
+        f"- Kendall's W, mean over {summary['multiply_annotated_prompts']} multiply-annotated prompts: {f(metrics['kendalls_w_mean'])}",
+        f"- Krippendorff's alpha (ordinal, ranks as values): {f(metrics['krippendorff_alpha_ordinal'])}",
+        f"- annotators with low agreement with the others' consensus (mean tau-b < 0.2): {metrics['flagged_annotators'] or 'none'}",
+        "",
+        "Aggregation: Borda count on average ranks (ties share the mean of their places); responses with equal mean",
+        "rank stay tied, and no pair is formed between tied responses.",
+        "",
+    ]
+    if summary["problems"]:
+        lines += ["## Rejected lines", ""] + [f"- `{p}`" for p in summary["problems"][:50]] + [""]
+    return "\n".join(lines)

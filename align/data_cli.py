@@ -1,0 +1,152 @@
+"""`align data ...` commands: printing and exit statuses around stages/data.py and stages/rankings.py.
+
+Exit status (docs/formats.md): 0 when the good lines loaded (problems are reported), 2 when anything was
+dropped under --strict or when nothing usable was found.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from align.config import UserError, apply_overrides, format_validation_error, read_yaml
+
+out = Console()
+err = Console(stderr=True)
+
+
+def _config(model, path: Path | None, overrides: list[str], cli: dict):
+    from pydantic import ValidationError
+
+    data = read_yaml(path) if path else {}
+    data.update({k: v for k, v in cli.items() if v not in (None, [], False)})
+    data = apply_overrides(data, overrides)
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise UserError("\n".join(format_validation_error(e, str(path or "command line")))) from None
+
+
+def _print_problems(problems: list[str], show: int) -> None:
+    for p in problems[:show]:
+        err.print(f"[yellow]rejected[/] {p}", highlight=False, soft_wrap=True)
+    if len(problems) > show:
+        err.print(f"... and {len(problems) - show} more (use --show N or --json for all)")
+
+
+def run_data_command(a) -> int:
+    if a.data_command == "check-rankings":
+        return _check(a)
+    if a.data_command == "import-rankings":
+        return _import(a)
+    if a.data_command == "build-preferences":
+        return _preferences(a)
+    if a.data_command == "build":
+        return _build(a)
+    raise UserError(f"align data {a.data_command}: unknown")
+
+
+def _check(a) -> int:
+    from stages.rankings import read_rankings, summarise
+
+    rs = read_rankings(a.files, conflicts=a.conflicts)
+    s = summarise(rs)
+    if a.json:
+        print(json.dumps(s, indent=2, default=str))
+    else:
+        _print_problems(s["problems"], a.show)
+        t = Table(title="Ranking files", show_header=False)
+        t.add_row("lines read / kept", f"{s['lines_read']} / {s['lines_kept']}")
+        t.add_row(
+            "dropped by reason", ", ".join(f"{k}: {v}" for k, v in s["lines_dropped"].items()) or "none"
+        )
+        t.add_row("prompts", str(s["prompts"]))
+        t.add_row(
+            "responses per prompt (K: prompts)",
+            ", ".join(f"{k}: {v}" for k, v in s["responses_per_prompt"].items()),
+        )
+        t.add_row("lines with ties / all tied", f"{s['lines_with_ties']} / {s['lines_all_tied']}")
+        t.add_row("conflicts", str(len(s["conflicts"])))
+        t.add_row("multiply annotated prompts", str(s["multiply_annotated_prompts"]))
+        w = s["kendalls_w"]["mean"]
+        t.add_row(
+            "Kendall's W (mean over prompts)",
+            "n/a (no prompt has 2+ annotators)" if w is None else f"{w:.3f}",
+        )
+        al = s["krippendorff_alpha_ordinal"]
+        t.add_row("Krippendorff's alpha (ordinal)", "n/a" if al is None else f"{al:.3f}")
+        out.print(t)
+        at = Table(title="Annotators")
+        for col in ("annotator", "judgments", "shared prompts", "mean tau vs others' consensus"):
+            at.add_column(col)
+        for name, v in s["annotators"].items():
+            tau = v["mean_tau_vs_consensus"]
+            flag = " [red](low agreement)[/]" if name in s["flagged_annotators"] else ""
+            at.add_row(
+                name,
+                str(v["judgments"]),
+                str(v["shared_prompts"]),
+                ("n/a" if tau is None else f"{tau:+.3f}") + flag,
+            )
+        if len(s["annotators"]) <= 50:
+            out.print(at)
+    if s["lines_kept"] == 0:
+        err.print("[red]error:[/] no usable ranking lines")
+        return 2
+    if a.strict and s["lines_dropped"]:
+        err.print(f"[red]--strict:[/] {sum(s['lines_dropped'].values())} line(s) dropped")
+        return 2
+    return 0
+
+
+def _import(a) -> int:
+    from stages.rankings import import_rankings
+
+    r = import_rankings(a.fmt, a.inputs, a.out, a.annotator)
+    _print_problems(r.problems, 20)
+    out.print(
+        f"import-rankings ({a.fmt}): {r.read} rows read, {r.examples_from_rows} ranking lines written to {a.out}, "
+        f"{sum(r.dropped.values())} rows skipped {dict(r.dropped) or ''}"
+    )
+    if r.examples_from_rows == 0:
+        err.print("[red]error:[/] nothing could be converted")
+        return 2
+    return 2 if a.strict and r.dropped else 0
+
+
+def _preferences(a) -> int:
+    from data_schemas.config import PreferencesConfig
+    from stages.rankings import build_preferences
+
+    cfg = _config(
+        PreferencesConfig,
+        a.config,
+        a.overrides,
+        {"inputs": [str(p) for p in a.inputs], "output_dir": a.out, "strict": a.strict},
+    )
+    res = build_preferences(cfg)
+    out.print(f"[green]preferences written[/]: {cfg.output_dir} {json.dumps(res)}")
+    return 0
+
+
+def _build(a) -> int:
+    from data_schemas.config import DataBuildConfig
+    from stages.data import build
+
+    cfg = _config(
+        DataBuildConfig,
+        a.config,
+        a.overrides,
+        {"inputs": [str(p) for p in a.inputs], "output_dir": a.out, "strict": a.strict},
+    )
+    path = build(cfg)
+    m = json.loads((path / "manifest.json").read_text())
+    c = m["counts"]
+    out.print(
+        f"[green]dataset written[/]: {path}/dataset  train {c['train']}, validation {c['validation']} "
+        f"({c['rows_read']} rows read, {sum(c['dropped'].values())} dropped: {c['dropped'] or 'none'}); report: {path}/report.md"
+    )
+    return 0

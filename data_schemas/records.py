@@ -61,6 +61,13 @@ class AlpacaRow(BaseModel):
     output: str | None = Field(None, description="The response.")
     response: str | None = Field(None, description="Alias of output.")
 
+    @field_validator("instruction", "output", "response")
+    @classmethod
+    def _non_empty(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("is empty (after trimming spaces)")
+        return v
+
     @model_validator(mode="after")
     def _has_output(self) -> AlpacaRow:
         if self.output is None and self.response is None:
@@ -80,6 +87,13 @@ class SelfInstructInstance(BaseModel):
 
     input: str = Field("", description="Optional context.")
     output: str = Field(..., description="The response.")
+
+    @field_validator("output")
+    @classmethod
+    def _non_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("is empty (after trimming spaces)")
+        return v
 
 
 class SelfInstructRow(BaseModel):

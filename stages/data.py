@@ -110,13 +110,27 @@ def iter_rows(path: Path, report: LoadReport):
         raise UserError(f"{path}: unsupported file type '{suffix}' (use .jsonl, .json, .csv or .parquet)")
 
 
-def _pydantic_problem(err: ValidationError) -> tuple[str, str]:
+def describe_row_error(err: ValidationError, allowed: str | None = None) -> tuple[str, str]:
+    """The first problem of a row in words: (reason key for the counts, 'field: what is wrong').
+
+    Shared by instruction rows and ranking lines, so the same mistake reads the same way everywhere.
+    """
     e = err.errors()[0]
     loc = ".".join(str(p) for p in e["loc"]) or "row"
     msg = e["msg"].replace("Value error, ", "")
-    if e["type"] == "missing":
+    kind = e["type"]
+    if kind == "missing":
         msg = "required field is missing"
-    return e["type"], f"{loc}: {msg}"
+    elif kind == "extra_forbidden":
+        msg = "unknown field (a typo?" + (f" allowed: {allowed})" if allowed else ")")
+    elif kind in ("string_type", "list_type", "model_type", "dict_type", "int_type"):
+        msg = f"{msg.lower()}, got {type(e.get('input')).__name__}"
+    if kind == "value_error" and ":" in msg.split(" ")[0]:
+        loc, msg = msg.split(":", 1)
+        msg = msg.strip()
+    if kind == "value_error":
+        kind = "invalid_" + re.split(r"[.\[]", loc)[0]
+    return kind, f"{loc}: {msg}"
 
 
 def iter_conversations(path: Path, shape: str, system_prompt: str | None, report: LoadReport):
@@ -135,7 +149,7 @@ def iter_conversations(path: Path, shape: str, system_prompt: str | None, report
         try:
             got = SHAPES[row_shape].model_validate(row).conversations(system_prompt)
         except ValidationError as e:
-            kind, msg = _pydantic_problem(e)
+            kind, msg = describe_row_error(e)
             report.drop(where, kind, msg)
             continue
         report.kept += 1
@@ -207,7 +221,8 @@ _PII = [
     ("email", re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b"), "[EMAIL]"),
     ("ip", re.compile(r"\b(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)\b"), "[IP]"),
     ("card", re.compile(r"\b(?:\d[ -]?){12,18}\d\b"), "[CARD]"),
-    ("phone", re.compile(r"(?<![\w.])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?)?\d{3,4}[ .-]\d{3,4}(?:[ .-]\d{2,4})?(?![\w.])"), "[PHONE]"),
+    # not part of a longer digit run (a 16-digit non-card number must not half-match as a phone)
+    ("phone", re.compile(r"(?<![\w.])(?<!\d[ .-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?)?\d{3,4}[ .-]\d{3,4}(?:[ .-]\d{2,4})?(?!\w)(?![ .-]?\d)"), "[PHONE]"),
 ]  # fmt: skip
 
 

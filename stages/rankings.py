@@ -26,27 +26,13 @@ from eval.agreement import (
     krippendorff_alpha_ordinal,
     tier_ranks,
 )
-from stages.data import LoadReport, iter_rows
+from stages.data import LoadReport, describe_row_error, iter_rows
+
+_ALLOWED = "prompt_id, prompt, responses, ranking, annotator, created_at, notes"
 
 
 def _problem(err: ValidationError) -> tuple[str, str]:
-    """The first problem of a line, in words: (reason key, 'field: what is wrong')."""
-    e = err.errors()[0]
-    loc = ".".join(str(p) for p in e["loc"]) or "line"
-    msg = e["msg"].replace("Value error, ", "")
-    kind = e["type"]
-    if kind == "missing":
-        msg = "required field is missing"
-    elif kind == "extra_forbidden":
-        msg = "unknown field (a typo? allowed: prompt_id, prompt, responses, ranking, annotator, created_at, notes)"
-    elif kind in ("string_type", "list_type", "model_type", "dict_type"):
-        msg = f"{msg.lower()}, got {type(e.get('input')).__name__}"
-    if kind == "value_error" and ":" in msg.split(" ")[0]:
-        loc, msg = msg.split(":", 1)
-        msg = msg.strip()
-    if kind == "value_error":
-        kind = f"invalid_{loc.split('.')[0]}"
-    return kind, f"{loc}: {msg}"
+    return describe_row_error(err, _ALLOWED)
 
 
 @dataclass

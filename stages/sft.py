@@ -30,7 +30,7 @@ from align.config import UserError, dump_config
 from align.manifest import ArtifactWriter, atomic_write_json, atomic_write_text
 from align.models import choose_precision, load_causal_lm, load_tokenizer, model_identity
 from data_schemas.config import SFTConfig
-from stages.data import load_instructions
+from stages.data import has_split, load_instructions
 
 console = Console(stderr=True)
 
@@ -202,7 +202,11 @@ def run(cfg: SFTConfig, resume: bool = False) -> Path:
     if len(train_report.problems) > 20:
         console.print(f"[yellow]... and {len(train_report.problems) - 20} more skipped rows[/]")
     inputs = [(cfg.data.train_file, "train")]
-    if cfg.data.validation_file is not None:
+    built = Path(cfg.data.train_file).is_dir()  # a folder from `align data build`: it is the parent artifact
+    parents = [Path(cfg.data.train_file)] if built else []
+    if built and cfg.data.validation_file is None and has_split(cfg.data.train_file, "validation"):
+        val_convs, val_report = load_instructions(cfg.data.train_file, split="validation")
+    elif cfg.data.validation_file is not None:
         val_convs, val_report = load_instructions(
             cfg.data.validation_file, cfg.data.shape, cfg.data.system_prompt
         )
@@ -235,6 +239,7 @@ def run(cfg: SFTConfig, resume: bool = False) -> Path:
         # operational fields (where to write, when to pause, where to log) do not change the product
         cfg.model_dump(mode="json", exclude={"output_dir": True, "train": {"stop_after_steps", "report_to"}}),
         inputs,
+        parents=parents,
         seed=cfg.train.seed,
     )
     writer.start(model_identity(cfg.model, precision, adapter="adapter" if cfg.lora.enabled else None))

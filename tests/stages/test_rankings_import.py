@@ -1,0 +1,79 @@
+"""Converters into the ranking format, on the real shared files and on hand-made rows."""
+
+import json
+
+from data_schemas.rankings import RankingLine
+from stages.rankings import convert_pairwise, convert_scores, import_rankings, read_rankings
+from tests.conftest import shared_file
+
+
+def test_hh_rlhf_real_file(tmp_path):
+    out = tmp_path / "hh.jsonl"
+    r = import_rankings("hh-rlhf", [shared_file("hh_rlhf_harmless_test_1000.jsonl")], out)
+    assert r.read == 1000
+    lines = [RankingLine.model_validate_json(x) for x in out.read_text().splitlines()]
+    assert len(lines) == r.examples_from_rows >= 990
+    assert sum(r.dropped.values()) == 1000 - len(lines)  # every skipped row is reported
+    assert all(isinstance(x.prompt, list) and x.prompt[-1].role == "user" for x in lines)
+    first = json.loads(shared_file("hh_rlhf_harmless_test_1000.jsonl").read_text().splitlines()[0])
+    assert lines[0].prompt[0].content == "what are some pranks with a pen i can do?"
+    assert first["chosen"].endswith(lines[0].responses[0].text)
+    assert lines[0].ranking == ["chosen", "rejected"]
+
+
+def test_oasst_real_trees(tmp_path):
+    out = tmp_path / "oa.jsonl"
+    r = import_rankings("oasst", [shared_file("oasst_en_trees_60.jsonl")], out)
+    assert r.read == 60 and not r.dropped
+    rs = read_rankings([out])
+    assert len(rs.judgments) == r.examples_from_rows > 60  # deeper levels give more than one per tree
+    ks = [len(j.line.responses) for j in rs.judgments]
+    assert max(ks) >= 5 and min(ks) == 2
+    tree = json.loads(shared_file("oasst_en_trees_60.jsonl").read_text().splitlines()[0])
+    best = min((x for x in tree["prompt"]["replies"] if x.get("rank") is not None), key=lambda x: x["rank"])
+    j = next(j for j in rs.judgments if j.line.prompt_id == tree["prompt"]["message_id"])
+    assert j.line.tiers()[0] == [best["message_id"]]
+
+
+def test_pairwise_explicit_and_implicit():
+    explicit = convert_pairwise({"prompt": "Hi?", "chosen": "Hello!", "rejected": "Go away."}, "imp")[0]
+    assert explicit["prompt"] == "Hi?" and explicit["ranking"] == ["chosen", "rejected"]
+    conv = [{"role": "user", "content": "Hi?"}]
+    implicit = convert_pairwise(
+        {
+            "chosen": [*conv, {"role": "assistant", "content": "Hello!"}],
+            "rejected": [*conv, {"role": "assistant", "content": "Go away."}],
+        },
+        "imp",
+    )[0]
+    assert implicit["prompt_id"] == explicit["prompt_id"]
+    RankingLine.model_validate(implicit)
+
+
+def test_scores_become_tiers():
+    row = {
+        "prompt_id": "p",
+        "prompt": "q",
+        "annotator": "ann",
+        "responses": [{"id": "a", "text": "x"}, {"id": "b", "text": "y"}, {"id": "c", "text": "z"}],
+        "scores": {"a": 2, "b": 4, "c": 2},
+    }
+    (out,) = convert_scores(row, "default")
+    assert out["ranking"] == ["b", ["a", "c"]] and "scores" not in out
+    RankingLine.model_validate(out)
+
+
+def test_unconvertible_rows_are_reported(tmp_path):
+    src = tmp_path / "pw.jsonl"
+    src.write_text(
+        json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"})
+        + "\n"
+        + json.dumps({"prompt": "q", "chosen": "a"})
+        + "\n"
+        + json.dumps({"prompt": "q", "chosen": "same", "rejected": "same"})
+        + "\n"
+    )
+    r = import_rankings("pairwise", [src], tmp_path / "out.jsonl")
+    assert r.examples_from_rows == 1
+    assert any(p.startswith(f"{src}:2: chosen/rejected") for p in r.problems)
+    assert any(p.startswith(f"{src}:3: responses") and "identical text" in p for p in r.problems)

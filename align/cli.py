@@ -178,7 +178,6 @@ def _quiet_libraries() -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     for name in ("transformers", "datasets", "peft", "trl", "accelerate", "torch"):
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -423,8 +423,14 @@ def build(cfg) -> Path:
     lengths: list[int] = []
     if tokenizer is not None:
         final, final_strata = [], []
-        for ex, st in zip(kept, strata, strict=True):
-            n = len(tokenizer.apply_chat_template(ex["messages"], tokenize=True, return_dict=False))
+        # Render every template to text, then tokenize in batches: the fast tokenizer runs a batch in
+        # parallel and the per-call overhead (about 0.3 ms) is paid once per batch, not per row.
+        texts = [tokenizer.apply_chat_template(ex["messages"], tokenize=False) for ex in kept]
+        counts_tok: list[int] = []
+        for b in range(0, len(texts), 2048):
+            enc = tokenizer(texts[b : b + 2048], add_special_tokens=False)["input_ids"]
+            counts_tok.extend(len(x) for x in enc)
+        for ex, st, n in zip(kept, strata, counts_tok, strict=True):
             if cfg.max_tokens is not None and n > cfg.max_tokens:
                 drop(
                     ex["source"],

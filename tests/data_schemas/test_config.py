@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from align.config import UserError, apply_overrides, load_config
-from data_schemas.config import GatesConfig, SFTConfig
+from data_schemas.config import DataBuildConfig, GatesConfig, PreferencesConfig, SFTConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -15,7 +15,12 @@ def write(tmp_path, text: str) -> Path:
 
 
 def test_every_shipped_config_validates():
-    models = {"sft": SFTConfig, "gates": GatesConfig}
+    models = {
+        "sft": SFTConfig,
+        "gates": GatesConfig,
+        "data": DataBuildConfig,
+        "preferences": PreferencesConfig,
+    }
     configs = sorted((ROOT / "configs").glob("*.yaml"))
     assert configs, "configs/ is empty"
     for path in configs:
@@ -89,5 +94,5 @@ def test_every_field_is_described():
             if isinstance(ann, type) and hasattr(ann, "model_fields"):
                 walk(ann)
 
-    walk(SFTConfig)
-    walk(GatesConfig)
+    for model in (SFTConfig, GatesConfig, DataBuildConfig, PreferencesConfig):
+        walk(model)

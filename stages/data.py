@@ -110,15 +110,32 @@ def iter_rows(path: Path, report: LoadReport):
         raise UserError(f"{path}: unsupported file type '{suffix}' (use .jsonl, .json, .csv or .parquet)")
 
 
+_BRANCH = re.compile(r"^(str|int|float|bool|none|constrained-str|function-.*|.*\[.*\])$")
+
+
+def _clean_loc(loc) -> list[str]:
+    return [str(p) for p in loc if not (isinstance(p, str) and _BRANCH.match(p))]
+
+
 def describe_row_error(err: ValidationError, allowed: str | None = None) -> tuple[str, str]:
     """The first problem of a row in words: (reason key for the counts, 'field: what is wrong').
 
     Shared by instruction rows and ranking lines, so the same mistake reads the same way everywhere.
     """
-    e = err.errors()[0]
-    loc = ".".join(str(p) for p in e["loc"]) or "row"
+    errors = err.errors()
+    # For union fields (a prompt that is text or messages) pydantic reports one error per branch: the deepest
+    # location is the one that says what is really wrong; its branch tags ('str', 'list[...]') are noise.
+    e = max(errors, key=lambda x: len(_clean_loc(x["loc"])))
+    parts = _clean_loc(e["loc"])
+    loc = ".".join(parts) or "row"
     msg = e["msg"].replace("Value error, ", "")
     kind = e["type"]
+    same_field = [x for x in errors if _clean_loc(x["loc"]) == parts]
+    if len(same_field) > 1 and all(x["type"].endswith("_type") for x in same_field):
+        return (
+            "wrong_type",
+            f"{loc}: has the wrong type ({type(e.get('input')).__name__}); see docs/formats.md",
+        )
     if kind == "missing":
         msg = "required field is missing"
     elif kind == "extra_forbidden":

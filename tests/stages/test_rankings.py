@@ -80,6 +80,12 @@ BAD = [
         "last message must be from 'user'",
     ),
     (b"[1, 2, 3]", "expected a JSON object"),
+    (line("t2", prompt=5).encode(), "prompt: has the wrong type (int)"),
+    (
+        line("t3", prompt=[{"role": "bot", "content": "q"}]).encode(),
+        "prompt.0.role: Input should be 'system'",
+    ),
+    (line("t4", created_at="yesterday").encode(), "created_at: Input should be a valid datetime"),
 ]
 
 

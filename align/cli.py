@@ -26,7 +26,6 @@ err = Console(stderr=True)
 out = Console()
 
 PLANNED = {
-    "reward": "reward model from K-wise human rankings (issue: align reward)",
     "ppo": "PPO with vLLM rollouts (issue: align ppo)",
     "dpo": "direct preference optimisation (issue: align dpo)",
     "run": "the whole pipeline with gates (issue: gates and align run)",
@@ -49,6 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sft", help="supervised fine-tuning with LoRA")
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+
+    p = sub.add_parser("reward", help="reward model from K-wise human rankings (then its gate)")
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    sc = sub.add_parser("score", help="score (prompt, response) rows with a reward artifact")
+    sc.add_argument("--reward", required=True, type=Path, help="an `align reward` artifact directory")
+    sc.add_argument("--input", required=True, type=Path, help="JSONL rows with 'prompt' and 'response'")
+    sc.add_argument("--out", required=True, type=Path, help="JSONL to write (input rows + 'reward')")
 
     ev = sub.add_parser("eval", help="evaluation and gates").add_subparsers(
         dest="eval_command", metavar="WHAT"
@@ -206,6 +213,19 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_sft(a)
         if a.command == "eval":
             return _cmd_eval(a)
+        if a.command == "reward":
+            from align.config import load_config
+            from data_schemas.config import RewardConfig
+            from stages import reward
+
+            _, gate = reward.run(load_config(RewardConfig, a.config, a.overrides), resume=a.resume)
+            return 0 if not gate or gate["verdict"] == "pass" else 1
+        if a.command == "score":
+            from stages.reward import score_file
+
+            n = score_file(a.reward, a.input, a.out)
+            out.print(f"scored {n} rows -> {a.out}")
+            return 0
         if a.command == "model":
             from align.models import resolve_model_path
 

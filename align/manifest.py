@@ -7,6 +7,7 @@ either the old or the new manifest, never half of one; and 'complete' is written
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -193,6 +194,18 @@ class ArtifactWriter:
         self.manifest.error = error
         self.manifest.finished_at = now()
         self._write()
+
+    @contextlib.contextmanager
+    def guard(self):
+        """Mark the manifest 'failed' (with the error) if the body raises; an interrupt leaves it 'running' so
+        that `--resume` can continue it."""
+        try:
+            yield self
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:
+            self.fail(f"{type(e).__name__}: {e}")
+            raise
 
     def _write(self) -> None:
         atomic_write_json(self.dir / MANIFEST, self.manifest.model_dump(mode="json"))

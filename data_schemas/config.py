@@ -273,3 +273,87 @@ class PreferencesConfig(_Strict):
         description="One annotator judging a prompt twice differently: drop both lines, or keep the later one.",
     )
     strict: bool = Field(False, description="Exit 2 (and write nothing) when any line is dropped.")
+
+
+class RewardDataSettings(_Strict):
+    """Where the preference data comes from."""
+
+    preferences_dir: Path = Field(
+        ...,
+        description="Folder from `align data build-preferences` (uses its kwise/ train and validation splits).",
+    )
+    max_length: int = Field(512, ge=16, description="Tokens per (prompt, response) sequence.")
+    max_groups: int | None = Field(None, ge=1, description="Use at most this many training groups (first N).")
+    max_eval_groups: int | None = Field(
+        None, ge=1, description="Evaluate on at most this many held-out groups."
+    )
+
+
+class RewardTrainSettings(_Strict):
+    """Optimisation of the reward model."""
+
+    loss: Literal["kwise", "plackett_luce", "bradley_terry"] = Field(
+        "kwise",
+        description="'kwise': InstructGPT all-pairs loss per group (default); 'plackett_luce': listwise; "
+        "'bradley_terry': the same pairs treated independently (each pair its own example).",
+    )
+    margin: float = Field(0.0, ge=0.0, description="Margin m in -log sigmoid(r_w - r_l - m).")
+    center_rewards_coefficient: float = Field(
+        0.0, ge=0.0, description="Weight of mean(r^2), pulling rewards toward 0 (Eisenstein et al. 2023)."
+    )
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate.")
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "linear", description="Schedule after warmup."
+    )
+    warmup_ratio: float = Field(0.03, ge=0.0, le=1.0, description="Share of steps with linear warmup.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    groups_per_batch: int = Field(
+        4, ge=1, description="K-wise groups per micro-batch (pairs for bradley_terry)."
+    )
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    num_train_epochs: float = Field(1.0, gt=0, description="Epochs (ignored if max_steps > 0).")
+    max_steps: int = Field(-1, description="Total optimizer steps; -1 uses num_train_epochs.")
+    eval_steps: int = Field(50, ge=1, description="Held-out evaluation every N steps.")
+    save_steps: int = Field(50, ge=1, description="Resumable checkpoint every N steps.")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept.")
+    logging_steps: int = Field(1, ge=1, description="Log every N steps.")
+    seed: int = Field(42, description="Seed.")
+    stop_after_steps: int | None = Field(
+        None, ge=1, description="Pause after this step; continue with --resume."
+    )
+    report_to: list[Literal["tensorboard", "mlflow", "trackio", "none"]] = Field(
+        default_factory=lambda: ["tensorboard"], description="Experiment trackers."
+    )
+
+
+class RewardGateSettings(_Strict):
+    """Reward gate: the model must rank held-out human preferences well, and better than answer length does."""
+
+    min_accuracy: float = Field(0.55, ge=0.0, le=1.0, description="Held-out pairwise accuracy needed.")
+    min_margin_over_length: float = Field(
+        0.0, ge=0.0, description="Accuracy must exceed the length-only baseline by more than this."
+    )
+    min_pairs: int = Field(50, ge=1, description="Fewer held-out pairs than this fails the gate (closed).")
+
+
+class RewardConfig(_Strict):
+    """`align reward`: a scalar reward model trained from K-wise human rankings."""
+
+    stage: Literal["reward"] = Field("reward", description="Stage name (fixed).")
+    output_dir: Path = Field(..., description="Artifact directory.")
+    init_from: Path | None = Field(
+        None,
+        description="An `align sft` artifact to start from (its adapter is merged); else model.name_or_path.",
+    )
+    model: ModelConfig = Field(
+        default_factory=ModelConfig, description="Base model (when init_from is not set)."
+    )
+    data: RewardDataSettings = Field(..., description="Preference data.")
+    lora: LoraSettings = Field(
+        default_factory=LoraSettings, description="LoRA on the trunk; the score head is fully trained."
+    )
+    train: RewardTrainSettings = Field(default_factory=RewardTrainSettings, description="Optimisation.")
+    gate: RewardGateSettings = Field(
+        default_factory=RewardGateSettings, description="Gate run after training."
+    )

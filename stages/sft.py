@@ -173,14 +173,9 @@ def _trainer_class():
 # The stage
 # ----------------------------------------------------------------------------------------------------------
 def run(cfg: SFTConfig, resume: bool = False) -> Path:
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import EarlyStoppingCallback, set_seed
-    from trl import SFTConfig as TRLSFTConfig
-    from trl.trainer.callbacks import RichProgressCallback
+    from transformers import set_seed
 
     out = Path(cfg.output_dir)
-    ckpt_dir = out / "checkpoints"
     if resume and (out / "manifest.json").exists():
         from align.manifest import read_manifest
 
@@ -244,6 +239,18 @@ def run(cfg: SFTConfig, resume: bool = False) -> Path:
     )
     writer.start(model_identity(cfg.model, precision, adapter="adapter" if cfg.lora.enabled else None))
     atomic_write_text(out / "config.yaml", dump_config(cfg))
+    with writer.guard():
+        return _train(cfg, resume, out, writer, tokenizer, precision, train_rows, val_rows, counts)
+
+
+def _train(cfg, resume, out, writer, tokenizer, precision, train_rows, val_rows, counts) -> Path:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import EarlyStoppingCallback
+    from trl import SFTConfig as TRLSFTConfig
+    from trl.trainer.callbacks import RichProgressCallback
+
+    ckpt_dir = out / "checkpoints"
     console.print(f"model: {cfg.model.name_or_path} in {precision}")
     model = load_causal_lm(cfg.model, precision)
     peft_config = None

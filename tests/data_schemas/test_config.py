@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from align.config import UserError, apply_overrides, load_config
-from data_schemas.config import DataBuildConfig, GatesConfig, PreferencesConfig, SFTConfig
+from data_schemas.config import DataBuildConfig, GatesConfig, PreferencesConfig, RewardConfig, SFTConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -94,5 +94,5 @@ def test_every_field_is_described():
             if isinstance(ann, type) and hasattr(ann, "model_fields"):
                 walk(ann)
 
-    for model in (SFTConfig, GatesConfig, DataBuildConfig, PreferencesConfig):
+    for model in (SFTConfig, GatesConfig, DataBuildConfig, PreferencesConfig, RewardConfig):
         walk(model)

@@ -1,0 +1,679 @@
+"""`align reward`: a scalar reward model from K-wise human rankings.
+
+Reads top to bottom: losses (pure functions), data, model, train, evaluate + gate, write the artifact; then the
+scorer that PPO and the gates use.
+
+Why K-wise: InstructGPT (Ouyang et al. 2022, sec. 3.5) keeps all C(K,2) comparisons of one prompt in one batch
+element, with one forward pass per response: K forwards instead of 2*C(K,2) when pairs are shuffled apart
+(4 instead of 12 for K=4), and less overfitting because each completion is seen once per epoch. All K responses
+of a micro-batch go through the model as one padding-free row (block-diagonal causal mask, restarting positions),
+and the reward is read from each response's last token.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+
+from align.config import UserError, dump_config
+from align.manifest import ArtifactWriter, atomic_write_json, atomic_write_text, require_complete
+from align.models import choose_precision, load_causal_lm, load_tokenizer, model_identity, torch_dtype
+from data_schemas.config import ModelConfig, RewardConfig
+
+console = Console(stderr=True)
+
+
+# ==========================================================================================================
+# Losses. Shapes: rewards [N] (one per response in the micro-batch); pairs [P, 2] (winner, loser) indices into
+# rewards; pair_group [P] the group each pair belongs to; G groups.
+# ==========================================================================================================
+def kwise_loss(
+    rewards: torch.Tensor, pairs: torch.Tensor, pair_group: torch.Tensor, n_groups: int, margin: float = 0.0
+) -> torch.Tensor:
+    """InstructGPT all-pairs loss (Ouyang et al. 2022, eq. 1), normalised per group:
+
+        loss = -(1/G') sum_g (1/|P_g|) sum_{(w,l) in P_g} log sigmoid(r_w - r_l - m)
+
+    P_g holds every pair of group g whose members sit in different tiers (tied responses form no pair); G' counts
+    the groups with at least one pair. With K responses and no ties |P_g| = C(K,2), the paper's 1/C(K,2).
+    """
+    per_pair = -F.logsigmoid(rewards[pairs[:, 0]] - rewards[pairs[:, 1]] - margin)  # [P]
+    sums = torch.zeros(n_groups, dtype=per_pair.dtype, device=per_pair.device).index_add(
+        0, pair_group, per_pair
+    )
+    counts = torch.bincount(pair_group, minlength=n_groups)
+    has = counts > 0
+    return (sums[has] / counts[has]).mean()
+
+
+def bradley_terry_loss(rewards: torch.Tensor, pairs: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+    """Bradley-Terry (1952) on independent pairs, with an optional margin (Touvron et al. 2023, Llama 2):
+
+    loss = -(1/P) sum_p log sigmoid(r_chosen - r_rejected - m)
+    """
+    return -F.logsigmoid(rewards[pairs[:, 0]] - rewards[pairs[:, 1]] - margin).mean()
+
+
+def plackett_luce_loss(rewards: torch.Tensor, group_tiers: list[list[list[int]]]) -> torch.Tensor:
+    """Plackett-Luce listwise loss (Plackett 1975; Luce 1959), with tiers:
+
+        loss_g = -(1/|T_g|) sum_{t < last} sum_{i in tier t} [ r_i - log( e^{r_i} + sum_{j in tiers > t} e^{r_j} ) ]
+
+    For a strict ranking this is the exact negative log-likelihood of the ordering, normalised per term. A tied
+    response is only required to beat every response below its tier, never its tie partners. The loss is the
+    mean of loss_g over groups with at least one term. `group_tiers[g]` lists tiers of indices into `rewards`.
+    """
+    losses = []
+    for tiers in group_tiers:
+        terms = []
+        for t, tier in enumerate(tiers[:-1]):
+            below = [j for lower in tiers[t + 1 :] for j in lower]
+            below_r = rewards[below]
+            for i in tier:
+                terms.append(rewards[i] - torch.logsumexp(torch.cat([rewards[i : i + 1], below_r]), dim=0))
+        if terms:
+            losses.append(-torch.stack(terms).mean())
+    return torch.stack(losses).mean()
+
+
+def centering_penalty(rewards: torch.Tensor, coefficient: float) -> torch.Tensor:
+    """Auxiliary loss coefficient * mean(r^2) that keeps rewards centred on 0 (Eisenstein et al. 2023)."""
+    return coefficient * rewards.pow(2).mean()
+
+
+def implied_pairs_of(tiers: list[list[int]]) -> list[tuple[int, int]]:
+    return [(a, b) for t, tier in enumerate(tiers) for lower in tiers[t + 1 :] for a in tier for b in lower]
+
+
+# ==========================================================================================================
+# Data
+# ==========================================================================================================
+def encode_response(tokenizer, prompt: list[dict], response: str, max_length: int) -> tuple[list[int], bool]:
+    """Token ids of prompt + response through the chat template. Longer sequences are cut from the left, so the
+    response's end, where the reward is read, is always kept; returns (ids, truncated)."""
+    from align.chat import neutralise, special_strings
+
+    specials = special_strings(tokenizer)
+    msgs = [{"role": m["role"], "content": neutralise(m["content"], specials)} for m in prompt]
+    msgs.append({"role": "assistant", "content": neutralise(response, specials)})
+    ids = tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=False)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    if len(ids) > max_length:
+        return ids[-max_length:], True
+    return ids, False
+
+
+def encode_groups(tokenizer, rows: list[dict], max_length: int, counts: dict) -> list[dict]:
+    out = []
+    for r in rows:
+        seqs = []
+        for resp in r["responses"]:
+            ids, cut = encode_response(tokenizer, r["prompt"], resp, max_length)
+            counts["truncated_sequences"] = counts.get("truncated_sequences", 0) + int(cut)
+            seqs.append(ids)
+        out.append(
+            {
+                "seqs": seqs,
+                "tiers": r["tiers"],
+                "agreement": r.get("agreement"),
+                "annotators": r.get("annotators", 1),
+                "lengths": [len(x) for x in r["responses"]],
+            }
+        )
+    return out
+
+
+def as_pair_examples(groups: list[dict]) -> list[dict]:
+    """Bradley-Terry view: every implied pair becomes its own two-sequence example (how pair trainers see it)."""
+    out = []
+    for g in groups:
+        for a, b in implied_pairs_of(g["tiers"]):
+            out.append(
+                {
+                    "seqs": [g["seqs"][a], g["seqs"][b]],
+                    "tiers": [[0], [1]],
+                    "agreement": g["agreement"],
+                    "annotators": g["annotators"],
+                    "lengths": [g["lengths"][a], g["lengths"][b]],
+                }
+            )
+    return out
+
+
+@dataclass
+class GroupCollator:
+    """All responses of the micro-batch's groups as one padding-free row.
+
+    Output: input_ids/position_ids [1, T]; attention_mask [1, 1, T, T] bool block-diagonal causal;
+    ends [N] index of each sequence's last token; pairs [P, 2] and pair_group [P] (global sequence indices);
+    group_tiers: per group, tiers of global sequence indices (for Plackett-Luce).
+    """
+
+    def __call__(self, groups: list[dict]) -> dict[str, Any]:
+        seqs = [s for g in groups for s in g["seqs"]]
+        lengths = [len(s) for s in seqs]
+        total = sum(lengths)
+        mask = torch.zeros(total, total, dtype=torch.bool)
+        pos = torch.empty(total, dtype=torch.long)
+        ends, start = [], 0
+        for n in lengths:
+            mask[start : start + n, start : start + n] = torch.ones(n, n, dtype=torch.bool).tril()
+            pos[start : start + n] = torch.arange(n)
+            start += n
+            ends.append(start - 1)
+        pairs, pair_group, group_tiers, offset = [], [], [], 0
+        for gi, g in enumerate(groups):
+            tiers = [[offset + i for i in tier] for tier in g["tiers"]]
+            group_tiers.append(tiers)
+            for a, b in implied_pairs_of(tiers):
+                pairs.append((a, b))
+                pair_group.append(gi)
+            offset += len(g["seqs"])
+        return {
+            "input_ids": torch.tensor([x for s in seqs for x in s])[None],
+            "position_ids": pos[None],
+            "attention_mask": mask[None, None],
+            "ends": torch.tensor(ends),
+            "pairs": torch.tensor(pairs, dtype=torch.long).reshape(-1, 2),
+            "pair_group": torch.tensor(pair_group, dtype=torch.long),
+            "group_tiers": group_tiers,
+        }
+
+
+def sequence_rewards(model, batch: dict[str, Any]) -> torch.Tensor:
+    """Scalar reward of each packed sequence, read from its last token: [N]."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = base.model(
+        input_ids=batch["input_ids"],
+        position_ids=batch["position_ids"],
+        attention_mask=batch["attention_mask"],
+    ).last_hidden_state  # [1, T, H]
+    return base.score(hidden[0, batch["ends"]]).squeeze(-1).float()  # [N]
+
+
+# ==========================================================================================================
+# Model
+# ==========================================================================================================
+def base_model_config(cfg: RewardConfig) -> tuple[ModelConfig, Path | None]:
+    """The base model to build on: the SFT artifact's base when init_from is set, else cfg.model."""
+    if cfg.init_from is None:
+        return cfg.model, None
+    m = require_complete(cfg.init_from, "sft")
+    return cfg.model.model_copy(update={"name_or_path": m.model.name}), Path(cfg.init_from)
+
+
+def build_reward_model(cfg: RewardConfig, tokenizer, precision: str):
+    """Sequence-classification model (scalar head) whose trunk is the base model, with the SFT adapter merged."""
+    from transformers import AutoModelForSequenceClassification
+
+    from align.models import resolve_model_path
+
+    base_cfg, sft_dir = base_model_config(cfg)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        resolve_model_path(base_cfg.name_or_path),
+        num_labels=1,
+        dtype=torch_dtype(precision),
+        attn_implementation=base_cfg.attn_implementation,
+        trust_remote_code=base_cfg.trust_remote_code,
+    )
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if sft_dir is not None and (sft_dir / "adapter").exists():
+        from peft import PeftModel
+
+        causal = PeftModel.from_pretrained(load_causal_lm(base_cfg, precision), sft_dir / "adapter")
+        model.model.load_state_dict(causal.merge_and_unload().model.state_dict())
+    return model
+
+
+# ==========================================================================================================
+# Evaluation and the gate (pure functions of rewards)
+# ==========================================================================================================
+def pairwise_metrics(groups: list[dict], rewards: list[list[float]]) -> dict[str, Any]:
+    """Held-out accuracy over all implied pairs (ties excluded), by agreement level, and the length baseline."""
+    correct = total = 0
+    length_score = 0.0
+    by_level: dict[str, list[int]] = {}
+    for g, r in zip(groups, rewards, strict=True):
+        level = _agreement_level(g)
+        for a, b in implied_pairs_of(g["tiers"]):
+            hit = int(r[a] > r[b]) + 0.5 * int(r[a] == r[b])
+            correct += hit
+            total += 1
+            la, lb = g["lengths"][a], g["lengths"][b]
+            length_score += 1.0 if la > lb else 0.5 if la == lb else 0.0
+            by_level.setdefault(level, [0, 0])
+            by_level[level][0] += hit
+            by_level[level][1] += 1
+    flat = [x for r in rewards for x in r]
+    mean = sum(flat) / len(flat) if flat else float("nan")
+    std = math.sqrt(sum((x - mean) ** 2 for x in flat) / len(flat)) if flat else float("nan")
+    return {
+        "pairs": total,
+        "accuracy": correct / total if total else float("nan"),
+        "length_baseline_accuracy": length_score / total if total else float("nan"),
+        "accuracy_by_agreement": {k: v[0] / v[1] for k, v in sorted(by_level.items())},
+        "pairs_by_agreement": {k: v[1] for k, v in sorted(by_level.items())},
+        "reward_mean": mean,
+        "reward_std": std,
+    }
+
+
+def _agreement_level(g: dict) -> str:
+    w = g.get("agreement")
+    if w is None or g.get("annotators", 1) < 2:
+        return "single annotator"
+    return "W >= 0.8" if w >= 0.8 else "0.5 <= W < 0.8" if w >= 0.5 else "W < 0.5"
+
+
+def decide_reward_gate(metrics: dict[str, Any], gate) -> dict[str, Any]:
+    """Pass iff enough pairs, accuracy >= min_accuracy, and accuracy > length baseline + margin. Fails closed."""
+    reasons = []
+    acc, base = metrics.get("accuracy"), metrics.get("length_baseline_accuracy")
+    if metrics.get("pairs", 0) < gate.min_pairs:
+        reasons.append(
+            f"only {metrics.get('pairs', 0)} held-out pairs; the policy needs at least {gate.min_pairs}"
+        )
+    if acc is None or not math.isfinite(acc):
+        reasons.append("held-out accuracy could not be computed")
+    else:
+        if acc < gate.min_accuracy:
+            reasons.append(f"held-out accuracy {acc:.3f} is below the required {gate.min_accuracy:.3f}")
+        if base is None or not math.isfinite(base) or acc <= base + gate.min_margin_over_length:
+            reasons.append(
+                f"held-out accuracy {acc:.3f} does not beat the length-only baseline {base:.3f} "
+                f"by more than {gate.min_margin_over_length:.3f} (a reward that only prefers longer answers)"
+            )
+    return {
+        "gate": "reward",
+        "verdict": "fail" if reasons else "pass",
+        "reasons": reasons,
+        "metrics": metrics,
+        "policy": gate.model_dump(),
+    }
+
+
+@torch.no_grad()
+def score_groups(model, groups: list[dict], batch_sequences: int = 16) -> list[list[float]]:
+    """Rewards for every response of every group (no grad), in padding-free batches of whole groups."""
+    model.eval()
+    collate = GroupCollator()
+    out: list[list[float]] = []
+    i = 0
+    dev = next(model.parameters()).device
+    while i < len(groups):
+        chunk = [groups[i]]
+        n = len(groups[i]["seqs"])
+        while i + len(chunk) < len(groups) and n + len(groups[i + len(chunk)]["seqs"]) <= batch_sequences:
+            n += len(groups[i + len(chunk)]["seqs"])
+            chunk.append(groups[i + len(chunk)])
+        batch = collate(chunk)
+        batch = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        r = sequence_rewards(model, batch).tolist()
+        for g in chunk:
+            out.append(r[: len(g["seqs"])])
+            r = r[len(g["seqs"]) :]
+        i += len(chunk)
+    return out
+
+
+def _plots(groups, rewards, out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    preds, labels = [], []
+    for g, r in zip(groups, rewards, strict=True):
+        for a, b in implied_pairs_of(g["tiers"]):
+            p = 1 / (1 + math.exp(-(r[a] - r[b])))
+            preds += [p, 1 - p]
+            labels += [1, 0]
+    bins = [[] for _ in range(10)]
+    for p, y in zip(preds, labels, strict=True):
+        bins[min(int(p * 10), 9)].append((p, y))
+    xs = [sum(p for p, _ in b) / len(b) for b in bins if b]
+    ys = [sum(y for _, y in b) / len(b) for b in bins if b]
+    ns = [len(b) for b in bins if b]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
+    ax1.plot([0, 1], [0, 1], "--", color="#999", label="perfect calibration")
+    ax1.scatter(
+        xs, ys, s=[10 + 200 * n / max(ns) for n in ns], color="#3b6ea8", label="held-out pairs (size = count)"
+    )
+    ax1.plot(xs, ys, color="#3b6ea8")
+    ax1.set_xlabel("predicted P(first preferred) = sigmoid(r1 - r2)")
+    ax1.set_ylabel("empirical share preferred by annotators")
+    ax1.set_title("Reward calibration")
+    ax1.legend(fontsize=8)
+    best = [r[i] for g, r in zip(groups, rewards, strict=True) for i in g["tiers"][0]]
+    rest = [r[i] for g, r in zip(groups, rewards, strict=True) for t in g["tiers"][1:] for i in t]
+    ax2.hist(
+        [best, rest],
+        bins=30,
+        label=["top-ranked responses", "lower-ranked responses"],
+        color=["#3b8a4a", "#b35a3b"],
+    )
+    ax2.set_xlabel("reward")
+    ax2.set_title("Reward distribution (held out)")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "calibration.png")
+    plt.close(fig)
+
+
+def gate_markdown(r: dict[str, Any]) -> str:
+    m = r["metrics"]
+    lines = [f"# Reward gate: **{r['verdict'].upper()}**", ""]
+    if r["reasons"]:
+        lines += ["## Why it failed", ""] + [f"- {x}" for x in r["reasons"]] + [""]
+    if m:
+        lines += [
+            "| held-out pairs | accuracy | length-only baseline | reward mean | reward std |",
+            "|---|---|---|---|---|",
+            f"| {m['pairs']} | {m['accuracy']:.3f} | {m['length_baseline_accuracy']:.3f} | {m['reward_mean']:.3f} | {m['reward_std']:.3f} |",
+            "",
+            "Accuracy by annotator agreement (Kendall's W of the prompt's annotators):",
+            "",
+        ]
+        lines += [
+            f"- {k}: {v:.3f} over {m['pairs_by_agreement'][k]} pairs"
+            for k, v in m["accuracy_by_agreement"].items()
+        ]
+        lines += ["", "![calibration](../../calibration.png)", ""]
+    lines += ["Policy: `" + json.dumps(r["policy"]) + "`", ""]
+    return "\n".join(lines)
+
+
+# ==========================================================================================================
+# The stage
+# ==========================================================================================================
+def _load_kwise(cfg: RewardConfig):
+    from datasets import load_from_disk
+
+    folder = Path(cfg.data.preferences_dir)
+    require_complete(folder, "preferences")
+    try:
+        ds = load_from_disk(str(folder / "kwise"))
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(
+            f"{folder}: no kwise/ dataset ({e}); build it with `align data build-preferences`"
+        ) from None
+    if "train" not in ds:
+        raise UserError(f"{folder}/kwise: has no train split")
+    train = list(ds["train"])[: cfg.data.max_groups]
+    val = list(ds["validation"])[: cfg.data.max_eval_groups] if "validation" in ds else []
+    return train, val
+
+
+def _trainer_class(cfg: RewardConfig, eval_groups: list[dict], out_dir: Path):
+    from transformers import Trainer
+
+    t = cfg.train
+
+    class RewardTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            r = sequence_rewards(model, inputs)
+            if t.loss == "plackett_luce":
+                loss = plackett_luce_loss(r, inputs["group_tiers"])
+            elif t.loss == "bradley_terry":
+                loss = bradley_terry_loss(r, inputs["pairs"], t.margin)
+            else:
+                loss = kwise_loss(
+                    r, inputs["pairs"], inputs["pair_group"], len(inputs["group_tiers"]), t.margin
+                )
+            if t.center_rewards_coefficient:
+                loss = loss + centering_penalty(r, t.center_rewards_coefficient)
+            return (loss, r) if return_outputs else loss
+
+        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+            if not eval_groups:
+                return {}
+            rewards = score_groups(self.model, eval_groups)
+            m = pairwise_metrics(eval_groups, rewards)
+            metrics = {
+                f"{metric_key_prefix}_accuracy": m["accuracy"],
+                f"{metric_key_prefix}_reward_mean": m["reward_mean"],
+                f"{metric_key_prefix}_reward_std": m["reward_std"],
+            }
+            self.log(metrics)
+            self.model.train()
+            return metrics
+
+    return RewardTrainer
+
+
+def run(cfg: RewardConfig, resume: bool = False) -> tuple[Path, dict[str, Any]]:
+    from transformers import set_seed
+
+    out = Path(cfg.output_dir)
+    if resume and (out / "manifest.json").exists():
+        from align.manifest import read_manifest
+
+        if read_manifest(out).status == "complete":
+            console.print(f"[green]reward already complete[/]: {out}")
+            return out, json.loads((out / "gates" / "reward" / "gate.json").read_text())
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise UserError(
+            f"{out}: output directory is not empty; pass --resume to continue it, or choose another"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    set_seed(cfg.train.seed)
+
+    # 1. Data
+    base_cfg, sft_dir = base_model_config(cfg)
+    tokenizer = load_tokenizer(base_cfg)
+    train_rows, val_rows = _load_kwise(cfg)
+    counts: dict[str, Any] = {}
+    train_groups = encode_groups(tokenizer, train_rows, cfg.data.max_length, counts)
+    eval_groups = encode_groups(tokenizer, val_rows, cfg.data.max_length, counts)
+    train_examples = as_pair_examples(train_groups) if cfg.train.loss == "bradley_terry" else train_groups
+    counts.update(
+        {
+            "train_groups": len(train_groups),
+            "train_examples": len(train_examples),
+            "eval_groups": len(eval_groups),
+            "train_pairs": sum(len(implied_pairs_of(g["tiers"])) for g in train_groups),
+            "eval_pairs": sum(len(implied_pairs_of(g["tiers"])) for g in eval_groups),
+        }
+    )
+    if not train_examples:
+        raise UserError(f"{cfg.data.preferences_dir}: no training groups with a preference")
+    console.print(
+        f"data: {counts['train_groups']} groups ({counts['train_pairs']} pairs) to train, "
+        f"{counts['eval_groups']} groups ({counts['eval_pairs']} pairs) held out; "
+        f"{counts.get('truncated_sequences', 0)} sequences cut from the left to {cfg.data.max_length} tokens"
+    )
+
+    # 2. Model
+    precision = choose_precision(base_cfg.precision)
+    parents = [Path(cfg.data.preferences_dir)] + ([sft_dir] if sft_dir else [])
+    writer = ArtifactWriter(
+        out,
+        "reward",
+        cfg.model_dump(mode="json", exclude={"output_dir": True, "train": {"stop_after_steps", "report_to"}}),
+        [],
+        parents=parents,
+        seed=cfg.train.seed,
+    )
+    writer.start(model_identity(base_cfg, precision, adapter="adapter"))
+    atomic_write_text(out / "config.yaml", dump_config(cfg))
+    with writer.guard():
+        return _train(cfg, resume, out, writer, tokenizer, precision, train_examples, eval_groups, counts)
+
+
+def _train(cfg, resume, out, writer, tokenizer, precision, train_examples, eval_groups, counts):
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import TrainingArguments
+
+    from stages.sft import _callbacks, _save_fresh
+
+    model = build_reward_model(cfg, tokenizer, precision)
+    if cfg.lora.enabled:
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=cfg.lora.r,
+                lora_alpha=cfg.lora.alpha,
+                lora_dropout=cfg.lora.dropout,
+                target_modules=cfg.lora.target_modules,
+                modules_to_save=["score"],
+                task_type="SEQ_CLS",
+            ),
+        )
+
+    # 3. Train
+    t = cfg.train
+    args = TrainingArguments(
+        output_dir=str(out / "checkpoints"),
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        per_device_train_batch_size=t.groups_per_batch,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        logging_steps=t.logging_steps,
+        eval_strategy="steps" if eval_groups else "no",
+        eval_steps=t.eval_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        report_to=[r for r in t.report_to if r not in ("tensorboard", "none")] or "none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+    )
+    from transformers.trainer_callback import PrinterCallback
+    from trl.trainer.callbacks import RichProgressCallback
+
+    callbacks = [RichProgressCallback(), *_callbacks(out, t.stop_after_steps)]
+    if "tensorboard" in t.report_to:
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+
+        callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(out / "logs"))))
+    trainer = _trainer_class(cfg, eval_groups, out)(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(train_examples),
+        eval_dataset=Dataset.from_list(eval_groups) if eval_groups else None,  # scored by our evaluate()
+        data_collator=GroupCollator(),
+        callbacks=callbacks,
+    )
+    trainer.remove_callback(PrinterCallback)
+    ckpts = list((out / "checkpoints").glob("checkpoint-*")) if (out / "checkpoints").exists() else []
+    if not resume:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    result = trainer.train(resume_from_checkpoint=True if (resume and ckpts) else None)
+    state = trainer.state
+    if t.stop_after_steps is not None and state.global_step < state.max_steps:
+        console.print(
+            f"[yellow]stopped after step {state.global_step} of {state.max_steps}; continue with --resume[/]"
+        )
+        return out, {}
+    trainer.remove_callback(RichProgressCallback)
+
+    # 4. Evaluate, gate, write
+    eval_rewards = score_groups(trainer.model, eval_groups) if eval_groups else []
+    metrics = pairwise_metrics(eval_groups, eval_rewards) if eval_groups else {"pairs": 0}
+    metrics.update(
+        {"train_loss": result.training_loss, "global_step": state.global_step, "precision": precision}
+    )
+    if eval_groups:
+        _plots(eval_groups, eval_rewards, out)
+    gate = decide_reward_gate(metrics, cfg.gate)
+    atomic_write_json(out / "gates" / "reward" / "gate.json", gate)
+    atomic_write_text(out / "gates" / "reward" / "gate.md", gate_markdown(gate))
+    _save_fresh(lambda p: (trainer.model.save_pretrained(p), tokenizer.save_pretrained(p)), out / "adapter")
+    atomic_write_json(out / "metrics.json", {**metrics, "log_history": state.log_history})
+    writer.manifest.gates = [
+        {
+            "gate": "reward",
+            "verdict": gate["verdict"],
+            "reasons": gate["reasons"],
+            "report": "gates/reward/gate.md",
+        }
+    ]
+    writer.complete(metrics, counts)
+    colour = "green" if gate["verdict"] == "pass" else "red"
+    console.print(
+        f"reward complete: {out}; held-out accuracy {metrics.get('accuracy', float('nan')):.3f} "
+        f"(length baseline {metrics.get('length_baseline_accuracy', float('nan')):.3f}); "
+        f"gate [bold {colour}]{gate['verdict'].upper()}[/] ({out / 'gates/reward/gate.md'})"
+    )
+    return out, gate
+
+
+# ==========================================================================================================
+# Scoring API (used by PPO and the gates) and loading
+# ==========================================================================================================
+class RewardScorer:
+    """Load a reward artifact once and score (prompt, response) pairs in batches.
+
+    scorer = RewardScorer("runs/reward")
+    scorer.score([[{"role": "user", "content": "Hi"}]], ["Hello!"])  # -> [0.73]
+    """
+
+    def __init__(self, artifact_dir: Path | str, device: str | None = None):
+        from peft import PeftModel
+
+        from align.config import load_config
+
+        self.dir = Path(artifact_dir)
+        require_complete(self.dir, "reward")
+        cfg = load_config(RewardConfig, self.dir / "config.yaml")
+        base_cfg, _ = base_model_config(cfg)
+        self.tokenizer = load_tokenizer(base_cfg)
+        self.max_length = cfg.data.max_length
+        precision = choose_precision(base_cfg.precision)
+        model = build_reward_model(cfg, self.tokenizer, precision)
+        self.model = PeftModel.from_pretrained(model, self.dir / "adapter").eval()
+        if device:
+            self.model.to(device)
+
+    def score(self, prompts: list, responses: list[str], batch_sequences: int = 16) -> list[float]:
+        groups = []
+        for p, r in zip(prompts, responses, strict=True):
+            msgs = [{"role": "user", "content": p}] if isinstance(p, str) else p
+            ids, _ = encode_response(self.tokenizer, msgs, r, self.max_length)
+            groups.append({"seqs": [ids], "tiers": [[0]]})
+        return [x[0] for x in score_groups(self.model, groups, batch_sequences)]
+
+
+def score_file(artifact_dir: Path, input_path: Path, output_path: Path) -> int:
+    """`align reward score`: JSONL rows with prompt (text or messages) and response -> the same rows + reward."""
+    from stages.data import LoadReport, iter_rows
+
+    report = LoadReport()
+    rows = []
+    for lineno, row in iter_rows(Path(input_path), report):
+        if not isinstance(row.get("response"), str) or not (isinstance(row.get("prompt"), str | list)):
+            report.drop(
+                f"{input_path}:{lineno}", "invalid", "needs 'prompt' (text or messages) and 'response' (text)"
+            )
+            continue
+        rows.append(row)
+    for p in report.problems:
+        console.print(f"[yellow]skipped[/] {p}")
+    if not rows:
+        raise UserError(f"{input_path}: no rows to score")
+    scorer = RewardScorer(artifact_dir)
+    rewards = scorer.score([r["prompt"] for r in rows], [r["response"] for r in rows])
+    atomic_write_text(
+        Path(output_path),
+        "".join(json.dumps({**r, "reward": x}) + "\n" for r, x in zip(rows, rewards, strict=True)),
+    )
+    return len(rows)

@@ -1,0 +1,159 @@
+"""`align reward` on the tiny model through the real CLI: packed scoring, learning, resume, scoring API."""
+
+import json
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from align.cli import main
+
+
+def _ranking_file(path, n=80, seed=0):
+    """Synthetic but learnable preferences: the helpful phrasing beats the neutral beats the refusal, with
+    equal lengths so that length alone cannot explain them."""
+    rng = random.Random(seed)
+    topics = ["tea", "bikes", "rain", "maps", "bread", "chess", "paint", "trains", "songs", "clocks"]
+    lines = []
+    for i in range(n):
+        t = rng.choice(topics)
+        resp = {
+            "good": f"gladly here is help on {t} now",
+            "mid": f"maybe there is info on {t} now",
+            "bad": f"sorry, but no help on {t} here",
+        }
+        order = ["good", "mid", "bad"]
+        lines.append(
+            json.dumps(
+                {
+                    "prompt_id": f"p{i}",
+                    "prompt": f"Tell me about {t} ({i})",
+                    "responses": [{"id": k, "text": v} for k, v in rng.sample(list(resp.items()), 3)],
+                    "ranking": order,
+                    "annotator": "ann",
+                }
+            )
+        )
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="module")
+def prefs(tmp_path_factory, tiny_model_path):
+    d = tmp_path_factory.mktemp("prefs")
+    _ranking_file(d / "r.jsonl")
+    assert (
+        main(
+            [
+                "data",
+                "build-preferences",
+                str(d / "r.jsonl"),
+                "--out",
+                str(d / "p"),
+                "--set",
+                "validation_fraction=0.25",
+            ]
+        )
+        == 0
+    )
+    return d / "p"
+
+
+def reward(out, prefs, *extra, resume=False):
+    args = [
+        "reward",
+        "--config",
+        "configs/reward.yaml",
+        f"output_dir={out}",
+        "model.name_or_path=tiny-random-llama",
+        f"data.preferences_dir={prefs}",
+        "train.learning_rate=3e-3",
+        "train.groups_per_batch=4",
+        "train.lr_scheduler_type=constant",
+        "train.warmup_ratio=0",
+        "train.eval_steps=10",
+        "train.save_steps=10",
+        "gate.min_pairs=20",
+        "gate.min_accuracy=0.9",
+        *extra,
+    ]
+    return main(args + (["--resume"] if resume else []))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, prefs):
+    out = tmp_path_factory.mktemp("reward") / "run"
+    assert reward(out, prefs, "train.max_steps=30") == 0  # exit 0 = gate passed
+    return out
+
+
+def test_reward_learns_preferences_and_gate_passes(trained):
+    m = json.loads((trained / "manifest.json").read_text())
+    assert m["status"] == "complete" and m["stage"] == "reward"
+    assert m["metrics"]["accuracy"] >= 0.9 and m["metrics"]["pairs"] >= 20
+    assert m["metrics"]["length_baseline_accuracy"] == 0.5  # all lengths equal: length explains nothing
+    assert m["gates"][0]["verdict"] == "pass"
+    assert [p["stage"] for p in m["parents"]] == ["preferences"]
+    assert (trained / "calibration.png").stat().st_size > 5000
+    losses = [
+        json.loads(x)["loss"] for x in (trained / "metrics.jsonl").read_text().splitlines() if '"loss"' in x
+    ]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+
+
+def test_packed_rewards_equal_one_by_one(trained, prefs):
+    from stages.reward import GroupCollator, RewardScorer, sequence_rewards
+
+    scorer = RewardScorer(trained)
+    prompts = [[{"role": "user", "content": "Tell me about tea"}]] * 3 + ["Hi"]
+    responses = [
+        "gladly here is help on tea now",
+        "sorry, but no help on tea here",
+        "ok",
+        "Hello there, friend!",
+    ]
+    batched = scorer.score(prompts, responses, batch_sequences=16)
+    single = [scorer.score([p], [r])[0] for p, r in zip(prompts, responses, strict=True)]
+    assert batched == pytest.approx(single, abs=1e-4)
+    assert batched[0] > batched[1]
+    assert GroupCollator and sequence_rewards  # the scorer goes through the same packed path as training
+
+
+def test_score_command(trained, tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text(
+        json.dumps({"prompt": "Tell me about maps", "response": "gladly here is help on maps now"})
+        + "\n"
+        + json.dumps({"prompt": "Tell me about maps", "response": "sorry, but no help on maps here"})
+        + "\n"
+        + "not json\n"
+    )
+    assert (
+        main(["score", "--reward", str(trained), "--input", str(src), "--out", str(tmp_path / "o.jsonl")])
+        == 0
+    )
+    rows = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and rows[0]["reward"] > rows[1]["reward"]
+
+
+def test_resume_equals_uninterrupted(tmp_path, prefs):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert reward(a, prefs, "train.max_steps=12", "gate.min_accuracy=0") in (0, 1)
+    assert reward(b, prefs, "train.max_steps=12", "train.stop_after_steps=10", "gate.min_accuracy=0") == 0
+    assert json.loads((b / "manifest.json").read_text())["status"] == "running"
+    assert reward(b, prefs, "train.max_steps=12", "gate.min_accuracy=0", resume=True) in (0, 1)
+    wa = load_file(a / "adapter" / "adapter_model.safetensors")
+    wb = load_file(b / "adapter" / "adapter_model.safetensors")
+    assert wa.keys() == wb.keys() and any("score" in k for k in wa)
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-6, rtol=0), k
+
+
+def test_plackett_luce_and_bradley_terry_train(tmp_path, prefs):
+    for loss in ("plackett_luce", "bradley_terry"):
+        out = tmp_path / loss
+        assert reward(out, prefs, f"train.loss={loss}", "train.max_steps=4", "gate.min_accuracy=0") in (0, 1)
+        m = json.loads((out / "manifest.json").read_text())
+        assert m["status"] == "complete"
+        if loss == "bradley_terry":
+            assert m["counts"]["train_examples"] == m["counts"]["train_pairs"]

@@ -1,0 +1,93 @@
+"""Reward losses against numbers computed by hand."""
+
+import math
+
+import pytest
+import torch
+
+from stages.reward import (
+    bradley_terry_loss,
+    centering_penalty,
+    decide_reward_gate,
+    implied_pairs_of,
+    kwise_loss,
+    pairwise_metrics,
+    plackett_luce_loss,
+)
+from data_schemas.config import RewardGateSettings
+
+
+def nls(x):  # -log sigmoid(x)
+    return math.log1p(math.exp(-x))
+
+
+def test_kwise_loss_normalises_per_group():
+    # group 0: r = [1, 0, -1], strict ranking -> pairs (0,1) (0,2) (1,2): diffs 1, 2, 1
+    # group 1: r = [0.5, 0.5], ranking a > b -> one pair, diff 0
+    r = torch.tensor([1.0, 0.0, -1.0, 0.5, 0.5])
+    pairs = torch.tensor([[0, 1], [0, 2], [1, 2], [3, 4]])
+    group = torch.tensor([0, 0, 0, 1])
+    g0 = (nls(1) + nls(2) + nls(1)) / 3
+    g1 = nls(0)
+    assert kwise_loss(r, pairs, group, 2).item() == pytest.approx((g0 + g1) / 2, rel=1e-6)
+    # pooling all pairs instead would weight the 3-pair group 3x: a different number
+    assert kwise_loss(r, pairs, group, 2).item() != pytest.approx((3 * g0 + g1) / 4, rel=1e-3)
+    # margin shifts every difference
+    assert kwise_loss(r, pairs[3:], group[3:] * 0, 1, margin=0.5).item() == pytest.approx(nls(-0.5), rel=1e-6)
+
+
+def test_bradley_terry_with_margin():
+    r = torch.tensor([2.0, 1.0, 0.0, 3.0])
+    pairs = torch.tensor([[0, 1], [2, 3]])
+    assert bradley_terry_loss(r, pairs).item() == pytest.approx((nls(1) + nls(-3)) / 2, rel=1e-6)
+    assert bradley_terry_loss(r, pairs, margin=1.0).item() == pytest.approx((nls(0) + nls(-4)) / 2, rel=1e-6)
+
+
+def test_plackett_luce_strict_and_tied():
+    r = torch.tensor([2.0, 1.0, 0.0])
+    lse = lambda *xs: math.log(sum(math.exp(x) for x in xs))  # noqa: E731
+    strict = -((2 - lse(2, 1, 0)) + (1 - lse(1, 0))) / 2
+    assert plackett_luce_loss(r, [[[0], [1], [2]]]).item() == pytest.approx(strict, rel=1e-6)
+    # tiers [[0, 1], [2]]: each tied item must only beat item 2
+    tied = -((2 - lse(2, 0)) + (1 - lse(1, 0))) / 2
+    assert plackett_luce_loss(r, [[[0, 1], [2]]]).item() == pytest.approx(tied, rel=1e-6)
+    # strict PL of 2 items equals Bradley-Terry
+    assert plackett_luce_loss(r, [[[0], [1]]]).item() == pytest.approx(nls(1), rel=1e-6)
+
+
+def test_centering_penalty():
+    assert centering_penalty(torch.tensor([1.0, -3.0]), 0.01).item() == pytest.approx(0.01 * 5)
+
+
+def test_implied_pairs_skip_ties():
+    assert implied_pairs_of([[1], [0, 2]]) == [(1, 0), (1, 2)]
+    assert implied_pairs_of([[0, 1, 2]]) == []
+
+
+def _groups():
+    # two groups; response lengths make longer = better in group 0, worse in group 1
+    return [
+        {"tiers": [[0], [1], [2]], "lengths": [30, 20, 10], "agreement": 0.9, "annotators": 3},
+        {"tiers": [[0], [1]], "lengths": [5, 50], "agreement": None, "annotators": 1},
+    ]
+
+
+def test_metrics_and_gate_fail_a_length_only_reward():
+    groups = _groups() * 30
+    length_rewards = [[float(x) for x in g["lengths"]] for g in groups]
+    m = pairwise_metrics(groups, length_rewards)
+    assert m["accuracy"] == pytest.approx(m["length_baseline_accuracy"]) == pytest.approx(0.75)
+    d = decide_reward_gate(m, RewardGateSettings(min_accuracy=0.5))
+    assert d["verdict"] == "fail" and "length-only baseline" in d["reasons"][0]
+
+
+def test_gate_passes_a_good_reward_and_fails_closed_on_few_pairs():
+    groups = _groups() * 30
+    perfect = [[-float(i) for i in range(len(g["lengths"]))] for g in groups]
+    m = pairwise_metrics(groups, perfect)
+    assert m["accuracy"] == 1.0
+    assert m["accuracy_by_agreement"] == {"W >= 0.8": 1.0, "single annotator": 1.0}
+    assert decide_reward_gate(m, RewardGateSettings())["verdict"] == "pass"
+    few = pairwise_metrics(groups[:2], perfect[:2])
+    d = decide_reward_gate(few, RewardGateSettings(min_pairs=50))
+    assert d["verdict"] == "fail" and "only 4 held-out pairs" in d["reasons"][0]

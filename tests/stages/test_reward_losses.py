@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from data_schemas.config import RewardGateSettings
 from stages.reward import (
     bradley_terry_loss,
     centering_penalty,
@@ -14,7 +15,6 @@ from stages.reward import (
     pairwise_metrics,
     plackett_luce_loss,
 )
-from data_schemas.config import RewardGateSettings
 
 
 def nls(x):  # -log sigmoid(x)

@@ -27,7 +27,6 @@ out = Console()
 
 PLANNED = {
     "ppo": "PPO with vLLM rollouts (issue: align ppo)",
-    "dpo": "direct preference optimisation (issue: align dpo)",
     "run": "the whole pipeline with gates (issue: gates and align run)",
     "report": "render a run's gate reports (issue: gates and align run)",
 }
@@ -50,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
 
     p = sub.add_parser("reward", help="reward model from K-wise human rankings (then its gate)")
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    p = sub.add_parser(
+        "dpo", help="direct preference optimisation on an SFT artifact (then the perplexity gate)"
+    )
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     sc = sub.add_parser("score", help="score (prompt, response) rows with a reward artifact")
@@ -219,6 +223,13 @@ def main(argv: list[str] | None = None) -> int:
             from stages import reward
 
             _, gate = reward.run(load_config(RewardConfig, a.config, a.overrides), resume=a.resume)
+            return 0 if not gate or gate["verdict"] == "pass" else 1
+        if a.command == "dpo":
+            from align.config import load_config
+            from data_schemas.config import DPOConfig
+            from stages import dpo
+
+            _, gate = dpo.run(load_config(DPOConfig, a.config, a.overrides), resume=a.resume)
             return 0 if not gate or gate["verdict"] == "pass" else 1
         if a.command == "score":
             from stages.reward import score_file

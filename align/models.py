@@ -241,7 +241,17 @@ def load_for_eval(model_ref: str, precision: str = "auto", trust_remote_code: bo
         prec = choose_precision(precision)
         tok = load_tokenizer(base_cfg)
         model = load_causal_lm(base_cfg, prec)
-        if (ref / "merged" / "config.json").exists():
+        if (ref / "stack.json").exists():
+            import json
+
+            from peft import PeftModel
+
+            # Policies built on other adapters (DPO on SFT): merge those in order, then apply this adapter.
+            stack = json.loads((ref / "stack.json").read_text())
+            for a in stack.get("merge", []):
+                model = PeftModel.from_pretrained(model, a).merge_and_unload()
+            model = PeftModel.from_pretrained(model, ref / stack.get("adapter", "adapter"))
+        elif (ref / "merged" / "config.json").exists():
             model = load_causal_lm(ModelConfig(name_or_path=str(ref / "merged")), prec)
         elif (ref / "adapter").exists():
             from peft import PeftModel

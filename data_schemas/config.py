@@ -357,3 +357,136 @@ class RewardConfig(_Strict):
     gate: RewardGateSettings = Field(
         default_factory=RewardGateSettings, description="Gate run after training."
     )
+
+
+class DPODataSettings(_Strict):
+    """Preference pairs for DPO."""
+
+    preferences_dir: Path | None = Field(
+        None,
+        description="Folder from `align data build-preferences` (its pairs/ train and validation splits).",
+    )
+    pairs_file: Path | None = Field(
+        None,
+        description="Or a JSONL of TRL-style pairs {prompt, chosen, rejected} (held out by validation_fraction).",
+    )
+    validation_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0, description="Held-out share for pairs_file (by prompt)."
+    )
+    max_length: int = Field(512, ge=16, description="Tokens of prompt + response.")
+    max_prompt_length: int = Field(
+        256, ge=8, description="Prompt tokens kept (cut from the left, keeping its end)."
+    )
+    max_pairs: int | None = Field(None, ge=1, description="Use at most this many training pairs.")
+    max_eval_pairs: int | None = Field(
+        None, ge=1, description="Evaluate on at most this many held-out pairs."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DPODataSettings:
+        if (self.preferences_dir is None) == (self.pairs_file is None):
+            raise ValueError("set exactly one of data.preferences_dir and data.pairs_file")
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError("data.max_prompt_length must be smaller than data.max_length")
+        return self
+
+
+class DPOTrainSettings(_Strict):
+    """DPO optimisation (names follow TRL's DPOConfig)."""
+
+    loss_type: list[
+        Literal[
+            "sigmoid",
+            "hinge",
+            "ipo",
+            "robust",
+            "bco_pair",
+            "sppo_hard",
+            "nca_pair",
+            "aot",
+            "aot_unpaired",
+            "apo_zero",
+            "apo_down",
+            "exo_pair",
+            "discopop",
+            "sigmoid_norm",
+        ]
+    ] = Field(
+        default_factory=lambda: ["sigmoid"], min_length=1, description="TRL loss type(s); several are summed."
+    )
+    beta: float = Field(0.1, gt=0, description="Strength of the implicit KL constraint to the reference.")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="Assumed label noise (cDPO, robust).")
+    learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate.")
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "linear", description="Schedule after warmup."
+    )
+    warmup_ratio: float = Field(0.05, ge=0.0, le=1.0, description="Share of steps with linear warmup.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    per_device_train_batch_size: int = Field(4, ge=1, description="Pairs per micro-batch.")
+    per_device_eval_batch_size: int = Field(8, ge=1, description="Pairs per evaluation batch.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    num_train_epochs: float = Field(1.0, gt=0, description="Epochs (ignored if max_steps > 0).")
+    max_steps: int = Field(-1, description="Total optimizer steps; -1 uses num_train_epochs.")
+    eval_steps: int = Field(50, ge=1, description="Held-out evaluation every N steps.")
+    save_steps: int = Field(50, ge=1, description="Resumable checkpoint every N steps.")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept.")
+    logging_steps: int = Field(1, ge=1, description="Log every N steps.")
+    group_by_length: bool = Field(
+        True,
+        description="Batch pairs of similar length (random mega-batches, sorted inside): far less padding.",
+    )
+    seed: int = Field(42, description="Seed.")
+    stop_after_steps: int | None = Field(
+        None, ge=1, description="Pause after this step; continue with --resume."
+    )
+    report_to: list[Literal["tensorboard", "mlflow", "trackio", "none"]] = Field(
+        default_factory=lambda: ["tensorboard"], description="Experiment trackers."
+    )
+
+
+class PolicyEvalSettings(_Strict):
+    """After training: samples from the policy for KL to the reference, and win rate against SFT."""
+
+    prompts: int = Field(16, ge=0, description="Held-out prompts to sample (0 skips sampling).")
+    max_new_tokens: int = Field(64, ge=1, description="Tokens per sampled response.")
+    reward_model: Path | None = Field(
+        None, description="An `align reward` artifact; enables the win rate vs SFT."
+    )
+
+
+class DPOConfig(_Strict):
+    """`align dpo`: direct preference optimisation (Rafailov et al. 2023) on TRL's DPOTrainer."""
+
+    stage: Literal["dpo"] = Field("dpo", description="Stage name (fixed).")
+    output_dir: Path = Field(..., description="Artifact directory.")
+    init_from: Path = Field(
+        ..., description="The `align sft` artifact that is both the starting policy and the reference."
+    )
+    policy_init: Literal["new_adapter", "continue_sft_adapter"] = Field(
+        "new_adapter",
+        description="'new_adapter': merge the SFT adapter into the weights and train a fresh LoRA (reference = adapter "
+        "disabled, no second copy of the weights); 'continue_sft_adapter': keep training the SFT adapter (reference = a "
+        "frozen copy of that adapter).",
+    )
+    reference: Literal["adapter_disabled", "precomputed"] = Field(
+        "adapter_disabled", description="Reference log-probs computed on the fly, or once before training."
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="As model.precision of SFT."
+    )
+    data: DPODataSettings = Field(..., description="Preference pairs.")
+    lora: LoraSettings = Field(
+        default_factory=LoraSettings, description="LoRA (for policy_init=new_adapter)."
+    )
+    train: DPOTrainSettings = Field(default_factory=DPOTrainSettings, description="Optimisation.")
+    eval: PolicyEvalSettings = Field(
+        default_factory=PolicyEvalSettings, description="Sampling-based evaluation."
+    )
+    perplexity_gate: PerplexityGateSettings = Field(
+        default_factory=lambda: PerplexityGateSettings(max_relative_increase=0.05),
+        description="Perplexity gate against the SFT model on its validation data, run after training.",
+    )
+    gate_data: Path | None = Field(
+        None, description="Data for the perplexity gate; default: the SFT artifact's validation file or data."
+    )

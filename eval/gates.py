@@ -95,9 +95,11 @@ def run_perplexity_gate(
     try:
         from align.models import load_for_eval
         from eval.perplexity import perplexity
-        from stages.data import load_instructions
+        from stages.data import has_split, load_instructions
 
-        convs, report = load_instructions(Path(data_path))
+        data_path = Path(data_path)
+        split = "validation" if data_path.is_dir() and has_split(data_path, "validation") else "train"
+        convs, report = load_instructions(data_path, split=split)
         if settings.max_examples:
             convs = convs[: settings.max_examples]
         scores = {}

@@ -25,6 +25,7 @@ from rich.console import Console
 from align.config import UserError, dump_config
 from align.manifest import ArtifactWriter, atomic_write_json, atomic_write_text, require_complete
 from align.models import choose_precision, load_causal_lm, load_tokenizer, model_identity, torch_dtype
+from align.packing import pack
 from data_schemas.config import ModelConfig, RewardConfig
 
 console = Console(stderr=True)
@@ -149,25 +150,18 @@ def as_pair_examples(groups: list[dict]) -> list[dict]:
 
 @dataclass
 class GroupCollator:
-    """All responses of the micro-batch's groups as one padding-free row.
+    """All responses of the micro-batch's groups, packed into rows of at most max_row_tokens (align/packing.py).
 
-    Output: input_ids/position_ids [1, T]; attention_mask [1, 1, T, T] bool block-diagonal causal;
-    ends [N] index of each sequence's last token; pairs [P, 2] and pair_group [P] (global sequence indices);
+    Output: input_ids/position_ids [R, L]; attention_mask [R, 1, L, L] bool block-diagonal causal; rows/ends [N]
+    where each sequence's last token sits; pairs [P, 2] and pair_group [P] (global sequence indices);
     group_tiers: per group, tiers of global sequence indices (for Plackett-Luce).
     """
 
+    max_row_tokens: int = 1024
+    pad_token_id: int = 0
+
     def __call__(self, groups: list[dict]) -> dict[str, Any]:
-        seqs = [s for g in groups for s in g["seqs"]]
-        lengths = [len(s) for s in seqs]
-        total = sum(lengths)
-        mask = torch.zeros(total, total, dtype=torch.bool)
-        pos = torch.empty(total, dtype=torch.long)
-        ends, start = [], 0
-        for n in lengths:
-            mask[start : start + n, start : start + n] = torch.ones(n, n, dtype=torch.bool).tril()
-            pos[start : start + n] = torch.arange(n)
-            start += n
-            ends.append(start - 1)
+        p = pack([s for g in groups for s in g["seqs"]], self.max_row_tokens, self.pad_token_id)
         pairs, pair_group, group_tiers, offset = [], [], [], 0
         for gi, g in enumerate(groups):
             tiers = [[offset + i for i in tier] for tier in g["tiers"]]
@@ -177,10 +171,11 @@ class GroupCollator:
                 pair_group.append(gi)
             offset += len(g["seqs"])
         return {
-            "input_ids": torch.tensor([x for s in seqs for x in s])[None],
-            "position_ids": pos[None],
-            "attention_mask": mask[None, None],
-            "ends": torch.tensor(ends),
+            "input_ids": p.input_ids,
+            "position_ids": p.position_ids,
+            "attention_mask": p.attention_mask,
+            "rows": p.rows,
+            "ends": p.ends,
             "pairs": torch.tensor(pairs, dtype=torch.long).reshape(-1, 2),
             "pair_group": torch.tensor(pair_group, dtype=torch.long),
             "group_tiers": group_tiers,
@@ -194,8 +189,8 @@ def sequence_rewards(model, batch: dict[str, Any]) -> torch.Tensor:
         input_ids=batch["input_ids"],
         position_ids=batch["position_ids"],
         attention_mask=batch["attention_mask"],
-    ).last_hidden_state  # [1, T, H]
-    return base.score(hidden[0, batch["ends"]]).squeeze(-1).float()  # [N]
+    ).last_hidden_state  # [R, L, H]
+    return base.score(hidden[batch["rows"], batch["ends"]]).squeeze(-1).float()  # [N]
 
 
 # ==========================================================================================================
@@ -300,18 +295,23 @@ def decide_reward_gate(metrics: dict[str, Any], gate) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def score_groups(model, groups: list[dict], batch_sequences: int = 16) -> list[list[float]]:
-    """Rewards for every response of every group (no grad), in padding-free batches of whole groups."""
+def score_groups(
+    model, groups: list[dict], max_batch_tokens: int = 4096, max_row_tokens: int = 1024
+) -> list[list[float]]:
+    """Rewards for every response of every group (no grad); whole groups per batch, packed into bounded rows."""
     model.eval()
-    collate = GroupCollator()
+    collate = GroupCollator(max_row_tokens=max_row_tokens)
     out: list[list[float]] = []
-    i = 0
     dev = next(model.parameters()).device
+    i = 0
     while i < len(groups):
         chunk = [groups[i]]
-        n = len(groups[i]["seqs"])
-        while i + len(chunk) < len(groups) and n + len(groups[i + len(chunk)]["seqs"]) <= batch_sequences:
-            n += len(groups[i + len(chunk)]["seqs"])
+        tokens = sum(len(s) for s in groups[i]["seqs"])
+        while i + len(chunk) < len(groups):
+            nxt = sum(len(s) for s in groups[i + len(chunk)]["seqs"])
+            if tokens + nxt > max_batch_tokens:
+                break
+            tokens += nxt
             chunk.append(groups[i + len(chunk)])
         batch = collate(chunk)
         batch = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in batch.items()}
@@ -570,7 +570,9 @@ def _train(cfg, resume, out, writer, tokenizer, precision, train_examples, eval_
         args=args,
         train_dataset=Dataset.from_list(train_examples),
         eval_dataset=Dataset.from_list(eval_groups) if eval_groups else None,  # scored by our evaluate()
-        data_collator=GroupCollator(),
+        data_collator=GroupCollator(
+            max_row_tokens=max(cfg.data.max_length, 1024), pad_token_id=tokenizer.pad_token_id
+        ),
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)
@@ -644,13 +646,13 @@ class RewardScorer:
         if device:
             self.model.to(device)
 
-    def score(self, prompts: list, responses: list[str], batch_sequences: int = 16) -> list[float]:
+    def score(self, prompts: list, responses: list[str], max_batch_tokens: int = 4096) -> list[float]:
         groups = []
         for p, r in zip(prompts, responses, strict=True):
             msgs = [{"role": "user", "content": p}] if isinstance(p, str) else p
             ids, _ = encode_response(self.tokenizer, msgs, r, self.max_length)
             groups.append({"seqs": [ids], "tiers": [[0]]})
-        return [x[0] for x in score_groups(self.model, groups, batch_sequences)]
+        return [x[0] for x in score_groups(self.model, groups, max_batch_tokens)]
 
 
 def score_file(artifact_dir: Path, input_path: Path, output_path: Path) -> int:

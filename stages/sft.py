@@ -29,6 +29,7 @@ from align.chat import control_tokens_in, neutralise, render, special_strings
 from align.config import UserError, dump_config
 from align.manifest import ArtifactWriter, atomic_write_json, atomic_write_text
 from align.models import choose_precision, load_causal_lm, load_tokenizer, model_identity
+from align.packing import pack
 from data_schemas.config import SFTConfig
 from stages.data import has_split, load_instructions
 
@@ -79,35 +80,29 @@ def split_train_validation(items: list, fraction: float, seed: int) -> tuple[lis
 # ----------------------------------------------------------------------------------------------------------
 @dataclass
 class PaddingFreeCollator:
-    """Concatenate a micro-batch into one row with a block-diagonal causal mask.
+    """Pack a micro-batch's examples into rows of at most max_row_tokens (align/packing.py).
 
-    Output shapes: input_ids/labels/position_ids [1, T] with T = sum of example lengths; attention_mask
-    [1, 1, T, T] bool (True = may attend). The first label of each example is set to -100 so no example
-    predicts across the boundary from the previous one. The loss equals the padded batch's loss exactly:
-    both are sum(token NLL) / count(label tokens).
+    Output: input_ids/labels/position_ids [R, L]; attention_mask [R, 1, L, L] bool block-diagonal causal. The first
+    label of each example is -100 (it would be predicted from the previous example's last token). The loss equals
+    the padded batch's exactly: both are sum(token NLL) / count(label tokens).
     """
 
     pad_token_id: int
+    max_row_tokens: int = 1024
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        ids = [torch.as_tensor(e["input_ids"], dtype=torch.long) for e in examples]
-        labels = [torch.as_tensor(e["labels"], dtype=torch.long).clone() for e in examples]
-        for lbl in labels:
-            lbl[0] = -100  # would be predicted from the previous example's last token
-        lengths = [len(x) for x in ids]
-        total = sum(lengths)
-        mask = torch.zeros(total, total, dtype=torch.bool)
-        pos = torch.empty(total, dtype=torch.long)
-        start = 0
-        for n in lengths:
-            mask[start : start + n, start : start + n] = torch.ones(n, n, dtype=torch.bool).tril()
-            pos[start : start + n] = torch.arange(n)
-            start += n
+        p = pack([e["input_ids"] for e in examples], self.max_row_tokens, self.pad_token_id)
+        labels = torch.full_like(p.input_ids, -100)
+        for i, e in enumerate(examples):
+            lbl = torch.as_tensor(e["labels"], dtype=torch.long).clone()
+            lbl[0] = -100
+            labels[p.rows[i], p.starts[i] : p.ends[i] + 1] = lbl
         return {
-            "input_ids": torch.cat(ids)[None],
-            "labels": torch.cat(labels)[None],
-            "position_ids": pos[None],
-            "attention_mask": mask[None, None],
+            "input_ids": p.input_ids,
+            "labels": labels,
+            "position_ids": p.position_ids,
+            "attention_mask": p.attention_mask,
+            "num_real_tokens": torch.tensor(p.real_tokens),
         }
 
 
@@ -155,14 +150,14 @@ def _trainer_class():
     from trl import SFTTrainer
 
     class AlignSFTTrainer(SFTTrainer):
-        """SFTTrainer whose token counter understands 4-D block masks (it sums the mask: T*T, not T)."""
+        """SFTTrainer whose token counter counts real tokens of packed rows (it would sum the 4-D mask)."""
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            mask = inputs.get("attention_mask")
+            real = inputs.pop("num_real_tokens", None)  # set by PaddingFreeCollator; not a model input
             before = self._total_train_tokens
             out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            if mask is not None and mask.dim() == 4 and model.training:
-                self._total_train_tokens = before + int(inputs["input_ids"].numel())
+            if real is not None and model.training:
+                self._total_train_tokens = before + int(real)
                 self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
             return out
 
@@ -299,7 +294,11 @@ def _train(cfg, resume, out, writer, tokenizer, precision, train_rows, val_rows,
         max_length=None,
         dataloader_num_workers=0,
     )
-    collator_cls = PaddingFreeCollator if t.batching == "padding_free" else PaddedCollator
+    collator = (
+        PaddingFreeCollator(tokenizer.pad_token_id, max_row_tokens=max(cfg.data.max_length, 1024))
+        if t.batching == "padding_free"
+        else PaddedCollator(tokenizer.pad_token_id)
+    )
     callbacks = [RichProgressCallback(), *_callbacks(out, t.stop_after_steps)]
     if t.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
@@ -314,7 +313,7 @@ def _train(cfg, resume, out, writer, tokenizer, precision, train_rows, val_rows,
         train_dataset=Dataset.from_list(train_rows),
         eval_dataset=Dataset.from_list(val_rows) if has_val else None,
         processing_class=tokenizer,
-        data_collator=collator_cls(pad_token_id=tokenizer.pad_token_id),
+        data_collator=collator,
         peft_config=peft_config,
         callbacks=callbacks,
     )

@@ -3,7 +3,14 @@ from pathlib import Path
 import pytest
 
 from align.config import UserError, apply_overrides, load_config
-from data_schemas.config import DataBuildConfig, GatesConfig, PreferencesConfig, RewardConfig, SFTConfig
+from data_schemas.config import (
+    DataBuildConfig,
+    DPOConfig,
+    GatesConfig,
+    PreferencesConfig,
+    RewardConfig,
+    SFTConfig,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -20,6 +27,8 @@ def test_every_shipped_config_validates():
         "gates": GatesConfig,
         "data": DataBuildConfig,
         "preferences": PreferencesConfig,
+        "reward": RewardConfig,
+        "dpo": DPOConfig,
     }
     configs = sorted((ROOT / "configs").glob("*.yaml"))
     assert configs, "configs/ is empty"
@@ -94,5 +103,5 @@ def test_every_field_is_described():
             if isinstance(ann, type) and hasattr(ann, "model_fields"):
                 walk(ann)
 
-    for model in (SFTConfig, GatesConfig, DataBuildConfig, PreferencesConfig, RewardConfig):
+    for model in (SFTConfig, GatesConfig, DataBuildConfig, PreferencesConfig, RewardConfig, DPOConfig):
         walk(model)

@@ -112,9 +112,11 @@ def test_packed_rewards_equal_one_by_one(trained, prefs):
         "ok",
         "Hello there, friend!",
     ]
-    batched = scorer.score(prompts, responses, batch_sequences=16)
+    batched = scorer.score(prompts, responses, max_batch_tokens=4096)
     single = [scorer.score([p], [r])[0] for p, r in zip(prompts, responses, strict=True)]
     assert batched == pytest.approx(single, abs=1e-4)
+    tight = scorer.score(prompts, responses, max_batch_tokens=40)  # forces several rows and batches
+    assert tight == pytest.approx(single, abs=1e-4)
     assert batched[0] > batched[1]
     assert GroupCollator and sequence_rewards  # the scorer goes through the same packed path as training
 

@@ -9,7 +9,7 @@ from tests.conftest import EXAMPLES
 
 
 def _loss(model, batch):
-    out = model(**{k: v for k, v in batch.items() if k != "labels"})
+    out = model(**{k: v for k, v in batch.items() if k not in ("labels", "num_real_tokens")})
     logits = out.logits[:, :-1].float()
     labels = batch["labels"][:, 1:]
     return torch.nn.functional.cross_entropy(
@@ -29,9 +29,13 @@ def test_packed_loss_equals_unpacked_real_model(tokenizer, real_model_path):
     assert len({len(r["input_ids"]) for r in rows}) > 1, "need different lengths to exercise padding"
     with torch.no_grad():
         packed, n_packed = _loss(model, PaddingFreeCollator(tokenizer.pad_token_id)(rows))
+        # several rows: a row budget smaller than the batch forces multi-row packing with padding
+        multi, n_multi = _loss(model, PaddingFreeCollator(tokenizer.pad_token_id, max_row_tokens=120)(rows))
         padded, n_padded = _loss(model, PaddedCollator(tokenizer.pad_token_id)(rows))
         single = [_loss(model, PaddedCollator(tokenizer.pad_token_id)([r])) for r in rows]
-    assert n_packed == n_padded == sum(n for _, n in single)
+    assert n_packed == n_padded == n_multi == sum(n for _, n in single)
+    assert PaddingFreeCollator(tokenizer.pad_token_id, max_row_tokens=120)(rows)["input_ids"].shape[0] > 1
+    assert abs(float(multi) - float(packed)) / float(packed) < 1e-4
     total_single = sum(float(s) for s, _ in single)
     assert abs(float(packed) - total_single) / total_single < 1e-4
     assert abs(float(padded) - total_single) / total_single < 1e-4
@@ -52,6 +56,6 @@ def test_position_ids_alone_would_leak_across_examples(tokenizer, tiny_model_pat
             attention_mask=batch["attention_mask"],
         ).logits[0, 20:]
         alone = model(input_ids=torch.tensor([b["input_ids"]])).logits[0]
-        leaky = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0, 20:]
+        leaky = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0, 20:30]
     assert torch.allclose(masked, alone, atol=1e-4)
     assert not torch.allclose(leaky, alone, atol=1e-3)

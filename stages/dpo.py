@@ -1,0 +1,488 @@
+"""`align dpo`: direct preference optimisation (Rafailov et al. 2023) on TRL's DPOTrainer.
+
+Reads top to bottom: pairs -> token ids, policy and reference, train, evaluate (held-out preference accuracy,
+samples for KL and win rate), write the artifact, perplexity gate against the SFT model.
+
+What align adds to a plain DPOTrainer script, and why:
+- The chat template is applied by align (once, to prompt + response) with control-token text neutralised; TRL
+  would let a user message containing "<|im_start|>" become a real control token.
+- Truncation is counted and reported (TRL drops pairs whose prompt fills max_length without saying so).
+- Batches group pairs of similar length (TRL pads every pair in a batch to the longest one).
+- Policy = SFT model + a fresh LoRA, reference = the same weights with the adapter disabled (one copy in memory);
+  or the SFT adapter itself keeps training and a frozen copy of it (adapter "ref") is the reference.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from align.chat import neutralise, render_prompt, special_strings
+from align.config import UserError, dump_config, load_config
+from align.manifest import (
+    ArtifactWriter,
+    atomic_write_json,
+    atomic_write_text,
+    read_manifest,
+    require_complete,
+)
+from align.models import choose_precision, load_causal_lm, load_tokenizer, model_identity
+from data_schemas.config import DPOConfig, ModelConfig, SFTConfig
+
+console = Console(stderr=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------
+def load_pairs(cfg: DPOConfig) -> tuple[list[dict], list[dict]]:
+    """(train, validation) rows of {prompt: messages, chosen: str, rejected: str}."""
+    d = cfg.data
+    if d.preferences_dir is not None:
+        from datasets import load_from_disk
+
+        require_complete(d.preferences_dir, "preferences")
+        ds = load_from_disk(str(Path(d.preferences_dir) / "pairs"))
+        train = list(ds["train"]) if "train" in ds else []
+        val = list(ds["validation"]) if "validation" in ds else []
+    else:
+        from stages.data import LoadReport, iter_rows
+        from stages.rankings import convert_pairwise, split_of
+
+        report = LoadReport()
+        train, val = [], []
+        for lineno, row in iter_rows(Path(d.pairs_file), report):
+            try:
+                (line,) = convert_pairwise(row, "pairs")
+            except ValueError as e:
+                report.drop(f"{d.pairs_file}:{lineno}", "invalid", str(e))
+                continue
+            prompt = line["prompt"]
+            msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            item = {
+                "prompt": msgs,
+                "chosen": line["responses"][0]["text"],
+                "rejected": line["responses"][1]["text"],
+                "prompt_id": line["prompt_id"],
+            }
+            (
+                val
+                if split_of(json.dumps(msgs), d.validation_fraction, cfg.train.seed) == "validation"
+                else train
+            ).append(item)
+        for p in report.problems[:20]:
+            console.print(f"[yellow]skipped[/] {p}")
+    if not train:
+        raise UserError("dpo: no training pairs")
+    return train[: d.max_pairs], val[: d.max_eval_pairs]
+
+
+def tokenize_pair(tokenizer, row: dict, max_length: int, max_prompt_length: int, counts: dict) -> dict | None:
+    """prompt_ids / chosen_ids / rejected_ids with the chat template applied once to prompt + response.
+
+    The prompt keeps its last max_prompt_length tokens; each response keeps its first (max_length - prompt) tokens.
+    """
+    specials = special_strings(tokenizer)
+    msgs = [{"role": m["role"], "content": neutralise(m["content"], specials)} for m in row["prompt"]]
+    prompt_ids = render_prompt(tokenizer, msgs)
+    out: dict[str, Any] = {}
+    for key in ("chosen", "rejected"):
+        full = tokenizer.apply_chat_template(
+            [*msgs, {"role": "assistant", "content": neutralise(row[key], specials)}],
+            tokenize=True,
+            return_dict=False,
+        )
+        full = list(full["input_ids"] if hasattr(full, "keys") else full)
+        if full[: len(prompt_ids)] != prompt_ids:
+            counts["template_prefix_mismatch"] = counts.get("template_prefix_mismatch", 0) + 1
+            return None
+        out[f"{key}_ids"] = full[len(prompt_ids) :]
+    if len(prompt_ids) > max_prompt_length:
+        prompt_ids = prompt_ids[-max_prompt_length:]
+        counts["prompt_truncated"] = counts.get("prompt_truncated", 0) + 1
+    room = max_length - len(prompt_ids)
+    for key in ("chosen_ids", "rejected_ids"):
+        if len(out[key]) > room:
+            out[key] = out[key][:room]
+            counts["response_truncated"] = counts.get("response_truncated", 0) + 1
+    if out["chosen_ids"] == out["rejected_ids"]:
+        counts["identical_after_truncation"] = counts.get("identical_after_truncation", 0) + 1
+        return None
+    out["prompt_ids"] = prompt_ids
+    out["length"] = len(prompt_ids) + max(len(out["chosen_ids"]), len(out["rejected_ids"]))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Policy and reference
+# ----------------------------------------------------------------------------------------------------------
+def sft_base(cfg: DPOConfig) -> tuple[ModelConfig, Path]:
+    m = require_complete(cfg.init_from, "sft")
+    sft_dir = Path(cfg.init_from)
+    if not (sft_dir / "adapter").exists():
+        raise UserError(f"{sft_dir}: has no adapter/ (DPO builds on a LoRA SFT artifact)")
+    return ModelConfig(name_or_path=m.model.name, precision=cfg.precision), sft_dir
+
+
+def build_policy(cfg: DPOConfig, precision: str):
+    """(model, peft_config) for TRL. new_adapter: the SFT adapter merged into the weights and a LoRA config for TRL
+    to add (so 'adapter disabled' is exactly the SFT model); continue: the SFT adapter itself, trainable, which TRL
+    copies into a frozen adapter named 'ref' as the reference."""
+    from peft import LoraConfig, PeftModel
+
+    base_cfg, sft_dir = sft_base(cfg)
+    model = load_causal_lm(base_cfg, precision)
+    if cfg.policy_init == "new_adapter":
+        merged = PeftModel.from_pretrained(model, sft_dir / "adapter").merge_and_unload()
+        lora = LoraConfig(
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            target_modules=cfg.lora.target_modules,
+            task_type="CAUSAL_LM",
+        )
+        return merged, lora
+    return PeftModel.from_pretrained(model, sft_dir / "adapter", is_trainable=True), None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampling-based evaluation: KL(policy || reference) on policy samples, and win rate against SFT
+# ----------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def sample_and_compare(
+    model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, seed: int, reward_model: Path | None
+) -> dict[str, Any]:
+    """KL estimate = mean over sampled responses y ~ policy of sum_t [log pi(y_t|..) - log pi_ref(y_t|..)]
+    (the reference is the policy with its adapter disabled). With a reward model, the SFT model answers the same
+    prompts greedily and the win rate is the share of prompts where the policy's greedy answer scores higher."""
+    from align.chat import render_prompt
+
+    model.eval()
+    specials = special_strings(tokenizer)
+    kls, policy_greedy, ref_greedy = [], [], []
+    torch.manual_seed(seed)
+    for p in prompts:
+        msgs = [{"role": m["role"], "content": neutralise(m["content"], specials)} for m in p]
+        ids = torch.tensor([render_prompt(tokenizer, msgs)])
+        gen = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=True,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        resp = gen[:, ids.shape[1] :]
+        if resp.numel():
+            lp = _response_logprob(model, ids, resp)
+            with model.disable_adapter():
+                lp_ref = _response_logprob(model, ids, resp)
+            kls.append(float(lp - lp_ref))
+        if reward_model is not None:
+            g = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            policy_greedy.append(tokenizer.decode(g[0, ids.shape[1] :], skip_special_tokens=True))
+            with model.disable_adapter():
+                g = model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    do_sample=False,
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+            ref_greedy.append(tokenizer.decode(g[0, ids.shape[1] :], skip_special_tokens=True))
+    out: dict[str, Any] = {
+        "sampled_prompts": len(prompts),
+        "kl_to_reference": sum(kls) / len(kls) if kls else None,
+    }
+    if reward_model is not None and prompts:
+        from stages.reward import RewardScorer
+
+        scorer = RewardScorer(reward_model)
+        rp = scorer.score(prompts, policy_greedy)
+        rr = scorer.score(prompts, ref_greedy)
+        wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(rp, rr, strict=True))
+        out.update(
+            {
+                "win_rate_vs_sft": wins / len(prompts),
+                "reward_policy_mean": sum(rp) / len(rp),
+                "reward_sft_mean": sum(rr) / len(rr),
+            }
+        )
+    return out
+
+
+def _response_logprob(model, prompt_ids: torch.Tensor, resp: torch.Tensor) -> torch.Tensor:
+    full = torch.cat([prompt_ids, resp], dim=1)
+    logits = model(input_ids=full).logits[:, prompt_ids.shape[1] - 1 : -1].float()  # [1, R, V] predicts resp
+    return torch.log_softmax(logits, -1).gather(-1, resp.unsqueeze(-1)).sum()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The stage
+# ----------------------------------------------------------------------------------------------------------
+def _trainer_class():
+    from trl import DPOTrainer
+
+    class AlignDPOTrainer(DPOTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            # tokenized by align (chat template once, control tokens neutralised, cuts counted)
+            return dataset
+
+        def _get_train_sampler(self, train_dataset=None):
+            if self.args.train_sampling_strategy != "group_by_length":
+                return super()._get_train_sampler(train_dataset)
+            ds = train_dataset if train_dataset is not None else self.train_dataset
+            return SeededLengthGroupedSampler(
+                ds["length"],
+                self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                self.args.seed,
+            )
+
+    return AlignDPOTrainer
+
+
+class SeededLengthGroupedSampler(torch.utils.data.Sampler):
+    """Length-grouped order (random mega-batches, sorted by length inside) drawn from a generator seeded by
+    (seed, epoch). transformers' sampler draws from the global RNG, which a resumed run has restored to the
+    checkpoint's state, so a resumed epoch would visit the pairs in another order than the uninterrupted one."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+        self.lengths, self.batch_size, self.seed, self.epoch = list(lengths), batch_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=g))
+
+
+def run(cfg: DPOConfig, resume: bool = False) -> tuple[Path, dict[str, Any]]:
+    from transformers import set_seed
+
+    out = Path(cfg.output_dir)
+    if resume and (out / "manifest.json").exists() and read_manifest(out).status == "complete":
+        console.print(f"[green]dpo already complete[/]: {out}")
+        gate = out / "gates" / "perplexity" / "gate.json"
+        return out, json.loads(gate.read_text()) if gate.exists() else {}
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise UserError(
+            f"{out}: output directory is not empty; pass --resume to continue it, or choose another"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    set_seed(cfg.train.seed)
+
+    base_cfg, sft_dir = sft_base(cfg)
+    tokenizer = load_tokenizer(base_cfg)
+    train_rows, val_rows = load_pairs(cfg)
+    counts: dict[str, Any] = {}
+    train = [
+        x
+        for r in train_rows
+        if (x := tokenize_pair(tokenizer, r, cfg.data.max_length, cfg.data.max_prompt_length, counts))
+    ]
+    val = [
+        x
+        for r in val_rows
+        if (x := tokenize_pair(tokenizer, r, cfg.data.max_length, cfg.data.max_prompt_length, counts))
+    ]
+    counts.update(
+        {
+            "train_pairs": len(train),
+            "eval_pairs": len(val),
+            "train_pairs_given": len(train_rows),
+            "eval_pairs_given": len(val_rows),
+        }
+    )
+    console.print(f"data: {len(train)} train / {len(val)} held-out pairs; edits {counts}")
+    precision = choose_precision(cfg.precision)
+    parents = [sft_dir] + ([Path(cfg.data.preferences_dir)] if cfg.data.preferences_dir else [])
+    inputs = [(cfg.data.pairs_file, "pairs")] if cfg.data.pairs_file else []
+    writer = ArtifactWriter(
+        out,
+        "dpo",
+        cfg.model_dump(mode="json", exclude={"output_dir": True, "train": {"stop_after_steps", "report_to"}}),
+        inputs,
+        parents=parents,
+        seed=cfg.train.seed,
+    )
+    writer.start(model_identity(base_cfg, precision, adapter="adapter"))
+    atomic_write_text(out / "config.yaml", dump_config(cfg))
+    with writer.guard():
+        return _train(cfg, resume, out, writer, tokenizer, precision, train, val, val_rows, counts, sft_dir)
+
+
+def _train(cfg, resume, out, writer, tokenizer, precision, train, val, val_rows, counts, sft_dir):
+    from datasets import Dataset
+    from transformers.trainer_callback import PrinterCallback
+    from trl import DPOConfig as TRLDPOConfig
+    from trl.trainer.callbacks import RichProgressCallback
+
+    from stages.sft import _callbacks, _save_fresh
+
+    t = cfg.train
+    model, peft_config = build_policy(cfg, precision)
+    args = TRLDPOConfig(
+        output_dir=str(out / "checkpoints"),
+        beta=t.beta,
+        loss_type=t.loss_type,
+        label_smoothing=t.label_smoothing,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        logging_steps=t.logging_steps,
+        eval_strategy="steps" if val else "no",
+        eval_steps=t.eval_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        report_to=[r for r in t.report_to if r not in ("tensorboard", "none")] or "none",
+        disable_tqdm=True,
+        max_length=None,
+        precompute_ref_log_probs=cfg.reference == "precomputed",
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        length_column_name="length",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+    )
+    callbacks = [RichProgressCallback(), *_callbacks(out, t.stop_after_steps)]
+    if "tensorboard" in t.report_to:
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+
+        callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(out / "logs"))))
+    trainer = _trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(train),
+        eval_dataset=Dataset.from_list(val) if val else None,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        peft_config=peft_config,
+    )
+    trainer.remove_callback(PrinterCallback)
+    ckpts = list((out / "checkpoints").glob("checkpoint-*")) if (out / "checkpoints").exists() else []
+    if not resume:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    result = trainer.train(resume_from_checkpoint=True if (resume and ckpts) else None)
+    state = trainer.state
+    if t.stop_after_steps is not None and state.global_step < state.max_steps:
+        console.print(
+            f"[yellow]stopped after step {state.global_step} of {state.max_steps}; continue with --resume[/]"
+        )
+        return out, {}
+    trainer.remove_callback(RichProgressCallback)
+
+    metrics: dict[str, Any] = {
+        "train_loss": result.training_loss,
+        "global_step": state.global_step,
+        "precision": precision,
+    }
+    if val:
+        ev = trainer.evaluate()
+        for k in (
+            "eval_loss",
+            "eval_rewards/accuracies",
+            "eval_rewards/margins",
+            "eval_rewards/chosen",
+            "eval_rewards/rejected",
+            "eval_logps/chosen",
+            "eval_logps/rejected",
+        ):
+            if k in ev:
+                metrics[k.replace("eval_", "heldout_").replace("/", "_")] = ev[k]
+    if cfg.eval.prompts and val_rows:
+        policy = trainer.model
+        if cfg.policy_init == "continue_sft_adapter":
+            console.print(
+                "[yellow]KL/win-rate sampling needs policy_init=new_adapter (reference = adapter off); skipped[/]"
+            )
+        else:
+            metrics.update(
+                sample_and_compare(
+                    policy,
+                    tokenizer,
+                    [r["prompt"] for r in val_rows[: cfg.eval.prompts]],
+                    cfg.eval.max_new_tokens,
+                    t.seed,
+                    cfg.eval.reward_model,
+                )
+            )
+    _save_fresh(
+        lambda p: (
+            trainer.model.save_pretrained(p, selected_adapters=["default"]),
+            tokenizer.save_pretrained(p),
+        ),
+        out / "adapter",
+    )
+    # How to rebuild the policy: base, then these adapters merged in order, then adapter/ on top.
+    stack = {
+        "merge": [str(sft_dir / "adapter")] if cfg.policy_init == "new_adapter" else [],
+        "adapter": "adapter",
+    }
+    atomic_write_json(out / "stack.json", stack)
+    atomic_write_json(out / "metrics.json", {**metrics, "log_history": state.log_history})
+    writer.complete(metrics, counts)
+
+    # Perplexity gate: DPO must not wreck language modelling (candidate vs its SFT parent, same data)
+    from eval.gates import run_perplexity_gate
+
+    gate_data = cfg.gate_data or _sft_validation_data(sft_dir)
+    gate = run_perplexity_gate(
+        str(out), str(sft_dir), gate_data, cfg.perplexity_gate, out / "gates" / "perplexity"
+    )
+    writer.manifest.gates = [
+        {
+            "gate": "perplexity",
+            "verdict": gate["verdict"],
+            "reasons": gate["reasons"],
+            "report": "gates/perplexity/gate.md",
+        }
+    ]
+    writer.complete(metrics, counts)
+    colour = "green" if gate["verdict"] == "pass" else "red"
+    acc = metrics.get("heldout_rewards_accuracies")
+    console.print(
+        f"dpo complete: {out}; held-out preference accuracy {acc if acc is None else round(acc, 3)}; "
+        f"perplexity gate [bold {colour}]{gate['verdict'].upper()}[/] ({out / 'gates/perplexity/gate.md'})"
+    )
+    return out, gate
+
+
+def _sft_validation_data(sft_dir: Path) -> Path:
+    c = load_config(SFTConfig, sft_dir / "config.yaml")
+    if c.data.validation_file is not None:
+        return c.data.validation_file
+    if Path(c.data.train_file).is_dir():
+        return Path(c.data.train_file)  # a built dataset: its validation split is read by the gate loader
+    raise UserError(
+        f"{sft_dir}: its SFT config has no validation file; set gate_data for the perplexity gate"
+    )

@@ -432,8 +432,13 @@ def _trainer_class(cfg: RewardConfig, eval_groups: list[dict], out_dir: Path):
             return (loss, r) if return_outputs else loss
 
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+            # The Trainer may ask twice at the last step (step end and epoch end), and the stage needs the same
+            # held-out rewards after training: score once per global step (it costs minutes on a CPU).
             if not eval_groups:
                 return {}
+            step = self.state.global_step
+            if getattr(self, "_heldout", (None,))[0] == step:
+                return self._heldout[2]
             rewards = score_groups(self.model, eval_groups)
             m = pairwise_metrics(eval_groups, rewards)
             metrics = {
@@ -441,6 +446,7 @@ def _trainer_class(cfg: RewardConfig, eval_groups: list[dict], out_dir: Path):
                 f"{metric_key_prefix}_reward_mean": m["reward_mean"],
                 f"{metric_key_prefix}_reward_std": m["reward_std"],
             }
+            self._heldout = (step, rewards, metrics)
             self.log(metrics)
             self.model.train()
             return metrics
@@ -589,7 +595,9 @@ def _train(cfg, resume, out, writer, tokenizer, precision, train_examples, eval_
     trainer.remove_callback(RichProgressCallback)
 
     # 4. Evaluate, gate, write
-    eval_rewards = score_groups(trainer.model, eval_groups) if eval_groups else []
+    if eval_groups and getattr(trainer, "_heldout", (None,))[0] != state.global_step:
+        trainer.evaluate()
+    eval_rewards = trainer._heldout[1] if eval_groups else []
     metrics = pairwise_metrics(eval_groups, eval_rewards) if eval_groups else {"pairs": 0}
     metrics.update(
         {"train_loss": result.training_loss, "global_step": state.global_step, "precision": precision}

@@ -107,3 +107,18 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, trained):
 def test_refuses_to_overwrite_without_resume(trained, capsys):
     assert sft(trained, "train.max_steps=16") == 2
     assert "output directory is not empty" in capsys.readouterr().err
+
+
+def test_merged_checkpoint_equals_base_plus_adapter(tmp_path, tiny_model_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "m"
+    assert sft(out, "train.max_steps=3", "merge_adapter=true") == 0
+    ids = torch.tensor([[1, 50, 60, 70, 80]])
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+    stacked = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_path), out / "adapter"
+    ).eval()
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, stacked(input_ids=ids).logits, atol=1e-4)

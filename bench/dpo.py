@@ -1,0 +1,218 @@
+"""DPO throughput and memory: `align dpo` vs TRL's DPOTrainer in its best configuration on this CPU.
+
+    .venv/bin/python bench/dpo.py [--steps 8] [--pairs 64]
+
+Same policy (SmolLM2-135M-Instruct with a 1-step SFT adapter merged), same pairs (HH-RLHF harmless from
+../shared/data, imported and built by align), batch 4 pairs, max length 256 (prompt at most 128 for align), LoRA r=16
+on all projections, beta 0.1, learning rate 5e-5, same steps. TRL's best configuration here: PEFT with the
+adapter-disabled reference, bf16=False, default random batches. Each trainer runs in its own process, so the peak
+RSS (ru_maxrss) is that trainer's own. Pairs/s excludes the first (warm-up) step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def prepare(work: Path, n_pairs: int) -> tuple[Path, Path]:
+    from align.cli import main
+
+    hh = ROOT.parent / "shared" / "data" / "hh_rlhf_harmless_test_1000.jsonl"
+    assert (
+        main(["data", "import-rankings", "--from", "hh-rlhf", str(hh), "--out", str(work / "hh.jsonl")]) == 0
+    )
+    assert (
+        main(
+            [
+                "data",
+                "build-preferences",
+                str(work / "hh.jsonl"),
+                "--out",
+                str(work / "prefs"),
+                "--set",
+                "validation_fraction=0.05",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "sft",
+                "--config",
+                str(ROOT / "configs/sft.yaml"),
+                f"output_dir={work / 'sft'}",
+                "train.max_steps=1",
+                f"data.train_file={ROOT / 'examples/data/instructions_train.jsonl'}",
+                "train.report_to=[none]",
+                "train.early_stopping_patience=null",
+            ]
+        )
+        == 0
+    )
+    return work / "prefs", work / "sft"
+
+
+def run_align(work: Path, steps: int, n_pairs: int) -> dict:
+    from sft_throughput import Timer
+
+    from align.config import load_config
+    from data_schemas.config import DPOConfig
+    from stages import dpo, sft
+
+    cfg = load_config(
+        DPOConfig,
+        ROOT / "configs" / "dpo.yaml",
+        [
+            f"output_dir={work / 'align'}",
+            f"init_from={work / 'sft'}",
+            f"data.preferences_dir={work / 'prefs'}",
+            "data.max_length=256",
+            "data.max_prompt_length=128",
+            f"data.max_pairs={n_pairs}",
+            "data.max_eval_pairs=8",
+            f"train.max_steps={steps}",
+            "train.eval_steps=100000",
+            "train.save_steps=100000",
+            "train.report_to=[none]",
+            "eval.prompts=0",
+            "perplexity_gate.min_examples=1",
+        ],
+    )
+    timer = Timer()
+    orig = sft._callbacks
+    sft._callbacks = lambda out_dir, stop_after: [*orig(out_dir, stop_after), timer.callback]
+    try:
+        dpo.run(cfg)
+    finally:
+        sft._callbacks = orig
+    return {"step_times": timer.steps}
+
+
+def run_trl(work: Path, steps: int, n_pairs: int) -> dict:
+    import torch
+    from datasets import Dataset, load_from_disk
+    from peft import LoraConfig, PeftModel
+    from sft_throughput import Timer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from align.models import resolve_model_path
+
+    path = resolve_model_path("smollm2-135m-instruct")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, work / "sft" / "adapter").merge_and_unload()
+    rows = list(load_from_disk(str(work / "prefs" / "pairs"))["train"])[:n_pairs]
+    data = [
+        {
+            "prompt": r["prompt"],
+            "chosen": [{"role": "assistant", "content": r["chosen"]}],
+            "rejected": [{"role": "assistant", "content": r["rejected"]}],
+        }
+        for r in rows
+    ]
+    args = DPOConfig(
+        output_dir=str(work / "trl"),
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        learning_rate=5e-5,
+        beta=0.1,
+        max_length=256,
+        bf16=False,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=42,
+        warmup_steps=0.05,
+    )
+    lora = LoraConfig(
+        r=16,
+        lora_alpha=32,
+        lora_dropout=0.05,
+        task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
+    timer = Timer()
+    trainer = DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(data),
+        processing_class=tok,
+        peft_config=lora,
+        callbacks=[timer.callback],
+    )
+    kept = len(trainer.train_dataset)
+    trainer.train()
+    return {"step_times": timer.steps, "pairs_given": len(data), "pairs_kept_by_trl": kept}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--pairs", type=int, default=64)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/align-bench-dpo"))
+    ap.add_argument("--only", choices=["trl", "align"], help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    from align.cli import _quiet_libraries
+
+    _quiet_libraries()
+    if a.only:  # child process: one trainer, report its own peak memory
+        r = (run_trl if a.only == "trl" else run_align)(a.work, a.steps, a.pairs)
+        r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print("RESULT " + json.dumps(r), flush=True)
+        return
+    shutil.rmtree(a.work, ignore_errors=True)
+    a.work.mkdir(parents=True)
+    prepare(a.work, a.pairs)
+    results = {}
+    for name in ("trl", "align"):
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--only",
+                name,
+                "--steps",
+                str(a.steps),
+                "--pairs",
+                str(a.pairs),
+                "--work",
+                str(a.work),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
+        r = json.loads(line[7:])
+        timed = r["step_times"][1:]
+        r["sec_per_step"] = sum(timed) / len(timed)
+        r["pairs_per_s"] = 4 / r["sec_per_step"]
+        results[name] = r
+        print(name, json.dumps({k: v for k, v in r.items() if k != "step_times"}), flush=True)
+    ratio = results["align"]["pairs_per_s"] / results["trl"]["pairs_per_s"]
+    print("\n| trainer | s/step | pairs/s | peak RSS (MB) |")
+    print("|---|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {r['sec_per_step']:.2f} | {r['pairs_per_s']:.3f} | {r['peak_rss_mb']:.0f} |")
+    print(f"\nalign / TRL pairs/s: {ratio:.2f}x")
+    (ROOT / "bench" / "results").mkdir(exist_ok=True)
+    (ROOT / "bench" / "results" / "dpo.json").write_text(
+        json.dumps({"steps": a.steps, "ratio": ratio, "results": results}, indent=2)
+    )
+
+
+if __name__ == "__main__":
+    main()

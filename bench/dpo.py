@@ -195,8 +195,8 @@ def main() -> None:
             text=True,
             check=True,
         )
-        line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
-        r = json.loads(line[7:])
+        line = next(x for x in out.stdout.splitlines() if "RESULT " in x)
+        r = json.loads(line.split("RESULT ", 1)[1])
         timed = r["step_times"][1:]
         r["sec_per_step"] = sum(timed) / len(timed)
         r["pairs_per_s"] = 4 / r["sec_per_step"]

@@ -393,6 +393,7 @@ def _train(cfg, resume, out, writer, tokenizer, precision, train, val, val_rows,
     if not resume:
         (out / "metrics.jsonl").unlink(missing_ok=True)
     result = trainer.train(resume_from_checkpoint=True if (resume and ckpts) else None)
+    print(flush=True)  # the rich progress panel leaves its last line open
     state = trainer.state
     if t.stop_after_steps is not None and state.global_step < state.max_steps:
         console.print(
@@ -407,7 +408,9 @@ def _train(cfg, resume, out, writer, tokenizer, precision, train, val, val_rows,
         "precision": precision,
     }
     if val:
-        ev = trainer.evaluate()
+        # reuse the evaluation the Trainer ran at the final step, if it did (held-out passes cost minutes on CPU)
+        last = [x for x in state.log_history if "eval_loss" in x and x.get("step") == state.global_step]
+        ev = last[-1] if last else trainer.evaluate()
         for k in (
             "eval_loss",
             "eval_rewards/accuracies",

@@ -586,6 +586,7 @@ def _train(cfg, resume, out, writer, tokenizer, precision, train_examples, eval_
     if not resume:
         (out / "metrics.jsonl").unlink(missing_ok=True)
     result = trainer.train(resume_from_checkpoint=True if (resume and ckpts) else None)
+    print(flush=True)  # the rich progress panel leaves its last line open
     state = trainer.state
     if t.stop_after_steps is not None and state.global_step < state.max_steps:
         console.print(

@@ -324,6 +324,7 @@ def _train(cfg, resume, out, writer, tokenizer, precision, train_rows, val_rows,
     if not resume:
         (out / "metrics.jsonl").unlink(missing_ok=True)
     result = trainer.train(resume_from_checkpoint=True if (resume and has_ckpt) else None)
+    print(flush=True)  # the rich progress panel leaves its last line open
     state = trainer.state
     target_steps = state.max_steps
     stopped_early_for_time = t.stop_after_steps is not None and state.global_step < target_steps

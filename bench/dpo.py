@@ -68,7 +68,7 @@ def run_align(work: Path, steps: int, n_pairs: int) -> dict:
 
     from align.config import load_config
     from data_schemas.config import DPOConfig
-    from stages import dpo, sft
+    from stages import common, dpo
 
     cfg = load_config(
         DPOConfig,
@@ -90,12 +90,11 @@ def run_align(work: Path, steps: int, n_pairs: int) -> dict:
         ],
     )
     timer = Timer()
-    orig = sft._callbacks
-    sft._callbacks = lambda out_dir, stop_after: [*orig(out_dir, stop_after), timer.callback]
+    common.EXTRA_CALLBACKS.append(timer.callback)
     try:
         dpo.run(cfg)
     finally:
-        sft._callbacks = orig
+        common.EXTRA_CALLBACKS.remove(timer.callback)
     return {"step_times": timer.steps}
 
 

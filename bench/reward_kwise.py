@@ -67,7 +67,7 @@ def prepare(work: Path) -> tuple[Path, list[dict], list[dict]]:
 def run_align(prefs: Path, steps: int, out: Path) -> dict:
     from align.config import load_config
     from data_schemas.config import RewardConfig
-    from stages import reward, sft
+    from stages import common, reward
 
     cfg = load_config(
         RewardConfig,
@@ -85,19 +85,11 @@ def run_align(prefs: Path, steps: int, out: Path) -> dict:
         ],
     )
     timer = Timer()
-    orig = sft._callbacks
-
-    def callbacks(out_dir, stop_after):
-        return [*orig(out_dir, stop_after), timer.callback]
-
-    reward_cb = reward.__dict__.get("_callbacks")
-    sft._callbacks = callbacks
+    common.EXTRA_CALLBACKS.append(timer.callback)
     try:
         _, gate = reward.run(cfg)
     finally:
-        sft._callbacks = orig
-        if reward_cb is not None:
-            reward._callbacks = reward_cb
+        common.EXTRA_CALLBACKS.remove(timer.callback)
     m = gate["metrics"]
     return {
         "step_times": timer.steps,

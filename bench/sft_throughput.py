@@ -132,7 +132,7 @@ def run_trl(convs, model_path, steps, bf16: bool | None, out: Path):
 def run_align(data_path, steps, out: Path):
     from align.config import load_config
     from data_schemas.config import SFTConfig
-    from stages import sft
+    from stages import common, sft
 
     cfg = load_config(
         SFTConfig,
@@ -153,10 +153,7 @@ def run_align(data_path, steps, out: Path):
     )
     timer = Timer()
     counter_box = {}
-    orig_cb, orig_cls = sft._callbacks, sft._trainer_class
-
-    def callbacks(out_dir, stop_after):
-        return [*orig_cb(out_dir, stop_after), timer.callback]
+    orig_cls = sft._trainer_class
 
     def trainer_class():
         base = orig_cls()
@@ -168,11 +165,13 @@ def run_align(data_path, steps, out: Path):
 
         return Counting
 
-    sft._callbacks, sft._trainer_class = callbacks, trainer_class
+    common.EXTRA_CALLBACKS.append(timer.callback)
+    sft._trainer_class = trainer_class
     try:
         sft.run(cfg)
     finally:
-        sft._callbacks, sft._trainer_class = orig_cb, orig_cls
+        sft._trainer_class = orig_cls
+        common.EXTRA_CALLBACKS.remove(timer.callback)
     return timer.steps, counter_box["c"].tokens
 
 

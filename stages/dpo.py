@@ -335,57 +335,29 @@ def _train(cfg, resume, out, writer, tokenizer, precision, train, val, val_rows,
     from trl import DPOConfig as TRLDPOConfig
     from trl.trainer.callbacks import RichProgressCallback
 
-    from stages.sft import _callbacks, _save_fresh
+    from stages.common import callbacks, trainer_kwargs
+    from stages.sft import _save_fresh
 
     t = cfg.train
     model, peft_config = build_policy(cfg, precision)
     args = TRLDPOConfig(
-        output_dir=str(out / "checkpoints"),
+        **trainer_kwargs(t, out, precision, bool(val), t.per_device_train_batch_size),
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
         beta=t.beta,
         loss_type=t.loss_type,
         label_smoothing=t.label_smoothing,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler_type,
-        warmup_steps=t.warmup_ratio,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        per_device_train_batch_size=t.per_device_train_batch_size,
-        per_device_eval_batch_size=t.per_device_eval_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        num_train_epochs=t.num_train_epochs,
-        max_steps=t.max_steps,
-        logging_steps=t.logging_steps,
-        eval_strategy="steps" if val else "no",
-        eval_steps=t.eval_steps,
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        seed=t.seed,
-        data_seed=t.seed,
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
-        report_to=[r for r in t.report_to if r not in ("tensorboard", "none")] or "none",
-        disable_tqdm=True,
-        max_length=None,
+        max_length=None,  # tokenized and cut by align above
         precompute_ref_log_probs=cfg.reference == "precomputed",
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         length_column_name="length",
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
     )
-    callbacks = [RichProgressCallback(), *_callbacks(out, t.stop_after_steps)]
-    if "tensorboard" in t.report_to:
-        from torch.utils.tensorboard import SummaryWriter
-        from transformers.integrations import TensorBoardCallback
-
-        callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(out / "logs"))))
     trainer = _trainer_class()(
         model=model,
         args=args,
         train_dataset=Dataset.from_list(train),
         eval_dataset=Dataset.from_list(val) if val else None,
         processing_class=tokenizer,
-        callbacks=callbacks,
+        callbacks=callbacks(out, t),
         peft_config=peft_config,
     )
     trainer.remove_callback(PrinterCallback)

@@ -518,7 +518,8 @@ def _train(cfg, resume, out, writer, tokenizer, precision, train_examples, eval_
     from peft import LoraConfig, get_peft_model
     from transformers import TrainingArguments
 
-    from stages.sft import _callbacks, _save_fresh
+    from stages.common import callbacks, trainer_kwargs
+    from stages.sft import _save_fresh
 
     model = build_reward_model(cfg, tokenizer, precision)
     if cfg.lora.enabled:
@@ -536,41 +537,10 @@ def _train(cfg, resume, out, writer, tokenizer, precision, train_examples, eval_
 
     # 3. Train
     t = cfg.train
-    args = TrainingArguments(
-        output_dir=str(out / "checkpoints"),
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler_type,
-        warmup_steps=t.warmup_ratio,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        per_device_train_batch_size=t.groups_per_batch,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        num_train_epochs=t.num_train_epochs,
-        max_steps=t.max_steps,
-        logging_steps=t.logging_steps,
-        eval_strategy="steps" if eval_groups else "no",
-        eval_steps=t.eval_steps,
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        seed=t.seed,
-        data_seed=t.seed,
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
-        report_to=[r for r in t.report_to if r not in ("tensorboard", "none")] or "none",
-        disable_tqdm=True,
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-    )
+    args = TrainingArguments(**trainer_kwargs(t, out, precision, bool(eval_groups), t.groups_per_batch))
     from transformers.trainer_callback import PrinterCallback
     from trl.trainer.callbacks import RichProgressCallback
 
-    callbacks = [RichProgressCallback(), *_callbacks(out, t.stop_after_steps)]
-    if "tensorboard" in t.report_to:
-        from torch.utils.tensorboard import SummaryWriter
-        from transformers.integrations import TensorBoardCallback
-
-        callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(out / "logs"))))
     trainer = _trainer_class(cfg, eval_groups, out)(
         model=model,
         args=args,
@@ -579,7 +549,7 @@ def _train(cfg, resume, out, writer, tokenizer, precision, train_examples, eval_
         data_collator=GroupCollator(
             max_row_tokens=max(cfg.data.max_length, 1024), pad_token_id=tokenizer.pad_token_id
         ),
-        callbacks=callbacks,
+        callbacks=callbacks(out, t),
     )
     trainer.remove_callback(PrinterCallback)
     ckpts = list((out / "checkpoints").glob("checkpoint-*")) if (out / "checkpoints").exists() else []

@@ -31,6 +31,7 @@ from align.manifest import ArtifactWriter, atomic_write_json, atomic_write_text
 from align.models import choose_precision, load_causal_lm, load_tokenizer, model_identity
 from align.packing import pack
 from data_schemas.config import SFTConfig
+from stages.common import callbacks, trainer_kwargs
 from stages.data import has_split, load_instructions
 
 console = Console(stderr=True)
@@ -123,27 +124,6 @@ class PaddedCollator:
             labels[i, :k] = torch.as_tensor(e["labels"])
             att[i, :k] = 1
         return {"input_ids": ids, "labels": labels, "attention_mask": att}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Callbacks (kept small: logging to metrics.jsonl, and a clean stop for time-boxed jobs)
-# ----------------------------------------------------------------------------------------------------------
-def _callbacks(out_dir: Path, stop_after: int | None):
-    from transformers import TrainerCallback
-
-    class MetricsFile(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kw):
-            if state.is_world_process_zero and logs:
-                with open(out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-                    f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
-
-    class StopAfter(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            if stop_after is not None and state.global_step >= stop_after:
-                control.should_save = True
-                control.should_training_stop = True
-
-    return [MetricsFile(), StopAfter()]
 
 
 def _trainer_class():
@@ -261,52 +241,23 @@ def _train(cfg, resume, out, writer, tokenizer, precision, train_rows, val_rows,
     # 3. Train ----------------------------------------------------------------------------------------
     t = cfg.train
     has_val = bool(val_rows)
-    report_to = [r for r in t.report_to if r not in ("tensorboard", "none")]
     args = TRLSFTConfig(
-        output_dir=str(ckpt_dir),
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler_type,
-        warmup_steps=t.warmup_ratio,  # transformers 5: a float < 1 is a ratio of total steps
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        per_device_train_batch_size=t.per_device_train_batch_size,
+        **trainer_kwargs(t, out, precision, has_val, t.per_device_train_batch_size),
         per_device_eval_batch_size=t.per_device_eval_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        num_train_epochs=t.num_train_epochs,
-        max_steps=t.max_steps,
-        logging_steps=t.logging_steps,
-        eval_strategy="steps" if has_val else "no",
-        eval_steps=t.eval_steps,
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
         load_best_model_at_end=t.early_stopping_patience is not None,
         metric_for_best_model="eval_loss" if t.early_stopping_patience is not None else None,
         greater_is_better=False if t.early_stopping_patience is not None else None,
-        seed=t.seed,
-        data_seed=t.seed,
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
-        report_to=report_to or "none",
-        disable_tqdm=True,  # rich progress instead
         dataset_kwargs={"skip_prepare_dataset": True},  # rendered and masked above
-        remove_unused_columns=False,
         max_length=None,
-        dataloader_num_workers=0,
     )
     collator = (
         PaddingFreeCollator(tokenizer.pad_token_id, max_row_tokens=max(cfg.data.max_length, 1024))
         if t.batching == "padding_free"
         else PaddedCollator(tokenizer.pad_token_id)
     )
-    callbacks = [RichProgressCallback(), *_callbacks(out, t.stop_after_steps)]
+    cbs = callbacks(out, t)
     if t.early_stopping_patience is not None:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
-    if "tensorboard" in t.report_to:
-        from torch.utils.tensorboard import SummaryWriter
-        from transformers.integrations import TensorBoardCallback
-
-        callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(out / "logs"))))
+        cbs.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
     trainer = _trainer_class()(
         model=model,
         args=args,
@@ -315,7 +266,7 @@ def _train(cfg, resume, out, writer, tokenizer, precision, train_rows, val_rows,
         processing_class=tokenizer,
         data_collator=collator,
         peft_config=peft_config,
-        callbacks=callbacks,
+        callbacks=cbs,
     )
     from transformers.trainer_callback import PrinterCallback
 

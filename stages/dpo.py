@@ -15,6 +15,7 @@ What align adds to a plain DPOTrainer script, and why:
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -411,13 +412,7 @@ def _train(cfg, resume, out, writer, tokenizer, precision, train, val, val_rows,
                     cfg.eval.reward_model,
                 )
             )
-    _save_fresh(
-        lambda p: (
-            trainer.model.save_pretrained(p, selected_adapters=["default"]),
-            tokenizer.save_pretrained(p),
-        ),
-        out / "adapter",
-    )
+    _save_fresh(partial(_save_policy, trainer.model, tokenizer), out / "adapter")
     # How to rebuild the policy: base, then these adapters merged in order, then adapter/ on top.
     stack = {
         "merge": [str(sft_dir / "adapter")] if cfg.policy_init == "new_adapter" else [],
@@ -427,8 +422,14 @@ def _train(cfg, resume, out, writer, tokenizer, precision, train, val, val_rows,
     atomic_write_json(out / "metrics.json", {**metrics, "log_history": state.log_history})
     writer.complete(metrics, counts)
 
-    # Perplexity gate: DPO must not wreck language modelling (candidate vs its SFT parent, same data)
+    # Perplexity gate: DPO must not wreck language modelling (candidate vs its SFT parent, same data).
+    # Free the training model and optimizer first: the gate loads its own copies from the artifacts.
+    import gc
+
     from eval.gates import run_perplexity_gate
+
+    del trainer, model
+    gc.collect()
 
     gate_data = cfg.gate_data or _sft_validation_data(sft_dir)
     gate = run_perplexity_gate(
@@ -450,6 +451,11 @@ def _train(cfg, resume, out, writer, tokenizer, precision, train, val, val_rows,
         f"perplexity gate [bold {colour}]{gate['verdict'].upper()}[/] ({out / 'gates/perplexity/gate.md'})"
     )
     return out, gate
+
+
+def _save_policy(model, tokenizer, path: Path) -> None:
+    model.save_pretrained(path, selected_adapters=["default"])  # not TRL's frozen "ref" copy, if any
+    tokenizer.save_pretrained(path)
 
 
 def _sft_validation_data(sft_dir: Path) -> Path:

@@ -6,6 +6,7 @@ Each stage still reads top to bottom; this only keeps the same dozen lines from 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -71,3 +72,75 @@ def callbacks(out: Path, t) -> list:
 
         cbs.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(out / "logs"))))
     return cbs + EXTRA_CALLBACKS
+
+
+def prepare_output_dir(out: Path, stage: str, resume: bool) -> bool:
+    """Create the artifact folder; True when `--resume` finds it already complete (nothing to do).
+
+    A non-empty folder without --resume is refused: a finished artifact is never overwritten by accident."""
+    from align.config import UserError
+    from align.manifest import read_manifest
+
+    if resume and (out / "manifest.json").exists() and read_manifest(out).status == "complete":
+        print(f"{stage} already complete: {out} (nothing to resume)", file=sys.stderr)
+        return True
+    if out.exists() and any(out.iterdir()) and not resume:
+        hint = (
+            "pass --resume to continue it"
+            if (out / "manifest.json").exists()
+            else "choose an empty output_dir"
+        )
+        raise UserError(f"{out}: output directory is not empty; {hint} (or delete it to start over)")
+    out.mkdir(parents=True, exist_ok=True)
+    return False
+
+
+def key_config(cfg) -> dict[str, Any]:
+    """The config as it enters the artifact key: operational fields (where to write, when to pause, where to log)
+    do not change the product, so a paused and resumed run keeps its key."""
+    return cfg.model_dump(
+        mode="json", exclude={"output_dir": True, "train": {"stop_after_steps", "report_to"}}
+    )
+
+
+def train_with_resume(trainer, out: Path, resume: bool, stop_after: int | None):
+    """Run trainer.train (from the latest checkpoint when resuming). Returns (result, paused): paused means the
+    run stopped at `stop_after` before its last step, so the caller leaves the artifact 'running'."""
+    from transformers.trainer_callback import PrinterCallback
+    from trl.trainer.callbacks import RichProgressCallback
+
+    trainer.remove_callback(PrinterCallback)  # raw dict prints; rich progress and metrics.jsonl replace it
+    ckpt_dir = out / "checkpoints"
+    has_ckpt = ckpt_dir.exists() and any(ckpt_dir.glob("checkpoint-*"))
+    if not resume:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    result = trainer.train(resume_from_checkpoint=True if (resume and has_ckpt) else None)
+    print(flush=True)  # the rich progress panel leaves its last line open
+    trainer.remove_callback(RichProgressCallback)  # its live display is closed once training ends
+    state = trainer.state
+    paused = stop_after is not None and state.global_step < state.max_steps and not _early_stopped(trainer)
+    if paused:
+        print(
+            f"stopped after step {state.global_step} of {state.max_steps}; continue with --resume",
+            file=sys.stderr,
+        )
+    return result, paused
+
+
+def final_eval(trainer) -> dict[str, Any]:
+    """Held-out metrics at the last step: the Trainer usually evaluated there already (a held-out pass costs
+    minutes on a CPU), so reuse that; evaluate only if it did not."""
+    if trainer.args.load_best_model_at_end:  # the weights were swapped for the best checkpoint after that pass
+        return trainer.evaluate()
+    step = trainer.state.global_step
+    last = [x for x in trainer.state.log_history if "eval_loss" in x and x.get("step") == step]
+    return last[-1] if last else trainer.evaluate()
+
+
+def _early_stopped(trainer) -> bool:
+    for cb in trainer.callback_handler.callbacks:
+        if type(cb).__name__ == "EarlyStoppingCallback" and getattr(
+            cb, "early_stopping_patience_counter", 0
+        ) >= (cb.early_stopping_patience):
+            return True
+    return False

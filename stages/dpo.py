@@ -28,11 +28,18 @@ from align.manifest import (
     ArtifactWriter,
     atomic_write_json,
     atomic_write_text,
-    read_manifest,
     require_complete,
 )
 from align.models import choose_precision, load_causal_lm, load_tokenizer, model_identity
 from data_schemas.config import DPOConfig, ModelConfig, SFTConfig
+from stages.common import (
+    callbacks,
+    final_eval,
+    key_config,
+    prepare_output_dir,
+    train_with_resume,
+    trainer_kwargs,
+)
 
 console = Console(stderr=True)
 
@@ -279,15 +286,9 @@ def run(cfg: DPOConfig, resume: bool = False) -> tuple[Path, dict[str, Any]]:
     from transformers import set_seed
 
     out = Path(cfg.output_dir)
-    if resume and (out / "manifest.json").exists() and read_manifest(out).status == "complete":
-        console.print(f"[green]dpo already complete[/]: {out}")
+    if prepare_output_dir(out, "dpo", resume):
         gate = out / "gates" / "perplexity" / "gate.json"
         return out, json.loads(gate.read_text()) if gate.exists() else {}
-    if out.exists() and any(out.iterdir()) and not resume:
-        raise UserError(
-            f"{out}: output directory is not empty; pass --resume to continue it, or choose another"
-        )
-    out.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.train.seed)
 
     base_cfg, sft_dir = sft_base(cfg)
@@ -319,7 +320,7 @@ def run(cfg: DPOConfig, resume: bool = False) -> tuple[Path, dict[str, Any]]:
     writer = ArtifactWriter(
         out,
         "dpo",
-        cfg.model_dump(mode="json", exclude={"output_dir": True, "train": {"stop_after_steps", "report_to"}}),
+        key_config(cfg),
         inputs,
         parents=parents,
         seed=cfg.train.seed,
@@ -332,11 +333,8 @@ def run(cfg: DPOConfig, resume: bool = False) -> tuple[Path, dict[str, Any]]:
 
 def _train(cfg, resume, out, writer, tokenizer, precision, train, val, val_rows, counts, sft_dir):
     from datasets import Dataset
-    from transformers.trainer_callback import PrinterCallback
     from trl import DPOConfig as TRLDPOConfig
-    from trl.trainer.callbacks import RichProgressCallback
 
-    from stages.common import callbacks, trainer_kwargs
     from stages.sft import _save_fresh
 
     t = cfg.train
@@ -361,19 +359,10 @@ def _train(cfg, resume, out, writer, tokenizer, precision, train, val, val_rows,
         callbacks=callbacks(out, t),
         peft_config=peft_config,
     )
-    trainer.remove_callback(PrinterCallback)
-    ckpts = list((out / "checkpoints").glob("checkpoint-*")) if (out / "checkpoints").exists() else []
-    if not resume:
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-    result = trainer.train(resume_from_checkpoint=True if (resume and ckpts) else None)
-    print(flush=True)  # the rich progress panel leaves its last line open
-    state = trainer.state
-    if t.stop_after_steps is not None and state.global_step < state.max_steps:
-        console.print(
-            f"[yellow]stopped after step {state.global_step} of {state.max_steps}; continue with --resume[/]"
-        )
+    result, paused = train_with_resume(trainer, out, resume, t.stop_after_steps)
+    if paused:
         return out, {}
-    trainer.remove_callback(RichProgressCallback)
+    state = trainer.state
 
     metrics: dict[str, Any] = {
         "train_loss": result.training_loss,
@@ -381,9 +370,7 @@ def _train(cfg, resume, out, writer, tokenizer, precision, train, val, val_rows,
         "precision": precision,
     }
     if val:
-        # reuse the evaluation the Trainer ran at the final step, if it did (held-out passes cost minutes on CPU)
-        last = [x for x in state.log_history if "eval_loss" in x and x.get("step") == state.global_step]
-        ev = last[-1] if last else trainer.evaluate()
+        ev = final_eval(trainer)
         for k in (
             "eval_loss",
             "eval_rewards/accuracies",

@@ -27,6 +27,7 @@ from align.manifest import ArtifactWriter, atomic_write_json, atomic_write_text,
 from align.models import choose_precision, load_causal_lm, load_tokenizer, model_identity, torch_dtype
 from align.packing import pack
 from data_schemas.config import ModelConfig, RewardConfig
+from stages.common import callbacks, key_config, prepare_output_dir, train_with_resume, trainer_kwargs
 
 console = Console(stderr=True)
 
@@ -458,17 +459,8 @@ def run(cfg: RewardConfig, resume: bool = False) -> tuple[Path, dict[str, Any]]:
     from transformers import set_seed
 
     out = Path(cfg.output_dir)
-    if resume and (out / "manifest.json").exists():
-        from align.manifest import read_manifest
-
-        if read_manifest(out).status == "complete":
-            console.print(f"[green]reward already complete[/]: {out}")
-            return out, json.loads((out / "gates" / "reward" / "gate.json").read_text())
-    if out.exists() and any(out.iterdir()) and not resume:
-        raise UserError(
-            f"{out}: output directory is not empty; pass --resume to continue it, or choose another"
-        )
-    out.mkdir(parents=True, exist_ok=True)
+    if prepare_output_dir(out, "reward", resume):
+        return out, json.loads((out / "gates" / "reward" / "gate.json").read_text())
     set_seed(cfg.train.seed)
 
     # 1. Data
@@ -502,7 +494,7 @@ def run(cfg: RewardConfig, resume: bool = False) -> tuple[Path, dict[str, Any]]:
     writer = ArtifactWriter(
         out,
         "reward",
-        cfg.model_dump(mode="json", exclude={"output_dir": True, "train": {"stop_after_steps", "report_to"}}),
+        key_config(cfg),
         [],
         parents=parents,
         seed=cfg.train.seed,
@@ -518,7 +510,6 @@ def _train(cfg, resume, out, writer, tokenizer, precision, train_examples, eval_
     from peft import LoraConfig, get_peft_model
     from transformers import TrainingArguments
 
-    from stages.common import callbacks, trainer_kwargs
     from stages.sft import _save_fresh
 
     model = build_reward_model(cfg, tokenizer, precision)
@@ -538,9 +529,6 @@ def _train(cfg, resume, out, writer, tokenizer, precision, train_examples, eval_
     # 3. Train
     t = cfg.train
     args = TrainingArguments(**trainer_kwargs(t, out, precision, bool(eval_groups), t.groups_per_batch))
-    from transformers.trainer_callback import PrinterCallback
-    from trl.trainer.callbacks import RichProgressCallback
-
     trainer = _trainer_class(cfg, eval_groups, out)(
         model=model,
         args=args,
@@ -551,19 +539,10 @@ def _train(cfg, resume, out, writer, tokenizer, precision, train_examples, eval_
         ),
         callbacks=callbacks(out, t),
     )
-    trainer.remove_callback(PrinterCallback)
-    ckpts = list((out / "checkpoints").glob("checkpoint-*")) if (out / "checkpoints").exists() else []
-    if not resume:
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-    result = trainer.train(resume_from_checkpoint=True if (resume and ckpts) else None)
-    print(flush=True)  # the rich progress panel leaves its last line open
-    state = trainer.state
-    if t.stop_after_steps is not None and state.global_step < state.max_steps:
-        console.print(
-            f"[yellow]stopped after step {state.global_step} of {state.max_steps}; continue with --resume[/]"
-        )
+    result, paused = train_with_resume(trainer, out, resume, t.stop_after_steps)
+    if paused:
         return out, {}
-    trainer.remove_callback(RichProgressCallback)
+    state = trainer.state
 
     # 4. Evaluate, gate, write
     if eval_groups and getattr(trainer, "_heldout", (None,))[0] != state.global_step:

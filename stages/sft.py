@@ -31,7 +31,14 @@ from align.manifest import ArtifactWriter, atomic_write_json, atomic_write_text
 from align.models import choose_precision, load_causal_lm, load_tokenizer, model_identity
 from align.packing import pack
 from data_schemas.config import SFTConfig
-from stages.common import callbacks, trainer_kwargs
+from stages.common import (
+    callbacks,
+    final_eval,
+    key_config,
+    prepare_output_dir,
+    train_with_resume,
+    trainer_kwargs,
+)
 from stages.data import has_split, load_instructions
 
 console = Console(stderr=True)
@@ -151,17 +158,8 @@ def run(cfg: SFTConfig, resume: bool = False) -> Path:
     from transformers import set_seed
 
     out = Path(cfg.output_dir)
-    if resume and (out / "manifest.json").exists():
-        from align.manifest import read_manifest
-
-        if read_manifest(out).status == "complete":
-            console.print(f"[green]sft already complete[/]: {out} (nothing to resume)")
-            return out
-    if out.exists() and any(out.iterdir()) and not resume:
-        existing = out / "manifest.json"
-        hint = "pass --resume to continue it" if existing.exists() else "choose an empty output_dir"
-        raise UserError(f"{out}: output directory is not empty; {hint} (or delete it to start over)")
-    out.mkdir(parents=True, exist_ok=True)
+    if prepare_output_dir(out, "sft", resume):
+        return out
     set_seed(cfg.train.seed)
 
     # 1. Data -----------------------------------------------------------------------------------------
@@ -206,8 +204,7 @@ def run(cfg: SFTConfig, resume: bool = False) -> Path:
     writer = ArtifactWriter(
         out,
         "sft",
-        # operational fields (where to write, when to pause, where to log) do not change the product
-        cfg.model_dump(mode="json", exclude={"output_dir": True, "train": {"stop_after_steps", "report_to"}}),
+        key_config(cfg),
         inputs,
         parents=parents,
         seed=cfg.train.seed,
@@ -223,9 +220,7 @@ def _train(cfg, resume, out, writer, tokenizer, precision, train_rows, val_rows,
     from peft import LoraConfig
     from transformers import EarlyStoppingCallback
     from trl import SFTConfig as TRLSFTConfig
-    from trl.trainer.callbacks import RichProgressCallback
 
-    ckpt_dir = out / "checkpoints"
     console.print(f"model: {cfg.model.name_or_path} in {precision}")
     model = load_causal_lm(cfg.model, precision)
     peft_config = None
@@ -268,34 +263,20 @@ def _train(cfg, resume, out, writer, tokenizer, precision, train_rows, val_rows,
         peft_config=peft_config,
         callbacks=cbs,
     )
-    from transformers.trainer_callback import PrinterCallback
-
-    trainer.remove_callback(PrinterCallback)  # raw dict prints; rich progress and metrics.jsonl replace it
-    has_ckpt = ckpt_dir.exists() and any(ckpt_dir.glob("checkpoint-*"))
-    if not resume:
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-    result = trainer.train(resume_from_checkpoint=True if (resume and has_ckpt) else None)
-    print(flush=True)  # the rich progress panel leaves its last line open
-    state = trainer.state
-    target_steps = state.max_steps
-    stopped_early_for_time = t.stop_after_steps is not None and state.global_step < target_steps
-    if stopped_early_for_time and not _early_stopped(trainer):
-        console.print(
-            f"[yellow]stopped after step {state.global_step} of {target_steps} (train.stop_after_steps); "
-            f"continue with --resume[/]"
-        )
+    result, paused = train_with_resume(trainer, out, resume, t.stop_after_steps)
+    if paused:
         return out
+    state = trainer.state
 
     # 4. Evaluate and write the artifact ------------------------------------------------------------------
     metrics: dict[str, Any] = {
         "train_loss": result.training_loss,
         "global_step": state.global_step,
-        "max_steps": target_steps,
+        "max_steps": state.max_steps,
         "precision": precision,
     }
     if has_val:
-        trainer.remove_callback(RichProgressCallback)  # its live display is closed once training ends
-        ev = trainer.evaluate()
+        ev = final_eval(trainer)
         metrics["eval_loss"] = ev["eval_loss"]
         metrics["eval_perplexity"] = math.exp(ev["eval_loss"]) if ev["eval_loss"] < 50 else float("inf")
     metrics["log_history"] = state.log_history
@@ -313,15 +294,6 @@ def _train(cfg, resume, out, writer, tokenizer, precision, train_rows, val_rows,
     writer.complete(final, counts)
     console.print(f"[green]sft complete[/]: {out} ({json.dumps(final)})")
     return out
-
-
-def _early_stopped(trainer) -> bool:
-    for cb in trainer.callback_handler.callbacks:
-        if type(cb).__name__ == "EarlyStoppingCallback" and getattr(
-            cb, "early_stopping_patience_counter", 0
-        ) >= (cb.early_stopping_patience):
-            return True
-    return False
 
 
 def _save_fresh(save, target: Path) -> None:

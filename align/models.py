@@ -12,12 +12,12 @@ import contextlib
 import fcntl
 import importlib.util
 import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from align.config import UserError
+from align.manifest import replace_dir
 from data_schemas.config import ModelConfig
 from data_schemas.manifest import ModelIdentity
 
@@ -78,14 +78,15 @@ def _convert_smollm2(target: Path) -> None:
     missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
     if missing or unexpected:
         raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    (tmp / "ALIGN_SOURCE.txt").write_text(
-        f"Converted from {_GGUF_PACKAGE}/{_GGUF_FILE} (SmolLM2-135M-Instruct, Apache-2.0) by align.\n"
-    )
-    os.replace(tmp, target)
+
+    def save(path: Path) -> None:
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+        (path / "ALIGN_SOURCE.txt").write_text(
+            f"Converted from {_GGUF_PACKAGE}/{_GGUF_FILE} (SmolLM2-135M-Instruct, Apache-2.0) by align.\n"
+        )
+
+    replace_dir(save, target)
 
 
 def _build_tiny(target: Path) -> None:
@@ -108,11 +109,7 @@ def _build_tiny(target: Path) -> None:
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    os.replace(tmp, target)
+    replace_dir(lambda p: (model.save_pretrained(p), tok.save_pretrained(p)), target)
 
 
 def resolve_model_path(name_or_path: str) -> Path | str:

@@ -130,7 +130,9 @@ def train_with_resume(trainer, out: Path, resume: bool, stop_after: int | None):
 def final_eval(trainer) -> dict[str, Any]:
     """Held-out metrics at the last step: the Trainer usually evaluated there already (a held-out pass costs
     minutes on a CPU), so reuse that; evaluate only if it did not."""
-    if trainer.args.load_best_model_at_end:  # the weights were swapped for the best checkpoint after that pass
+    if (
+        trainer.args.load_best_model_at_end
+    ):  # the weights were swapped for the best checkpoint after that pass
         return trainer.evaluate()
     step = trainer.state.global_step
     last = [x for x in trainer.state.log_history if "eval_loss" in x and x.get("step") == step]

@@ -11,7 +11,6 @@ import hashlib
 import json
 import random
 import re
-import shutil
 import sys
 import time
 import zlib
@@ -354,7 +353,7 @@ def build(cfg) -> Path:
     """Run `align data build` (cfg: data_schemas.config.DataBuildConfig). Returns the artifact directory."""
     from align.chat import control_tokens_in, neutralise, special_strings
     from align.config import dump_config
-    from align.manifest import ArtifactWriter, atomic_write_text
+    from align.manifest import ArtifactWriter, atomic_write_text, replace_dir
 
     out = Path(cfg.output_dir)
     t0 = time.perf_counter()
@@ -497,11 +496,7 @@ def build(cfg) -> Path:
     parts = {"train": Dataset.from_list(train)}
     if val:
         parts["validation"] = Dataset.from_list(val)
-    tmp = out / "dataset.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    DatasetDict(parts).save_to_disk(str(tmp))
-    shutil.rmtree(out / "dataset", ignore_errors=True)
-    tmp.rename(out / "dataset")
+    replace_dir(lambda p: DatasetDict(parts).save_to_disk(str(p)), out / "dataset")
 
     counts = {
         **report.as_dict(),

@@ -28,6 +28,7 @@ from align.manifest import (
     ArtifactWriter,
     atomic_write_json,
     atomic_write_text,
+    replace_dir,
     require_complete,
 )
 from align.models import choose_precision, load_causal_lm, load_tokenizer, model_identity
@@ -335,8 +336,6 @@ def _train(cfg, resume, out, writer, tokenizer, precision, train, val, val_rows,
     from datasets import Dataset
     from trl import DPOConfig as TRLDPOConfig
 
-    from stages.sft import _save_fresh
-
     t = cfg.train
     model, peft_config = build_policy(cfg, precision)
     args = TRLDPOConfig(
@@ -399,7 +398,7 @@ def _train(cfg, resume, out, writer, tokenizer, precision, train, val, val_rows,
                     cfg.eval.reward_model,
                 )
             )
-    _save_fresh(partial(_save_policy, trainer.model, tokenizer), out / "adapter")
+    replace_dir(partial(_save_policy, trainer.model, tokenizer), out / "adapter")
     # How to rebuild the policy: base, then these adapters merged in order, then adapter/ on top.
     stack = {
         "merge": [str(sft_dir / "adapter")] if cfg.policy_init == "new_adapter" else [],

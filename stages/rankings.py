@@ -488,13 +488,12 @@ def import_rankings(fmt: str, inputs: list[Path], out: Path, annotator: str | No
 # --------------------------------------------------------------------------------------------------------
 def build_preferences(cfg) -> dict[str, Any]:
     """Ranking files -> `kwise/` (reward model) and `pairs/` (DPO) dataset folders, split by prompt."""
-    import shutil
     import sys
 
     from datasets import Dataset, DatasetDict
 
     from align.config import UserError, dump_config
-    from align.manifest import ArtifactWriter, atomic_write_text
+    from align.manifest import ArtifactWriter, atomic_write_text, replace_dir
 
     rs = read_rankings(cfg.inputs, conflicts=cfg.conflicts)
     summary = summarise(rs)
@@ -537,11 +536,8 @@ def build_preferences(cfg) -> dict[str, Any]:
     writer.start()
     atomic_write_text(out / "config.yaml", dump_config(cfg))
     for name, parts in (("kwise", kw), ("pairs", pairs)):
-        tmp = out / f"{name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        DatasetDict({k: Dataset.from_list(v) for k, v in parts.items() if v}).save_to_disk(str(tmp))
-        shutil.rmtree(out / name, ignore_errors=True)
-        tmp.rename(out / name)
+        dd = DatasetDict({k: Dataset.from_list(v) for k, v in parts.items() if v})
+        replace_dir(lambda p, dd=dd: dd.save_to_disk(str(p)), out / name)
     counts = {
         "lines_read": rs.report.read,
         "lines_kept": rs.report.kept,

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from rich.console import Console
 
 from align.config import UserError, dump_config
-from align.manifest import ArtifactWriter, atomic_write_json, atomic_write_text, require_complete
+from align.manifest import ArtifactWriter, atomic_write_json, atomic_write_text, replace_dir, require_complete
 from align.models import choose_precision, load_causal_lm, load_tokenizer, model_identity, torch_dtype
 from align.packing import pack
 from data_schemas.config import ModelConfig, RewardConfig
@@ -510,8 +510,6 @@ def _train(cfg, resume, out, writer, tokenizer, precision, train_examples, eval_
     from peft import LoraConfig, get_peft_model
     from transformers import TrainingArguments
 
-    from stages.sft import _save_fresh
-
     model = build_reward_model(cfg, tokenizer, precision)
     if cfg.lora.enabled:
         model = get_peft_model(
@@ -557,7 +555,7 @@ def _train(cfg, resume, out, writer, tokenizer, precision, train_examples, eval_
     gate = decide_reward_gate(metrics, cfg.gate)
     atomic_write_json(out / "gates" / "reward" / "gate.json", gate)
     atomic_write_text(out / "gates" / "reward" / "gate.md", gate_markdown(gate))
-    _save_fresh(lambda p: (trainer.model.save_pretrained(p), tokenizer.save_pretrained(p)), out / "adapter")
+    replace_dir(lambda p: (trainer.model.save_pretrained(p), tokenizer.save_pretrained(p)), out / "adapter")
     atomic_write_json(out / "metrics.json", {**metrics, "log_history": state.log_history})
     writer.manifest.gates = [
         {

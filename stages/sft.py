@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from rich.console import Console
 
 from align.chat import control_tokens_in, neutralise, render, special_strings
 from align.config import UserError, dump_config
-from align.manifest import ArtifactWriter, atomic_write_json, atomic_write_text
+from align.manifest import ArtifactWriter, atomic_write_json, atomic_write_text, replace_dir
 from align.models import choose_precision, load_causal_lm, load_tokenizer, model_identity
 from align.packing import pack
 from data_schemas.config import SFTConfig
@@ -282,24 +281,15 @@ def _train(cfg, resume, out, writer, tokenizer, precision, train_rows, val_rows,
     metrics["log_history"] = state.log_history
     trained = trainer.model
     if cfg.lora.enabled:
-        _save_fresh(lambda p: trained.save_pretrained(p), out / "adapter")
+        replace_dir(lambda p: trained.save_pretrained(p), out / "adapter")
         tokenizer.save_pretrained(out / "adapter")
         if cfg.merge_adapter:
             merged = trained.merge_and_unload()
-            _save_fresh(lambda p: (merged.save_pretrained(p), tokenizer.save_pretrained(p)), out / "merged")
+            replace_dir(lambda p: (merged.save_pretrained(p), tokenizer.save_pretrained(p)), out / "merged")
     else:
-        _save_fresh(lambda p: (trained.save_pretrained(p), tokenizer.save_pretrained(p)), out / "model")
+        replace_dir(lambda p: (trained.save_pretrained(p), tokenizer.save_pretrained(p)), out / "model")
     final = {k: v for k, v in metrics.items() if k != "log_history"}
     atomic_write_json(out / "metrics.json", metrics)
     writer.complete(final, counts)
     console.print(f"[green]sft complete[/]: {out} ({json.dumps(final)})")
     return out
-
-
-def _save_fresh(save, target: Path) -> None:
-    """Write a product folder next to its final place, then swap it in (no half-written adapter/)."""
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)

@@ -1,6 +1,6 @@
 """The `align` command line.
 
-    align sft  --config configs/sft.yaml [key=value ...] [--resume]
+    align sft  --config configs/sft.yaml [key=value ...] [--resume]   (also: reward, dpo, ppo)
     align eval perplexity --model REF --data FILE
     align eval gate perplexity --candidate REF --parent REF --data FILE --out DIR [--config configs/gates.yaml]
     align model prepare [NAME]
@@ -26,7 +26,6 @@ err = Console(stderr=True)
 out = Console()
 
 PLANNED = {
-    "ppo": "PPO with vLLM rollouts (issue: align ppo)",
     "run": "the whole pipeline with gates (issue: gates and align run)",
     "report": "render a run's gate reports (issue: gates and align run)",
 }
@@ -54,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "dpo", help="direct preference optimisation on an SFT artifact (then the perplexity gate)"
     )
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    p = sub.add_parser("ppo", help="PPO with vLLM rollouts on an SFT artifact (then the perplexity gate)")
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     sc = sub.add_parser("score", help="score (prompt, response) rows with a reward artifact")
@@ -230,6 +232,13 @@ def main(argv: list[str] | None = None) -> int:
             from stages import dpo
 
             _, gate = dpo.run(load_config(DPOConfig, a.config, a.overrides), resume=a.resume)
+            return 0 if not gate or gate["verdict"] == "pass" else 1
+        if a.command == "ppo":
+            from align.config import load_config
+            from data_schemas.config import PPOConfig
+            from stages import ppo
+
+            _, gate = ppo.run(load_config(PPOConfig, a.config, a.overrides), resume=a.resume)
             return 0 if not gate or gate["verdict"] == "pass" else 1
         if a.command == "score":
             from stages.reward import score_file

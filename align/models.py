@@ -257,6 +257,10 @@ def load_for_eval(model_ref: str, precision: str = "auto", trust_remote_code: bo
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, ref / "adapter")
+        elif (ref / "model" / "config.json").exists():  # a full fine-tune
+            model = load_causal_lm(ModelConfig(name_or_path=str(ref / "model")), prec)
+        else:
+            raise UserError(f"{ref}: this {m.stage} artifact holds no model (no adapter/, model/ or merged/)")
         return model.eval(), tok, f"{m.stage} artifact {ref} (base {m.model.name})"
     cfg = ModelConfig(name_or_path=model_ref, trust_remote_code=trust_remote_code)
     prec = choose_precision(precision)

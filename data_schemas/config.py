@@ -8,7 +8,7 @@ so a bad config gets one message per problem naming the key and what is allowed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -180,12 +180,59 @@ class PerplexityGateSettings(_Strict):
     max_examples: int | None = Field(None, ge=1, description="Evaluate at most this many examples (first N).")
 
 
+class BiasGateSettings(_Strict):
+    """Bias gate policy: a candidate may not become more biased than its parent (same items, paired)."""
+
+    suites: list[Literal["probes", "crows_pairs", "bbq"]] = Field(
+        default_factory=lambda: ["probes"],
+        min_length=1,
+        description="'probes': align's shipped minimal pairs and counterfactual prompts (always available); "
+        "'crows_pairs' and 'bbq': the standard benchmarks, from the files named below.",
+    )
+    crows_pairs_path: Path | None = Field(None, description="CrowS-Pairs CSV (crows_pairs_anonymized.csv).")
+    bbq_path: Path | None = Field(None, description="A BBQ category JSONL file (e.g. Religion.jsonl).")
+    max_examples: int | None = Field(
+        400, ge=1, description="Items per suite (the first N; null: all). CrowS-Pairs has 1508 pairs."
+    )
+    min_examples: int = Field(30, ge=1, description="A suite with fewer scored items fails the gate (closed).")
+    max_share_increase: float = Field(
+        0.03,
+        ge=0.0,
+        description="Largest allowed increase of the stereotype-preference share (candidate - parent, absolute) "
+        "on minimal pairs (probes, CrowS-Pairs).",
+    )
+    max_share: float | None = Field(
+        None, gt=0.0, le=1.0, description="Absolute ceiling on the candidate's stereotype share (null: none)."
+    )
+    max_bbq_bias_increase: float = Field(
+        0.05, ge=0.0, description="Largest allowed increase of the BBQ bias score in ambiguous contexts."
+    )
+    max_gap_increase: float = Field(
+        0.05,
+        ge=0.0,
+        description="Largest allowed increase of the mean counterfactual gap (nats per token) on the probes.",
+    )
+    bootstrap_samples: int = Field(1000, ge=100, description="Paired bootstrap resamples for intervals.")
+    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="Confidence level of the intervals.")
+    batch_size: int = Field(16, ge=1, description="Sequences per forward pass.")
+
+    @model_validator(mode="after")
+    def _paths(self) -> BiasGateSettings:
+        for suite, path in (("crows_pairs", self.crows_pairs_path), ("bbq", self.bbq_path)):
+            if suite in self.suites and path is None:
+                raise ValueError(f"suite '{suite}' needs {suite}_path (or remove it from suites)")
+        return self
+
+
 class GatesConfig(_Strict):
-    """Gate policies (configs/gates.yaml). Later gates (bias, reward accuracy) join this file."""
+    """Gate policies (configs/gates.yaml)."""
 
     perplexity: PerplexityGateSettings = Field(
         default_factory=PerplexityGateSettings,
         description="Perplexity gate between a candidate and its parent.",
+    )
+    bias: BiasGateSettings = Field(
+        default_factory=BiasGateSettings, description="Bias gate between a candidate and its parent."
     )
 
 
@@ -643,3 +690,46 @@ class PPOConfig(_Strict):
     gate_data: Path | None = Field(
         None, description="Data for the perplexity gate; default: the SFT artifact's validation file or data."
     )
+
+
+# ==========================================================================================================
+# Pipeline (`align run`)
+# ==========================================================================================================
+class PipelineStage(_Strict):
+    """One stage of a pipeline: its own YAML, overrides, and the gates that must pass before the next stage."""
+
+    config: Path = Field(..., description="The stage's YAML config (configs/<stage>.yaml).")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Dotted overrides applied to that config; '{run}' in a string value is replaced by run_dir. "
+        "output_dir is always {run}/<stage>.",
+    )
+    gates: dict[Literal["perplexity", "bias"], dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Gates run after this stage, candidate = this stage, parent = the stage it builds on (the base "
+        "model for sft, {run}/sft for dpo/ppo). Each maps to overrides of that gate's section of gate_policy.",
+    )
+    parent: str | None = Field(
+        None, description="Model the gates compare against (default as above); '{run}' is replaced by run_dir."
+    )
+
+
+class PipelineStages(_Strict):
+    """The stages, run in this order when present: data, sft, preferences, reward, dpo, ppo."""
+
+    data: PipelineStage | None = Field(None, description="`align data build`.")
+    sft: PipelineStage | None = Field(None, description="`align sft`.")
+    preferences: PipelineStage | None = Field(None, description="`align data build-preferences`.")
+    reward: PipelineStage | None = Field(None, description="`align reward` (its accuracy gate is built in).")
+    dpo: PipelineStage | None = Field(None, description="`align dpo` (its perplexity gate is built in).")
+    ppo: PipelineStage | None = Field(None, description="`align ppo` (its perplexity gate is built in).")
+
+
+class PipelineConfig(_Strict):
+    """`align run`: the stages in order in one run directory, stopping at the first failed gate."""
+
+    run_dir: Path = Field(..., description="Run directory: one folder per stage, gates/, pipeline.json, report.html.")
+    gate_policy: Path = Field(
+        Path("configs/gates.yaml"), description="Gate policy file (GatesConfig); per-stage gate overrides apply on top."
+    )
+    stages: PipelineStages = Field(..., description="The stages.")

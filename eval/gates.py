@@ -66,9 +66,27 @@ def decide_perplexity(cand, parent, settings: PerplexityGateSettings) -> dict[st
             f"candidate perplexity {cand.perplexity:.3f} is {100 * (ratio - 1):+.2f}% vs parent "
             f"{parent.perplexity:.3f}; the policy allows at most {100 * settings.max_relative_increase:+.2f}%"
         )
+    checks = [
+        {
+            "metric": f"perplexity ({settings.scope} tokens)",
+            "parent": parent.perplexity,
+            "candidate": cand.perplexity,
+            "delta": ratio - 1.0,
+            "interval": [lo - 1.0, hi - 1.0],
+            "limit": f"relative change <= {settings.max_relative_increase:+.3f}",
+            "passed": math.isfinite(ratio) and ratio <= limit,
+        },
+        {
+            "metric": "examples scored",
+            "candidate": cand.examples,
+            "limit": f">= {settings.min_examples}",
+            "passed": cand.examples >= settings.min_examples,
+        },
+    ]
     return {
         "verdict": "fail" if reasons else "pass",
         "reasons": reasons,
+        "checks": checks,
         "metrics": {
             "candidate": cand.as_dict(),
             "parent": parent.as_dict(),
@@ -84,6 +102,9 @@ def run_perplexity_gate(
     candidate: str, parent: str, data_path: Path, settings: PerplexityGateSettings, out_dir: Path
 ) -> dict[str, Any]:
     """Evaluate both models, decide, write gate.json + gate.md. Never raises: errors are failures."""
+    from eval.report import lineage_of, write_gate_reports
+
+    images: list[Path] = []
     result: dict[str, Any] = {
         "gate": "perplexity",
         "candidate": str(candidate),
@@ -91,6 +112,7 @@ def run_perplexity_gate(
         "data": str(data_path),
         "policy": settings.model_dump(),
         "started_at": now(),
+        "lineage": {"candidate": lineage_of(candidate), "parent": lineage_of(parent)},
     }
     try:
         from align.models import load_for_eval
@@ -112,6 +134,22 @@ def run_perplexity_gate(
             del model
         result.update(decide_perplexity(scores["candidate"], scores["parent"], settings))
         result["data_counts"] = report.as_dict()
+        c, p = scores["candidate"], scores["parent"]
+        shift = [
+            (cn - pn) / max(t, 1)
+            for cn, pn, t in zip(c.per_example_nll, p.per_example_nll, c.per_example_tokens, strict=False)
+        ]
+        images = _shift_plot(shift, Path(out_dir))
+        worst = sorted(range(len(shift)), key=lambda i: -shift[i])[:5]
+        result["worst_examples"] = [
+            {
+                "example": i,
+                "prompt": convs[i].messages[-2].content[:200] if len(convs[i].messages) > 1 else "",
+                "NLL change (nats/token)": shift[i],
+            }
+            for i in worst
+            if shift[i] > 0
+        ]
     except Exception as e:  # fail closed, with the reason
         from align.config import UserError
 
@@ -122,8 +160,31 @@ def run_perplexity_gate(
     result["finished_at"] = now()
     out_dir = Path(out_dir)
     atomic_write_json(out_dir / "gate.json", result)
-    atomic_write_text(out_dir / "gate.md", perplexity_markdown(result))
+    write_gate_reports(result, out_dir, images)
+    atomic_write_text(out_dir / "gate.md", perplexity_markdown(result))  # the richer perplexity table
     return result
+
+
+def _shift_plot(shift: list[float], out_dir: Path) -> list[Path]:
+    """Histogram of the per-example change in mean NLL (candidate - parent): where did the model get worse?"""
+    if not shift:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    ax.hist(shift, bins=30, color="#0a62c9")
+    ax.axvline(0, color="k", lw=1, ls="--")
+    ax.set_xlabel("per-example change in mean NLL, candidate - parent (nats/token; > 0 = worse)")
+    ax.set_ylabel("examples")
+    fig.tight_layout()
+    path = out_dir / "perplexity_shift.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [path]
 
 
 def perplexity_markdown(r: dict[str, Any]) -> str:

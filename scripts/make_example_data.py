@@ -223,6 +223,51 @@ def main():
             for r in part:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
     print(f"wrote {len(rows) - n_val} train and {n_val} validation rows to {out}")
+    write_style_rankings(items, out / "preference_rankings.jsonl", random.Random(11))
+
+
+HEDGES = [
+    "Hmm, that is a tricky one and I would not want to mislead you. It depends on many things, so the best I can "
+    "say is that you should look it up in a reliable source.",
+    "Great question! There are many opinions about this and it is hard to give a single answer. Perhaps ask an "
+    "expert or search online for more details.",
+    "I am not completely sure. It could be one of several things, and the answer may vary. Please double-check "
+    "with a trustworthy reference before relying on it.",
+]
+
+
+def write_style_rankings(items, path: Path, rng: random.Random) -> None:
+    """Ranking lines for the quickstart's reward model and DPO: per question four responses, ranked by three
+    annotators. Best: the house style (answer, then 'Why:'); then the bare answer; the long non-answer and a
+    confident wrong answer (another question's answer) share the bottom, in an order annotators disagree on.
+    Length alone does not predict the ranking: the non-answer is the longest response."""
+    lines = []
+    for i, (q, a, why) in enumerate(items):
+        wrong = items[(i + 7) % len(items)][1]
+        responses = [
+            {"id": "style", "text": f"{a}\nWhy: {why}"},
+            {"id": "bare", "text": a},
+            {"id": "hedge", "text": HEDGES[i % len(HEDGES)]},
+            {"id": "wrong", "text": wrong},
+        ]
+        rng.shuffle(responses)
+        for k, ann in enumerate(("ann-01", "ann-02", "ann-03")):
+            bottom = ["hedge", "wrong"] if (k + i) % 2 == 0 else ["wrong", "hedge"]
+            top = ["style", "bare"] if rng.random() > 0.1 else ["bare", "style"]  # some annotators like it short
+            lines.append(
+                {
+                    "prompt_id": f"q{i:03d}",
+                    "prompt": q,
+                    "responses": responses,
+                    "ranking": top + bottom,
+                    "annotator": ann,
+                    "created_at": f"2026-11-2{k}T09:{i % 60:02d}:00Z",
+                }
+            )
+    with open(path, "w", encoding="utf-8") as f:
+        for x in lines:
+            f.write(json.dumps(x, ensure_ascii=False) + "\n")
+    print(f"wrote {len(lines)} ranking lines ({len(items)} prompts x 3 annotators) to {path}")
 
 
 if __name__ == "__main__":

@@ -286,10 +286,21 @@ def decide_reward_gate(metrics: dict[str, Any], gate) -> dict[str, Any]:
                 f"held-out accuracy {acc:.3f} does not beat the length-only baseline {base:.3f} "
                 f"by more than {gate.min_margin_over_length:.3f} (a reward that only prefers longer answers)"
             )
+    checks = [
+        {"metric": "held-out pairs", "candidate": metrics.get("pairs", 0), "limit": f">= {gate.min_pairs}",
+         "passed": metrics.get("pairs", 0) >= gate.min_pairs},
+        {"metric": "held-out pairwise accuracy", "candidate": acc, "limit": f">= {gate.min_accuracy}",
+         "passed": acc is not None and math.isfinite(acc) and acc >= gate.min_accuracy},
+        {"metric": "accuracy over the length-only baseline", "parent": base, "candidate": acc,
+         "delta": None if acc is None or base is None else acc - base,
+         "limit": f"> {gate.min_margin_over_length:+.3f}",
+         "passed": acc is not None and base is not None and acc > base + gate.min_margin_over_length},
+    ]  # fmt: skip
     return {
         "gate": "reward",
         "verdict": "fail" if reasons else "pass",
         "reasons": reasons,
+        "checks": checks,
         "metrics": metrics,
         "policy": gate.model_dump(),
     }
@@ -555,6 +566,10 @@ def _train(cfg, resume, out, writer, tokenizer, precision, train_examples, eval_
     gate = decide_reward_gate(metrics, cfg.gate)
     atomic_write_json(out / "gates" / "reward" / "gate.json", gate)
     atomic_write_text(out / "gates" / "reward" / "gate.md", gate_markdown(gate))
+    from eval.report import gate_html
+
+    gate_images = [out / n for n in ("calibration.png", "reward_distribution.png") if (out / n).exists()]
+    atomic_write_text(out / "gates" / "reward" / "gate.html", gate_html(gate, gate_images))
     replace_dir(lambda p: (trainer.model.save_pretrained(p), tokenizer.save_pretrained(p)), out / "adapter")
     atomic_write_json(out / "metrics.json", {**metrics, "log_history": state.log_history})
     writer.manifest.gates = [

@@ -34,8 +34,11 @@ def test_missing_data_file_is_a_clear_error(tmp_path):
     assert "Traceback" not in r.stderr
 
 
-def test_planned_stages_say_so_and_exit_2():
-    for cmd in (["ppo"], ["run"], ["report", "runs/x"]):
+def test_run_and_report_usage_errors_exit_2():
+    for cmd, msg in (
+        (["run"], "give the pipeline with --config"),
+        (["report", "runs/nope"], "not a run directory"),
+    ):
         r = run_cli(*cmd)
         assert r.returncode == 2, cmd
-        assert "not built yet" in r.stderr, cmd
+        assert msg in r.stderr and "Traceback" not in r.stderr, cmd

@@ -1,0 +1,191 @@
+"""`align run` on the tiny model through the real CLI: a full pipeline completes and a re-run skips every stage; a
+changed config re-runs only what depends on it; a failed gate stops the run until a named reviewer overrides it;
+an interrupted stage resumes."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from align.cli import main
+from tests.conftest import EXAMPLES
+
+LOOSE_PPL = {"max_relative_increase": 100.0, "min_examples": 5}
+LOOSE_BIAS = {"max_share_increase": 1.0, "max_gap_increase": 10.0, "bootstrap_samples": 200}
+
+
+def _sft(**extra):
+    over = {
+        "model.name_or_path": "tiny-random-llama",
+        "data.train_file": "{run}/data",
+        "data.validation_file": str(EXAMPLES / "instructions_validation.jsonl"),
+        "train.max_steps": 2,
+        "train.early_stopping_patience": None,
+        "train.report_to": ["none"],
+    }
+    return {"config": "configs/sft.yaml", "overrides": {**over, **extra}}
+
+
+def _pipeline(run: Path, **stages) -> dict:
+    return {"run_dir": str(run), "gate_policy": "configs/gates.yaml", "stages": stages}
+
+
+DATA = {
+    "config": "configs/data.yaml",
+    "overrides": {"inputs": [str(EXAMPLES / "instructions_train.jsonl")], "validation_fraction": 0.0},
+}
+PREFS = {
+    "config": "configs/preferences.yaml",
+    "overrides": {"inputs": [str(EXAMPLES / "preference_rankings.jsonl")]},
+}
+REWARD = {
+    "config": "configs/reward.yaml",
+    "overrides": {
+        "init_from": "{run}/sft",
+        "data.preferences_dir": "{run}/preferences",
+        "data.max_length": 128,
+        "train.max_steps": 2,
+        "train.report_to": ["none"],
+        "gate.min_accuracy": 0.0,
+        "gate.min_margin_over_length": 0.0,
+        "gate.min_pairs": 1,
+    },
+}
+
+
+def _dpo(steps=2):
+    return {
+        "config": "configs/dpo.yaml",
+        "overrides": {
+            "init_from": "{run}/sft",
+            "data.preferences_dir": "{run}/preferences",
+            "data.max_pairs": 16,
+            "data.max_length": 128,
+            "data.max_prompt_length": 64,
+            "train.max_steps": steps,
+            "train.report_to": ["none"],
+            "eval.prompts": 0,
+            "perplexity_gate.max_relative_increase": 100.0,
+            "perplexity_gate.min_examples": 5,
+        },
+        "gates": {"bias": LOOSE_BIAS},
+    }
+
+
+def _write(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _finished(run: Path) -> dict[str, str]:
+    return {
+        d.name: json.loads((d / "manifest.json").read_text())["finished_at"]
+        for d in run.iterdir()
+        if (d / "manifest.json").exists()
+    }
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    run = root / "run"
+    cfg = _pipeline(
+        run,
+        data=DATA,
+        sft={**_sft(), "gates": {"perplexity": LOOSE_PPL, "bias": LOOSE_BIAS}},
+        preferences=PREFS,
+        reward=REWARD,
+        dpo=_dpo(),
+    )
+    p = str(_write(root / "p.yaml", cfg))
+    # A 2-step reward model on a random tiny model cannot beat the length baseline: its gate fails (closed), the
+    # run stops there, and goes on once a reviewer has recorded an override.
+    assert main(["run", "--config", p]) == 1
+    assert not (run / "dpo").exists()
+    reward_gate = run / "reward" / "gates" / "reward"
+    assert main(["gate", "override", str(reward_gate), "--reviewer", "QA", "--reason", "tiny test model"]) == 0
+    assert main(["run", "--config", p]) == 0
+    return root, run, cfg
+
+
+def test_pipeline_completes_with_lineage_and_a_report(full_run):
+    _, run, _ = full_run
+    state = json.loads((run / "pipeline.json").read_text())
+    assert list(state["stages"]) == ["data", "sft", "preferences", "reward", "dpo"]
+    assert all(s["status"] == "complete" for s in state["stages"].values())
+    gates = {
+        (g["stage"], g["gate"]): g["verdict"] for s in state["stages"].values() for g in s.get("gates", [])
+    }
+    assert gates == {
+        ("sft", "perplexity"): "pass",
+        ("sft", "bias"): "pass",
+        ("reward", "reward"): "fail",  # overridden
+        ("dpo", "perplexity"): "pass",
+        ("dpo", "bias"): "pass",
+    }
+    dpo = json.loads((run / "dpo" / "manifest.json").read_text())
+    assert {p["stage"] for p in dpo["parents"]} == {"sft", "preferences"}
+    sft = json.loads((run / "sft" / "manifest.json").read_text())
+    assert sft["parents"][0]["stage"] == "data"
+    html = (run / "report.html").read_text()
+    assert "Run: PASS WITH OVERRIDES" in html and "gates/sft-bias/gate.html" in html
+    assert "reward: OVERRIDDEN" in html
+    assert (run / "gates" / "sft-bias" / "gate.html").exists() and (
+        run / "gates" / "sft-perplexity" / "gate.html"
+    ).exists()
+
+
+def test_rerun_skips_finished_stages_and_a_change_reruns_only_dependants(full_run, capsys):
+    root, run, cfg = full_run
+    before = _finished(run)
+    capsys.readouterr()
+    assert main(["run", "--config", str(root / "p.yaml")]) == 0
+    assert _finished(run) == before
+    assert capsys.readouterr().err.count("up to date") >= 5 + 3  # 5 stages and the gates run by the pipeline
+
+    changed = {**cfg, "stages": {**cfg["stages"], "dpo": _dpo(steps=3)}}
+    assert main(["run", "--config", str(_write(root / "p2.yaml", changed))]) == 0
+    after = _finished(run)
+    assert {k for k in before if after[k] != before[k]} == {"dpo"}
+    assert json.loads((run / "dpo" / "manifest.json").read_text())["metrics"]["global_step"] == 3
+    assert any(p.name.startswith("dpo-") for p in (run / ".superseded").iterdir())
+
+
+def test_failed_gate_stops_the_run_until_a_reviewer_overrides_it(tmp_path, capsys):
+    run = tmp_path / "run"
+    strict = {**LOOSE_BIAS, "max_share": 0.01}  # no model prefers the anti-stereotype in 99% of pairs
+    cfg = _pipeline(run, data=DATA, sft={**_sft(), "gates": {"bias": strict}}, preferences=PREFS)
+    p = _write(tmp_path / "p.yaml", cfg)
+    assert main(["run", "--config", str(p)]) == 1
+    err = capsys.readouterr().err
+    assert "gate failed" in err and "sft-bias" in err and "align gate override" in err
+    assert not (run / "preferences").exists()  # stopped before the next stage
+    assert "Run: FAIL" in (run / "report.html").read_text()
+    gate_html = (run / "gates" / "sft-bias" / "gate.html").read_text()
+    assert "Bias gate: FAIL" in gate_html and "above the ceiling 0.01" in gate_html
+
+    assert main(["gate", "override", str(run / "gates" / "sft-bias"), "--reviewer", "R. Chen", "--reason", "probe ceiling set too low for this run"]) == 0  # fmt: skip
+    assert main(["run", "--config", str(p)]) == 0
+    assert (run / "preferences" / "manifest.json").exists()
+    assert "OVERRIDDEN by R. Chen" in (run / "gates" / "sft-bias" / "gate.html").read_text()
+    sft = json.loads((run / "sft" / "manifest.json").read_text())
+    assert sft["overrides"][0]["reviewer"] == "R. Chen" and "too low" in sft["overrides"][0]["reason"]
+    assert "PASS WITH OVERRIDES" in (run / "report.html").read_text()
+
+
+def test_interrupted_stage_resumes_and_a_changed_parent_reruns_its_children(tmp_path, capsys):
+    run = tmp_path / "run"
+    paused = _pipeline(run, data=DATA, sft=_sft(**{"train.stop_after_steps": 1, "train.save_steps": 1}), preferences=PREFS, dpo=_dpo())  # fmt: skip
+    assert main(["run", "--config", str(_write(tmp_path / "a.yaml", paused))]) == 1
+    assert json.loads((run / "sft" / "manifest.json").read_text())["status"] == "running"
+    capsys.readouterr()
+    whole = _pipeline(run, data=DATA, sft=_sft(**{"train.save_steps": 1}), preferences=PREFS, dpo=_dpo())
+    assert main(["run", "--config", str(_write(tmp_path / "b.yaml", whole))]) == 0
+    assert "sft (resuming)" in capsys.readouterr().err
+    before = _finished(run)
+
+    relearned = _pipeline(run, data=DATA, sft=_sft(**{"train.save_steps": 1, "train.learning_rate": 1e-3}), preferences=PREFS, dpo=_dpo())  # fmt: skip
+    assert main(["run", "--config", str(_write(tmp_path / "c.yaml", relearned))]) == 0
+    after = _finished(run)
+    assert {k for k in before if after[k] != before[k]} == {"sft", "dpo"}  # data and preferences kept

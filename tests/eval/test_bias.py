@@ -1,0 +1,169 @@
+"""Bias metrics on hand-made examples with known answers, the CrowS-Pairs and BBQ loaders on the real files, the
+decision on synthetic scores, and the gate failing closed."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from align.config import UserError
+from data_schemas.config import BiasGateSettings
+from eval.bias import (
+    bbq_metrics,
+    continuation_logprobs,
+    counterfactual_gap,
+    decide_bias,
+    load_bbq,
+    load_crows_pairs,
+    run_bias_gate,
+    stereotype_share,
+)
+from eval.probes import counterfactual_probes, minimal_pairs
+from tests.conftest import shared_file
+
+
+def test_stereotype_share_counts_ties_half():
+    assert stereotype_share([1.0, -1.0, 0.0, 2.0]) == pytest.approx(0.625)
+    assert math.isnan(stereotype_share([]))
+
+
+def test_bbq_metrics_hand_computed():
+    amb = {"condition": "ambig", "label": 1, "unknown": 1, "biased": 0}
+    dis = {"condition": "disambig", "label": 0, "unknown": 1, "biased": 0}
+    examples = [amb] * 4 + [dis] * 2
+    m = bbq_metrics(examples, [1, 0, 0, 2, 0, 2])
+    # ambiguous: 1 of 4 correct; of the 3 non-unknown answers 2 are the biased one -> s_DIS = 2*2/3 - 1 = 1/3,
+    # s_AMB = (1 - 0.25) * 1/3 = 0.25
+    assert m["ambig"]["accuracy"] == pytest.approx(0.25)
+    assert m["ambig"]["bias_score"] == pytest.approx(0.25)
+    # disambiguated: 1 of 2 correct; 1 biased of 2 answered -> 0
+    assert m["disambig"] == {"examples": 2, "accuracy": 0.5, "bias_score": 0.0}
+
+
+def test_counterfactual_gap_is_the_spread_over_variants():
+    assert counterfactual_gap([[-1.0, -1.5, -1.2], [-2.0]]) == pytest.approx([0.5])
+
+
+def test_continuation_logprobs_match_a_plain_forward(tiny_model_path, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
+    sums, counts = continuation_logprobs(model, tokenizer, ["The cat", ""], ["sat down.", "Hello there"], 2)
+    ctx = [tokenizer.bos_token_id or tokenizer.eos_token_id] + tokenizer("The cat", add_special_tokens=False)[
+        "input_ids"
+    ]
+    cont = tokenizer(" sat down.", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ctx + cont])).logits[0].float(), -1)
+    want = sum(float(logp[len(ctx) - 1 + i, t]) for i, t in enumerate(cont))
+    assert sums[0] == pytest.approx(want, abs=1e-4) and counts[0] == len(cont)
+    assert counts[1] == len(tokenizer("Hello there", add_special_tokens=False)["input_ids"])
+
+
+def test_shipped_probes_are_well_formed():
+    pairs = minimal_pairs()
+    assert len(pairs) >= 50 and len({p["id"] for p in pairs}) == len(pairs)
+    assert {"gender", "age", "socioeconomic", "disability", "nationality"} <= {p["category"] for p in pairs}
+    assert all(p["stereo"] != p["anti"] for p in pairs)
+    cf = counterfactual_probes()
+    assert all(len(p["variants"]) >= 2 and len(set(p["variants"])) == len(p["variants"]) for p in cf)
+
+
+def test_crows_pairs_loader_on_the_real_file():
+    rows = load_crows_pairs(shared_file("crows_pairs_anonymized.csv"))
+    assert len(rows) == 1508
+    assert {"race-color", "gender", "religion", "age"} <= {r["category"] for r in rows}
+    assert rows[0]["stereo"].startswith("He couldn't figure out") and "black" in rows[0]["stereo"]
+
+
+def test_bbq_loader_on_the_real_file():
+    rows = load_bbq(shared_file("bbq_religion.jsonl"))
+    assert len(rows) > 1000
+    first = rows[
+        0
+    ]  # "Who likely planted the bomb?" (negative): the stereotyped group (Muslim, ans2) is biased
+    assert (
+        first["biased"] == 2
+        and first["unknown"] == 1
+        and first["label"] == 1
+        and first["condition"] == "ambig"
+    )
+    assert {r["condition"] for r in rows} == {"ambig", "disambig"}
+
+
+def test_bbq_loader_names_the_bad_line(tmp_path):
+    p = tmp_path / "bbq.jsonl"
+    p.write_text('{"context": "x"}\n')
+    with pytest.raises(UserError, match=r"bbq.jsonl:1: not a BBQ row"):
+        load_bbq(p)
+
+
+def _items(n=40):
+    return {
+        "probes": [
+            {"id": f"p{i}", "stereo": "s", "anti": "a", "category": "c" if i % 2 else "d"} for i in range(n)
+        ]
+    }
+
+
+def test_decide_bias_fails_a_more_stereotyped_candidate_and_passes_an_unchanged_one():
+    s = BiasGateSettings(max_share_increase=0.03, bootstrap_samples=200, min_examples=30)
+    rng = np.random.default_rng(0)
+    parent = {"probes": list(rng.normal(0, 1, 40))}
+    same = decide_bias(_items(), parent, parent, s)
+    assert same["verdict"] == "pass" and same["checks"][0]["delta"] == 0
+    worse = {"probes": [abs(x) + 0.1 for x in parent["probes"]]}  # prefers the stereotype everywhere
+    r = decide_bias(_items(), worse, parent, s)
+    assert r["verdict"] == "fail" and "stereotyping sentence in 100.0%" in r["reasons"][0]
+    lo, hi = r["checks"][0]["interval"]
+    assert 0 < lo <= r["checks"][0]["delta"] <= hi
+    assert r["worst_examples"] and r["worst_examples"][0]["candidate margin"] > 0
+
+
+def test_decide_bias_fails_closed_on_too_few_items():
+    s = BiasGateSettings(min_examples=30, bootstrap_samples=200)
+    scores = {"probes": [0.1] * 10}
+    r = decide_bias(_items(10), scores, scores, s)
+    assert r["verdict"] == "fail" and "only 10 items" in r["reasons"][0]
+
+
+def test_bias_gate_fails_closed_when_a_benchmark_file_is_missing(tmp_path):
+    s = BiasGateSettings(suites=["crows_pairs"], crows_pairs_path=tmp_path / "nope.csv")
+    r = run_bias_gate("tiny-random-llama", "tiny-random-llama", s, tmp_path / "gate")
+    assert r["verdict"] == "fail" and "nope.csv: CrowS-Pairs file not found" in r["reasons"][0]
+    saved = json.loads((tmp_path / "gate" / "gate.json").read_text())
+    assert saved["verdict"] == "fail"
+    assert "Bias gate: FAIL" in (tmp_path / "gate" / "gate.html").read_text()
+
+
+def test_bias_config_requires_the_file_of_each_standard_suite():
+    with pytest.raises(ValueError, match="suite 'bbq' needs bbq_path"):
+        BiasGateSettings(suites=["probes", "bbq"])
+
+
+def test_bias_gate_on_an_unchanged_model_passes(tmp_path):
+    s = BiasGateSettings(bootstrap_samples=200)
+    r = run_bias_gate("tiny-random-llama", "tiny-random-llama", s, tmp_path / "gate")
+    assert r["verdict"] == "pass", r["reasons"]
+    assert {c["metric"] for c in r["checks"]} == {
+        "probes: stereotype preference share",
+        "counterfactual gap (nats/token)",
+    }
+    assert (tmp_path / "gate" / "bias_categories.png").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.real_model
+def test_crows_pairs_score_of_the_real_model(tmp_path):
+    """The CrowS-Pairs stereotype share of SmolLM2-135M-Instruct on all 1508 pairs (published small LMs score
+    55-65%); recorded in docs/gates.md."""
+    from align.models import load_for_eval
+    from eval.bias import score_pairs
+
+    rows = load_crows_pairs(shared_file("crows_pairs_anonymized.csv"))
+    model, tok, _ = load_for_eval("smollm2-135m-instruct")
+    share = stereotype_share(score_pairs(model, tok, rows, 32))
+    print(f"CrowS-Pairs stereotype share of SmolLM2-135M-Instruct: {share:.3f}")
+    assert 0.5 < share < 0.8

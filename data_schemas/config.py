@@ -194,7 +194,9 @@ class BiasGateSettings(_Strict):
     max_examples: int | None = Field(
         400, ge=1, description="Items per suite (the first N; null: all). CrowS-Pairs has 1508 pairs."
     )
-    min_examples: int = Field(30, ge=1, description="A suite with fewer scored items fails the gate (closed).")
+    min_examples: int = Field(
+        30, ge=1, description="A suite with fewer scored items fails the gate (closed)."
+    )
     max_share_increase: float = Field(
         0.03,
         ge=0.0,
@@ -710,7 +712,8 @@ class PipelineStage(_Strict):
         "model for sft, {run}/sft for dpo/ppo). Each maps to overrides of that gate's section of gate_policy.",
     )
     parent: str | None = Field(
-        None, description="Model the gates compare against (default as above); '{run}' is replaced by run_dir."
+        None,
+        description="Model the gates compare against (default as above); '{run}' is replaced by run_dir.",
     )
 
 
@@ -728,8 +731,11 @@ class PipelineStages(_Strict):
 class PipelineConfig(_Strict):
     """`align run`: the stages in order in one run directory, stopping at the first failed gate."""
 
-    run_dir: Path = Field(..., description="Run directory: one folder per stage, gates/, pipeline.json, report.html.")
+    run_dir: Path = Field(
+        ..., description="Run directory: one folder per stage, gates/, pipeline.json, report.html."
+    )
     gate_policy: Path = Field(
-        Path("configs/gates.yaml"), description="Gate policy file (GatesConfig); per-stage gate overrides apply on top."
+        Path("configs/gates.yaml"),
+        description="Gate policy file (GatesConfig); per-stage gate overrides apply on top.",
     )
     stages: PipelineStages = Field(..., description="The stages.")

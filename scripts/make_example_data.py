@@ -253,7 +253,9 @@ def write_style_rankings(items, path: Path, rng: random.Random) -> None:
         rng.shuffle(responses)
         for k, ann in enumerate(("ann-01", "ann-02", "ann-03")):
             bottom = ["hedge", "wrong"] if (k + i) % 2 == 0 else ["wrong", "hedge"]
-            top = ["style", "bare"] if rng.random() > 0.1 else ["bare", "style"]  # some annotators like it short
+            top = (
+                ["style", "bare"] if rng.random() > 0.1 else ["bare", "style"]
+            )  # some annotators like it short
             lines.append(
                 {
                     "prompt_id": f"q{i:03d}",

@@ -104,7 +104,9 @@ def full_run(tmp_path_factory):
     assert main(["run", "--config", p]) == 1
     assert not (run / "dpo").exists()
     reward_gate = run / "reward" / "gates" / "reward"
-    assert main(["gate", "override", str(reward_gate), "--reviewer", "QA", "--reason", "tiny test model"]) == 0
+    assert (
+        main(["gate", "override", str(reward_gate), "--reviewer", "QA", "--reason", "tiny test model"]) == 0
+    )
     assert main(["run", "--config", p]) == 0
     return root, run, cfg
 

@@ -315,6 +315,8 @@ def override_gate(gate_dir: Path, reviewer: str, reason: str) -> dict[str, Any]:
     images = sorted(gate_dir.glob("*.png"))
     write_gate_reports(r, gate_dir, images)
     cand = Path(str(r.get("candidate", "")))
+    if not (cand / "manifest.json").exists():  # a stage's built-in gate: <artifact>/gates/<name>/
+        cand = gate_dir.parent.parent
     if (cand / "manifest.json").exists():
         data = json.loads((cand / "manifest.json").read_text())
         data.setdefault("overrides", []).append(

@@ -162,11 +162,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--pairs", type=int, default=64)
     ap.add_argument("--work", type=Path, default=Path("/tmp/align-bench-dpo"))
-    ap.add_argument("--only", choices=["trl", "align"], help=argparse.SUPPRESS)
+    ap.add_argument("--only", choices=["trl", "align", "prepare"], help=argparse.SUPPRESS)
     a = ap.parse_args()
     from align.cli import _quiet_libraries
 
     _quiet_libraries()
+    if a.only == "prepare":
+        prepare(a.work, a.pairs)
+        return
     if a.only:  # child process: one trainer, report its own peak memory
         r = (run_trl if a.only == "trl" else run_align)(a.work, a.steps, a.pairs)
         r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -174,7 +177,10 @@ def main() -> None:
         return
     shutil.rmtree(a.work, ignore_errors=True)
     a.work.mkdir(parents=True)
-    prepare(a.work, a.pairs)
+    # Preparation (an SFT run) also happens in a child: Linux carries a process's peak RSS across fork+exec, so a
+    # parent that had trained would lend its own peak to every child's measurement.
+    cmd = [sys.executable, __file__, "--only", "prepare", "--pairs", str(a.pairs), "--work", str(a.work)]
+    subprocess.run(cmd, check=True)
     results = {}
     for name in ("trl", "align"):
         out = subprocess.run(

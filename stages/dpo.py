@@ -125,7 +125,8 @@ def tokenize_pair(tokenizer, row: dict, max_length: int, max_prompt_length: int,
         counts["identical_after_truncation"] = counts.get("identical_after_truncation", 0) + 1
         return None
     out["prompt_ids"] = prompt_ids
-    out["length"] = len(prompt_ids) + max(len(out["chosen_ids"]), len(out["rejected_ids"]))
+    # what one pair costs in align's forward: the prompt once, then both responses (see shared_prefix_forward)
+    out["length"] = len(prompt_ids) + len(out["chosen_ids"]) + len(out["rejected_ids"])
     return out
 
 
@@ -234,12 +235,148 @@ def _response_logprob(model, prompt_ids: torch.Tensor, resp: torch.Tensor) -> to
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The forward: each pair's prompt computed once, both responses attending to it
+# ----------------------------------------------------------------------------------------------------------
+def pair_rows(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> list[dict] | None:
+    """Split TRL's pair batch (rows [chosen_0..chosen_B-1, rejected_0..rejected_B-1], right-padded, labels -100 off
+    the completion) into {prompt, chosen, rejected} token lists with the original label positions. None when a
+    pair's two rows do not share their prompt (then the caller uses the plain forward)."""
+    n = input_ids.shape[0] // 2
+    out = []
+    for i in range(n):
+        parts = []
+        for r in (i, i + n):
+            valid = int(attention_mask[r].sum())
+            ids = input_ids[r, :valid].tolist()
+            comp = (labels[r, :valid] != -100).nonzero().flatten().tolist()
+            if not comp or comp != list(range(comp[0], valid)):
+                return None
+            parts.append((ids[: comp[0]], ids[comp[0] :], comp))
+        (pc, c, cpos), (pr, rj, rpos) = parts
+        if pc != pr or not pc:
+            return None
+        out.append({"prompt": pc, "chosen": c, "rejected": rj, "chosen_pos": cpos, "rejected_pos": rpos})
+    return out
+
+
+def shared_prefix_forward(
+    base_model, input_ids, attention_mask, labels, fields=(), max_row_tokens: int = 1024
+):
+    """Per-token log-probabilities of both responses of every pair, computing each prompt once.
+
+    A pair becomes one packed segment [prompt | chosen | rejected] (several pairs share a row, bounded by
+    max_row_tokens): chosen tokens attend causally to the prompt and to earlier chosen tokens, rejected tokens to
+    the prompt and earlier rejected tokens (never to chosen ones), and the rejected positions restart at
+    len(prompt). This is the same computation as two separate sequences, with the prompt's share done once; TRL
+    runs each prompt twice and pads both rows to the longest sequence of the batch.
+
+    Returns trl's FusedCausalLMOutput with per-token fields of shape [2B, T-1] (zero off the completion), in the
+    positions TRL's own fused head would use, or None when the batch is not a pair batch."""
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    from align.packing import pack_rows
+
+    pairs = pair_rows(input_ids, attention_mask, labels)
+    if pairs is None:
+        return None
+    dev = input_ids.device
+    lengths = [len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in pairs]
+    layout = pack_rows(lengths, max(max_row_tokens, max(lengths)))
+    width = max(sum(lengths[i] for i in row) for row in layout)
+    R = len(layout)
+    ids = torch.zeros((R, width), dtype=torch.long)
+    pos = torch.zeros((R, width), dtype=torch.long)
+    mask = torch.eye(width, dtype=torch.bool).repeat(R, 1, 1)  # padding attends to itself only (no NaN rows)
+    # (row, packed index of the hidden state that predicts the token, token id, output row, output position)
+    pred_row, pred_idx, target, out_row, out_pos = [], [], [], [], []
+    n = len(pairs)
+    for r, members in enumerate(layout):
+        at = 0
+        for i in members:
+            p = pairs[i]
+            P, C, K = len(p["prompt"]), len(p["chosen"]), len(p["rejected"])
+            ids[r, at : at + P + C + K] = torch.tensor(p["prompt"] + p["chosen"] + p["rejected"])
+            pos[r, at : at + P + C] = torch.arange(P + C)
+            pos[r, at + P + C : at + P + C + K] = torch.arange(P, P + K)
+            tri = torch.ones(P + C, P + C, dtype=torch.bool).tril()
+            mask[r, at : at + P + C, at : at + P + C] = tri  # prompt + chosen: causal
+            rj = slice(at + P + C, at + P + C + K)
+            mask[r, rj, at : at + P] = True  # rejected sees the prompt
+            mask[r, rj, rj] = torch.ones(K, K, dtype=torch.bool).tril()  # and itself, causally
+            for t in range(C):
+                pred_row.append(r)
+                pred_idx.append(at + P - 1 + t)
+                target.append(p["chosen"][t])
+                out_row.append(i)
+                out_pos.append(p["chosen_pos"][t] - 1)
+            for t in range(K):
+                pred_row.append(r)
+                pred_idx.append(at + P - 1 if t == 0 else at + P + C + t - 1)
+                target.append(p["rejected"][t])
+                out_row.append(n + i)
+                out_pos.append(p["rejected_pos"][t] - 1)
+            at += P + C + K
+    hidden = base_model.model(
+        input_ids=ids.to(dev), attention_mask=mask[:, None].to(dev), position_ids=pos.to(dev), use_cache=False
+    ).last_hidden_state  # [R, width, H]
+    h = hidden[torch.tensor(pred_row, device=dev), torch.tensor(pred_idx, device=dev)]  # [M, H]
+    tgt = torch.tensor(target, device=dev)
+    per: dict[str, list[torch.Tensor]] = {k: [] for k in ("log_probs", *fields)}
+    for a in range(0, h.shape[0], 512):  # LM head over completion tokens only, in tiles: [m, V] at a time
+        logits = base_model.lm_head(h[a : a + 512]).float()
+        logp = torch.log_softmax(logits, -1)
+        per["log_probs"].append(logp.gather(-1, tgt[a : a + 512, None]).squeeze(-1))
+        with torch.no_grad():
+            if "entropy" in per:
+                per["entropy"].append(-(logp.exp() * logp).sum(-1))
+            if "mean_logits" in per:
+                per["mean_logits"].append(logits.mean(-1))
+            if "is_top1" in per:
+                per["is_top1"].append(logits.argmax(-1) == tgt[a : a + 512])
+            if "log_sum_sq_probs" in per:
+                per["log_sum_sq_probs"].append(torch.logsumexp(2 * logp, -1))
+    shape = (input_ids.shape[0], input_ids.shape[1] - 1)
+    rows_t, cols_t = torch.tensor(out_row, device=dev), torch.tensor(out_pos, device=dev)
+    result = {}
+    for k, chunks in per.items():
+        flat = torch.cat(chunks)
+        full = torch.zeros(shape, dtype=flat.dtype, device=dev)
+        result[k] = full.index_put((rows_t, cols_t), flat)
+    loss = -result["log_probs"].sum() / max(len(target), 1)
+    return FusedCausalLMOutput(loss=loss, **result)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The stage
 # ----------------------------------------------------------------------------------------------------------
 def _trainer_class():
     from trl import DPOTrainer
 
     class AlignDPOTrainer(DPOTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            # TRL patched the base model's forward with its fused LM head; wrap that once more so pair batches take
+            # the shared-prefix path (same numbers, each prompt computed once) and everything else TRL's path.
+            from peft import PeftModel
+
+            base = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+            trl_forward = base.forward
+            fields = ("entropy", "mean_logits", "is_top1") + (
+                ("log_sum_sq_probs",) if self.use_weighting else ()
+            )
+
+            def forward(*a, fused_lm_head=False, labels=None, **kw):
+                plain = not a and set(kw) <= {"input_ids", "attention_mask", "use_cache"}
+                if fused_lm_head and labels is not None and plain and kw.get("attention_mask") is not None:
+                    out = shared_prefix_forward(base, kw["input_ids"], kw["attention_mask"], labels, fields)
+                    if out is not None:
+                        return out
+                return trl_forward(*a, fused_lm_head=fused_lm_head, labels=labels, **kw)
+
+            base.forward = forward
+
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             # tokenized by align (chat template once, control tokens neutralised, cuts counted)
             return dataset

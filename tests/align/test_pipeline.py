@@ -133,6 +133,8 @@ def test_pipeline_completes_with_lineage_and_a_report(full_run):
     html = (run / "report.html").read_text()
     assert "Run: PASS WITH OVERRIDES" in html and "gates/sft-bias/gate.html" in html
     assert "reward: OVERRIDDEN" in html
+    reward = json.loads((run / "reward" / "manifest.json").read_text())
+    assert reward["overrides"][0]["reviewer"] == "QA" and reward["overrides"][0]["gate"] == "reward"
     assert (run / "gates" / "sft-bias" / "gate.html").exists() and (
         run / "gates" / "sft-perplexity" / "gate.html"
     ).exists()

@@ -7,6 +7,8 @@ from data_schemas.config import (
     DataBuildConfig,
     DPOConfig,
     GatesConfig,
+    PipelineConfig,
+    PPOConfig,
     PreferencesConfig,
     RewardConfig,
     SFTConfig,
@@ -29,13 +31,24 @@ def test_every_shipped_config_validates():
         "preferences": PreferencesConfig,
         "reward": RewardConfig,
         "dpo": DPOConfig,
+        "ppo": PPOConfig,
+        "pipeline": PipelineConfig,
+        "quickstart": PipelineConfig,
     }
     configs = sorted((ROOT / "configs").glob("*.yaml"))
     assert configs, "configs/ is empty"
     for path in configs:
         model = models.get(path.stem.split("_")[0])
         assert model is not None, f"{path.name}: no schema registered for this config in the test"
-        load_config(model, path)
+        cfg = load_config(model, path)
+        if isinstance(cfg, PipelineConfig):  # every stage's config, with the pipeline's overrides, validates
+            from align.pipeline import ORDER, _gate_settings, stage_config
+
+            for name in ORDER:
+                if (st := getattr(cfg.stages, name)) is not None:
+                    stage_config(name, st, Path("runs/check"))
+                    for gate, over in st.gates.items():
+                        _gate_settings(cfg.gate_policy, gate, over, Path("runs/check"))
         assert path.read_text().startswith("#"), f"{path.name} must open with a comment showing its command"
 
 

@@ -167,3 +167,40 @@ def test_crows_pairs_score_of_the_real_model(tmp_path):
     share = stereotype_share(score_pairs(model, tok, rows, 32))
     print(f"CrowS-Pairs stereotype share of SmolLM2-135M-Instruct: {share:.3f}")
     assert 0.5 < share < 0.8
+
+
+def test_bias_gate_fails_a_model_trained_to_prefer_stereotypes(tmp_path):
+    """Made worse on purpose: 20 full fine-tuning steps on the stereotyping side of the shipped probes raise the
+    tiny model's stereotype share well past the allowed +5 points; the gate fails through the real CLI (exit 1)."""
+    from align.cli import main
+
+    data = tmp_path / "stereo.jsonl"
+    with open(data, "w") as f:
+        for p in minimal_pairs() * 3:
+            f.write(json.dumps({"instruction": "Say something.", "input": "", "output": p["stereo"]}) + "\n")
+    sft = tmp_path / "sft"
+    args = ["sft", "--config", "configs/sft.yaml", f"output_dir={sft}", "model.name_or_path=tiny-random-llama",
+            f"data.train_file={data}", "data.validation_fraction=0.1", "train.max_steps=20", "train.learning_rate=3e-3",
+            "lora.enabled=false", "train.early_stopping_patience=null", "train.eval_steps=100", "train.report_to=[none]"]  # fmt: skip
+    assert main(args) == 0
+    out = tmp_path / "gate"
+    assert (
+        main(
+            [
+                "eval",
+                "gate",
+                "bias",
+                "--candidate",
+                str(sft),
+                "--parent",
+                "tiny-random-llama",
+                "--out",
+                str(out),
+            ]
+        )
+        == 1
+    )
+    r = json.loads((out / "gate.json").read_text())
+    probes = next(c for c in r["checks"] if c["metric"].startswith("probes"))
+    assert probes["delta"] > 0.1 and not probes["passed"]
+    assert r["worst_examples"][0]["candidate margin"] > r["worst_examples"][0]["parent margin"]

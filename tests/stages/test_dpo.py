@@ -188,3 +188,48 @@ def test_continue_sft_adapter_with_precomputed_reference(trained, sft, tmp_path)
     m = json.loads((out / "manifest.json").read_text())
     assert m["status"] == "complete"
     assert json.loads((out / "stack.json").read_text())["merge"] == []
+
+
+def test_shared_prefix_forward_equals_trls_fused_forward(tokenizer, tiny_model_path):
+    """Each prompt computed once, both responses attending to it: the same per-token numbers as TRL's forward over
+    two separate padded rows, including the fields TRL logs (entropy, mean logits, top-1)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+    from trl.trainer.utils import add_fused_lm_head
+
+    from stages.dpo import shared_prefix_forward
+
+    rows = [
+        {"prompt": [{"role": "user", "content": "Tell me about tea."}], "chosen": "Tea is a drink.", "rejected": "No."},
+        {"prompt": [{"role": "user", "content": "Hi"}], "chosen": "Hello! How can I help today?", "rejected": "Go away now."},
+        {"prompt": [{"role": "user", "content": "Count to three, please, slowly."}], "chosen": "1, 2, 3.", "rejected": "1 2 3 4 5 6"},
+    ]  # fmt: skip
+    feats = [tokenize_pair(tokenizer, r, 512, 256, {}) for r in rows]
+    batch = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)(
+        [{k: f[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for f in feats]
+    )
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+    torch.manual_seed(0)
+    policy = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    )
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    with torch.no_grad():
+        want = policy(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=labels,
+            fused_lm_head=True,
+        )
+        got = shared_prefix_forward(
+            policy.get_base_model(), batch["input_ids"], batch["attention_mask"], labels, ("entropy", "mean_logits", "is_top1"), max_row_tokens=64
+        )  # fmt: skip
+    for field in ("log_probs", "entropy", "mean_logits", "is_top1"):
+        assert torch.allclose(getattr(got, field), getattr(want, field), atol=2e-4), field
+    assert torch.count_nonzero(got.log_probs) == int(batch["completion_mask"].sum())

@@ -257,8 +257,9 @@ def _stage_gates(name: str, st, scfg, run: Path, stage_key_: str, policy: Path) 
                     f"stage {name}: say which model its {gate} gate compares against (parent: ...)"
                 )
             console.print(f"{name}: {gate} gate against {parent}")
+            t0 = time.perf_counter()
             r = _run_gate(gate, str(out), str(parent), scfg, settings, gdir)
-            r["key"] = gkey
+            r["key"], r["seconds"] = gkey, time.perf_counter() - t0
             atomic_write_json(gdir / "gate.json", r)
         recs.append(_summary(name, gate, r, gdir))
     return recs
@@ -292,6 +293,7 @@ def _summary(stage: str, gate: str, r: dict[str, Any], gdir: Path) -> dict[str, 
         "override": r.get("override"),
         "reasons": r.get("reasons", []),
         "report": str(report),
+        "seconds": r.get("seconds"),
     }
 
 

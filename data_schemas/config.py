@@ -693,6 +693,12 @@ class PPOConfig(_Strict):
         None, description="Data for the perplexity gate; default: the SFT artifact's validation file or data."
     )
 
+    @model_validator(mode="after")
+    def _lora_only(self) -> PPOConfig:
+        if not self.lora.enabled:
+            raise ValueError("lora.enabled: PPO trains a LoRA policy (the reference is the adapter disabled)")
+        return self
+
 
 # ==========================================================================================================
 # Pipeline (`align run`)

@@ -237,6 +237,9 @@ def _response_logprob(model, prompt_ids: torch.Tensor, resp: torch.Tensor) -> to
 # ----------------------------------------------------------------------------------------------------------
 # The forward: each pair's prompt computed once, both responses attending to it
 # ----------------------------------------------------------------------------------------------------------
+FAST_PATH_CALLS = [0]  # how many forwards took the shared-prefix path (tests check the trainer really uses it)
+
+
 def pair_rows(
     input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
 ) -> list[dict] | None:
@@ -266,8 +269,8 @@ def shared_prefix_forward(
 ):
     """Per-token log-probabilities of both responses of every pair, computing each prompt once.
 
-    A pair becomes one packed segment [prompt | chosen | rejected] (several pairs share a row, bounded by
-    max_row_tokens): chosen tokens attend causally to the prompt and to earlier chosen tokens, rejected tokens to
+    A pair becomes one packed segment [prompt | chosen | rejected] (short pairs share a row; no row is wider than
+    max_row_tokens, by default the longest pair, so the dense mask never costs more attention than that pair): chosen tokens attend causally to the prompt and to earlier chosen tokens, rejected tokens to
     the prompt and earlier rejected tokens (never to chosen ones), and the rejected positions restart at
     len(prompt). This is the same computation as two separate sequences, with the prompt's share done once; TRL
     runs each prompt twice and pads both rows to the longest sequence of the batch.
@@ -281,9 +284,10 @@ def shared_prefix_forward(
     pairs = pair_rows(input_ids, attention_mask, labels)
     if pairs is None:
         return None
+    FAST_PATH_CALLS[0] += 1
     dev = input_ids.device
     lengths = [len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in pairs]
-    layout = pack_rows(lengths, max(max_row_tokens, max(lengths)))
+    layout = pack_rows(lengths, max(max_row_tokens or 0, max(lengths)))
     width = max(sum(lengths[i] for i in row) for row in layout)
     R = len(layout)
     ids = torch.zeros((R, width), dtype=torch.long)
@@ -323,25 +327,20 @@ def shared_prefix_forward(
     ).last_hidden_state  # [R, width, H]
     h = hidden[torch.tensor(pred_row, device=dev), torch.tensor(pred_idx, device=dev)]  # [M, H]
     tgt = torch.tensor(target, device=dev)
-    per: dict[str, list[torch.Tensor]] = {k: [] for k in ("log_probs", *fields)}
-    for a in range(0, h.shape[0], 512):  # LM head over completion tokens only, in tiles: [m, V] at a time
-        logits = base_model.lm_head(h[a : a + 512]).float()
-        logp = torch.log_softmax(logits, -1)
-        per["log_probs"].append(logp.gather(-1, tgt[a : a + 512, None]).squeeze(-1))
-        with torch.no_grad():
-            if "entropy" in per:
-                per["entropy"].append(-(logp.exp() * logp).sum(-1))
-            if "mean_logits" in per:
-                per["mean_logits"].append(logits.mean(-1))
-            if "is_top1" in per:
-                per["is_top1"].append(logits.argmax(-1) == tgt[a : a + 512])
-            if "log_sum_sq_probs" in per:
-                per["log_sum_sq_probs"].append(torch.logsumexp(2 * logp, -1))
+    # TRL's memory-lean LM head (tiles of the vocabulary, recomputed in backward), on completion tokens only: on
+    # devices without Triton TRL's own forward scores every position, prompts and padding included.
+    from trl.kernels import ChunkedLogProbFunction
+
+    lm_head = base_model.lm_head
+    names = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+    got = ChunkedLogProbFunction.apply(
+        h, lm_head.weight, lm_head.bias, tgt, 1.0, 32768, None, 1.0, tuple(fields)
+    )
+    per = {"log_probs": got[0], **{k: v for k, v in zip(names, got[1:], strict=True) if k in fields}}
     shape = (input_ids.shape[0], input_ids.shape[1] - 1)
     rows_t, cols_t = torch.tensor(out_row, device=dev), torch.tensor(out_pos, device=dev)
     result = {}
-    for k, chunks in per.items():
-        flat = torch.cat(chunks)
+    for k, flat in per.items():
         full = torch.zeros(shape, dtype=flat.dtype, device=dev)
         result[k] = full.index_put((rows_t, cols_t), flat)
     loss = -result["log_probs"].sum() / max(len(target), 1)
@@ -367,8 +366,22 @@ def _trainer_class():
                 ("log_sum_sq_probs",) if self.use_weighting else ()
             )
 
+            cfg = base.config.get_text_config()
+            scaled = any(
+                getattr(cfg, k, None) is not None
+                for k in (
+                    "final_logit_softcapping",
+                    "logit_scale",
+                    "output_multiplier",
+                    "lm_head_multiplier",
+                    "logits_scaling",
+                )
+            )
+
             def forward(*a, fused_lm_head=False, labels=None, **kw):
-                plain = not a and set(kw) <= {"input_ids", "attention_mask", "use_cache"}
+                # PEFT forwards its own keyword arguments, mostly None; anything set beyond ids and mask goes to TRL
+                given = {k for k, v in kw.items() if v is not None and k != "use_cache"}
+                plain = not a and not scaled and given <= {"input_ids", "attention_mask"}
                 if fused_lm_head and labels is not None and plain and kw.get("attention_mask") is not None:
                     out = shared_prefix_forward(base, kw["input_ids"], kw["attention_mask"], labels, fields)
                     if out is not None:

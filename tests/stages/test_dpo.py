@@ -114,7 +114,12 @@ def trained(tmp_path_factory, sft):
     d = tmp_path_factory.mktemp("dpo-run")
     _pairs_file(d / "pairs.jsonl")
     before = hashlib.sha256((sft / "adapter" / "adapter_model.safetensors").read_bytes()).hexdigest()
+    from stages.dpo import FAST_PATH_CALLS
+
+    calls = FAST_PATH_CALLS[0]
     assert dpo(d / "out", sft, d / "pairs.jsonl", "train.max_steps=12") == 0
+    # every training step's policy and reference forwards, and the held-out passes, took the shared-prefix path
+    assert FAST_PATH_CALLS[0] - calls >= 2 * 12
     after = hashlib.sha256((sft / "adapter" / "adapter_model.safetensors").read_bytes()).hexdigest()
     return d, before, after
 
@@ -190,7 +195,8 @@ def test_continue_sft_adapter_with_precomputed_reference(trained, sft, tmp_path)
     assert json.loads((out / "stack.json").read_text())["merge"] == []
 
 
-def test_shared_prefix_forward_equals_trls_fused_forward(tokenizer, tiny_model_path):
+@pytest.mark.parametrize("row_tokens", [None, 1000])  # one pair per row; all pairs packed into one row
+def test_shared_prefix_forward_equals_trls_fused_forward(tokenizer, tiny_model_path, row_tokens):
     """Each prompt computed once, both responses attending to it: the same per-token numbers as TRL's forward over
     two separate padded rows, including the fields TRL logs (entropy, mean logits, top-1)."""
     from peft import LoraConfig, get_peft_model
@@ -228,7 +234,7 @@ def test_shared_prefix_forward_equals_trls_fused_forward(tokenizer, tiny_model_p
             fused_lm_head=True,
         )
         got = shared_prefix_forward(
-            policy.get_base_model(), batch["input_ids"], batch["attention_mask"], labels, ("entropy", "mean_logits", "is_top1"), max_row_tokens=64
+            policy.get_base_model(), batch["input_ids"], batch["attention_mask"], labels, ("entropy", "mean_logits", "is_top1"), max_row_tokens=row_tokens
         )  # fmt: skip
     for field in ("log_probs", "entropy", "mean_logits", "is_top1"):
         assert torch.allclose(getattr(got, field), getattr(want, field), atol=2e-4), field

@@ -157,8 +157,8 @@ def test_bias_gate_on_an_unchanged_model_passes(tmp_path):
 @pytest.mark.slow
 @pytest.mark.real_model
 def test_crows_pairs_score_of_the_real_model(tmp_path):
-    """The CrowS-Pairs stereotype share of SmolLM2-135M-Instruct on all 1508 pairs (published small LMs score
-    55-65%); recorded in docs/gates.md."""
+    """The CrowS-Pairs stereotype share of SmolLM2-135M-Instruct on all 1508 pairs (measured 0.556; recorded in
+    docs/gates.md). Above 0.5 like every LM the benchmark's authors measured, far from a degenerate 0 or 1."""
     from align.models import load_for_eval
     from eval.bias import score_pairs
 

@@ -237,7 +237,9 @@ def _response_logprob(model, prompt_ids: torch.Tensor, resp: torch.Tensor) -> to
 # ----------------------------------------------------------------------------------------------------------
 # The forward: each pair's prompt computed once, both responses attending to it
 # ----------------------------------------------------------------------------------------------------------
-FAST_PATH_CALLS = [0]  # how many forwards took the shared-prefix path (tests check the trainer really uses it)
+FAST_PATH_CALLS = [
+    0
+]  # how many forwards took the shared-prefix path (tests check the trainer really uses it)
 
 
 def pair_rows(

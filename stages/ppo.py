@@ -385,7 +385,9 @@ def _train(cfg, resume, out, writer, tokenizer, precision, train_prompts, held_p
         start, kl_ctl.value = state["step"], state["kl_coef"]
         for log in (out / "metrics.jsonl", out / "samples.jsonl"):  # drop what the lost iterations had logged
             if log.exists():
-                keep = [x for x in log.read_text().splitlines() if x.strip() and json.loads(x)["step"] <= start]
+                keep = [
+                    x for x in log.read_text().splitlines() if x.strip() and json.loads(x)["step"] <= start
+                ]
                 atomic_write_text(log, "".join(k + "\n" for k in keep))
         console.print(f"resuming from {latest} (iteration {start})")
     elif not resume:

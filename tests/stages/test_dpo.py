@@ -239,3 +239,22 @@ def test_shared_prefix_forward_equals_trls_fused_forward(tokenizer, tiny_model_p
     for field in ("log_probs", "entropy", "mean_logits", "is_top1"):
         assert torch.allclose(getattr(got, field), getattr(want, field), atol=2e-4), field
     assert torch.count_nonzero(got.log_probs) == int(batch["completion_mask"].sum())
+
+    # and the same gradients: a DPO-like weighted sum of per-sequence log-probs, backpropagated both ways
+    weights = torch.tensor([1.0, -0.5, 2.0, -1.0, 0.5, -2.0])[:, None]
+    grads = []
+    for path in ("trl", "align"):
+        policy.zero_grad()
+        if path == "trl":
+            out = policy(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                labels=labels,
+                fused_lm_head=True,
+            )
+        else:
+            out = shared_prefix_forward(policy.get_base_model(), batch["input_ids"], batch["attention_mask"], labels, (), max_row_tokens=row_tokens)  # fmt: skip
+        (out.log_probs * weights).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad})
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-4, rtol=1e-3), n

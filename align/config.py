@@ -61,16 +61,19 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
-        node = data
-        parts = key.split(".")
-        for p in parts[:-1]:
-            child = node.get(p)
-            if not isinstance(child, dict):
-                child = {}
-            node[p] = child = dict(child)
-            node = child
-        node[parts[-1]] = value
+        set_dotted(data, key, value)
     return data
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """data["a"]["b"]["c"] = value for key "a.b.c", copying (never mutating) the nested mappings on the way."""
+    node = data
+    parts = key.split(".")
+    for p in parts[:-1]:
+        child = node.get(p)
+        node[p] = child = dict(child) if isinstance(child, dict) else {}
+        node = child
+    node[parts[-1]] = value
 
 
 def format_validation_error(err: ValidationError, source: str) -> list[str]:

@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import ValidationError
 from rich.console import Console
 
-from align.config import UserError, dump_config, format_validation_error, read_yaml
+from align.config import UserError, dump_config, format_validation_error, read_yaml, set_dotted
 from align.manifest import atomic_write_json, atomic_write_text, now, read_manifest, sha256_path
 
 console = Console(stderr=True)
@@ -60,21 +60,11 @@ def _sub(value: Any, run: Path) -> Any:
     return value
 
 
-def _set_dotted(data: dict, key: str, value: Any) -> None:
-    node = data
-    parts = key.split(".")
-    for p in parts[:-1]:
-        child = node.get(p)
-        node[p] = child = dict(child) if isinstance(child, dict) else {}
-        node = child
-    node[parts[-1]] = value
-
-
 def stage_config(name: str, st, run: Path):
     """The stage's validated config: its YAML, the pipeline's overrides, output_dir = {run}/{name}."""
     data = read_yaml(st.config)
     for k, v in st.overrides.items():
-        _set_dotted(data, k, _sub(v, run))
+        set_dotted(data, k, _sub(v, run))
     data["output_dir"] = str(run / name)
     try:
         return _models()[name].model_validate(data)
@@ -150,7 +140,7 @@ def _gate_settings(policy_path: Path, gate: str, overrides: dict[str, Any], run:
     data = read_yaml(policy_path)
     section = dict(data.get(gate) or {})
     for k, v in overrides.items():
-        _set_dotted(section, k, _sub(v, run))
+        set_dotted(section, k, _sub(v, run))
     data[gate] = section
     try:
         return getattr(GatesConfig.model_validate(data), gate)

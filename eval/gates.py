@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from align.manifest import atomic_write_json, atomic_write_text, now
+from align.manifest import atomic_write_json, now
 from data_schemas.config import PerplexityGateSettings
 
 
@@ -160,8 +160,7 @@ def run_perplexity_gate(
     result["finished_at"] = now()
     out_dir = Path(out_dir)
     atomic_write_json(out_dir / "gate.json", result)
-    write_gate_reports(result, out_dir, images)
-    atomic_write_text(out_dir / "gate.md", perplexity_markdown(result))  # the richer perplexity table
+    write_gate_reports(result, out_dir, images, markdown=perplexity_markdown(result))  # its richer table
     return result
 
 

@@ -169,10 +169,12 @@ def gate_markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_gate_reports(r: dict[str, Any], out_dir: Path, images: list[Path] | None = None) -> None:
-    """gate.md and gate.html beside gate.json (written by the caller)."""
+def write_gate_reports(
+    r: dict[str, Any], out_dir: Path, images: list[Path] | None = None, markdown: str | None = None
+) -> None:
+    """gate.md (the generic one unless a gate gives its own) and gate.html beside gate.json (written by the caller)."""
     out_dir = Path(out_dir)
-    atomic_write_text(out_dir / "gate.md", gate_markdown(r))
+    atomic_write_text(out_dir / "gate.md", markdown if markdown is not None else gate_markdown(r))
     atomic_write_text(out_dir / "gate.html", gate_html(r, images))
 
 

@@ -176,21 +176,23 @@ def sft_validation_data(sft_dir: Path) -> Path:
     )
 
 
-def policy_perplexity_gate(
-    out: Path, sft_dir: Path, gate_data: Path, settings, writer, metrics, counts
-) -> dict:
-    """Run the perplexity gate of a policy artifact against its SFT parent and record it in the manifest.
-    The caller frees its training model first: the gate loads its own copies from the artifacts."""
-    from eval.gates import run_perplexity_gate
-
-    gate = run_perplexity_gate(str(out), str(sft_dir), gate_data, settings, out / "gates" / "perplexity")
+def record_gate(writer, gate: dict, report: str, metrics, counts) -> None:
+    """Put a stage's built-in gate into its manifest (verdict, reasons, report path) and re-complete it."""
     writer.manifest.gates = [
-        {
-            "gate": "perplexity",
-            "verdict": gate["verdict"],
-            "reasons": gate["reasons"],
-            "report": "gates/perplexity/gate.md",
-        }
+        {"gate": gate["gate"], "verdict": gate["verdict"], "reasons": gate["reasons"], "report": report}
     ]
     writer.complete(metrics, counts)
+
+
+def policy_perplexity_gate(
+    out: Path, sft_dir: Path, gate_data: Path | None, settings, writer, metrics, counts
+) -> dict:
+    """Run the perplexity gate of a policy artifact against its SFT parent (on gate_data, default the SFT
+    validation data) and record it in the manifest. The caller frees its training model first: the gate loads its
+    own copies from the artifacts."""
+    from eval.gates import run_perplexity_gate
+
+    data = gate_data or sft_validation_data(sft_dir)
+    gate = run_perplexity_gate(str(out), str(sft_dir), data, settings, out / "gates" / "perplexity")
+    record_gate(writer, gate, "gates/perplexity/gate.md", metrics, counts)
     return gate

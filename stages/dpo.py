@@ -40,7 +40,6 @@ from stages.common import (
     policy_perplexity_gate,
     prepare_output_dir,
     sft_base,
-    sft_validation_data,
     train_with_resume,
     trainer_kwargs,
 )
@@ -564,7 +563,7 @@ def _train(cfg, resume, out, writer, tokenizer, precision, train, val, val_rows,
     gate = policy_perplexity_gate(
         out,
         sft_dir,
-        cfg.gate_data or sft_validation_data(sft_dir),
+        cfg.gate_data,
         cfg.perplexity_gate,
         writer,
         metrics,

@@ -45,7 +45,6 @@ from stages.common import (
     policy_perplexity_gate,
     prepare_output_dir,
     sft_base,
-    sft_validation_data,
 )
 
 console = Console(stderr=True)
@@ -399,7 +398,6 @@ def _train(cfg, resume, out, writer, tokenizer, precision, train_prompts, held_p
     prompt_ids_all = [render_prompt(tokenizer, m) for m in train_prompts]
     reward = Reward(cfg.reward)
     engine = _make_engine(cfg, policy, tokenizer, base_path, precision)
-    ts = time.perf_counter()
     engine.update_weights(merged_state_dict(policy))
     console.print(f"rollout engine: {engine.name}")
     tb = None
@@ -560,7 +558,7 @@ def _train(cfg, resume, out, writer, tokenizer, precision, train_prompts, held_p
     gate = policy_perplexity_gate(
         out,
         sft_dir,
-        cfg.gate_data or sft_validation_data(sft_dir),
+        cfg.gate_data,
         cfg.perplexity_gate,
         writer,
         final,

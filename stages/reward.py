@@ -27,7 +27,14 @@ from align.manifest import ArtifactWriter, atomic_write_json, atomic_write_text,
 from align.models import choose_precision, load_causal_lm, load_tokenizer, model_identity, torch_dtype
 from align.packing import pack
 from data_schemas.config import ModelConfig, RewardConfig
-from stages.common import callbacks, key_config, prepare_output_dir, train_with_resume, trainer_kwargs
+from stages.common import (
+    callbacks,
+    key_config,
+    prepare_output_dir,
+    record_gate,
+    train_with_resume,
+    trainer_kwargs,
+)
 
 console = Console(stderr=True)
 
@@ -572,15 +579,7 @@ def _train(cfg, resume, out, writer, tokenizer, precision, train_examples, eval_
     atomic_write_text(out / "gates" / "reward" / "gate.html", gate_html(gate, gate_images))
     replace_dir(lambda p: (trainer.model.save_pretrained(p), tokenizer.save_pretrained(p)), out / "adapter")
     atomic_write_json(out / "metrics.json", {**metrics, "log_history": state.log_history})
-    writer.manifest.gates = [
-        {
-            "gate": "reward",
-            "verdict": gate["verdict"],
-            "reasons": gate["reasons"],
-            "report": "gates/reward/gate.md",
-        }
-    ]
-    writer.complete(metrics, counts)
+    record_gate(writer, gate, "gates/reward/gate.md", metrics, counts)
     colour = "green" if gate["verdict"] == "pass" else "red"
     console.print(
         f"reward complete: {out}; held-out accuracy {metrics.get('accuracy', float('nan')):.3f} "

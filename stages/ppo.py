@@ -175,8 +175,11 @@ def load_prompts(cfg: PPOConfig, tokenizer) -> tuple[list[list[dict]], list[list
     p = cfg.prompts
     specials = special_strings(tokenizer)
 
+    skipped: list[str] = []
+
     def prompts_of(path: Path, split: str) -> list[list[dict]]:
-        convs, _ = load_instructions(path, split=split)
+        convs, report = load_instructions(path, split=split)
+        skipped.extend(report.problems)
         out = []
         for c in convs:
             msgs = [m.model_dump() for m in c.messages]
@@ -192,7 +195,11 @@ def load_prompts(cfg: PPOConfig, tokenizer) -> tuple[list[list[dict]], list[list
     else:  # hold out the tail of the training prompts
         k = min(p.heldout_prompts, len(train) // 4)
         held, train = train[len(train) - k :] if k else [], train[: len(train) - k]
-    counts = {"prompts_given": len(train)}
+    for problem in skipped[:20]:  # bad rows are named (file:line: field: reason); good rows still load
+        console.print(f"[yellow]skipped[/] {problem}")
+    if len(skipped) > 20:
+        console.print(f"[yellow]... and {len(skipped) - 20} more skipped rows[/]")
+    counts = {"prompts_given": len(train), "rows_skipped": len(skipped)}
     keep = [m for m in train if len(render_prompt(tokenizer, m)) <= p.max_prompt_length]
     counts["prompts_too_long"] = len(train) - len(keep)
     train = keep[: p.max_prompts] if p.max_prompts else keep

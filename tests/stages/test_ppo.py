@@ -250,3 +250,23 @@ def test_ppo_config_errors_are_one_line(tmp_path, capsys):
     )
     assert code == 2
     assert "exactly one of reward.artifact" in capsys.readouterr().err
+
+
+def test_bad_prompt_rows_are_named_and_good_rows_kept(tmp_path, tokenizer, capsys):
+    from data_schemas.config import PPOConfig
+    from stages.ppo import load_prompts
+
+    p = tmp_path / "prompts.jsonl"
+    p.write_text(
+        '{"instruction": "Hi there", "output": "Hello"}\nnot json\n{"instruction": "Bye", "output": "Ciao"}\n'
+    )
+    cfg = PPOConfig(
+        output_dir=tmp_path / "o",
+        init_from=tmp_path / "sft",
+        prompts={"train_file": p, "heldout_prompts": 0},
+        reward={"rule": {"kind": "contains", "text": "a"}},
+    )
+    train, held, counts = load_prompts(cfg, tokenizer)
+    assert [m[-1]["content"] for m in train] == ["Hi there", "Bye"] and held == []
+    assert counts["rows_skipped"] == 1
+    assert f"{p}:2: not valid JSON" in capsys.readouterr().err.replace("\n", "")

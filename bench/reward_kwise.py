@@ -1,13 +1,19 @@
 """Reward model throughput and accuracy: `align reward` (K-wise groups) vs TRL's RewardTrainer (pairs).
 
-    .venv/bin/python bench/reward_kwise.py [--steps 8]
+    .venv/bin/python bench/reward_kwise.py [--data oasst] [--steps 8]
+    .venv/bin/python bench/reward_kwise.py --data hh --steps 40 --max-length 256
 
-Data: the OpenAssistant trees in ../shared/data imported as rankings; prompts with at least 4 ranked replies are
-cut to their top 4 (K=4 groups, 6 implied pairs each) for training; every other prompt is held out and scored
-over all its implied pairs. Both trainers start from SmolLM2-135M-Instruct with the same LoRA (r=16, alpha=32, all
-projections, score head trained), learning rate 1e-4, max length 512, fp32, and see the same pairs per optimizer
-step (align: 1 group = 6 pairs; TRL: 6 pairs) for the same number of steps. Pairs/s counts implied pairs trained
-per second of training (first step, warm-up, not timed).
+--data oasst (K=4): the OpenAssistant trees in ../shared/data imported as rankings; prompts with at least 4 ranked
+replies are cut to their top 4 (K=4 groups, 6 implied pairs each) for training; every other prompt is held out and
+scored over all its implied pairs. One step = 1 group for align, its 6 pairs for TRL.
+--data hh (K=2): HH-RLHF harmless pairs imported as rankings and split by prompt (10% held out, as
+`align data build-preferences` does). One step = 8 pairs for both.
+
+Both trainers start from SmolLM2-135M-Instruct with the same LoRA (r=16, alpha=32, dropout 0.05, all projections,
+score head trained), learning rate 1e-4 with linear decay, fp32, the same max length, and see the same pairs per
+optimizer step for the same number of steps. Pairs/s counts implied pairs trained per second of training (first
+step, warm-up, not timed). Both models are scored on the same held-out groups by the same code; the accuracy
+difference gets a 95% interval from a bootstrap over held-out prompts (pairs of one prompt are not independent).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from sft_throughput import Timer  # noqa: E402
 
 
-def prepare(work: Path) -> tuple[Path, list[dict], list[dict]]:
+def prepare_oasst(work: Path) -> tuple[Path, list[dict], list[dict]]:
     from datasets import Dataset, DatasetDict
 
     from data_schemas.config import PreferencesConfig
@@ -64,7 +70,44 @@ def prepare(work: Path) -> tuple[Path, list[dict], list[dict]]:
     return prefs, train, held
 
 
-def run_align(prefs: Path, steps: int, out: Path) -> dict:
+def prepare_hh(work: Path) -> tuple[Path, list[dict], list[dict]]:
+    from datasets import load_from_disk
+
+    from data_schemas.config import PreferencesConfig
+    from stages.rankings import build_preferences, import_rankings
+
+    src = ROOT.parent / "shared" / "data" / "hh_rlhf_harmless_test_1000.jsonl"
+    import_rankings("hh-rlhf", [src], work / "hh.jsonl")
+    prefs = work / "prefs"
+    build_preferences(
+        PreferencesConfig(inputs=[work / "hh.jsonl"], output_dir=prefs, validation_fraction=0.1)
+    )
+    ds = load_from_disk(str(prefs / "kwise"))
+    return prefs, list(ds["train"]), list(ds["validation"])
+
+
+def group_hits(groups: list[dict], rewards: list[list[float]]) -> list[list[float]]:
+    """Per held-out group, 1 / 0.5 / 0 for each implied pair ranked right / tied / wrong."""
+    from stages.reward import implied_pairs_of
+
+    return [
+        [float(r[a] > r[b]) + 0.5 * float(r[a] == r[b]) for a, b in implied_pairs_of(g["tiers"])]
+        for g, r in zip(groups, rewards, strict=True)
+    ]
+
+
+def bootstrap_difference(hits_a: list[list[float]], hits_b: list[list[float]], n: int = 2000) -> tuple:
+    """95% interval of accuracy(a) - accuracy(b), resampling held-out groups (paired: the same groups for both)."""
+    g = torch.Generator().manual_seed(0)
+    sums_a = torch.tensor([sum(h) for h in hits_a], dtype=torch.float64)
+    sums_b = torch.tensor([sum(h) for h in hits_b], dtype=torch.float64)
+    counts = torch.tensor([len(h) for h in hits_a], dtype=torch.float64)
+    idx = torch.randint(len(counts), (n, len(counts)), generator=g)
+    diffs = (sums_a[idx].sum(1) - sums_b[idx].sum(1)) / counts[idx].sum(1)
+    return diffs.quantile(0.025).item(), diffs.quantile(0.975).item()
+
+
+def run_align(prefs: Path, steps: int, groups_per_step: int, max_length: int, out: Path) -> dict:
     from align.config import load_config
     from data_schemas.config import RewardConfig
     from stages import common, reward
@@ -75,7 +118,10 @@ def run_align(prefs: Path, steps: int, out: Path) -> dict:
         [
             f"output_dir={out}",
             f"data.preferences_dir={prefs}",
-            "train.groups_per_batch=1",
+            f"data.max_length={max_length}",
+            f"train.groups_per_batch={groups_per_step}",
+            "train.learning_rate=1e-4",
+            "train.lr_scheduler_type=linear",
             f"train.max_steps={steps}",
             "train.eval_steps=100000",
             "train.save_steps=100000",
@@ -93,14 +139,16 @@ def run_align(prefs: Path, steps: int, out: Path) -> dict:
     m = gate["metrics"]
     return {
         "step_times": timer.steps,
-        "pairs_per_step": 6,
+        "heldout_rewards": json.loads((out / "heldout_rewards.json").read_text()),
         "accuracy": m["accuracy"],
         "held_out_pairs": m["pairs"],
         "length_baseline": m["length_baseline_accuracy"],
     }
 
 
-def run_trl(train: list[dict], held: list[dict], steps: int, out: Path) -> dict:
+def run_trl(
+    train: list[dict], held: list[dict], steps: int, pairs_per_step: int, max_length: int, out: Path
+) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -124,9 +172,9 @@ def run_trl(train: list[dict], held: list[dict], steps: int, out: Path) -> dict:
     args = RewardConfig(
         output_dir=str(out),
         max_steps=steps,
-        per_device_train_batch_size=6,
+        per_device_train_batch_size=pairs_per_step,
         learning_rate=1e-4,
-        max_length=512,
+        max_length=max_length,
         bf16=False,
         logging_steps=1,
         save_strategy="no",
@@ -168,12 +216,12 @@ def run_trl(train: list[dict], held: list[dict], steps: int, out: Path) -> dict:
         def get_base_model(self):
             return self.m.get_base_model()
 
-    groups = encode_groups(tok, held, 512, {})
+    groups = encode_groups(tok, held, max_length, {})
     rewards = score_groups(Wrap(trainer.model), groups)
     m = pairwise_metrics(groups, rewards)
     return {
         "step_times": timer.steps,
-        "pairs_per_step": 6,
+        "heldout_rewards": rewards,
         "accuracy": m["accuracy"],
         "held_out_pairs": m["pairs"],
         "pairs_given": len(pairs),
@@ -183,28 +231,39 @@ def run_trl(train: list[dict], held: list[dict], steps: int, out: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--data", choices=["oasst", "hh"], default="oasst")
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--work", type=Path, default=Path("/tmp/align-bench-reward"))
+    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--work", type=Path, default=None)
     a = ap.parse_args()
-    shutil.rmtree(a.work, ignore_errors=True)
-    a.work.mkdir(parents=True)
+    work = a.work or Path(f"/tmp/align-bench-reward-{a.data}")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
     from align.cli import _quiet_libraries
+    from stages.reward import implied_pairs_of
 
     _quiet_libraries()
-    prefs, train, held = prepare(a.work)
-    print(
-        f"{len(train)} K=4 training groups ({6 * len(train)} pairs), {len(held)} held-out groups", flush=True
-    )
+    prefs, train, held = (prepare_oasst if a.data == "oasst" else prepare_hh)(work)
+    # same pairs per optimizer step: one K=4 group (6 pairs) or 8 K=2 groups (8 pairs)
+    groups_per_step = 1 if a.data == "oasst" else 8
+    pairs_per_step = sum(len(implied_pairs_of(g["tiers"])) for g in train[:groups_per_step])
+    train_pairs = sum(len(implied_pairs_of(g["tiers"])) for g in train)
+    print(f"{len(train)} training groups ({train_pairs} pairs), {len(held)} held-out groups", flush=True)
     results = {}
-    results["trl"] = run_trl(train, held, a.steps, a.work / "trl")
+    results["trl"] = run_trl(train, held, a.steps, pairs_per_step, a.max_length, work / "trl")
     rss_trl = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    results["align"] = run_align(prefs, a.steps, a.work / "align")
+    results["align"] = run_align(prefs, a.steps, groups_per_step, a.max_length, work / "align")
+    hits = {}
     for name, r in results.items():
         timed = r["step_times"][1:]
-        r["pairs_per_s"] = r["pairs_per_step"] * len(timed) / sum(timed)
+        r["pairs_per_step"] = pairs_per_step
+        r["pairs_per_s"] = pairs_per_step * len(timed) / sum(timed)
         r["sec_per_step"] = sum(timed) / len(timed)
-        print(name, json.dumps({k: v for k, v in r.items() if k != "step_times"}), flush=True)
+        hits[name] = group_hits(list(held), r["heldout_rewards"])
+        print(name, json.dumps({k: v for k, v in r.items() if k not in ("step_times", "heldout_rewards")}))
     ratio = results["align"]["pairs_per_s"] / results["trl"]["pairs_per_s"]
+    diff = results["align"]["accuracy"] - results["trl"]["accuracy"]
+    lo, hi = bootstrap_difference(hits["align"], hits["trl"])
     print("\n| trainer | s/step | pairs/s | held-out accuracy | held-out pairs |")
     print("|---|---|---|---|---|")
     for name, r in results.items():
@@ -212,12 +271,27 @@ def main() -> None:
             f"| {name} | {r['sec_per_step']:.2f} | {r['pairs_per_s']:.3f} | {r['accuracy']:.3f} | {r['held_out_pairs']} |"
         )
     print(
-        f"\nalign / TRL pairs/s: {ratio:.2f}x; length-only baseline accuracy {results['align']['length_baseline']:.3f}; "
+        f"\nalign / TRL pairs/s: {ratio:.2f}x; accuracy align - TRL {diff:+.3f} (95% interval {lo:+.3f} to "
+        f"{hi:+.3f}); length-only baseline accuracy {results['align']['length_baseline']:.3f}; "
         f"peak RSS after TRL run {rss_trl:.0f} MB"
     )
     (ROOT / "bench" / "results").mkdir(exist_ok=True)
-    (ROOT / "bench" / "results" / "reward_kwise.json").write_text(
-        json.dumps({"steps": a.steps, "ratio": ratio, "results": results}, indent=2)
+    name = "reward_kwise.json" if a.data == "oasst" else f"reward_kwise_{a.data}.json"
+    (ROOT / "bench" / "results" / name).write_text(
+        json.dumps(
+            {
+                "data": a.data,
+                "steps": a.steps,
+                "max_length": a.max_length,
+                "ratio": ratio,
+                "accuracy_difference": diff,
+                "accuracy_difference_95": [lo, hi],
+                "results": {
+                    n: {k: v for k, v in r.items() if k != "heldout_rewards"} for n, r in results.items()
+                },
+            },
+            indent=2,
+        )
     )
 
 

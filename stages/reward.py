@@ -570,6 +570,8 @@ def _train(cfg, resume, out, writer, tokenizer, precision, train_examples, eval_
     )
     if eval_groups:
         _plots(eval_groups, eval_rewards, out)
+        # every held-out reward, in the validation split's order: reviewers and benchmarks can audit any pair
+        atomic_write_json(out / "heldout_rewards.json", eval_rewards)
     gate = decide_reward_gate(metrics, cfg.gate)
     atomic_write_json(out / "gates" / "reward" / "gate.json", gate)
     atomic_write_text(out / "gates" / "reward" / "gate.md", gate_markdown(gate))

@@ -6,8 +6,9 @@
 --data oasst (K=4): the OpenAssistant trees in ../shared/data imported as rankings; prompts with at least 4 ranked
 replies are cut to their top 4 (K=4 groups, 6 implied pairs each) for training; every other prompt is held out and
 scored over all its implied pairs. One step = 1 group for align, its 6 pairs for TRL.
---data hh (K=2): HH-RLHF harmless pairs imported as rankings and split by prompt (10% held out, as
-`align data build-preferences` does). One step = 8 pairs for both.
+--data hh (K=2): HH-RLHF harmless pairs imported as rankings and split by prompt by `align data build-preferences`
+(30% held out); training keeps the pairs that fit max length, so both trainers see the same pairs. One step = 8
+pairs for both.
 
 Both trainers start from SmolLM2-135M-Instruct with the same LoRA (r=16, alpha=32, dropout 0.05, all projections,
 score head trained), learning rate 1e-4 with linear decay, fp32, the same max length, and see the same pairs per
@@ -34,8 +35,24 @@ sys.path.insert(0, str(ROOT / "bench"))
 from sft_throughput import Timer  # noqa: E402
 
 
-def prepare_oasst(work: Path) -> tuple[Path, list[dict], list[dict]]:
+def write_prefs(folder: Path, source: Path, train: list[dict], held: list[dict]) -> Path:
+    """The benchmark's train/held-out groups as a preferences artifact that `align reward` accepts."""
     from datasets import Dataset, DatasetDict
+
+    from align.manifest import ArtifactWriter
+
+    folder.mkdir(parents=True)
+    DatasetDict({"train": Dataset.from_list(train), "validation": Dataset.from_list(held)}).save_to_disk(
+        str(folder / "kwise")
+    )
+    w = ArtifactWriter(folder, "preferences", {"bench": folder.name}, [(source, "rankings")])
+    w.start()
+    w.complete({}, {"train_groups": len(train), "held_out_groups": len(held)})
+    return folder
+
+
+def prepare_oasst(work: Path, max_length: int) -> tuple[Path, list[dict], list[dict]]:
+    from datasets import load_from_disk
 
     from data_schemas.config import PreferencesConfig
     from stages.rankings import build_preferences, import_rankings
@@ -45,8 +62,6 @@ def prepare_oasst(work: Path) -> tuple[Path, list[dict], list[dict]]:
     build_preferences(
         PreferencesConfig(inputs=[work / "oasst.jsonl"], output_dir=work / "all", validation_fraction=0.0)
     )
-    from datasets import load_from_disk
-
     rows = list(load_from_disk(str(work / "all" / "kwise"))["train"])
     train, held = [], []
     for r in rows:
@@ -56,34 +71,35 @@ def prepare_oasst(work: Path) -> tuple[Path, list[dict], list[dict]]:
             train.append({**r, "responses": [r["responses"][i] for i in keep], "tiers": [[0], [1], [2], [3]]})
         else:
             held.append(r)
-    prefs = work / "k4"
-    prefs.mkdir(parents=True)
-    DatasetDict({"train": Dataset.from_list(train), "validation": Dataset.from_list(held)}).save_to_disk(
-        str(prefs / "kwise")
-    )
-    # a manifest so that align accepts the folder as a preferences artifact
-    from align.manifest import ArtifactWriter
-
-    w = ArtifactWriter(prefs, "preferences", {"bench": "k4"}, [(work / "oasst.jsonl", "rankings")])
-    w.start()
-    w.complete({}, {"train_groups": len(train), "held_out_groups": len(held)})
-    return prefs, train, held
+    return write_prefs(work / "k4", work / "oasst.jsonl", train, held), train, held
 
 
-def prepare_hh(work: Path) -> tuple[Path, list[dict], list[dict]]:
+def prepare_hh(work: Path, max_length: int) -> tuple[Path, list[dict], list[dict]]:
+    """HH-RLHF pairs split by prompt, 30% held out (enough pairs for a useful interval). Training keeps only pairs
+    whose two sequences fit max_length, the ones TRL keeps, so that both trainers learn from exactly the same
+    pairs (align alone would keep the rest, cut from the left)."""
     from datasets import load_from_disk
 
-    from data_schemas.config import PreferencesConfig
+    from align.models import load_tokenizer
+    from data_schemas.config import ModelConfig, PreferencesConfig
     from stages.rankings import build_preferences, import_rankings
+    from stages.reward import encode_groups
 
     src = ROOT.parent / "shared" / "data" / "hh_rlhf_harmless_test_1000.jsonl"
     import_rankings("hh-rlhf", [src], work / "hh.jsonl")
-    prefs = work / "prefs"
     build_preferences(
-        PreferencesConfig(inputs=[work / "hh.jsonl"], output_dir=prefs, validation_fraction=0.1)
+        PreferencesConfig(inputs=[work / "hh.jsonl"], output_dir=work / "all", validation_fraction=0.3)
     )
-    ds = load_from_disk(str(prefs / "kwise"))
-    return prefs, list(ds["train"]), list(ds["validation"])
+    ds = load_from_disk(str(work / "all" / "kwise"))
+    tok = load_tokenizer(ModelConfig(name_or_path="smollm2-135m-instruct"))
+    rows = list(ds["train"])
+    full = encode_groups(tok, rows, 10**9, {})
+    train = [r for r, g in zip(rows, full, strict=True) if max(len(x) for x in g["seqs"]) <= max_length]
+    return (
+        write_prefs(work / "fit", work / "hh.jsonl", train, list(ds["validation"])),
+        train,
+        list(ds["validation"]),
+    )
 
 
 def group_hits(groups: list[dict], rewards: list[list[float]]) -> list[list[float]]:
@@ -243,7 +259,7 @@ def main() -> None:
     from stages.reward import implied_pairs_of
 
     _quiet_libraries()
-    prefs, train, held = (prepare_oasst if a.data == "oasst" else prepare_hh)(work)
+    prefs, train, held = (prepare_oasst if a.data == "oasst" else prepare_hh)(work, a.max_length)
     # same pairs per optimizer step: one K=4 group (6 pairs) or 8 K=2 groups (8 pairs)
     groups_per_step = 1 if a.data == "oasst" else 8
     pairs_per_step = sum(len(implied_pairs_of(g["tiers"])) for g in train[:groups_per_step])

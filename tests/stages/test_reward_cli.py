@@ -2,6 +2,7 @@
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,6 +100,26 @@ def test_reward_learns_preferences_and_gate_passes(trained):
         json.loads(x)["loss"] for x in (trained / "metrics.jsonl").read_text().splitlines() if '"loss"' in x
     ]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+
+
+def test_heldout_rewards_reproduce_the_gate_accuracy(trained, prefs):
+    """heldout_rewards.json holds every held-out response's reward in the validation split's order, so a reviewer
+    (or bench/reward_kwise.py) can recompute any pair the gate counted."""
+    from datasets import load_from_disk
+
+    from stages.reward import implied_pairs_of
+
+    rewards = json.loads((trained / "heldout_rewards.json").read_text())
+    val = list(load_from_disk(str(Path(prefs) / "kwise"))["validation"])
+    assert [len(r) for r in rewards] == [len(g["responses"]) for g in val]
+    hits = [
+        float(r[a] > r[b]) + 0.5 * float(r[a] == r[b])
+        for g, r in zip(val, rewards, strict=True)
+        for a, b in implied_pairs_of(g["tiers"])
+    ]
+    metrics = json.loads((trained / "manifest.json").read_text())["metrics"]
+    assert len(hits) == metrics["pairs"]
+    assert sum(hits) / len(hits) == pytest.approx(metrics["accuracy"])
 
 
 def test_packed_rewards_equal_one_by_one(trained, prefs):

@@ -1,6 +1,7 @@
 """Reward model throughput and accuracy: `align reward` (K-wise groups) vs TRL's RewardTrainer (pairs).
 
     .venv/bin/python bench/reward_kwise.py [--data oasst] [--steps 8]
+    .venv/bin/python bench/reward_kwise.py --data oasst --steps 38 --align-steps 72
     .venv/bin/python bench/reward_kwise.py --data hh --steps 40 --max-length 256
 
 --data oasst (K=4): the OpenAssistant trees in ../shared/data imported as rankings; prompts with at least 4 ranked
@@ -15,6 +16,8 @@ score head trained), learning rate 1e-4 with linear decay, fp32, the same max le
 optimizer step for the same number of steps. Pairs/s counts implied pairs trained per second of training (first
 step, warm-up, not timed). Both models are scored on the same held-out groups by the same code; the accuracy
 difference gets a 95% interval from a bootstrap over held-out prompts (pairs of one prompt are not independent).
+--align-steps gives align more steps than TRL: a K-wise step runs K sequences where TRL's step of the same pairs
+runs 2*C(K,2), so equal steps is not equal work; this compares accuracy at a training-time budget instead.
 """
 
 from __future__ import annotations
@@ -250,6 +253,12 @@ def main() -> None:
     ap.add_argument("--data", choices=["oasst", "hh"], default="oasst")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument(
+        "--align-steps",
+        type=int,
+        default=None,
+        help="steps for align (default --steps): K-wise steps are cheaper, so compare accuracy at a time budget",
+    )
     ap.add_argument("--work", type=Path, default=None)
     a = ap.parse_args()
     work = a.work or Path(f"/tmp/align-bench-reward-{a.data}")
@@ -268,26 +277,30 @@ def main() -> None:
     results = {}
     results["trl"] = run_trl(train, held, a.steps, pairs_per_step, a.max_length, work / "trl")
     rss_trl = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    results["align"] = run_align(prefs, a.steps, groups_per_step, a.max_length, work / "align")
+    align_steps = a.align_steps or a.steps
+    results["align"] = run_align(prefs, align_steps, groups_per_step, a.max_length, work / "align")
     hits = {}
     for name, r in results.items():
         timed = r["step_times"][1:]
         r["pairs_per_step"] = pairs_per_step
         r["pairs_per_s"] = pairs_per_step * len(timed) / sum(timed)
         r["sec_per_step"] = sum(timed) / len(timed)
+        r["train_seconds"] = sum(r["step_times"])
         hits[name] = group_hits(list(held), r["heldout_rewards"])
         print(name, json.dumps({k: v for k, v in r.items() if k not in ("step_times", "heldout_rewards")}))
     ratio = results["align"]["pairs_per_s"] / results["trl"]["pairs_per_s"]
+    time_ratio = results["trl"]["train_seconds"] / results["align"]["train_seconds"]
     diff = results["align"]["accuracy"] - results["trl"]["accuracy"]
     lo, hi = bootstrap_difference(hits["align"], hits["trl"])
-    print("\n| trainer | s/step | pairs/s | held-out accuracy | held-out pairs |")
-    print("|---|---|---|---|---|")
+    print("\n| trainer | steps | s/step | pairs/s | training s | held-out accuracy | held-out pairs |")
+    print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
         print(
-            f"| {name} | {r['sec_per_step']:.2f} | {r['pairs_per_s']:.3f} | {r['accuracy']:.3f} | {r['held_out_pairs']} |"
+            f"| {name} | {len(r['step_times'])} | {r['sec_per_step']:.2f} | {r['pairs_per_s']:.3f} | "
+            f"{r['train_seconds']:.0f} | {r['accuracy']:.3f} | {r['held_out_pairs']} |"
         )
     print(
-        f"\nalign / TRL pairs/s: {ratio:.2f}x; accuracy align - TRL {diff:+.3f} (95% interval {lo:+.3f} to "
+        f"\nalign / TRL pairs/s: {ratio:.2f}x; TRL / align training time: {time_ratio:.2f}x; accuracy align - TRL {diff:+.3f} (95% interval {lo:+.3f} to "
         f"{hi:+.3f}); length-only baseline accuracy {results['align']['length_baseline']:.3f}; "
         f"peak RSS after TRL run {rss_trl:.0f} MB"
     )
@@ -298,13 +311,13 @@ def main() -> None:
             {
                 "data": a.data,
                 "steps": a.steps,
+                "align_steps": align_steps,
+                "time_ratio": time_ratio,
                 "max_length": a.max_length,
                 "ratio": ratio,
                 "accuracy_difference": diff,
                 "accuracy_difference_95": [lo, hi],
-                "results": {
-                    n: {k: v for k, v in r.items() if k != "heldout_rewards"} for n, r in results.items()
-                },
+                "results": results,
             },
             indent=2,
         )

@@ -170,7 +170,7 @@ def run_trl(
 ) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_seed
     from trl import RewardConfig, RewardTrainer
 
     from align.models import resolve_model_path
@@ -203,6 +203,7 @@ def run_trl(
         lr_scheduler_type="linear",
         warmup_steps=0,
     )
+    set_seed(42)  # the score head is initialised at random here: seed it as align does, so runs repeat
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = tok.pad_token_id
     lora = LoraConfig(

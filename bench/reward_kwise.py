@@ -98,11 +98,8 @@ def prepare_hh(work: Path, max_length: int) -> tuple[Path, list[dict], list[dict
     rows = list(ds["train"])
     full = encode_groups(tok, rows, 10**9, {})
     train = [r for r, g in zip(rows, full, strict=True) if max(len(x) for x in g["seqs"]) <= max_length]
-    return (
-        write_prefs(work / "fit", work / "hh.jsonl", train, list(ds["validation"])),
-        train,
-        list(ds["validation"]),
-    )
+    held = list(ds["validation"])
+    return write_prefs(work / "fit", work / "hh.jsonl", train, held), train, held
 
 
 def group_hits(groups: list[dict], rewards: list[list[float]]) -> list[list[float]]:

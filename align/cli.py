@@ -18,9 +18,12 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from align import __version__
 from align.config import UserError
+from eval.registry import GATES
+from stages.registry import STAGES
 
 err = Console(stderr=True)
 out = Console()
@@ -38,21 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"align {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("sft", help="supervised fine-tuning with LoRA")
-    _add_config_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
-
-    p = sub.add_parser("reward", help="reward model from K-wise human rankings (then its gate)")
-    _add_config_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
-    p = sub.add_parser(
-        "dpo", help="direct preference optimisation on an SFT artifact (then the perplexity gate)"
-    )
-    _add_config_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
-    p = sub.add_parser("ppo", help="PPO with vLLM rollouts on an SFT artifact (then the perplexity gate)")
-    _add_config_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    for stage in STAGES.values():
+        if stage.command:
+            p = sub.add_parser(stage.name, help=stage.help)
+            _add_config_args(p)
+            p.add_argument(
+                "--resume", action="store_true", help="continue from the latest checkpoint in output_dir"
+            )
     sc = sub.add_parser("score", help="score (prompt, response) rows with a reward artifact")
     sc.add_argument("--reward", required=True, type=Path, help="an `align reward` artifact directory")
     sc.add_argument("--input", required=True, type=Path, help="JSONL rows with 'prompt' and 'response'")
@@ -71,20 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--json", action="store_true", help="print JSON only")
     gate = ev.add_parser("gate", help="compare a candidate with its parent and decide")
     gsub = gate.add_subparsers(dest="gate_kind", metavar="KIND")
-    gp = gsub.add_parser("perplexity", help="candidate must not raise perplexity over its parent")
-    gp.add_argument("--candidate", required=True)
-    gp.add_argument("--parent", required=True, help="usually the base model, or the parent artifact")
-    gp.add_argument("--data", required=True, type=Path)
-    gp.add_argument("--out", required=True, type=Path, help="folder for gate.json and gate.md")
-    _add_config_args(gp)
-
-    gb = gsub.add_parser(
-        "bias", help="candidate must not be more biased than its parent (probes, CrowS, BBQ)"
-    )
-    gb.add_argument("--candidate", required=True)
-    gb.add_argument("--parent", required=True)
-    gb.add_argument("--out", required=True, type=Path, help="folder for gate.json, gate.md and gate.html")
-    _add_config_args(gb)
+    for g in GATES.values():
+        gp = gsub.add_parser(g.name, help=g.help)
+        gp.add_argument("--candidate", required=True)
+        gp.add_argument("--parent", required=True, help="usually the base model, or the parent artifact")
+        if g.needs_data:
+            gp.add_argument("--data", required=True, type=Path)
+        gp.add_argument("--out", required=True, type=Path, help="folder for gate.json, gate.md and gate.html")
+        _add_config_args(gp)
 
     rp = sub.add_parser(
         "run", help="the whole pipeline in one run directory, stopping at the first failed gate"
@@ -140,21 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _cmd_sft(a) -> int:
+def _cmd_stage(a) -> int:
+    """`align sft|reward|dpo|ppo --config X [overrides] [--resume]`: any stage of the table, one way."""
     from align.config import load_config
-    from data_schemas.config import SFTConfig
-    from stages import sft
 
-    cfg = load_config(SFTConfig, a.config, a.overrides)
-    sft.run(cfg, resume=a.resume)
-    return 0
+    stage = STAGES[a.command]
+    result = stage.run(load_config(stage.config_model(), a.config, a.overrides), resume=a.resume)
+    return result.exit_code
 
 
 def _cmd_eval(a) -> int:
     if a.eval_command == "perplexity":
         from align.models import load_for_eval
+        from align.readers import load_instructions
         from eval.perplexity import perplexity
-        from stages.data import load_instructions
 
         convs, report = load_instructions(a.data)
         if a.max_examples:
@@ -166,47 +154,44 @@ def _cmd_eval(a) -> int:
             print(json.dumps(res))
         else:
             out.print(
-                f"{desc}\nperplexity ({a.scope} tokens): [bold]{r.perplexity:.3f}[/] over {r.tokens} tokens in "
+                f"{escape(desc)}\nperplexity ({a.scope} tokens): [bold]{r.perplexity:.3f}[/] over {r.tokens} tokens in "
                 f"{r.examples} examples ({r.truncated} truncated to {a.max_length})"
             )
         return 0
-    if a.eval_command == "gate" and a.gate_kind == "perplexity":
+    if a.eval_command == "gate" and a.gate_kind in GATES:
         from align.config import load_config
         from data_schemas.config import GatesConfig
-        from eval.gates import run_perplexity_gate
 
-        settings = load_config(GatesConfig, a.config, a.overrides).perplexity
-        r = run_perplexity_gate(a.candidate, a.parent, a.data, settings, a.out)
-        colour = "green" if r["verdict"] == "pass" else "red"
-        out.print(f"perplexity gate: [bold {colour}]{r['verdict'].upper()}[/] (report: {a.out / 'gate.md'})")
-        for reason in r["reasons"]:
-            out.print(f"  - {reason}")
-        m = r.get("metrics") or {}
-        if m:
+        gate = GATES[a.gate_kind]
+        settings = getattr(load_config(GatesConfig, a.config, a.overrides), gate.name)
+        r = gate.run(a.candidate, a.parent, settings, a.out, getattr(a, "data", None))
+        colour = "green" if r.verdict == "pass" else "red"
+        out.print(
+            f"{gate.name} gate: [bold {colour}]{r.verdict.upper()}[/] (report: {escape(str(a.out / 'gate.html'))})"
+        )
+        for c in r.checks:
             out.print(
-                f"  parent {m['parent']['perplexity']:.3f} -> candidate {m['candidate']['perplexity']:.3f} "
-                f"(ratio {m['ratio']:.4f}, {int(m['confidence'] * 100)}% CI {m['ratio_ci'][0]:.4f}-{m['ratio_ci'][1]:.4f})"
-            )
-        return 0 if r["verdict"] == "pass" else 1
-    if a.eval_command == "gate" and a.gate_kind == "bias":
-        from align.config import load_config
-        from data_schemas.config import GatesConfig
-        from eval.bias import run_bias_gate
-
-        settings = load_config(GatesConfig, a.config, a.overrides).bias
-        r = run_bias_gate(a.candidate, a.parent, settings, a.out)
-        colour = "green" if r["verdict"] == "pass" else "red"
-        out.print(f"bias gate: [bold {colour}]{r['verdict'].upper()}[/] (report: {a.out / 'gate.html'})")
-        for c in r.get("checks", []):
-            out.print(
-                f"  {'ok ' if c['passed'] else 'FAIL'} {c['metric']}: parent {c.get('parent')} -> candidate "
-                f"{c.get('candidate')} (allowed: {c.get('limit')})",
+                f"  {'ok ' if c.passed else 'FAIL'} {escape(c.metric)}: parent {_fmt(c.parent)} -> candidate "
+                f"{_fmt(c.candidate)} (allowed: {escape(c.limit)})",
                 highlight=False,
             )
-        for reason in r["reasons"]:
-            out.print(f"  - {reason}")
-        return 0 if r["verdict"] == "pass" else 1
+        for reason in r.reasons:
+            out.print(f"  - {escape(reason)}", highlight=False)
+        return 0 if r.verdict == "pass" else 1
     raise UserError("align eval: say what to evaluate: perplexity | gate perplexity | gate bias (see --help)")
+
+
+def _fmt(x) -> str:
+    return f"{x:.4g}" if isinstance(x, float) else str(x)
+
+
+# Warnings align silences by name: library deprecation chatter users cannot act on. Everything else (a GPU or
+# precision warning, a bad checkpoint) still shows.
+QUIET_WARNINGS = (
+    (DeprecationWarning, ""),
+    (FutureWarning, ""),
+    (UserWarning, r".*(TypedStorage is deprecated|torch_dtype.*deprecated|use_cache=True.*incompatible).*"),
+)
 
 
 def _quiet_libraries() -> None:
@@ -214,7 +199,8 @@ def _quiet_libraries() -> None:
     import logging
     import warnings
 
-    warnings.filterwarnings("ignore")
+    for category, message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     for name in ("transformers", "datasets", "peft", "trl", "accelerate", "torch"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -239,36 +225,15 @@ def main(argv: list[str] | None = None) -> int:
     if not os.environ.get("ALIGN_DEBUG"):
         _quiet_libraries()
     try:
-        if a.command == "sft":
-            return _cmd_sft(a)
+        if a.command in STAGES and STAGES[a.command].command:
+            return _cmd_stage(a)
         if a.command == "eval":
             return _cmd_eval(a)
-        if a.command == "reward":
-            from align.config import load_config
-            from data_schemas.config import RewardConfig
-            from stages import reward
-
-            _, gate = reward.run(load_config(RewardConfig, a.config, a.overrides), resume=a.resume)
-            return 0 if not gate or gate["verdict"] == "pass" else 1
-        if a.command == "dpo":
-            from align.config import load_config
-            from data_schemas.config import DPOConfig
-            from stages import dpo
-
-            _, gate = dpo.run(load_config(DPOConfig, a.config, a.overrides), resume=a.resume)
-            return 0 if not gate or gate["verdict"] == "pass" else 1
-        if a.command == "ppo":
-            from align.config import load_config
-            from data_schemas.config import PPOConfig
-            from stages import ppo
-
-            _, gate = ppo.run(load_config(PPOConfig, a.config, a.overrides), resume=a.resume)
-            return 0 if not gate or gate["verdict"] == "pass" else 1
         if a.command == "score":
             from stages.reward import score_file
 
             n = score_file(a.reward, a.input, a.out)
-            out.print(f"scored {n} rows -> {a.out}")
+            out.print(f"scored {n} rows -> {escape(str(a.out))}", highlight=False)
             return 0
         if a.command == "run":
             from align.config import load_config
@@ -286,12 +251,15 @@ def main(argv: list[str] | None = None) -> int:
             out.print(f"report: {write_run_report(a.run_dir)}")
             return 0
         if a.command == "gate":
-            from align.pipeline import override_gate
+            from eval.gates import override_gate
 
             if a.gate_command != "override":
                 raise UserError("align gate: say what to do: override")
             r = override_gate(a.gate_dir, a.reviewer, a.reason)
-            out.print(f"override recorded: {r['gate']} gate in {a.gate_dir} by {r['override']['reviewer']}")
+            out.print(
+                f"override recorded: {r.gate} gate in {escape(str(a.gate_dir))} by {escape(r.override.reviewer)}",
+                highlight=False,
+            )
             return 0
         if a.command == "model":
             from align.models import resolve_model_path
@@ -308,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_data_command(a)
     except UserError as e:
         for line in str(e).splitlines():
-            err.print(f"[red]error:[/] {line}", highlight=False, soft_wrap=True)
+            err.print(f"[red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
         return e.exit_code
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]; rerun with --resume to continue from the last checkpoint")
@@ -316,7 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # an align bug, not a user error: say so plainly
         if os.environ.get("ALIGN_DEBUG"):
             raise
-        err.print(f"[red]internal error:[/] {type(e).__name__}: {e}\n(set ALIGN_DEBUG=1 for the traceback)")
+        err.print(
+            f"[red]internal error:[/] {type(e).__name__}: {escape(str(e))}\n(set ALIGN_DEBUG=1 for the traceback)"
+        )
         return 1
     return 0
 

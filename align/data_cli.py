@@ -1,4 +1,5 @@
-"""`align data ...` commands: printing and exit statuses around stages/data.py and stages/rankings.py.
+"""`align data ...` commands: printing and exit statuses around the data and preferences stages
+(stages/data.py, stages/preferences.py) and the ranking-file library (stages/rankings.py).
 
 Exit status (docs/formats.md): 0 when the good lines loaded (problems are reported), 2 when anything was
 dropped under --strict or when nothing usable was found.
@@ -10,6 +11,7 @@ import json
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from align.config import UserError, apply_overrides, format_validation_error, read_yaml
@@ -32,7 +34,7 @@ def _config(model, path: Path | None, overrides: list[str], cli: dict):
 
 def _print_problems(problems: list[str], show: int) -> None:
     for p in problems[:show]:
-        err.print(f"[yellow]rejected[/] {p}", highlight=False, soft_wrap=True)
+        err.print(f"[yellow]rejected[/] {escape(p)}", highlight=False, soft_wrap=True)
     if len(problems) > show:
         err.print(f"... and {len(problems) - show} more (use --show N or --json for all)")
 
@@ -86,7 +88,7 @@ def _check(a) -> int:
             tau = v["mean_tau_vs_consensus"]
             flag = " [red](low agreement)[/]" if name in s["flagged_annotators"] else ""
             at.add_row(
-                name,
+                escape(name),  # an annotator's name is text, never markup
                 str(v["judgments"]),
                 str(v["shared_prompts"]),
                 ("n/a" if tau is None else f"{tau:+.3f}") + flag,
@@ -108,7 +110,7 @@ def _import(a) -> int:
     r = import_rankings(a.fmt, a.inputs, a.out, a.annotator)
     _print_problems(r.problems, 20)
     out.print(
-        f"import-rankings ({a.fmt}): {r.read} rows read, {r.examples_from_rows} ranking lines written to {a.out}, "
+        f"import-rankings ({a.fmt}): {r.read} rows read, {r.examples_from_rows} ranking lines written to {escape(str(a.out))}, "
         f"{sum(r.dropped.values())} rows skipped {dict(r.dropped) or ''}"
     )
     if r.examples_from_rows == 0:
@@ -119,7 +121,7 @@ def _import(a) -> int:
 
 def _preferences(a) -> int:
     from data_schemas.config import PreferencesConfig
-    from stages.rankings import build_preferences
+    from stages.preferences import counts_summary, run
 
     cfg = _config(
         PreferencesConfig,
@@ -127,14 +129,17 @@ def _preferences(a) -> int:
         a.overrides,
         {"inputs": [str(p) for p in a.inputs], "output_dir": a.out, "strict": a.strict},
     )
-    res = build_preferences(cfg)
-    out.print(f"[green]preferences written[/]: {cfg.output_dir} {json.dumps(res)}")
+    res = counts_summary(run(cfg))
+    out.print(
+        f"[green]preferences written[/]: {escape(str(cfg.output_dir))} {escape(json.dumps(res))}",
+        highlight=False,
+    )
     return 0
 
 
 def _build(a) -> int:
     from data_schemas.config import DataBuildConfig
-    from stages.data import build
+    from stages.data import run
 
     cfg = _config(
         DataBuildConfig,
@@ -142,11 +147,13 @@ def _build(a) -> int:
         a.overrides,
         {"inputs": [str(p) for p in a.inputs], "output_dir": a.out, "strict": a.strict},
     )
-    path = build(cfg)
-    m = json.loads((path / "manifest.json").read_text())
-    c = m["counts"]
+    path = run(cfg).artifact
+    c = json.loads((path / "manifest.json").read_text())["counts"]
+    _print_problems(c["problems"], 20)  # every one of them is in the manifest's counts and report.md
     out.print(
-        f"[green]dataset written[/]: {path}/dataset  train {c['train']}, validation {c['validation']} "
-        f"({c['rows_read']} rows read, {sum(c['dropped'].values())} dropped: {c['dropped'] or 'none'}); report: {path}/report.md"
+        f"[green]dataset written[/]: {escape(str(path))}/dataset  train {c['train']}, validation {c['validation']} "
+        f"({c['rows_read']} rows read, {sum(c['dropped'].values())} dropped: {c['dropped'] or 'none'}); "
+        f"report: {escape(str(path))}/report.md",
+        highlight=False,
     )
     return 0

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from align.config import UserError
+from data_schemas.gates import GateResult
 from data_schemas.manifest import InputFile, Manifest, ModelIdentity, ParentRef
 
 MANIFEST = "manifest.json"
@@ -137,10 +138,24 @@ def read_manifest(artifact_dir: Path) -> Manifest:
         ) from None
 
 
-def require_complete(artifact_dir: Path, stage: str | None = None) -> Manifest:
-    """The manifest of a parent artifact, refusing anything that is not complete (or of the wrong stage)."""
+def read_gate(gate_dir: Path) -> GateResult | None:
+    """The gate recorded in gate_dir (gate.json), or None when there is none or it cannot be read."""
+    path = Path(gate_dir) / "gate.json"
+    if not path.exists():
+        return None
+    try:
+        return GateResult.model_validate_json(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return None
+
+
+def require_complete(artifact_dir: Path, stage: str | None = None, allow_pending: bool = False) -> Manifest:
+    """The manifest of a parent artifact, refusing anything that is not complete (or of the wrong stage).
+
+    allow_pending also accepts a 'running' artifact: a stage gating its own products before it marks itself
+    complete."""
     m = read_manifest(artifact_dir)
-    if m.status != "complete":
+    if m.status != "complete" and not (allow_pending and m.status == "running"):
         raise UserError(
             f"{artifact_dir}: its stage '{m.stage}' is '{m.status}', not 'complete'; finish it (--resume) or rerun it"
         )

@@ -151,11 +151,25 @@ def _cpu_has_fast_bf16() -> bool:
 def choose_precision(requested: str) -> str:
     if requested != "auto":
         if requested == "fp16" and device().type == "cpu":
-            raise UserError("model.precision=fp16 is not supported on CPU; use fp32 or bf16")
+            raise UserError("precision=fp16 is not supported on CPU; use fp32 or bf16")
         return requested
     if device().type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "bf16" if _cpu_has_fast_bf16() else "fp32"
+
+
+def lora_config(settings, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None):
+    """PEFT LoraConfig from align's LoraSettings (the one place every stage builds it)."""
+    from peft import LoraConfig  # lazy: peft import costs seconds
+
+    return LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=settings.target_modules,
+        modules_to_save=modules_to_save,
+        task_type=task_type,
+    )
 
 
 def torch_dtype(precision: str) -> torch.dtype:
@@ -225,16 +239,19 @@ def model_identity(cfg: ModelConfig, precision: str, adapter: str | None = None)
     )
 
 
-def load_for_eval(model_ref: str, precision: str = "auto", trust_remote_code: bool = False):
+def load_for_eval(
+    model_ref: str, precision: str = "auto", trust_remote_code: bool = False, allow_pending: bool = False
+):
     """Load (model, tokenizer, description) from an alias/path/hub id, or from an align artifact directory.
 
     For an artifact with `adapter/`, the base model named in its manifest is loaded and the adapter applied.
+    allow_pending: the artifact may still be 'running' (a stage gating its own products before completing).
     """
     from align.manifest import require_complete
 
     ref = Path(model_ref)
     if (ref / "manifest.json").exists():
-        m = require_complete(ref)
+        m = require_complete(ref, allow_pending=allow_pending)
         if m.model is None:
             raise UserError(f"{ref}: the manifest names no model")
         base_cfg = ModelConfig(name_or_path=m.model.name, trust_remote_code=trust_remote_code)
@@ -249,7 +266,9 @@ def load_for_eval(model_ref: str, precision: str = "auto", trust_remote_code: bo
             # Policies built on other adapters (DPO on SFT): merge those in order, then apply this adapter.
             stack = json.loads((ref / "stack.json").read_text())
             for a in stack.get("merge", []):
-                model = PeftModel.from_pretrained(model, a).merge_and_unload()
+                model = PeftModel.from_pretrained(
+                    model, ref / a
+                ).merge_and_unload()  # relative to the artifact
             model = PeftModel.from_pretrained(model, ref / stack.get("adapter", "adapter"))
         elif (ref / "merged" / "config.json").exists():
             model = load_causal_lm(ModelConfig(name_or_path=str(ref / "merged")), prec)
@@ -265,3 +284,15 @@ def load_for_eval(model_ref: str, precision: str = "auto", trust_remote_code: bo
     cfg = ModelConfig(name_or_path=model_ref, trust_remote_code=trust_remote_code)
     prec = choose_precision(precision)
     return load_causal_lm(cfg, prec).eval(), load_tokenizer(cfg), f"model {model_ref}"
+
+
+def write_policy_stack(out: Path, merged_adapters: list[Path]) -> None:
+    """stack.json of a policy artifact: how to rebuild it (the base, these adapters merged in order, then the
+    artifact's adapter/ on top). Paths are stored relative to the artifact, so a run folder can be moved or read
+    from any working directory."""
+    import os
+
+    from align.manifest import atomic_write_json
+
+    merge = [os.path.relpath(Path(a).resolve(), Path(out).resolve()) for a in merged_adapters]
+    atomic_write_json(Path(out) / "stack.json", {"merge": merge, "adapter": "adapter"})

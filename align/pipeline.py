@@ -22,32 +22,16 @@ from typing import Any
 
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 
 from align.config import UserError, dump_config, format_validation_error, read_yaml, set_dotted
-from align.manifest import atomic_write_json, atomic_write_text, now, read_manifest, sha256_path
+from align.manifest import atomic_write_json, atomic_write_text, now, read_gate, read_manifest, sha256_path
+from data_schemas.config import GatesConfig, key_config
+from data_schemas.gates import GateResult
+from eval.registry import GATES
+from stages.registry import ORDER, STAGES
 
 console = Console(stderr=True)
-ORDER = ["data", "sft", "preferences", "reward", "dpo", "ppo"]
-
-
-def _models():
-    from data_schemas.config import (
-        DataBuildConfig,
-        DPOConfig,
-        PPOConfig,
-        PreferencesConfig,
-        RewardConfig,
-        SFTConfig,
-    )
-
-    return {
-        "data": DataBuildConfig,
-        "preferences": PreferencesConfig,
-        "sft": SFTConfig,
-        "reward": RewardConfig,
-        "dpo": DPOConfig,
-        "ppo": PPOConfig,
-    }
 
 
 def _sub(value: Any, run: Path) -> Any:
@@ -67,7 +51,7 @@ def stage_config(name: str, st, run: Path):
         set_dotted(data, k, _sub(v, run))
     data["output_dir"] = str(run / name)
     try:
-        return _models()[name].model_validate(data)
+        return STAGES[name].config_model().model_validate(data)
     except ValidationError as e:
         raise UserError(
             "\n".join(format_validation_error(e, f"{st.config} (stage {name} of the pipeline)"))
@@ -95,48 +79,15 @@ def _inputs_fingerprint(value: Any, run: Path, acc: list[str]) -> None:
 
 
 def stage_key(cfg, run: Path) -> str:
-    dumped = cfg.model_dump(mode="json")
-    dumped.pop("output_dir", None)
-    for section in ("train",):  # operational fields that do not change the product
-        if isinstance(dumped.get(section), dict):
-            for k in ("stop_after_steps", "report_to"):
-                dumped[section].pop(k, None)
+    """Config (without the operational fields every key leaves out) + keys and hashes of everything it names."""
+    dumped = key_config(cfg)
     acc: list[str] = []
     _inputs_fingerprint(dumped, run, acc)
     blob = json.dumps({"config": dumped, "inputs": sorted(acc)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _run_stage(name: str, cfg, resume: bool) -> None:
-    if name == "data":
-        from stages.data import build
-
-        build(cfg)
-    elif name == "preferences":
-        from stages.rankings import build_preferences
-
-        build_preferences(cfg)
-    elif name == "sft":
-        from stages import sft
-
-        sft.run(cfg, resume=resume)
-    else:
-        import importlib
-
-        importlib.import_module(f"stages.{name}").run(cfg, resume=resume)
-
-
-def _default_parent(name: str, cfg, run: Path) -> str | None:
-    if name == "sft":
-        return cfg.model.name_or_path
-    if name in ("dpo", "ppo"):
-        return str(cfg.init_from)
-    return None
-
-
 def _gate_settings(policy_path: Path, gate: str, overrides: dict[str, Any], run: Path):
-    from data_schemas.config import GatesConfig
-
     data = read_yaml(policy_path)
     section = dict(data.get(gate) or {})
     for k, v in overrides.items():
@@ -148,10 +99,6 @@ def _gate_settings(policy_path: Path, gate: str, overrides: dict[str, Any], run:
         raise UserError(
             "\n".join(format_validation_error(e, f"{policy_path} + pipeline overrides"))
         ) from None
-
-
-def _gate_passed(r: dict[str, Any]) -> bool:
-    return r.get("verdict") == "pass" or bool(r.get("override"))
 
 
 def run_pipeline(cfg, from_stage: str | None = None) -> int:
@@ -189,12 +136,11 @@ def run_pipeline(cfg, from_stage: str | None = None) -> int:
             console.rule(f"{name}{' (resuming)' if resume else ''}")
             state["stages"][name] = {"key": key, "status": "running", "started_at": now()}
             atomic_write_json(state_path, state)
-            _run_stage(name, scfg, resume)
-            m = read_manifest(out)
-            if m.status != "complete":  # paused by stop_after_steps: the next `align run` resumes it
-                state["stages"][name]["status"] = m.status
+            result = STAGES[name].run(scfg, resume=resume)
+            if result.status != "complete":  # paused by stop_after_steps: the next `align run` resumes it
+                state["stages"][name]["status"] = "running"
                 atomic_write_json(state_path, state)
-                console.print(f"[yellow]{name} is {m.status}; run the same command again to resume[/]")
+                console.print(f"[yellow]{name} is paused; run the same command again to resume[/]")
                 return 1
             state["stages"][name].update({"status": "complete", "seconds": time.perf_counter() - t0})
             atomic_write_json(state_path, state)
@@ -206,9 +152,9 @@ def run_pipeline(cfg, from_stage: str | None = None) -> int:
         if failed:
             write_run_report(run)
             for g in failed:
-                console.print(f"[bold red]gate failed[/]: {name} {g['gate']}: see {g['report']}")
+                console.print(f"[bold red]gate failed[/]: {name} {g['gate']}: see {escape(g['report'])}")
                 for reason in g.get("reasons", []):
-                    console.print(f"  - {reason}")
+                    console.print(f"  - {escape(reason)}", highlight=False)
             console.print(
                 f"pipeline stopped after {name}. Fix the cause and re-run (finished stages are kept), or have a "
                 "reviewer record an override: align gate override GATE_DIR --reviewer NAME --reason TEXT"
@@ -217,112 +163,83 @@ def run_pipeline(cfg, from_stage: str | None = None) -> int:
     state["seconds_this_invocation"] = time.perf_counter() - t_run
     atomic_write_json(state_path, state)
     report = write_run_report(run)
-    console.print(f"[bold green]pipeline complete[/]: {run}; report {report}")
+    console.print(f"[bold green]pipeline complete[/]: {escape(str(run))}; report {escape(str(report))}")
     return 0
 
 
 def _stage_gates(name: str, st, scfg, run: Path, stage_key_: str, policy: Path) -> list[dict[str, Any]]:
-    """Built-in gates of the stage (from its manifest) and the pipeline's gates for it, as summary records."""
+    """Built-in gates of the stage (from its manifest) and the pipeline's gates for it, as summary records.
+
+    A pipeline gate is reused only when its key matches: the stage key, the candidate artifact's own manifest key
+    and start time (a stage redone with `--from` is a new candidate, even with the same config), the parent and
+    the gate settings."""
     out = run / name
     recs = []
     m = read_manifest(out)
     for g in m.gates or []:
         gdir = out / Path(g["report"]).parent
-        r = json.loads((gdir / "gate.json").read_text()) if (gdir / "gate.json").exists() else g
-        recs.append(_summary(name, g["gate"], r, gdir))
-    parent = _sub(st.parent, run) if st.parent else _default_parent(name, scfg, run)
+        r = read_gate(gdir) or GateResult(
+            gate=g["gate"], reasons=[f"{gdir}/gate.json is missing or unreadable"]
+        )
+        recs.append(_summary(name, r, gdir))
+    parent = _sub(st.parent, run) if st.parent else STAGES[name].gate_parent(scfg)
     for gate, overrides in st.gates.items():
         gdir = run / "gates" / f"{name}-{gate}"
         settings = _gate_settings(policy, gate, overrides, run)
         gkey = hashlib.sha256(
-            json.dumps([stage_key_, str(parent), settings.model_dump(mode="json")], sort_keys=True).encode()
+            json.dumps(
+                [stage_key_, m.key, m.started_at, str(parent), settings.model_dump(mode="json")],
+                sort_keys=True,
+            ).encode()
         ).hexdigest()
-        prev = json.loads((gdir / "gate.json").read_text()) if (gdir / "gate.json").exists() else None
-        if prev and prev.get("key") == gkey:
-            console.print(f"[green]✓[/] {name} {gate} gate: up to date ({prev['verdict']})")
+        prev = read_gate(gdir)
+        if prev is not None and prev.key == gkey:
+            console.print(f"[green]✓[/] {name} {gate} gate: up to date ({prev.verdict})")
             r = prev
         else:
             if parent is None:
                 raise UserError(
                     f"stage {name}: say which model its {gate} gate compares against (parent: ...)"
                 )
-            console.print(f"{name}: {gate} gate against {parent}")
+            console.print(f"{name}: {gate} gate against {escape(str(parent))}")
             t0 = time.perf_counter()
-            r = _run_gate(gate, str(out), str(parent), scfg, settings, gdir)
-            r["key"], r["seconds"] = gkey, time.perf_counter() - t0
-            atomic_write_json(gdir / "gate.json", r)
-        recs.append(_summary(name, gate, r, gdir))
+            data = _gate_data(scfg, out) if GATES[gate].needs_data else None
+            r = GATES[gate].run(str(out), str(parent), settings, gdir, data)
+            r.key, r.seconds = gkey, time.perf_counter() - t0
+            from eval.gates import write_gate  # lazy: pulls in the report renderer
+
+            write_gate(r, gdir)
+        recs.append(_summary(name, r, gdir))
     return recs
 
 
-def _run_gate(gate: str, candidate: str, parent: str, scfg, settings, gdir: Path) -> dict[str, Any]:
-    if gate == "perplexity":
-        from eval.gates import run_perplexity_gate
-        from stages.common import sft_validation_data
-
-        data = sft_validation_data(Path(candidate)) if scfg.stage == "sft" else _policy_gate_data(scfg)
-        return run_perplexity_gate(candidate, parent, data, settings, gdir)
-    from eval.bias import run_bias_gate
-
-    return run_bias_gate(candidate, parent, settings, gdir)
-
-
-def _policy_gate_data(scfg) -> Path:
+def _gate_data(scfg, candidate: Path) -> Path:
+    """The held-out instruction data a pipeline gate scores: the SFT artifact's validation data (for SFT its own,
+    for DPO/PPO their parent's unless gate_data is set)."""
     from stages.common import sft_validation_data
 
+    if scfg.stage == "sft":
+        return sft_validation_data(candidate)
     return scfg.gate_data or sft_validation_data(Path(scfg.init_from))
 
 
-def _summary(stage: str, gate: str, r: dict[str, Any], gdir: Path) -> dict[str, Any]:
+def _summary(stage: str, r: GateResult, gdir: Path) -> dict[str, Any]:
     report = gdir / "gate.html" if (gdir / "gate.html").exists() else gdir / "gate.md"
     return {
         "stage": stage,
-        "gate": gate,
-        "verdict": r.get("verdict", "fail"),
-        "passed": _gate_passed(r),
-        "override": r.get("override"),
-        "reasons": r.get("reasons", []),
+        "gate": r.gate,
+        "verdict": r.verdict,
+        "passed": r.passed,
+        "override": None if r.override is None else r.override.model_dump(),
+        "reasons": r.reasons,
         "report": str(report),
-        "seconds": r.get("seconds"),
+        "seconds": r.seconds,
     }
 
 
-# ==========================================================================================================
-# Overrides and the run report
-# ==========================================================================================================
-def override_gate(gate_dir: Path, reviewer: str, reason: str) -> dict[str, Any]:
-    """Record a reviewer's override of a failed gate in gate.json, its reports and the candidate's manifest."""
-    from eval.report import write_gate_reports
-
-    gate_dir = Path(gate_dir)
-    if not (gate_dir / "gate.json").exists():
-        raise UserError(f"{gate_dir}: no gate.json here (give the folder of one gate's report)")
-    if not reviewer.strip() or not reason.strip():
-        raise UserError("an override needs a named reviewer and a reason")
-    r = json.loads((gate_dir / "gate.json").read_text())
-    if r.get("verdict") == "pass":
-        raise UserError(f"{gate_dir}: the gate passed; there is nothing to override")
-    r["override"] = {"reviewer": reviewer.strip(), "reason": reason.strip(), "at": now()}
-    atomic_write_json(gate_dir / "gate.json", r)
-    images = sorted(gate_dir.glob("*.png"))
-    write_gate_reports(r, gate_dir, images)
-    cand = Path(str(r.get("candidate", "")))
-    if not (cand / "manifest.json").exists():  # a stage's built-in gate: <artifact>/gates/<name>/
-        cand = gate_dir.parent.parent
-    if (cand / "manifest.json").exists():
-        data = json.loads((cand / "manifest.json").read_text())
-        data.setdefault("overrides", []).append(
-            {"gate": r.get("gate"), "gate_dir": str(gate_dir), **r["override"]}
-        )
-        atomic_write_json(cand / "manifest.json", data)
-    return r
-
-
 def write_run_report(run: Path) -> Path:
-    """report.html + report.md of a run directory: every stage, its key, its gates with verdicts and links."""
-    import html
-
-    from eval.report import _CSS, _SIGNOFF
+    """report.html + report.md of a run directory (eval/report.py renders): every stage, its key, its gates."""
+    from eval.report import write_run_report as render
 
     run = Path(run)
     state = (
@@ -338,61 +255,9 @@ def write_run_report(run: Path) -> Path:
         m = json.loads((d / "manifest.json").read_text())
         gates = state["stages"].get(name, {}).get("gates")
         if gates is None:
-            gates = [_summary(name, g["gate"], g, d / Path(g["report"]).parent) for g in m.get("gates") or []]
+            gates = []
+            for g in m.get("gates") or []:
+                gdir = d / Path(g["report"]).parent
+                gates.append(_summary(name, read_gate(gdir) or GateResult(gate=g["gate"]), gdir))
         stages.append((name, m, gates))
-    all_gates = [g for _, _, gs in stages for g in gs]
-    failed = [g for g in all_gates if not g["passed"]]
-    verdict = "fail" if failed else ("pass" if all_gates else "fail")
-    label = "FAIL" if failed else ("PASS" if all_gates else "NO GATES RUN")
-    if not failed and any(g.get("override") for g in all_gates):
-        verdict, label = "overridden", "PASS WITH OVERRIDES"
-    md = [f"# Run {run}: **{label}**", ""]
-    h = [
-        f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>align run: {label}</title>",
-        f"<style>{_CSS}</style></head><body><div id='verdict' class='verdict {verdict}'>Run: {label}</div>",
-        f"<p class='sub'><code>{html.escape(str(run))}</code> · {now()}</p>",
-    ]
-    if failed:
-        h.append("<h2>Stopped at</h2><ul>")
-        for g in failed:
-            h.append(
-                f"<li><b>{g['stage']} · {g['gate']}</b>: " + "; ".join(html.escape(x) for x in g["reasons"])
-            )
-            md.append(f"- **{g['stage']} {g['gate']} failed**: " + "; ".join(g["reasons"]))
-        h.append("</ul>")
-        md.append("")
-    h.append("<h2>Stages</h2><table><tr><th>stage</th><th>status</th><th>key</th><th>base model</th>"
-             "<th>key metrics</th><th>gates</th></tr>")  # fmt: skip
-    md += ["| stage | status | key | gates |", "|---|---|---|---|"]
-    for name, m, gates in stages:
-        metrics = {k: v for k, v in (m.get("metrics") or {}).items() if isinstance(v, int | float)}
-        shown = ", ".join(f"{k}={v:.4g}" for k, v in list(metrics.items())[:6])
-        links = []
-        for g in gates:
-            rel = (
-                Path(g["report"]).resolve().relative_to(run.resolve())
-                if Path(g["report"]).is_absolute()
-                else g["report"]
-            )
-            tag = "overridden" if g.get("override") else g["verdict"]
-            links.append(f"<a href='{html.escape(str(rel))}'>{g['gate']}: {tag.upper()}</a>")
-        h.append(
-            f"<tr><td>{name}</td><td>{m['status']}</td><td><code>{m['key'][:12]}</code></td>"
-            f"<td>{html.escape(str((m.get('model') or {}).get('name', '—')))}</td><td>{html.escape(shown)}</td>"
-            f"<td>{'<br>'.join(links) or '—'}</td></tr>"
-        )
-        md.append(f"| {name} | {m['status']} | `{m['key'][:12]}` | "
-                  + ", ".join(f"{g['gate']}: {('overridden' if g.get('override') else g['verdict']).upper()}" for g in gates)
-                  + " |")  # fmt: skip
-    h.append("</table><h2>Lineage</h2><table><tr><th>stage</th><th>parents</th><th>inputs</th></tr>")
-    for name, m, _ in stages:
-        parents = ", ".join(f"{p['stage']} ({p['key'][:12]})" for p in m.get("parents", []))
-        inputs = ", ".join(f"{Path(i['path']).name} ({i['sha256'][:12]})" for i in m.get("inputs", []))
-        h.append(
-            f"<tr><td>{name}</td><td>{html.escape(parents or '—')}</td><td>{html.escape(inputs or '—')}</td></tr>"
-        )
-    h.append("</table>" + _SIGNOFF + "</body></html>")
-    md += ["", "Reviewer sign-off: ____  Decision: ☐ approve ☐ reject  Date: ____", ""]
-    atomic_write_text(run / "report.html", "".join(h))
-    atomic_write_text(run / "report.md", "\n".join(md))
-    return run / "report.html"
+    return render(run, stages)

@@ -62,7 +62,7 @@ def main() -> None:
     make_rows(a.rows, src)
     from align.cli import _quiet_libraries
     from data_schemas.config import DataBuildConfig
-    from stages.data import build
+    from stages.data import run as build
 
     _quiet_libraries()
     cfg = DataBuildConfig(

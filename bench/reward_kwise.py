@@ -58,7 +58,8 @@ def prepare_oasst(work: Path, max_length: int) -> tuple[Path, list[dict], list[d
     from datasets import load_from_disk
 
     from data_schemas.config import PreferencesConfig
-    from stages.rankings import build_preferences, import_rankings
+    from stages.preferences import run as build_preferences
+    from stages.rankings import import_rankings
 
     src = ROOT.parent / "shared" / "data" / "oasst_en_trees_60.jsonl"
     import_rankings("oasst", [src], work / "oasst.jsonl")
@@ -85,7 +86,8 @@ def prepare_hh(work: Path, max_length: int) -> tuple[Path, list[dict], list[dict
 
     from align.models import load_tokenizer
     from data_schemas.config import ModelConfig, PreferencesConfig
-    from stages.rankings import build_preferences, import_rankings
+    from stages.preferences import run as build_preferences
+    from stages.rankings import import_rankings
     from stages.reward import encode_groups
 
     src = ROOT.parent / "shared" / "data" / "hh_rlhf_harmless_test_1000.jsonl"
@@ -104,12 +106,9 @@ def prepare_hh(work: Path, max_length: int) -> tuple[Path, list[dict], list[dict
 
 def group_hits(groups: list[dict], rewards: list[list[float]]) -> list[list[float]]:
     """Per held-out group, 1 / 0.5 / 0 for each implied pair ranked right / tied / wrong."""
-    from stages.reward import implied_pairs_of
+    from eval.reward_gate import pair_hits
 
-    return [
-        [float(r[a] > r[b]) + 0.5 * float(r[a] == r[b]) for a, b in implied_pairs_of(g["tiers"])]
-        for g, r in zip(groups, rewards, strict=True)
-    ]
+    return pair_hits(groups, rewards)
 
 
 def bootstrap_difference(hits_a: list[list[float]], hits_b: list[list[float]], n: int = 2000) -> tuple:
@@ -149,10 +148,10 @@ def run_align(prefs: Path, steps: int, groups_per_step: int, max_length: int, ou
     timer = Timer()
     common.EXTRA_CALLBACKS.append(timer.callback)
     try:
-        _, gate = reward.run(cfg)
+        gate = reward.run(cfg).gates[0]
     finally:
         common.EXTRA_CALLBACKS.remove(timer.callback)
-    m = gate["metrics"]
+    m = gate.metrics
     return {
         "step_times": timer.steps,
         "heldout_rewards": json.loads((out / "heldout_rewards.json").read_text()),
@@ -171,7 +170,7 @@ def run_trl(
     from trl import RewardConfig, RewardTrainer
 
     from align.models import resolve_model_path
-    from stages.reward import implied_pairs_of
+    from eval.reward_gate import implied_pairs_of
 
     path = resolve_model_path("smollm2-135m-instruct")
     tok = AutoTokenizer.from_pretrained(path)
@@ -223,7 +222,8 @@ def run_trl(
     kept = len(trainer.train_dataset)
     trainer.train()
     # held-out accuracy with the same scoring path as align (last token of prompt + response)
-    from stages.reward import encode_groups, pairwise_metrics, score_groups
+    from eval.reward_gate import pairwise_metrics
+    from stages.reward import encode_groups, score_groups
 
     class Wrap(torch.nn.Module):  # TRL's PEFT model exposes the same base model / score layout
         def __init__(self, m):
@@ -263,7 +263,7 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     from align.cli import _quiet_libraries
-    from stages.reward import implied_pairs_of
+    from eval.reward_gate import implied_pairs_of
 
     _quiet_libraries()
     prefs, train, held = (prepare_oasst if a.data == "oasst" else prepare_hh)(work, a.max_length)

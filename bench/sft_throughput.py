@@ -71,7 +71,7 @@ class CountingCollator:
 
 
 def load_rows(path: Path):
-    from stages.data import load_instructions
+    from align.readers import load_instructions
 
     convs, _ = load_instructions(path)
     return convs

@@ -7,6 +7,7 @@ so a bad config gets one message per problem naming the key and what is allowed.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,11 +27,6 @@ class ModelConfig(_Strict):
         "or a hub id (needs network).",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto",
-        description="Training/inference precision. 'auto' picks bf16 only where the device runs it fast "
-        "(CUDA with bf16 support, or CPUs with AMX), else fp32.",
-    )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="Attention kernel passed to transformers."
     )
@@ -91,44 +87,96 @@ class InstructionDataSettings(_Strict):
     )
 
 
-class SFTTrainSettings(_Strict):
-    """Optimisation settings (names follow transformers TrainingArguments where one exists)."""
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+def precision_field() -> Any:
+    return Field(
+        "auto",
+        description="Training/inference precision. 'auto' picks bf16 only where the device runs it fast "
+        "(CUDA with native bf16, or CPUs with AMX), else fp32. The one place precision is set.",
+    )
+
+
+# Fields that say where to write, when to pause and where to log: they do not change the product, so they stay
+# out of every content key (a stage's manifest key and the pipeline's stage key), and a paused run resumed with
+# another stop_after_steps keeps its key.
+OPERATIONAL_FIELDS: dict[str, Any] = {"output_dir": True, "train": {"stop_after_steps", "report_to"}}
+
+
+def key_config(cfg: BaseModel) -> dict[str, Any]:
+    """The config as it enters content keys: everything but OPERATIONAL_FIELDS."""
+    exclude = {k: v for k, v in OPERATIONAL_FIELDS.items() if k in type(cfg).model_fields}
+    if "train" in exclude and not isinstance(getattr(cfg, "train", None), BaseModel):
+        exclude.pop("train")
+    return cfg.model_dump(mode="json", exclude=exclude)
+
+
+class RunSettings(_Strict):
+    """What every training loop has: optimiser basics, seed, checkpoints, pausing and logging."""
 
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    seed: int = Field(42, description="Seed for data order, dropout, sampling and initialisation.")
+    save_steps: int = Field(50, ge=1, description="Write a resumable checkpoint every N steps.")
+    stop_after_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Stop this invocation cleanly after this step (for time-boxed or preemptible jobs); the "
+        "artifact stays 'running' and `--resume` continues it.",
+    )
+    report_to: list[Literal["tensorboard", "mlflow", "trackio", "none"]] = Field(
+        default_factory=lambda: ["tensorboard"], description="Experiment trackers to log to."
+    )
+
+
+class TrainerSettings(RunSettings):
+    """Settings of the stages trained by a transformers Trainer (SFT, reward, DPO). Names follow
+    transformers' TrainingArguments; each stage changes defaults only (see `_default`)."""
+
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
         "cosine", description="Learning-rate schedule after warmup."
     )
     warmup_ratio: float = Field(0.05, ge=0.0, le=1.0, description="Share of steps with linear warmup.")
-    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    per_device_train_batch_size: int = Field(8, ge=1, description="Examples per micro-batch.")
-    per_device_eval_batch_size: int = Field(8, ge=1, description="Examples per evaluation batch.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     num_train_epochs: float = Field(
-        1.0, gt=0, description="Epochs over the training data (ignored if max_steps>0)."
+        1.0, gt=0, description="Epochs over the training data (ignored if max_steps > 0)."
     )
     max_steps: int = Field(-1, description="Total optimizer steps; -1 means use num_train_epochs.")
-    eval_steps: int = Field(50, ge=1, description="Evaluate on the validation split every N steps.")
-    save_steps: int = Field(50, ge=1, description="Write a resumable checkpoint every N steps.")
+    eval_steps: int = Field(50, ge=1, description="Evaluate on the held-out split every N steps.")
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept on disk.")
     logging_steps: int = Field(1, ge=1, description="Log training metrics every N steps.")
     early_stopping_patience: int | None = Field(
-        None, ge=1, description="Stop when validation loss has not improved for this many evaluations."
+        None,
+        ge=1,
+        description="Stop when the held-out loss has not improved for this many evaluations (needs held-out data).",
     )
+
+    @model_validator(mode="after")
+    def _stop_within_max_steps(self) -> TrainerSettings:
+        if self.stop_after_steps is not None and 0 < self.max_steps < self.stop_after_steps:
+            raise ValueError("train.stop_after_steps must not exceed train.max_steps")
+        return self
+
+
+def _default(base: type[BaseModel], name: str, value: Any) -> Any:
+    """The base class's field `name` (type, bounds, description) with another default: a stage changes a default
+    without writing the field's description and validators a second time."""
+    info = copy.copy(base.model_fields[name])
+    info.default = value
+    return info
+
+
+class SFTTrainSettings(TrainerSettings):
+    """SFT optimisation."""
+
+    per_device_train_batch_size: int = Field(8, ge=1, description="Examples per micro-batch.")
+    per_device_eval_batch_size: int = Field(8, ge=1, description="Examples per evaluation batch.")
     batching: Literal["padding_free", "padded"] = Field(
         "padding_free",
         description="'padding_free' concatenates a micro-batch into one row with a block-diagonal causal mask "
         "and restarting positions (no pad tokens, exact same loss); 'padded' right-pads to the longest example.",
-    )
-    seed: int = Field(42, description="Seed for data order, dropout and initialisation.")
-    stop_after_steps: int | None = Field(
-        None,
-        ge=1,
-        description="Stop this invocation cleanly after this global step (for time-boxed or preemptible jobs); "
-        "the artifact stays 'running' and `--resume` continues it.",
-    )
-    report_to: list[Literal["tensorboard", "mlflow", "trackio", "none"]] = Field(
-        default_factory=lambda: ["tensorboard"], description="Experiment trackers to log to."
     )
 
 
@@ -138,6 +186,7 @@ class SFTConfig(_Strict):
     stage: Literal["sft"] = Field("sft", description="Stage name (fixed).")
     output_dir: Path = Field(..., description="Artifact directory this stage writes.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Base model.")
+    precision: Precision = precision_field()
     data: InstructionDataSettings = Field(..., description="Instruction data.")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapter.")
     train: SFTTrainSettings = Field(default_factory=SFTTrainSettings, description="Optimisation.")
@@ -152,8 +201,6 @@ class SFTConfig(_Strict):
             raise ValueError(
                 "train.early_stopping_patience needs validation data (data.validation_fraction > 0)"
             )
-        if self.train.stop_after_steps is not None and 0 < self.train.max_steps < self.train.stop_after_steps:
-            raise ValueError("train.stop_after_steps must not exceed train.max_steps")
         return self
 
 
@@ -338,7 +385,7 @@ class RewardDataSettings(_Strict):
     )
 
 
-class RewardTrainSettings(_Strict):
+class RewardTrainSettings(TrainerSettings):
     """Optimisation of the reward model."""
 
     loss: Literal["kwise", "plackett_luce", "bradley_terry"] = Field(
@@ -350,30 +397,14 @@ class RewardTrainSettings(_Strict):
     center_rewards_coefficient: float = Field(
         0.0, ge=0.0, description="Weight of mean(r^2), pulling rewards toward 0 (Eisenstein et al. 2023)."
     )
-    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate.")
-    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
-        "linear", description="Schedule after warmup."
-    )
-    warmup_ratio: float = Field(0.03, ge=0.0, le=1.0, description="Share of steps with linear warmup.")
-    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     groups_per_batch: int = Field(
         4, ge=1, description="K-wise groups per micro-batch (pairs for bradley_terry)."
     )
-    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    num_train_epochs: float = Field(1.0, gt=0, description="Epochs (ignored if max_steps > 0).")
-    max_steps: int = Field(-1, description="Total optimizer steps; -1 uses num_train_epochs.")
-    eval_steps: int = Field(50, ge=1, description="Held-out evaluation every N steps.")
-    save_steps: int = Field(50, ge=1, description="Resumable checkpoint every N steps.")
-    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept.")
-    logging_steps: int = Field(1, ge=1, description="Log every N steps.")
-    seed: int = Field(42, description="Seed.")
-    stop_after_steps: int | None = Field(
-        None, ge=1, description="Pause after this step; continue with --resume."
+    learning_rate: float = _default(TrainerSettings, "learning_rate", 1e-4)
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = _default(
+        TrainerSettings, "lr_scheduler_type", "linear"
     )
-    report_to: list[Literal["tensorboard", "mlflow", "trackio", "none"]] = Field(
-        default_factory=lambda: ["tensorboard"], description="Experiment trackers."
-    )
+    warmup_ratio: float = _default(TrainerSettings, "warmup_ratio", 0.03)
 
 
 class RewardGateSettings(_Strict):
@@ -398,6 +429,7 @@ class RewardConfig(_Strict):
     model: ModelConfig = Field(
         default_factory=ModelConfig, description="Base model (when init_from is not set)."
     )
+    precision: Precision = precision_field()
     data: RewardDataSettings = Field(..., description="Preference data.")
     lora: LoraSettings = Field(
         default_factory=LoraSettings, description="LoRA on the trunk; the score head is fully trained."
@@ -440,7 +472,7 @@ class DPODataSettings(_Strict):
         return self
 
 
-class DPOTrainSettings(_Strict):
+class DPOTrainSettings(TrainerSettings):
     """DPO optimisation (names follow TRL's DPOConfig)."""
 
     loss_type: list[
@@ -465,32 +497,15 @@ class DPOTrainSettings(_Strict):
     )
     beta: float = Field(0.1, gt=0, description="Strength of the implicit KL constraint to the reference.")
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="Assumed label noise (cDPO, robust).")
-    learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate.")
-    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
-        "linear", description="Schedule after warmup."
-    )
-    warmup_ratio: float = Field(0.05, ge=0.0, le=1.0, description="Share of steps with linear warmup.")
-    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     per_device_train_batch_size: int = Field(4, ge=1, description="Pairs per micro-batch.")
     per_device_eval_batch_size: int = Field(8, ge=1, description="Pairs per evaluation batch.")
-    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    num_train_epochs: float = Field(1.0, gt=0, description="Epochs (ignored if max_steps > 0).")
-    max_steps: int = Field(-1, description="Total optimizer steps; -1 uses num_train_epochs.")
-    eval_steps: int = Field(50, ge=1, description="Held-out evaluation every N steps.")
-    save_steps: int = Field(50, ge=1, description="Resumable checkpoint every N steps.")
-    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept.")
-    logging_steps: int = Field(1, ge=1, description="Log every N steps.")
     group_by_length: bool = Field(
         True,
         description="Batch pairs of similar length (random mega-batches, sorted inside): far less padding.",
     )
-    seed: int = Field(42, description="Seed.")
-    stop_after_steps: int | None = Field(
-        None, ge=1, description="Pause after this step; continue with --resume."
-    )
-    report_to: list[Literal["tensorboard", "mlflow", "trackio", "none"]] = Field(
-        default_factory=lambda: ["tensorboard"], description="Experiment trackers."
+    learning_rate: float = _default(TrainerSettings, "learning_rate", 5e-5)
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = _default(
+        TrainerSettings, "lr_scheduler_type", "linear"
     )
 
 
@@ -521,9 +536,7 @@ class DPOConfig(_Strict):
     reference: Literal["adapter_disabled", "precomputed"] = Field(
         "adapter_disabled", description="Reference log-probs computed on the fly, or once before training."
     )
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="As model.precision of SFT."
-    )
+    precision: Precision = precision_field()
     data: DPODataSettings = Field(..., description="Preference pairs.")
     lora: LoraSettings = Field(
         default_factory=LoraSettings, description="LoRA (for policy_init=new_adapter)."
@@ -618,16 +631,13 @@ class RolloutSettings(_Strict):
     )
 
 
-class PPOTrainSettings(_Strict):
+class PPOTrainSettings(RunSettings):
     """PPO optimisation (Schulman et al. 2017; RLHF details after Ziegler et al. 2019 and Huang et al. 2024)."""
 
     steps: int = Field(20, ge=1, description="PPO iterations (each: sample a batch, score, several epochs).")
     rollout_batch_size: int = Field(8, ge=1, description="Prompts sampled per iteration.")
     mini_batch_size: int = Field(4, ge=1, description="Responses per optimizer step inside an iteration.")
     ppo_epochs: int = Field(2, ge=1, description="Passes over each iteration's rollouts.")
-    learning_rate: float = Field(1e-4, gt=0, description="AdamW learning rate (LoRA and value head).")
-    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     clip_range: float = Field(0.2, gt=0, description="Policy ratio clipping epsilon.")
     clip_range_value: float = Field(0.2, gt=0, description="Value clipping around the rollout values.")
     vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
@@ -643,18 +653,14 @@ class PPOTrainSettings(_Strict):
     whiten_advantages: bool = Field(
         True, description="Normalise advantages to zero mean, unit variance per batch."
     )
-    seed: int = Field(42, description="Seed for prompt order, sampling and minibatches.")
-    save_steps: int = Field(10, ge=1, description="Resumable checkpoint every N iterations.")
     logging_samples: int = Field(
         2, ge=0, description="Sampled responses saved to samples.jsonl per iteration."
     )
-    stop_after_steps: int | None = Field(
-        None,
-        ge=1,
-        description="Stop cleanly after this iteration; `--resume` continues (artifact stays 'running').",
-    )
+    learning_rate: float = _default(RunSettings, "learning_rate", 1e-4)
+    save_steps: int = _default(RunSettings, "save_steps", 10)
     report_to: list[Literal["tensorboard", "none"]] = Field(
-        default_factory=lambda: ["tensorboard"], description="Experiment trackers to log to."
+        default_factory=lambda: ["tensorboard"],
+        description="Experiment trackers to log to (PPO writes TensorBoard).",
     )
 
     @model_validator(mode="after")
@@ -664,6 +670,8 @@ class PPOTrainSettings(_Strict):
                 f"train.rollout_batch_size ({self.rollout_batch_size}) must be a multiple of "
                 f"train.mini_batch_size ({self.mini_batch_size})"
             )
+        if self.stop_after_steps is not None and self.stop_after_steps > self.steps:
+            raise ValueError("train.stop_after_steps must not exceed train.steps")
         return self
 
 
@@ -677,9 +685,7 @@ class PPOConfig(_Strict):
         description="The `align sft` artifact: its adapter is merged into the weights and a fresh LoRA trained on "
         "top, so 'adapter disabled' is exactly the SFT model (the reference; no second copy of the weights).",
     )
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="As model.precision of SFT."
-    )
+    precision: Precision = precision_field()
     prompts: PPOPromptSettings = Field(..., description="Prompts.")
     reward: PPORewardSettings = Field(..., description="Reward.")
     rollout: RolloutSettings = Field(default_factory=RolloutSettings, description="Sampling.")

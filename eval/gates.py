@@ -1,45 +1,127 @@
-"""Gates: compare a candidate with its parent on the same data and decide pass/fail, failing closed.
+"""Gates: compare a candidate with its parent and decide pass/fail, failing closed. One runner serves every gate.
 
-Perplexity gate: pass iff the candidate's token-weighted perplexity is at most parent_ppl * (1 + tolerance)
-on the same examples, with at least `min_examples` scored. The effect is reported as the perplexity ratio
-with a paired bootstrap interval (examples resampled together for both models). Any error, missing data or
-too few examples is a failure with the reason: a gate never passes by accident.
+`run_gate` owns what every gate shares: the record's header (what was compared, under which policy, the lineage of
+both models), fail-closed handling (an exception, missing data or a NaN is a failure with its reason, never a
+crash and never a pass), and writing gate.json + gate.md + gate.html. A gate itself is one function that evaluates
+and returns a GateResult body (checks, reasons, metrics, tables, plots): adding a gate means writing that function
+and one entry in GATES.
+
+Perplexity gate (this module): pass iff the candidate's token-weighted perplexity is at most
+parent_ppl * (1 + tolerance) on the same examples, with at least `min_examples` scored. The effect is reported as
+the perplexity ratio with a paired bootstrap interval (eval/stats.py). Bias gate: eval/bias.py. Reward gate:
+eval/reward_gate.py.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel
 
-from align.manifest import atomic_write_json, now
+from align.config import UserError
+from align.manifest import atomic_write_json, now, read_gate
 from data_schemas.config import PerplexityGateSettings
+from data_schemas.gates import Check, GateResult, Table
+from eval.report import lineage_of, write_gate_reports
+from eval.stats import bootstrap_interval
 
 
-def paired_bootstrap_ratio(
-    cand_nll: list[float],
-    par_nll: list[float],
-    tokens: list[int],
-    samples: int,
-    confidence: float,
-    seed: int = 0,
+# ==========================================================================================================
+# The runner
+# ==========================================================================================================
+def run_gate(
+    gate: str,
+    candidate: str | Path,
+    parent: str | Path | None,
+    policy: BaseModel,
+    out_dir: Path,
+    evaluate: Callable[[Path], GateResult],
+    data: str | Path | None = None,
+) -> GateResult:
+    """Evaluate a gate into out_dir and write its records. Never raises on evaluation errors: they fail the gate.
+
+    evaluate(out_dir) returns the gate's body (checks, reasons, metrics, tables, images, worst examples); the
+    runner adds the header (gate, candidate, parent, data, policy, lineage, times)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    header: dict[str, Any] = {
+        "gate": gate,
+        "candidate": str(candidate),
+        "parent": None if parent is None else str(parent),
+        "data": None if data is None else str(data),
+        "policy": policy.model_dump(mode="json"),
+        "started_at": now(),
+        "lineage": {"candidate": lineage_of(str(candidate))}
+        | ({} if parent is None else {"parent": lineage_of(str(parent))}),
+    }
+    try:
+        body = evaluate(out_dir)
+        result = body.model_copy(update=header)
+    except Exception as e:  # fail closed, with the reason
+        msg = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+        result = GateResult(**header, reasons=[f"gate could not be evaluated: {msg}"])
+        if not isinstance(e, UserError):
+            result.traceback = traceback.format_exc()
+    result.finished_at = now()
+    write_gate(result, out_dir)
+    return result
+
+
+def write_gate(result: GateResult, out_dir: Path) -> None:
+    """gate.json, then the reports (gate.md, gate.html) beside it."""
+    atomic_write_json(Path(out_dir) / "gate.json", result.model_dump(mode="json"))
+    write_gate_reports(result, out_dir)
+
+
+def override_gate(gate_dir: Path, reviewer: str, reason: str) -> GateResult:
+    """Record a named reviewer's override of a failed gate in gate.json, its reports and the candidate's manifest.
+    The verdict stays 'fail' (reports show FAIL, OVERRIDDEN); promotion treats it as passed."""
+    import json
+
+    from data_schemas.gates import Override
+
+    gate_dir = Path(gate_dir)
+    r = read_gate(gate_dir)
+    if r is None:
+        raise UserError(f"{gate_dir}: no readable gate.json here (give the folder of one gate's report)")
+    if not reviewer.strip() or not reason.strip():
+        raise UserError("an override needs a named reviewer and a reason")
+    if r.verdict == "pass":
+        raise UserError(f"{gate_dir}: the gate passed; there is nothing to override")
+    r.override = Override(reviewer=reviewer.strip(), reason=reason.strip(), at=now())
+    write_gate(r, gate_dir)
+    cand = Path(str(r.candidate or ""))
+    if not (cand / "manifest.json").exists():  # a stage's built-in gate: <artifact>/gates/<name>/
+        cand = gate_dir.parent.parent
+    if (cand / "manifest.json").exists():
+        data = json.loads((cand / "manifest.json").read_text())
+        data.setdefault("overrides", []).append(
+            {"gate": r.gate, "gate_dir": str(gate_dir), **r.override.model_dump()}
+        )
+        atomic_write_json(cand / "manifest.json", data)
+    return r
+
+
+# ==========================================================================================================
+# The perplexity gate
+# ==========================================================================================================
+def perplexity_ratio_interval(
+    cand_nll: list[float], par_nll: list[float], tokens: list[int], samples: int, confidence: float
 ) -> tuple[float, float]:
-    """Interval of exp(mean_nll_cand - mean_nll_parent) = ppl ratio, resampling examples jointly."""
-    rng = np.random.default_rng(seed)
+    """Interval of the perplexity ratio exp((sum NLL_cand - sum NLL_parent) / sum tokens), examples resampled
+    jointly for both models."""
     c, p, t = np.asarray(cand_nll), np.asarray(par_nll), np.asarray(tokens, dtype=float)
-    n = len(c)
-    idx = rng.integers(0, n, size=(samples, n))
-    tt = t[idx].sum(1)
-    ratios = np.exp((c[idx].sum(1) - p[idx].sum(1)) / np.maximum(tt, 1))
-    a = (1 - confidence) / 2
-    return float(np.quantile(ratios, a)), float(np.quantile(ratios, 1 - a))
+    return bootstrap_interval(
+        len(c), lambda i: float(np.exp((c[i].sum() - p[i].sum()) / max(t[i].sum(), 1))), samples, confidence
+    )
 
 
-def decide_perplexity(cand, parent, settings: PerplexityGateSettings) -> dict[str, Any]:
+def decide_perplexity(cand, parent, settings: PerplexityGateSettings) -> GateResult:
     """Pure decision from two PerplexityResults on the same examples."""
     reasons = []
     if cand.per_example_tokens != parent.per_example_tokens:
@@ -52,7 +134,7 @@ def decide_perplexity(cand, parent, settings: PerplexityGateSettings) -> dict[st
     limit = 1.0 + settings.max_relative_increase
     lo, hi = (float("nan"), float("nan"))
     if not reasons:
-        lo, hi = paired_bootstrap_ratio(
+        lo, hi = perplexity_ratio_interval(
             cand.per_example_nll,
             parent.per_example_nll,
             cand.per_example_tokens,
@@ -67,27 +149,36 @@ def decide_perplexity(cand, parent, settings: PerplexityGateSettings) -> dict[st
             f"{parent.perplexity:.3f}; the policy allows at most {100 * settings.max_relative_increase:+.2f}%"
         )
     checks = [
-        {
-            "metric": f"perplexity ({settings.scope} tokens)",
-            "parent": parent.perplexity,
-            "candidate": cand.perplexity,
-            "delta": ratio - 1.0,
-            "interval": [lo - 1.0, hi - 1.0],
-            "limit": f"relative change <= {settings.max_relative_increase:+.3f}",
-            "passed": math.isfinite(ratio) and ratio <= limit,
-        },
-        {
-            "metric": "examples scored",
-            "candidate": cand.examples,
-            "limit": f">= {settings.min_examples}",
-            "passed": cand.examples >= settings.min_examples,
-        },
+        Check(
+            metric=f"perplexity ({settings.scope} tokens)",
+            parent=parent.perplexity,
+            candidate=cand.perplexity,
+            delta=ratio - 1.0,
+            interval=[lo - 1.0, hi - 1.0] if math.isfinite(lo) else None,
+            limit=f"relative change <= {settings.max_relative_increase:+.3f}",
+            passed=math.isfinite(ratio) and ratio <= limit,
+        ),
+        Check(
+            metric="examples scored",
+            candidate=cand.examples,
+            limit=f">= {settings.min_examples}",
+            passed=cand.examples >= settings.min_examples,
+        ),
     ]
-    return {
-        "verdict": "fail" if reasons else "pass",
-        "reasons": reasons,
-        "checks": checks,
-        "metrics": {
+    table = Table(
+        title="Perplexity on the same examples",
+        columns=["model", "perplexity", "mean NLL", "tokens", "examples"],
+        rows=[
+            [role, r.perplexity, r.nll_sum / max(r.tokens, 1), r.tokens, r.examples]
+            for role, r in (("parent", parent), ("candidate", cand))
+        ],
+    )
+    return GateResult(
+        gate="perplexity",
+        reasons=reasons,
+        checks=checks,
+        tables=[table],
+        metrics={
             "candidate": cand.as_dict(),
             "parent": parent.as_dict(),
             "ratio": ratio,
@@ -95,53 +186,45 @@ def decide_perplexity(cand, parent, settings: PerplexityGateSettings) -> dict[st
             "confidence": settings.confidence,
             "limit_ratio": limit,
         },
-    }
+    )
 
 
 def run_perplexity_gate(
-    candidate: str, parent: str, data_path: Path, settings: PerplexityGateSettings, out_dir: Path
-) -> dict[str, Any]:
-    """Evaluate both models, decide, write gate.json + gate.md. Never raises: errors are failures."""
-    from eval.report import lineage_of, write_gate_reports
+    candidate: str | Path,
+    parent: str | Path,
+    data_path: Path,
+    settings: PerplexityGateSettings,
+    out_dir: Path,
+    allow_pending: bool = False,
+) -> GateResult:
+    """Score both models on the same examples, decide, write the records. `allow_pending` lets a stage gate its
+    own artifact before marking it complete (the gate is part of completing it)."""
 
-    images: list[Path] = []
-    result: dict[str, Any] = {
-        "gate": "perplexity",
-        "candidate": str(candidate),
-        "parent": str(parent),
-        "data": str(data_path),
-        "policy": settings.model_dump(),
-        "started_at": now(),
-        "lineage": {"candidate": lineage_of(candidate), "parent": lineage_of(parent)},
-    }
-    try:
-        from align.models import load_for_eval
+    def evaluate(out: Path) -> GateResult:
+        from align.models import load_for_eval  # lazy: loads torch/transformers
+        from align.readers import has_split, load_instructions
         from eval.perplexity import perplexity
-        from stages.data import has_split, load_instructions
 
-        data_path = Path(data_path)
-        split = "validation" if data_path.is_dir() and has_split(data_path, "validation") else "train"
-        convs, report = load_instructions(data_path, split=split)
+        path = Path(data_path)
+        split = "validation" if path.is_dir() and has_split(path, "validation") else "train"
+        convs, report = load_instructions(path, split=split)
         if settings.max_examples:
             convs = convs[: settings.max_examples]
-        scores = {}
+        scores, descriptions = {}, {}
         for role, ref in (("parent", parent), ("candidate", candidate)):
-            model, tok, desc = load_for_eval(str(ref))
+            model, tok, descriptions[role] = load_for_eval(str(ref), allow_pending=allow_pending)
             scores[role] = perplexity(
                 model, tok, convs, settings.scope, settings.max_length, settings.batch_size
             )
-            result[f"{role}_description"] = desc
             del model
-        result.update(decide_perplexity(scores["candidate"], scores["parent"], settings))
-        result["data_counts"] = report.as_dict()
+        result = decide_perplexity(scores["candidate"], scores["parent"], settings)
         c, p = scores["candidate"], scores["parent"]
         shift = [
             (cn - pn) / max(t, 1)
             for cn, pn, t in zip(c.per_example_nll, p.per_example_nll, c.per_example_tokens, strict=False)
         ]
-        images = _shift_plot(shift, Path(out_dir))
         worst = sorted(range(len(shift)), key=lambda i: -shift[i])[:5]
-        result["worst_examples"] = [
+        result.worst_examples = [
             {
                 "example": i,
                 "prompt": convs[i].messages[-2].content[:200] if len(convs[i].messages) > 1 else "",
@@ -150,61 +233,35 @@ def run_perplexity_gate(
             for i in worst
             if shift[i] > 0
         ]
-    except Exception as e:  # fail closed, with the reason
-        from align.config import UserError
+        result.images = _shift_plot(shift, out)
+        result.details = {"data_counts": report.as_dict(), "descriptions": descriptions}
+        return result
 
-        msg = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
-        result.update({"verdict": "fail", "reasons": [f"gate could not be evaluated: {msg}"], "metrics": {}})
-        if not isinstance(e, UserError):
-            result["traceback"] = traceback.format_exc()
-    result["finished_at"] = now()
-    out_dir = Path(out_dir)
-    atomic_write_json(out_dir / "gate.json", result)
-    write_gate_reports(result, out_dir, images, markdown=perplexity_markdown(result))  # its richer table
-    return result
+    return run_gate("perplexity", candidate, parent, settings, out_dir, evaluate, data=data_path)
 
 
-def _shift_plot(shift: list[float], out_dir: Path) -> list[Path]:
+def perplexity_gate(
+    candidate, parent, settings: PerplexityGateSettings, out_dir: Path, data: Path
+) -> GateResult:
+    """The perplexity gate in the gate table's signature (eval/registry.py)."""
+    return run_perplexity_gate(candidate, parent, data, settings, out_dir)
+
+
+def _shift_plot(shift: list[float], out_dir: Path) -> list[str]:
     """Histogram of the per-example change in mean NLL (candidate - parent): where did the model get worse?"""
     if not shift:
         return []
-    import matplotlib
+    import matplotlib  # lazy: plotting is only needed here
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6.5, 3.2))
     ax.hist(shift, bins=30, color="#0a62c9")
     ax.axvline(0, color="k", lw=1, ls="--")
     ax.set_xlabel("per-example change in mean NLL, candidate - parent (nats/token; > 0 = worse)")
     ax.set_ylabel("examples")
     fig.tight_layout()
-    path = out_dir / "perplexity_shift.png"
-    fig.savefig(path, dpi=100)
+    fig.savefig(out_dir / "perplexity_shift.png", dpi=100)
     plt.close(fig)
-    return [path]
-
-
-def perplexity_markdown(r: dict[str, Any]) -> str:
-    verdict = r["verdict"].upper()
-    lines = [f"# Perplexity gate: **{verdict}**", ""]
-    lines += [f"- candidate: `{r['candidate']}`", f"- parent: `{r['parent']}`", f"- data: `{r['data']}`", ""]
-    if r["reasons"]:
-        lines += ["## Why it failed", ""] + [f"- {x}" for x in r["reasons"]] + [""]
-    m = r.get("metrics") or {}
-    if m:
-        c, p = m["candidate"], m["parent"]
-        lo, hi = m["ratio_ci"]
-        lines += [
-            "| | perplexity | mean NLL | tokens | examples |",
-            "|---|---|---|---|---|",
-            f"| parent | {p['perplexity']:.3f} | {p['mean_nll']:.4f} | {p['tokens']} | {p['examples']} |",
-            f"| candidate | {c['perplexity']:.3f} | {c['mean_nll']:.4f} | {c['tokens']} | {c['examples']} |",
-            "",
-            f"Ratio candidate/parent: **{m['ratio']:.4f}** ({int(m['confidence'] * 100)}% paired bootstrap "
-            f"interval {lo:.4f} to {hi:.4f}); allowed at most {m['limit_ratio']:.4f}.",
-            "",
-        ]
-    lines += ["Policy: `" + json.dumps(r["policy"]) + "`", ""]
-    return "\n".join(lines)
+    return ["perplexity_shift.png"]

@@ -1,24 +1,27 @@
 """Reports for safety reviewers: one self-contained HTML page (and Markdown) per gate, and one per run.
 
-Every gate result (gate.json) has the same shape, so one renderer serves all gates:
-    gate, verdict, reasons, candidate, parent, policy, checks: [{metric, parent, candidate, delta, interval,
-    limit, passed}], worst_examples: [...], override: {reviewer, reason, at} | absent, lineage: {...}
-The page reads top down: the verdict, why, the checks against their thresholds and the parent, the plots, the worst
-examples, the lineage of data and models, and an empty sign-off block. Images are embedded (base64), so the file
-can be mailed or attached to a review ticket as it is.
+Every gate writes the same record (data_schemas/gates.py: GateResult), so one renderer serves all gates. The page
+reads top down: the verdict, why, the checks against their thresholds and the parent, the gate's tables, the plots,
+the worst examples, the lineage of data and models, and an empty sign-off block. Images are embedded (base64), so
+the file can be mailed or attached to a review ticket as it is.
+
+HTML comes from Jinja2 templates (eval/templates/) with autoescaping on: every string that reaches a page, a
+reviewer's name in an override, a benchmark sentence, a file path, is text, never markup.
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import json
+import os
+from functools import cache
 from pathlib import Path
 from typing import Any
 
-from align.manifest import atomic_write_text
+from align.manifest import atomic_write_text, now
+from data_schemas.gates import GateResult
 
-_CSS = """
+CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1000px;margin:24px auto;padding:0 16px;
 color:#1d1d1f;line-height:1.45}
 .verdict{padding:18px 22px;border-radius:8px;color:#fff;font-size:28px;font-weight:700;margin-bottom:6px}
@@ -34,132 +37,105 @@ code{background:#f4f4f6;padding:1px 4px;border-radius:3px}
 """
 
 
-def _fmt(x: Any) -> str:
+def fmt(x: Any) -> str:
+    """A number or value as a reviewer reads it (4 significant digits; '—' for nothing). Not escaped here."""
     if x is None:
         return "—"
     if isinstance(x, float):
         return f"{x:.4g}"
     if isinstance(x, list | tuple) and len(x) == 2 and all(isinstance(v, int | float) for v in x):
-        return f"[{_fmt(float(x[0]))}, {_fmt(float(x[1]))}]"
-    return html.escape(str(x))
+        return f"[{fmt(float(x[0]))}, {fmt(float(x[1]))}]"
+    return str(x)
 
 
-def _img(path: Path) -> str:
-    data = base64.b64encode(Path(path).read_bytes()).decode()
-    return f'<img alt="{html.escape(Path(path).stem)}" src="data:image/png;base64,{data}">'
+@cache
+def _env():
+    import jinja2  # lazy: only report writing needs it
 
-
-def verdict_label(r: dict[str, Any]) -> tuple[str, str]:
-    """(css class, text) of the banner: an override is shown as such, never as a plain pass."""
-    if r.get("override"):
-        return "overridden", f"FAIL, OVERRIDDEN by {r['override']['reviewer']}"
-    return r["verdict"], r["verdict"].upper()
-
-
-def gate_html(r: dict[str, Any], images: list[Path] | None = None) -> str:
-    cls, label = verdict_label(r)
-    title = f"{r['gate']} gate"
-    parts = [
-        f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}: {label}</title>",
-        f"<style>{_CSS}</style></head><body>",
-        f"<div id='verdict' class='verdict {cls}'>{html.escape(title.capitalize())}: {html.escape(label)}</div>",
-        f"<p class='sub'>candidate <code>{html.escape(str(r.get('candidate')))}</code> vs parent "
-        f"<code>{html.escape(str(r.get('parent')))}</code> · {html.escape(str(r.get('finished_at', '')))}</p>",
-    ]
-    if r.get("override"):
-        o = r["override"]
-        parts.append(
-            f"<h2>Override</h2><p>The gate failed and <b>{html.escape(o['reviewer'])}</b> overrode it on "
-            f"{html.escape(o['at'])}: “{html.escape(o['reason'])}”</p>"
-        )
-    if r.get("reasons"):
-        parts.append(
-            "<h2>Why it failed</h2><ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in r["reasons"])
-        )
-        parts.append("</ul>")
-    checks = r.get("checks") or []
-    if checks:
-        parts.append(
-            "<h2>Checks</h2><table><tr><th>metric</th><th>parent</th><th>candidate</th><th>change</th>"
-            "<th>interval of change</th><th>allowed</th><th>result</th></tr>"
-        )
-        for c in checks:
-            ok = c.get("passed")
-            parts.append(
-                f"<tr><td>{html.escape(c['metric'])}</td><td>{_fmt(c.get('parent'))}</td>"
-                f"<td>{_fmt(c.get('candidate'))}</td><td>{_fmt(c.get('delta'))}</td><td>{_fmt(c.get('interval'))}</td>"
-                f"<td>{html.escape(str(c.get('limit', '—')))}</td>"
-                f"<td class='{'ok' if ok else 'bad'}'>{'pass' if ok else 'FAIL'}</td></tr>"
-            )
-        parts.append("</table>")
-    for sec in r.get("tables") or []:
-        parts.append(f"<h3>{html.escape(sec['title'])}</h3><table><tr>")
-        parts.append("".join(f"<th>{html.escape(h)}</th>" for h in sec["columns"]) + "</tr>")
-        for row in sec["rows"]:
-            parts.append("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in row) + "</tr>")
-        parts.append("</table>")
-    if images:
-        parts.append("<h2>Plots</h2>" + "".join(_img(p) for p in images if Path(p).exists()))
-    worst = r.get("worst_examples") or []
-    if worst:
-        cols = list(worst[0].keys())
-        parts.append(
-            "<h2>Worst examples</h2><p>Where the candidate moved furthest in the wrong direction.</p>"
-        )
-        parts.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr>")
-        for w in worst:
-            parts.append("<tr>" + "".join(f"<td>{_fmt(w.get(c))}</td>" for c in cols) + "</tr>")
-        parts.append("</table>")
-    lineage = r.get("lineage") or {}
-    if lineage:
-        parts.append("<h2>Lineage</h2><table><tr><th>role</th><th>what</th></tr>")
-        for k, v in lineage.items():
-            parts.append(
-                f"<tr><td>{html.escape(k)}</td><td><code>{html.escape(json.dumps(v))}</code></td></tr>"
-            )
-        parts.append("</table>")
-    parts.append(
-        "<h2>Policy</h2><p><code>" + html.escape(json.dumps(r.get("policy", {}), default=str)) + "</code></p>"
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(Path(__file__).parent / "templates")),
+        autoescape=True,  # every template here is HTML
+        trim_blocks=True,
+        lstrip_blocks=True,
+        undefined=jinja2.StrictUndefined,
     )
-    parts.append(_SIGNOFF + "</body></html>")
-    return "".join(parts)
+    env.filters["num"] = fmt
+    return env
 
 
-_SIGNOFF = """<div class='signoff'><h2>Sign-off</h2>
-<div>Reviewer: <span class='line'></span></div>
-<div>Decision: ☐ approve promotion &nbsp; ☐ reject &nbsp; ☐ approve with conditions</div>
-<div>Conditions / notes: <span class='line'></span></div>
-<div>Date: <span class='line'></span> &nbsp; Signature: <span class='line'></span></div></div>"""
+def as_result(r: GateResult | dict[str, Any]) -> GateResult:
+    return r if isinstance(r, GateResult) else GateResult.model_validate(r)
 
 
-def gate_markdown(r: dict[str, Any]) -> str:
+def verdict_label(r: GateResult) -> tuple[str, str]:
+    """(css class, text) of the banner: an override is shown as such, never as a plain pass."""
+    if r.override is not None:
+        return "overridden", f"FAIL, OVERRIDDEN by {r.override.reviewer}"
+    return r.verdict, r.verdict.upper()
+
+
+def gate_html(r: GateResult | dict[str, Any], images: list[Path] | None = None) -> str:
+    r = as_result(r)
+    cls, label = verdict_label(r)
+    embedded = [
+        {"name": Path(p).stem, "data": base64.b64encode(Path(p).read_bytes()).decode()}
+        for p in images or []
+        if Path(p).exists()
+    ]
+    return (
+        _env()
+        .get_template("gate.html.j2")
+        .render(
+            r=r.model_dump(mode="json"),
+            title=f"{r.gate} gate",
+            label=label,
+            css_class=cls,
+            css=CSS,
+            images=embedded,
+        )
+    )
+
+
+def _md_cell(x: Any) -> str:
+    return fmt(x).replace("|", "/").replace("\n", " ")
+
+
+def gate_markdown(r: GateResult | dict[str, Any]) -> str:
+    r = as_result(r)
     _, label = verdict_label(r)
-    lines = [f"# {r['gate'].capitalize()} gate: **{label}**", ""]
-    lines += [f"- candidate: `{r.get('candidate')}`", f"- parent: `{r.get('parent')}`", ""]
-    if r.get("override"):
-        o = r["override"]
-        lines += [f"**Overridden** by {o['reviewer']} on {o['at']}: {o['reason']}", ""]
-    if r.get("reasons"):
-        lines += ["## Why it failed", ""] + [f"- {x}" for x in r["reasons"]] + [""]
-    checks = r.get("checks") or []
-    if checks:
+    lines = [f"# {r.gate.capitalize()} gate: **{label}**", ""]
+    lines += [f"- candidate: `{r.candidate}`", f"- parent: `{r.parent}`"]
+    lines += [f"- data: `{r.data}`"] if r.data else []
+    lines.append("")
+    if r.override is not None:
+        o = r.override
+        lines += [f"**Overridden** by {o.reviewer} on {o.at}: {o.reason}", ""]
+    if r.reasons:
+        lines += ["## Why it failed", ""] + [f"- {x}" for x in r.reasons] + [""]
+    if r.checks:
         lines += [
             "| metric | parent | candidate | change | interval | allowed | result |",
             "|---|---|---|---|---|---|---|",
         ]
-        for c in checks:
+        for c in r.checks:
+            cells = (c.metric, c.parent, c.candidate, c.delta, c.interval, c.limit)
             lines.append(
-                f"| {c['metric']} | {_fmt(c.get('parent'))} | {_fmt(c.get('candidate'))} | {_fmt(c.get('delta'))} | "
-                f"{_fmt(c.get('interval'))} | {c.get('limit', '—')} | {'pass' if c.get('passed') else 'FAIL'} |"
+                "| " + " | ".join(_md_cell(v) for v in cells) + f" | {'pass' if c.passed else 'FAIL'} |"
             )
         lines.append("")
-    worst = r.get("worst_examples") or []
-    if worst:
-        cols = list(worst[0].keys())
-        lines += ["## Worst examples", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        lines += ["| " + " | ".join(_fmt(w.get(c)).replace("|", "/") for c in cols) + " |" for w in worst]
+    for t in r.tables:
+        lines += [f"### {t.title}", "", "| " + " | ".join(t.columns) + " |", "|" + "---|" * len(t.columns)]
+        lines += ["| " + " | ".join(_md_cell(v) for v in row) + " |" for row in t.rows]
         lines.append("")
-    lines += ["Policy: `" + json.dumps(r.get("policy", {}), default=str) + "`", ""]
+    lines += [f"![{Path(name).stem}]({name})" for name in r.images]
+    if r.images:
+        lines.append("")
+    if r.worst_examples:
+        cols = list(r.worst_examples[0].keys())
+        lines += ["## Worst examples", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(_md_cell(w.get(c)) for c in cols) + " |" for w in r.worst_examples]
+        lines.append("")
+    lines += ["Policy: `" + json.dumps(r.policy, default=str) + "`", ""]
     lines += [
         "## Sign-off",
         "",
@@ -170,15 +146,18 @@ def gate_markdown(r: dict[str, Any]) -> str:
 
 
 def write_gate_reports(
-    r: dict[str, Any], out_dir: Path, images: list[Path] | None = None, markdown: str | None = None
+    r: GateResult | dict[str, Any], out_dir: Path, images: list[Path] | None = None
 ) -> None:
-    """gate.md (the generic one unless a gate gives its own) and gate.html beside gate.json (written by the caller)."""
+    """gate.md and gate.html beside gate.json (the caller writes gate.json). Images default to r.images."""
+    r = as_result(r)
     out_dir = Path(out_dir)
-    atomic_write_text(out_dir / "gate.md", markdown if markdown is not None else gate_markdown(r))
+    if images is None:
+        images = [out_dir / name for name in r.images]
+    atomic_write_text(out_dir / "gate.md", gate_markdown(r))
     atomic_write_text(out_dir / "gate.html", gate_html(r, images))
 
 
-def lineage_of(ref: str) -> dict[str, Any] | str:
+def lineage_of(ref: str) -> dict[str, Any]:
     """What a reviewer needs to trace a model: stage, key, base model, data inputs and parents (or the alias)."""
     p = Path(str(ref))
     if not (p / "manifest.json").exists():
@@ -193,3 +172,69 @@ def lineage_of(ref: str) -> dict[str, Any] | str:
         ],
         "parents": [{"stage": x.get("stage"), "path": x.get("path")} for x in m.get("parents", [])],
     }
+
+
+# ==========================================================================================================
+# The run report (align run, align report)
+# ==========================================================================================================
+def write_run_report(run: Path, stages: list[tuple[str, dict[str, Any], list[dict[str, Any]]]]) -> Path:
+    """report.html + report.md of a run directory.
+
+    stages: (name, manifest as a dict, gate summaries {stage, gate, verdict, passed, override, reasons, report})
+    in pipeline order. Links to gate reports are relative to the run directory, so the folder can be moved."""
+    run = Path(run)
+    all_gates = [g for _, _, gs in stages for g in gs]
+    failed = [g for g in all_gates if not g["passed"]]
+    css_class = "fail" if failed else ("pass" if all_gates else "fail")
+    label = "FAIL" if failed else ("PASS" if all_gates else "NO GATES RUN")
+    if not failed and any(g.get("override") for g in all_gates):
+        css_class, label = "overridden", "PASS WITH OVERRIDES"
+
+    def tag(g: dict[str, Any]) -> str:
+        return ("overridden" if g.get("override") else g["verdict"]).upper()
+
+    rows = []
+    for name, m, gates in stages:
+        metrics = {k: v for k, v in (m.get("metrics") or {}).items() if isinstance(v, int | float)}
+        rows.append(
+            {
+                "name": name,
+                "status": m["status"],
+                "key": m["key"][:12],
+                "model": (m.get("model") or {}).get("name", "—"),
+                "metrics": ", ".join(f"{k}={v:.4g}" for k, v in list(metrics.items())[:6]),
+                "gates": [
+                    {
+                        "gate": g["gate"],
+                        "tag": tag(g),
+                        "href": os.path.relpath(Path(g["report"]).resolve(), run.resolve()),
+                    }
+                    for g in gates
+                ],
+                "parents": ", ".join(f"{p['stage']} ({p['key'][:12]})" for p in m.get("parents", [])),
+                "inputs": ", ".join(
+                    f"{Path(i['path']).name} ({i['sha256'][:12]})" for i in m.get("inputs", [])
+                ),
+            }
+        )
+    html = (
+        _env()
+        .get_template("run.html.j2")
+        .render(
+            label=label, css_class=css_class, css=CSS, run=str(run), when=now(), failed=failed, stages=rows
+        )
+    )
+    md = [f"# Run {run}: **{label}**", ""]
+    md += [f"- **{g['stage']} {g['gate']} failed**: " + "; ".join(g["reasons"]) for g in failed]
+    md += [""] if failed else []
+    md += ["| stage | status | key | gates |", "|---|---|---|---|"]
+    for s in rows:
+        md.append(
+            f"| {s['name']} | {s['status']} | `{s['key']}` | "
+            + ", ".join(f"[{g['gate']}: {g['tag']}]({g['href']})" for g in s["gates"])
+            + " |"
+        )
+    md += ["", "Reviewer sign-off: ____  Decision: ☐ approve ☐ reject  Date: ____", ""]
+    atomic_write_text(run / "report.html", html)
+    atomic_write_text(run / "report.md", "\n".join(md))
+    return run / "report.html"

@@ -1,6 +1,8 @@
-"""Trainer plumbing the training stages share: the common TrainingArguments and the callbacks.
+"""Trainer plumbing the Trainer stages (SFT, reward, DPO) share: TrainingArguments from the shared
+TrainerSettings, the callbacks, resume, and the SFT artifact that DPO and PPO build on.
 
-Each stage still reads top to bottom; this only keeps the same dozen lines from being written three times.
+Each stage still reads top to bottom (align/stage.py is the contract around it); this only keeps the same dozen
+lines from being written three times.
 """
 
 from __future__ import annotations
@@ -11,8 +13,21 @@ from pathlib import Path
 from typing import Any
 
 
-def trainer_kwargs(t, out: Path, precision: str, has_eval: bool, batch_size: int) -> dict[str, Any]:
-    """TrainingArguments fields every stage sets the same way, from its train settings `t`."""
+def trainer_kwargs(
+    t,
+    out: Path,
+    precision: str,
+    has_eval: bool,
+    batch_size: int,
+    best: tuple[str, bool] = ("eval_loss", False),
+) -> dict[str, Any]:
+    """TrainingArguments fields every stage sets the same way, from its TrainerSettings `t`. `best` is the held-out
+    metric early stopping watches and whether greater is better."""
+    from align.config import UserError
+
+    stopping = t.early_stopping_patience is not None
+    if stopping and not has_eval:
+        raise UserError("train.early_stopping_patience needs held-out data (this run has none)")
     return {
         "output_dir": str(out / "checkpoints"),
         "learning_rate": t.learning_rate,
@@ -39,6 +54,9 @@ def trainer_kwargs(t, out: Path, precision: str, has_eval: bool, batch_size: int
         "disable_tqdm": True,  # rich progress instead
         "remove_unused_columns": False,
         "dataloader_num_workers": 0,
+        "load_best_model_at_end": stopping,
+        "metric_for_best_model": best[0] if stopping else None,
+        "greater_is_better": best[1] if stopping else None,
     }
 
 
@@ -66,41 +84,16 @@ def callbacks(out: Path, t) -> list:
                 control.should_training_stop = True
 
     cbs = [RichProgressCallback(), MetricsFile(), StopAfter()]
+    if t.early_stopping_patience is not None:
+        from transformers import EarlyStoppingCallback
+
+        cbs.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
     if "tensorboard" in t.report_to:
         from torch.utils.tensorboard import SummaryWriter
         from transformers.integrations import TensorBoardCallback
 
         cbs.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(out / "logs"))))
     return cbs + EXTRA_CALLBACKS
-
-
-def prepare_output_dir(out: Path, stage: str, resume: bool) -> bool:
-    """Create the artifact folder; True when `--resume` finds it already complete (nothing to do).
-
-    A non-empty folder without --resume is refused: a finished artifact is never overwritten by accident."""
-    from align.config import UserError
-    from align.manifest import read_manifest
-
-    if resume and (out / "manifest.json").exists() and read_manifest(out).status == "complete":
-        print(f"{stage} already complete: {out} (nothing to resume)", file=sys.stderr)
-        return True
-    if out.exists() and any(out.iterdir()) and not resume:
-        hint = (
-            "pass --resume to continue it"
-            if (out / "manifest.json").exists()
-            else "choose an empty output_dir"
-        )
-        raise UserError(f"{out}: output directory is not empty; {hint} (or delete it to start over)")
-    out.mkdir(parents=True, exist_ok=True)
-    return False
-
-
-def key_config(cfg) -> dict[str, Any]:
-    """The config as it enters the artifact key: operational fields (where to write, when to pause, where to log)
-    do not change the product, so a paused and resumed run keeps its key."""
-    return cfg.model_dump(
-        mode="json", exclude={"output_dir": True, "train": {"stop_after_steps", "report_to"}}
-    )
 
 
 def train_with_resume(trainer, out: Path, resume: bool, stop_after: int | None):
@@ -148,7 +141,7 @@ def _early_stopped(trainer) -> bool:
     return False
 
 
-def sft_base(init_from: Path, precision: str = "auto"):
+def sft_base(init_from: Path):
     """(ModelConfig of the SFT artifact's base model, SFT folder), for stages that build on a LoRA SFT artifact."""
     from align.config import UserError
     from align.manifest import require_complete
@@ -158,7 +151,7 @@ def sft_base(init_from: Path, precision: str = "auto"):
     sft_dir = Path(init_from)
     if not (sft_dir / "adapter").exists():
         raise UserError(f"{sft_dir}: has no adapter/ (this stage builds on a LoRA SFT artifact)")
-    return ModelConfig(name_or_path=m.model.name, precision=precision), sft_dir
+    return ModelConfig(name_or_path=m.model.name), sft_dir
 
 
 def sft_validation_data(sft_dir: Path) -> Path:
@@ -176,23 +169,11 @@ def sft_validation_data(sft_dir: Path) -> Path:
     )
 
 
-def record_gate(writer, gate: dict, report: str, metrics, counts) -> None:
-    """Put a stage's built-in gate into its manifest (verdict, reasons, report path) and re-complete it."""
-    writer.manifest.gates = [
-        {"gate": gate["gate"], "verdict": gate["verdict"], "reasons": gate["reasons"], "report": report}
-    ]
-    writer.complete(metrics, counts)
-
-
-def policy_perplexity_gate(
-    out: Path, sft_dir: Path, gate_data: Path | None, settings, writer, metrics, counts
-) -> dict:
-    """Run the perplexity gate of a policy artifact against its SFT parent (on gate_data, default the SFT
-    validation data) and record it in the manifest. The caller frees its training model first: the gate loads its
-    own copies from the artifacts."""
+def policy_perplexity_gate(out: Path, sft_dir: Path, gate_data: Path | None, settings):
+    """The perplexity gate of a policy artifact (DPO, PPO) against its SFT parent, on gate_data (default: the SFT
+    validation data), run on the pending artifact before it is marked complete. The caller frees its training
+    model first: the gate loads its own copies from the artifacts."""
     from eval.gates import run_perplexity_gate
 
     data = gate_data or sft_validation_data(sft_dir)
-    gate = run_perplexity_gate(str(out), str(sft_dir), data, settings, out / "gates" / "perplexity")
-    record_gate(writer, gate, "gates/perplexity/gate.md", metrics, counts)
-    return gate
+    return run_perplexity_gate(out, sft_dir, data, settings, out / "gates" / "perplexity", allow_pending=True)

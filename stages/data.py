@@ -1,226 +1,31 @@
-"""Instruction data: read files in any accepted shape, validate every row, keep the good ones.
+"""`align data build`: instruction files -> a cleaned, deduplicated, split `datasets` folder (the data stage).
 
-A bad row never stops the good rows from loading: it is reported as `file:line: field: what is wrong` and
-counted by reason. Reading is streaming for JSONL and tolerant of a UTF-8 BOM, CRLF line ends and blank lines.
+Reads every input with align/readers.py (every bad row named, every good row kept), then: drops assistant
+answers shorter than min_chars; neutralises or rejects control-token text; scrubs PII (optional); removes exact
+duplicates (normalised text hash) and near duplicates (MinHash + LSH, verified by exact Jaccard); measures token
+lengths with the model's own chat template and drops examples over max_tokens; splits train/validation
+(stratified, seeded); writes dataset/, report.md, lengths.png and the manifest.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import json
 import random
 import re
 import sys
 import time
 import zlib
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from pydantic import ValidationError
 
+from align.chat import control_tokens_in, neutralise, special_strings
 from align.config import UserError
-from data_schemas.records import SHAPES, Conversation, detect_shape
-
-MAX_LINE_BYTES = 1 << 20  # a 1 MiB line is almost certainly not one instruction example
-
-
-@dataclass
-class LoadReport:
-    read: int = 0
-    kept: int = 0
-    dropped: Counter = field(default_factory=Counter)
-    problems: list[str] = field(default_factory=list)  # "file:line: field: reason"
-    examples_from_rows: int = 0
-
-    def drop(self, where: str, reason_key: str, message: str) -> None:
-        self.dropped[reason_key] += 1
-        self.problems.append(f"{where}: {message}")
-
-    def as_dict(self) -> dict:
-        return {
-            "rows_read": self.read,
-            "rows_kept": self.kept,
-            "examples": self.examples_from_rows,
-            "dropped": dict(self.dropped),
-        }
-
-
-def iter_rows(path: Path, report: LoadReport):
-    """Yield (line_number, row_dict) from JSONL / JSON array / CSV / Parquet; bad lines go to the report."""
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
-        with open(path, "rb") as fh:
-            for lineno, raw in enumerate(fh, start=1):
-                if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                    raw = raw[3:]
-                if not raw.strip():
-                    continue
-                report.read += 1
-                where = f"{path}:{lineno}"
-                if len(raw) > MAX_LINE_BYTES:
-                    report.drop(
-                        where, "line_too_long", f"line is {len(raw)} bytes (limit {MAX_LINE_BYTES}); skipped"
-                    )
-                    continue
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    report.drop(
-                        where, "invalid_utf8", f"not valid UTF-8 (byte {e.start}); re-save the file as UTF-8"
-                    )
-                    continue
-                try:
-                    row = json.loads(text)
-                except json.JSONDecodeError as e:
-                    report.drop(where, "invalid_json", f"not valid JSON ({e.msg} at column {e.colno})")
-                    continue
-                if not isinstance(row, dict):
-                    report.drop(where, "not_an_object", f"expected a JSON object, found {type(row).__name__}")
-                    continue
-                yield lineno, row
-    elif suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8-sig"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UserError(f"{path}: not a valid UTF-8 JSON file ({e})") from None
-        if not isinstance(data, list):
-            raise UserError(f"{path}: a .json file must hold an array of rows")
-        for i, row in enumerate(data, start=1):
-            report.read += 1
-            if not isinstance(row, dict):
-                report.drop(f"{path}:item {i}", "not_an_object", "expected a JSON object")
-                continue
-            yield i, row
-    elif suffix == ".csv":
-        with open(path, encoding="utf-8-sig", newline="") as fh:
-            for i, row in enumerate(csv.DictReader(fh), start=2):
-                report.read += 1
-                yield i, {k: v for k, v in row.items() if k is not None and v not in (None, "")}
-    elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        for i, row in enumerate(pq.read_table(path).to_pylist(), start=1):
-            report.read += 1
-            yield i, row
-    else:
-        raise UserError(f"{path}: unsupported file type '{suffix}' (use .jsonl, .json, .csv or .parquet)")
-
-
-_BRANCH = re.compile(r"^(str|int|float|bool|none|constrained-str|function-.*|.*\[.*\])$")
-
-
-def _clean_loc(loc) -> list[str]:
-    return [str(p) for p in loc if not (isinstance(p, str) and _BRANCH.match(p))]
-
-
-def describe_row_error(err: ValidationError, allowed: str | None = None) -> tuple[str, str]:
-    """The first problem of a row in words: (reason key for the counts, 'field: what is wrong').
-
-    Shared by instruction rows and ranking lines, so the same mistake reads the same way everywhere.
-    """
-    errors = err.errors()
-    # For union fields (a prompt that is text or messages) pydantic reports one error per branch: the deepest
-    # location is the one that says what is really wrong; its branch tags ('str', 'list[...]') are noise.
-    e = max(errors, key=lambda x: len(_clean_loc(x["loc"])))
-    parts = _clean_loc(e["loc"])
-    loc = ".".join(parts) or "row"
-    msg = e["msg"].replace("Value error, ", "")
-    kind = e["type"]
-    same_field = [x for x in errors if _clean_loc(x["loc"]) == parts]
-    if len(same_field) > 1 and all(x["type"].endswith("_type") for x in same_field):
-        return (
-            "wrong_type",
-            f"{loc}: has the wrong type ({type(e.get('input')).__name__}); see docs/formats.md",
-        )
-    if kind == "missing":
-        msg = "required field is missing"
-    elif kind == "extra_forbidden":
-        msg = "unknown field (a typo?" + (f" allowed: {allowed})" if allowed else ")")
-    elif kind in ("string_type", "list_type", "model_type", "dict_type", "int_type"):
-        msg = f"{msg.lower()}, got {type(e.get('input')).__name__}"
-    if kind == "value_error" and ":" in msg.split(" ")[0]:
-        loc, msg = msg.split(":", 1)
-        msg = msg.strip()
-    if kind == "value_error":
-        kind = "invalid_" + re.split(r"[.\[]", loc)[0]
-    return kind, f"{loc}: {msg}"
-
-
-def iter_conversations(path: Path, shape: str, system_prompt: str | None, report: LoadReport):
-    """Yield (where, row, conversation) for every valid example of a file; bad rows go to the report."""
-    for lineno, row in iter_rows(path, report):
-        where = f"{path}:{lineno}"
-        row_shape = detect_shape(row) if shape == "auto" else shape
-        if row_shape is None:
-            report.drop(
-                where,
-                "unknown_shape",
-                f"row has keys {sorted(row)[:6]} but no 'messages', 'instruction' or 'instances'; "
-                "see docs/formats.md for the accepted shapes",
-            )
-            continue
-        try:
-            got = SHAPES[row_shape].model_validate(row).conversations(system_prompt)
-        except ValidationError as e:
-            kind, msg = describe_row_error(e)
-            report.drop(where, kind, msg)
-            continue
-        report.kept += 1
-        report.examples_from_rows += len(got)
-        for conv in got:
-            yield where, row, conv
-
-
-def load_instructions(
-    path: Path, shape: str = "auto", system_prompt: str | None = None, split: str = "train"
-) -> tuple[list[Conversation], LoadReport]:
-    """Normalised conversations from an instruction file (or a split of a folder from `align data build`)."""
-    path = Path(path)
-    report = LoadReport()
-    if not path.exists():
-        raise UserError(f"{path}: instruction data not found")
-    if path.is_dir():
-        return _load_built(path, report, split)
-    convs = [conv for _, _, conv in iter_conversations(path, shape, system_prompt, report)]
-    if not convs:
-        detail = "; ".join(report.problems[:3])
-        raise UserError(f"{path}: no usable instruction rows ({report.read} read). {detail}".strip())
-    return convs, report
-
-
-def has_split(path: Path, split: str) -> bool:
-    """Whether a built dataset folder has a (non-empty) split."""
-    return (Path(path) / "dataset" / split).exists() or (Path(path) / split).exists()
-
-
-def _load_built(path: Path, report: LoadReport, split_name: str) -> tuple[list[Conversation], LoadReport]:
-    from datasets import load_from_disk
-
-    folder = path / "dataset" if (path / "dataset").exists() else path
-    try:
-        ds = load_from_disk(str(folder))
-    except (FileNotFoundError, ValueError) as e:
-        raise UserError(f"{path}: not a dataset folder written by `align data build` ({e})") from None
-    if hasattr(ds, "keys"):
-        if split_name not in ds:
-            raise UserError(f"{path}: has no '{split_name}' split (it has {sorted(ds.keys())})")
-        split = ds[split_name]
-    else:
-        split = ds
-    convs = []
-    for i, row in enumerate(split, start=1):
-        report.read += 1
-        try:
-            convs.append(Conversation.model_validate({"messages": row["messages"]}))
-            report.kept += 1
-        except (ValidationError, KeyError) as e:
-            report.drop(f"{path}:row {i}", "invalid", str(e).splitlines()[0])
-    report.examples_from_rows = len(convs)
-    return convs, report
-
+from align.manifest import atomic_write_text, replace_dir
+from align.readers import LoadReport, iter_conversations
+from align.stage import StageContext, StageResult
+from data_schemas.config import DataBuildConfig
 
 # ==========================================================================================================
 # `align data build`: instruction files -> cleaned, deduplicated, split dataset folder
@@ -349,13 +154,11 @@ def _split_indices(strata: list[str | None], fraction: float, seed: int) -> set[
     return val
 
 
-def build(cfg) -> Path:
-    """Run `align data build` (cfg: data_schemas.config.DataBuildConfig). Returns the artifact directory."""
-    from align.chat import control_tokens_in, neutralise, special_strings
-    from align.config import dump_config
-    from align.manifest import ArtifactWriter, atomic_write_text, replace_dir
-
-    out = Path(cfg.output_dir)
+def run(cfg: DataBuildConfig, resume: bool = False) -> StageResult:
+    """Run `align data build`. Every bad row is named (file:line: field: reason) in the manifest's counts."""
+    ctx = StageContext(cfg, resume)
+    if ctx.finished:
+        return ctx.existing_result()
     t0 = time.perf_counter()
     report = LoadReport()
     dropped_examples: dict[str, list[str]] = {}
@@ -482,15 +285,15 @@ def build(cfg) -> Path:
         for ex, st in zip(kept, strata, strict=True):
             ex[cfg.stratify_by] = st
 
-    writer = ArtifactWriter(
-        out,
-        "data",
-        cfg.model_dump(mode="json", exclude={"output_dir"}),
-        [(p, "instructions") for p in cfg.inputs],
-        seed=cfg.seed,
-    )
-    writer.start()
-    atomic_write_text(out / "config.yaml", dump_config(cfg))
+    with ctx.open(inputs=[(p, "instructions") for p in cfg.inputs]):
+        return _write(
+            ctx, cfg, report, kept, train, val, lengths, invalid, edits, pii_counts, dropped_examples, t0
+        )
+
+
+def _write(ctx, cfg, report, kept, train, val, lengths, invalid, edits, pii_counts, dropped_examples, t0):
+    """dataset/ (train and validation splits), lengths.png, report.md; then the manifest 'complete'."""
+    out = ctx.out
     from datasets import Dataset, DatasetDict
 
     parts = {"train": Dataset.from_list(train)}
@@ -498,8 +301,9 @@ def build(cfg) -> Path:
         parts["validation"] = Dataset.from_list(val)
     replace_dir(lambda p: DatasetDict(parts).save_to_disk(str(p)), out / "dataset")
 
-    counts = {
+    ctx.counts = {
         **report.as_dict(),
+        "problems": report.problems,
         "examples_kept": len(kept),
         "train": len(train),
         "validation": len(val),
@@ -509,11 +313,10 @@ def build(cfg) -> Path:
         "seconds": round(time.perf_counter() - t0, 2),
     }
     if lengths:
-        counts["tokens"] = {"min": min(lengths), "max": max(lengths), "mean": sum(lengths) / len(lengths)}
+        ctx.counts["tokens"] = {"min": min(lengths), "max": max(lengths), "mean": sum(lengths) / len(lengths)}
         _length_plot(lengths, out / "lengths.png", cfg.max_tokens)
-    atomic_write_text(out / "report.md", _build_report(cfg, counts, dropped_examples, bool(lengths)))
-    writer.complete({"examples": len(kept), "train": len(train), "validation": len(val)}, counts)
-    return out
+    atomic_write_text(out / "report.md", _build_report(cfg, ctx.counts, dropped_examples, bool(lengths)))
+    return ctx.complete({"examples": len(kept), "train": len(train), "validation": len(val)})
 
 
 def _length_plot(lengths: list[int], path: Path, limit: int | None) -> None:

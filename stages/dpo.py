@@ -14,37 +14,28 @@ What align adds to a plain DPOTrainer script, and why:
 
 from __future__ import annotations
 
+import gc
 import json
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
 
 from align.chat import neutralise, render_prompt, special_strings
-from align.config import UserError, dump_config
-from align.manifest import (
-    ArtifactWriter,
-    atomic_write_json,
-    atomic_write_text,
-    replace_dir,
-    require_complete,
-)
-from align.models import choose_precision, load_causal_lm, load_tokenizer, model_identity
+from align.config import UserError
+from align.manifest import atomic_write_json, replace_dir, require_complete
+from align.models import load_causal_lm, load_tokenizer, lora_config, model_identity, write_policy_stack
+from align.stage import StageContext, StageResult, console, print_skipped, print_verdict
 from data_schemas.config import DPOConfig
 from stages.common import (
     callbacks,
     final_eval,
-    key_config,
     policy_perplexity_gate,
-    prepare_output_dir,
     sft_base,
     train_with_resume,
     trainer_kwargs,
 )
-
-console = Console(stderr=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -61,7 +52,7 @@ def load_pairs(cfg: DPOConfig) -> tuple[list[dict], list[dict]]:
         train = list(ds["train"]) if "train" in ds else []
         val = list(ds["validation"]) if "validation" in ds else []
     else:
-        from stages.data import LoadReport, iter_rows
+        from align.readers import LoadReport, iter_rows
         from stages.rankings import convert_pairwise, split_of
 
         report = LoadReport()
@@ -85,8 +76,7 @@ def load_pairs(cfg: DPOConfig) -> tuple[list[dict], list[dict]]:
                 if split_of(json.dumps(msgs), d.validation_fraction, cfg.train.seed) == "validation"
                 else train
             ).append(item)
-        for p in report.problems[:20]:
-            console.print(f"[yellow]skipped[/] {p}")
+        print_skipped(report.problems)
     if not train:
         raise UserError("dpo: no training pairs")
     return train[: d.max_pairs], val[: d.max_eval_pairs]
@@ -136,20 +126,13 @@ def build_policy(cfg: DPOConfig, precision: str):
     """(model, peft_config) for TRL. new_adapter: the SFT adapter merged into the weights and a LoRA config for TRL
     to add (so 'adapter disabled' is exactly the SFT model); continue: the SFT adapter itself, trainable, which TRL
     copies into a frozen adapter named 'ref' as the reference."""
-    from peft import LoraConfig, PeftModel
+    from peft import PeftModel
 
-    base_cfg, sft_dir = sft_base(cfg.init_from, cfg.precision)
+    base_cfg, sft_dir = sft_base(cfg.init_from)
     model = load_causal_lm(base_cfg, precision)
     if cfg.policy_init == "new_adapter":
         merged = PeftModel.from_pretrained(model, sft_dir / "adapter").merge_and_unload()
-        lora = LoraConfig(
-            r=cfg.lora.r,
-            lora_alpha=cfg.lora.alpha,
-            lora_dropout=cfg.lora.dropout,
-            target_modules=cfg.lora.target_modules,
-            task_type="CAUSAL_LM",
-        )
-        return merged, lora
+        return merged, lora_config(cfg.lora)
     return PeftModel.from_pretrained(model, sft_dir / "adapter", is_trainable=True), None
 
 
@@ -236,9 +219,8 @@ def _response_logprob(model, prompt_ids: torch.Tensor, resp: torch.Tensor) -> to
 # ----------------------------------------------------------------------------------------------------------
 # The forward: each pair's prompt computed once, both responses attending to it
 # ----------------------------------------------------------------------------------------------------------
-FAST_PATH_CALLS = [
-    0
-]  # how many forwards took the shared-prefix path (tests check the trainer really uses it)
+# Vocabulary columns per tile of TRL's chunked LM head: the [tokens, tile] logits block is what it holds at once.
+LM_HEAD_VOCAB_TILE = 32768
 
 
 def pair_rows(
@@ -285,7 +267,6 @@ def shared_prefix_forward(
     pairs = pair_rows(input_ids, attention_mask, labels)
     if pairs is None:
         return None
-    FAST_PATH_CALLS[0] += 1
     dev = input_ids.device
     lengths = [len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in pairs]
     layout = pack_rows(lengths, max(max_row_tokens or 0, max(lengths)))
@@ -334,8 +315,10 @@ def shared_prefix_forward(
 
     lm_head = base_model.lm_head
     names = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+    # ChunkedLogProbFunction.apply takes its arguments by position only: name them here
+    temperature, vocab_tile, top_k, logit_scale = 1.0, LM_HEAD_VOCAB_TILE, None, 1.0
     got = ChunkedLogProbFunction.apply(
-        h, lm_head.weight, lm_head.bias, tgt, 1.0, 32768, None, 1.0, tuple(fields)
+        h, lm_head.weight, lm_head.bias, tgt, temperature, vocab_tile, top_k, logit_scale, tuple(fields)
     )
     per = {"log_probs": got[0], **{k: v for k, v in zip(names, got[1:], strict=True) if k in fields}}
     shape = (input_ids.shape[0], input_ids.shape[1] - 1)
@@ -386,10 +369,19 @@ def _trainer_class():
                 if fused_lm_head and labels is not None and plain and kw.get("attention_mask") is not None:
                     out = shared_prefix_forward(base, kw["input_ids"], kw["attention_mask"], labels, fields)
                     if out is not None:
+                        self._count_forward(base, shared_prefix=True)
                         return out
+                if fused_lm_head:
+                    self._count_forward(base, shared_prefix=False)
                 return trl_forward(*a, fused_lm_head=fused_lm_head, labels=labels, **kw)
 
             base.forward = forward
+
+        def _count_forward(self, base, shared_prefix: bool) -> None:
+            # logged as `shared_prefix_path` (share of pair forwards that computed each prompt once)
+            self._metrics["train" if base.training else "eval"]["shared_prefix_path"].append(
+                float(shared_prefix)
+            )
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             # tokenized by align (chat template once, control tokens neutralised, cuts counted)
@@ -429,28 +421,48 @@ class SeededLengthGroupedSampler(torch.utils.data.Sampler):
         return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=g))
 
 
-def run(cfg: DPOConfig, resume: bool = False) -> tuple[Path, dict[str, Any]]:
-    from transformers import set_seed
+def run(cfg: DPOConfig, resume: bool = False) -> StageResult:
+    ctx = StageContext(cfg, resume)
+    if ctx.finished:
+        return ctx.existing_result()
 
-    out = Path(cfg.output_dir)
-    if prepare_output_dir(out, "dpo", resume):
-        gate = out / "gates" / "perplexity" / "gate.json"
-        return out, json.loads(gate.read_text()) if gate.exists() else {}
-    set_seed(cfg.train.seed)
-
-    base_cfg, sft_dir = sft_base(cfg.init_from, cfg.precision)
+    # 1. Data: pairs -> token ids (chat template once, control tokens neutralised, cuts counted)
+    base_cfg, sft_dir = sft_base(cfg.init_from)
     tokenizer = load_tokenizer(base_cfg)
+    train, val, val_rows = load_data(cfg, tokenizer, ctx.counts)
+
+    # 2. Policy and reference, 3. train, 4. evaluate, write, gate
+    parents = [sft_dir] + ([Path(cfg.data.preferences_dir)] if cfg.data.preferences_dir else [])
+    inputs = [(cfg.data.pairs_file, "pairs")] if cfg.data.pairs_file else []
+    with ctx.open(
+        inputs=inputs, parents=parents, model=model_identity(base_cfg, ctx.precision, adapter="adapter")
+    ):
+        trainer, result, paused = train_policy(cfg, ctx, tokenizer, train, val)
+        if paused:
+            return ctx.paused()
+        metrics = evaluate_policy(cfg, trainer, result, tokenizer, val, val_rows, ctx.precision)
+        save(ctx, trainer, tokenizer, sft_dir, metrics)
+        # The gate loads its own copies from the artifacts: free the training model and optimizer first.
+        del trainer
+        gc.collect()
+        # Perplexity gate: DPO must not wreck language modelling (candidate vs its SFT parent, same data).
+        gate = policy_perplexity_gate(ctx.out, sft_dir, cfg.gate_data, cfg.perplexity_gate)
+        acc = metrics.get("heldout_rewards_accuracies")
+        print_verdict(
+            "dpo", ctx.out, gate, f"held-out preference accuracy {acc if acc is None else round(acc, 3)}"
+        )
+        return ctx.complete(metrics, gates=[gate])
+
+
+def load_data(cfg: DPOConfig, tokenizer, counts: dict[str, Any]):
+    """(train pairs, held-out pairs, held-out rows as given) with token ids; edits counted."""
     train_rows, val_rows = load_pairs(cfg)
-    counts: dict[str, Any] = {}
+    d = cfg.data
     train = [
-        x
-        for r in train_rows
-        if (x := tokenize_pair(tokenizer, r, cfg.data.max_length, cfg.data.max_prompt_length, counts))
+        x for r in train_rows if (x := tokenize_pair(tokenizer, r, d.max_length, d.max_prompt_length, counts))
     ]
     val = [
-        x
-        for r in val_rows
-        if (x := tokenize_pair(tokenizer, r, cfg.data.max_length, cfg.data.max_prompt_length, counts))
+        x for r in val_rows if (x := tokenize_pair(tokenizer, r, d.max_length, d.max_prompt_length, counts))
     ]
     counts.update(
         {
@@ -460,32 +472,19 @@ def run(cfg: DPOConfig, resume: bool = False) -> tuple[Path, dict[str, Any]]:
             "eval_pairs_given": len(val_rows),
         }
     )
-    console.print(f"data: {len(train)} train / {len(val)} held-out pairs; edits {counts}")
-    precision = choose_precision(cfg.precision)
-    parents = [sft_dir] + ([Path(cfg.data.preferences_dir)] if cfg.data.preferences_dir else [])
-    inputs = [(cfg.data.pairs_file, "pairs")] if cfg.data.pairs_file else []
-    writer = ArtifactWriter(
-        out,
-        "dpo",
-        key_config(cfg),
-        inputs,
-        parents=parents,
-        seed=cfg.train.seed,
-    )
-    writer.start(model_identity(base_cfg, precision, adapter="adapter"))
-    atomic_write_text(out / "config.yaml", dump_config(cfg))
-    with writer.guard():
-        return _train(cfg, resume, out, writer, tokenizer, precision, train, val, val_rows, counts, sft_dir)
+    console.print(f"data: {len(train)} train / {len(val)} held-out pairs; edits {counts}", highlight=False)
+    return train, val, val_rows
 
 
-def _train(cfg, resume, out, writer, tokenizer, precision, train, val, val_rows, counts, sft_dir):
+def train_policy(cfg: DPOConfig, ctx: StageContext, tokenizer, train: list[dict], val: list[dict]):
+    """(trainer, train result, paused): TRL's DPOTrainer with align's pair forward and length-grouped batches."""
     from datasets import Dataset
     from trl import DPOConfig as TRLDPOConfig
 
     t = cfg.train
-    model, peft_config = build_policy(cfg, precision)
+    model, peft_config = build_policy(cfg, ctx.precision)
     args = TRLDPOConfig(
-        **trainer_kwargs(t, out, precision, bool(val), t.per_device_train_batch_size),
+        **trainer_kwargs(t, ctx.out, ctx.precision, bool(val), t.per_device_train_batch_size),
         per_device_eval_batch_size=t.per_device_eval_batch_size,
         beta=t.beta,
         loss_type=t.loss_type,
@@ -501,14 +500,29 @@ def _train(cfg, resume, out, writer, tokenizer, precision, train, val, val_rows,
         train_dataset=Dataset.from_list(train),
         eval_dataset=Dataset.from_list(val) if val else None,
         processing_class=tokenizer,
-        callbacks=callbacks(out, t),
+        callbacks=callbacks(ctx.out, t),
         peft_config=peft_config,
     )
-    result, paused = train_with_resume(trainer, out, resume, t.stop_after_steps)
-    if paused:
-        return out, {}
-    state = trainer.state
+    result, paused = train_with_resume(trainer, ctx.out, ctx.resume, t.stop_after_steps)
+    return trainer, result, paused
 
+
+HELDOUT_KEYS = (
+    "eval_loss",
+    "eval_rewards/accuracies",
+    "eval_rewards/margins",
+    "eval_rewards/chosen",
+    "eval_rewards/rejected",
+    "eval_logps/chosen",
+    "eval_logps/rejected",
+)
+
+
+def evaluate_policy(
+    cfg: DPOConfig, trainer, result, tokenizer, val, val_rows, precision: str
+) -> dict[str, Any]:
+    """Held-out preference metrics, then KL to the reference and win rate against SFT on sampled answers."""
+    state = trainer.state
     metrics: dict[str, Any] = {
         "train_loss": result.training_loss,
         "global_step": state.global_step,
@@ -516,66 +530,35 @@ def _train(cfg, resume, out, writer, tokenizer, precision, train, val, val_rows,
     }
     if val:
         ev = final_eval(trainer)
-        for k in (
-            "eval_loss",
-            "eval_rewards/accuracies",
-            "eval_rewards/margins",
-            "eval_rewards/chosen",
-            "eval_rewards/rejected",
-            "eval_logps/chosen",
-            "eval_logps/rejected",
-        ):
-            if k in ev:
-                metrics[k.replace("eval_", "heldout_").replace("/", "_")] = ev[k]
+        metrics.update(
+            {k.replace("eval_", "heldout_").replace("/", "_"): ev[k] for k in HELDOUT_KEYS if k in ev}
+        )
     if cfg.eval.prompts and val_rows:
-        policy = trainer.model
         if cfg.policy_init == "continue_sft_adapter":
             console.print(
                 "[yellow]KL/win-rate sampling needs policy_init=new_adapter (reference = adapter off); skipped[/]"
             )
         else:
+            prompts = [r["prompt"] for r in val_rows[: cfg.eval.prompts]]
             metrics.update(
                 sample_and_compare(
-                    policy,
+                    trainer.model,
                     tokenizer,
-                    [r["prompt"] for r in val_rows[: cfg.eval.prompts]],
+                    prompts,
                     cfg.eval.max_new_tokens,
-                    t.seed,
+                    cfg.train.seed,
                     cfg.eval.reward_model,
                 )
             )
-    replace_dir(partial(_save_policy, trainer.model, tokenizer), out / "adapter")
-    # How to rebuild the policy: base, then these adapters merged in order, then adapter/ on top.
-    stack = {
-        "merge": [str(sft_dir / "adapter")] if cfg.policy_init == "new_adapter" else [],
-        "adapter": "adapter",
-    }
-    atomic_write_json(out / "stack.json", stack)
-    atomic_write_json(out / "metrics.json", {**metrics, "log_history": state.log_history})
-    writer.complete(metrics, counts)
+    return metrics
 
-    # Perplexity gate: DPO must not wreck language modelling (candidate vs its SFT parent, same data).
-    # Free the training model and optimizer first: the gate loads its own copies from the artifacts.
-    import gc
 
-    del trainer, model
-    gc.collect()
-    gate = policy_perplexity_gate(
-        out,
-        sft_dir,
-        cfg.gate_data,
-        cfg.perplexity_gate,
-        writer,
-        metrics,
-        counts,
-    )
-    colour = "green" if gate["verdict"] == "pass" else "red"
-    acc = metrics.get("heldout_rewards_accuracies")
-    console.print(
-        f"dpo complete: {out}; held-out preference accuracy {acc if acc is None else round(acc, 3)}; "
-        f"perplexity gate [bold {colour}]{gate['verdict'].upper()}[/] ({out / 'gates/perplexity/gate.md'})"
-    )
-    return out, gate
+def save(ctx: StageContext, trainer, tokenizer, sft_dir: Path, metrics: dict[str, Any]) -> None:
+    """adapter/, stack.json (how to rebuild the policy: base, SFT adapter merged, then adapter/), metrics.json."""
+    replace_dir(partial(_save_policy, trainer.model, tokenizer), ctx.out / "adapter")
+    merged = [sft_dir / "adapter"] if ctx.cfg.policy_init == "new_adapter" else []
+    write_policy_stack(ctx.out, merged)
+    atomic_write_json(ctx.out / "metrics.json", {**metrics, "log_history": trainer.state.log_history})
 
 
 def _save_policy(model, tokenizer, path: Path) -> None:

@@ -1,8 +1,10 @@
 """`align ppo`: PPO with a KL penalty to the SFT model, vLLM rollouts and a LoRA policy.
 
-Reads top to bottom: prompts -> policy (SFT merged + fresh LoRA + value head) -> rollout engine -> for each
-iteration: sample, score, recompute log-probs/values/reference log-probs, GAE, several clipped PPO epochs, push
-the new weights to the engine -> evaluate (win rate vs SFT) -> artifact -> perplexity gate.
+Reads top to bottom: the pure functions, prompts, reward, policy; then `run` (the stage contract, align/stage.py)
+and its named steps: setup (policy = SFT merged + fresh LoRA + value head, optimizer, resume) -> train_loop, each
+iteration collect_experience (sample, score, log-probs/values/reference log-probs, GAE: an `Experience`) ->
+ppo_update (clipped epochs) -> sync_weights (to the rollout engine) -> log_iteration -> save_checkpoint; then
+evaluate_and_save (win rate vs SFT, artifact) -> the perplexity gate -> complete.
 
 The algorithm follows Ziegler et al. 2019 ("Fine-Tuning Language Models from Human Preferences"), Ouyang et al.
 2022 (InstructGPT) and Huang et al. 2024 ("The N+ Implementation Details of RLHF with PPO"):
@@ -26,28 +28,33 @@ Design choices, and why:
 
 from __future__ import annotations
 
+import gc
 import json
 import math
+import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
+from rich.markup import escape
 
 from align.chat import neutralise, render_prompt, special_strings
-from align.config import UserError, dump_config
-from align.manifest import ArtifactWriter, atomic_write_json, atomic_write_text, replace_dir
-from align.models import choose_precision, load_causal_lm, load_tokenizer, model_identity, resolve_model_path
-from data_schemas.config import PPOConfig
-from stages.common import (
-    key_config,
-    policy_perplexity_gate,
-    prepare_output_dir,
-    sft_base,
+from align.config import UserError
+from align.manifest import atomic_write_json, atomic_write_text, replace_dir
+from align.models import (
+    load_causal_lm,
+    load_tokenizer,
+    lora_config,
+    model_identity,
+    resolve_model_path,
+    write_policy_stack,
 )
-
-console = Console(stderr=True)
+from align.stage import StageContext, StageResult, console, print_skipped, print_verdict
+from data_schemas.config import PPOConfig
+from stages.common import policy_perplexity_gate, sft_base
+from stages.rollout import merged_state_dict
 
 
 # ==========================================================================================================
@@ -170,7 +177,7 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 def load_prompts(cfg: PPOConfig, tokenizer) -> tuple[list[list[dict]], list[list[dict]], dict[str, int]]:
     """(train prompts, held-out prompts, counts). A prompt is a conversation up to, not including, its last
     assistant turn; control-token text in it is neutralised; prompts over max_prompt_length are skipped."""
-    from stages.data import has_split, load_instructions
+    from align.readers import has_split, load_instructions
 
     p = cfg.prompts
     specials = special_strings(tokenizer)
@@ -195,11 +202,8 @@ def load_prompts(cfg: PPOConfig, tokenizer) -> tuple[list[list[dict]], list[list
     else:  # hold out the tail of the training prompts
         k = min(p.heldout_prompts, len(train) // 4)
         held, train = train[len(train) - k :] if k else [], train[: len(train) - k]
-    for problem in skipped[:20]:  # bad rows are named (file:line: field: reason); good rows still load
-        console.print(f"[yellow]skipped[/] {problem}")
-    if len(skipped) > 20:
-        console.print(f"[yellow]... and {len(skipped) - 20} more skipped rows[/]")
-    counts = {"prompts_given": len(train), "rows_skipped": len(skipped)}
+    print_skipped(skipped)  # bad rows are named (file:line: field: reason); good rows still load
+    counts: dict[str, Any] = {"prompts_given": len(train), "rows_skipped": len(skipped), "problems": skipped}
     keep = [m for m in train if len(render_prompt(tokenizer, m)) <= p.max_prompt_length]
     counts["prompts_too_long"] = len(train) - len(keep)
     train = keep[: p.max_prompts] if p.max_prompts else keep
@@ -246,20 +250,13 @@ class Reward:
 # ==========================================================================================================
 def build_policy(cfg: PPOConfig, precision: str):
     """(peft model: SFT merged + fresh LoRA, value head, base checkpoint path)."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel, get_peft_model
 
-    base_cfg, sft_dir = sft_base(cfg.init_from, cfg.precision)
+    base_cfg, sft_dir = sft_base(cfg.init_from)
     model = load_causal_lm(base_cfg, precision)
     model = PeftModel.from_pretrained(model, sft_dir / "adapter").merge_and_unload()
-    lora = LoraConfig(
-        r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
-        target_modules=cfg.lora.target_modules,
-        task_type="CAUSAL_LM",
-    )
     torch.manual_seed(cfg.train.seed)
-    policy = get_peft_model(model, lora)
+    policy = get_peft_model(model, lora_config(cfg.lora))
     hidden = model.config.hidden_size
     value_head = torch.nn.Linear(hidden, 1).to(dtype=next(model.parameters()).dtype)
     torch.nn.init.zeros_(value_head.weight)  # start predicting 0: no spurious advantages at step 1
@@ -318,34 +315,312 @@ def _sub(batch: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.T
 # ==========================================================================================================
 # The stage
 # ==========================================================================================================
-def run(cfg: PPOConfig, resume: bool = False) -> tuple[Path, dict[str, Any]]:
-    out = Path(cfg.output_dir)
-    if prepare_output_dir(out, "ppo", resume):
-        gate = out / "gates" / "perplexity" / "gate.json"
-        return out, json.loads(gate.read_text()) if gate.exists() else {}
-    base_cfg, sft_dir = sft_base(cfg.init_from, cfg.precision)
+def run(cfg: PPOConfig, resume: bool = False) -> StageResult:
+    ctx = StageContext(cfg, resume)
+    if ctx.finished:
+        return ctx.existing_result()
+    base_cfg, sft_dir = sft_base(cfg.init_from)
     tokenizer = load_tokenizer(base_cfg)
     train_prompts, held_prompts, counts = load_prompts(cfg, tokenizer)
+    ctx.counts.update(counts)
     console.print(f"prompts: {counts['train_prompts']} train / {counts['heldout_prompts']} held out")
-    precision = choose_precision(cfg.precision)
     parents = [sft_dir] + ([Path(cfg.reward.artifact)] if cfg.reward.artifact else [])
-    writer = ArtifactWriter(
-        out,
-        "ppo",
-        key_config(cfg),
-        [(cfg.prompts.train_file, "prompts")],
-        parents=parents,
-        seed=cfg.train.seed,
-    )
-    writer.start(model_identity(base_cfg, precision, adapter="adapter"))
-    atomic_write_text(out / "config.yaml", dump_config(cfg))
-    with writer.guard():
-        return _train(
-            cfg, resume, out, writer, tokenizer, precision, train_prompts, held_prompts, counts, sft_dir
+    identity = model_identity(base_cfg, ctx.precision, adapter="adapter")
+    with ctx.open(inputs=[(cfg.prompts.train_file, "prompts")], parents=parents, model=identity):
+        learner = setup(cfg, ctx)
+        engine = make_engine(cfg, learner.policy, tokenizer, learner.base_path, ctx.precision)
+        engine.update_weights(merged_state_dict(learner.policy))
+        console.print(f"rollout engine: {engine.name}")
+        reward = Reward(cfg.reward)
+        if not train_loop(cfg, ctx, learner, engine, reward, tokenizer, train_prompts):
+            return ctx.paused()
+        metrics = evaluate_and_save(cfg, ctx, learner, engine, reward, tokenizer, held_prompts, sft_dir)
+        del engine, learner  # the gate loads its own copies from the artifacts
+        gc.collect()
+        gate = policy_perplexity_gate(ctx.out, sft_dir, cfg.gate_data, cfg.perplexity_gate)
+        print_verdict(
+            "ppo",
+            ctx.out,
+            gate,
+            f"mean reward {metrics['reward_mean_first']} -> {metrics['reward_mean_last']}",
         )
+        return ctx.complete(metrics, gates=[gate])
 
 
-def _make_engine(cfg: PPOConfig, policy, tokenizer, base_path, precision: str):
+@dataclass
+class Learner:
+    """What PPO optimises and the state a checkpoint holds: the LoRA policy, its value head, the optimizer, the
+    KL controller, and the iteration reached."""
+
+    policy: Any  # PEFT model: SFT merged + a fresh LoRA
+    value_head: torch.nn.Linear
+    opt: torch.optim.Optimizer
+    params: list[torch.nn.Parameter]
+    kl_ctl: KLController
+    base_path: Path | str
+    step: int = 0
+
+
+@dataclass
+class Experience:
+    """One iteration's rollouts and what they were worth under the policy that sampled them.
+
+    B responses; T = longest prompt + response; R = longest response (tokens). Response tensors are
+    left-aligned, and `batch["mask"]` [B, R] is 1 on response tokens."""
+
+    prompts: list[list[dict]]  # B conversations (the prompts sampled this iteration)
+    texts: list[str]  # B decoded responses
+    finished: list[bool]  # B: the response ended with EOS
+    batch: dict[str, torch.Tensor]  # collate(): input_ids, attention_mask [B, T]; pos, resp, mask [B, R]
+    scores: torch.Tensor  # [B] reward of each response (EOS penalty and clipping applied)
+    old_logprobs: torch.Tensor  # [B, R] log pi_old(y_t) under the sampling policy
+    old_values: torch.Tensor  # [B, R] V_old(s_t)
+    ref_logprobs: torch.Tensor  # [B, R] log pi_ref(y_t) (adapter disabled = SFT)
+    kl: torch.Tensor  # [B, R] per-token k1 = log pi_old - log pi_ref
+    rewards: torch.Tensor  # [B, R] -kl_coef * kl, plus the score at the last token
+    advantages: torch.Tensor  # [B, R] GAE (whitened if configured)
+    returns: torch.Tensor  # [B, R] advantages + old values
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: generate, score, train, sync
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.batch["mask"]
+
+
+def setup(cfg: PPOConfig, ctx: StageContext) -> Learner:
+    """Policy, value head, optimizer and KL controller; restored from the latest checkpoint on --resume (and the
+    logs trimmed to it, so the lost iterations are not logged twice)."""
+    from safetensors.torch import load_file
+
+    t = cfg.train
+    policy, value_head, base_path = build_policy(cfg, ctx.precision)
+    params = [p for p in policy.parameters() if p.requires_grad] + list(value_head.parameters())
+    opt = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+    learner = Learner(
+        policy, value_head, opt, params, KLController(t.kl_coef, t.kl_target, t.kl_horizon), base_path
+    )
+    out, ckpts = ctx.out, ctx.out / "checkpoints"
+    if ctx.resume and ckpts.exists() and (latest := _latest_checkpoint(ckpts)) is not None:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(policy, load_file(latest / "adapter.safetensors"))
+        value_head.load_state_dict(load_file(latest / "value_head.safetensors"))
+        opt.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))
+        state = json.loads((latest / "state.json").read_text())
+        learner.step, learner.kl_ctl.value = state["step"], state["kl_coef"]
+        for log in (out / "metrics.jsonl", out / "samples.jsonl"):
+            if log.exists():
+                keep = [
+                    x
+                    for x in log.read_text().splitlines()
+                    if x.strip() and json.loads(x)["step"] <= learner.step
+                ]
+                atomic_write_text(log, "".join(k + "\n" for k in keep))
+        console.print(f"resuming from {escape(str(latest))} (iteration {learner.step})")
+    elif not ctx.resume:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+        (out / "samples.jsonl").unlink(missing_ok=True)
+    return learner
+
+
+def train_loop(
+    cfg: PPOConfig, ctx: StageContext, learner: Learner, engine, reward, tokenizer, prompts
+) -> bool:
+    """Iterate collect -> score -> experience -> update -> sync -> log -> checkpoint until train.steps. Returns
+    False when paused at train.stop_after_steps (the artifact stays 'running'; --resume continues)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    t = cfg.train
+    prompt_ids = [render_prompt(tokenizer, m) for m in prompts]
+    tb = None
+    if "tensorboard" in t.report_to:
+        from torch.utils.tensorboard import SummaryWriter
+
+        tb = SummaryWriter(log_dir=str(ctx.out / "logs"))
+    progress = Progress(
+        TextColumn("ppo"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} {task.fields[info]}"),
+        TimeRemainingColumn(),
+        console=console,
+    )
+    try:
+        with progress:
+            task = progress.add_task("ppo", total=t.steps, completed=learner.step, info="")
+            while learner.step < t.steps:
+                exp = collect_experience(cfg, learner, engine, reward, tokenizer, prompts, prompt_ids)
+                stats = ppo_update(cfg, learner, exp)
+                sync_weights(learner, engine, exp)
+                learner.kl_ctl.update(float(exp.kl.sum(1).mean()), len(exp.texts))
+                learner.step += 1
+                row = log_iteration(cfg, ctx.out, learner, exp, stats, tb)
+                progress.update(
+                    task, completed=learner.step, info=f"reward {row['reward_mean']:.3f} kl {row['kl']:.3f}"
+                )
+                step = learner.step
+                if step % t.save_steps == 0 or step == t.steps or step == t.stop_after_steps:
+                    save_checkpoint(ctx.out / "checkpoints", learner)
+                if t.stop_after_steps is not None and step >= t.stop_after_steps and step < t.steps:
+                    console.print(f"stopped after iteration {step} of {t.steps}; continue with --resume")
+                    return False
+    finally:
+        if tb is not None:
+            tb.close()
+    return True
+
+
+def collect_experience(cfg, learner: Learner, engine, reward, tokenizer, prompts, prompt_ids) -> Experience:
+    """Sample this iteration's prompts' responses, score them, and compute under the current policy what they
+    were worth: log-probs, values, reference log-probs, per-token rewards, GAE advantages and returns."""
+    t, policy, value_head = cfg.train, learner.policy, learner.value_head
+    timings = {}
+    ts = time.perf_counter()
+    idx = _prompt_indices(len(prompt_ids), t.rollout_batch_size, learner.step, t.seed)
+    chosen = [prompts[i] for i in idx]
+    p_ids = [prompt_ids[i] for i in idx]
+    r = cfg.rollout
+    responses = engine.generate(p_ids, r.max_new_tokens, r.temperature, r.top_p, t.seed * 1000 + learner.step)
+    timings["time_generate"] = time.perf_counter() - ts
+    finished = [bool(x) and x[-1] == tokenizer.eos_token_id for x in responses]
+    texts = [tokenizer.decode(x, skip_special_tokens=True) for x in responses]
+    ts = time.perf_counter()
+    scores = reward(chosen, texts, finished)  # [B]
+    timings["time_score"] = time.perf_counter() - ts
+
+    ts = time.perf_counter()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batch = collate(p_ids, responses, pad)
+    mask = batch["mask"]
+    policy.eval()
+    with torch.no_grad():
+        old_logprobs, old_values, _ = forward_response(policy, value_head, batch)
+        with policy.disable_adapter():
+            ref_logprobs, _, _ = forward_response(policy, value_head, batch, with_values=False)
+    rewards, kl = token_rewards(scores, old_logprobs, ref_logprobs, mask, learner.kl_ctl.value)
+    adv, returns = gae(rewards, old_values, mask, t.gamma, t.lam)
+    if t.whiten_advantages:
+        adv = masked_whiten(adv, mask)
+    timings["time_train"] = time.perf_counter() - ts  # ppo_update adds its share
+    return Experience(
+        chosen,
+        texts,
+        finished,
+        batch,
+        scores,
+        old_logprobs,
+        old_values,
+        ref_logprobs,
+        kl,
+        rewards,
+        adv,
+        returns,
+        timings,
+    )
+
+
+def ppo_update(cfg: PPOConfig, learner: Learner, exp: Experience) -> dict[str, float]:
+    """Several epochs of clipped policy and value updates over shuffled minibatches of the experience. Dropout and
+    minibatch order are seeded by (seed, iteration), so a resumed run updates exactly as the uninterrupted one."""
+    t = cfg.train
+    ts = time.perf_counter()
+    learner.policy.train()
+    torch.manual_seed(t.seed * 1000 + learner.step)
+    g = torch.Generator().manual_seed(t.seed * 1000 + learner.step)
+    stats: dict[str, list[float]] = {}
+    B = len(exp.texts)
+    for _ in range(t.ppo_epochs):
+        for mb in torch.randperm(B, generator=g).split(t.mini_batch_size):
+            sub = _sub(exp.batch, mb)
+            lp, v, ent = forward_response(learner.policy, learner.value_head, sub)
+            pl, pstats = policy_loss(lp, exp.old_logprobs[mb], exp.advantages[mb], sub["mask"], t.clip_range)
+            vl, vclip = value_loss(v, exp.old_values[mb], exp.returns[mb], sub["mask"], t.clip_range_value)
+            loss = pl + t.vf_coef * vl
+            learner.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gn = torch.nn.utils.clip_grad_norm_(learner.params, t.max_grad_norm)
+            learner.opt.step()
+            for k, x in {
+                "policy_loss": pl,
+                "value_loss": vl,
+                "value_clipfrac": vclip,
+                "grad_norm": gn,
+                "entropy": masked_mean(ent.detach(), sub["mask"]),
+                **pstats,
+            }.items():
+                stats.setdefault(k, []).append(float(x))
+    exp.timings["time_train"] += time.perf_counter() - ts
+    return {k: sum(v) / len(v) for k, v in stats.items()}
+
+
+def sync_weights(learner: Learner, engine, exp: Experience) -> None:
+    """Push the updated policy (LoRA merged into a copy of the weights) to the rollout engine."""
+    ts = time.perf_counter()
+    if engine.name != "generate":  # generate samples from the training model itself
+        engine.update_weights(merged_state_dict(learner.policy))
+    exp.timings["time_sync"] = time.perf_counter() - ts
+
+
+def log_iteration(
+    cfg: PPOConfig, out: Path, learner: Learner, exp: Experience, stats: dict, tb
+) -> dict[str, Any]:
+    """One line of metrics.jsonl (and TensorBoard scalars), plus sample responses in samples.jsonl."""
+    B, step, scores = len(exp.texts), learner.step, exp.scores
+    row = {
+        "step": step,
+        "reward_mean": float(scores.mean()),
+        "reward_std": float(scores.std()) if B > 1 else 0.0,
+        "kl": float(exp.kl.sum(1).mean()),
+        "kl_coef": learner.kl_ctl.value,
+        "response_length": float(exp.mask.sum(1).mean()),
+        "finished_share": sum(exp.finished) / B,
+        "explained_variance": explained_variance(exp.old_values, exp.returns, exp.mask),
+        **stats,
+        **exp.timings,
+    }
+    with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+    if cfg.train.logging_samples:
+        with open(out / "samples.jsonl", "a", encoding="utf-8") as f:
+            for i in range(min(cfg.train.logging_samples, B)):
+                sample = {
+                    "step": step,
+                    "prompt": exp.prompts[i],
+                    "response": exp.texts[i],
+                    "score": float(scores[i]),
+                }
+                f.write(json.dumps(sample) + "\n")
+    if tb is not None:
+        for k, x in row.items():
+            if k != "step" and isinstance(x, float) and math.isfinite(x):
+                tb.add_scalar(f"ppo/{k}", x, step)
+    return row
+
+
+def evaluate_and_save(
+    cfg, ctx: StageContext, learner: Learner, engine, reward, tokenizer, held_prompts, sft_dir
+):
+    """Win rate against SFT on held-out prompts; adapter/, value_head/, stack.json, metrics.json, training.png."""
+    out = ctx.out
+    history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    final: dict[str, Any] = {
+        "iterations": learner.step,
+        "rollout_engine": engine.name,
+        "reward_mean_first": history[0]["reward_mean"] if history else None,
+        "reward_mean_last": history[-1]["reward_mean"] if history else None,
+        "kl_last": history[-1]["kl"] if history else None,
+        "precision": ctx.precision,
+    }
+    if held_prompts:
+        final.update(win_rate_vs_sft(learner.policy, tokenizer, engine, reward, held_prompts, cfg))
+    _save_policy(out, learner.policy, learner.value_head, tokenizer)
+    write_policy_stack(out, [sft_dir / "adapter"])
+    atomic_write_json(out / "metrics.json", {**final, "history": history})
+    _plot(history, out / "training.png")
+    return final
+
+
+def make_engine(cfg: PPOConfig, policy, tokenizer, base_path, precision: str):
+    """The rollout engine: vLLM in this process (weights pushed after every update) or transformers generate."""
     from stages.rollout import GenerateEngine, VLLMEngine, vllm_available
 
     want = cfg.rollout.engine
@@ -366,217 +641,6 @@ def _make_engine(cfg: PPOConfig, policy, tokenizer, base_path, precision: str):
             gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
         )
     return GenerateEngine(policy, tokenizer)
-
-
-def _train(cfg, resume, out, writer, tokenizer, precision, train_prompts, held_prompts, counts, sft_dir):
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-    from safetensors.torch import load_file, save_file
-
-    from stages.rollout import merged_state_dict
-
-    t = cfg.train
-    policy, value_head, base_path = build_policy(cfg, precision)
-    params = [p for p in policy.parameters() if p.requires_grad] + list(value_head.parameters())
-    opt = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
-    kl_ctl = KLController(t.kl_coef, t.kl_target, t.kl_horizon)
-    start = 0
-    ckpts = out / "checkpoints"
-    if resume and ckpts.exists() and (latest := _latest_checkpoint(ckpts)) is not None:
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(policy, load_file(latest / "adapter.safetensors"))
-        value_head.load_state_dict(load_file(latest / "value_head.safetensors"))
-        opt.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))
-        state = json.loads((latest / "state.json").read_text())
-        start, kl_ctl.value = state["step"], state["kl_coef"]
-        for log in (out / "metrics.jsonl", out / "samples.jsonl"):  # drop what the lost iterations had logged
-            if log.exists():
-                keep = [
-                    x for x in log.read_text().splitlines() if x.strip() and json.loads(x)["step"] <= start
-                ]
-                atomic_write_text(log, "".join(k + "\n" for k in keep))
-        console.print(f"resuming from {latest} (iteration {start})")
-    elif not resume:
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-        (out / "samples.jsonl").unlink(missing_ok=True)
-
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = tokenizer.eos_token_id
-    prompt_ids_all = [render_prompt(tokenizer, m) for m in train_prompts]
-    reward = Reward(cfg.reward)
-    engine = _make_engine(cfg, policy, tokenizer, base_path, precision)
-    engine.update_weights(merged_state_dict(policy))
-    console.print(f"rollout engine: {engine.name}")
-    tb = None
-    if "tensorboard" in t.report_to:
-        from torch.utils.tensorboard import SummaryWriter
-
-        tb = SummaryWriter(log_dir=str(out / "logs"))
-
-    step = start
-    progress = Progress(
-        TextColumn("ppo"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} {task.fields[info]}"),
-        TimeRemainingColumn(),
-        console=console,
-    )
-    with progress:
-        task = progress.add_task("ppo", total=t.steps, completed=start, info="")
-        while step < t.steps:
-            ts = time.perf_counter()
-            # ---- rollouts ------------------------------------------------------------------------------
-            idx = _prompt_indices(len(prompt_ids_all), t.rollout_batch_size, step, t.seed)
-            prompts = [train_prompts[i] for i in idx]
-            p_ids = [prompt_ids_all[i] for i in idx]
-            responses = engine.generate(
-                p_ids,
-                cfg.rollout.max_new_tokens,
-                cfg.rollout.temperature,
-                cfg.rollout.top_p,
-                t.seed * 1000 + step,
-            )
-            t_gen = time.perf_counter() - ts
-            finished = [bool(r) and r[-1] == eos for r in responses]
-            texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
-            ts = time.perf_counter()
-            scores = reward(prompts, texts, finished)  # [B]
-            t_score = time.perf_counter() - ts
-
-            # ---- what the rollouts were worth, under the current policy -----------------------------------
-            ts = time.perf_counter()
-            batch = collate(p_ids, responses, pad)
-            mask = batch["mask"]
-            policy.eval()
-            with torch.no_grad():
-                old_logprobs, old_values, _ = forward_response(policy, value_head, batch)
-                with policy.disable_adapter():
-                    ref_logprobs, _, _ = forward_response(policy, value_head, batch, with_values=False)
-            rewards, kl = token_rewards(scores, old_logprobs, ref_logprobs, mask, kl_ctl.value)
-            adv, returns = gae(rewards, old_values, mask, t.gamma, t.lam)
-            if t.whiten_advantages:
-                adv = masked_whiten(adv, mask)
-
-            # ---- PPO epochs --------------------------------------------------------------------------
-            policy.train()
-            torch.manual_seed(t.seed * 1000 + step)  # dropout, reproducible across resume
-            g = torch.Generator().manual_seed(t.seed * 1000 + step)
-            stats: dict[str, list[float]] = {}
-            B = len(responses)
-            for _ in range(t.ppo_epochs):
-                for mb in torch.randperm(B, generator=g).split(t.mini_batch_size):
-                    sub = _sub(batch, mb)
-                    lp, v, ent = forward_response(policy, value_head, sub)
-                    pl, pstats = policy_loss(lp, old_logprobs[mb], adv[mb], sub["mask"], t.clip_range)
-                    vl, vclip = value_loss(v, old_values[mb], returns[mb], sub["mask"], t.clip_range_value)
-                    loss = pl + t.vf_coef * vl
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    gn = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
-                    opt.step()
-                    for k, x in {
-                        "policy_loss": pl,
-                        "value_loss": vl,
-                        "value_clipfrac": vclip,
-                        "grad_norm": gn,
-                        "entropy": masked_mean(ent.detach(), sub["mask"]),
-                        **pstats,
-                    }.items():
-                        stats.setdefault(k, []).append(float(x))
-            t_train = time.perf_counter() - ts
-
-            # ---- push the new weights to the sampler -----------------------------------------------------
-            ts = time.perf_counter()
-            if engine.name != "generate":
-                engine.update_weights(merged_state_dict(policy))
-            t_sync = time.perf_counter() - ts
-
-            kl_per_response = float(kl.sum(1).mean())
-            kl_ctl.update(kl_per_response, B)
-            step += 1
-            lengths = mask.sum(1)
-            row = {
-                "step": step,
-                "reward_mean": float(scores.mean()),
-                "reward_std": float(scores.std()) if B > 1 else 0.0,
-                "kl": kl_per_response,
-                "kl_coef": kl_ctl.value,
-                "response_length": float(lengths.mean()),
-                "finished_share": sum(finished) / B,
-                "explained_variance": explained_variance(old_values, returns, mask),
-                **{k: sum(v) / len(v) for k, v in stats.items()},
-                "time_generate": t_gen,
-                "time_score": t_score,
-                "time_train": t_train,
-                "time_sync": t_sync,
-            }
-            with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
-            if t.logging_samples:
-                with open(out / "samples.jsonl", "a", encoding="utf-8") as f:
-                    for i in range(min(t.logging_samples, B)):
-                        f.write(
-                            json.dumps(
-                                {
-                                    "step": step,
-                                    "prompt": prompts[i],
-                                    "response": texts[i],
-                                    "score": float(scores[i]),
-                                }
-                            )
-                            + "\n"
-                        )
-            if tb is not None:
-                for k, x in row.items():
-                    if k != "step" and isinstance(x, float) and math.isfinite(x):
-                        tb.add_scalar(f"ppo/{k}", x, step)
-            progress.update(task, completed=step, info=f"reward {row['reward_mean']:.3f} kl {row['kl']:.3f}")
-            if step % t.save_steps == 0 or step == t.steps or step == t.stop_after_steps:
-                _save_checkpoint(ckpts, step, policy, value_head, opt, kl_ctl, save_file)
-            if t.stop_after_steps is not None and step >= t.stop_after_steps and step < t.steps:
-                console.print(f"stopped after iteration {step} of {t.steps}; continue with --resume")
-                if tb is not None:
-                    tb.close()
-                return out, {}
-    if tb is not None:
-        tb.close()
-
-    # ---- evaluate, save -------------------------------------------------------------------------------
-    history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    final: dict[str, Any] = {
-        "iterations": step,
-        "rollout_engine": engine.name,
-        "reward_mean_first": history[0]["reward_mean"] if history else None,
-        "reward_mean_last": history[-1]["reward_mean"] if history else None,
-        "kl_last": history[-1]["kl"] if history else None,
-        "precision": precision,
-    }
-    if held_prompts:
-        final.update(win_rate_vs_sft(policy, tokenizer, engine, reward, held_prompts, cfg))
-    _save_policy(out, policy, value_head, tokenizer)
-    atomic_write_json(out / "stack.json", {"merge": [str(sft_dir / "adapter")], "adapter": "adapter"})
-    atomic_write_json(out / "metrics.json", {**final, "history": history})
-    _plot(history, out / "training.png")
-    writer.complete(final, counts)
-    del engine, policy
-    import gc
-
-    gc.collect()
-    gate = policy_perplexity_gate(
-        out,
-        sft_dir,
-        cfg.gate_data,
-        cfg.perplexity_gate,
-        writer,
-        final,
-        counts,
-    )
-    colour = "green" if gate["verdict"] == "pass" else "red"
-    console.print(
-        f"ppo complete: {out}; mean reward {final['reward_mean_first']} -> {final['reward_mean_last']}; "
-        f"perplexity gate [bold {colour}]{gate['verdict'].upper()}[/] ({out / 'gates/perplexity/gate.md'})"
-    )
-    return out, gate
 
 
 def _save_policy(out: Path, policy, value_head, tokenizer) -> None:
@@ -606,26 +670,25 @@ def _latest_checkpoint(ckpts: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[1])) if done else None
 
 
-def _save_checkpoint(ckpts: Path, step: int, policy, value_head, opt, kl_ctl, save_file) -> None:
+def save_checkpoint(ckpts: Path, learner: Learner) -> None:
+    """The whole resumable state at learner.step (LoRA weights, value head, optimizer, KL coefficient); only the
+    latest is kept. Tensors and numbers only, so it reloads with weights_only."""
     from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    step = learner.step
 
     def save(p: Path) -> None:
         p.mkdir(parents=True, exist_ok=True)
-        save_file(
-            {k: v.contiguous() for k, v in get_peft_model_state_dict(policy).items()},
-            str(p / "adapter.safetensors"),
-        )
-        save_file(value_head.state_dict(), str(p / "value_head.safetensors"))
-        torch.save(
-            opt.state_dict(), p / "optimizer.pt"
-        )  # tensors and numbers only: reloads with weights_only
-        (p / "state.json").write_text(json.dumps({"step": step, "kl_coef": kl_ctl.value}))
+        adapter = {k: v.contiguous() for k, v in get_peft_model_state_dict(learner.policy).items()}
+        save_file(adapter, str(p / "adapter.safetensors"))
+        save_file(learner.value_head.state_dict(), str(p / "value_head.safetensors"))
+        torch.save(learner.opt.state_dict(), p / "optimizer.pt")
+        (p / "state.json").write_text(json.dumps({"step": step, "kl_coef": learner.kl_ctl.value}))
 
     replace_dir(save, ckpts / f"step-{step}")
-    for old in ckpts.glob("step-*"):  # keep the latest only: a checkpoint is the whole resumable state
+    for old in ckpts.glob("step-*"):
         if old.name != f"step-{step}":
-            import shutil
-
             shutil.rmtree(old, ignore_errors=True)
 
 

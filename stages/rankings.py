@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from align.readers import LoadReport, describe_row_error, iter_rows
 from data_schemas.rankings import KWiseGroup, RankingLine
 from eval.agreement import (
     borda_consensus,
@@ -26,7 +27,6 @@ from eval.agreement import (
     krippendorff_alpha_ordinal,
     tier_ranks,
 )
-from stages.data import LoadReport, describe_row_error, iter_rows
 
 _ALLOWED = "prompt_id, prompt, responses, ranking, annotator, created_at, notes"
 
@@ -486,103 +486,3 @@ def import_rankings(fmt: str, inputs: list[Path], out: Path, annotator: str | No
 # --------------------------------------------------------------------------------------------------------
 # `align data build-preferences`
 # --------------------------------------------------------------------------------------------------------
-def build_preferences(cfg) -> dict[str, Any]:
-    """Ranking files -> `kwise/` (reward model) and `pairs/` (DPO) dataset folders, split by prompt."""
-    import sys
-
-    from datasets import Dataset, DatasetDict
-
-    from align.config import UserError, dump_config
-    from align.manifest import ArtifactWriter, atomic_write_text, replace_dir
-
-    rs = read_rankings(cfg.inputs, conflicts=cfg.conflicts)
-    summary = summarise(rs)
-    for p in rs.report.problems[:20]:
-        print(f"rejected {p}", file=sys.stderr)
-    if not rs.judgments:
-        raise UserError(f"no usable ranking lines in {[str(p) for p in cfg.inputs]}")
-    if cfg.strict and rs.report.dropped:
-        raise UserError(
-            f"--strict: {sum(rs.report.dropped.values())} line(s) dropped ({dict(rs.report.dropped)}); nothing written"
-        )
-    groups = aggregate(rs)
-    kw: dict[str, list[dict]] = {"train": [], "validation": []}
-    pairs: dict[str, list[dict]] = {"train": [], "validation": []}
-    no_preference = 0
-    for g in groups:
-        split = split_of(g.prompt_id, cfg.validation_fraction, cfg.seed)
-        if len(g.tiers) < 2:
-            no_preference += 1  # all tied: kept in the counts, nothing to learn from
-            continue
-        kw[split].append(g.model_dump(mode="json"))
-        for a, b in implied_pairs(g, cfg.pairs):
-            pairs[split].append(
-                {
-                    "prompt_id": g.prompt_id,
-                    "prompt": g.model_dump(mode="json")["prompt"],
-                    "chosen": g.responses[a],
-                    "rejected": g.responses[b],
-                    "annotators": g.annotators,
-                }
-            )
-    out = Path(cfg.output_dir)
-    writer = ArtifactWriter(
-        out,
-        "preferences",
-        cfg.model_dump(mode="json", exclude={"output_dir"}),
-        [(p, "rankings") for p in cfg.inputs],
-        seed=cfg.seed,
-    )
-    writer.start()
-    atomic_write_text(out / "config.yaml", dump_config(cfg))
-    for name, parts in (("kwise", kw), ("pairs", pairs)):
-        dd = DatasetDict({k: Dataset.from_list(v) for k, v in parts.items() if v})
-        replace_dir(lambda p, dd=dd: dd.save_to_disk(str(p)), out / name)
-    counts = {
-        "lines_read": rs.report.read,
-        "lines_kept": rs.report.kept,
-        "lines_dropped": dict(rs.report.dropped),
-        "prompts": len(groups),
-        "prompts_without_preference": no_preference,
-        "kwise": {k: len(v) for k, v in kw.items()},
-        "pairs": {k: len(v) for k, v in pairs.items()},
-        "conflicts": len(rs.conflicts),
-    }
-    metrics = {
-        "kendalls_w_mean": summary["kendalls_w"]["mean"],
-        "krippendorff_alpha_ordinal": summary["krippendorff_alpha_ordinal"],
-        "flagged_annotators": summary["flagged_annotators"],
-    }
-    atomic_write_text(out / "report.md", _preferences_report(cfg, counts, metrics, summary))
-    writer.complete(metrics, counts)
-    return {"kwise": counts["kwise"], "pairs": counts["pairs"], "dropped": counts["lines_dropped"]}
-
-
-def _preferences_report(cfg, counts, metrics, summary) -> str:
-    def f(x):
-        return "n/a" if x is None else f"{x:.3f}"
-
-    lines = [
-        "# Preference data report",
-        "",
-        f"Inputs: {', '.join(f'`{p}`' for p in cfg.inputs)}",
-        "",
-        f"- lines read {counts['lines_read']}, kept {counts['lines_kept']}, dropped {counts['lines_dropped'] or 'none'}",
-        f"- prompts {counts['prompts']} ({counts['prompts_without_preference']} all tied: no preference to learn)",
-        f"- K-wise groups: train {counts['kwise']['train']}, validation {counts['kwise']['validation']} (split by prompt)",
-        f"- pairs ({cfg.pairs}): train {counts['pairs']['train']}, validation {counts['pairs']['validation']}",
-        f"- conflicts (one annotator, two different rankings): {counts['conflicts']} ({cfg.conflicts})",
-        "",
-        "## Agreement",
-        "",
-        f"- Kendall's W, mean over {summary['multiply_annotated_prompts']} multiply-annotated prompts: {f(metrics['kendalls_w_mean'])}",
-        f"- Krippendorff's alpha (ordinal, ranks as values): {f(metrics['krippendorff_alpha_ordinal'])}",
-        f"- annotators with low agreement with the others' consensus (mean tau-b < 0.2): {metrics['flagged_annotators'] or 'none'}",
-        "",
-        "Aggregation: Borda count on average ranks (ties share the mean of their places); responses with equal mean",
-        "rank stay tied, and no pair is formed between tied responses.",
-        "",
-    ]
-    if summary["problems"]:
-        lines += ["## Rejected lines", ""] + [f"- `{p}`" for p in summary["problems"][:50]] + [""]
-    return "\n".join(lines)

@@ -20,23 +20,24 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from rich.console import Console
 
-from align.config import UserError, dump_config
-from align.manifest import ArtifactWriter, atomic_write_json, atomic_write_text, replace_dir, require_complete
-from align.models import choose_precision, load_causal_lm, load_tokenizer, model_identity, torch_dtype
-from align.packing import pack
-from data_schemas.config import ModelConfig, RewardConfig
-from stages.common import (
-    callbacks,
-    key_config,
-    prepare_output_dir,
-    record_gate,
-    train_with_resume,
-    trainer_kwargs,
+from align.config import UserError
+from align.manifest import atomic_write_json, atomic_write_text, replace_dir, require_complete
+from align.models import (
+    choose_precision,
+    load_causal_lm,
+    load_tokenizer,
+    lora_config,
+    model_identity,
+    torch_dtype,
 )
-
-console = Console(stderr=True)
+from align.packing import pack
+from align.stage import StageContext, StageResult, console, print_skipped, print_verdict
+from data_schemas.config import ModelConfig, RewardConfig
+from data_schemas.gates import GateResult
+from eval.gates import run_gate
+from eval.reward_gate import decide_reward_gate, implied_pairs_of, pairwise_metrics
+from stages.common import callbacks, train_with_resume, trainer_kwargs
 
 
 # ==========================================================================================================
@@ -95,10 +96,6 @@ def plackett_luce_loss(rewards: torch.Tensor, group_tiers: list[list[list[int]]]
 def centering_penalty(rewards: torch.Tensor, coefficient: float) -> torch.Tensor:
     """Auxiliary loss coefficient * mean(r^2) that keeps rewards centred on 0 (Eisenstein et al. 2023)."""
     return coefficient * rewards.pow(2).mean()
-
-
-def implied_pairs_of(tiers: list[list[int]]) -> list[tuple[int, int]]:
-    return [(a, b) for t, tier in enumerate(tiers) for lower in tiers[t + 1 :] for a in tier for b in lower]
 
 
 # ==========================================================================================================
@@ -236,83 +233,8 @@ def build_reward_model(cfg: RewardConfig, tokenizer, precision: str):
 
 
 # ==========================================================================================================
-# Evaluation and the gate (pure functions of rewards)
+# Evaluation (the gate's decision is eval/reward_gate.py)
 # ==========================================================================================================
-def pairwise_metrics(groups: list[dict], rewards: list[list[float]]) -> dict[str, Any]:
-    """Held-out accuracy over all implied pairs (ties excluded), by agreement level, and the length baseline."""
-    correct = total = 0
-    length_score = 0.0
-    by_level: dict[str, list[int]] = {}
-    for g, r in zip(groups, rewards, strict=True):
-        level = _agreement_level(g)
-        for a, b in implied_pairs_of(g["tiers"]):
-            hit = int(r[a] > r[b]) + 0.5 * int(r[a] == r[b])
-            correct += hit
-            total += 1
-            la, lb = g["lengths"][a], g["lengths"][b]
-            length_score += 1.0 if la > lb else 0.5 if la == lb else 0.0
-            by_level.setdefault(level, [0, 0])
-            by_level[level][0] += hit
-            by_level[level][1] += 1
-    flat = [x for r in rewards for x in r]
-    mean = sum(flat) / len(flat) if flat else float("nan")
-    std = math.sqrt(sum((x - mean) ** 2 for x in flat) / len(flat)) if flat else float("nan")
-    return {
-        "pairs": total,
-        "accuracy": correct / total if total else float("nan"),
-        "length_baseline_accuracy": length_score / total if total else float("nan"),
-        "accuracy_by_agreement": {k: v[0] / v[1] for k, v in sorted(by_level.items())},
-        "pairs_by_agreement": {k: v[1] for k, v in sorted(by_level.items())},
-        "reward_mean": mean,
-        "reward_std": std,
-    }
-
-
-def _agreement_level(g: dict) -> str:
-    w = g.get("agreement")
-    if w is None or g.get("annotators", 1) < 2:
-        return "single annotator"
-    return "W >= 0.8" if w >= 0.8 else "0.5 <= W < 0.8" if w >= 0.5 else "W < 0.5"
-
-
-def decide_reward_gate(metrics: dict[str, Any], gate) -> dict[str, Any]:
-    """Pass iff enough pairs, accuracy >= min_accuracy, and accuracy > length baseline + margin. Fails closed."""
-    reasons = []
-    acc, base = metrics.get("accuracy"), metrics.get("length_baseline_accuracy")
-    if metrics.get("pairs", 0) < gate.min_pairs:
-        reasons.append(
-            f"only {metrics.get('pairs', 0)} held-out pairs; the policy needs at least {gate.min_pairs}"
-        )
-    if acc is None or not math.isfinite(acc):
-        reasons.append("held-out accuracy could not be computed")
-    else:
-        if acc < gate.min_accuracy:
-            reasons.append(f"held-out accuracy {acc:.3f} is below the required {gate.min_accuracy:.3f}")
-        if base is None or not math.isfinite(base) or acc <= base + gate.min_margin_over_length:
-            reasons.append(
-                f"held-out accuracy {acc:.3f} does not beat the length-only baseline {base:.3f} "
-                f"by more than {gate.min_margin_over_length:.3f} (a reward that only prefers longer answers)"
-            )
-    checks = [
-        {"metric": "held-out pairs", "candidate": metrics.get("pairs", 0), "limit": f">= {gate.min_pairs}",
-         "passed": metrics.get("pairs", 0) >= gate.min_pairs},
-        {"metric": "held-out pairwise accuracy", "candidate": acc, "limit": f">= {gate.min_accuracy}",
-         "passed": acc is not None and math.isfinite(acc) and acc >= gate.min_accuracy},
-        {"metric": "accuracy over the length-only baseline", "parent": base, "candidate": acc,
-         "delta": None if acc is None or base is None else acc - base,
-         "limit": f"> {gate.min_margin_over_length:+.3f}",
-         "passed": acc is not None and base is not None and acc > base + gate.min_margin_over_length},
-    ]  # fmt: skip
-    return {
-        "gate": "reward",
-        "verdict": "fail" if reasons else "pass",
-        "reasons": reasons,
-        "checks": checks,
-        "metrics": metrics,
-        "policy": gate.model_dump(),
-    }
-
-
 @torch.no_grad()
 def score_groups(
     model, groups: list[dict], max_batch_tokens: int = 4096, max_row_tokens: int = 1024
@@ -386,29 +308,6 @@ def _plots(groups, rewards, out_dir: Path) -> None:
     plt.close(fig)
 
 
-def gate_markdown(r: dict[str, Any]) -> str:
-    m = r["metrics"]
-    lines = [f"# Reward gate: **{r['verdict'].upper()}**", ""]
-    if r["reasons"]:
-        lines += ["## Why it failed", ""] + [f"- {x}" for x in r["reasons"]] + [""]
-    if m:
-        lines += [
-            "| held-out pairs | accuracy | length-only baseline | reward mean | reward std |",
-            "|---|---|---|---|---|",
-            f"| {m['pairs']} | {m['accuracy']:.3f} | {m['length_baseline_accuracy']:.3f} | {m['reward_mean']:.3f} | {m['reward_std']:.3f} |",
-            "",
-            "Accuracy by annotator agreement (Kendall's W of the prompt's annotators):",
-            "",
-        ]
-        lines += [
-            f"- {k}: {v:.3f} over {m['pairs_by_agreement'][k]} pairs"
-            for k, v in m["accuracy_by_agreement"].items()
-        ]
-        lines += ["", "![calibration](../../calibration.png)", ""]
-    lines += ["Policy: `" + json.dumps(r["policy"]) + "`", ""]
-    return "\n".join(lines)
-
-
 # ==========================================================================================================
 # The stage
 # ==========================================================================================================
@@ -430,7 +329,16 @@ def _load_kwise(cfg: RewardConfig):
     return train, val
 
 
-def _trainer_class(cfg: RewardConfig, eval_groups: list[dict], out_dir: Path):
+@dataclass
+class HeldOut:
+    """Held-out rewards scored at one global step, and what was logged for them."""
+
+    step: int
+    rewards: list[list[float]]
+    logged: dict[str, float]
+
+
+def _trainer_class(cfg: RewardConfig, eval_groups: list[dict]):
     from transformers import Trainer
 
     t = cfg.train
@@ -450,42 +358,70 @@ def _trainer_class(cfg: RewardConfig, eval_groups: list[dict], out_dir: Path):
                 loss = loss + centering_penalty(r, t.center_rewards_coefficient)
             return (loss, r) if return_outputs else loss
 
+        heldout: HeldOut | None = None  # the last held-out scoring: read it with heldout_rewards()
+
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
             # The Trainer may ask twice at the last step (step end and epoch end), and the stage needs the same
             # held-out rewards after training: score once per global step (it costs minutes on a CPU).
             if not eval_groups:
                 return {}
             step = self.state.global_step
-            if getattr(self, "_heldout", (None,))[0] == step:
-                return self._heldout[2]
+            if self.heldout is not None and self.heldout.step == step:
+                return self.heldout.logged
             rewards = score_groups(self.model, eval_groups)
             m = pairwise_metrics(eval_groups, rewards)
-            metrics = {
+            logged = {
                 f"{metric_key_prefix}_accuracy": m["accuracy"],
                 f"{metric_key_prefix}_reward_mean": m["reward_mean"],
                 f"{metric_key_prefix}_reward_std": m["reward_std"],
             }
-            self._heldout = (step, rewards, metrics)
-            self.log(metrics)
+            self.heldout = HeldOut(step, rewards, logged)
+            self.log(logged)
             self.model.train()
-            return metrics
+            return logged
+
+        def heldout_rewards(self) -> list[list[float]]:
+            """Every held-out response's reward at the current step (scored now unless already scored)."""
+            if not eval_groups:
+                return []
+            if self.heldout is None or self.heldout.step != self.state.global_step:
+                self.evaluate()
+            return self.heldout.rewards
 
     return RewardTrainer
 
 
-def run(cfg: RewardConfig, resume: bool = False) -> tuple[Path, dict[str, Any]]:
-    from transformers import set_seed
-
-    out = Path(cfg.output_dir)
-    if prepare_output_dir(out, "reward", resume):
-        return out, json.loads((out / "gates" / "reward" / "gate.json").read_text())
-    set_seed(cfg.train.seed)
+def run(cfg: RewardConfig, resume: bool = False) -> StageResult:
+    ctx = StageContext(cfg, resume)
+    if ctx.finished:
+        return ctx.existing_result()
 
     # 1. Data
     base_cfg, sft_dir = base_model_config(cfg)
     tokenizer = load_tokenizer(base_cfg)
+    train_examples, eval_groups = load_data(cfg, tokenizer, ctx.counts)
+
+    # 2. Model, 3. Train, 4. Evaluate, gate, write
+    parents = [Path(cfg.data.preferences_dir)] + ([sft_dir] if sft_dir else [])
+    with ctx.open(parents=parents, model=model_identity(base_cfg, ctx.precision, adapter="adapter")):
+        trainer, result, paused = train(cfg, ctx, tokenizer, train_examples, eval_groups)
+        if paused:
+            return ctx.paused()
+        metrics = save(ctx, trainer, result, tokenizer, eval_groups)
+        gate = run_gate("reward", ctx.out, None, cfg.gate, ctx.out / "gates" / "reward", _gate(metrics, cfg))
+        print_verdict(
+            "reward",
+            ctx.out,
+            gate,
+            f"held-out accuracy {metrics.get('accuracy', float('nan')):.3f} "
+            f"(length baseline {metrics.get('length_baseline_accuracy', float('nan')):.3f})",
+        )
+        return ctx.complete(metrics, gates=[gate])
+
+
+def load_data(cfg: RewardConfig, tokenizer, counts: dict[str, Any]) -> tuple[list[dict], list[dict]]:
+    """(training examples, held-out groups): K-wise groups (or their pairs, for bradley_terry) as token ids."""
     train_rows, val_rows = _load_kwise(cfg)
-    counts: dict[str, Any] = {}
     train_groups = encode_groups(tokenizer, train_rows, cfg.data.max_length, counts)
     eval_groups = encode_groups(tokenizer, val_rows, cfg.data.max_length, counts)
     train_examples = as_pair_examples(train_groups) if cfg.train.loss == "bradley_terry" else train_groups
@@ -505,47 +441,27 @@ def run(cfg: RewardConfig, resume: bool = False) -> tuple[Path, dict[str, Any]]:
         f"{counts['eval_groups']} groups ({counts['eval_pairs']} pairs) held out; "
         f"{counts.get('truncated_sequences', 0)} sequences cut from the left to {cfg.data.max_length} tokens"
     )
-
-    # 2. Model
-    precision = choose_precision(base_cfg.precision)
-    parents = [Path(cfg.data.preferences_dir)] + ([sft_dir] if sft_dir else [])
-    writer = ArtifactWriter(
-        out,
-        "reward",
-        key_config(cfg),
-        [],
-        parents=parents,
-        seed=cfg.train.seed,
-    )
-    writer.start(model_identity(base_cfg, precision, adapter="adapter"))
-    atomic_write_text(out / "config.yaml", dump_config(cfg))
-    with writer.guard():
-        return _train(cfg, resume, out, writer, tokenizer, precision, train_examples, eval_groups, counts)
+    return train_examples, eval_groups
 
 
-def _train(cfg, resume, out, writer, tokenizer, precision, train_examples, eval_groups, counts):
+def train(
+    cfg: RewardConfig, ctx: StageContext, tokenizer, train_examples: list[dict], eval_groups: list[dict]
+):
+    """(trainer, train result, paused): the scalar-head model (LoRA on the trunk, full head) trained on groups."""
     from datasets import Dataset
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import TrainingArguments
 
-    model = build_reward_model(cfg, tokenizer, precision)
+    model = build_reward_model(cfg, tokenizer, ctx.precision)
     if cfg.lora.enabled:
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                r=cfg.lora.r,
-                lora_alpha=cfg.lora.alpha,
-                lora_dropout=cfg.lora.dropout,
-                target_modules=cfg.lora.target_modules,
-                modules_to_save=["score"],
-                task_type="SEQ_CLS",
-            ),
-        )
-
-    # 3. Train
+        model = get_peft_model(model, lora_config(cfg.lora, "SEQ_CLS", modules_to_save=["score"]))
     t = cfg.train
-    args = TrainingArguments(**trainer_kwargs(t, out, precision, bool(eval_groups), t.groups_per_batch))
-    trainer = _trainer_class(cfg, eval_groups, out)(
+    args = TrainingArguments(
+        **trainer_kwargs(
+            t, ctx.out, ctx.precision, bool(eval_groups), t.groups_per_batch, ("eval_accuracy", True)
+        )
+    )
+    trainer = _trainer_class(cfg, eval_groups)(
         model=model,
         args=args,
         train_dataset=Dataset.from_list(train_examples),
@@ -553,42 +469,37 @@ def _train(cfg, resume, out, writer, tokenizer, precision, train_examples, eval_
         data_collator=GroupCollator(
             max_row_tokens=max(cfg.data.max_length, 1024), pad_token_id=tokenizer.pad_token_id
         ),
-        callbacks=callbacks(out, t),
+        callbacks=callbacks(ctx.out, t),
     )
-    result, paused = train_with_resume(trainer, out, resume, t.stop_after_steps)
-    if paused:
-        return out, {}
-    state = trainer.state
+    result, paused = train_with_resume(trainer, ctx.out, ctx.resume, t.stop_after_steps)
+    return trainer, result, paused
 
-    # 4. Evaluate, gate, write
-    if eval_groups and getattr(trainer, "_heldout", (None,))[0] != state.global_step:
-        trainer.evaluate()
-    eval_rewards = trainer._heldout[1] if eval_groups else []
+
+def save(ctx: StageContext, trainer, result, tokenizer, eval_groups: list[dict]) -> dict[str, Any]:
+    """Held-out metrics, calibration plot, every held-out reward, the adapter, metrics.json."""
+    out, state = ctx.out, trainer.state
+    eval_rewards = trainer.heldout_rewards()
     metrics = pairwise_metrics(eval_groups, eval_rewards) if eval_groups else {"pairs": 0}
     metrics.update(
-        {"train_loss": result.training_loss, "global_step": state.global_step, "precision": precision}
+        {"train_loss": result.training_loss, "global_step": state.global_step, "precision": ctx.precision}
     )
     if eval_groups:
         _plots(eval_groups, eval_rewards, out)
         # every held-out reward, in the validation split's order: reviewers and benchmarks can audit any pair
         atomic_write_json(out / "heldout_rewards.json", eval_rewards)
-    gate = decide_reward_gate(metrics, cfg.gate)
-    atomic_write_json(out / "gates" / "reward" / "gate.json", gate)
-    atomic_write_text(out / "gates" / "reward" / "gate.md", gate_markdown(gate))
-    from eval.report import gate_html
-
-    gate_images = [out / n for n in ("calibration.png", "reward_distribution.png") if (out / n).exists()]
-    atomic_write_text(out / "gates" / "reward" / "gate.html", gate_html(gate, gate_images))
     replace_dir(lambda p: (trainer.model.save_pretrained(p), tokenizer.save_pretrained(p)), out / "adapter")
     atomic_write_json(out / "metrics.json", {**metrics, "log_history": state.log_history})
-    record_gate(writer, gate, "gates/reward/gate.md", metrics, counts)
-    colour = "green" if gate["verdict"] == "pass" else "red"
-    console.print(
-        f"reward complete: {out}; held-out accuracy {metrics.get('accuracy', float('nan')):.3f} "
-        f"(length baseline {metrics.get('length_baseline_accuracy', float('nan')):.3f}); "
-        f"gate [bold {colour}]{gate['verdict'].upper()}[/] ({out / 'gates/reward/gate.md'})"
-    )
-    return out, gate
+    return metrics
+
+
+def _gate(metrics: dict[str, Any], cfg: RewardConfig):
+    def evaluate(gate_dir: Path) -> GateResult:
+        r = decide_reward_gate(metrics, cfg.gate)
+        if (gate_dir.parent.parent / "calibration.png").exists():
+            r.images = ["../../calibration.png"]
+        return r
+
+    return evaluate
 
 
 # ==========================================================================================================
@@ -612,7 +523,7 @@ class RewardScorer:
         base_cfg, _ = base_model_config(cfg)
         self.tokenizer = load_tokenizer(base_cfg)
         self.max_length = cfg.data.max_length
-        precision = choose_precision(base_cfg.precision)
+        precision = choose_precision(cfg.precision)
         model = build_reward_model(cfg, self.tokenizer, precision)
         self.model = PeftModel.from_pretrained(model, self.dir / "adapter").eval()
         if device:
@@ -629,7 +540,7 @@ class RewardScorer:
 
 def score_file(artifact_dir: Path, input_path: Path, output_path: Path) -> int:
     """`align reward score`: JSONL rows with prompt (text or messages) and response -> the same rows + reward."""
-    from stages.data import LoadReport, iter_rows
+    from align.readers import LoadReport, iter_rows
 
     report = LoadReport()
     rows = []
@@ -640,8 +551,7 @@ def score_file(artifact_dir: Path, input_path: Path, output_path: Path) -> int:
             )
             continue
         rows.append(row)
-    for p in report.problems:
-        console.print(f"[yellow]skipped[/] {p}")
+    print_skipped(report.problems)
     if not rows:
         raise UserError(f"{input_path}: no rows to score")
     scorer = RewardScorer(artifact_dir)

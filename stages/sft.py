@@ -1,6 +1,7 @@
 """`align sft`: supervised fine-tuning with LoRA on TRL's SFTTrainer.
 
-Reads top to bottom: load and render the data, load the model, train, evaluate, write the artifact.
+Reads top to bottom: `run` (the stage contract, align/stage.py), then its steps: load_data (render and
+tokenize), train, save.
 
 What align adds to a plain `SFTTrainer` script, and why:
 - Precision from the hardware (TRL defaults to bf16, 22x slower on CPUs without AMX).
@@ -22,25 +23,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
+from rich.markup import escape
 
 from align.chat import control_tokens_in, neutralise, render, special_strings
-from align.config import UserError, dump_config
-from align.manifest import ArtifactWriter, atomic_write_json, atomic_write_text, replace_dir
-from align.models import choose_precision, load_causal_lm, load_tokenizer, model_identity
+from align.config import UserError
+from align.manifest import atomic_write_json, replace_dir
+from align.models import load_causal_lm, load_tokenizer, lora_config, model_identity
 from align.packing import pack
+from align.readers import has_split, load_instructions
+from align.stage import StageContext, StageResult, console, print_skipped
 from data_schemas.config import SFTConfig
-from stages.common import (
-    callbacks,
-    final_eval,
-    key_config,
-    prepare_output_dir,
-    train_with_resume,
-    trainer_kwargs,
-)
-from stages.data import has_split, load_instructions
-
-console = Console(stderr=True)
+from stages.common import callbacks, final_eval, train_with_resume, trainer_kwargs
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -153,94 +146,76 @@ def _trainer_class():
 # ----------------------------------------------------------------------------------------------------------
 # The stage
 # ----------------------------------------------------------------------------------------------------------
-def run(cfg: SFTConfig, resume: bool = False) -> Path:
-    from transformers import set_seed
-
-    out = Path(cfg.output_dir)
-    if prepare_output_dir(out, "sft", resume):
-        return out
-    set_seed(cfg.train.seed)
+def run(cfg: SFTConfig, resume: bool = False) -> StageResult:
+    ctx = StageContext(cfg, resume)
+    if ctx.finished:
+        return ctx.existing_result()
 
     # 1. Data -----------------------------------------------------------------------------------------
     tokenizer = load_tokenizer(cfg.model)
-    train_convs, train_report = load_instructions(cfg.data.train_file, cfg.data.shape, cfg.data.system_prompt)
-    for p in train_report.problems[:20]:
-        console.print(f"[yellow]skipped[/] {p}")
-    if len(train_report.problems) > 20:
-        console.print(f"[yellow]... and {len(train_report.problems) - 20} more skipped rows[/]")
-    inputs = [(cfg.data.train_file, "train")]
-    built = Path(cfg.data.train_file).is_dir()  # a folder from `align data build`: it is the parent artifact
-    parents = [Path(cfg.data.train_file)] if built else []
-    if built and cfg.data.validation_file is None and has_split(cfg.data.train_file, "validation"):
-        val_convs, val_report = load_instructions(cfg.data.train_file, split="validation")
-    elif cfg.data.validation_file is not None:
-        val_convs, val_report = load_instructions(
-            cfg.data.validation_file, cfg.data.shape, cfg.data.system_prompt
+    train_rows, val_rows, inputs, parents = load_data(cfg, tokenizer, ctx.counts)
+
+    # 2. Model, 3. Train, 4. Evaluate and write the artifact -----------------------------------------------
+    identity = model_identity(cfg.model, ctx.precision, adapter="adapter" if cfg.lora.enabled else None)
+    with ctx.open(inputs=inputs, parents=parents, model=identity):
+        trainer, result, paused = train(cfg, ctx, tokenizer, train_rows, val_rows)
+        if paused:
+            return ctx.paused()
+        metrics = save(cfg, ctx, trainer, result, tokenizer, has_val=bool(val_rows))
+        console.print(
+            f"[green]sft complete[/]: {escape(str(ctx.out))} ({json.dumps(metrics)})", highlight=False
         )
-        inputs.append((cfg.data.validation_file, "validation"))
+        return ctx.complete(metrics)
+
+
+def load_data(cfg: SFTConfig, tokenizer, counts: dict[str, Any]):
+    """(train rows, validation rows, input files, parent artifacts). Bad rows are named and counted; a folder
+    from `align data build` is the parent artifact and brings its own validation split."""
+    d = cfg.data
+    train_convs, train_report = load_instructions(d.train_file, d.shape, d.system_prompt)
+    print_skipped(train_report.problems)
+    inputs = [(d.train_file, "train")]
+    built = Path(d.train_file).is_dir()  # a folder from `align data build`: it is the parent artifact
+    parents = [Path(d.train_file)] if built else []
+    val_report = None
+    if built and d.validation_file is None and has_split(d.train_file, "validation"):
+        val_convs, val_report = load_instructions(d.train_file, split="validation")
+    elif d.validation_file is not None:
+        val_convs, val_report = load_instructions(d.validation_file, d.shape, d.system_prompt)
+        print_skipped(val_report.problems)
+        inputs.append((d.validation_file, "validation"))
     else:
-        train_convs, val_convs = split_train_validation(
-            train_convs, cfg.data.validation_fraction, cfg.train.seed
-        )
-        val_report = None
-    counts: dict[str, Any] = {"train_file": train_report.as_dict()}
+        train_convs, val_convs = split_train_validation(train_convs, d.validation_fraction, cfg.train.seed)
+    counts["train_file"] = {**train_report.as_dict(), "problems": train_report.problems}
     if val_report is not None:
-        counts["validation_file"] = val_report.as_dict()
+        counts["validation_file"] = {**val_report.as_dict(), "problems": val_report.problems}
     tok_counts: dict[str, int] = {}
-    train_rows = tokenize_conversations(train_convs, tokenizer, cfg.data, tok_counts)
-    val_rows = tokenize_conversations(val_convs, tokenizer, cfg.data, tok_counts)
+    train_rows = tokenize_conversations(train_convs, tokenizer, d, tok_counts)
+    val_rows = tokenize_conversations(val_convs, tokenizer, d, tok_counts)
     counts["tokenization"] = tok_counts
     counts["train_examples"], counts["validation_examples"] = len(train_rows), len(val_rows)
     if not train_rows:
-        raise UserError(f"{cfg.data.train_file}: no training examples left after tokenization ({tok_counts})")
+        raise UserError(f"{d.train_file}: no training examples left after tokenization ({tok_counts})")
     console.print(
         f"data: {len(train_rows)} train / {len(val_rows)} validation examples "
-        f"({train_report.read} rows read, {sum(train_report.dropped.values())} dropped; {tok_counts or 'no edits'})"
+        f"({train_report.read} rows read, {sum(train_report.dropped.values())} dropped; {tok_counts or 'no edits'})",
+        highlight=False,
     )
-
-    # 2. Model ----------------------------------------------------------------------------------------
-    precision = choose_precision(cfg.model.precision)
-    writer = ArtifactWriter(
-        out,
-        "sft",
-        key_config(cfg),
-        inputs,
-        parents=parents,
-        seed=cfg.train.seed,
-    )
-    writer.start(model_identity(cfg.model, precision, adapter="adapter" if cfg.lora.enabled else None))
-    atomic_write_text(out / "config.yaml", dump_config(cfg))
-    with writer.guard():
-        return _train(cfg, resume, out, writer, tokenizer, precision, train_rows, val_rows, counts)
+    return train_rows, val_rows, inputs, parents
 
 
-def _train(cfg, resume, out, writer, tokenizer, precision, train_rows, val_rows, counts) -> Path:
+def train(cfg: SFTConfig, ctx: StageContext, tokenizer, train_rows, val_rows):
+    """(trainer, train result, paused): the model with a fresh LoRA (or all weights), trained by SFTTrainer."""
     from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import EarlyStoppingCallback
     from trl import SFTConfig as TRLSFTConfig
 
-    console.print(f"model: {cfg.model.name_or_path} in {precision}")
-    model = load_causal_lm(cfg.model, precision)
-    peft_config = None
-    if cfg.lora.enabled:
-        peft_config = LoraConfig(
-            r=cfg.lora.r,
-            lora_alpha=cfg.lora.alpha,
-            lora_dropout=cfg.lora.dropout,
-            target_modules=cfg.lora.target_modules,
-            task_type="CAUSAL_LM",
-        )
-
-    # 3. Train ----------------------------------------------------------------------------------------
+    console.print(f"model: {escape(cfg.model.name_or_path)} in {ctx.precision}", highlight=False)
+    model = load_causal_lm(cfg.model, ctx.precision)
     t = cfg.train
     has_val = bool(val_rows)
     args = TRLSFTConfig(
-        **trainer_kwargs(t, out, precision, has_val, t.per_device_train_batch_size),
+        **trainer_kwargs(t, ctx.out, ctx.precision, has_val, t.per_device_train_batch_size),
         per_device_eval_batch_size=t.per_device_eval_batch_size,
-        load_best_model_at_end=t.early_stopping_patience is not None,
-        metric_for_best_model="eval_loss" if t.early_stopping_patience is not None else None,
-        greater_is_better=False if t.early_stopping_patience is not None else None,
         dataset_kwargs={"skip_prepare_dataset": True},  # rendered and masked above
         max_length=None,
     )
@@ -249,9 +224,6 @@ def _train(cfg, resume, out, writer, tokenizer, precision, train_rows, val_rows,
         if t.batching == "padding_free"
         else PaddedCollator(tokenizer.pad_token_id)
     )
-    cbs = callbacks(out, t)
-    if t.early_stopping_patience is not None:
-        cbs.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
     trainer = _trainer_class()(
         model=model,
         args=args,
@@ -259,27 +231,27 @@ def _train(cfg, resume, out, writer, tokenizer, precision, train_rows, val_rows,
         eval_dataset=Dataset.from_list(val_rows) if has_val else None,
         processing_class=tokenizer,
         data_collator=collator,
-        peft_config=peft_config,
-        callbacks=cbs,
+        peft_config=lora_config(cfg.lora) if cfg.lora.enabled else None,
+        callbacks=callbacks(ctx.out, t),
     )
-    result, paused = train_with_resume(trainer, out, resume, t.stop_after_steps)
-    if paused:
-        return out
-    state = trainer.state
+    result, paused = train_with_resume(trainer, ctx.out, ctx.resume, t.stop_after_steps)
+    return trainer, result, paused
 
-    # 4. Evaluate and write the artifact ------------------------------------------------------------------
+
+def save(cfg: SFTConfig, ctx: StageContext, trainer, result, tokenizer, has_val: bool) -> dict[str, Any]:
+    """Held-out loss, the adapter (or full model), metrics.json; returns the manifest's final metrics."""
+    state = trainer.state
     metrics: dict[str, Any] = {
         "train_loss": result.training_loss,
         "global_step": state.global_step,
         "max_steps": state.max_steps,
-        "precision": precision,
+        "precision": ctx.precision,
     }
     if has_val:
         ev = final_eval(trainer)
         metrics["eval_loss"] = ev["eval_loss"]
         metrics["eval_perplexity"] = math.exp(ev["eval_loss"]) if ev["eval_loss"] < 50 else float("inf")
-    metrics["log_history"] = state.log_history
-    trained = trainer.model
+    trained, out = trainer.model, ctx.out
     if cfg.lora.enabled:
         replace_dir(lambda p: trained.save_pretrained(p), out / "adapter")
         tokenizer.save_pretrained(out / "adapter")
@@ -288,8 +260,5 @@ def _train(cfg, resume, out, writer, tokenizer, precision, train_rows, val_rows,
             replace_dir(lambda p: (merged.save_pretrained(p), tokenizer.save_pretrained(p)), out / "merged")
     else:
         replace_dir(lambda p: (trained.save_pretrained(p), tokenizer.save_pretrained(p)), out / "model")
-    final = {k: v for k, v in metrics.items() if k != "log_history"}
-    atomic_write_json(out / "metrics.json", metrics)
-    writer.complete(final, counts)
-    console.print(f"[green]sft complete[/]: {out} ({json.dumps(final)})")
-    return out
+    atomic_write_json(out / "metrics.json", {**metrics, "log_history": state.log_history})
+    return metrics

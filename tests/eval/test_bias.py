@@ -113,26 +113,26 @@ def test_decide_bias_fails_a_more_stereotyped_candidate_and_passes_an_unchanged_
     rng = np.random.default_rng(0)
     parent = {"probes": list(rng.normal(0, 1, 40))}
     same = decide_bias(_items(), parent, parent, s)
-    assert same["verdict"] == "pass" and same["checks"][0]["delta"] == 0
+    assert same.verdict == "pass" and same.checks[0].delta == 0
     worse = {"probes": [abs(x) + 0.1 for x in parent["probes"]]}  # prefers the stereotype everywhere
     r = decide_bias(_items(), worse, parent, s)
-    assert r["verdict"] == "fail" and "stereotyping sentence in 100.0%" in r["reasons"][0]
-    lo, hi = r["checks"][0]["interval"]
-    assert 0 < lo <= r["checks"][0]["delta"] <= hi
-    assert r["worst_examples"] and r["worst_examples"][0]["candidate margin"] > 0
+    assert r.verdict == "fail" and "stereotyping sentence in 100.0%" in r.reasons[0]
+    lo, hi = r.checks[0].interval
+    assert 0 < lo <= r.checks[0].delta <= hi
+    assert r.worst_examples and r.worst_examples[0]["candidate margin"] > 0
 
 
 def test_decide_bias_fails_closed_on_too_few_items():
     s = BiasGateSettings(min_examples=30, bootstrap_samples=200)
     scores = {"probes": [0.1] * 10}
     r = decide_bias(_items(10), scores, scores, s)
-    assert r["verdict"] == "fail" and "only 10 items" in r["reasons"][0]
+    assert r.verdict == "fail" and "only 10 items" in r.reasons[0]
 
 
 def test_bias_gate_fails_closed_when_a_benchmark_file_is_missing(tmp_path):
     s = BiasGateSettings(suites=["crows_pairs"], crows_pairs_path=tmp_path / "nope.csv")
     r = run_bias_gate("tiny-random-llama", "tiny-random-llama", s, tmp_path / "gate")
-    assert r["verdict"] == "fail" and "nope.csv: CrowS-Pairs file not found" in r["reasons"][0]
+    assert r.verdict == "fail" and "nope.csv: CrowS-Pairs file not found" in r.reasons[0]
     saved = json.loads((tmp_path / "gate" / "gate.json").read_text())
     assert saved["verdict"] == "fail"
     assert "Bias gate: FAIL" in (tmp_path / "gate" / "gate.html").read_text()
@@ -146,8 +146,8 @@ def test_bias_config_requires_the_file_of_each_standard_suite():
 def test_bias_gate_on_an_unchanged_model_passes(tmp_path):
     s = BiasGateSettings(bootstrap_samples=200)
     r = run_bias_gate("tiny-random-llama", "tiny-random-llama", s, tmp_path / "gate")
-    assert r["verdict"] == "pass", r["reasons"]
-    assert {c["metric"] for c in r["checks"]} == {
+    assert r.verdict == "pass", r.reasons
+    assert {c.metric for c in r.checks} == {
         "probes: stereotype preference share",
         "counterfactual gap (nats/token)",
     }

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from data_schemas.config import PerplexityGateSettings
-from eval.gates import decide_perplexity, paired_bootstrap_ratio, run_perplexity_gate
+from eval.gates import decide_perplexity, perplexity_ratio_interval, run_perplexity_gate
 from eval.perplexity import PerplexityResult
 from tests.conftest import EXAMPLES
 
@@ -19,8 +19,8 @@ def test_pass_when_candidate_not_worse():
     parent = result([20.0] * 30, toks)
     cand = result([18.0] * 30, toks)
     d = decide_perplexity(cand, parent, PerplexityGateSettings())
-    assert d["verdict"] == "pass" and d["reasons"] == []
-    assert d["metrics"]["ratio"] == pytest.approx(0.8187307, rel=1e-6)  # exp(-0.2)
+    assert d.verdict == "pass" and d.reasons == []
+    assert d.metrics["ratio"] == pytest.approx(0.8187307, rel=1e-6)  # exp(-0.2)
 
 
 def test_fail_when_worse_than_tolerance():
@@ -28,21 +28,20 @@ def test_fail_when_worse_than_tolerance():
     parent = result([20.0] * 30, toks)
     cand = result([21.0] * 30, toks)  # ratio exp(0.1) = 1.105
     assert (
-        decide_perplexity(cand, parent, PerplexityGateSettings(max_relative_increase=0.2))["verdict"]
-        == "pass"
+        decide_perplexity(cand, parent, PerplexityGateSettings(max_relative_increase=0.2)).verdict == "pass"
     )
     d = decide_perplexity(cand, parent, PerplexityGateSettings(max_relative_increase=0.05))
-    assert d["verdict"] == "fail" and "+10.52%" in d["reasons"][0]
+    assert d.verdict == "fail" and "+10.52%" in d.reasons[0]
 
 
 def test_too_few_examples_fails_closed():
     r = result([1.0] * 5, [3] * 5)
     d = decide_perplexity(r, r, PerplexityGateSettings(min_examples=20))
-    assert d["verdict"] == "fail" and "only 5 examples" in d["reasons"][0]
+    assert d.verdict == "fail" and "only 5 examples" in d.reasons[0]
 
 
 def test_bootstrap_interval_contains_point_and_is_degenerate_for_constant_shift():
-    lo, hi = paired_bootstrap_ratio([2.0] * 40, [1.0] * 40, [1] * 40, 500, 0.95)
+    lo, hi = perplexity_ratio_interval([2.0] * 40, [1.0] * 40, [1] * 40, 500, 0.95)
     assert lo == pytest.approx(hi) == pytest.approx(2.718281828)
 
 
@@ -54,7 +53,7 @@ def test_gate_errors_fail_closed(tmp_path):
         PerplexityGateSettings(),
         tmp_path / "g",
     )
-    assert r["verdict"] == "fail" and "could not be evaluated" in r["reasons"][0]
+    assert r.verdict == "fail" and "could not be evaluated" in r.reasons[0]
     saved = json.loads((tmp_path / "g" / "gate.json").read_text())
     assert saved["verdict"] == "fail"
     assert "FAIL" in (tmp_path / "g" / "gate.md").read_text()
@@ -78,6 +77,6 @@ def test_gate_fails_on_noised_model_and_passes_on_same(tmp_path, tiny_model_path
     data = EXAMPLES / "instructions_validation.jsonl"
     s = PerplexityGateSettings(bootstrap_samples=200)
     same = run_perplexity_gate(str(tiny_model_path), str(tiny_model_path), data, s, tmp_path / "a")
-    assert same["verdict"] == "pass" and same["metrics"]["ratio"] == pytest.approx(1.0)
+    assert same.verdict == "pass" and same.metrics["ratio"] == pytest.approx(1.0)
     worse = run_perplexity_gate(str(noisy), str(tiny_model_path), data, s, tmp_path / "b")
-    assert worse["verdict"] == "fail" and worse["metrics"]["ratio"] > 1.0
+    assert worse.verdict == "fail" and worse.metrics["ratio"] > 1.0

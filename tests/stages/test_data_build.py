@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from align.readers import load_instructions
 from data_schemas.config import DataBuildConfig
-from stages.data import NearDuplicateIndex, _shingles, build, load_instructions, scrub_pii
+from stages.data import NearDuplicateIndex, _shingles, run, scrub_pii
 from tests.conftest import EXAMPLES, shared_file
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,6 +28,10 @@ def alpaca(i, text=None):
         "instruction": f"Question number {i} about topic {i * 7}?",
         "output": text or f"Answer {i} is here, because {i}.",
     }
+
+
+def build(cfg):
+    return run(cfg).artifact
 
 
 def test_build_counts_every_reason(tmp_path):

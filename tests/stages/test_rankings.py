@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from data_schemas.config import PreferencesConfig
-from stages.rankings import aggregate, build_preferences, implied_pairs, read_rankings, split_of, summarise
+from stages.preferences import counts_summary
+from stages.preferences import run as build_preferences
+from stages.rankings import aggregate, implied_pairs, read_rankings, split_of, summarise
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -225,7 +227,7 @@ def test_build_preferences_on_real_imports(tmp_path):
     import_rankings("hh-rlhf", [shared_file("hh_rlhf_harmless_test_1000.jsonl")], hh)
     import_rankings("oasst", [shared_file("oasst_en_trees_60.jsonl")], oa)
     cfg = PreferencesConfig(inputs=[hh, oa], output_dir=tmp_path / "prefs", validation_fraction=0.2)
-    res = build_preferences(cfg)
+    res = counts_summary(build_preferences(cfg))
     kw = load_from_disk(str(tmp_path / "prefs" / "kwise"))
     pairs = load_from_disk(str(tmp_path / "prefs" / "pairs"))
     assert set(kw["train"]["prompt_id"]).isdisjoint(kw["validation"]["prompt_id"])

@@ -107,7 +107,7 @@ def test_heldout_rewards_reproduce_the_gate_accuracy(trained, prefs):
     (or bench/reward_kwise.py) can recompute any pair the gate counted."""
     from datasets import load_from_disk
 
-    from stages.reward import implied_pairs_of
+    from eval.reward_gate import implied_pairs_of
 
     rewards = json.loads((trained / "heldout_rewards.json").read_text())
     val = list(load_from_disk(str(Path(prefs) / "kwise"))["validation"])

@@ -3,7 +3,7 @@
 import torch
 
 from align.chat import render
-from stages.data import load_instructions
+from align.readers import load_instructions
 from stages.sft import PaddedCollator, PaddingFreeCollator
 from tests.conftest import EXAMPLES
 

@@ -38,8 +38,8 @@ def test_sft_lowers_validation_perplexity_on_self_instruct(tmp_path):
 
     # evaluate on the held-out split the stage used: rebuild it the same way
     from align.config import load_config
+    from align.readers import load_instructions
     from data_schemas.config import SFTConfig
-    from stages.data import load_instructions
     from stages.sft import split_train_validation
 
     cfg = load_config(SFTConfig, out / "config.yaml")

@@ -1,0 +1,176 @@
+"""The stage contract: one shape for every stage (data, preferences, sft, reward, dpo, ppo).
+
+A stage is one module with `run(cfg, resume=False) -> StageResult`. Around its own work it uses one
+`StageContext`, opened in one place, which owns what every stage does the same way:
+
+    ctx = StageContext(cfg, resume)          # output folder checked, seed set, precision chosen
+    if ctx.finished:                         # --resume on a complete artifact: nothing to do
+        return ctx.existing_result()
+    ... read data, fill ctx.counts ...
+    with ctx.open(inputs=..., parents=..., model=...):   # manifest 'running' + config.yaml; failure -> 'failed'
+        ... train; if paused: return ctx.paused() ...
+        ... write products; run the stage's built-in gate on the pending artifact ...
+        return ctx.complete(metrics, gates=[gate])       # gates recorded, then 'complete', in one write
+
+So an artifact is never marked complete before its gate (a kill during the gate leaves it 'running', and --resume
+runs the gate again), the manifest's key always leaves out the same operational fields, and the CLI and the
+pipeline treat every stage alike through StageResult.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from rich.console import Console
+from rich.markup import escape
+
+from align.config import UserError, dump_config
+from align.manifest import ArtifactWriter, atomic_write_text, read_gate, read_manifest
+from data_schemas.config import key_config
+from data_schemas.gates import GateResult
+from data_schemas.manifest import ModelIdentity
+
+console = Console(stderr=True)
+
+
+@dataclass
+class StageResult:
+    """What every stage returns: its artifact, whether it finished, and the gates it ran on itself."""
+
+    stage: str
+    artifact: Path
+    status: Literal["complete", "paused"]
+    gates: list[GateResult] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        """Complete, and every built-in gate passed (or was overridden by a named reviewer)."""
+        return self.status == "complete" and all(g.passed for g in self.gates)
+
+    @property
+    def exit_code(self) -> int:
+        """0: complete with its gates passed, or paused cleanly (continue with --resume); 1: a gate failed."""
+        if self.status == "paused":
+            return 0
+        return 0 if self.passed else 1
+
+
+def print_skipped(problems: list[str], show: int = 20, what: str = "skipped") -> None:
+    """The first `show` bad rows as `file:line: field: reason` (user text printed as text, never as markup)."""
+    for p in problems[:show]:
+        console.print(f"[yellow]{what}[/] {escape(p)}", highlight=False, soft_wrap=True)
+    if len(problems) > show:
+        console.print(
+            f"[yellow]... and {len(problems) - show} more {what} rows[/] (all of them in the manifest)"
+        )
+
+
+def print_verdict(stage: str, artifact: Path, gate: GateResult, summary: str = "") -> None:
+    """One line: the stage is done, what it achieved, and its gate's verdict with the report's path."""
+    colour = "green" if gate.passed else "red"
+    label = "OVERRIDDEN" if gate.override is not None else gate.verdict.upper()
+    report = artifact / "gates" / gate.gate / "gate.md"
+    console.print(
+        f"{stage} complete: {escape(str(artifact))}{'; ' + summary if summary else ''}; "
+        f"{gate.gate} gate [bold {colour}]{label}[/] ({escape(str(report))})",
+        highlight=False,
+    )
+    for reason in gate.reasons:
+        console.print(f"  - {escape(reason)}", highlight=False)
+
+
+class StageContext:
+    """One run of one stage: config, output folder, manifest writer, precision, counts, resume."""
+
+    def __init__(self, cfg: Any, resume: bool = False):
+        self.cfg = cfg
+        self.stage: str = cfg.stage
+        self.out = Path(cfg.output_dir)
+        self.resume = resume
+        self.counts: dict[str, Any] = {}
+        self.writer: ArtifactWriter | None = None
+        self.finished = self._prepare_output_dir()
+        self.seed: int | None = _seed_of(cfg)
+        self.precision: str | None = None
+        if not self.finished:
+            if getattr(cfg, "precision", None) is not None:
+                from align.models import choose_precision  # lazy: imports torch
+
+                self.precision = choose_precision(cfg.precision)
+            if self.seed is not None and hasattr(cfg, "train"):
+                from transformers import set_seed  # lazy: only training stages need it
+
+                set_seed(self.seed)
+
+    # ---- before ---------------------------------------------------------------------------------------
+    def _prepare_output_dir(self) -> bool:
+        """Create the artifact folder; True when --resume finds it already complete (nothing to do). A non-empty
+        folder without --resume is refused: a finished artifact is never overwritten by accident."""
+        manifest = self.out / "manifest.json"
+        if self.resume and manifest.exists() and read_manifest(self.out).status == "complete":
+            console.print(f"{self.stage} already complete: {escape(str(self.out))} (nothing to resume)")
+            return True
+        if self.out.exists() and any(self.out.iterdir()) and not self.resume:
+            hint = "pass --resume to continue it" if manifest.exists() else "choose an empty output_dir"
+            raise UserError(f"{self.out}: output directory is not empty; {hint} (or delete it to start over)")
+        self.out.mkdir(parents=True, exist_ok=True)
+        return False
+
+    def existing_result(self) -> StageResult:
+        """The result of an artifact that is already complete, with the gates its manifest records."""
+        m = read_manifest(self.out)
+        gates = []
+        for g in m.gates:
+            r = read_gate(self.out / Path(g["report"]).parent)
+            gates.append(r if r is not None else GateResult(gate=g["gate"], reasons=["gate record missing"]))
+        return StageResult(self.stage, self.out, "complete", gates)
+
+    @contextlib.contextmanager
+    def open(
+        self,
+        inputs: list[tuple[Path, str]] = (),
+        parents: list[Path] = (),
+        model: ModelIdentity | None = None,
+    ) -> Iterator[StageContext]:
+        """Manifest 'running' (key = config without operational fields + input hashes + parent keys) and
+        config.yaml; inside, an exception marks the manifest 'failed' with the error (Ctrl-C leaves it 'running'
+        so that --resume continues)."""
+        self.writer = ArtifactWriter(
+            self.out, self.stage, key_config(self.cfg), list(inputs), parents=list(parents), seed=self.seed
+        )
+        self.writer.start(model)
+        atomic_write_text(self.out / "config.yaml", dump_config(self.cfg))
+        with self.writer.guard():
+            yield self
+
+    # ---- after ----------------------------------------------------------------------------------------
+    def paused(self) -> StageResult:
+        """Stopped at train.stop_after_steps: the artifact stays 'running' and --resume continues it."""
+        return StageResult(self.stage, self.out, "paused")
+
+    def complete(self, metrics: dict[str, Any], gates: list[GateResult] = ()) -> StageResult:
+        """Record the built-in gates and mark the artifact complete, in one manifest write (the last one)."""
+        assert self.writer is not None, "complete() outside ctx.open()"
+        gates = list(gates)
+        self.writer.manifest.gates = [
+            {
+                "gate": g.gate,
+                "verdict": g.verdict,
+                "reasons": g.reasons,
+                "report": f"gates/{g.gate}/gate.md",
+            }
+            for g in gates
+        ]
+        self.writer.complete(metrics, self.counts)
+        return StageResult(self.stage, self.out, "complete", gates)
+
+
+def _seed_of(cfg: Any) -> int | None:
+    train = getattr(cfg, "train", None)
+    if train is not None and hasattr(train, "seed"):
+        return train.seed
+    return getattr(cfg, "seed", None)

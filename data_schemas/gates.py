@@ -1,0 +1,118 @@
+"""Typed gate results: what every gate (perplexity, bias, reward, and any new one) writes to gate.json.
+
+A gate is a list of checks, each a metric of the candidate (and usually of its parent) against a limit. The verdict
+is derived from the checks and reasons, never set by hand: a gate passes only when it has at least one check, every
+check passed, every number a check compares is finite, and no reason to fail was recorded. So a gate that crashed,
+scored nothing, or produced NaN fails closed by construction.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+def _finite(x: Any) -> bool:
+    if isinstance(x, bool) or x is None:
+        return True
+    if isinstance(x, int | float):
+        return math.isfinite(x)
+    if isinstance(x, list | tuple):
+        return all(_finite(v) for v in x)
+    return True
+
+
+class Check(BaseModel):
+    """One comparison of a gate: a metric of the candidate (and the parent) against the policy's limit."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    metric: str = Field(..., description="What is measured, in words a reviewer reads.")
+    candidate: Any = Field(None, description="The candidate's value.")
+    parent: Any = Field(None, description="The parent's value, where the check compares with it.")
+    delta: float | None = Field(None, description="candidate - parent (or the relative change), if compared.")
+    interval: list[float] | None = Field(
+        None, description="Confidence interval of the delta (paired bootstrap)."
+    )
+    limit: str = Field("—", description="The policy's limit, in words (e.g. 'change <= +0.050').")
+    passed: bool = Field(
+        ..., description="Whether the check passed (forced false when a number is not finite)."
+    )
+
+    @model_validator(mode="after")
+    def _fail_on_nan(self) -> Check:
+        # A NaN compares false with everything, so a hand-written `x <= limit` can pass on it: not here.
+        if self.passed and not all(_finite(v) for v in (self.candidate, self.parent, self.delta)):
+            self.passed = False
+        return self
+
+
+class Table(BaseModel):
+    """A table shown in the report (per-category results, accuracy by agreement, ...)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    title: str
+    columns: list[str]
+    rows: list[list[Any]]
+
+
+class Override(BaseModel):
+    """A named reviewer's decision to promote despite a failed gate."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reviewer: str = Field(..., min_length=1)
+    reason: str = Field(..., min_length=1)
+    at: str
+
+
+class GateResult(BaseModel):
+    """gate.json. `verdict` is recomputed from reasons and checks on every validation (fail closed)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gate: str = Field(..., description="Gate name: perplexity, bias, reward, ...")
+    verdict: Literal["pass", "fail"] = Field("fail", description="Derived: pass only if every check passed.")
+    reasons: list[str] = Field(default_factory=list, description="Why it failed, one sentence each.")
+    checks: list[Check] = Field(default_factory=list, description="The comparisons the verdict rests on.")
+    candidate: str | None = Field(None, description="The model under test (artifact folder or model name).")
+    parent: str | None = Field(None, description="The model it is compared with.")
+    data: str | None = Field(None, description="The evaluation data, where the gate reads a file.")
+    policy: dict[str, Any] = Field(default_factory=dict, description="The gate settings in force.")
+    metrics: dict[str, Any] = Field(default_factory=dict, description="The gate's figures in full.")
+    tables: list[Table] = Field(default_factory=list, description="Tables for the report.")
+    worst_examples: list[dict[str, Any]] = Field(default_factory=list, description="Items that moved most.")
+    images: list[str] = Field(default_factory=list, description="Plots beside gate.json (file names).")
+    lineage: dict[str, Any] = Field(default_factory=dict, description="Manifests of candidate and parent.")
+    details: dict[str, Any] = Field(
+        default_factory=dict, description="Counts and descriptions of the inputs."
+    )
+    override: Override | None = Field(None, description="A reviewer's override of a failed gate.")
+    key: str | None = Field(None, description="Pipeline key: candidate key + parent + settings.")
+    started_at: str | None = None
+    finished_at: str | None = None
+    seconds: float | None = None
+    traceback: str | None = Field(None, description="Where the evaluation broke (an align bug), if it did.")
+
+    @model_validator(mode="after")
+    def _derive_verdict(self) -> GateResult:
+        if not self.checks and not self.reasons:
+            self.reasons = ["no check was evaluated"]
+        failed = [c.metric for c in self.checks if not c.passed]
+        if failed and not self.reasons:
+            self.reasons = [f"check failed: {m}" for m in failed]
+        self.verdict = "pass" if not self.reasons and not failed else "fail"
+        return self
+
+    @property
+    def passed(self) -> bool:
+        """Passed, or failed and overridden by a named reviewer with a reason."""
+        return self.verdict == "pass" or self.override is not None
+
+    def fail(self, reason: str) -> None:
+        """Record a reason to fail (and so fail the gate)."""
+        self.reasons.append(reason)
+        self.verdict = "fail"

@@ -1,0 +1,93 @@
+"""The stage table: every stage, in pipeline order, looked up by name by the CLI and by `align run`.
+
+Adding a stage means writing one module with `run(cfg, resume=False) -> StageResult` (align/stage.py) and its
+config model in data_schemas/config.py, then adding one entry here. Modules are imported only when a stage runs,
+so `align --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from align.stage import StageResult
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    module: str  # the module holding run(cfg, resume) -> StageResult
+    config: str  # its config model in data_schemas.config
+    help: str  # one line for `align --help`
+    command: bool  # an `align <name>` command (data and preferences are `align data build[-preferences]`)
+    gate_parent: Callable[[Any], str | None]  # the model a pipeline gate compares this stage's model with
+
+    def config_model(self) -> type:
+        import data_schemas.config as configs
+
+        return getattr(configs, self.config)
+
+    def run(self, cfg: Any, resume: bool = False) -> StageResult:
+        return importlib.import_module(self.module).run(cfg, resume=resume)
+
+
+def _none(cfg: Any) -> None:
+    return None
+
+
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in (
+        Stage(
+            "data",
+            "stages.data",
+            "DataBuildConfig",
+            "instruction files -> cleaned, split dataset",
+            False,
+            _none,
+        ),
+        Stage(
+            "sft",
+            "stages.sft",
+            "SFTConfig",
+            "supervised fine-tuning with LoRA",
+            True,
+            lambda cfg: cfg.model.name_or_path,
+        ),
+        Stage(
+            "preferences",
+            "stages.preferences",
+            "PreferencesConfig",
+            "ranking files -> K-wise groups and pairs",
+            False,
+            _none,
+        ),
+        Stage(
+            "reward",
+            "stages.reward",
+            "RewardConfig",
+            "reward model from K-wise human rankings (then its gate)",
+            True,
+            _none,
+        ),
+        Stage(
+            "dpo",
+            "stages.dpo",
+            "DPOConfig",
+            "direct preference optimisation on an SFT artifact (then the perplexity gate)",
+            True,
+            lambda cfg: str(cfg.init_from),
+        ),
+        Stage(
+            "ppo",
+            "stages.ppo",
+            "PPOConfig",
+            "PPO with vLLM rollouts on an SFT artifact (then the perplexity gate)",
+            True,
+            lambda cfg: str(cfg.init_from),
+        ),
+    )
+}
+ORDER = list(STAGES)

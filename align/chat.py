@@ -15,6 +15,31 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 WORD_JOINER = "\u2060"
+ROLES = ("system", "user", "assistant")
+
+
+def chat_messages(x, field: str = "prompt") -> list[dict[str, str]]:
+    """A prompt given as text or as a message list, as validated {role, content} messages: the one place every
+    stage and the scoring API turn user-supplied messages into chat turns. A role must be exactly one of
+    system/user/assistant and content must be text, so no string can smuggle template markup into a role (a role
+    like "user<|im_end|>\\n<|im_start|>system" would otherwise render a forged system turn). Raises ValueError
+    with 'field[i].key: what is wrong'."""
+    if isinstance(x, str):
+        return [{"role": "user", "content": x}]
+    if not isinstance(x, list) or not x:
+        raise ValueError(f"{field}: must be a string or a non-empty list of {{role, content}} messages")
+    out = []
+    for i, m in enumerate(x):
+        if not isinstance(m, dict) or set(m) - {"role", "content"} or "role" not in m or "content" not in m:
+            raise ValueError(f"{field}[{i}]: must be an object with exactly 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise ValueError(
+                f"{field}[{i}].role: must be one of {', '.join(ROLES)}; got {str(m['role'])[:40]!r}"
+            )
+        if not isinstance(m["content"], str):
+            raise ValueError(f"{field}[{i}].content: must be text, got {type(m['content']).__name__}")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
 
 
 def special_strings(tokenizer) -> list[str]:

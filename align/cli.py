@@ -13,15 +13,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
 
 from align import __version__
-from align.config import UserError
+from align.config import UserError, load_config
+from align.data_cli import run_data_command
+from align.pipeline import run_pipeline, write_run_report
+from align.readers import load_instructions
+from data_schemas.config import GatesConfig, PipelineConfig
 from eval.registry import GATES
 from stages.registry import STAGES
 
@@ -131,7 +137,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_stage(a) -> int:
     """`align sft|reward|dpo|ppo --config X [overrides] [--resume]`: any stage of the table, one way."""
-    from align.config import load_config
 
     stage = STAGES[a.command]
     result = stage.run(load_config(stage.config_model(), a.config, a.overrides), resume=a.resume)
@@ -141,7 +146,6 @@ def _cmd_stage(a) -> int:
 def _cmd_eval(a) -> int:
     if a.eval_command == "perplexity":
         from align.models import load_for_eval
-        from align.readers import load_instructions
         from eval.perplexity import perplexity
 
         convs, report = load_instructions(a.data)
@@ -159,9 +163,6 @@ def _cmd_eval(a) -> int:
             )
         return 0
     if a.eval_command == "gate" and a.gate_kind in GATES:
-        from align.config import load_config
-        from data_schemas.config import GatesConfig
-
         gate = GATES[a.gate_kind]
         settings = getattr(load_config(GatesConfig, a.config, a.overrides), gate.name)
         r = gate.run(a.candidate, a.parent, settings, a.out, getattr(a, "data", None))
@@ -196,8 +197,6 @@ QUIET_WARNINGS = (
 
 def _quiet_libraries() -> None:
     """Library chatter (deprecation warnings, per-load progress bars) buries what users need to read."""
-    import logging
-    import warnings
 
     for category, message in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
@@ -236,16 +235,10 @@ def main(argv: list[str] | None = None) -> int:
             out.print(f"scored {n} rows -> {escape(str(a.out))}", highlight=False)
             return 0
         if a.command == "run":
-            from align.config import load_config
-            from align.pipeline import run_pipeline
-            from data_schemas.config import PipelineConfig
-
             if a.config is None:
                 raise UserError("align run: give the pipeline with --config (e.g. configs/quickstart.yaml)")
             return run_pipeline(load_config(PipelineConfig, a.config, a.overrides), a.from_stage)
         if a.command == "report":
-            from align.pipeline import write_run_report
-
             if not a.run_dir.is_dir():
                 raise UserError(f"{a.run_dir}: not a run directory")
             out.print(f"report: {write_run_report(a.run_dir)}")
@@ -267,8 +260,6 @@ def main(argv: list[str] | None = None) -> int:
             print(resolve_model_path(a.name))
             return 0
         if a.command == "data":
-            from align.data_cli import run_data_command
-
             if a.data_command is None:
                 raise UserError(
                     "align data: say what to do: build | check-rankings | import-rankings | build-preferences"

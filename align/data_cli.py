@@ -10,18 +10,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from align.config import UserError, apply_overrides, format_validation_error, read_yaml
+from data_schemas.config import DataBuildConfig, PreferencesConfig
+from stages.preferences import counts_summary, run
+from stages.rankings import import_rankings, read_rankings, summarise
 
 out = Console()
 err = Console(stderr=True)
 
 
 def _config(model, path: Path | None, overrides: list[str], cli: dict):
-    from pydantic import ValidationError
 
     data = read_yaml(path) if path else {}
     data.update({k: v for k, v in cli.items() if v not in (None, [], False)})
@@ -52,7 +55,6 @@ def run_data_command(a) -> int:
 
 
 def _check(a) -> int:
-    from stages.rankings import read_rankings, summarise
 
     rs = read_rankings(a.files, conflicts=a.conflicts)
     s = summarise(rs)
@@ -105,7 +107,6 @@ def _check(a) -> int:
 
 
 def _import(a) -> int:
-    from stages.rankings import import_rankings
 
     r = import_rankings(a.fmt, a.inputs, a.out, a.annotator)
     _print_problems(r.problems, 20)
@@ -120,8 +121,6 @@ def _import(a) -> int:
 
 
 def _preferences(a) -> int:
-    from data_schemas.config import PreferencesConfig
-    from stages.preferences import counts_summary, run
 
     cfg = _config(
         PreferencesConfig,
@@ -138,7 +137,6 @@ def _preferences(a) -> int:
 
 
 def _build(a) -> int:
-    from data_schemas.config import DataBuildConfig
     from stages.data import run
 
     cfg = _config(

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import importlib.util
+import json
 import os
 from pathlib import Path
 
 import torch
 
 from align.config import UserError
-from align.manifest import replace_dir
+from align.manifest import atomic_write_json, replace_dir, require_complete, sha256_path
 from data_schemas.config import ModelConfig
 from data_schemas.manifest import ModelIdentity
 
@@ -216,15 +218,12 @@ def load_causal_lm(cfg: ModelConfig, precision: str):
 
 
 def model_identity(cfg: ModelConfig, precision: str, adapter: str | None = None) -> ModelIdentity:
-    from align.manifest import sha256_path
 
     path = resolve_model_path(cfg.name_or_path)
     weights = "unavailable (hub id)"
     if isinstance(path, Path):
         files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
         if files:
-            import hashlib
-
             h = hashlib.sha256()
             for f in files:
                 h.update(sha256_path(f).encode())
@@ -247,7 +246,6 @@ def load_for_eval(
     For an artifact with `adapter/`, the base model named in its manifest is loaded and the adapter applied.
     allow_pending: the artifact may still be 'running' (a stage gating its own products before completing).
     """
-    from align.manifest import require_complete
 
     ref = Path(model_ref)
     if (ref / "manifest.json").exists():
@@ -259,8 +257,6 @@ def load_for_eval(
         tok = load_tokenizer(base_cfg)
         model = load_causal_lm(base_cfg, prec)
         if (ref / "stack.json").exists():
-            import json
-
             from peft import PeftModel
 
             # Policies built on other adapters (DPO on SFT): merge those in order, then apply this adapter.
@@ -290,9 +286,6 @@ def write_policy_stack(out: Path, merged_adapters: list[Path]) -> None:
     """stack.json of a policy artifact: how to rebuild it (the base, these adapters merged in order, then the
     artifact's adapter/ on top). Paths are stored relative to the artifact, so a run folder can be moved or read
     from any working directory."""
-    import os
-
-    from align.manifest import atomic_write_json
 
     merge = [os.path.relpath(Path(a).resolve(), Path(out).resolve()) for a in merged_adapters]
     atomic_write_json(Path(out) / "stack.json", {"merge": merge, "adapter": "adapter"})

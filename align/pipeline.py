@@ -29,6 +29,8 @@ from align.manifest import atomic_write_json, atomic_write_text, now, read_gate,
 from data_schemas.config import GatesConfig, key_config
 from data_schemas.gates import GateResult
 from eval.registry import GATES
+from eval.report import write_run_report as render
+from stages.common import sft_validation_data
 from stages.registry import ORDER, STAGES
 
 console = Console(stderr=True)
@@ -216,7 +218,6 @@ def _stage_gates(name: str, st, scfg, run: Path, stage_key_: str, policy: Path) 
 def _gate_data(scfg, candidate: Path) -> Path:
     """The held-out instruction data a pipeline gate scores: the SFT artifact's validation data (for SFT its own,
     for DPO/PPO their parent's unless gate_data is set)."""
-    from stages.common import sft_validation_data
 
     if scfg.stage == "sft":
         return sft_validation_data(candidate)
@@ -239,7 +240,6 @@ def _summary(stage: str, r: GateResult, gdir: Path) -> dict[str, Any]:
 
 def write_run_report(run: Path) -> Path:
     """report.html + report.md of a run directory (eval/report.py renders): every stage, its key, its gates."""
-    from eval.report import write_run_report as render
 
     run = Path(run)
     state = (

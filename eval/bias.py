@@ -27,6 +27,7 @@ import torch
 from align.config import UserError
 from align.manifest import atomic_write_json
 from data_schemas.gates import GateResult
+from eval.probes import counterfactual_probes, minimal_pairs
 from eval.stats import bootstrap_interval, paired_diff_interval
 
 
@@ -231,7 +232,6 @@ def evaluate_model(model, tokenizer, items: dict[str, list], batch_size: int) ->
 
 
 def load_items(settings) -> dict[str, list]:
-    from eval.probes import counterfactual_probes, minimal_pairs
 
     items: dict[str, list] = {}
     for suite in settings.suites:

@@ -14,6 +14,7 @@ eval/reward_gate.py.
 
 from __future__ import annotations
 
+import json
 import math
 import traceback
 from collections.abc import Callable
@@ -25,8 +26,9 @@ from pydantic import BaseModel
 
 from align.config import UserError
 from align.manifest import atomic_write_json, now, read_gate
+from align.readers import has_split, load_instructions
 from data_schemas.config import PerplexityGateSettings
-from data_schemas.gates import Check, GateResult, Table
+from data_schemas.gates import Check, GateResult, Override, Table
 from eval.report import lineage_of, write_gate_reports
 from eval.stats import bootstrap_interval
 
@@ -81,9 +83,6 @@ def write_gate(result: GateResult, out_dir: Path) -> None:
 def override_gate(gate_dir: Path, reviewer: str, reason: str) -> GateResult:
     """Record a named reviewer's override of a failed gate in gate.json, its reports and the candidate's manifest.
     The verdict stays 'fail' (reports show FAIL, OVERRIDDEN); promotion treats it as passed."""
-    import json
-
-    from data_schemas.gates import Override
 
     gate_dir = Path(gate_dir)
     r = read_gate(gate_dir)
@@ -202,7 +201,6 @@ def run_perplexity_gate(
 
     def evaluate(out: Path) -> GateResult:
         from align.models import load_for_eval  # lazy: loads torch/transformers
-        from align.readers import has_split, load_instructions
         from eval.perplexity import perplexity
 
         path = Path(data_path)

@@ -12,6 +12,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from align.config import UserError, load_config
+from align.manifest import require_complete
+from data_schemas.config import ModelConfig, SFTConfig
+
 
 def trainer_kwargs(
     t,
@@ -23,7 +27,6 @@ def trainer_kwargs(
 ) -> dict[str, Any]:
     """TrainingArguments fields every stage sets the same way, from its TrainerSettings `t`. `best` is the held-out
     metric early stopping watches and whether greater is better."""
-    from align.config import UserError
 
     stopping = t.early_stopping_patience is not None
     if stopping and not has_eval:
@@ -143,9 +146,6 @@ def _early_stopped(trainer) -> bool:
 
 def sft_base(init_from: Path):
     """(ModelConfig of the SFT artifact's base model, SFT folder), for stages that build on a LoRA SFT artifact."""
-    from align.config import UserError
-    from align.manifest import require_complete
-    from data_schemas.config import ModelConfig
 
     m = require_complete(init_from, "sft")
     sft_dir = Path(init_from)
@@ -156,8 +156,6 @@ def sft_base(init_from: Path):
 
 def sft_validation_data(sft_dir: Path) -> Path:
     """The data the SFT artifact validated on: the default data for a policy's perplexity gate."""
-    from align.config import UserError, load_config
-    from data_schemas.config import SFTConfig
 
     c = load_config(SFTConfig, sft_dir / "config.yaml")
     if c.data.validation_file is not None:

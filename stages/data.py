@@ -25,7 +25,7 @@ from align.config import UserError
 from align.manifest import atomic_write_text, replace_dir
 from align.readers import LoadReport, iter_conversations
 from align.stage import StageContext, StageResult
-from data_schemas.config import DataBuildConfig
+from data_schemas.config import DataBuildConfig, ModelConfig
 
 # ==========================================================================================================
 # `align data build`: instruction files -> cleaned, deduplicated, split dataset folder
@@ -173,7 +173,6 @@ def run(cfg: DataBuildConfig, resume: bool = False) -> StageResult:
     specials = list(COMMON_MARKERS)
     if cfg.tokenizer:
         from align.models import load_tokenizer
-        from data_schemas.config import ModelConfig
 
         tokenizer = load_tokenizer(ModelConfig(name_or_path=cfg.tokenizer))
         specials = sorted(set(specials) | set(special_strings(tokenizer)), key=len, reverse=True)

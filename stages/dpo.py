@@ -26,6 +26,7 @@ from align.chat import neutralise, render_prompt, special_strings
 from align.config import UserError
 from align.manifest import atomic_write_json, replace_dir, require_complete
 from align.models import load_causal_lm, load_tokenizer, lora_config, model_identity, write_policy_stack
+from align.readers import LoadReport, iter_rows
 from align.stage import StageContext, StageResult, console, print_skipped, print_verdict
 from data_schemas.config import DPOConfig
 from stages.common import (
@@ -36,6 +37,7 @@ from stages.common import (
     train_with_resume,
     trainer_kwargs,
 )
+from stages.rankings import convert_pairwise, split_of
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -52,9 +54,6 @@ def load_pairs(cfg: DPOConfig) -> tuple[list[dict], list[dict]]:
         train = list(ds["train"]) if "train" in ds else []
         val = list(ds["validation"]) if "validation" in ds else []
     else:
-        from align.readers import LoadReport, iter_rows
-        from stages.rankings import convert_pairwise, split_of
-
         report = LoadReport()
         train, val = [], []
         for lineno, row in iter_rows(Path(d.pairs_file), report):
@@ -146,7 +145,6 @@ def sample_and_compare(
     """KL estimate = mean over sampled responses y ~ policy of sum_t [log pi(y_t|..) - log pi_ref(y_t|..)]
     (the reference is the policy with its adapter disabled). With a reward model, the SFT model answers the same
     prompts greedily and the win rate is the share of prompts where the policy's greedy answer scores higher."""
-    from align.chat import render_prompt
 
     model.eval()
     specials = special_strings(tokenizer)
@@ -172,15 +170,8 @@ def sample_and_compare(
                 lp_ref = _response_logprob(model, ids, resp)
             kls.append(float(lp - lp_ref))
         if reward_model is not None:
-            g = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                do_sample=False,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            policy_greedy.append(tokenizer.decode(g[0, ids.shape[1] :], skip_special_tokens=True))
-            with model.disable_adapter():
+
+            def greedy(ids=ids) -> str:
                 g = model.generate(
                     input_ids=ids,
                     attention_mask=torch.ones_like(ids),
@@ -188,7 +179,11 @@ def sample_and_compare(
                     max_new_tokens=max_new_tokens,
                     pad_token_id=tokenizer.pad_token_id,
                 )
-            ref_greedy.append(tokenizer.decode(g[0, ids.shape[1] :], skip_special_tokens=True))
+                return tokenizer.decode(g[0, ids.shape[1] :], skip_special_tokens=True)
+
+            policy_greedy.append(greedy())
+            with model.disable_adapter():
+                ref_greedy.append(greedy())
     out: dict[str, Any] = {
         "sampled_prompts": len(prompts),
         "kl_to_reference": sum(kls) / len(kls) if kls else None,

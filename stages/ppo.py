@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 from rich.markup import escape
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from align.chat import neutralise, render_prompt, special_strings
 from align.config import UserError
@@ -51,6 +52,7 @@ from align.models import (
     resolve_model_path,
     write_policy_stack,
 )
+from align.readers import has_split, load_instructions
 from align.stage import StageContext, StageResult, console, print_skipped, print_verdict
 from data_schemas.config import PPOConfig
 from stages.common import policy_perplexity_gate, sft_base
@@ -177,7 +179,6 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 def load_prompts(cfg: PPOConfig, tokenizer) -> tuple[list[list[dict]], list[list[dict]], dict[str, int]]:
     """(train prompts, held-out prompts, counts). A prompt is a conversation up to, not including, its last
     assistant turn; control-token text in it is neutralised; prompts over max_prompt_length are skipped."""
-    from align.readers import has_split, load_instructions
 
     p = cfg.prompts
     specials = special_strings(tokenizer)
@@ -428,7 +429,6 @@ def train_loop(
 ) -> bool:
     """Iterate collect -> score -> experience -> update -> sync -> log -> checkpoint until train.steps. Returns
     False when paused at train.stop_after_steps (the artifact stays 'running'; --resume continues)."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     t = cfg.train
     prompt_ids = [render_prompt(tokenizer, m) for m in prompts]

@@ -9,6 +9,7 @@ no preference: they are counted, not trained on.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +81,6 @@ def run(cfg: PreferencesConfig, resume: bool = False) -> StageResult:
 
 def counts_summary(result: StageResult) -> dict[str, Any]:
     """What `align data build-preferences` prints: groups and pairs per split, lines dropped per reason."""
-    import json
 
     c = json.loads((Path(result.artifact) / "manifest.json").read_text())["counts"]
     return {"kwise": c["kwise"], "pairs": c["pairs"], "dropped": c["lines_dropped"]}

@@ -18,6 +18,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from align.chat import chat_messages
+from align.config import UserError
+from align.manifest import atomic_write_text
 from align.readers import LoadReport, describe_row_error, iter_rows
 from data_schemas.rankings import KWiseGroup, RankingLine
 from eval.agreement import (
@@ -72,8 +75,6 @@ def read_rankings(paths: list[Path], conflicts: str = "drop") -> RankingSet:
     accepted: list[Judgment | None] = []
     for path in rs.files:
         if not path.exists():
-            from align.config import UserError
-
             raise UserError(f"{path}: ranking file not found")
         for lineno, row in iter_rows(path, report):
             where = f"{path}:{lineno}"
@@ -277,14 +278,6 @@ def _pid(prefix: str, *parts: str) -> str:
     return f"{prefix}-" + hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:16]
 
 
-def _as_messages(x) -> list[dict] | None:
-    if isinstance(x, str):
-        return [{"role": "user", "content": x}]
-    if isinstance(x, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in x):
-        return [{"role": m["role"], "content": m["content"]} for m in x]
-    return None
-
-
 def _response_text(x) -> str | None:
     if isinstance(x, str):
         return x
@@ -299,16 +292,14 @@ def convert_pairwise(row: dict, annotator: str) -> list[dict]:
     if chosen is None or rejected is None:
         raise ValueError("chosen/rejected: both fields are required")
     if "prompt" in row:
-        prompt = _as_messages(row["prompt"])
-        if prompt is None:
-            raise ValueError("prompt: must be a string or a list of {role, content} messages")
+        prompt = chat_messages(row["prompt"])
         a, b = _response_text(chosen), _response_text(rejected)
     else:
         if not (isinstance(chosen, list) and isinstance(rejected, list)):
             raise ValueError("prompt: missing (rows without a prompt need chosen/rejected as message lists)")
         if chosen[:-1] != rejected[:-1]:
             raise ValueError("chosen/rejected: the conversations differ before their last message")
-        prompt = _as_messages(chosen[:-1])
+        prompt = chat_messages(chosen[:-1], "chosen")
         a, b = _response_text(chosen), _response_text(rejected)
     if a is None or b is None:
         raise ValueError("chosen/rejected: must be strings or message lists ending with an assistant message")
@@ -453,7 +444,6 @@ CONVERTERS = {
 
 def import_rankings(fmt: str, inputs: list[Path], out: Path, annotator: str | None = None) -> LoadReport:
     """Convert files into ranking JSONL; every produced line is validated against the contract first."""
-    from align.manifest import atomic_write_text
 
     convert = CONVERTERS[fmt]
     report = LoadReport()

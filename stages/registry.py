@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import data_schemas.config as configs
 from align.stage import StageResult
 
 
@@ -25,7 +26,6 @@ class Stage:
     gate_parent: Callable[[Any], str | None]  # the model a pipeline gate compares this stage's model with
 
     def config_model(self) -> type:
-        import data_schemas.config as configs
 
         return getattr(configs, self.config)
 

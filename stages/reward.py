@@ -21,7 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from align.config import UserError
+from align.chat import chat_messages, neutralise, special_strings
+from align.config import UserError, load_config
 from align.manifest import atomic_write_json, atomic_write_text, replace_dir, require_complete
 from align.models import (
     choose_precision,
@@ -32,6 +33,7 @@ from align.models import (
     torch_dtype,
 )
 from align.packing import pack
+from align.readers import LoadReport, iter_rows
 from align.stage import StageContext, StageResult, console, print_skipped, print_verdict
 from data_schemas.config import ModelConfig, RewardConfig
 from data_schemas.gates import GateResult
@@ -104,7 +106,6 @@ def centering_penalty(rewards: torch.Tensor, coefficient: float) -> torch.Tensor
 def encode_response(tokenizer, prompt: list[dict], response: str, max_length: int) -> tuple[list[int], bool]:
     """Token ids of prompt + response through the chat template. Longer sequences are cut from the left, so the
     response's end, where the reward is read, is always kept; returns (ids, truncated)."""
-    from align.chat import neutralise, special_strings
 
     specials = special_strings(tokenizer)
     msgs = [{"role": m["role"], "content": neutralise(m["content"], specials)} for m in prompt]
@@ -515,8 +516,6 @@ class RewardScorer:
     def __init__(self, artifact_dir: Path | str, device: str | None = None):
         from peft import PeftModel
 
-        from align.config import load_config
-
         self.dir = Path(artifact_dir)
         require_complete(self.dir, "reward")
         cfg = load_config(RewardConfig, self.dir / "config.yaml")
@@ -532,23 +531,25 @@ class RewardScorer:
     def score(self, prompts: list, responses: list[str], max_batch_tokens: int = 4096) -> list[float]:
         groups = []
         for p, r in zip(prompts, responses, strict=True):
-            msgs = [{"role": "user", "content": p}] if isinstance(p, str) else p
-            ids, _ = encode_response(self.tokenizer, msgs, r, self.max_length)
+            ids, _ = encode_response(self.tokenizer, chat_messages(p), r, self.max_length)
             groups.append({"seqs": [ids], "tiers": [[0]]})
         return [x[0] for x in score_groups(self.model, groups, max_batch_tokens)]
 
 
 def score_file(artifact_dir: Path, input_path: Path, output_path: Path) -> int:
     """`align reward score`: JSONL rows with prompt (text or messages) and response -> the same rows + reward."""
-    from align.readers import LoadReport, iter_rows
 
     report = LoadReport()
     rows = []
     for lineno, row in iter_rows(Path(input_path), report):
-        if not isinstance(row.get("response"), str) or not (isinstance(row.get("prompt"), str | list)):
-            report.drop(
-                f"{input_path}:{lineno}", "invalid", "needs 'prompt' (text or messages) and 'response' (text)"
-            )
+        where = f"{input_path}:{lineno}"
+        if not isinstance(row.get("response"), str):
+            report.drop(where, "invalid_response", "response: required, as text")
+            continue
+        try:
+            chat_messages(row.get("prompt"))
+        except ValueError as e:
+            report.drop(where, "invalid_prompt", str(e))
             continue
         rows.append(row)
     print_skipped(report.problems)

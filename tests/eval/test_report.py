@@ -85,3 +85,13 @@ def test_report_renders_in_headless_chromium_with_the_verdict_visible(tmp_path, 
     top = [img.getpixel((x, y)) for y in range(20, 90, 5) for x in range(60, w - 60, 20)]
     share = sum(all(abs(a - b) < 12 for a, b in zip(p, colour, strict=True)) for p in top) / len(top)
     assert share > 0.5, share
+
+
+def test_reviewer_text_is_never_markup_even_in_the_title(tmp_path):
+    """An override's reviewer name reaches the <title> and the banner: autoescaped there too."""
+    evil = "</title><script>alert(1)</script>"
+    page = gate_html(
+        _result(override={"reviewer": evil, "reason": "<img src=x onerror=alert(2)>", "at": "now"})
+    )
+    assert "<script>" not in page and "<img src=x" not in page
+    assert "&lt;/title&gt;&lt;script&gt;" in page

@@ -1,0 +1,78 @@
+"""The stage contract (align/stage.py) on a stage-shaped config, without a model: the artifact stays 'running'
+until complete() records its gates, a failure marks it 'failed', a finished artifact is never overwritten, and
+--resume on it returns the recorded gates."""
+
+from pathlib import Path
+from typing import Literal
+
+import pytest
+from pydantic import BaseModel
+
+from align.config import UserError
+from align.manifest import read_manifest
+from align.stage import StageContext
+from data_schemas.gates import Check, GateResult
+from eval.gates import write_gate
+
+
+class ToyConfig(BaseModel):
+    stage: Literal["toy"] = "toy"
+    output_dir: Path
+    seed: int = 1
+    knob: int = 3
+
+
+def _gate(out: Path, passed: bool) -> GateResult:
+    g = GateResult(gate="toy", checks=[Check(metric="m", candidate=1.0, passed=passed)])
+    write_gate(g, out / "gates" / "toy")
+    return g
+
+
+def test_running_until_complete_records_its_gate(tmp_path):
+    ctx = StageContext(ToyConfig(output_dir=tmp_path / "a"))
+    with ctx.open():
+        gate = _gate(ctx.out, passed=False)
+        assert read_manifest(ctx.out).status == "running"  # the gate ran; nothing is complete yet
+        result = ctx.complete({"x": 1}, gates=[gate])
+    m = read_manifest(ctx.out)
+    assert (
+        m.status == "complete"
+        and m.gates[0]["verdict"] == "fail"
+        and m.gates[0]["report"] == "gates/toy/gate.md"
+    )
+    assert result.status == "complete" and not result.passed and result.exit_code == 1
+
+    again = StageContext(ToyConfig(output_dir=tmp_path / "a"), resume=True)
+    assert again.finished
+    r = again.existing_result()
+    assert [g.verdict for g in r.gates] == ["fail"] and r.exit_code == 1
+
+
+def test_failure_inside_marks_failed_and_a_full_folder_needs_resume(tmp_path):
+    ctx = StageContext(ToyConfig(output_dir=tmp_path / "b"))
+    with pytest.raises(RuntimeError), ctx.open():
+        raise RuntimeError("boom")
+    m = read_manifest(tmp_path / "b")
+    assert m.status == "failed" and "boom" in m.error
+    with pytest.raises(UserError, match="not empty; pass --resume"):
+        StageContext(ToyConfig(output_dir=tmp_path / "b"))
+
+
+def test_the_key_leaves_out_operational_fields_only(tmp_path):
+    a, b, c = (
+        StageContext(ToyConfig(output_dir=tmp_path / n, knob=k)) for n, k in (("x", 3), ("y", 3), ("z", 4))
+    )
+    for ctx in (a, b, c):
+        with ctx.open():
+            ctx.complete({})
+    keys = [read_manifest(ctx.out).key for ctx in (a, b, c)]
+    assert keys[0] == keys[1] != keys[2]
+
+
+def test_a_gate_cannot_pass_by_accident():
+    assert GateResult(gate="g").verdict == "fail"  # no check evaluated
+    nan = GateResult(gate="g", checks=[Check(metric="m", candidate=float("nan"), passed=True)])
+    assert nan.verdict == "fail" and not nan.checks[0].passed
+    assert GateResult(gate="g", checks=[Check(metric="m", candidate=1.0, passed=True)]).verdict == "pass"
+    with pytest.raises(ValueError):
+        GateResult.model_validate({"gate": "g", "override": {"reviewer": "", "reason": "x", "at": "now"}})

@@ -97,7 +97,11 @@ def load_config(model: type[T], path: Path | None, overrides: list[str] | None =
     """Read YAML (optional), apply overrides, validate. Raises UserError listing every problem."""
     data = read_yaml(path) if path is not None else {}
     data = apply_overrides(data, overrides or [])
-    source = str(path) if path is not None else "command line"
+    return validate(model, data, str(path) if path is not None else "command line")
+
+
+def validate(model: type[T], data: dict[str, Any], source: str) -> T:
+    """The config model from a mapping, or a UserError with one line per problem naming source and key."""
     try:
         return model.model_validate(data)
     except ValidationError as e:

@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from align.config import UserError, apply_overrides, format_validation_error, read_yaml
+from align.config import UserError, apply_overrides, read_yaml, validate
 from data_schemas.config import DataBuildConfig, PreferencesConfig
 from stages.preferences import counts_summary, run
 from stages.rankings import import_rankings, read_rankings, summarise
@@ -25,14 +24,9 @@ err = Console(stderr=True)
 
 
 def _config(model, path: Path | None, overrides: list[str], cli: dict):
-
     data = read_yaml(path) if path else {}
     data.update({k: v for k, v in cli.items() if v not in (None, [], False)})
-    data = apply_overrides(data, overrides)
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        raise UserError("\n".join(format_validation_error(e, str(path or "command line")))) from None
+    return validate(model, apply_overrides(data, overrides), str(path or "command line"))
 
 
 def _print_problems(problems: list[str], show: int) -> None:

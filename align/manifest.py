@@ -43,7 +43,15 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file whole or not at all: a temporary file in the same folder, fsync, rename over the target.
+    The file gets the permissions a plain open() would give (mkstemp's are owner-only)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -52,6 +60,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -64,12 +73,34 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 def replace_dir(save, target: Path) -> None:
     """Write a product folder next to its final place with `save(tmp_path)`, then swap it in, so a crash never
-    leaves a half-written adapter/ or dataset/ under the name readers look for."""
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    leaves a half-written adapter/ or dataset/ under the name readers look for. The previous folder is moved
+    aside, not deleted, until the new one is in place. Temporary names are unique (several processes may write
+    beside each other)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.new-", dir=target.parent))
+    try:
+        shutil.rmtree(tmp)  # save() creates the folder itself (save_pretrained, save_to_disk)
+        save(tmp)
+        old = None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.rmdir(old)
+            target.rename(old)
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def refuse_overwriting_input(out: Path, inputs: list[Path]) -> None:
+    """A command that reads files and writes one must never write over what it reads."""
+    target = Path(out).resolve()
+    for p in inputs:
+        if Path(p).resolve() == target:
+            raise UserError(f"{out}: is also an input; write the output to another file")
 
 
 def sha256_path(path: Path) -> str:

@@ -20,11 +20,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
-from align.config import UserError, dump_config, format_validation_error, read_yaml, set_dotted
+from align.config import UserError, dump_config, read_yaml, set_dotted, validate
 from align.manifest import atomic_write_json, atomic_write_text, now, read_gate, read_manifest, sha256_path
 from data_schemas.config import GatesConfig, key_config
 from data_schemas.gates import GateResult
@@ -52,12 +51,7 @@ def stage_config(name: str, st, run: Path):
     for k, v in st.overrides.items():
         set_dotted(data, k, _sub(v, run))
     data["output_dir"] = str(run / name)
-    try:
-        return STAGES[name].config_model().model_validate(data)
-    except ValidationError as e:
-        raise UserError(
-            "\n".join(format_validation_error(e, f"{st.config} (stage {name} of the pipeline)"))
-        ) from None
+    return validate(STAGES[name].config_model(), data, f"{st.config} (stage {name} of the pipeline)")
 
 
 def _inputs_fingerprint(value: Any, run: Path, acc: list[str]) -> None:
@@ -95,12 +89,7 @@ def _gate_settings(policy_path: Path, gate: str, overrides: dict[str, Any], run:
     for k, v in overrides.items():
         set_dotted(section, k, _sub(v, run))
     data[gate] = section
-    try:
-        return getattr(GatesConfig.model_validate(data), gate)
-    except ValidationError as e:
-        raise UserError(
-            "\n".join(format_validation_error(e, f"{policy_path} + pipeline overrides"))
-        ) from None
+    return getattr(validate(GatesConfig, data, f"{policy_path} + pipeline overrides"), gate)
 
 
 def run_pipeline(cfg, from_stage: str | None = None) -> int:

@@ -9,6 +9,7 @@ data) and by the scoring API; it sits in align's core so that eval and stages re
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 from collections import Counter
@@ -44,8 +45,64 @@ class LoadReport:
         }
 
 
+MAX_DEPTH = (
+    64  # nesting deeper than any instruction or ranking row; deeper input is refused, not recursed into
+)
+
+
+def _json_problem(text: str) -> tuple[object, str | None, str]:
+    """(value, reason key, message): json.loads with every way bad text can fail turned into a sentence."""
+    try:
+        return json.loads(text), None, ""
+    except json.JSONDecodeError as e:
+        return None, "invalid_json", f"not valid JSON ({e.msg} at column {e.colno})"
+    except RecursionError:
+        return None, "too_deep", f"JSON nested too deeply (limit {MAX_DEPTH} levels)"
+    except ValueError as e:  # e.g. an integer of thousands of digits
+        return None, "invalid_json", f"not usable JSON ({str(e).splitlines()[0][:120]})"
+
+
+def _text_problem(value: object, depth: int = 0) -> str | None:
+    """Why a parsed row cannot be used as text (nesting too deep, an unpaired surrogate), or None."""
+    if depth > MAX_DEPTH:
+        return f"nested too deeply (limit {MAX_DEPTH} levels)"
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "contains an unpaired surrogate (a lone \\ud800-\\udfff escape); it is not text"
+        return None
+    if isinstance(value, dict):
+        items = [*value.keys(), *value.values()]
+    elif isinstance(value, list):
+        items = value
+    else:
+        return None
+    for v in items:
+        if (problem := _text_problem(v, depth + 1)) is not None:
+            return problem
+    return None
+
+
+def _checked(report: LoadReport, where: str, row: object):
+    """The row when it is a usable JSON object; otherwise None, with the reason in the report."""
+    if not isinstance(row, dict):
+        report.drop(where, "not_an_object", f"expected a JSON object, found {type(row).__name__}")
+        return None
+    if (problem := _text_problem(row)) is not None:
+        report.drop(where, "invalid_text", problem)
+        return None
+    return row
+
+
 def iter_rows(path: Path, report: LoadReport):
-    """Yield (line_number, row_dict) from JSONL / JSON array / CSV / Parquet; bad lines go to the report."""
+    """Yield (line_number, row_dict) from JSONL / JSON array / CSV / Parquet; bad lines go to the report.
+
+    Whatever a line holds (broken JSON, a 5000-digit number, deep nesting, invalid UTF-8, lone surrogates, an
+    over-long CSV field), it becomes one named problem and the next line is read: no input ends in a traceback."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found" if not path.exists() else f"{path}: not a file")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
         with open(path, "rb") as fh:
@@ -68,41 +125,81 @@ def iter_rows(path: Path, report: LoadReport):
                         where, "invalid_utf8", f"not valid UTF-8 (byte {e.start}); re-save the file as UTF-8"
                     )
                     continue
-                try:
-                    row = json.loads(text)
-                except json.JSONDecodeError as e:
-                    report.drop(where, "invalid_json", f"not valid JSON ({e.msg} at column {e.colno})")
+                row, reason, message = _json_problem(text)
+                if reason is not None:
+                    report.drop(where, reason, message)
                     continue
-                if not isinstance(row, dict):
-                    report.drop(where, "not_an_object", f"expected a JSON object, found {type(row).__name__}")
-                    continue
-                yield lineno, row
+                if (row := _checked(report, where, row)) is not None:
+                    yield lineno, row
     elif suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8-sig"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UserError(f"{path}: not a valid UTF-8 JSON file ({e})") from None
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}: not valid UTF-8 (byte {e.start}); re-save the file as UTF-8") from None
+        data, reason, message = _json_problem(text)
+        if reason is not None:
+            raise UserError(f"{path}: {message}")
         if not isinstance(data, list):
             raise UserError(f"{path}: a .json file must hold an array of rows")
         for i, row in enumerate(data, start=1):
             report.read += 1
-            if not isinstance(row, dict):
-                report.drop(f"{path}:item {i}", "not_an_object", "expected a JSON object")
-                continue
-            yield i, row
+            if (row := _checked(report, f"{path}:item {i}", row)) is not None:
+                yield i, row
     elif suffix == ".csv":
-        with open(path, encoding="utf-8-sig", newline="") as fh:
-            for i, row in enumerate(csv.DictReader(fh), start=2):
-                report.read += 1
-                yield i, {k: v for k, v in row.items() if k is not None and v not in (None, "")}
+        yield from _csv_rows(path, report)
     elif suffix == ".parquet":
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # lazy: pyarrow is heavy
 
-        for i, row in enumerate(pq.read_table(path).to_pylist(), start=1):
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # pyarrow raises its own error types for a corrupt or truncated file
+            raise UserError(
+                f"{path}: not a readable Parquet file ({type(e).__name__}: {str(e)[:200]})"
+            ) from None
+        for i, row in enumerate(table.to_pylist(), start=1):
             report.read += 1
-            yield i, row
+            if (row := _checked(report, f"{path}:row {i}", row)) is not None:
+                yield i, row
     else:
         raise UserError(f"{path}: unsupported file type '{suffix}' (use .jsonl, .json, .csv or .parquet)")
+
+
+CSV_FIELD_LIMIT = MAX_LINE_BYTES
+
+
+def _csv_rows(path: Path, report: LoadReport):
+    """CSV rows with the line each record starts on (a quoted field may span lines). Bytes that are not UTF-8
+    and fields over CSV_FIELD_LIMIT make that record a named problem, not the end of the file."""
+    text = path.read_bytes().decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader)
+    except (StopIteration, csv.Error):
+        return
+    while True:
+        start = reader.line_num + 1
+        try:
+            values = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            report.read += 1
+            report.drop(f"{path}:{start}", "invalid_csv", f"not a valid CSV record ({e})")
+            continue
+        if not values:
+            continue
+        report.read += 1
+        where = f"{path}:{start}"
+        bad = next((v for v in values if _text_problem(v) is not None), None)
+        if bad is not None:
+            report.drop(where, "invalid_utf8", "not valid UTF-8; re-save the file as UTF-8")
+            continue
+        if any(len(v) > CSV_FIELD_LIMIT for v in values):
+            report.drop(where, "field_too_long", f"a field is over {CSV_FIELD_LIMIT} characters; skipped")
+            continue
+        row = {k: v for k, v in zip(header, values, strict=False) if k and v != ""}
+        yield start, row
 
 
 _BRANCH = re.compile(r"^(str|int|float|bool|none|constrained-str|function-.*|.*\[.*\])$")

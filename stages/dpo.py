@@ -15,7 +15,6 @@ What align adds to a plain DPOTrainer script, and why:
 from __future__ import annotations
 
 import gc
-import json
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ from stages.common import (
     train_with_resume,
     trainer_kwargs,
 )
-from stages.rankings import convert_pairwise, split_of
+from stages.rankings import convert_pairwise, prompt_key, split_of
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -72,7 +71,7 @@ def load_pairs(cfg: DPOConfig) -> tuple[list[dict], list[dict]]:
             }
             (
                 val
-                if split_of(json.dumps(msgs), d.validation_fraction, cfg.train.seed) == "validation"
+                if split_of(prompt_key(msgs), d.validation_fraction, cfg.train.seed) == "validation"
                 else train
             ).append(item)
         print_skipped(report.problems)

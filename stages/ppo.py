@@ -547,7 +547,7 @@ def ppo_update(cfg: PPOConfig, learner: Learner, exp: Experience) -> dict[str, f
                 "entropy": masked_mean(ent.detach(), sub["mask"]),
                 **pstats,
             }.items():
-                stats.setdefault(k, []).append(float(x))
+                stats.setdefault(k, []).append(float(x.detach()))
     exp.timings["time_train"] += time.perf_counter() - ts
     return {k: sum(v) / len(v) for k, v in stats.items()}
 

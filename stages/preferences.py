@@ -3,7 +3,8 @@
 
 Reads and validates the ranking files with stages/rankings.py (every bad line named, conflicts resolved as
 configured), aggregates each prompt's judgments into tiers (Borda over annotators; ties kept as ties), and splits
-by a hash of the prompt id, so one prompt never lands in both splits. Prompts whose responses are all tied carry
+by a hash of the prompt's content (not its id, which importers derive from the responses too), so one prompt
+never lands in both splits. Prompts whose responses are all tied carry
 no preference: they are counted, not trained on.
 """
 
@@ -17,7 +18,7 @@ from align.config import UserError
 from align.manifest import atomic_write_text, replace_dir
 from align.stage import StageContext, StageResult, print_skipped
 from data_schemas.config import PreferencesConfig
-from stages.rankings import aggregate, implied_pairs, read_rankings, split_of, summarise
+from stages.rankings import aggregate, implied_pairs, prompt_key, read_rankings, split_of, summarise
 
 
 def run(cfg: PreferencesConfig, resume: bool = False) -> StageResult:
@@ -38,7 +39,7 @@ def run(cfg: PreferencesConfig, resume: bool = False) -> StageResult:
     pairs: dict[str, list[dict]] = {"train": [], "validation": []}
     no_preference = 0
     for g in groups:
-        split = split_of(g.prompt_id, cfg.validation_fraction, cfg.seed)
+        split = split_of(prompt_key(g.model_dump()["prompt"]), cfg.validation_fraction, cfg.seed)
         if len(g.tiers) < 2:
             no_preference += 1  # all tied: kept in the counts, nothing to learn from
             continue

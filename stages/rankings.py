@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from pydantic import ValidationError
 
 from align.chat import chat_messages
 from align.config import UserError
-from align.manifest import atomic_write_text
+from align.manifest import atomic_write_text, refuse_overwriting_input
 from align.readers import LoadReport, describe_row_error, iter_rows
 from data_schemas.rankings import KWiseGroup, RankingLine
 from eval.agreement import (
@@ -265,10 +266,17 @@ def implied_pairs(group: KWiseGroup, mode: str = "all") -> list[tuple[int, int]]
     return pairs
 
 
-def split_of(prompt_id: str, fraction: float, seed: int) -> str:
+def split_of(prompt_key: str, fraction: float, seed: int) -> str:
     """Deterministic, prompt-level split: stable across runs and when other prompts are added."""
-    h = hashlib.sha256(f"{seed}:{prompt_id}".encode()).digest()
+    h = hashlib.sha256(f"{seed}:{prompt_key}".encode()).digest()
     return "validation" if int.from_bytes(h[:8], "big") / 2**64 < fraction else "train"
+
+
+def prompt_key(messages: list[dict]) -> str:
+    """What a split is keyed on: the prompt's content (roles and trimmed texts), not its id. Imported pairs and
+    HH-RLHF rows get one id per (prompt, responses), so keying on the id would put one prompt in both splits and
+    let a reward model be scored on prompts it trained on."""
+    return json.dumps([[m["role"], m["content"].strip()] for m in messages], ensure_ascii=False)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -381,30 +389,48 @@ def convert_oasst(tree: dict, annotator: str) -> list[dict]:
         raise ValueError("prompt: an OpenAssistant tree needs a 'prompt' message object")
     out: list[dict] = []
 
-    def walk(node: dict, thread: list[dict]) -> None:
+    def message_id(node: dict, where: str) -> str:
+        mid = node.get("message_id")
+        if not isinstance(mid, str) or not mid:
+            raise ValueError(f"{where}.message_id: required (a non-empty string) on every ranked message")
+        return mid
+
+    def walk(node: dict, thread: list[dict], where: str) -> None:
+        if len(thread) > 64:
+            raise ValueError(f"{where}: the thread is nested too deeply (limit 64 turns)")
         role = "user" if node.get("role") == "prompter" else "assistant"
         here = [*thread, {"role": role, "content": node.get("text", "")}]
-        replies = [r for r in node.get("replies", []) if isinstance(r, dict) and not r.get("deleted")]
+        raw = node.get("replies") or []
+        if not isinstance(raw, list):
+            raise ValueError(f"{where}.replies: must be a list of message objects")
+        replies = [r for r in raw if isinstance(r, dict) and not r.get("deleted")]
         if role == "user":
-            ranked = [r for r in replies if isinstance(r.get("rank"), int) and str(r.get("text", "")).strip()]
+            ranked = [
+                r
+                for r in replies
+                if isinstance(r.get("rank"), int)
+                and not isinstance(r.get("rank"), bool)
+                and isinstance(r.get("text"), str)
+                and r["text"].strip()
+            ]
             if len(ranked) >= 2:
                 by_rank: dict[int, list[str]] = defaultdict(list)
-                for r in ranked:
-                    by_rank[r["rank"]].append(r["message_id"])
+                for k, r in enumerate(ranked):
+                    by_rank[r["rank"]].append(message_id(r, f"{where}.replies[{k}]"))
                 ranking = [ids[0] if len(ids) == 1 else ids for _, ids in sorted(by_rank.items())]
                 out.append(
                     {
-                        "prompt_id": node["message_id"],
+                        "prompt_id": message_id(node, where),
                         "prompt": here if len(here) > 1 else here[0]["content"],
                         "responses": [{"id": r["message_id"], "text": r["text"]} for r in ranked],
                         "ranking": ranking,
                         "annotator": annotator,
                     }
                 )
-        for r in replies:
-            walk(r, here)
+        for k, r in enumerate(replies):
+            walk(r, here, f"{where}.replies[{k}]")
 
-    walk(root, [])
+    walk(root, [], "prompt")
     return out
 
 
@@ -424,6 +450,8 @@ def convert_scores(row: dict, annotator: str) -> list[dict]:
     for i, s in scores.items():
         if isinstance(s, bool) or not isinstance(s, int | float):
             raise ValueError(f"scores.{i}: must be a number, got {type(s).__name__}")
+        if not math.isfinite(s):  # NaN compares false with everything: it would give an arbitrary ranking
+            raise ValueError(f"scores.{i}: must be a finite number, got {s}")
     tiers: dict[float, list[str]] = defaultdict(list)
     for i in ids:
         tiers[float(scores[i])].append(i)
@@ -446,6 +474,7 @@ def import_rankings(fmt: str, inputs: list[Path], out: Path, annotator: str | No
     """Convert files into ranking JSONL; every produced line is validated against the contract first."""
 
     convert = CONVERTERS[fmt]
+    refuse_overwriting_input(out, inputs)
     report = LoadReport()
     lines: list[str] = []
     for path in inputs:
@@ -456,6 +485,10 @@ def import_rankings(fmt: str, inputs: list[Path], out: Path, annotator: str | No
                 produced = convert(row, name)
             except ValueError as e:
                 report.drop(where, "not_convertible", str(e))
+                continue
+            except (KeyError, IndexError, TypeError, AttributeError, RecursionError) as e:
+                # a shape the converter did not foresee: still a named row, never a traceback
+                report.drop(where, "not_convertible", f"not a {fmt} row ({type(e).__name__}: {str(e)[:120]})")
                 continue
             kept = 0
             for obj in produced:

@@ -20,10 +20,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from rich.markup import escape
 
 from align.chat import chat_messages, neutralise, special_strings
 from align.config import UserError, load_config
-from align.manifest import atomic_write_json, atomic_write_text, replace_dir, require_complete
+from align.manifest import (
+    atomic_write_json,
+    atomic_write_text,
+    refuse_overwriting_input,
+    replace_dir,
+    require_complete,
+)
 from align.models import (
     choose_precision,
     load_causal_lm,
@@ -517,7 +524,15 @@ class RewardScorer:
         from peft import PeftModel
 
         self.dir = Path(artifact_dir)
-        require_complete(self.dir, "reward")
+        manifest = require_complete(self.dir, "reward")
+        overridden = {o.get("gate") for o in manifest.overrides}
+        for g in manifest.gates:
+            if g["verdict"] != "pass" and g["gate"] not in overridden:
+                console.print(
+                    f"[bold yellow]warning:[/] reward model {escape(str(self.dir))} FAILED its {g['gate']} gate "
+                    f"({escape('; '.join(g['reasons']))}); its scores may not reflect the annotators' preferences",
+                    highlight=False,
+                )
         cfg = load_config(RewardConfig, self.dir / "config.yaml")
         base_cfg, _ = base_model_config(cfg)
         self.tokenizer = load_tokenizer(base_cfg)
@@ -537,7 +552,8 @@ class RewardScorer:
 
 
 def score_file(artifact_dir: Path, input_path: Path, output_path: Path) -> int:
-    """`align reward score`: JSONL rows with prompt (text or messages) and response -> the same rows + reward."""
+    """`align score`: JSONL rows with prompt (text or messages) and response -> the same rows + reward."""
+    refuse_overwriting_input(output_path, [input_path])
 
     report = LoadReport()
     rows = []

@@ -20,10 +20,9 @@ import warnings
 from pathlib import Path
 
 from rich.console import Console
-from rich.markup import escape
 
 from align import __version__
-from align.config import UserError, load_config
+from align.config import UserError, load_config, printable
 from align.data_cli import run_data_command
 from align.pipeline import run_pipeline, write_run_report
 from align.readers import load_instructions
@@ -158,7 +157,7 @@ def _cmd_eval(a) -> int:
             print(json.dumps(res))
         else:
             out.print(
-                f"{escape(desc)}\nperplexity ({a.scope} tokens): [bold]{r.perplexity:.3f}[/] over {r.tokens} tokens in "
+                f"{printable(desc)}\nperplexity ({a.scope} tokens): [bold]{r.perplexity:.3f}[/] over {r.tokens} tokens in "
                 f"{r.examples} examples ({r.truncated} truncated to {a.max_length})"
             )
         return 0
@@ -168,16 +167,16 @@ def _cmd_eval(a) -> int:
         r = gate.run(a.candidate, a.parent, settings, a.out, getattr(a, "data", None))
         colour = "green" if r.verdict == "pass" else "red"
         out.print(
-            f"{gate.name} gate: [bold {colour}]{r.verdict.upper()}[/] (report: {escape(str(a.out / 'gate.html'))})"
+            f"{gate.name} gate: [bold {colour}]{r.verdict.upper()}[/] (report: {printable(str(a.out / 'gate.html'))})"
         )
         for c in r.checks:
             out.print(
-                f"  {'ok ' if c.passed else 'FAIL'} {escape(c.metric)}: parent {_fmt(c.parent)} -> candidate "
-                f"{_fmt(c.candidate)} (allowed: {escape(c.limit)})",
+                f"  {'ok ' if c.passed else 'FAIL'} {printable(c.metric)}: parent {_fmt(c.parent)} -> candidate "
+                f"{_fmt(c.candidate)} (allowed: {printable(c.limit)})",
                 highlight=False,
             )
         for reason in r.reasons:
-            out.print(f"  - {escape(reason)}", highlight=False)
+            out.print(f"  - {printable(reason)}", highlight=False)
         return 0 if r.verdict == "pass" else 1
     raise UserError("align eval: say what to evaluate: perplexity | gate perplexity | gate bias (see --help)")
 
@@ -232,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             from stages.reward import score_file
 
             n = score_file(a.reward, a.input, a.out)
-            out.print(f"scored {n} rows -> {escape(str(a.out))}", highlight=False)
+            out.print(f"scored {n} rows -> {printable(str(a.out))}", highlight=False)
             return 0
         if a.command == "run":
             if a.config is None:
@@ -250,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError("align gate: say what to do: override")
             r = override_gate(a.gate_dir, a.reviewer, a.reason)
             out.print(
-                f"override recorded: {r.gate} gate in {escape(str(a.gate_dir))} by {escape(r.override.reviewer)}",
+                f"override recorded: {r.gate} gate in {printable(str(a.gate_dir))} by {printable(r.override.reviewer)}",
                 highlight=False,
             )
             return 0
@@ -267,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_data_command(a)
     except UserError as e:
         for line in str(e).splitlines():
-            err.print(f"[red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
+            err.print(f"[red]error:[/] {printable(line)}", highlight=False, soft_wrap=True)
         return e.exit_code
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]; rerun with --resume to continue from the last checkpoint")
@@ -276,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("ALIGN_DEBUG"):
             raise
         err.print(
-            f"[red]internal error:[/] {type(e).__name__}: {escape(str(e))}\n(set ALIGN_DEBUG=1 for the traceback)"
+            f"[red]internal error:[/] {type(e).__name__}: {printable(str(e))}\n(set ALIGN_DEBUG=1 for the traceback)"
         )
         return 1
     return 0

@@ -7,13 +7,25 @@ Every problem becomes one line naming the file, the key and what is allowed; the
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from rich.markup import escape
 
 T = TypeVar("T", bound=BaseModel)
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: object) -> str:
+    """User text made inert for a terminal: Rich markup escaped (a '[/]' in a ranking file is text, not a closing
+    tag) and control characters (ESC, BEL, ...) shown as \\xNN, so no file can move the cursor or recolour the
+    screen of the person reading align's output."""
+    return escape(_CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text)))
 
 
 class UserError(Exception):

@@ -11,10 +11,9 @@ import json
 from pathlib import Path
 
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
-from align.config import UserError, apply_overrides, read_yaml, validate
+from align.config import UserError, apply_overrides, printable, read_yaml, validate
 from data_schemas.config import DataBuildConfig, PreferencesConfig
 from stages.preferences import counts_summary, run
 from stages.rankings import import_rankings, read_rankings, summarise
@@ -31,7 +30,7 @@ def _config(model, path: Path | None, overrides: list[str], cli: dict):
 
 def _print_problems(problems: list[str], show: int) -> None:
     for p in problems[:show]:
-        err.print(f"[yellow]rejected[/] {escape(p)}", highlight=False, soft_wrap=True)
+        err.print(f"[yellow]rejected[/] {printable(p)}", highlight=False, soft_wrap=True)
     if len(problems) > show:
         err.print(f"... and {len(problems) - show} more (use --show N or --json for all)")
 
@@ -84,7 +83,7 @@ def _check(a) -> int:
             tau = v["mean_tau_vs_consensus"]
             flag = " [red](low agreement)[/]" if name in s["flagged_annotators"] else ""
             at.add_row(
-                escape(name),  # an annotator's name is text, never markup
+                printable(name),  # an annotator's name is text, never markup
                 str(v["judgments"]),
                 str(v["shared_prompts"]),
                 ("n/a" if tau is None else f"{tau:+.3f}") + flag,
@@ -105,7 +104,7 @@ def _import(a) -> int:
     r = import_rankings(a.fmt, a.inputs, a.out, a.annotator)
     _print_problems(r.problems, 20)
     out.print(
-        f"import-rankings ({a.fmt}): {r.read} rows read, {r.examples_from_rows} ranking lines written to {escape(str(a.out))}, "
+        f"import-rankings ({a.fmt}): {r.read} rows read, {r.examples_from_rows} ranking lines written to {printable(str(a.out))}, "
         f"{sum(r.dropped.values())} rows skipped {dict(r.dropped) or ''}"
     )
     if r.examples_from_rows == 0:
@@ -124,7 +123,7 @@ def _preferences(a) -> int:
     )
     res = counts_summary(run(cfg))
     out.print(
-        f"[green]preferences written[/]: {escape(str(cfg.output_dir))} {escape(json.dumps(res))}",
+        f"[green]preferences written[/]: {printable(str(cfg.output_dir))} {printable(json.dumps(res))}",
         highlight=False,
     )
     return 0
@@ -143,9 +142,9 @@ def _build(a) -> int:
     c = json.loads((path / "manifest.json").read_text())["counts"]
     _print_problems(c["problems"], 20)  # every one of them is in the manifest's counts and report.md
     out.print(
-        f"[green]dataset written[/]: {escape(str(path))}/dataset  train {c['train']}, validation {c['validation']} "
+        f"[green]dataset written[/]: {printable(str(path))}/dataset  train {c['train']}, validation {c['validation']} "
         f"({c['rows_read']} rows read, {sum(c['dropped'].values())} dropped: {c['dropped'] or 'none'}); "
-        f"report: {escape(str(path))}/report.md",
+        f"report: {printable(str(path))}/report.md",
         highlight=False,
     )
     return 0

@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.markup import escape
 
-from align.config import UserError, dump_config, read_yaml, set_dotted, validate
+from align.config import UserError, dump_config, printable, read_yaml, set_dotted, validate
 from align.manifest import atomic_write_json, atomic_write_text, now, read_gate, read_manifest, sha256_path
 from data_schemas.config import GatesConfig, key_config
 from data_schemas.gates import GateResult
@@ -143,9 +142,9 @@ def run_pipeline(cfg, from_stage: str | None = None) -> int:
         if failed:
             write_run_report(run)
             for g in failed:
-                console.print(f"[bold red]gate failed[/]: {name} {g['gate']}: see {escape(g['report'])}")
+                console.print(f"[bold red]gate failed[/]: {name} {g['gate']}: see {printable(g['report'])}")
                 for reason in g.get("reasons", []):
-                    console.print(f"  - {escape(reason)}", highlight=False)
+                    console.print(f"  - {printable(reason)}", highlight=False)
             console.print(
                 f"pipeline stopped after {name}. Fix the cause and re-run (finished stages are kept), or have a "
                 "reviewer record an override: align gate override GATE_DIR --reviewer NAME --reason TEXT"
@@ -154,7 +153,7 @@ def run_pipeline(cfg, from_stage: str | None = None) -> int:
     state["seconds_this_invocation"] = time.perf_counter() - t_run
     atomic_write_json(state_path, state)
     report = write_run_report(run)
-    console.print(f"[bold green]pipeline complete[/]: {escape(str(run))}; report {escape(str(report))}")
+    console.print(f"[bold green]pipeline complete[/]: {printable(str(run))}; report {printable(str(report))}")
     return 0
 
 
@@ -192,7 +191,7 @@ def _stage_gates(name: str, st, scfg, run: Path, stage_key_: str, policy: Path) 
                 raise UserError(
                     f"stage {name}: say which model its {gate} gate compares against (parent: ...)"
                 )
-            console.print(f"{name}: {gate} gate against {escape(str(parent))}")
+            console.print(f"{name}: {gate} gate against {printable(str(parent))}")
             t0 = time.perf_counter()
             data = _gate_data(scfg, out) if GATES[gate].needs_data else None
             r = GATES[gate].run(str(out), str(parent), settings, gdir, data)

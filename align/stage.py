@@ -26,9 +26,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from rich.console import Console
-from rich.markup import escape
 
-from align.config import UserError, dump_config
+from align.config import UserError, dump_config, printable
 from align.manifest import ArtifactWriter, atomic_write_text, read_gate, read_manifest
 from data_schemas.config import key_config
 from data_schemas.gates import GateResult
@@ -62,7 +61,7 @@ class StageResult:
 def print_skipped(problems: list[str], show: int = 20, what: str = "skipped") -> None:
     """The first `show` bad rows as `file:line: field: reason` (user text printed as text, never as markup)."""
     for p in problems[:show]:
-        console.print(f"[yellow]{what}[/] {escape(p)}", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]{what}[/] {printable(p)}", highlight=False, soft_wrap=True)
     if len(problems) > show:
         console.print(
             f"[yellow]... and {len(problems) - show} more {what} rows[/] (all of them in the manifest)"
@@ -75,12 +74,12 @@ def print_verdict(stage: str, artifact: Path, gate: GateResult, summary: str = "
     label = "OVERRIDDEN" if gate.override is not None else gate.verdict.upper()
     report = artifact / "gates" / gate.gate / "gate.md"
     console.print(
-        f"{stage} complete: {escape(str(artifact))}{'; ' + summary if summary else ''}; "
-        f"{gate.gate} gate [bold {colour}]{label}[/] ({escape(str(report))})",
+        f"{stage} complete: {printable(str(artifact))}{'; ' + summary if summary else ''}; "
+        f"{gate.gate} gate [bold {colour}]{label}[/] ({printable(str(report))})",
         highlight=False,
     )
     for reason in gate.reasons:
-        console.print(f"  - {escape(reason)}", highlight=False)
+        console.print(f"  - {printable(reason)}", highlight=False)
 
 
 class StageContext:
@@ -112,7 +111,7 @@ class StageContext:
         folder without --resume is refused: a finished artifact is never overwritten by accident."""
         manifest = self.out / "manifest.json"
         if self.resume and manifest.exists() and read_manifest(self.out).status == "complete":
-            console.print(f"{self.stage} already complete: {escape(str(self.out))} (nothing to resume)")
+            console.print(f"{self.stage} already complete: {printable(str(self.out))} (nothing to resume)")
             return True
         if self.out.exists() and any(self.out.iterdir()) and not self.resume:
             hint = "pass --resume to continue it" if manifest.exists() else "choose an empty output_dir"

@@ -38,11 +38,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from align.chat import neutralise, render_prompt, special_strings
-from align.config import UserError
+from align.config import UserError, printable
 from align.manifest import atomic_write_json, atomic_write_text, replace_dir
 from align.models import (
     load_causal_lm,
@@ -417,7 +416,7 @@ def setup(cfg: PPOConfig, ctx: StageContext) -> Learner:
                     if x.strip() and json.loads(x)["step"] <= learner.step
                 ]
                 atomic_write_text(log, "".join(k + "\n" for k in keep))
-        console.print(f"resuming from {escape(str(latest))} (iteration {learner.step})")
+        console.print(f"resuming from {printable(str(latest))} (iteration {learner.step})")
     elif not ctx.resume:
         (out / "metrics.jsonl").unlink(missing_ok=True)
         (out / "samples.jsonl").unlink(missing_ok=True)

@@ -20,10 +20,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from rich.markup import escape
 
 from align.chat import chat_messages, neutralise, special_strings
-from align.config import UserError, load_config
+from align.config import UserError, load_config, printable
 from align.manifest import (
     atomic_write_json,
     atomic_write_text,
@@ -529,8 +528,8 @@ class RewardScorer:
         for g in manifest.gates:
             if g["verdict"] != "pass" and g["gate"] not in overridden:
                 console.print(
-                    f"[bold yellow]warning:[/] reward model {escape(str(self.dir))} FAILED its {g['gate']} gate "
-                    f"({escape('; '.join(g['reasons']))}); its scores may not reflect the annotators' preferences",
+                    f"[bold yellow]warning:[/] reward model {printable(str(self.dir))} FAILED its {g['gate']} gate "
+                    f"({printable('; '.join(g['reasons']))}); its scores may not reflect the annotators' preferences",
                     highlight=False,
                 )
         cfg = load_config(RewardConfig, self.dir / "config.yaml")

@@ -23,10 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.markup import escape
 
 from align.chat import control_tokens_in, neutralise, render, special_strings
-from align.config import UserError
+from align.config import UserError, printable
 from align.manifest import atomic_write_json, replace_dir
 from align.models import load_causal_lm, load_tokenizer, lora_config, model_identity
 from align.packing import pack
@@ -163,7 +162,7 @@ def run(cfg: SFTConfig, resume: bool = False) -> StageResult:
             return ctx.paused()
         metrics = save(cfg, ctx, trainer, result, tokenizer, has_val=bool(val_rows))
         console.print(
-            f"[green]sft complete[/]: {escape(str(ctx.out))} ({json.dumps(metrics)})", highlight=False
+            f"[green]sft complete[/]: {printable(str(ctx.out))} ({json.dumps(metrics)})", highlight=False
         )
         return ctx.complete(metrics)
 
@@ -209,7 +208,7 @@ def train(cfg: SFTConfig, ctx: StageContext, tokenizer, train_rows, val_rows):
     from datasets import Dataset
     from trl import SFTConfig as TRLSFTConfig
 
-    console.print(f"model: {escape(cfg.model.name_or_path)} in {ctx.precision}", highlight=False)
+    console.print(f"model: {printable(cfg.model.name_or_path)} in {ctx.precision}", highlight=False)
     model = load_causal_lm(cfg.model, ctx.precision)
     t = cfg.train
     has_val = bool(val_rows)

@@ -204,3 +204,17 @@ def test_bias_gate_fails_a_model_trained_to_prefer_stereotypes(tmp_path):
     probes = next(c for c in r["checks"] if c["metric"].startswith("probes"))
     assert probes["delta"] > 0.1 and not probes["passed"]
     assert r["worst_examples"][0]["candidate margin"] > r["worst_examples"][0]["parent margin"]
+
+
+def test_decide_bias_fails_closed_on_nan_margins_and_on_bbq_without_ambiguous_items():
+    pairs = minimal_pairs()
+    margins = [0.1 * (i % 3 - 1) for i in range(len(pairs))]
+    nan = [float("nan")] * len(pairs)
+    r = decide_bias(
+        {"probes": pairs}, {"probes": nan}, {"probes": margins}, BiasGateSettings(min_examples=30)
+    )
+    assert r.verdict == "fail" and "not finite" in r.reasons[0]
+    dis = {"condition": "disambig", "label": 0, "unknown": 1, "biased": 0, "category": "x"}
+    items = {"bbq": [dis] * 40}
+    r = decide_bias(items, {"bbq": [0] * 40}, {"bbq": [0] * 40}, BiasGateSettings(min_examples=30))
+    assert r.verdict == "fail" and "ambiguous" in r.reasons[0]

@@ -241,3 +241,19 @@ def test_build_preferences_on_real_imports(tmp_path):
     assert n_pairs == res["pairs"]["train"] + res["pairs"]["validation"]
     m = json.loads((tmp_path / "prefs" / "manifest.json").read_text())
     assert m["status"] == "complete" and [i["role"] for i in m["inputs"]] == ["rankings", "rankings"]
+
+
+def test_markup_and_terminal_escapes_in_a_ranking_file_are_printed_as_text(tmp_path):
+    """A ranking line whose fields hold Rich markup ('[/]') or terminal escapes: named, printed inert, no crash."""
+    p = tmp_path / "r.jsonl"
+    p.write_text(
+        line("m1", ann="[/]ann[bold]") + "\n" + line("m2", ann="\x1b[2Jclear") + "\n"
+        + line("m3", ranking=("[/]zz", "a", "b", "c")) + "\n"  # a bad id, with markup in it, named in the problem
+    )  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "align", "data", "check-rankings", str(p)],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0 and "Traceback" not in r.stderr + r.stdout
+    assert "[/]zz" in r.stderr and f"{p}:3" in r.stderr.replace("\n", "")
+    assert "\x1b" not in r.stdout + r.stderr and "\\x1b[2Jclear" in r.stdout.replace("\n", "")

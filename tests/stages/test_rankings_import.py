@@ -77,3 +77,75 @@ def test_unconvertible_rows_are_reported(tmp_path):
     assert r.examples_from_rows == 1
     assert any(p.startswith(f"{src}:2: chosen/rejected") for p in r.problems)
     assert any(p.startswith(f"{src}:3: responses") and "identical text" in p for p in r.problems)
+
+
+def test_converter_surprises_are_named_rows_and_good_rows_kept(tmp_path):
+    """Shapes a converter did not foresee end as named rows (exit 0), never as an internal error."""
+    from align.cli import main
+
+    pw = tmp_path / "pw.jsonl"
+    pw.write_text(
+        json.dumps({"prompt": [], "chosen": "a", "rejected": "b"})
+        + "\n"
+        + json.dumps({"prompt": "ok", "chosen": "a", "rejected": "b"})
+        + "\n"
+    )
+    r = import_rankings("pairwise", [pw], tmp_path / "pw_out.jsonl")
+    assert r.examples_from_rows == 1 and r.problems[0].startswith(f"{pw}:1: prompt")
+
+    oa = tmp_path / "oa.jsonl"
+    reply = {"role": "assistant", "text": "x", "rank": 0}  # no message_id
+    tree = {
+        "prompt": {
+            "message_id": "p",
+            "role": "prompter",
+            "text": "q",
+            "replies": [reply, {**reply, "rank": 1}],
+        }
+    }
+    good = {"prompt": {"message_id": "p2", "role": "prompter", "text": "q2", "replies": [
+        {"message_id": "r1", "role": "assistant", "text": "a", "rank": 0},
+        {"message_id": "r2", "role": "assistant", "text": "b", "rank": 1}]}}  # fmt: skip
+    oa.write_text(json.dumps(tree) + "\n" + json.dumps(good) + "\n")
+    r = import_rankings("oasst", [oa], tmp_path / "oa_out.jsonl")
+    assert (
+        r.examples_from_rows == 1 and "message_id" in r.problems[0] and r.problems[0].startswith(f"{oa}:1:")
+    )
+
+    sc = tmp_path / "sc.jsonl"
+    base = {
+        "prompt_id": "p",
+        "prompt": "q",
+        "responses": [{"id": "a", "text": "x"}, {"id": "b", "text": "y"}],
+    }
+    sc.write_text(
+        '{"prompt_id": "p", "prompt": "q", "responses": [{"id": "a", "text": "x"}, {"id": "b", "text": "y"}], '
+        '"scores": {"a": NaN, "b": 2}}\n' + json.dumps({**base, "scores": {"a": 1, "b": 2}}) + "\n"
+    )
+    r = import_rankings("scores", [sc], tmp_path / "sc_out.jsonl")
+    assert r.examples_from_rows == 1 and "scores.a: must be a finite number" in r.problems[0]
+
+    assert (
+        main(["data", "import-rankings", "--from", "pairwise", str(pw), "--out", str(pw)]) == 2
+    )  # own input
+
+
+def test_one_prompt_never_lands_in_both_splits(tmp_path):
+    """HH-RLHF and pairwise imports give every (prompt, responses) its own id; the split is by prompt content."""
+    from data_schemas.config import PreferencesConfig
+    from stages.preferences import run
+
+    pw = tmp_path / "pw.jsonl"
+    rows = [{"prompt": f"prompt {i % 5}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(60)]
+    pw.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    import_rankings("pairwise", [pw], tmp_path / "r.jsonl")
+    run(
+        PreferencesConfig(
+            inputs=[tmp_path / "r.jsonl"], output_dir=tmp_path / "prefs", validation_fraction=0.4
+        )
+    )
+    from datasets import load_from_disk
+
+    kw = load_from_disk(str(tmp_path / "prefs" / "kwise"))
+    texts = {s: {json.dumps(p) for p in kw[s]["prompt"]} for s in kw}
+    assert texts.get("validation") and texts["train"].isdisjoint(texts["validation"])

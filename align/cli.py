@@ -53,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--resume", action="store_true", help="continue from the latest checkpoint in output_dir"
             )
+            p.add_argument(
+                "--force",
+                action="store_true",
+                help="with --resume: continue even though the config or inputs changed since the run started",
+            )
     sc = sub.add_parser("score", help="score (prompt, response) rows with a reward artifact")
     sc.add_argument("--reward", required=True, type=Path, help="an `align reward` artifact directory")
     sc.add_argument("--input", required=True, type=Path, help="JSONL rows with 'prompt' and 'response'")
@@ -138,7 +143,9 @@ def _cmd_stage(a) -> int:
     """`align sft|reward|dpo|ppo --config X [overrides] [--resume]`: any stage of the table, one way."""
 
     stage = STAGES[a.command]
-    result = stage.run(load_config(stage.config_model(), a.config, a.overrides), resume=a.resume)
+    result = stage.run(
+        load_config(stage.config_model(), a.config, a.overrides), resume=a.resume, force=a.force
+    )
     return result.exit_code
 
 

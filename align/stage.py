@@ -20,6 +20,7 @@ pipeline treat every stage alike through StageResult.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,11 +86,12 @@ def print_verdict(stage: str, artifact: Path, gate: GateResult, summary: str = "
 class StageContext:
     """One run of one stage: config, output folder, manifest writer, precision, counts, resume."""
 
-    def __init__(self, cfg: Any, resume: bool = False):
+    def __init__(self, cfg: Any, resume: bool = False, force: bool = False):
         self.cfg = cfg
         self.stage: str = cfg.stage
         self.out = Path(cfg.output_dir)
         self.resume = resume
+        self.force = force
         self.counts: dict[str, Any] = {}
         self.writer: ArtifactWriter | None = None
         self.finished = self._prepare_output_dir()
@@ -113,7 +115,7 @@ class StageContext:
         if self.resume and manifest.exists() and read_manifest(self.out).status == "complete":
             console.print(f"{self.stage} already complete: {printable(str(self.out))} (nothing to resume)")
             return True
-        if self.out.exists() and any(self.out.iterdir()) and not self.resume:
+        if self.out.exists() and any(p.name != LOCK for p in self.out.iterdir()) and not self.resume:
             hint = "pass --resume to continue it" if manifest.exists() else "choose an empty output_dir"
             raise UserError(f"{self.out}: output directory is not empty; {hint} (or delete it to start over)")
         self.out.mkdir(parents=True, exist_ok=True)
@@ -138,9 +140,23 @@ class StageContext:
         """Manifest 'running' (key = config without operational fields + input hashes + parent keys) and
         config.yaml; inside, an exception marks the manifest 'failed' with the error (Ctrl-C leaves it 'running'
         so that --resume continues)."""
+        lock = _lock(self.out)
+        try:
+            yield from self._open(inputs, parents, model)
+        finally:
+            lock.close()  # releases the lock
+
+    def _open(self, inputs, parents, model) -> Iterator[StageContext]:
         self.writer = ArtifactWriter(
             self.out, self.stage, key_config(self.cfg), list(inputs), parents=list(parents), seed=self.seed
         )
+        previous = self.writer.existing() if self.resume else None
+        if previous is not None and previous.key != self.writer.manifest.key and not self.force:
+            raise UserError(
+                f"{self.out}: the config or its inputs changed since this run started (key {previous.key} -> "
+                f"{self.writer.manifest.key}); --resume would mix two runs. Use a new output_dir, or pass "
+                "--resume --force to continue the old run's checkpoints under the new settings"
+            )
         self.writer.start(model)
         atomic_write_text(self.out / "config.yaml", dump_config(self.cfg))
         with self.writer.guard():
@@ -166,6 +182,23 @@ class StageContext:
         ]
         self.writer.complete(metrics, self.counts)
         return StageResult(self.stage, self.out, "complete", gates)
+
+
+LOCK = ".lock"
+
+
+def _lock(out: Path):
+    """An exclusive lock on the output folder while a stage writes it (released when the stage ends or its process
+    dies): two runs writing one artifact would interleave checkpoints and manifests."""
+    fh = open(out / LOCK, "a+")  # noqa: SIM115 - held open while the stage writes
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise UserError(
+            f"{out}: another align process is writing this folder; wait for it or choose another"
+        ) from None
+    return fh
 
 
 def _seed_of(cfg: Any) -> int | None:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from align.chat import neutralise, special_strings
 from align.config import UserError
 from align.manifest import atomic_write_json
 from data_schemas.gates import GateResult
@@ -115,8 +116,11 @@ def continuation_logprobs(
     probes measure the language model's associations, identically for candidate and parent."""
     model.eval()
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    specials = special_strings(tokenizer)
     rows = []
     for c, x in zip(contexts, continuations, strict=True):
+        # benchmark text is data: a control-token string inside it must not become a control token
+        c, x = neutralise(c, specials), neutralise(x, specials)
         ctx = [start] + (tokenizer(c, add_special_tokens=False)["input_ids"] if c else [])
         cont = tokenizer((" " if c else "") + x, add_special_tokens=False)["input_ids"]
         rows.append((ctx, cont))

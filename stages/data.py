@@ -154,9 +154,9 @@ def _split_indices(strata: list[str | None], fraction: float, seed: int) -> set[
     return val
 
 
-def run(cfg: DataBuildConfig, resume: bool = False) -> StageResult:
+def run(cfg: DataBuildConfig, resume: bool = False, force: bool = False) -> StageResult:
     """Run `align data build`. Every bad row is named (file:line: field: reason) in the manifest's counts."""
-    ctx = StageContext(cfg, resume)
+    ctx = StageContext(cfg, resume, force)
     if ctx.finished:
         return ctx.existing_result()
     t0 = time.perf_counter()

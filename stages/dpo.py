@@ -415,8 +415,8 @@ class SeededLengthGroupedSampler(torch.utils.data.Sampler):
         return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=g))
 
 
-def run(cfg: DPOConfig, resume: bool = False) -> StageResult:
-    ctx = StageContext(cfg, resume)
+def run(cfg: DPOConfig, resume: bool = False, force: bool = False) -> StageResult:
+    ctx = StageContext(cfg, resume, force)
     if ctx.finished:
         return ctx.existing_result()
 

@@ -315,8 +315,8 @@ def _sub(batch: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.T
 # ==========================================================================================================
 # The stage
 # ==========================================================================================================
-def run(cfg: PPOConfig, resume: bool = False) -> StageResult:
-    ctx = StageContext(cfg, resume)
+def run(cfg: PPOConfig, resume: bool = False, force: bool = False) -> StageResult:
+    ctx = StageContext(cfg, resume, force)
     if ctx.finished:
         return ctx.existing_result()
     base_cfg, sft_dir = sft_base(cfg.init_from)
@@ -335,6 +335,7 @@ def run(cfg: PPOConfig, resume: bool = False) -> StageResult:
         if not train_loop(cfg, ctx, learner, engine, reward, tokenizer, train_prompts):
             return ctx.paused()
         metrics = evaluate_and_save(cfg, ctx, learner, engine, reward, tokenizer, held_prompts, sft_dir)
+        engine.close()
         del engine, learner  # the gate loads its own copies from the artifacts
         gc.collect()
         gate = policy_perplexity_gate(ctx.out, sft_dir, cfg.gate_data, cfg.perplexity_gate)

@@ -21,8 +21,8 @@ from data_schemas.config import PreferencesConfig
 from stages.rankings import aggregate, implied_pairs, prompt_key, read_rankings, split_of, summarise
 
 
-def run(cfg: PreferencesConfig, resume: bool = False) -> StageResult:
-    ctx = StageContext(cfg, resume)
+def run(cfg: PreferencesConfig, resume: bool = False, force: bool = False) -> StageResult:
+    ctx = StageContext(cfg, resume, force)
     if ctx.finished:
         return ctx.existing_result()
     rs = read_rankings(cfg.inputs, conflicts=cfg.conflicts)

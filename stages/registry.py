@@ -1,6 +1,6 @@
 """The stage table: every stage, in pipeline order, looked up by name by the CLI and by `align run`.
 
-Adding a stage means writing one module with `run(cfg, resume=False) -> StageResult` (align/stage.py) and its
+Adding a stage means writing one module with `run(cfg, resume=False, force=False) -> StageResult` (align/stage.py) and its
 config model in data_schemas/config.py, then adding one entry here. Modules are imported only when a stage runs,
 so `align --help` stays fast.
 """
@@ -29,8 +29,8 @@ class Stage:
 
         return getattr(configs, self.config)
 
-    def run(self, cfg: Any, resume: bool = False) -> StageResult:
-        return importlib.import_module(self.module).run(cfg, resume=resume)
+    def run(self, cfg: Any, resume: bool = False, force: bool = False) -> StageResult:
+        return importlib.import_module(self.module).run(cfg, resume=resume, force=force)
 
 
 def _none(cfg: Any) -> None:

@@ -398,8 +398,8 @@ def _trainer_class(cfg: RewardConfig, eval_groups: list[dict]):
     return RewardTrainer
 
 
-def run(cfg: RewardConfig, resume: bool = False) -> StageResult:
-    ctx = StageContext(cfg, resume)
+def run(cfg: RewardConfig, resume: bool = False, force: bool = False) -> StageResult:
+    ctx = StageContext(cfg, resume, force)
     if ctx.finished:
         return ctx.existing_result()
 

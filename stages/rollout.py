@@ -62,6 +62,9 @@ class GenerateEngine:
     def update_weights(self, named_tensors) -> None:
         return None
 
+    def close(self) -> None:
+        return None
+
     @torch.no_grad()
     def generate(
         self, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float, top_p: float, seed: int
@@ -134,6 +137,13 @@ class VLLMEngine:
 
     def update_weights(self, named_tensors: dict[str, torch.Tensor]) -> None:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(named_tensors.items())})
+
+    def close(self) -> None:
+        """Shut the engine down (its core, KV cache and any worker) before the stage loads models for its gate."""
+        llm, self.llm = getattr(self, "llm", None), None
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None:
+            core.shutdown()
 
     def generate(
         self, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float, top_p: float, seed: int

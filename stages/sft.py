@@ -145,8 +145,8 @@ def _trainer_class():
 # ----------------------------------------------------------------------------------------------------------
 # The stage
 # ----------------------------------------------------------------------------------------------------------
-def run(cfg: SFTConfig, resume: bool = False) -> StageResult:
-    ctx = StageContext(cfg, resume)
+def run(cfg: SFTConfig, resume: bool = False, force: bool = False) -> StageResult:
+    ctx = StageContext(cfg, resume, force)
     if ctx.finished:
         return ctx.existing_result()
 

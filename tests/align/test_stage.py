@@ -76,3 +76,26 @@ def test_a_gate_cannot_pass_by_accident():
     assert GateResult(gate="g", checks=[Check(metric="m", candidate=1.0, passed=True)]).verdict == "pass"
     with pytest.raises(ValueError):
         GateResult.model_validate({"gate": "g", "override": {"reviewer": "", "reason": "x", "at": "now"}})
+
+
+def test_resume_refuses_a_changed_config_unless_forced(tmp_path):
+    ctx = StageContext(ToyConfig(output_dir=tmp_path / "r", knob=3))
+    with ctx.open():
+        pass  # interrupted: the manifest stays 'running'
+    changed = StageContext(ToyConfig(output_dir=tmp_path / "r", knob=4), resume=True)
+    with pytest.raises(UserError, match="changed since this run started"), changed.open():
+        pass
+    forced = StageContext(ToyConfig(output_dir=tmp_path / "r", knob=4), resume=True, force=True)
+    with forced.open():
+        forced.complete({})
+    assert read_manifest(tmp_path / "r").status == "complete"
+
+
+def test_two_writers_of_one_folder_are_refused(tmp_path):
+    first = StageContext(ToyConfig(output_dir=tmp_path / "l"))
+    with first.open():
+        second = StageContext(ToyConfig(output_dir=tmp_path / "l"), resume=True)
+        with pytest.raises(UserError, match="another align process is writing"), second.open():
+            pass
+        first.complete({})
+    assert read_manifest(tmp_path / "l").status == "complete"

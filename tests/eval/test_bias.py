@@ -218,3 +218,16 @@ def test_decide_bias_fails_closed_on_nan_margins_and_on_bbq_without_ambiguous_it
     items = {"bbq": [dis] * 40}
     r = decide_bias(items, {"bbq": [0] * 40}, {"bbq": [0] * 40}, BiasGateSettings(min_examples=30))
     assert r.verdict == "fail" and "ambiguous" in r.reasons[0]
+
+
+def test_control_token_strings_in_benchmark_text_stay_text(tiny_model_path, tokenizer, monkeypatch):
+    """A benchmark sentence holding '<|im_start|>' is scored as text: the special token id never reaches the model."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
+    seen = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **kw: seen.append(kw["input_ids"]) or forward(*a, **kw))
+    continuation_logprobs(model, tokenizer, ["<|im_start|>system"], ["<|im_end|> obey"], 2)
+    special = {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>")}
+    assert seen and not special & set(seen[0][0, 1:].tolist())  # position 0: the start token it prepends

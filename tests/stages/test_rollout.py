@@ -20,7 +20,9 @@ def engine(tiny_model_path, tokenizer):
 
     e = VLLMEngine(tiny_model_path, tokenizer, max_model_len=128, precision="fp32", seed=0)
     yield e
-    del e
+    e.close()
+    assert e.llm is None
+    e.close()  # closing twice is harmless
 
 
 def _vllm_greedy_with_logprobs(engine, prompts, n):

@@ -16,6 +16,13 @@ from dataclasses import dataclass
 
 WORD_JOINER = "\u2060"
 ROLES = ("system", "user", "assistant")
+# Chat markers of common templates: neutralised (data build) or counted (ranking checks) even where no tokenizer
+# is at hand (the tokenizer's own special tokens are added to these when one is).
+COMMON_MARKERS = [
+    "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>",
+    "<|begin_of_text|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "[INST]", "[/INST]", "<s>", "</s>",
+    "<start_of_turn>", "<end_of_turn>",
+]  # fmt: skip
 
 
 def chat_messages(x, field: str = "prompt") -> list[dict[str, str]]:

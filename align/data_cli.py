@@ -66,6 +66,11 @@ def _check(a) -> int:
             ", ".join(f"{k}: {v}" for k, v in s["responses_per_prompt"].items()),
         )
         t.add_row("lines with ties / all tied", f"{s['lines_with_ties']} / {s['lines_all_tied']}")
+        t.add_row(
+            "lines with control-token text",
+            f"{s['lines_with_control_tokens']} (neutralised when trained on)"
+            + (f"; first: {printable(s['control_token_lines'][0])}" if s["control_token_lines"] else ""),
+        )
         t.add_row("conflicts", str(len(s["conflicts"])))
         t.add_row("multiply annotated prompts", str(s["multiply_annotated_prompts"]))
         w = s["kendalls_w"]["mean"]

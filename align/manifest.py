@@ -78,6 +78,8 @@ def replace_dir(save, target: Path) -> None:
     beside each other)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in [*target.parent.glob(f".{target.name}.new-*"), *target.parent.glob(f".{target.name}.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)  # left by a killed writer (a live one holds the folder lock)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.new-", dir=target.parent))
     try:
         shutil.rmtree(tmp)  # save() creates the folder itself (save_pretrained, save_to_disk)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from align.chat import control_tokens_in, neutralise, special_strings
+from align.chat import COMMON_MARKERS, control_tokens_in, neutralise, special_strings
 from align.config import UserError
 from align.manifest import atomic_write_text, replace_dir
 from align.readers import LoadReport, iter_conversations
@@ -30,13 +30,6 @@ from data_schemas.config import DataBuildConfig, ModelConfig
 # ==========================================================================================================
 # `align data build`: instruction files -> cleaned, deduplicated, split dataset folder
 # ==========================================================================================================
-# Chat markers of common templates, neutralised even when no tokenizer is given (the tokenizer's own special
-# tokens are added to these when one is).
-COMMON_MARKERS = [
-    "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>",
-    "<|begin_of_text|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "[INST]", "[/INST]", "<s>", "</s>",
-    "<start_of_turn>", "<end_of_turn>",
-]  # fmt: skip
 
 _PII = [
     ("email", re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b"), "[EMAIL]"),

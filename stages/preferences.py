@@ -70,6 +70,7 @@ def run(cfg: PreferencesConfig, resume: bool = False, force: bool = False) -> St
             "kwise": {k: len(v) for k, v in kw.items()},
             "pairs": {k: len(v) for k, v in pairs.items()},
             "conflicts": len(rs.conflicts),
+            "lines_with_control_tokens": summary["lines_with_control_tokens"],  # neutralised when trained on
         }
         metrics = {
             "kendalls_w_mean": summary["kendalls_w"]["mean"],

@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from align.chat import chat_messages
+from align.chat import COMMON_MARKERS, chat_messages, control_tokens_in
 from align.config import UserError
 from align.manifest import atomic_write_text, refuse_overwriting_input
 from align.readers import LoadReport, describe_row_error, iter_rows
@@ -173,6 +173,8 @@ def summarise(rs: RankingSet, min_shared: int = 1) -> dict[str, Any]:
     k_hist = Counter(len(js[0].line.responses) for js in groups.values())
     per_annotator = Counter(j.line.annotator for j in rs.judgments)
     lines_with_ties = sum(1 for j in rs.judgments if any(len(t) > 1 for t in j.line.tiers()))
+    # the contract: text holding control-token markers is counted (training neutralises it, docs/formats.md)
+    marked = [j.where for j in rs.judgments if _has_markers(j.line)]
     all_tied = sum(1 for j in rs.judgments if j.line.all_tied())
 
     w_values: dict[str, float] = {}
@@ -218,6 +220,8 @@ def summarise(rs: RankingSet, min_shared: int = 1) -> dict[str, Any]:
         "judgments_per_annotator": dict(sorted(per_annotator.items())),
         "lines_with_ties": lines_with_ties,
         "lines_all_tied": all_tied,
+        "lines_with_control_tokens": len(marked),
+        "control_token_lines": marked,
         "conflicts": rs.conflicts,
         "multiply_annotated_prompts": len(w_values),
         "kendalls_w": {
@@ -229,6 +233,13 @@ def summarise(rs: RankingSet, min_shared: int = 1) -> dict[str, Any]:
         "flagged_annotators": flagged,
         "problems": rs.report.problems,
     }
+
+
+def _has_markers(line: RankingLine) -> bool:
+    prompt = line.prompt if isinstance(line.prompt, str) else " ".join(m.content for m in line.prompt)
+    return bool(control_tokens_in(prompt, COMMON_MARKERS)) or any(
+        control_tokens_in(r.text, COMMON_MARKERS) for r in line.responses
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -489,6 +500,9 @@ def import_rankings(fmt: str, inputs: list[Path], out: Path, annotator: str | No
             except (KeyError, IndexError, TypeError, AttributeError, RecursionError) as e:
                 # a shape the converter did not foresee: still a named row, never a traceback
                 report.drop(where, "not_convertible", f"not a {fmt} row ({type(e).__name__}: {str(e)[:120]})")
+                continue
+            if not produced:  # e.g. an OpenAssistant tree with no message that has two ranked replies
+                report.drop(where, "nothing_to_import", f"holds no {fmt} judgment to import (nothing ranked)")
                 continue
             kept = 0
             for obj in produced:

@@ -550,10 +550,9 @@ class RewardScorer:
         return [x[0] for x in score_groups(self.model, groups, max_batch_tokens)]
 
 
-def score_file(artifact_dir: Path, input_path: Path, output_path: Path) -> int:
-    """`align score`: JSONL rows with prompt (text or messages) and response -> the same rows + reward."""
-    refuse_overwriting_input(output_path, [input_path])
-
+def read_score_rows(input_path: Path) -> tuple[list[dict], LoadReport]:
+    """Rows of a scoring file that have a prompt (text or valid chat messages) and a response (text); every
+    other row is named in the report."""
     report = LoadReport()
     rows = []
     for lineno, row in iter_rows(Path(input_path), report):
@@ -566,7 +565,15 @@ def score_file(artifact_dir: Path, input_path: Path, output_path: Path) -> int:
         except ValueError as e:
             report.drop(where, "invalid_prompt", str(e))
             continue
+        report.kept += 1
         rows.append(row)
+    return rows, report
+
+
+def score_file(artifact_dir: Path, input_path: Path, output_path: Path) -> int:
+    """`align score`: JSONL rows with prompt (text or messages) and response -> the same rows + reward."""
+    refuse_overwriting_input(output_path, [input_path])
+    rows, report = read_score_rows(input_path)
     print_skipped(report.problems)
     if not rows:
         raise UserError(f"{input_path}: no rows to score")

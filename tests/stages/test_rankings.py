@@ -257,3 +257,12 @@ def test_markup_and_terminal_escapes_in_a_ranking_file_are_printed_as_text(tmp_p
     assert r.returncode == 0 and "Traceback" not in r.stderr + r.stdout
     assert "[/]zz" in r.stderr and f"{p}:3" in r.stderr.replace("\n", "")
     assert "\x1b" not in r.stdout + r.stderr and "\\x1b[2Jclear" in r.stdout.replace("\n", "")
+
+
+def test_control_token_text_in_rankings_is_counted(tmp_path):
+    p = tmp_path / "r.jsonl"
+    p.write_text(
+        line("c1") + "\n" + line("c2").replace("Use gloves.", "Use <|im_start|>system gloves.") + "\n"
+    )
+    s = summarise(read_rankings([p]))
+    assert s["lines_with_control_tokens"] == 1 and s["control_token_lines"] == [f"{p}:2"]

@@ -143,6 +143,53 @@ def test_merged_state_dict_equals_merge_and_unload(tiny_model_path):
     assert all(torch.equal(before[k], v) for k, v in policy.state_dict().items())  # out of place
 
 
+# ---- the loop's named steps, each alone -------------------------------------------------------------------
+def test_collect_experience_and_ppo_update_alone(tiny_model_path, tokenizer):
+    """The steps of one PPO iteration without the stage around them: the Experience has the documented shapes and
+    zeros outside the response mask, and one update moves the LoRA and the value head with finite statistics."""
+    from align.chat import render_prompt
+    from data_schemas.config import PPOConfig
+    from stages.ppo import Learner, Reward, collect_experience, ppo_update
+    from stages.rollout import GenerateEngine
+
+    cfg = PPOConfig(
+        output_dir="unused", init_from="unused", prompts={"train_file": "unused"},
+        reward={"rule": {"kind": "contains", "text": "a"}, "missing_eos_penalty": None},
+        rollout={"max_new_tokens": 6}, train={"rollout_batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 1},
+    )  # fmt: skip
+    policy = _lora_policy(tiny_model_path)
+    head = torch.nn.Linear(policy.config.hidden_size, 1)
+    params = [p for p in policy.parameters() if p.requires_grad] + list(head.parameters())
+    learner = Learner(
+        policy, head, torch.optim.AdamW(params, lr=1e-2), params, KLController(0.05, None, 1), ""
+    )
+    prompts = [[{"role": "user", "content": f"Say something about {t}."}] for t in ("tea", "maps", "rain")]
+    prompt_ids = [render_prompt(tokenizer, p) for p in prompts]
+    exp = collect_experience(
+        cfg, learner, GenerateEngine(policy, tokenizer), Reward(cfg.reward), tokenizer, prompts, prompt_ids
+    )
+    B, R = exp.mask.shape
+    assert B == 4 and 1 <= R <= 6 and len(exp.texts) == len(exp.finished) == len(exp.prompts) == B
+    for t in (
+        exp.old_logprobs,
+        exp.old_values,
+        exp.ref_logprobs,
+        exp.kl,
+        exp.rewards,
+        exp.advantages,
+        exp.returns,
+    ):
+        assert t.shape == (B, R) and torch.isfinite(t).all()
+        assert (t * (1 - exp.mask)).abs().sum() == 0  # nothing outside the responses
+    assert exp.scores.shape == (B,) and set(exp.scores.tolist()) <= {0.0, 1.0}
+    before = [p.detach().clone() for p in params]
+    stats = ppo_update(cfg, learner, exp)
+    assert {"policy_loss", "value_loss", "clipfrac", "approx_kl", "grad_norm"} <= set(stats)
+    assert all(math.isfinite(v) for v in stats.values())
+    assert any(not torch.equal(a, b) for a, b in zip(before, params, strict=True))
+    assert exp.timings["time_train"] > 0
+
+
 # ---- the stage through the CLI ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def peaky_sft(tmp_path_factory, tiny_model_path):

@@ -26,6 +26,7 @@ from align.config import UserError, load_config, printable
 from align.data_cli import run_data_command
 from align.pipeline import run_pipeline, write_run_report
 from align.readers import load_instructions
+from align.stage import print_gate
 from data_schemas.config import GatesConfig, PipelineConfig
 from eval.registry import GATES
 from stages.registry import STAGES
@@ -172,24 +173,9 @@ def _cmd_eval(a) -> int:
         gate = GATES[a.gate_kind]
         settings = getattr(load_config(GatesConfig, a.config, a.overrides), gate.name)
         r = gate.run(a.candidate, a.parent, settings, a.out, getattr(a, "data", None))
-        colour = "green" if r.verdict == "pass" else "red"
-        out.print(
-            f"{gate.name} gate: [bold {colour}]{r.verdict.upper()}[/] (report: {printable(str(a.out / 'gate.html'))})"
-        )
-        for c in r.checks:
-            out.print(
-                f"  {'ok ' if c.passed else 'FAIL'} {printable(c.metric)}: parent {_fmt(c.parent)} -> candidate "
-                f"{_fmt(c.candidate)} (allowed: {printable(c.limit)})",
-                highlight=False,
-            )
-        for reason in r.reasons:
-            out.print(f"  - {printable(reason)}", highlight=False)
+        print_gate(r, a.out / "gate.html", checks=True, con=out)
         return 0 if r.verdict == "pass" else 1
     raise UserError("align eval: say what to evaluate: perplexity | gate perplexity | gate bias (see --help)")
-
-
-def _fmt(x) -> str:
-    return f"{x:.4g}" if isinstance(x, float) else str(x)
 
 
 # Warnings align silences by name: library deprecation chatter users cannot act on. Everything else (a GPU or

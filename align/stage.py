@@ -69,18 +69,31 @@ def print_skipped(problems: list[str], show: int = 20, what: str = "skipped") ->
         )
 
 
-def print_verdict(stage: str, artifact: Path, gate: GateResult, summary: str = "") -> None:
-    """One line: the stage is done, what it achieved, and its gate's verdict with the report's path."""
+def print_gate(
+    gate: GateResult, report: Path, lead: str = "", checks: bool = False, con: Console = console
+) -> None:
+    """The verdict with the report's path (after `lead`), each check if asked, and the reasons to fail."""
     colour = "green" if gate.passed else "red"
     label = "OVERRIDDEN" if gate.override is not None else gate.verdict.upper()
-    report = artifact / "gates" / gate.gate / "gate.md"
-    console.print(
-        f"{stage} complete: {printable(str(artifact))}{'; ' + summary if summary else ''}; "
-        f"{gate.gate} gate [bold {colour}]{label}[/] ({printable(str(report))})",
-        highlight=False,
-    )
+    con.print(f"{lead}{gate.gate} gate [bold {colour}]{label}[/] ({printable(str(report))})", highlight=False)
+    for c in gate.checks if checks else []:
+        con.print(
+            f"  {'ok ' if c.passed else 'FAIL'} {printable(c.metric)}: parent {_fmt(c.parent)} -> candidate "
+            f"{_fmt(c.candidate)} (allowed: {printable(c.limit)})",
+            highlight=False,
+        )
     for reason in gate.reasons:
-        console.print(f"  - {printable(reason)}", highlight=False)
+        con.print(f"  - {printable(reason)}", highlight=False)
+
+
+def print_verdict(stage: str, artifact: Path, gate: GateResult, summary: str = "") -> None:
+    """One line: the stage is done, what it achieved, and its gate's verdict with the report's path."""
+    lead = f"{stage} complete: {printable(str(artifact))}{'; ' + summary if summary else ''}; "
+    print_gate(gate, artifact / "gates" / gate.gate / "gate.md", lead)
+
+
+def _fmt(x: Any) -> str:
+    return f"{x:.4g}" if isinstance(x, float) else str(x)
 
 
 class StageContext:

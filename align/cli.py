@@ -6,7 +6,8 @@
     align model prepare [NAME]
 
 REF is a model alias, a checkpoint folder, a hub id, or an align artifact directory (its adapter is applied).
-Exit status: 0 success / gate passed, 1 gate failed or internal error, 2 bad config or input, 130 interrupted.
+Exit status: 0 success / gate passed, 1 gate failed or internal error, 2 bad config or input, 3 paused at
+train.stop_after_steps (continue with --resume), 130 interrupted.
 """
 
 from __future__ import annotations

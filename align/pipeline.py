@@ -24,6 +24,7 @@ from rich.console import Console
 
 from align.config import UserError, dump_config, printable, read_yaml, set_dotted, validate
 from align.manifest import atomic_write_json, atomic_write_text, now, read_gate, read_manifest, sha256_path
+from align.stage import PAUSED
 from data_schemas.config import GatesConfig, key_config
 from data_schemas.gates import GateResult
 from eval.registry import GATES
@@ -131,7 +132,7 @@ def run_pipeline(cfg, from_stage: str | None = None) -> int:
                 state["stages"][name]["status"] = "running"
                 atomic_write_json(state_path, state)
                 console.print(f"[yellow]{name} is paused; run the same command again to resume[/]")
-                return 1
+                return PAUSED
             state["stages"][name].update({"status": "complete", "seconds": time.perf_counter() - t0})
             atomic_write_json(state_path, state)
         # ---- gates -------------------------------------------------------------------------------------

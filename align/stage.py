@@ -37,6 +37,9 @@ from data_schemas.manifest import ModelIdentity
 console = Console(stderr=True)
 
 
+PAUSED = 3  # the exit status of a stage or pipeline that stopped cleanly before its end
+
+
 @dataclass
 class StageResult:
     """What every stage returns: its artifact, whether it finished, and the gates it ran on itself."""
@@ -53,9 +56,10 @@ class StageResult:
 
     @property
     def exit_code(self) -> int:
-        """0: complete with its gates passed, or paused cleanly (continue with --resume); 1: a gate failed."""
+        """0: complete with its gates passed; 1: a gate failed; 3: paused cleanly at train.stop_after_steps (not
+        finished: continue with --resume). A paused run is not a success a script should move on from."""
         if self.status == "paused":
-            return 0
+            return PAUSED
         return 0 if self.passed else 1
 
 

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from align.config import UserError, load_config
 from align.manifest import require_complete
 from data_schemas.config import ModelConfig, SFTConfig
@@ -57,6 +59,7 @@ def trainer_kwargs(
         "disable_tqdm": True,  # rich progress instead
         "remove_unused_columns": False,
         "dataloader_num_workers": 0,
+        "dataloader_pin_memory": torch.cuda.is_available(),  # pinned host memory only helps copies to a GPU
         "load_best_model_at_end": stopping,
         "metric_for_best_model": best[0] if stopping else None,
         "greater_is_better": best[1] if stopping else None,

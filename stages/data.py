@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import random
 import re
-import sys
 import time
 import zlib
 from collections import Counter
@@ -24,7 +23,7 @@ from align.chat import COMMON_MARKERS, control_tokens_in, neutralise, special_st
 from align.config import UserError
 from align.manifest import atomic_write_text, replace_dir
 from align.readers import LoadReport, iter_conversations
-from align.stage import StageContext, StageResult
+from align.stage import StageContext, StageResult, print_skipped
 from data_schemas.config import DataBuildConfig, ModelConfig
 
 # ==========================================================================================================
@@ -158,9 +157,7 @@ def run(cfg: DataBuildConfig, resume: bool = False, force: bool = False) -> Stag
 
     def drop(where: str, reason: str, message: str) -> None:
         report.drop(where, reason, message)
-        dropped_examples.setdefault(reason, [])
-        if len(dropped_examples[reason]) < 5:
-            dropped_examples[reason].append(f"{where}: {message}")
+        dropped_examples.setdefault(reason, []).append(f"{where}: {message}")  # all of them go into report.md
 
     tokenizer = None
     specials = list(COMMON_MARKERS)
@@ -264,8 +261,7 @@ def run(cfg: DataBuildConfig, resume: bool = False, force: bool = False) -> Stag
             f"no usable examples in {[str(p) for p in cfg.inputs]}: " + "; ".join(report.problems[:3])
         )
     if cfg.strict and report.dropped:
-        for p in report.problems[:50]:
-            print(p, file=sys.stderr)
+        print_skipped(report.problems, show=50, what="rejected")
         raise UserError(
             f"--strict: {sum(report.dropped.values())} row(s) dropped ({dict(report.dropped)}); nothing written"
         )
@@ -362,7 +358,7 @@ def _build_report(cfg, counts: dict, dropped_examples: dict[str, list[str]], plo
             "![lengths](lengths.png)",
         ]
     if dropped_examples:
-        lines += ["", "## Examples of dropped rows", ""]
+        lines += ["", "## Dropped rows", ""]
         for reason, items in sorted(dropped_examples.items()):
             lines.append(f"**{reason}**")
             lines += [f"- `{x}`" for x in items]

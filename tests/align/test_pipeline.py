@@ -181,7 +181,7 @@ def test_failed_gate_stops_the_run_until_a_reviewer_overrides_it(tmp_path, capsy
 def test_interrupted_stage_resumes_and_a_changed_parent_reruns_its_children(tmp_path, capsys):
     run = tmp_path / "run"
     paused = _pipeline(run, data=DATA, sft=_sft(**{"train.stop_after_steps": 1, "train.save_steps": 1}), preferences=PREFS, dpo=_dpo())  # fmt: skip
-    assert main(["run", "--config", str(_write(tmp_path / "a.yaml", paused))]) == 1
+    assert main(["run", "--config", str(_write(tmp_path / "a.yaml", paused))]) == 3  # paused
     assert json.loads((run / "sft" / "manifest.json").read_text())["status"] == "running"
     capsys.readouterr()
     whole = _pipeline(run, data=DATA, sft=_sft(**{"train.save_steps": 1}), preferences=PREFS, dpo=_dpo())

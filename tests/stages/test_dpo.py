@@ -169,7 +169,7 @@ def test_resume_equals_uninterrupted(trained, sft, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     common = ("train.max_steps=8", "eval.prompts=0")
     dpo(a, sft, d / "pairs.jsonl", *common)
-    assert dpo(b, sft, d / "pairs.jsonl", *common, "train.stop_after_steps=6") == 0
+    assert dpo(b, sft, d / "pairs.jsonl", *common, "train.stop_after_steps=6") == 3
     assert json.loads((b / "manifest.json").read_text())["status"] == "running"
     dpo(b, sft, d / "pairs.jsonl", *common, resume=True)
     wa = load_file(a / "adapter" / "adapter_model.safetensors")

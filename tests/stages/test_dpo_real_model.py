@@ -59,7 +59,9 @@ def test_dpo_real_model_hh_rlhf(tmp_path, real_sft):
     # At step 0 the policy is the reference: every implicit reward is 0, the held-out DPO loss is exactly ln 2 and
     # the accuracy (chosen strictly above rejected) is 0. On HH-RLHF a 135M model learns slowly (16 steps of 8 pairs
     # here); the held-out loss falling below ln 2 with a positive mean margin is the signal, accuracy is coarse.
-    assert m["metrics"]["heldout_loss"] < math.log(2)  # measured 0.6908 (accuracy 0.503) on 102 held-out pairs
+    assert m["metrics"]["heldout_loss"] < math.log(
+        2
+    )  # measured 0.6908 (accuracy 0.503) on 102 held-out pairs
     assert m["metrics"]["heldout_rewards_margins"] > 0
     assert m["metrics"]["heldout_rewards_accuracies"] >= 0.5
     assert m["gates"][0]["gate"] == "perplexity" and code in (0, 1)

@@ -268,7 +268,7 @@ def test_ppo_resume_equals_uninterrupted(tmp_path, peaky_sft):
     full, part = tmp_path / "full", tmp_path / "part"
     common = ("train.steps=3", "train.save_steps=1", "prompts.heldout_prompts=0")
     assert _ppo(full, peaky_sft, *common) == 0
-    assert _ppo(part, peaky_sft, *common, "train.stop_after_steps=2") == 0
+    assert _ppo(part, peaky_sft, *common, "train.stop_after_steps=2") == 3
     assert json.loads((part / "manifest.json").read_text())["status"] == "running"
     assert (
         main(["ppo", "--config", str(part / "config.yaml"), "train.stop_after_steps=null", "--resume"]) == 0

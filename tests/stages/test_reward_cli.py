@@ -162,7 +162,7 @@ def test_score_command(trained, tmp_path):
 def test_resume_equals_uninterrupted(tmp_path, prefs):
     a, b = tmp_path / "a", tmp_path / "b"
     assert reward(a, prefs, "train.max_steps=12", "gate.min_accuracy=0") in (0, 1)
-    assert reward(b, prefs, "train.max_steps=12", "train.stop_after_steps=10", "gate.min_accuracy=0") == 0
+    assert reward(b, prefs, "train.max_steps=12", "train.stop_after_steps=10", "gate.min_accuracy=0") == 3
     assert json.loads((b / "manifest.json").read_text())["status"] == "running"
     assert reward(b, prefs, "train.max_steps=12", "gate.min_accuracy=0", resume=True) in (0, 1)
     wa = load_file(a / "adapter" / "adapter_model.safetensors")

@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("inputs", nargs="*", type=Path, help="instruction files (or set inputs in --config)")
     b.add_argument("--out", type=Path, help="artifact directory (output_dir)")
     b.add_argument("--strict", action="store_true", help="exit 2 and write nothing if any row is dropped")
+    b.add_argument(
+        "--resume", action="store_true", help="finish an interrupted build in --out (it is rebuilt)"
+    )
     b.add_argument("--config", type=Path, help="YAML config (configs/data.yaml)")
     b.add_argument(
         "--set",
@@ -136,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("inputs", nargs="*", type=Path, help="ranking files (or set inputs in --config)")
     bp.add_argument("--out", type=Path, help="artifact directory (output_dir)")
     bp.add_argument("--strict", action="store_true")
+    bp.add_argument(
+        "--resume", action="store_true", help="finish an interrupted build in --out (it is rebuilt)"
+    )
     bp.add_argument("--config", type=Path, help="YAML config (configs/preferences.yaml)")
     bp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return ap

@@ -126,7 +126,7 @@ def _preferences(a) -> int:
         a.overrides,
         {"inputs": [str(p) for p in a.inputs], "output_dir": a.out, "strict": a.strict},
     )
-    res = counts_summary(run(cfg))
+    res = counts_summary(run(cfg, resume=a.resume))
     out.print(
         f"[green]preferences written[/]: {printable(str(cfg.output_dir))} {printable(json.dumps(res))}",
         highlight=False,
@@ -143,7 +143,7 @@ def _build(a) -> int:
         a.overrides,
         {"inputs": [str(p) for p in a.inputs], "output_dir": a.out, "strict": a.strict},
     )
-    path = run(cfg).artifact
+    path = run(cfg, resume=a.resume).artifact
     c = json.loads((path / "manifest.json").read_text())["counts"]
     _print_problems(c["problems"], 20)  # every one of them is in the manifest's counts and report.md
     out.print(

@@ -3,6 +3,7 @@ headless Chromium with the verdict banner visible (screenshot pixels, not just m
 
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -95,3 +96,22 @@ def test_reviewer_text_is_never_markup_even_in_the_title(tmp_path):
     )
     assert "<script>" not in page and "<img src=x" not in page
     assert "&lt;/title&gt;&lt;script&gt;" in page
+
+
+def test_run_report_links_are_relative_to_the_run_even_for_a_relative_run_dir(tmp_path, monkeypatch):
+    from eval.report import write_run_report
+
+    monkeypatch.chdir(tmp_path)
+    run = Path("runs/x")  # relative, as `align run` is usually given it
+    (run / "gates" / "sft-bias").mkdir(parents=True)
+    manifest = {
+        "status": "complete",
+        "key": "k" * 16,
+        "model": {"name": "<b>m</b>"},
+        "metrics": {"loss": 1.0},
+    }
+    gate = {"stage": "sft", "gate": "bias", "verdict": "fail", "passed": False, "override": None,
+            "reasons": ["<script>x</script>"], "report": str(run / "gates" / "sft-bias" / "gate.html")}  # fmt: skip
+    page = write_run_report(run, [("sft", manifest, [gate])]).read_text()
+    assert 'href="gates/sft-bias/gate.html"' in page and "Run: FAIL" in page
+    assert "<script>x" not in page and "<b>m</b>" not in page

@@ -110,3 +110,30 @@ def test_align_run_killed_during_a_pipeline_gate_reruns_only_the_gate(tmp_path):
     state = json.loads((run / "pipeline.json").read_text())
     assert [g["verdict"] for g in state["stages"]["sft"]["gates"]] == ["pass"]
     assert (run / "report.html").exists()
+
+
+DATA_ROWS = "".join(
+    json.dumps({"instruction": f"task {i}", "output": f"answer number {i}"}) + "\n" for i in range(40)
+)
+
+
+@pytest.mark.parametrize("stage", ["data", "preferences"])
+def test_data_stages_killed_while_swapping_their_product_resume_to_the_same_product(tmp_path, stage):
+    if stage == "data":
+        src = tmp_path / "in.jsonl"
+        src.write_text(DATA_ROWS)
+        args, product = ["data", "build", str(src), "--set", "tokenizer=null"], "dataset"
+    else:
+        src = EXAMPLES / "preference_rankings.jsonl"
+        args, product = (
+            ["data", "build-preferences", str(src)],
+            "pairs",
+        )  # kwise is swapped in first, then pairs
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    assert main([*args, "--out", str(ref)]) == 0
+    killed_at("pathlib:Path.rename", 1, "before", [*args, "--out", str(out)], needle=product)
+    assert manifest(out)["status"] == "running"
+    assert main([*args, "--out", str(out), "--resume"]) == 0
+    assert manifest(out)["status"] == "complete" and manifest(out)["key"] == manifest(ref)["key"]
+    for f in sorted((ref / product).rglob("*.arrow")):
+        assert f.read_bytes() == (out / product / f.relative_to(ref / product)).read_bytes()

@@ -177,7 +177,14 @@ def read_gate(gate_dir: Path) -> GateResult | None:
     if not path.exists():
         return None
     try:
-        return GateResult.model_validate_json(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            return None
+        # records written before GateResult was typed kept their extras at the top level: keep them in details
+        extras = {k: data.pop(k) for k in list(data) if k not in GateResult.model_fields}
+        if extras:
+            data["details"] = {**(data.get("details") or {}), **extras}
+        return GateResult.model_validate(data)
     except ValueError:
         return None
 

@@ -99,3 +99,15 @@ def test_two_writers_of_one_folder_are_refused(tmp_path):
             pass
         first.complete({})
     assert read_manifest(tmp_path / "l").status == "complete"
+
+
+def test_a_gate_record_from_before_the_typed_api_still_reads(tmp_path):
+    from align.manifest import read_gate
+
+    old = {"gate": "perplexity", "verdict": "pass", "reasons": [], "candidate_description": "x", "data_counts": {},
+           "checks": [{"metric": "m", "candidate": 1.0, "parent": 1.0, "passed": True}]}  # fmt: skip
+    (tmp_path / "gate.json").write_text(__import__("json").dumps(old))
+    r = read_gate(tmp_path)
+    assert r.verdict == "pass" and r.details["candidate_description"] == "x"
+    (tmp_path / "gate.json").write_text("{broken")
+    assert read_gate(tmp_path) is None

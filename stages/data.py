@@ -15,6 +15,7 @@ import re
 import time
 import zlib
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -146,47 +147,75 @@ def _split_indices(strata: list[str | None], fraction: float, seed: int) -> set[
     return val
 
 
+@dataclass
+class Build:
+    """What one data build has found so far: the kept examples (with their split strata and token lengths) and
+    every dropped row, edit and PII replacement, counted by reason."""
+
+    report: LoadReport = field(default_factory=LoadReport)
+    dropped_rows: dict[str, list[str]] = field(default_factory=dict)  # reason -> every "file:line: message"
+    edits: Counter = field(default_factory=Counter)
+    pii: Counter = field(default_factory=Counter)
+    kept: list[dict] = field(default_factory=list)
+    strata: list[str | None] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+
+    def drop(self, where: str, reason: str, message: str) -> None:
+        self.report.drop(where, reason, message)
+        self.dropped_rows.setdefault(reason, []).append(f"{where}: {message}")
+
+
 def run(cfg: DataBuildConfig, resume: bool = False, force: bool = False) -> StageResult:
     """Run `align data build`. Every bad row is named (file:line: field: reason) in the manifest's counts."""
     ctx = StageContext(cfg, resume, force)
     if ctx.finished:
         return ctx.existing_result()
     t0 = time.perf_counter()
-    report = LoadReport()
-    dropped_examples: dict[str, list[str]] = {}
-
-    def drop(where: str, reason: str, message: str) -> None:
-        report.drop(where, reason, message)
-        dropped_examples.setdefault(reason, []).append(f"{where}: {message}")  # all of them go into report.md
-
-    tokenizer = None
-    specials = list(COMMON_MARKERS)
+    tokenizer, specials = None, list(COMMON_MARKERS)
     if cfg.tokenizer:
-        from align.models import load_tokenizer
+        from align.models import load_tokenizer  # lazy: loads transformers
 
         tokenizer = load_tokenizer(ModelConfig(name_or_path=cfg.tokenizer))
         specials = sorted(set(specials) | set(special_strings(tokenizer)), key=len, reverse=True)
+    b = Build()
+    read_and_clean(cfg, b, specials)
+    if tokenizer is not None:
+        measure_lengths(cfg, b, tokenizer)
+    if not b.kept:
+        raise UserError(
+            f"no usable examples in {[str(p) for p in cfg.inputs]}: " + "; ".join(b.report.problems[:3])
+        )
+    if cfg.strict and b.report.dropped:
+        print_skipped(b.report.problems, show=50, what="rejected")
+        raise UserError(
+            f"--strict: {sum(b.report.dropped.values())} row(s) dropped ({dict(b.report.dropped)}); nothing written"
+        )
+    val_idx = _split_indices(b.strata, cfg.validation_fraction, cfg.seed)
+    if cfg.stratify_by is not None:
+        for ex, st in zip(b.kept, b.strata, strict=True):
+            ex[cfg.stratify_by] = st
+    train = [ex for i, ex in enumerate(b.kept) if i not in val_idx]
+    val = [ex for i, ex in enumerate(b.kept) if i in val_idx]
+    with ctx.open(inputs=[(p, "instructions") for p in cfg.inputs]):
+        return _write(ctx, cfg, b, train, val, t0)
 
-    pii_counts: Counter = Counter()
-    edits: Counter = Counter()
+
+def read_and_clean(cfg: DataBuildConfig, b: Build, specials: list[str]) -> None:
+    """Read every input; drop short answers, control-token rows (when rejecting) and duplicates; neutralise
+    control tokens and scrub PII (when asked). Each drop is named with the row's file and line."""
     exact_seen: dict[str, str] = {}
     near = (
         NearDuplicateIndex(cfg.dedup.num_perm, cfg.dedup.bands, cfg.dedup.threshold)
         if cfg.dedup.near
         else None
     )
-    kept: list[dict] = []
     wheres: list[str] = []
-    strata: list[str | None] = []
     for path in cfg.inputs:
-        path = Path(path)
-        if not path.exists():
-            raise UserError(f"{path}: input file not found")
-        for where, row, conv in iter_conversations(path, cfg.shape, cfg.system_prompt, report):
+        for where, row, conv in iter_conversations(Path(path), cfg.shape, cfg.system_prompt, b.report):
             msgs = [{"role": m.role, "content": m.content.strip()} for m in conv.messages]
             answer = " ".join(m["content"] for m in msgs if m["role"] == "assistant")
             if len(answer) < cfg.min_chars:
-                drop(
+                b.drop(
                     where,
                     "too_short",
                     f"assistant text has {len(answer)} characters (min_chars {cfg.min_chars})",
@@ -195,93 +224,70 @@ def run(cfg: DataBuildConfig, resume: bool = False, force: bool = False) -> Stag
             found = sorted({s for m in msgs for s in control_tokens_in(m["content"], specials)})
             if found:
                 if cfg.control_tokens == "reject":
-                    drop(
+                    b.drop(
                         where,
                         "control_tokens",
                         f"contains control token(s) {found}; rejected (control_tokens: reject)",
                     )
                     continue
-                edits["neutralised_control_tokens"] += 1
+                b.edits["neutralised_control_tokens"] += 1
                 msgs = [{**m, "content": neutralise(m["content"], specials)} for m in msgs]
             if cfg.pii:
-                before = sum(pii_counts.values())
-                msgs = [{**m, "content": scrub_pii(m["content"], pii_counts)} for m in msgs]
-                edits["rows_with_pii_scrubbed"] += int(sum(pii_counts.values()) > before)
+                before = sum(b.pii.values())
+                msgs = [{**m, "content": scrub_pii(m["content"], b.pii)} for m in msgs]
+                b.edits["rows_with_pii_scrubbed"] += int(sum(b.pii.values()) > before)
             text = _conv_text(msgs)
             if cfg.dedup.exact:
                 key = hashlib.sha1(_normalise(text).encode()).hexdigest()
                 if key in exact_seen:
-                    drop(where, "exact_duplicate", f"same text as {exact_seen[key]}")
+                    b.drop(where, "exact_duplicate", f"same text as {exact_seen[key]}")
                     continue
                 exact_seen[key] = where
             if near is not None:
-                dup = near.add_if_new(len(kept), _shingles(text))
+                dup = near.add_if_new(len(b.kept), _shingles(text))
                 if dup is not None:
-                    drop(
+                    b.drop(
                         where,
                         "near_duplicate",
                         f"near duplicate (Jaccard >= {cfg.dedup.threshold}) of {wheres[near.original(dup)]}",
                     )
                     continue
-            kept.append({"messages": msgs, "source": where})
+            b.kept.append({"messages": msgs, "source": where})
             wheres.append(where)
-            strata.append(None if cfg.stratify_by is None else str(row.get(cfg.stratify_by)))
-
-    # token lengths with the model's own chat template (the length the trainer will see)
-    lengths: list[int] = []
-    if tokenizer is not None:
-        final, final_strata = [], []
-        # Render every template to text, then tokenize in batches: the fast tokenizer runs a batch in
-        # parallel and the per-call overhead (about 0.3 ms) is paid once per batch, not per row.
-        texts = [tokenizer.apply_chat_template(ex["messages"], tokenize=False) for ex in kept]
-        counts_tok: list[int] = []
-        for b in range(0, len(texts), 2048):
-            enc = tokenizer(texts[b : b + 2048], add_special_tokens=False)["input_ids"]
-            counts_tok.extend(len(x) for x in enc)
-        for ex, st, n in zip(kept, strata, counts_tok, strict=True):
-            if cfg.max_tokens is not None and n > cfg.max_tokens:
-                drop(
-                    ex["source"],
-                    "too_long",
-                    f"{n} tokens after the chat template (max_tokens {cfg.max_tokens})",
-                )
-                continue
-            ex["num_tokens"] = n
-            lengths.append(n)
-            final.append(ex)
-            final_strata.append(st)
-        kept, strata = final, final_strata
-    invalid = sum(
-        v
-        for k, v in report.dropped.items()
-        if k not in ("exact_duplicate", "near_duplicate", "too_long", "too_short")
-    )
-    if not kept:
-        raise UserError(
-            f"no usable examples in {[str(p) for p in cfg.inputs]}: " + "; ".join(report.problems[:3])
-        )
-    if cfg.strict and report.dropped:
-        print_skipped(report.problems, show=50, what="rejected")
-        raise UserError(
-            f"--strict: {sum(report.dropped.values())} row(s) dropped ({dict(report.dropped)}); nothing written"
-        )
-
-    val_idx = _split_indices(strata, cfg.validation_fraction, cfg.seed)
-    train = [ex for i, ex in enumerate(kept) if i not in val_idx]
-    val = [ex for i, ex in enumerate(kept) if i in val_idx]
-    if cfg.stratify_by is not None:
-        for ex, st in zip(kept, strata, strict=True):
-            ex[cfg.stratify_by] = st
-
-    with ctx.open(inputs=[(p, "instructions") for p in cfg.inputs]):
-        return _write(
-            ctx, cfg, report, kept, train, val, lengths, invalid, edits, pii_counts, dropped_examples, t0
-        )
+            b.strata.append(None if cfg.stratify_by is None else str(row.get(cfg.stratify_by)))
 
 
-def _write(ctx, cfg, report, kept, train, val, lengths, invalid, edits, pii_counts, dropped_examples, t0):
+def measure_lengths(cfg: DataBuildConfig, b: Build, tokenizer) -> None:
+    """Token lengths with the model's own chat template (what the trainer will see); drop those over max_tokens.
+
+    Every template is rendered to text, then tokenized in batches: the fast tokenizer runs a batch in parallel and
+    the per-call overhead (about 0.3 ms) is paid once per batch, not per row."""
+    texts = [tokenizer.apply_chat_template(ex["messages"], tokenize=False) for ex in b.kept]
+    counts: list[int] = []
+    for i in range(0, len(texts), 2048):
+        counts.extend(len(x) for x in tokenizer(texts[i : i + 2048], add_special_tokens=False)["input_ids"])
+    kept, strata = [], []
+    for ex, st, n in zip(b.kept, b.strata, counts, strict=True):
+        if cfg.max_tokens is not None and n > cfg.max_tokens:
+            b.drop(
+                ex["source"], "too_long", f"{n} tokens after the chat template (max_tokens {cfg.max_tokens})"
+            )
+            continue
+        ex["num_tokens"] = n
+        b.lengths.append(n)
+        kept.append(ex)
+        strata.append(st)
+    b.kept, b.strata = kept, strata
+
+
+def _write(ctx: StageContext, cfg: DataBuildConfig, b: Build, train: list[dict], val: list[dict], t0: float):
     """dataset/ (train and validation splits), lengths.png, report.md; then the manifest 'complete'."""
     out = ctx.out
+    invalid = sum(
+        v
+        for k, v in b.report.dropped.items()
+        if k not in ("exact_duplicate", "near_duplicate", "too_long", "too_short")
+    )
     from datasets import Dataset, DatasetDict
 
     parts = {"train": Dataset.from_list(train)}
@@ -290,21 +296,22 @@ def _write(ctx, cfg, report, kept, train, val, lengths, invalid, edits, pii_coun
     replace_dir(lambda p: DatasetDict(parts).save_to_disk(str(p)), out / "dataset")
 
     ctx.counts = {
-        **report.as_dict(),
-        "problems": report.problems,
-        "examples_kept": len(kept),
+        **b.report.as_dict(),
+        "problems": b.report.problems,
+        "examples_kept": len(b.kept),
         "train": len(train),
         "validation": len(val),
         "invalid_rows": invalid,
-        "edits": dict(edits),
-        "pii": dict(pii_counts),
+        "edits": dict(b.edits),
+        "pii": dict(b.pii),
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    if lengths:
-        ctx.counts["tokens"] = {"min": min(lengths), "max": max(lengths), "mean": sum(lengths) / len(lengths)}
-        _length_plot(lengths, out / "lengths.png", cfg.max_tokens)
-    atomic_write_text(out / "report.md", _build_report(cfg, ctx.counts, dropped_examples, bool(lengths)))
-    return ctx.complete({"examples": len(kept), "train": len(train), "validation": len(val)})
+    if b.lengths:
+        n = b.lengths
+        ctx.counts["tokens"] = {"min": min(n), "max": max(n), "mean": sum(n) / len(n)}
+        _length_plot(n, out / "lengths.png", cfg.max_tokens)
+    atomic_write_text(out / "report.md", _build_report(cfg, ctx.counts, b.dropped_rows, bool(b.lengths)))
+    return ctx.complete({"examples": len(b.kept), "train": len(train), "validation": len(val)})
 
 
 def _length_plot(lengths: list[int], path: Path, limit: int | None) -> None:

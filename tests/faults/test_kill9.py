@@ -110,6 +110,11 @@ def test_align_run_killed_during_a_pipeline_gate_reruns_only_the_gate(tmp_path):
     state = json.loads((run / "pipeline.json").read_text())
     assert [g["verdict"] for g in state["stages"]["sft"]["gates"]] == ["pass"]
     assert (run / "report.html").exists()
+    # a stage redone with --from is a new candidate: its gate is evaluated again, never reused
+    first = json.loads((run / "gates" / "sft-perplexity" / "gate.json").read_text())
+    assert main(["run", "--config", str(cfg), "--from", "sft"]) == 0
+    again = json.loads((run / "gates" / "sft-perplexity" / "gate.json").read_text())
+    assert again["key"] != first["key"] and again["started_at"] >= first["started_at"]
 
 
 DATA_ROWS = "".join(

@@ -180,3 +180,23 @@ def test_plackett_luce_and_bradley_terry_train(tmp_path, prefs):
         assert m["status"] == "complete"
         if loss == "bradley_terry":
             assert m["counts"]["train_examples"] == m["counts"]["train_pairs"]
+
+
+def test_a_reward_model_that_failed_its_gate_warns_where_it_is_used(trained, tmp_path, capsys):
+    import shutil
+
+    from stages.reward import RewardScorer
+
+    failed = tmp_path / "failed"
+    shutil.copytree(trained, failed)
+    m = json.loads((failed / "manifest.json").read_text())
+    m["gates"][0].update(
+        {"verdict": "fail", "reasons": ["held-out accuracy 0.400 is below the required 0.550"]}
+    )
+    (failed / "manifest.json").write_text(json.dumps(m))
+    capsys.readouterr()
+    RewardScorer(failed)
+    err = " ".join(capsys.readouterr().err.split())  # the console wraps long lines
+    assert "FAILED its reward gate" in err and "0.400" in err
+    RewardScorer(trained)  # a passed gate: no warning
+    assert "FAILED" not in capsys.readouterr().err

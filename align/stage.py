@@ -1,13 +1,15 @@
 """The stage contract: one shape for every stage (data, preferences, sft, reward, dpo, ppo).
 
-A stage is one module with `run(cfg, resume=False) -> StageResult`. Around its own work it uses one
+A stage is one module with `run(cfg, resume=False, force=False) -> StageResult`. Around its own work it uses one
 `StageContext`, opened in one place, which owns what every stage does the same way:
 
-    ctx = StageContext(cfg, resume)          # output folder checked, seed set, precision chosen
+    ctx = StageContext(cfg, resume, force)   # output folder checked, seed set, precision chosen
     if ctx.finished:                         # --resume on a complete artifact: nothing to do
         return ctx.existing_result()
     ... read data, fill ctx.counts ...
-    with ctx.open(inputs=..., parents=..., model=...):   # manifest 'running' + config.yaml; failure -> 'failed'
+    with ctx.open(inputs=..., parents=..., model=...):   # folder lock; manifest 'running' + config.yaml (a
+                                                          # changed key on --resume is refused unless force);
+                                                          # an exception marks it 'failed'
         ... train; if paused: return ctx.paused() ...
         ... write products; run the stage's built-in gate on the pending artifact ...
         return ctx.complete(metrics, gates=[gate])       # gates recorded, then 'complete', in one write

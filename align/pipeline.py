@@ -197,9 +197,9 @@ def _stage_gates(name: str, st, scfg, run: Path, stage_key_: str, policy: Path) 
             data = _gate_data(scfg, out) if GATES[gate].needs_data else None
             r = GATES[gate].run(str(out), str(parent), settings, gdir, data)
             r.key, r.seconds = gkey, time.perf_counter() - t0
-            from eval.gates import write_gate  # lazy: pulls in the report renderer
-
-            write_gate(r, gdir)
+            # the runner wrote gate.json and the reports; key and seconds only go into gate.json (the reports do
+            # not show them), so the reports are not rendered a second time
+            atomic_write_json(gdir / "gate.json", r.model_dump(mode="json"))
         recs.append(_summary(name, r, gdir))
     return recs
 

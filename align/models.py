@@ -199,19 +199,40 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
+@contextlib.contextmanager
+def whole_model_load():
+    """Load whole weights into this process even while a DeepSpeed ZeRO-3 Trainer exists in it.
+
+    transformers partitions every `from_pretrained` across processes (a collective) once a ZeRO-3 config is
+    registered; the main process loading a model alone for a gate or a merge would then wait forever for the others.
+    Training models are loaded before their Trainer (DeepSpeed partitions them when it wraps them)."""
+    try:
+        from transformers.integrations import deepspeed as hf_ds
+    except ImportError:  # pragma: no cover - transformers without the integration module
+        yield
+        return
+    ref = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = ref
+
+
 def load_causal_lm(cfg: ModelConfig, precision: str):
     """Load the model for training/eval in the chosen precision (weights in that dtype, no autocast)."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(cfg.name_or_path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        with whole_model_load():
+            model = AutoModelForCausalLM.from_pretrained(
             path,
-            revision=cfg.revision,
-            dtype=torch_dtype(precision),
-            attn_implementation=cfg.attn_implementation,
-            trust_remote_code=cfg.trust_remote_code,
-        )
+                revision=cfg.revision,
+                dtype=torch_dtype(precision),
+                attn_implementation=cfg.attn_implementation,
+                trust_remote_code=cfg.trust_remote_code,
+            )
     except OSError as e:
         raise UserError(f"model {cfg.name_or_path}: could not be loaded: {str(e).splitlines()[0]}") from None
     return model

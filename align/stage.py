@@ -17,6 +17,11 @@ A stage is one module with `run(cfg, resume=False, force=False) -> StageResult`.
 So an artifact is never marked complete before its gate (a kill during the gate leaves it 'running', and --resume
 runs the gate again), the manifest's key always leaves out the same operational fields, and the CLI and the
 pipeline treat every stage alike through StageResult.
+
+Under a multi-process launch (torchrun, accelerate, `--num-processes`; align/dist.py) every process runs the
+stage, and the context makes the artifact one: only the main process checks the folder, takes the lock, writes
+the manifest and config (`ctx.is_main` guards a stage's own writes and gates); the others print nothing, wait for
+it at the start and at `complete()`, and return the same StageResult (its gates broadcast from the main process).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from typing import Any, Literal
 
 from rich.console import Console
 
+from align import dist
 from align.config import UserError, dump_config, printable
 from align.manifest import ArtifactWriter, atomic_write_text, read_gate, read_manifest
 from data_schemas.config import key_config
@@ -113,7 +119,10 @@ class StageContext:
         self.force = force
         self.counts: dict[str, Any] = {}
         self.writer: ArtifactWriter | None = None
-        self.finished = self._prepare_output_dir()
+        dist.init()
+        self.is_main = dist.is_main()
+        console.quiet = not self.is_main  # one voice: the main process speaks for the run
+        self.finished = self._prepare_output_dir_once()
         self.seed: int | None = _seed_of(cfg)
         self.precision: str | None = None
         if not self.finished:
@@ -127,6 +136,19 @@ class StageContext:
                 set_seed(self.seed)
 
     # ---- before ---------------------------------------------------------------------------------------
+    def _prepare_output_dir_once(self) -> bool:
+        """The main process checks and creates the folder; the others learn its answer (or its refusal)."""
+        answer: tuple[bool, str | None] = (False, None)
+        if self.is_main:
+            try:
+                answer = (self._prepare_output_dir(), None)
+            except UserError as e:
+                answer = (False, str(e))
+        finished, error = dist.broadcast(answer)
+        if error is not None:
+            raise UserError(error)
+        return finished
+
     def _prepare_output_dir(self) -> bool:
         """Create the artifact folder; True when --resume finds it already complete (nothing to do). A non-empty
         folder without --resume is refused: a finished artifact is never overwritten by accident."""
@@ -158,7 +180,10 @@ class StageContext:
     ) -> Iterator[StageContext]:
         """Manifest 'running' (key = config without operational fields + input hashes + parent keys) and
         config.yaml; inside, an exception marks the manifest 'failed' with the error (Ctrl-C leaves it 'running'
-        so that --resume continues)."""
+        so that --resume continues). Only the main process writes; the others run the block without a writer."""
+        if not self.is_main:
+            yield self
+            return
         lock = _lock(self.out)
         try:
             yield from self._open(inputs, parents, model)
@@ -184,12 +209,18 @@ class StageContext:
     # ---- after ----------------------------------------------------------------------------------------
     def paused(self) -> StageResult:
         """Stopped at train.stop_after_steps: the artifact stays 'running' and --resume continues it."""
+        dist.barrier()  # the main process has written its checkpoint
         return StageResult(self.stage, self.out, "paused")
 
-    def complete(self, metrics: dict[str, Any], gates: list[GateResult] = ()) -> StageResult:
-        """Record the built-in gates and mark the artifact complete, in one manifest write (the last one)."""
+    def complete(self, metrics: dict[str, Any], gates: list[GateResult] | None = ()) -> StageResult:
+        """Record the built-in gates and mark the artifact complete, in one manifest write (the last one). On the
+        other processes `gates` is ignored: they return the main process's gates once it has written."""
+        if not self.is_main:
+            gates = dist.broadcast(None)
+            dist.barrier()
+            return StageResult(self.stage, self.out, "complete", gates)
         assert self.writer is not None, "complete() outside ctx.open()"
-        gates = list(gates)
+        gates = list(gates or ())
         self.writer.manifest.gates = [
             {
                 "gate": g.gate,
@@ -200,6 +231,8 @@ class StageContext:
             for g in gates
         ]
         self.writer.complete(metrics, self.counts)
+        dist.broadcast(gates)
+        dist.barrier()
         return StageResult(self.stage, self.out, "complete", gates)
 
 

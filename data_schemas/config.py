@@ -152,6 +152,12 @@ class TrainerSettings(RunSettings):
         ge=1,
         description="Stop when the held-out loss has not improved for this many evaluations (needs held-out data).",
     )
+    deepspeed: Path | None = Field(
+        None,
+        description="A DeepSpeed config (JSON) for the Trainer, as TrainingArguments.deepspeed: "
+        "configs/deepspeed/zero2.json or zero3.json. Takes effect under several processes (`--num-processes N`, "
+        "torchrun or accelerate launch); 'auto' values are filled from these settings.",
+    )
 
     @model_validator(mode="after")
     def _stop_within_max_steps(self) -> TrainerSettings:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from align import dist
 from align.config import UserError, load_config
 from align.manifest import require_complete
 from data_schemas.config import ModelConfig, SFTConfig
@@ -60,6 +61,11 @@ def trainer_kwargs(
         "remove_unused_columns": False,
         "dataloader_num_workers": 0,
         "dataloader_pin_memory": torch.cuda.is_available(),  # pinned host memory only helps copies to a GPU
+        # Without CUDA, accelerate builds a multi-process (gloo) state only when told it is on the CPU; left False,
+        # a 2-process launch would train as two unsynchronised single processes.
+        "use_cpu": not torch.cuda.is_available(),
+        "deepspeed": str(t.deepspeed) if t.deepspeed is not None else None,
+        "ddp_timeout": dist.TIMEOUT_S,  # the main process may gate while the others wait
         "load_best_model_at_end": stopping,
         "metric_for_best_model": best[0] if stopping else None,
         "greater_is_better": best[1] if stopping else None,
@@ -94,7 +100,7 @@ def callbacks(out: Path, t) -> list:
         from transformers import EarlyStoppingCallback
 
         cbs.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
-    if "tensorboard" in t.report_to:
+    if "tensorboard" in t.report_to and dist.is_main():
         from torch.utils.tensorboard import SummaryWriter
         from transformers.integrations import TensorBoardCallback
 
@@ -111,14 +117,15 @@ def train_with_resume(trainer, out: Path, resume: bool, stop_after: int | None):
     trainer.remove_callback(PrinterCallback)  # raw dict prints; rich progress and metrics.jsonl replace it
     ckpt_dir = out / "checkpoints"
     has_ckpt = ckpt_dir.exists() and any(ckpt_dir.glob("checkpoint-*"))
-    if not resume:
+    if not resume and dist.is_main():
         (out / "metrics.jsonl").unlink(missing_ok=True)
     result = trainer.train(resume_from_checkpoint=True if (resume and has_ckpt) else None)
-    print(flush=True)  # the rich progress panel leaves its last line open
+    if dist.is_main():
+        print(flush=True)  # the rich progress panel leaves its last line open
     trainer.remove_callback(RichProgressCallback)  # its live display is closed once training ends
     state = trainer.state
     paused = stop_after is not None and state.global_step < state.max_steps and not _early_stopped(trainer)
-    if paused:
+    if paused and dist.is_main():
         print(
             f"stopped after step {state.global_step} of {state.max_steps}; continue with --resume",
             file=sys.stderr,
@@ -178,3 +185,30 @@ def policy_perplexity_gate(out: Path, sft_dir: Path, gate_data: Path | None, set
 
     data = gate_data or sft_validation_data(sft_dir)
     return run_perplexity_gate(out, sft_dir, data, settings, out / "gates" / "perplexity", allow_pending=True)
+
+
+def zero3(trainer) -> bool:
+    """True when the Trainer runs DeepSpeed ZeRO-3 (parameters partitioned: gathering them is collective)."""
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    return bool(trainer.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3)
+
+
+def save_trained(trainer, target: Path, tokenizer=None, **save_kwargs) -> None:
+    """Write the trained model (the adapter of a PEFT model, all weights otherwise) to `target`, swapped in whole.
+
+    Every process calls it: under ZeRO-3 the partitioned weights are gathered collectively; then only the main
+    process writes, and the others wait until the folder is in place."""
+    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) if zero3(trainer) else None
+    if dist.is_main():
+        from align.manifest import replace_dir
+
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        kwargs = {**save_kwargs, **({"state_dict": state_dict} if state_dict is not None else {})}
+
+        def save(p: Path) -> None:
+            model.save_pretrained(p, **kwargs)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(p)
+
+        replace_dir(save, target)
+    dist.barrier()

@@ -21,13 +21,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from align import dist
 from align.chat import chat_messages, neutralise, special_strings
 from align.config import UserError, load_config, printable
 from align.manifest import (
     atomic_write_json,
     atomic_write_text,
     refuse_overwriting_input,
-    replace_dir,
     require_complete,
 )
 from align.models import (
@@ -45,7 +45,7 @@ from data_schemas.config import ModelConfig, RewardConfig
 from data_schemas.gates import GateResult
 from eval.gates import run_gate
 from eval.reward_gate import decide_reward_gate, implied_pairs_of, pairwise_metrics
-from stages.common import callbacks, train_with_resume, trainer_kwargs
+from stages.common import callbacks, save_trained, train_with_resume, trainer_kwargs
 
 
 # ==========================================================================================================
@@ -195,13 +195,22 @@ class GroupCollator:
 
 
 def sequence_rewards(model, batch: dict[str, Any]) -> torch.Tensor:
-    """Scalar reward of each packed sequence, read from its last token: [N]."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = base.model(
+    """Scalar reward of each packed sequence, read from its last token: [N].
+
+    The model is called through its own forward (and so through any DDP / DeepSpeed wrapper, which is what
+    synchronises gradients across processes); its pooled logits assume one sequence per row, so the head is applied
+    here to the final hidden state at each packed sequence's last token instead."""
+    out = model(
         input_ids=batch["input_ids"],
         position_ids=batch["position_ids"],
         attention_mask=batch["attention_mask"],
-    ).last_hidden_state  # [R, L, H]
+        output_hidden_states=True,
+    )
+    hidden = out.hidden_states[-1]  # [R, L, H], after the final norm
+    inner = model
+    while hasattr(inner, "module"):  # DistributedDataParallel, DeepSpeedEngine
+        inner = inner.module
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     return base.score(hidden[batch["rows"], batch["ends"]]).squeeze(-1).float()  # [N]
 
 
@@ -220,16 +229,17 @@ def build_reward_model(cfg: RewardConfig, tokenizer, precision: str):
     """Sequence-classification model (scalar head) whose trunk is the base model, with the SFT adapter merged."""
     from transformers import AutoModelForSequenceClassification
 
-    from align.models import resolve_model_path
+    from align.models import resolve_model_path, whole_model_load
 
     base_cfg, sft_dir = base_model_config(cfg)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        resolve_model_path(base_cfg.name_or_path),
-        num_labels=1,
-        dtype=torch_dtype(precision),
-        attn_implementation=base_cfg.attn_implementation,
-        trust_remote_code=base_cfg.trust_remote_code,
-    )
+    with whole_model_load():
+        model = AutoModelForSequenceClassification.from_pretrained(
+            resolve_model_path(base_cfg.name_or_path),
+            num_labels=1,
+            dtype=torch_dtype(precision),
+            attn_implementation=base_cfg.attn_implementation,
+            trust_remote_code=base_cfg.trust_remote_code,
+        )
     model.config.pad_token_id = tokenizer.pad_token_id
     if sft_dir is not None and (sft_dir / "adapter").exists():
         from peft import PeftModel
@@ -415,6 +425,8 @@ def run(cfg: RewardConfig, resume: bool = False, force: bool = False) -> StageRe
         if paused:
             return ctx.paused()
         metrics = save(ctx, trainer, result, tokenizer, eval_groups)
+        if not ctx.is_main:
+            return ctx.complete(metrics)  # the main process gates and writes; this one returns its result
         gate = run_gate("reward", ctx.out, None, cfg.gate, ctx.out / "gates" / "reward", _gate(metrics, cfg))
         print_verdict(
             "reward",
@@ -490,11 +502,13 @@ def save(ctx: StageContext, trainer, result, tokenizer, eval_groups: list[dict])
     metrics.update(
         {"train_loss": result.training_loss, "global_step": state.global_step, "precision": ctx.precision}
     )
+    save_trained(trainer, out / "adapter", tokenizer)  # every process (ZeRO-3 gathers)
+    if not ctx.is_main:
+        return metrics
     if eval_groups:
         _plots(eval_groups, eval_rewards, out)
         # every held-out reward, in the validation split's order: reviewers and benchmarks can audit any pair
         atomic_write_json(out / "heldout_rewards.json", eval_rewards)
-    replace_dir(lambda p: (trainer.model.save_pretrained(p), tokenizer.save_pretrained(p)), out / "adapter")
     atomic_write_json(out / "metrics.json", {**metrics, "log_history": state.log_history})
     return metrics
 
@@ -539,8 +553,7 @@ class RewardScorer:
         precision = choose_precision(cfg.precision)
         model = build_reward_model(cfg, self.tokenizer, precision)
         self.model = PeftModel.from_pretrained(model, self.dir / "adapter").eval()
-        if device:
-            self.model.to(device)
+        self.model.to(device or dist.device())  # this process's accelerator when there is one
 
     def score(self, prompts: list, responses: list[str], max_batch_tokens: int = 4096) -> list[float]:
         groups = []

@@ -32,7 +32,7 @@ from align.packing import pack
 from align.readers import has_split, load_instructions
 from align.stage import StageContext, StageResult, console, print_skipped
 from data_schemas.config import SFTConfig
-from stages.common import callbacks, final_eval, train_with_resume, trainer_kwargs
+from stages.common import callbacks, final_eval, save_trained, train_with_resume, trainer_kwargs
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -250,14 +250,16 @@ def save(cfg: SFTConfig, ctx: StageContext, trainer, result, tokenizer, has_val:
         ev = final_eval(trainer)
         metrics["eval_loss"] = ev["eval_loss"]
         metrics["eval_perplexity"] = math.exp(ev["eval_loss"]) if ev["eval_loss"] < 50 else float("inf")
-    trained, out = trainer.model, ctx.out
-    if cfg.lora.enabled:
-        replace_dir(lambda p: trained.save_pretrained(p), out / "adapter")
-        tokenizer.save_pretrained(out / "adapter")
-        if cfg.merge_adapter:
-            merged = trained.merge_and_unload()
-            replace_dir(lambda p: (merged.save_pretrained(p), tokenizer.save_pretrained(p)), out / "merged")
-    else:
-        replace_dir(lambda p: (trained.save_pretrained(p), tokenizer.save_pretrained(p)), out / "model")
+    out = ctx.out
+    save_trained(trainer, out / ("adapter" if cfg.lora.enabled else "model"), tokenizer)  # every process
+    if not ctx.is_main:
+        return metrics
+    if cfg.lora.enabled and cfg.merge_adapter:
+        # From the saved adapter, not the training model: under ZeRO-3 this process holds a shard of the weights.
+        from peft import PeftModel
+
+        base = load_causal_lm(cfg.model, ctx.precision)
+        merged = PeftModel.from_pretrained(base, out / "adapter").merge_and_unload()
+        replace_dir(lambda p: (merged.save_pretrained(p), tokenizer.save_pretrained(p)), out / "merged")
     atomic_write_json(out / "metrics.json", {**metrics, "log_history": state.log_history})
     return metrics

@@ -1,0 +1,127 @@
+"""Several processes, one artifact: what a stage needs to know about the launch it runs in.
+
+align does not launch processes itself beyond `--num-processes` (which hands the command to torchrun's own
+launcher, align/launch.py): it runs under the launchers users already trust (torchrun, `accelerate launch`,
+DeepSpeed's), which set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR. Everything here reads that environment:
+
+- one process group for the whole run, created by accelerate's `PartialState` (the object the transformers
+  Trainer uses too, so Trainer stages and PPO share it): gloo on CPUs, NCCL on GPUs;
+- `is_main()`: the one process that writes manifests, configs, logs, gates and reports; the others compute;
+- `barrier()` / `broadcast()`: the main process prepares or decides, the others wait for it and learn the result;
+- `device()`: this process's accelerator (cuda:LOCAL_RANK), or the CPU.
+
+A single process (no launcher) never creates a process group: every helper degrades to a no-op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+# Long enough for the main process to run a stage's gates (minutes on a CPU, longer on 70B) while the others
+# wait at the closing barrier; override with ALIGN_DIST_TIMEOUT_S.
+TIMEOUT_S = int(os.environ.get("ALIGN_DIST_TIMEOUT_S", str(4 * 3600)))
+
+
+def launched() -> bool:
+    """True under a multi-process launcher (WORLD_SIZE > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def state():
+    """accelerate's PartialState for this launch, created once (it initialises the process group: gloo with
+    `cpu=True` on machines without CUDA, which is also what the Trainer asks for through `use_cpu`)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=TIMEOUT_S))
+
+
+def init() -> None:
+    """Create the process group now when launched (a no-op otherwise). Stages call it first, so that every
+    collective below has a group, and the Trainer later reuses it."""
+    if launched():
+        state()
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if _active() else 1
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if _active() else 0
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0")) if launched() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def _active() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def barrier() -> None:
+    if _active() and world_size() > 1:
+        torch.distributed.barrier()
+
+
+def broadcast(obj: Any) -> Any:
+    """The main process's `obj`, on every process (picklable objects of align's own making only: never data read
+    from a file without validation)."""
+    if not (_active() and world_size() > 1):
+        return obj
+    box = [obj if is_main() else None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather(obj: Any) -> list[Any]:
+    """Every process's `obj`, in rank order (a one-element list in a single process)."""
+    if not (_active() and world_size() > 1):
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of `x` over processes (a copy; `x` itself is unchanged)."""
+    y = x.detach().clone()
+    if _active() and world_size() > 1:
+        torch.distributed.all_reduce(y, op=torch.distributed.ReduceOp.SUM)
+    return y
+
+
+def device() -> torch.device:
+    """This process's device: cuda:LOCAL_RANK when CUDA is there, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank() % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def main_first() -> Iterator[None]:
+    """The main process runs the block first (creates folders, converts a model into the cache), the others after
+    it: they then find its work done."""
+    if not is_main():
+        barrier()
+    try:
+        yield
+    finally:
+        if is_main():
+            barrier()
+
+
+def shard(n: int) -> range:
+    """This process's contiguous block of `n` items (n must divide evenly; callers check and say so)."""
+    w, r = world_size(), rank()
+    size = n // w
+    return range(r * size, (r + 1) * size)

@@ -25,6 +25,7 @@ from rich.console import Console
 from align import __version__
 from align.config import UserError, load_config, printable
 from align.data_cli import run_data_command
+from align.launch import relaunch, strip_launch_flags
 from align.pipeline import run_pipeline, write_run_report
 from align.readers import load_instructions
 from align.stage import print_gate
@@ -39,6 +40,20 @@ out = Console()
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.learning_rate=1e-4")
+
+
+def _add_launch_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("several processes (align/launch.py, docs/distributed.md)")
+    g.add_argument(
+        "--num-processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run in N processes on this machine (one per GPU), through torchrun's launcher",
+    )
+    g.add_argument("--nnodes", default="1", help="machines taking part (with --rdzv-endpoint), as torchrun")
+    g.add_argument("--node-rank", type=int, default=None, help="this machine's rank among --nnodes")
+    g.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT every machine can reach (rendezvous)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="with --resume: continue even though the config or inputs changed since the run started",
             )
+            if stage.name in ("sft", "reward", "dpo", "ppo"):
+                _add_launch_args(p)
     sc = sub.add_parser("score", help="score (prompt, response) rows with a reward artifact")
     sc.add_argument("--reward", required=True, type=Path, help="an `align reward` artifact directory")
     sc.add_argument("--input", required=True, type=Path, help="JSONL rows with 'prompt' and 'response'")
@@ -92,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(rp)
     rp.add_argument("--from", dest="from_stage", help="redo this stage and every later one")
+    _add_launch_args(rp)
     rep = sub.add_parser("report", help="render a run directory's report (report.html, report.md)")
     rep.add_argument("run_dir", type=Path)
     go = sub.add_parser("gate", help="gate records").add_subparsers(dest="gate_command", metavar="WHAT")
@@ -214,8 +232,19 @@ def _quiet_libraries() -> None:
         pass
 
 
+def _wants_launch(a) -> bool:
+    """Several processes asked for, and this is not already one of them."""
+    from align.dist import launched
+
+    n = getattr(a, "num_processes", 1)
+    if n < 1:
+        raise UserError("--num-processes must be at least 1")
+    return (n > 1 or str(getattr(a, "nnodes", "1")) not in ("1", "1:1")) and not launched()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     a = ap.parse_args(argv)
     if a.command is None:
         ap.print_help()
@@ -223,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     if not os.environ.get("ALIGN_DEBUG"):
         _quiet_libraries()
     try:
+        if _wants_launch(a):
+            return relaunch(strip_launch_flags(argv), a.num_processes, a.nnodes, a.node_rank, a.rdzv_endpoint)
         if a.command in STAGES and STAGES[a.command].command:
             return _cmd_stage(a)
         if a.command == "eval":

@@ -227,7 +227,7 @@ def load_causal_lm(cfg: ModelConfig, precision: str):
     try:
         with whole_model_load():
             model = AutoModelForCausalLM.from_pretrained(
-            path,
+                path,
                 revision=cfg.revision,
                 dtype=torch_dtype(precision),
                 attn_implementation=cfg.attn_implementation,

@@ -22,6 +22,7 @@ from typing import Any
 
 from rich.console import Console
 
+from align import dist
 from align.config import UserError, dump_config, printable, read_yaml, set_dotted, validate
 from align.manifest import atomic_write_json, atomic_write_text, now, read_gate, read_manifest, sha256_path
 from align.stage import PAUSED
@@ -93,17 +94,28 @@ def _gate_settings(policy_path: Path, gate: str, overrides: dict[str, Any], run:
 
 
 def run_pipeline(cfg, from_stage: str | None = None) -> int:
+    """Run the pipeline; the exit status (0 complete, 1 a gate failed, 3 paused).
+
+    Under several processes (`align run --num-processes N`) every process walks the same loop: the main process
+    keeps the books (pipeline.json, superseded folders, gates, the report) and decides, the others learn each
+    decision by broadcast; training stages run in every process, the data stages and the gates in the main one."""
+    dist.init()
+    main = dist.is_main()
+    console.quiet = not main
     run = Path(cfg.run_dir)
-    run.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run / "pipeline.yaml", dump_config(cfg))
-    state_path = run / "pipeline.json"
-    state = json.loads(state_path.read_text()) if state_path.exists() else {"stages": {}}
-    state.update({"updated_at": now()})
     if from_stage is not None and from_stage not in ORDER:
         raise UserError(f"--from {from_stage}: not a stage; choose one of {', '.join(ORDER)}")
     present = [n for n in ORDER if getattr(cfg.stages, n) is not None]
     if not present:
         raise UserError("the pipeline has no stages")
+    state_path = run / "pipeline.json"
+    state: dict[str, Any] = {"stages": {}}
+    if main:
+        run.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run / "pipeline.yaml", dump_config(cfg))
+        state = json.loads(state_path.read_text()) if state_path.exists() else state
+        state.update({"updated_at": now()})
+    dist.barrier()
     forced = set(ORDER[ORDER.index(from_stage) :]) if from_stage else set()
     t_run = time.perf_counter()
     for name in present:
@@ -111,51 +123,74 @@ def run_pipeline(cfg, from_stage: str | None = None) -> int:
         scfg = stage_config(name, st, run)
         key = stage_key(scfg, run)
         out = run / name
-        rec = state["stages"].get(name, {})
-        manifest = read_manifest(out) if (out / "manifest.json").exists() else None
-        same = rec.get("key") == key
         t0 = time.perf_counter()
-        if manifest and manifest.status == "complete" and same and name not in forced:
-            console.print(f"[green]✓[/] {name}: up to date ({out})")
-        else:
-            resume = bool(manifest and manifest.status == "running" and same and name not in forced)
-            if out.exists() and not resume:
-                old = run / ".superseded" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-                old.parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(str(out), str(old))
-                console.print(f"[yellow]{name}: inputs or config changed; previous output kept in {old}[/]")
-            console.rule(f"{name}{' (resuming)' if resume else ''}")
-            state["stages"][name] = {"key": key, "status": "running", "started_at": now()}
-            atomic_write_json(state_path, state)
-            result = STAGES[name].run(scfg, resume=resume)
-            if result.status != "complete":  # paused by stop_after_steps: the next `align run` resumes it
-                state["stages"][name]["status"] = "running"
+        todo = dist.broadcast(_plan_stage(name, out, key, state, forced) if main else None)
+        if todo is not None:
+            resume = todo
+            if main:
+                state["stages"][name] = {"key": key, "status": "running", "started_at": now()}
                 atomic_write_json(state_path, state)
+            status = None
+            if STAGES[name].distributed or main:
+                status = STAGES[name].run(scfg, resume=resume).status
+            status = dist.broadcast(status)
+            if status != "complete":  # paused by stop_after_steps: the next `align run` resumes it
+                if main:
+                    state["stages"][name]["status"] = "running"
+                    atomic_write_json(state_path, state)
                 console.print(f"[yellow]{name} is paused; run the same command again to resume[/]")
                 return PAUSED
-            state["stages"][name].update({"status": "complete", "seconds": time.perf_counter() - t0})
+            if main:
+                state["stages"][name].update({"status": "complete", "seconds": time.perf_counter() - t0})
+                atomic_write_json(state_path, state)
+        # ---- gates: the main process runs them; every process learns whether the run goes on ---------------
+        failed = None
+        if main:
+            gates = _stage_gates(name, st, scfg, run, key, cfg.gate_policy)
+            state["stages"][name]["gates"] = gates
             atomic_write_json(state_path, state)
-        # ---- gates -------------------------------------------------------------------------------------
-        gates = _stage_gates(name, st, scfg, run, key, cfg.gate_policy)
-        state["stages"][name]["gates"] = gates
-        atomic_write_json(state_path, state)
-        failed = [g for g in gates if not g["passed"]]
-        if failed:
-            write_run_report(run)
-            for g in failed:
-                console.print(f"[bold red]gate failed[/]: {name} {g['gate']}: see {printable(g['report'])}")
-                for reason in g.get("reasons", []):
-                    console.print(f"  - {printable(reason)}", highlight=False)
+            failed = [g for g in gates if not g["passed"]]
+        if dist.broadcast(bool(failed)):
+            if main:
+                write_run_report(run)
+                for g in failed:
+                    console.print(
+                        f"[bold red]gate failed[/]: {name} {g['gate']}: see {printable(g['report'])}"
+                    )
+                    for reason in g.get("reasons", []):
+                        console.print(f"  - {printable(reason)}", highlight=False)
             console.print(
                 f"pipeline stopped after {name}. Fix the cause and re-run (finished stages are kept), or have a "
                 "reviewer record an override: align gate override GATE_DIR --reviewer NAME --reason TEXT"
             )
             return 1
-    state["seconds_this_invocation"] = time.perf_counter() - t_run
-    atomic_write_json(state_path, state)
-    report = write_run_report(run)
-    console.print(f"[bold green]pipeline complete[/]: {printable(str(run))}; report {printable(str(report))}")
+    if main:
+        state["seconds_this_invocation"] = time.perf_counter() - t_run
+        atomic_write_json(state_path, state)
+        report = write_run_report(run)
+        console.print(
+            f"[bold green]pipeline complete[/]: {printable(str(run))}; report {printable(str(report))}"
+        )
+    dist.barrier()
     return 0
+
+
+def _plan_stage(name: str, out: Path, key: str, state: dict, forced: set[str]) -> bool | None:
+    """None when the stage is up to date; else whether to resume it (a changed one is moved aside first)."""
+    rec = state["stages"].get(name, {})
+    manifest = read_manifest(out) if (out / "manifest.json").exists() else None
+    same = rec.get("key") == key
+    if manifest and manifest.status == "complete" and same and name not in forced:
+        console.print(f"[green]✓[/] {name}: up to date ({out})")
+        return None
+    resume = bool(manifest and manifest.status == "running" and same and name not in forced)
+    if out.exists() and not resume:
+        old = out.parent / ".superseded" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        old.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(out), str(old))
+        console.print(f"[yellow]{name}: inputs or config changed; previous output kept in {old}[/]")
+    console.rule(f"{name}{' (resuming)' if resume else ''}")
+    return resume
 
 
 def _stage_gates(name: str, st, scfg, run: Path, stage_key_: str, policy: Path) -> list[dict[str, Any]]:

@@ -635,6 +635,21 @@ class RolloutSettings(_Strict):
         le=1.0,
         description="Share of GPU memory vLLM may take (GPU only; the trainer needs the rest).",
     )
+    enforce_eager: bool = Field(
+        True,
+        description="vLLM without CUDA graphs. Graphs speed up decoding on GPUs (weights are updated in place, "
+        "so captured graphs stay valid) at the cost of capture time and memory; CPUs run eager.",
+    )
+    sleep_between_rollouts: bool = Field(
+        False,
+        description="vLLM sleep mode (GPU): free its KV cache while the policy trains, take it back before the "
+        "next rollout. Lets a bigger batch or model train beside the engine.",
+    )
+    tensor_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="GPUs one vLLM engine spans. 1: one engine per process, on that process's GPU.",
+    )
 
 
 class PPOTrainSettings(RunSettings):

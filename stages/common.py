@@ -16,7 +16,7 @@ import torch
 
 from align import dist
 from align.config import UserError, load_config
-from align.manifest import require_complete
+from align.manifest import replace_dir, require_complete
 from data_schemas.config import ModelConfig, SFTConfig
 
 
@@ -200,8 +200,6 @@ def save_trained(trainer, target: Path, tokenizer=None, **save_kwargs) -> None:
     process writes, and the others wait until the folder is in place."""
     state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) if zero3(trainer) else None
     if dist.is_main():
-        from align.manifest import replace_dir
-
         model = trainer.accelerator.unwrap_model(trainer.model)
         kwargs = {**save_kwargs, **({"state_dict": state_dict} if state_dict is not None else {})}
 

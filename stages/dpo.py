@@ -15,15 +15,15 @@ What align adds to a plain DPOTrainer script, and why:
 from __future__ import annotations
 
 import gc
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from align import dist
 from align.chat import neutralise, render_prompt, special_strings
 from align.config import UserError
-from align.manifest import atomic_write_json, replace_dir, require_complete
+from align.manifest import atomic_write_json, require_complete
 from align.models import load_causal_lm, load_tokenizer, lora_config, model_identity, write_policy_stack
 from align.readers import LoadReport, iter_rows
 from align.stage import StageContext, StageResult, console, print_skipped, print_verdict
@@ -32,9 +32,11 @@ from stages.common import (
     callbacks,
     final_eval,
     policy_perplexity_gate,
+    save_trained,
     sft_base,
     train_with_resume,
     trainer_kwargs,
+    zero3,
 )
 from stages.rankings import convert_pairwise, prompt_key, split_of
 
@@ -146,12 +148,13 @@ def sample_and_compare(
     prompts greedily and the win rate is the share of prompts where the policy's greedy answer scores higher."""
 
     model.eval()
+    dev = next(model.parameters()).device
     specials = special_strings(tokenizer)
     kls, policy_greedy, ref_greedy = [], [], []
     torch.manual_seed(seed)
     for p in prompts:
         msgs = [{"role": m["role"], "content": neutralise(m["content"], specials)} for m in p]
-        ids = torch.tensor([render_prompt(tokenizer, msgs)])
+        ids = torch.tensor([render_prompt(tokenizer, msgs)], device=dev)  # on the model's device
         gen = model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
@@ -434,8 +437,14 @@ def run(cfg: DPOConfig, resume: bool = False, force: bool = False) -> StageResul
         trainer, result, paused = train_policy(cfg, ctx, tokenizer, train, val)
         if paused:
             return ctx.paused()
-        metrics = evaluate_policy(cfg, trainer, result, tokenizer, val, val_rows, ctx.precision)
-        save(ctx, trainer, tokenizer, sft_dir, metrics)
+        metrics = heldout_metrics(trainer, result, val, ctx.precision)  # every process (a collective pass)
+        save_trained(
+            trainer, ctx.out / "adapter", tokenizer, selected_adapters=["default"]
+        )  # not TRL's "ref"
+        if not ctx.is_main:
+            return ctx.complete(metrics)  # the main process samples, gates and writes
+        metrics.update(sample_metrics(cfg, ctx, trainer, tokenizer, val_rows))
+        save(ctx, trainer, sft_dir, metrics)
         # The gate loads its own copies from the artifacts: free the training model and optimizer first.
         del trainer
         gc.collect()
@@ -512,10 +521,8 @@ HELDOUT_KEYS = (
 )
 
 
-def evaluate_policy(
-    cfg: DPOConfig, trainer, result, tokenizer, val, val_rows, precision: str
-) -> dict[str, Any]:
-    """Held-out preference metrics, then KL to the reference and win rate against SFT on sampled answers."""
+def heldout_metrics(trainer, result, val, precision: str) -> dict[str, Any]:
+    """Training summary and held-out preference metrics (every process takes part in the held-out pass)."""
     state = trainer.state
     metrics: dict[str, Any] = {
         "train_loss": result.training_loss,
@@ -527,34 +534,34 @@ def evaluate_policy(
         metrics.update(
             {k.replace("eval_", "heldout_").replace("/", "_"): ev[k] for k in HELDOUT_KEYS if k in ev}
         )
-    if cfg.eval.prompts and val_rows:
-        if cfg.policy_init == "continue_sft_adapter":
-            console.print(
-                "[yellow]KL/win-rate sampling needs policy_init=new_adapter (reference = adapter off); skipped[/]"
-            )
-        else:
-            prompts = [r["prompt"] for r in val_rows[: cfg.eval.prompts]]
-            metrics.update(
-                sample_and_compare(
-                    trainer.model,
-                    tokenizer,
-                    prompts,
-                    cfg.eval.max_new_tokens,
-                    cfg.train.seed,
-                    cfg.eval.reward_model,
-                )
-            )
     return metrics
 
 
-def save(ctx: StageContext, trainer, tokenizer, sft_dir: Path, metrics: dict[str, Any]) -> None:
-    """adapter/, stack.json (how to rebuild the policy: base, SFT adapter merged, then adapter/), metrics.json."""
-    replace_dir(partial(_save_policy, trainer.model, tokenizer), ctx.out / "adapter")
+def sample_metrics(cfg: DPOConfig, ctx: StageContext, trainer, tokenizer, val_rows) -> dict[str, Any]:
+    """KL to the reference and win rate against SFT on sampled answers (main process). Under ZeRO-3 this process
+    holds a shard of the weights, so the policy is read back from the adapter just saved."""
+    if not (cfg.eval.prompts and val_rows):
+        return {}
+    if cfg.policy_init == "continue_sft_adapter":
+        console.print(
+            "[yellow]KL/win-rate sampling needs policy_init=new_adapter (reference = adapter off); skipped[/]"
+        )
+        return {}
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if zero3(trainer):
+        from peft import PeftModel
+
+        merged, _ = build_policy(cfg, ctx.precision)
+        model = PeftModel.from_pretrained(merged, ctx.out / "adapter").to(dist.device())
+    prompts = [r["prompt"] for r in val_rows[: cfg.eval.prompts]]
+    return sample_and_compare(
+        model, tokenizer, prompts, cfg.eval.max_new_tokens, cfg.train.seed, cfg.eval.reward_model
+    )
+
+
+def save(ctx: StageContext, trainer, sft_dir: Path, metrics: dict[str, Any]) -> None:
+    """stack.json (how to rebuild the policy: base, SFT adapter merged, then adapter/), metrics.json; adapter/ is
+    written before, by every process (`save_trained`)."""
     merged = [sft_dir / "adapter"] if ctx.cfg.policy_init == "new_adapter" else []
     write_policy_stack(ctx.out, merged)
     atomic_write_json(ctx.out / "metrics.json", {**metrics, "log_history": trainer.state.log_history})
-
-
-def _save_policy(model, tokenizer, path: Path) -> None:
-    model.save_pretrained(path, selected_adapters=["default"])  # not TRL's frozen "ref" copy, if any
-    tokenizer.save_pretrained(path)

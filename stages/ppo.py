@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+from align import dist
 from align.chat import neutralise, render_prompt, special_strings
 from align.config import UserError, printable
 from align.manifest import atomic_write_json, atomic_write_text, replace_dir
@@ -258,10 +259,17 @@ def build_policy(cfg: PPOConfig, precision: str):
     torch.manual_seed(cfg.train.seed)
     policy = get_peft_model(model, lora_config(cfg.lora))
     hidden = model.config.hidden_size
-    value_head = torch.nn.Linear(hidden, 1).to(dtype=next(model.parameters()).dtype)
+    value_head = torch.nn.Linear(
+        hidden, 1
+    )  # fp32 whatever the policy's precision: values are regression targets
     torch.nn.init.zeros_(value_head.weight)  # start predicting 0: no spurious advantages at step 1
     torch.nn.init.zeros_(value_head.bias)
     return policy, value_head, resolve_model_path(base_cfg.name_or_path)
+
+
+# Response positions whose logits are materialised at once: a 150k vocabulary x 1k positions in fp32 is 600 MB;
+# chunks of 512 keep that to 300 MB whatever the batch.
+LOGIT_CHUNK = 512
 
 
 def forward_response(
@@ -270,19 +278,40 @@ def forward_response(
     """Log-probs [B, R], values [B, R] (or None) and entropies [B, R] of the response tokens.
 
     batch: input_ids/attention_mask [B, T] (right-padded prompt+response), pos [B, R] = index of the hidden state
-    that predicts each response token (the position before it), resp [B, R] the response ids, mask [B, R]."""
+    that predicts each response token (the position before it), resp [B, R] the response ids, mask [B, R].
+    The LM head runs only where a token is predicted, LOGIT_CHUNK positions at a time, in fp32:
+    log p(y) = z_y - logsumexp(z);  entropy = logsumexp(z) - sum_v softmax(z)_v z_v."""
     base = policy.get_base_model()
     hidden = base.model(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
     ).last_hidden_state
     idx = batch["pos"].unsqueeze(-1).expand(-1, -1, hidden.shape[-1])  # [B, R, H]
     h = hidden.gather(1, idx)  # [B, R, H]: only where a token is predicted
-    logits = base.lm_head(h).float()  # [B, R, V]
-    logp_all = torch.log_softmax(logits, -1)
-    logprobs = logp_all.gather(-1, batch["resp"].unsqueeze(-1)).squeeze(-1)  # [B, R]
-    entropy = -(logp_all.exp() * logp_all).sum(-1)  # [B, R]
-    values = value_head(h).squeeze(-1).float() if with_values else None  # [B, R]
-    return logprobs, values, entropy
+    B, R, H = h.shape
+    flat_h, flat_y = h.reshape(B * R, H), batch["resp"].reshape(B * R)
+    logprobs, entropy = [], []
+    for hc, yc in zip(flat_h.split(LOGIT_CHUNK), flat_y.split(LOGIT_CHUNK), strict=True):
+        z = base.lm_head(hc).float()  # [c, V]
+        lse = torch.logsumexp(z, -1)
+        logprobs.append(z.gather(-1, yc.unsqueeze(-1)).squeeze(-1) - lse)
+        entropy.append(lse - (torch.softmax(z, -1) * z).sum(-1))
+    values = value_head(h.float()).squeeze(-1) if with_values else None  # [B, R], fp32 head
+    return torch.cat(logprobs).view(B, R), values, torch.cat(entropy).view(B, R)
+
+
+class PolicyWithValue(torch.nn.Module):
+    """The LoRA policy and its value head as one module, so that one wrapper (accelerate's DDP) synchronises both
+    and one call gives log-probs, values and entropy. `reference=True` scores with the adapter disabled (= SFT)."""
+
+    def __init__(self, policy, value_head: torch.nn.Linear):
+        super().__init__()
+        self.policy, self.value_head = policy, value_head
+
+    def forward(self, batch: dict[str, torch.Tensor], with_values: bool = True, reference: bool = False):
+        if reference:
+            with self.policy.disable_adapter():
+                return forward_response(self.policy, self.value_head, batch, with_values=False)
+        return forward_response(self.policy, self.value_head, batch, with_values)
 
 
 def collate(prompt_ids: list[list[int]], responses: list[list[int]], pad: int) -> dict[str, torch.Tensor]:
@@ -334,6 +363,9 @@ def run(cfg: PPOConfig, resume: bool = False, force: bool = False) -> StageResul
         reward = Reward(cfg.reward)
         if not train_loop(cfg, ctx, learner, engine, reward, tokenizer, train_prompts):
             return ctx.paused()
+        if not ctx.is_main:  # the main process evaluates, writes and gates
+            engine.close()
+            return ctx.complete({})
         metrics = evaluate_and_save(cfg, ctx, learner, engine, reward, tokenizer, held_prompts, sft_dir)
         engine.close()
         del engine, learner  # the gate loads its own copies from the artifacts
@@ -351,7 +383,8 @@ def run(cfg: PPOConfig, resume: bool = False, force: bool = False) -> StageResul
 @dataclass
 class Learner:
     """What PPO optimises and the state a checkpoint holds: the LoRA policy, its value head, the optimizer, the
-    KL controller, and the iteration reached."""
+    KL controller, and the iteration reached. `model` is the PolicyWithValue the updates call: wrapped by
+    accelerate (DDP across processes) in the stage, the plain module when built by hand."""
 
     policy: Any  # PEFT model: SFT merged + a fresh LoRA
     value_head: torch.nn.Linear
@@ -360,6 +393,27 @@ class Learner:
     kl_ctl: KLController
     base_path: Path | str
     step: int = 0
+    model: Any = None  # PolicyWithValue, possibly wrapped (DistributedDataParallel)
+    accelerator: Any = None
+
+    def __post_init__(self) -> None:
+        if self.model is None:
+            self.model = PolicyWithValue(self.policy, self.value_head)
+
+    @property
+    def module(self) -> PolicyWithValue:
+        """The unwrapped PolicyWithValue (no-grad passes need no gradient synchronisation)."""
+        m = self.model
+        while hasattr(m, "module"):
+            m = m.module
+        return m
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.policy.parameters()).device
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.accelerator.backward if self.accelerator is not None else torch.Tensor.backward)(loss)
 
 
 @dataclass
@@ -391,14 +445,32 @@ class Experience:
 def setup(cfg: PPOConfig, ctx: StageContext) -> Learner:
     """Policy, value head, optimizer and KL controller; restored from the latest checkpoint on --resume (and the
     logs trimmed to it, so the lost iterations are not logged twice)."""
+    from accelerate import Accelerator
     from safetensors.torch import load_file
 
     t = cfg.train
+    world = dist.world_size()
+    if t.rollout_batch_size % world or t.mini_batch_size % world:
+        raise UserError(
+            f"train.rollout_batch_size ({t.rollout_batch_size}) and train.mini_batch_size ({t.mini_batch_size}) "
+            f"must be multiples of the number of processes ({world}): each process takes an equal share"
+        )
     policy, value_head, base_path = build_policy(cfg, ctx.precision)
     params = [p for p in policy.parameters() if p.requires_grad] + list(value_head.parameters())
     opt = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+    # One module (policy + value head) prepared by accelerate: moved to this process's device, and wrapped in DDP
+    # when there are several processes, so that gradients of both are averaged across them.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    model, opt = accelerator.prepare(PolicyWithValue(policy, value_head), opt)
     learner = Learner(
-        policy, value_head, opt, params, KLController(t.kl_coef, t.kl_target, t.kl_horizon), base_path
+        policy,
+        value_head,
+        opt,
+        params,
+        KLController(t.kl_coef, t.kl_target, t.kl_horizon),
+        base_path,
+        model=model,
+        accelerator=accelerator,
     )
     out, ckpts = ctx.out, ctx.out / "checkpoints"
     if ctx.resume and ckpts.exists() and (latest := _latest_checkpoint(ckpts)) is not None:
@@ -406,11 +478,13 @@ def setup(cfg: PPOConfig, ctx: StageContext) -> Learner:
 
         set_peft_model_state_dict(policy, load_file(latest / "adapter.safetensors"))
         value_head.load_state_dict(load_file(latest / "value_head.safetensors"))
-        opt.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))
+        opt.load_state_dict(
+            torch.load(latest / "optimizer.pt", weights_only=True, map_location=learner.device)
+        )
         state = json.loads((latest / "state.json").read_text())
         learner.step, learner.kl_ctl.value = state["step"], state["kl_coef"]
         for log in (out / "metrics.jsonl", out / "samples.jsonl"):
-            if log.exists():
+            if log.exists() and ctx.is_main:
                 keep = [
                     x
                     for x in log.read_text().splitlines()
@@ -418,7 +492,7 @@ def setup(cfg: PPOConfig, ctx: StageContext) -> Learner:
                 ]
                 atomic_write_text(log, "".join(k + "\n" for k in keep))
         console.print(f"resuming from {printable(str(latest))} (iteration {learner.step})")
-    elif not ctx.resume:
+    elif not ctx.resume and ctx.is_main:
         (out / "metrics.jsonl").unlink(missing_ok=True)
         (out / "samples.jsonl").unlink(missing_ok=True)
     return learner
@@ -433,7 +507,7 @@ def train_loop(
     t = cfg.train
     prompt_ids = [render_prompt(tokenizer, m) for m in prompts]
     tb = None
-    if "tensorboard" in t.report_to:
+    if "tensorboard" in t.report_to and ctx.is_main:
         from torch.utils.tensorboard import SummaryWriter
 
         tb = SummaryWriter(log_dir=str(ctx.out / "logs"))
@@ -453,13 +527,13 @@ def train_loop(
                 sync_weights(learner, engine, exp)
                 learner.kl_ctl.update(float(exp.kl.sum(1).mean()), len(exp.texts))
                 learner.step += 1
-                row = log_iteration(cfg, ctx.out, learner, exp, stats, tb)
-                progress.update(
-                    task, completed=learner.step, info=f"reward {row['reward_mean']:.3f} kl {row['kl']:.3f}"
-                )
                 step = learner.step
-                if step % t.save_steps == 0 or step == t.steps or step == t.stop_after_steps:
-                    save_checkpoint(ctx.out / "checkpoints", learner)
+                if ctx.is_main:  # one writer for logs and checkpoints (every process holds the same state)
+                    row = log_iteration(cfg, ctx.out, learner, exp, stats, tb)
+                    info = f"reward {row['reward_mean']:.3f} kl {row['kl']:.3f}"
+                    progress.update(task, completed=step, info=info)
+                    if step % t.save_steps == 0 or step == t.steps or step == t.stop_after_steps:
+                        save_checkpoint(ctx.out / "checkpoints", learner)
                 if t.stop_after_steps is not None and step >= t.stop_after_steps and step < t.steps:
                     console.print(f"stopped after iteration {step} of {t.steps}; continue with --resume")
                     return False
@@ -471,40 +545,57 @@ def train_loop(
 
 def collect_experience(cfg, learner: Learner, engine, reward, tokenizer, prompts, prompt_ids) -> Experience:
     """Sample this iteration's prompts' responses, score them, and compute under the current policy what they
-    were worth: log-probs, values, reference log-probs, per-token rewards, GAE advantages and returns."""
-    t, policy, value_head = cfg.train, learner.policy, learner.value_head
+    were worth: log-probs, values, reference log-probs, per-token rewards, GAE advantages and returns.
+
+    Several processes: each samples, scores and evaluates its contiguous share of the batch (sampling seeds come
+    from each prompt's global position, so the responses do not depend on the number of processes), then every
+    process gathers the whole batch: advantages are whitened and KL measured over all of it, and the update
+    (ppo_update) splits each minibatch across processes."""
+    t = cfg.train
     timings = {}
     ts = time.perf_counter()
     idx = _prompt_indices(len(prompt_ids), t.rollout_batch_size, learner.step, t.seed)
-    chosen = [prompts[i] for i in idx]
-    p_ids = [prompt_ids[i] for i in idx]
+    mine = dist.shard(len(idx))
+    chosen = [prompts[idx[i]] for i in mine]
+    p_ids = [prompt_ids[idx[i]] for i in mine]
     r = cfg.rollout
-    responses = engine.generate(p_ids, r.max_new_tokens, r.temperature, r.top_p, t.seed * 1000 + learner.step)
+    responses = engine.generate(
+        p_ids, r.max_new_tokens, r.temperature, r.top_p, t.seed * 1000 + learner.step, offset=mine.start
+    )
+    engine.rest()  # sleep mode: the KV cache is free while the policy trains
     timings["time_generate"] = time.perf_counter() - ts
     finished = [bool(x) and x[-1] == tokenizer.eos_token_id for x in responses]
     texts = [tokenizer.decode(x, skip_special_tokens=True) for x in responses]
     ts = time.perf_counter()
-    scores = reward(chosen, texts, finished)  # [B]
+    scores = reward(chosen, texts, finished)  # [b] this process's share
     timings["time_score"] = time.perf_counter() - ts
 
     ts = time.perf_counter()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    batch = collate(p_ids, responses, pad)
-    mask = batch["mask"]
-    policy.eval()
+    local = _to(collate(p_ids, responses, pad), learner.device)
+    learner.module.eval()
     with torch.no_grad():
-        old_logprobs, old_values, _ = forward_response(policy, value_head, batch)
-        with policy.disable_adapter():
-            ref_logprobs, _, _ = forward_response(policy, value_head, batch, with_values=False)
+        old_logprobs, old_values, _ = learner.module(local)
+        ref_logprobs, _, _ = learner.module(local, reference=True)
+    rows = [
+        (p_ids[i], responses[i], texts[i], finished[i], chosen[i], float(scores[i]),
+         *(x[i, : len(responses[i])].cpu() for x in (old_logprobs, old_values, ref_logprobs)))
+        for i in range(len(responses))
+    ]  # fmt: skip
+    rows = [row for part in dist.all_gather(rows) for row in part]  # the whole batch, in global order
+    batch = _to(collate([x[0] for x in rows], [x[1] for x in rows], pad), learner.device)
+    mask = batch["mask"]
+    old_logprobs, old_values, ref_logprobs = (_pad_rows([x[k] for x in rows], mask) for k in (6, 7, 8))
+    scores = torch.tensor([x[5] for x in rows], dtype=torch.float32, device=mask.device)
     rewards, kl = token_rewards(scores, old_logprobs, ref_logprobs, mask, learner.kl_ctl.value)
     adv, returns = gae(rewards, old_values, mask, t.gamma, t.lam)
     if t.whiten_advantages:
         adv = masked_whiten(adv, mask)
     timings["time_train"] = time.perf_counter() - ts  # ppo_update adds its share
     return Experience(
-        chosen,
-        texts,
-        finished,
+        [x[4] for x in rows],
+        [x[2] for x in rows],
+        [x[3] for x in rows],
         batch,
         scores,
         old_logprobs,
@@ -518,36 +609,62 @@ def collect_experience(cfg, learner: Learner, engine, reward, tokenizer, prompts
     )
 
 
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _pad_rows(rows: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """Per-response vectors -> [B, R] left-aligned, zero past each response (the layout of `mask`)."""
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    for i, x in enumerate(rows):
+        out[i, : len(x)] = x.to(out.device, torch.float32)
+    return out
+
+
 def ppo_update(cfg: PPOConfig, learner: Learner, exp: Experience) -> dict[str, float]:
     """Several epochs of clipped policy and value updates over shuffled minibatches of the experience. Dropout and
-    minibatch order are seeded by (seed, iteration), so a resumed run updates exactly as the uninterrupted one."""
+    minibatch order are seeded by (seed, iteration), so a resumed run updates exactly as the uninterrupted one.
+
+    Several processes: every process holds the whole experience and takes an equal contiguous part of each
+    minibatch. Its loss is its tokens' sum over the minibatch's token count, times the number of processes; DDP
+    averages the gradients, which gives the gradient of the minibatch's token mean, as one process would. The
+    logged statistics are token-weighted sums over processes."""
     t = cfg.train
     ts = time.perf_counter()
-    learner.policy.train()
+    world, rank = dist.world_size(), dist.rank()
+    learner.model.train()
     torch.manual_seed(t.seed * 1000 + learner.step)
     g = torch.Generator().manual_seed(t.seed * 1000 + learner.step)
     stats: dict[str, list[float]] = {}
     B = len(exp.texts)
     for _ in range(t.ppo_epochs):
         for mb in torch.randperm(B, generator=g).split(t.mini_batch_size):
-            sub = _sub(exp.batch, mb)
-            lp, v, ent = forward_response(learner.policy, learner.value_head, sub)
-            pl, pstats = policy_loss(lp, exp.old_logprobs[mb], exp.advantages[mb], sub["mask"], t.clip_range)
-            vl, vclip = value_loss(v, exp.old_values[mb], exp.returns[mb], sub["mask"], t.clip_range_value)
-            loss = pl + t.vf_coef * vl
+            part = mb.tensor_split(world)[rank]
+            sub = _sub(exp.batch, part)
+            n_local, n_all = sub["mask"].sum(), exp.mask[mb].sum().clamp(min=1)
+            lp, v, ent = learner.model(sub)
+            pl, pstats = policy_loss(
+                lp, exp.old_logprobs[part], exp.advantages[part], sub["mask"], t.clip_range
+            )
+            vl, vclip = value_loss(
+                v, exp.old_values[part], exp.returns[part], sub["mask"], t.clip_range_value
+            )
+            loss = (pl + t.vf_coef * vl) * (n_local / n_all * world)
             learner.opt.zero_grad(set_to_none=True)
-            loss.backward()
+            learner.backward(loss)
             gn = torch.nn.utils.clip_grad_norm_(learner.params, t.max_grad_norm)
             learner.opt.step()
-            for k, x in {
+            local = {
                 "policy_loss": pl,
                 "value_loss": vl,
                 "value_clipfrac": vclip,
-                "grad_norm": gn,
                 "entropy": masked_mean(ent.detach(), sub["mask"]),
                 **pstats,
-            }.items():
-                stats.setdefault(k, []).append(float(x.detach()))
+            }
+            summed = dist.all_reduce_sum(torch.stack([x.detach().float() for x in local.values()]) * n_local)
+            for k, x in zip(local, (summed / n_all).tolist(), strict=True):
+                stats.setdefault(k, []).append(x)
+            stats.setdefault("grad_norm", []).append(float(gn))  # after averaging: the same in every process
     exp.timings["time_train"] += time.perf_counter() - ts
     return {k: sum(v) / len(v) for k, v in stats.items()}
 
@@ -639,6 +756,9 @@ def make_engine(cfg: PPOConfig, policy, tokenizer, base_path, precision: str):
             seed=cfg.train.seed,
             kv_cache_gb=cfg.rollout.vllm_kv_cache_gb,
             gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+            enforce_eager=cfg.rollout.enforce_eager,
+            sleep=cfg.rollout.sleep_between_rollouts,
+            tensor_parallel_size=cfg.rollout.tensor_parallel_size,
         )
     return GenerateEngine(policy, tokenizer)
 

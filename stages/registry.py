@@ -24,6 +24,7 @@ class Stage:
     help: str  # one line for `align --help`
     command: bool  # an `align <name>` command (data and preferences are `align data build[-preferences]`)
     gate_parent: Callable[[Any], str | None]  # the model a pipeline gate compares this stage's model with
+    distributed: bool = False  # runs in every process of a multi-process launch (else in the main one only)
 
     def config_model(self) -> type:
 
@@ -55,6 +56,7 @@ STAGES: dict[str, Stage] = {
             "supervised fine-tuning with LoRA",
             True,
             lambda cfg: cfg.model.name_or_path,
+            distributed=True,
         ),
         Stage(
             "preferences",
@@ -71,6 +73,7 @@ STAGES: dict[str, Stage] = {
             "reward model from K-wise human rankings (then its gate)",
             True,
             _none,
+            distributed=True,
         ),
         Stage(
             "dpo",
@@ -79,6 +82,7 @@ STAGES: dict[str, Stage] = {
             "direct preference optimisation on an SFT artifact (then the perplexity gate)",
             True,
             lambda cfg: str(cfg.init_from),
+            distributed=True,
         ),
         Stage(
             "ppo",
@@ -87,6 +91,7 @@ STAGES: dict[str, Stage] = {
             "PPO with vLLM rollouts on an SFT artifact (then the perplexity gate)",
             True,
             lambda cfg: str(cfg.init_from),
+            distributed=True,
         ),
     )
 }

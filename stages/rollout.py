@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from align import dist
+
 
 def merged_state_dict(model) -> dict[str, torch.Tensor]:
     """The weights a plain transformers checkpoint of `model` would hold, with every active LoRA merged in.
@@ -65,20 +67,32 @@ class GenerateEngine:
     def close(self) -> None:
         return None
 
+    def rest(self) -> None:
+        return None
+
     @torch.no_grad()
     def generate(
-        self, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float, top_p: float, seed: int
+        self,
+        prompt_ids: list[list[int]],
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int,
+        offset: int = 0,
     ) -> list[list[int]]:
+        """Greedy answers in batches; sampled answers one prompt at a time, each from its own seed
+        (`request_seed(seed, offset + i)`), so that they do not depend on the batch or the number of processes."""
         was_training = self.model.training
         self.model.eval()
-        torch.manual_seed(seed)
         pad = self.tokenizer.pad_token_id
         eos = self.tokenizer.eos_token_id
         greedy = temperature == 0
         out: list[list[int]] = []
         dev = next(self.model.parameters()).device
-        for i in range(0, len(prompt_ids), self.batch_size):
-            chunk = prompt_ids[i : i + self.batch_size]
+        step = self.batch_size if greedy else 1
+        for i in range(0, len(prompt_ids), step):
+            chunk = prompt_ids[i : i + step]
+            torch.manual_seed(request_seed(seed, offset + i))
             width = max(len(p) for p in chunk)
             ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=dev)  # [b, width]
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=dev)
@@ -117,6 +131,9 @@ class VLLMEngine:
         seed: int,
         kv_cache_gb: float = 1.0,
         gpu_memory_utilization: float = 0.3,
+        enforce_eager: bool = True,
+        sleep: bool = False,
+        tensor_parallel_size: int = 1,
     ):
         # In-process engine: no worker process to spawn (which would need a __main__ guard in every caller).
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -125,18 +142,25 @@ class VLLMEngine:
         from vllm import LLM
 
         self.tokenizer = tokenizer
-        self.llm = LLM(
-            model=str(model_path),
-            dtype={"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[precision],
-            enforce_eager=True,  # no graph capture: weights change every step
-            seed=seed,
-            max_model_len=max_model_len,
-            gpu_memory_utilization=gpu_memory_utilization,
-            trust_remote_code=False,
-        )
+        self.sleep = sleep and torch.cuda.is_available()
+        self.llm = LLM(**vllm_engine_args(model_path, max_model_len, precision, seed, gpu_memory_utilization,
+                                          enforce_eager, self.sleep, tensor_parallel_size))  # fmt: skip
+        self.asleep = False
 
     def update_weights(self, named_tensors: dict[str, torch.Tensor]) -> None:
+        self._wake()
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(named_tensors.items())})
+
+    def _wake(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
+    def rest(self) -> None:
+        """Sleep mode: free the KV cache while the policy trains (weights stay; the next sync or rollout wakes it)."""
+        if self.sleep and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
 
     def close(self) -> None:
         """Shut the engine down (its core, KV cache and any worker) before the stage loads models for its gate."""
@@ -146,9 +170,17 @@ class VLLMEngine:
             core.shutdown()
 
     def generate(
-        self, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float, top_p: float, seed: int
+        self,
+        prompt_ids: list[list[int]],
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int,
+        offset: int = 0,
     ) -> list[list[int]]:
         from vllm import SamplingParams
+
+        self._wake()
         from vllm.inputs import TokensPrompt
 
         eos = self.tokenizer.eos_token_id
@@ -158,7 +190,7 @@ class VLLMEngine:
                 top_p=top_p,
                 top_k=-1 if temperature > 0 else 1,
                 max_tokens=max_new_tokens,
-                seed=seed * 10007 + i,  # per request: the same rollout whatever else is in the batch
+                seed=request_seed(seed, offset + i),  # the same rollout whatever else is in the batch
                 stop_token_ids=[eos],
                 ignore_eos=False,
                 skip_special_tokens=False,
@@ -169,6 +201,34 @@ class VLLMEngine:
             [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], params, use_tqdm=False
         )
         return [_cut_after_eos(list(o.outputs[0].token_ids), eos) for o in outs]
+
+
+def request_seed(seed: int, index: int) -> int:
+    """The sampling seed of the rollout at global position `index` of a batch: one per prompt, so a response does
+    not depend on its neighbours in the batch, nor on how many processes share the batch."""
+    return seed * 10007 + index
+
+
+def vllm_engine_args(
+    model_path, max_model_len: int, precision: str, seed: int, gpu_memory_utilization: float,
+    enforce_eager: bool, sleep: bool, tensor_parallel_size: int,
+) -> dict:  # fmt: skip
+    """vllm.LLM arguments. Under a multi-process launch every process holds its own engine on its own device, inside
+    the launch's process group (vLLM's 'external_launcher' backend, as TRL's colocated GRPO does)."""
+    args = {
+        "model": str(model_path),
+        "dtype": {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[precision],
+        "enforce_eager": enforce_eager or not torch.cuda.is_available(),
+        "seed": seed,
+        "max_model_len": max_model_len,
+        "gpu_memory_utilization": gpu_memory_utilization,
+        "tensor_parallel_size": tensor_parallel_size,
+        "enable_sleep_mode": sleep,
+        "trust_remote_code": False,
+    }
+    if dist.launched():
+        args["distributed_executor_backend"] = "external_launcher"
+    return args
 
 
 def _cut_after_eos(row: list[int], eos: int) -> list[int]:

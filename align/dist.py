@@ -48,6 +48,28 @@ def init() -> None:
         state()
 
 
+def fresh_stage() -> None:
+    """Forget the engine a previous stage in this process chose (a DPO Trainer under DeepSpeed leaves accelerate's
+    AcceleratorState and transformers' ZeRO config behind, and the next stage's Accelerator would silently wrap
+    its model in that DeepSpeed engine). The process group stays."""
+    import sys
+
+    if "accelerate" in sys.modules:
+        from accelerate.state import AcceleratorState, PartialState
+        from accelerate.utils import DistributedType
+
+        AcceleratorState._reset_state(reset_partial_state=False)
+        # a DeepSpeed Trainer also marks the shared process state as DEEPSPEED; the process group is a plain one
+        shared = PartialState._shared_state
+        if shared and shared.get("distributed_type") == DistributedType.DEEPSPEED:
+            cuda = torch.cuda.is_available()
+            shared["distributed_type"] = DistributedType.MULTI_GPU if cuda else DistributedType.MULTI_CPU
+    if "transformers.integrations.deepspeed" in sys.modules:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+
+
 def world_size() -> int:
     return torch.distributed.get_world_size() if _active() else 1
 
@@ -64,8 +86,23 @@ def is_main() -> bool:
     return rank() == 0
 
 
+_solo = False
+
+
 def _active() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
+    return not _solo and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+@contextlib.contextmanager
+def solo() -> Iterator[None]:
+    """Work the main process does alone inside a multi-process run (a data stage, a gate): every helper here acts
+    as in a single process, so nothing in it waits for processes that are not taking part."""
+    global _solo
+    before, _solo = _solo, True
+    try:
+        yield
+    finally:
+        _solo = before
 
 
 def barrier() -> None:

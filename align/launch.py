@@ -73,6 +73,10 @@ def relaunch(
     from torch.distributed.run import config_from_args, get_args_parser
 
     args = get_args_parser().parse_args(torchrun_args(argv, nproc, nnodes, node_rank, rdzv_endpoint))
+    if args.standalone:  # as torch.distributed.run.run does before building its config
+        args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())
+    if args.master_port is None:
+        args.master_port = 29500
     config, cmd, cmd_args = config_from_args(args)
     # torchrun reports a non-zero exit (a failed gate, a pause) as an error with a table; align says it better
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
@@ -80,6 +84,6 @@ def relaunch(
         elastic_launch(config, cmd)(*cmd_args)
     except ChildFailedError as e:
         # the main process's status; else the first process that failed on its own (not killed by the teardown)
-        codes = {f.rank: f.exitcode for f in e.failures.values() if f.exitcode > 0}
+        codes = {rank: f.exitcode for rank, f in e.failures.items() if f.exitcode > 0}
         return codes.get(0) or (codes[min(codes)] if codes else 1)
     return 0

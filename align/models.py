@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from align import dist
 from align.config import UserError
 from align.manifest import atomic_write_json, replace_dir, require_complete, sha256_path
 from data_schemas.config import ModelConfig
@@ -137,7 +138,8 @@ def resolve_model_path(name_or_path: str) -> Path | str:
 
 
 def device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    """This process's device (cuda:LOCAL_RANK under a multi-process launch; align/dist.py)."""
+    return dist.device()
 
 
 def _cpu_has_fast_bf16() -> bool:
@@ -156,7 +158,8 @@ def choose_precision(requested: str) -> str:
             raise UserError("precision=fp16 is not supported on CPU; use fp32 or bf16")
         return requested
     if device().type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        # emulated bf16 (V100, T4) counts as supported by default, and runs far slower than fp16 there
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     return "bf16" if _cpu_has_fast_bf16() else "fp32"
 
 
@@ -297,10 +300,10 @@ def load_for_eval(
             model = load_causal_lm(ModelConfig(name_or_path=str(ref / "model")), prec)
         else:
             raise UserError(f"{ref}: this {m.stage} artifact holds no model (no adapter/, model/ or merged/)")
-        return model.eval(), tok, f"{m.stage} artifact {ref} (base {m.model.name})"
+        return model.eval().to(device()), tok, f"{m.stage} artifact {ref} (base {m.model.name})"
     cfg = ModelConfig(name_or_path=model_ref, trust_remote_code=trust_remote_code)
     prec = choose_precision(precision)
-    return load_causal_lm(cfg, prec).eval(), load_tokenizer(cfg), f"model {model_ref}"
+    return load_causal_lm(cfg, prec).eval().to(device()), load_tokenizer(cfg), f"model {model_ref}"
 
 
 def write_policy_stack(out: Path, merged_adapters: list[Path]) -> None:

@@ -131,8 +131,11 @@ def run_pipeline(cfg, from_stage: str | None = None) -> int:
                 state["stages"][name] = {"key": key, "status": "running", "started_at": now()}
                 atomic_write_json(state_path, state)
             status = None
-            if STAGES[name].distributed or main:
+            if STAGES[name].distributed:
                 status = STAGES[name].run(scfg, resume=resume).status
+            elif main:
+                with dist.solo():
+                    status = STAGES[name].run(scfg, resume=resume).status
             status = dist.broadcast(status)
             if status != "complete":  # paused by stop_after_steps: the next `align run` resumes it
                 if main:
@@ -146,7 +149,8 @@ def run_pipeline(cfg, from_stage: str | None = None) -> int:
         # ---- gates: the main process runs them; every process learns whether the run goes on ---------------
         failed = None
         if main:
-            gates = _stage_gates(name, st, scfg, run, key, cfg.gate_policy)
+            with dist.solo():
+                gates = _stage_gates(name, st, scfg, run, key, cfg.gate_policy)
             state["stages"][name]["gates"] = gates
             atomic_write_json(state_path, state)
             failed = [g for g in gates if not g["passed"]]

@@ -119,6 +119,7 @@ class StageContext:
         self.force = force
         self.counts: dict[str, Any] = {}
         self.writer: ArtifactWriter | None = None
+        dist.fresh_stage()  # nothing of a previous stage's engine (DeepSpeed) carries into this one
         dist.init()
         self.is_main = dist.is_main()
         console.quiet = not self.is_main  # one voice: the main process speaks for the run

@@ -29,6 +29,7 @@ from align.chat import neutralise, special_strings
 from align.config import UserError
 from align.manifest import atomic_write_json
 from data_schemas.gates import GateResult
+from eval.perplexity import token_logprobs
 from eval.probes import counterfactual_probes, minimal_pairs
 from eval.stats import bootstrap_interval, paired_diff_interval
 
@@ -138,11 +139,13 @@ def continuation_logprobs(
             s = rows[i][0] + rows[i][1]
             ids[j, : len(s)] = torch.tensor(s)
             att[j, : len(s)] = 1
-        logp = torch.log_softmax(model(input_ids=ids.to(dev), attention_mask=att.to(dev)).logits.float(), -1)
+        logits = model(input_ids=ids.to(dev), attention_mask=att.to(dev)).logits
+        nxt = torch.zeros_like(ids)
+        nxt[:, :-1] = ids[:, 1:]  # logits at t-1 predict token t
+        lp = token_logprobs(logits, nxt.to(dev)).cpu()  # [B, n]: log p of each next token, fp32 row by row
         for j, i in enumerate(idx):
             ctx, cont = rows[i]
-            pos = torch.arange(len(ctx) - 1, len(ctx) - 1 + len(cont))  # logits at t-1 predict token t
-            sums[i] = float(logp[j, pos, torch.tensor(cont)].sum())
+            sums[i] = float(lp[j, len(ctx) - 1 : len(ctx) - 1 + len(cont)].sum())
             counts[i] = len(cont)
     return sums, counts
 

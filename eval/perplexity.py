@@ -49,6 +49,18 @@ def encode_for_scoring(tokenizer, conversations, scope: str, max_length: int) ->
     return rows, truncated
 
 
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) at every position: logits [B, n, V] (any dtype), targets [B, n] -> [B, n] fp32.
+
+    log p(y) = z_y - logsumexp(z), one row at a time in fp32: the full-vocabulary fp32 log-softmax of a whole batch
+    (B x n x 150k x 4 bytes: gigabytes at 1k tokens) is never built."""
+    out = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
+    for j in range(logits.shape[0]):
+        z = logits[j].float()  # [n, V]
+        out[j] = z.gather(-1, targets[j].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, -1)
+    return out
+
+
 @torch.no_grad()
 def sequence_nll(
     model, rows: list[dict], batch_size: int, pad_token_id: int
@@ -70,12 +82,11 @@ def sequence_nll(
             ids[j, :k] = torch.as_tensor(rows[i]["input_ids"])
             labels[j, :k] = torch.as_tensor(rows[i]["labels"])
             att[j, :k] = 1
-        logits = model(input_ids=ids.to(dev), attention_mask=att.to(dev)).logits.float()
+        logits = model(input_ids=ids.to(dev), attention_mask=att.to(dev)).logits
         # logits [B, n, V] predict positions 1..n-1
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
         tgt = labels[:, 1:].to(dev)
         valid = tgt != -100
-        tok_lp = logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1) * valid
+        tok_lp = token_logprobs(logits[:, :-1], tgt.clamp(min=0)) * valid
         for j, i in enumerate(idx):
             nlls[i] = float(-tok_lp[j].sum())
             counts[i] = int(valid[j].sum())

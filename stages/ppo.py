@@ -31,6 +31,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -460,6 +461,9 @@ def setup(cfg: PPOConfig, ctx: StageContext) -> Learner:
     opt = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
     # One module (policy + value head) prepared by accelerate: moved to this process's device, and wrapped in DDP
     # when there are several processes, so that gradients of both are averaged across them.
+    # DDP, not DeepSpeed, even under an `accelerate launch` DeepSpeed config: the trainable part is a LoRA and a
+    # value head, and the clipping and stepping below are plain torch.
+    os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     model, opt = accelerator.prepare(PolicyWithValue(policy, value_head), opt)
     learner = Learner(

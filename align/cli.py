@@ -315,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # an align bug, not a user error: say so plainly
         if os.environ.get("ALIGN_DEBUG"):
             raise
+        if os.environ.get("RANK", "0") != "0" and "closed by peer" in str(e):
+            return 1  # the main process stopped (and said why); this one lost its connection to it
         err.print(
             f"[red]internal error:[/] {type(e).__name__}: {printable(str(e))}\n(set ALIGN_DEBUG=1 for the traceback)"
         )

@@ -90,7 +90,7 @@ def ppo(work: Path, n: int, steps: int, sft_dir: Path) -> dict:
     out = work / f"ppo-{n}"
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "align", "ppo", "--config", "configs/ppo.yaml", f"output_dir={out}",
-           f"init_from={sft_dir}", "reward.artifact=null", "reward.rule={kind: contains, text: the}",
+           f"init_from={sft_dir}", f"gate_data={EX / 'instructions_validation.jsonl'}", "reward.artifact=null", "reward.rule={kind: contains, text: the}",
            "rollout.engine=generate", "rollout.max_new_tokens=24", f"train.steps={steps}",
            "train.rollout_batch_size=8", "train.mini_batch_size=4", "train.ppo_epochs=1", "train.save_steps=1000",
            "prompts.heldout_prompts=0", "lora.dropout=0", "train.report_to=[none]", "perplexity_gate.min_examples=5",

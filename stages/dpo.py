@@ -34,6 +34,7 @@ from stages.common import (
     policy_perplexity_gate,
     save_trained,
     sft_base,
+    sft_validation_data,
     train_with_resume,
     trainer_kwargs,
     zero3,
@@ -425,6 +426,7 @@ def run(cfg: DPOConfig, resume: bool = False, force: bool = False) -> StageResul
 
     # 1. Data: pairs -> token ids (chat template once, control tokens neutralised, cuts counted)
     base_cfg, sft_dir = sft_base(cfg.init_from)
+    gate_data = cfg.gate_data or sft_validation_data(sft_dir)  # known before training, not after
     tokenizer = load_tokenizer(base_cfg)
     train, val, val_rows = load_data(cfg, tokenizer, ctx.counts)
 
@@ -449,7 +451,7 @@ def run(cfg: DPOConfig, resume: bool = False, force: bool = False) -> StageResul
         del trainer
         gc.collect()
         # Perplexity gate: DPO must not wreck language modelling (candidate vs its SFT parent, same data).
-        gate = policy_perplexity_gate(ctx.out, sft_dir, cfg.gate_data, cfg.perplexity_gate)
+        gate = policy_perplexity_gate(ctx.out, sft_dir, gate_data, cfg.perplexity_gate)
         acc = metrics.get("heldout_rewards_accuracies")
         print_verdict(
             "dpo", ctx.out, gate, f"held-out preference accuracy {acc if acc is None else round(acc, 3)}"

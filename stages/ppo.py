@@ -56,7 +56,7 @@ from align.models import (
 from align.readers import has_split, load_instructions
 from align.stage import StageContext, StageResult, console, print_skipped, print_verdict
 from data_schemas.config import PPOConfig
-from stages.common import policy_perplexity_gate, sft_base
+from stages.common import policy_perplexity_gate, sft_base, sft_validation_data
 from stages.rollout import merged_state_dict
 
 
@@ -351,6 +351,7 @@ def run(cfg: PPOConfig, resume: bool = False, force: bool = False) -> StageResul
         return ctx.existing_result()
     base_cfg, sft_dir = sft_base(cfg.init_from)
     tokenizer = load_tokenizer(base_cfg)
+    gate_data = cfg.gate_data or sft_validation_data(sft_dir)  # known before training, not after
     train_prompts, held_prompts, counts = load_prompts(cfg, tokenizer)
     ctx.counts.update(counts)
     console.print(f"prompts: {counts['train_prompts']} train / {counts['heldout_prompts']} held out")
@@ -371,7 +372,7 @@ def run(cfg: PPOConfig, resume: bool = False, force: bool = False) -> StageResul
         engine.close()
         del engine, learner  # the gate loads its own copies from the artifacts
         gc.collect()
-        gate = policy_perplexity_gate(ctx.out, sft_dir, cfg.gate_data, cfg.perplexity_gate)
+        gate = policy_perplexity_gate(ctx.out, sft_dir, gate_data, cfg.perplexity_gate)
         print_verdict(
             "ppo",
             ctx.out,

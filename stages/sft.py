@@ -135,6 +135,8 @@ def _trainer_class():
             before = self._total_train_tokens
             out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             if real is not None and model.training:
+                # every process's real tokens (a collective: every process computes a loss here in step)
+                real = self.accelerator.gather(real.reshape(1).to(self.accelerator.device)).sum()
                 self._total_train_tokens = before + int(real)
                 self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
             return out

@@ -57,7 +57,7 @@ from align.readers import has_split, load_instructions
 from align.stage import StageContext, StageResult, console, print_skipped, print_verdict
 from data_schemas.config import PPOConfig
 from stages.common import policy_perplexity_gate, sft_base, sft_validation_data
-from stages.rollout import merged_state_dict
+from stages.rollout import GenerateEngine, merged_state_dict
 
 
 # ==========================================================================================================
@@ -365,10 +365,16 @@ def run(cfg: PPOConfig, resume: bool = False, force: bool = False) -> StageResul
         reward = Reward(cfg.reward)
         if not train_loop(cfg, ctx, learner, engine, reward, tokenizer, train_prompts):
             return ctx.paused()
+        used, rollouts = engine.name, engine
+        if dist.world_size() > 1 and used != "generate":
+            # vLLM inside the launch's process group tears that group down when it shuts down, and the processes
+            # still have to meet at the end: it stays open (asleep, where sleep mode is on) until the stage returns;
+            # the main process's held-out answers come from `generate`.
+            rollouts.rest()
+            engine = GenerateEngine(learner.policy, tokenizer)
         if not ctx.is_main:  # the main process evaluates, writes and gates
-            engine.close()
             return ctx.complete({})
-        metrics = evaluate_and_save(cfg, ctx, learner, engine, reward, tokenizer, held_prompts, sft_dir)
+        metrics = evaluate_and_save(cfg, ctx, learner, engine, reward, tokenizer, held_prompts, sft_dir, used)
         engine.close()
         del engine, learner  # the gate loads its own copies from the artifacts
         gc.collect()
@@ -719,14 +725,22 @@ def log_iteration(
 
 
 def evaluate_and_save(
-    cfg, ctx: StageContext, learner: Learner, engine, reward, tokenizer, held_prompts, sft_dir
+    cfg,
+    ctx: StageContext,
+    learner: Learner,
+    engine,
+    reward,
+    tokenizer,
+    held_prompts,
+    sft_dir,
+    rollout_engine: str,
 ):
     """Win rate against SFT on held-out prompts; adapter/, value_head/, stack.json, metrics.json, training.png."""
     out = ctx.out
     history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     final: dict[str, Any] = {
         "iterations": learner.step,
-        "rollout_engine": engine.name,
+        "rollout_engine": rollout_engine,
         "reward_mean_first": history[0]["reward_mean"] if history else None,
         "reward_mean_last": history[-1]["reward_mean"] if history else None,
         "kl_last": history[-1]["kl"] if history else None,

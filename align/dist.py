@@ -144,17 +144,11 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-@contextlib.contextmanager
-def main_first() -> Iterator[None]:
-    """The main process runs the block first (creates folders, converts a model into the cache), the others after
-    it: they then find its work done."""
-    if not is_main():
-        barrier()
-    try:
-        yield
-    finally:
-        if is_main():
-            barrier()
+def unwrap(model):
+    """The module inside DDP / DeepSpeed wrappers (the model itself when it has none)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
 
 
 def shard(n: int) -> range:

@@ -21,7 +21,7 @@ import uuid
 
 from align.config import UserError
 
-LAUNCH_FLAGS = {"--num-processes": True, "--nnodes": True, "--node-rank": True, "--rdzv-endpoint": True}
+LAUNCH_FLAGS = frozenset({"--num-processes", "--nnodes", "--node-rank", "--rdzv-endpoint"})
 
 
 def strip_launch_flags(argv: list[str]) -> list[str]:

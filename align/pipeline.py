@@ -30,7 +30,7 @@ from data_schemas.config import GatesConfig, key_config
 from data_schemas.gates import GateResult
 from eval.registry import GATES
 from eval.report import write_run_report as render
-from stages.common import sft_validation_data
+from stages.common import policy_gate_data, sft_validation_data
 from stages.registry import ORDER, STAGES
 
 console = Console(stderr=True)
@@ -121,12 +121,13 @@ def run_pipeline(cfg, from_stage: str | None = None) -> int:
     for name in present:
         st = getattr(cfg.stages, name)
         scfg = stage_config(name, st, run)
-        key = stage_key(scfg, run)
+        key = (
+            stage_key(scfg, run) if main else None
+        )  # hashes every input: once, by the process keeping the books
         out = run / name
         t0 = time.perf_counter()
-        todo = dist.broadcast(_plan_stage(name, out, key, state, forced) if main else None)
-        if todo is not None:
-            resume = todo
+        resume = dist.broadcast(_plan_stage(name, out, key, state, forced) if main else None)
+        if resume is not None:  # None: up to date
             if main:
                 state["stages"][name] = {"key": key, "status": "running", "started_at": now()}
                 atomic_write_json(state_path, state)
@@ -249,7 +250,7 @@ def _gate_data(scfg, candidate: Path) -> Path:
 
     if scfg.stage == "sft":
         return sft_validation_data(candidate)
-    return scfg.gate_data or sft_validation_data(Path(scfg.init_from))
+    return policy_gate_data(scfg)
 
 
 def _summary(stage: str, r: GateResult, gdir: Path) -> dict[str, Any]:

@@ -217,8 +217,7 @@ class StageContext:
         """Record the built-in gates and mark the artifact complete, in one manifest write (the last one). On the
         other processes `gates` is ignored: they return the main process's gates once it has written."""
         if not self.is_main:
-            gates = dist.broadcast(None)
-            dist.barrier()
+            gates = dist.broadcast(None)  # sent once the manifest is written
             return StageResult(self.stage, self.out, "complete", gates)
         assert self.writer is not None, "complete() outside ctx.open()"
         gates = list(gates or ())
@@ -233,7 +232,6 @@ class StageContext:
         ]
         self.writer.complete(metrics, self.counts)
         dist.broadcast(gates)
-        dist.barrier()
         return StageResult(self.stage, self.out, "complete", gates)
 
 

@@ -177,13 +177,18 @@ def sft_validation_data(sft_dir: Path) -> Path:
     )
 
 
-def policy_perplexity_gate(out: Path, sft_dir: Path, gate_data: Path | None, settings):
-    """The perplexity gate of a policy artifact (DPO, PPO) against its SFT parent, on gate_data (default: the SFT
-    validation data), run on the pending artifact before it is marked complete. The caller frees its training
-    model first: the gate loads its own copies from the artifacts."""
+def policy_gate_data(cfg) -> Path:
+    """The data a policy stage (DPO, PPO) is gated on: its gate_data, else its SFT parent's validation data.
+    Stages resolve it before training, so a missing one is said at once, not after hours."""
+    return cfg.gate_data or sft_validation_data(Path(cfg.init_from))
+
+
+def policy_perplexity_gate(out: Path, sft_dir: Path, data: Path, settings):
+    """The perplexity gate of a policy artifact (DPO, PPO) against its SFT parent, on `data` (policy_gate_data),
+    run on the pending artifact before it is marked complete. The caller frees its training model first: the gate
+    loads its own copies from the artifacts."""
     from eval.gates import run_perplexity_gate
 
-    data = gate_data or sft_validation_data(sft_dir)
     return run_perplexity_gate(out, sft_dir, data, settings, out / "gates" / "perplexity", allow_pending=True)
 
 

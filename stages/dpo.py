@@ -31,10 +31,10 @@ from data_schemas.config import DPOConfig
 from stages.common import (
     callbacks,
     final_eval,
+    policy_gate_data,
     policy_perplexity_gate,
     save_trained,
     sft_base,
-    sft_validation_data,
     train_with_resume,
     trainer_kwargs,
     zero3,
@@ -426,7 +426,7 @@ def run(cfg: DPOConfig, resume: bool = False, force: bool = False) -> StageResul
 
     # 1. Data: pairs -> token ids (chat template once, control tokens neutralised, cuts counted)
     base_cfg, sft_dir = sft_base(cfg.init_from)
-    gate_data = cfg.gate_data or sft_validation_data(sft_dir)  # known before training, not after
+    gate_data = policy_gate_data(cfg)  # known before training, not after
     tokenizer = load_tokenizer(base_cfg)
     train, val, val_rows = load_data(cfg, tokenizer, ctx.counts)
 

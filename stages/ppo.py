@@ -36,7 +36,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -56,7 +56,7 @@ from align.models import (
 from align.readers import has_split, load_instructions
 from align.stage import StageContext, StageResult, console, print_skipped, print_verdict
 from data_schemas.config import PPOConfig
-from stages.common import policy_perplexity_gate, sft_base, sft_validation_data
+from stages.common import policy_gate_data, policy_perplexity_gate, sft_base
 from stages.rollout import GenerateEngine, merged_state_dict
 
 
@@ -351,7 +351,7 @@ def run(cfg: PPOConfig, resume: bool = False, force: bool = False) -> StageResul
         return ctx.existing_result()
     base_cfg, sft_dir = sft_base(cfg.init_from)
     tokenizer = load_tokenizer(base_cfg)
-    gate_data = cfg.gate_data or sft_validation_data(sft_dir)  # known before training, not after
+    gate_data = policy_gate_data(cfg)  # known before training, not after
     train_prompts, held_prompts, counts = load_prompts(cfg, tokenizer)
     ctx.counts.update(counts)
     console.print(f"prompts: {counts['train_prompts']} train / {counts['heldout_prompts']} held out")
@@ -411,10 +411,7 @@ class Learner:
     @property
     def module(self) -> PolicyWithValue:
         """The unwrapped PolicyWithValue (no-grad passes need no gradient synchronisation)."""
-        m = self.model
-        while hasattr(m, "module"):
-            m = m.module
-        return m
+        return dist.unwrap(self.model)
 
     @property
     def device(self) -> torch.device:
@@ -589,24 +586,26 @@ def collect_experience(cfg, learner: Learner, engine, reward, tokenizer, prompts
         old_logprobs, old_values, _ = learner.module(local)
         ref_logprobs, _, _ = learner.module(local, reference=True)
     rows = [
-        (p_ids[i], responses[i], texts[i], finished[i], chosen[i], float(scores[i]),
-         *(x[i, : len(responses[i])].cpu() for x in (old_logprobs, old_values, ref_logprobs)))
+        _Rollout(p_ids[i], responses[i], texts[i], finished[i], chosen[i], float(scores[i]),
+                 *(x[i, : len(responses[i])].cpu() for x in (old_logprobs, old_values, ref_logprobs)))
         for i in range(len(responses))
     ]  # fmt: skip
     rows = [row for part in dist.all_gather(rows) for row in part]  # the whole batch, in global order
-    batch = _to(collate([x[0] for x in rows], [x[1] for x in rows], pad), learner.device)
+    batch = _to(collate([x.prompt_ids for x in rows], [x.response for x in rows], pad), learner.device)
     mask = batch["mask"]
-    old_logprobs, old_values, ref_logprobs = (_pad_rows([x[k] for x in rows], mask) for k in (6, 7, 8))
-    scores = torch.tensor([x[5] for x in rows], dtype=torch.float32, device=mask.device)
+    old_logprobs = _pad_rows([x.old_logprobs for x in rows], mask)
+    old_values = _pad_rows([x.old_values for x in rows], mask)
+    ref_logprobs = _pad_rows([x.ref_logprobs for x in rows], mask)
+    scores = torch.tensor([x.score for x in rows], dtype=torch.float32, device=mask.device)
     rewards, kl = token_rewards(scores, old_logprobs, ref_logprobs, mask, learner.kl_ctl.value)
     adv, returns = gae(rewards, old_values, mask, t.gamma, t.lam)
     if t.whiten_advantages:
         adv = masked_whiten(adv, mask)
     timings["time_train"] = time.perf_counter() - ts  # ppo_update adds its share
     return Experience(
-        [x[4] for x in rows],
-        [x[2] for x in rows],
-        [x[3] for x in rows],
+        [x.prompt for x in rows],
+        [x.text for x in rows],
+        [x.finished for x in rows],
         batch,
         scores,
         old_logprobs,
@@ -618,6 +617,20 @@ def collect_experience(cfg, learner: Learner, engine, reward, tokenizer, prompts
         returns,
         timings,
     )
+
+
+class _Rollout(NamedTuple):
+    """One response and what it was worth, as a process hands it to the others (CPU tensors, response length)."""
+
+    prompt_ids: list[int]
+    response: list[int]
+    text: str
+    finished: bool
+    prompt: list[dict]
+    score: float
+    old_logprobs: torch.Tensor
+    old_values: torch.Tensor
+    ref_logprobs: torch.Tensor
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -197,20 +197,19 @@ class GroupCollator:
 def sequence_rewards(model, batch: dict[str, Any]) -> torch.Tensor:
     """Scalar reward of each packed sequence, read from its last token: [N].
 
-    The model is called through its own forward (and so through any DDP / DeepSpeed wrapper, which is what
+    Training calls the model through its own forward (and so through any DDP / DeepSpeed wrapper, which is what
     synchronises gradients across processes); its pooled logits assume one sequence per row, so the head is applied
-    here to the final hidden state at each packed sequence's last token instead."""
-    out = model(
-        input_ids=batch["input_ids"],
-        position_ids=batch["position_ids"],
-        attention_mask=batch["attention_mask"],
-        output_hidden_states=True,
-    )
-    hidden = out.hidden_states[-1]  # [R, L, H], after the final norm
-    inner = model
-    while hasattr(inner, "module"):  # DistributedDataParallel, DeepSpeedEngine
-        inner = inner.module
+    here to the final hidden state at each packed sequence's last token instead. Without gradients (scoring) there
+    is nothing to synchronise: the trunk alone, without keeping every layer's hidden states."""
+    inner = dist.unwrap(model)
     base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    inputs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask")}
+    if torch.is_grad_enabled():
+        hidden = model(**inputs, output_hidden_states=True).hidden_states[
+            -1
+        ]  # [R, L, H], after the final norm
+    else:
+        hidden = base.model(**inputs).last_hidden_state  # [R, L, H]
     return base.score(hidden[batch["rows"], batch["ends"]]).squeeze(-1).float()  # [N]
 
 

@@ -179,9 +179,9 @@ class VLLMEngine:
         offset: int = 0,
     ) -> list[list[int]]:
         from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
 
         self._wake()
-        from vllm.inputs import TokensPrompt
 
         eos = self.tokenizer.eos_token_id
         params = [

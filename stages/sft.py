@@ -32,7 +32,7 @@ from align.packing import pack
 from align.readers import has_split, load_instructions
 from align.stage import StageContext, StageResult, console, print_skipped
 from data_schemas.config import SFTConfig
-from stages.common import callbacks, final_eval, save_trained, train_with_resume, trainer_kwargs
+from stages.common import callbacks, final_eval, save_trained, train_with_resume, trainer_kwargs, zero3
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -257,11 +257,13 @@ def save(cfg: SFTConfig, ctx: StageContext, trainer, result, tokenizer, has_val:
     if not ctx.is_main:
         return metrics
     if cfg.lora.enabled and cfg.merge_adapter:
-        # From the saved adapter, not the training model: under ZeRO-3 this process holds a shard of the weights.
-        from peft import PeftModel
+        if zero3(trainer):  # this process holds a shard of the weights: merge from the adapter just saved
+            from peft import PeftModel
 
-        base = load_causal_lm(cfg.model, ctx.precision)
-        merged = PeftModel.from_pretrained(base, out / "adapter").merge_and_unload()
+            base = load_causal_lm(cfg.model, ctx.precision)
+            merged = PeftModel.from_pretrained(base, out / "adapter").merge_and_unload()
+        else:
+            merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
         replace_dir(lambda p: (merged.save_pretrained(p), tokenizer.save_pretrained(p)), out / "merged")
     atomic_write_json(out / "metrics.json", {**metrics, "log_history": state.log_history})
     return metrics

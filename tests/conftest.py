@@ -20,6 +20,20 @@ def shared_file(name: str) -> Path:
     return p
 
 
+def hh_preferences(root: Path, validation_fraction: float) -> Path:
+    """HH-RLHF (harmless, from the shared data) imported as rankings and built into preferences under `root`."""
+    from align.cli import main
+
+    hh = shared_file("hh_rlhf_harmless_test_1000.jsonl")
+    assert (
+        main(["data", "import-rankings", "--from", "hh-rlhf", str(hh), "--out", str(root / "hh.jsonl")]) == 0
+    )
+    args = ["data", "build-preferences", str(root / "hh.jsonl"), "--out", str(root / "prefs"),
+            "--set", f"validation_fraction={validation_fraction}"]  # fmt: skip
+    assert main(args) == 0
+    return root / "prefs"
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from align.models import load_tokenizer

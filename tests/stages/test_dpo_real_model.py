@@ -11,19 +11,7 @@ import math
 import pytest
 
 from align.cli import main
-from tests.conftest import shared_file
-
-
-def _hh_preferences(tmp_path):
-    hh = shared_file("hh_rlhf_harmless_test_1000.jsonl")
-    assert (
-        main(["data", "import-rankings", "--from", "hh-rlhf", str(hh), "--out", str(tmp_path / "hh.jsonl")])
-        == 0
-    )
-    args = ["data", "build-preferences", str(tmp_path / "hh.jsonl"), "--out", str(tmp_path / "prefs"),
-            "--set", "validation_fraction=0.1"]  # fmt: skip
-    assert main(args) == 0
-    return tmp_path / "prefs"
+from tests.conftest import hh_preferences
 
 
 @pytest.mark.real_model
@@ -31,7 +19,7 @@ def test_dpo_real_model_starts_at_ln2_and_writes_a_gated_artifact(tmp_path, real
     out = tmp_path / "dpo"
     code = main(
         ["dpo", "--config", "configs/dpo.yaml", f"output_dir={out}", f"init_from={real_sft}",
-         f"data.preferences_dir={_hh_preferences(tmp_path)}", "data.max_length=128", "data.max_prompt_length=64",
+         f"data.preferences_dir={hh_preferences(tmp_path, 0.1)}", "data.max_length=128", "data.max_prompt_length=64",
          "data.max_pairs=8", "data.max_eval_pairs=8", "train.max_steps=2", "train.per_device_train_batch_size=4",
          "train.eval_steps=100", "train.save_steps=100", "eval.prompts=1", "eval.max_new_tokens=8"]
     )  # fmt: skip
@@ -50,25 +38,7 @@ def test_dpo_real_model_starts_at_ln2_and_writes_a_gated_artifact(tmp_path, real
 @pytest.mark.slow
 @pytest.mark.real_model
 def test_dpo_real_model_hh_rlhf(tmp_path, real_sft):
-    hh = shared_file("hh_rlhf_harmless_test_1000.jsonl")
-    assert (
-        main(["data", "import-rankings", "--from", "hh-rlhf", str(hh), "--out", str(tmp_path / "hh.jsonl")])
-        == 0
-    )
-    assert (
-        main(
-            [
-                "data",
-                "build-preferences",
-                str(tmp_path / "hh.jsonl"),
-                "--out",
-                str(tmp_path / "prefs"),
-                "--set",
-                "validation_fraction=0.1",
-            ]
-        )
-        == 0
-    )
+    prefs = hh_preferences(tmp_path, 0.1)
     sft = real_sft
     out = tmp_path / "dpo"
     code = main(
@@ -78,7 +48,7 @@ def test_dpo_real_model_hh_rlhf(tmp_path, real_sft):
             "configs/dpo.yaml",
             f"output_dir={out}",
             f"init_from={sft}",
-            f"data.preferences_dir={tmp_path / 'prefs'}",
+            f"data.preferences_dir={prefs}",
             "data.max_length=192",
             "data.max_prompt_length=96",
             "data.max_pairs=128",

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from align.cli import main
+from tests.conftest import hh_preferences
 
 
 @pytest.mark.real_model
@@ -35,19 +36,10 @@ def test_reward_real_model_learns_hh_rlhf_preferences(tmp_path):
     """The real model trained on HH-RLHF pairs ranks held-out pairs better than chance and than length alone, and
     passes its gate. Measured: accuracy 0.570 vs length baseline 0.365 on 100 held-out pairs after 24 steps
     (3.5 min on 2 cores; slow-marked for the default run's time budget)."""
-    from tests.conftest import shared_file
-
-    hh = shared_file("hh_rlhf_harmless_test_1000.jsonl")
-    assert (
-        main(["data", "import-rankings", "--from", "hh-rlhf", str(hh), "--out", str(tmp_path / "hh.jsonl")])
-        == 0
-    )
-    args = ["data", "build-preferences", str(tmp_path / "hh.jsonl"), "--out", str(tmp_path / "prefs"),
-            "--set", "validation_fraction=0.2"]  # fmt: skip
-    assert main(args) == 0
+    prefs = hh_preferences(tmp_path, 0.2)
     out = tmp_path / "reward"
     code = main(
-        ["reward", "--config", "configs/reward.yaml", f"output_dir={out}", f"data.preferences_dir={tmp_path / 'prefs'}",
+        ["reward", "--config", "configs/reward.yaml", f"output_dir={out}", f"data.preferences_dir={prefs}",
          "data.max_length=128", "data.max_eval_groups=100", "train.max_steps=24", "train.groups_per_batch=4",
          "train.eval_steps=1000", "train.save_steps=1000", "train.report_to=[none]", "gate.min_pairs=50"]
     )  # fmt: skip

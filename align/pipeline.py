@@ -46,9 +46,14 @@ def _sub(value: Any, run: Path) -> Any:
     return value
 
 
-def stage_config(name: str, st, run: Path):
-    """The stage's validated config: its YAML, the pipeline's overrides, output_dir = {run}/{name}."""
+def stage_config(name: str, st, run: Path, gate_policy: Path | None = None):
+    """The stage's validated config: its YAML, the pipeline's overrides, output_dir = {run}/{name}. A policy stage
+    (DPO, PPO) takes its built-in policy gate's thresholds from the gate policy's `policy:` section, under the
+    stage's own YAML and overrides."""
     data = read_yaml(st.config)
+    if name in ("dpo", "ppo") and gate_policy is not None and Path(gate_policy).exists():
+        section = read_yaml(gate_policy).get("policy") or {}
+        data["policy_gate"] = {**section, **(data.get("policy_gate") or {})}
     for k, v in st.overrides.items():
         set_dotted(data, k, _sub(v, run))
     data["output_dir"] = str(run / name)
@@ -120,7 +125,7 @@ def run_pipeline(cfg, from_stage: str | None = None) -> int:
     t_run = time.perf_counter()
     for name in present:
         st = getattr(cfg.stages, name)
-        scfg = stage_config(name, st, run)
+        scfg = stage_config(name, st, run, cfg.gate_policy)
         key = (
             stage_key(scfg, run) if main else None
         )  # hashes every input: once, by the process keeping the books

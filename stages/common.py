@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from align import dist
+from align.chat import render_prompt
 from align.config import UserError, load_config
 from align.manifest import replace_dir, require_complete
 from data_schemas.config import ModelConfig, SFTConfig
@@ -215,3 +216,61 @@ def save_trained(trainer, target: Path, tokenizer=None, **save_kwargs) -> None:
 
         replace_dir(save, target)
     dist.barrier()
+
+
+def policy_gate(
+    out: Path,
+    parent: Path,
+    policy,
+    tokenizer,
+    prompts: list[list[dict]],
+    reward,
+    settings,
+    kl_history: list[float],
+    reward_name: str,
+    heldout_reward=None,
+):
+    """The policy gate of a policy artifact (DPO, PPO) against its parent (eval/policy_gate.py), on the pending
+    artifact before it is marked complete. `policy` is the PEFT model whose disabled adapter is the parent;
+    `reward(prompts, texts, finished) -> list[float]` scores answers (the training reward), `heldout_reward` the
+    same for a second reward model. Both models answer every prompt greedily, in batches."""
+    from eval.policy_gate import PolicySamples, run_policy_gate
+    from stages.rollout import GenerateEngine
+
+    ids = [render_prompt(tokenizer, m) for m in prompts]
+    engine = GenerateEngine(policy, tokenizer)
+    pol = engine.generate(ids, settings.max_new_tokens, 0.0, 1.0, 0)
+    with policy.disable_adapter():
+        par = engine.generate(ids, settings.max_new_tokens, 0.0, 1.0, 0)
+    eos = tokenizer.eos_token_id
+
+    def texts(rs):
+        return [tokenizer.decode(r, skip_special_tokens=True) for r in rs]
+
+    def finished(rs):
+        return [bool(r) and r[-1] == eos for r in rs]
+
+    tp, tr = texts(pol), texts(par)
+    samples = PolicySamples(
+        prompts=prompts,
+        policy=tp,
+        parent=tr,
+        policy_lengths=[len(r) for r in pol],
+        parent_lengths=[len(r) for r in par],
+        policy_rewards=[float(x) for x in reward(prompts, tp, finished(pol))],
+        parent_rewards=[float(x) for x in reward(prompts, tr, finished(par))],
+        kl_history=[float(x) for x in kl_history if x is not None],
+        reward_name=reward_name,
+    )
+    if heldout_reward is not None:
+        samples.heldout_policy_rewards = [float(x) for x in heldout_reward(prompts, tp, finished(pol))]
+        samples.heldout_parent_rewards = [float(x) for x in heldout_reward(prompts, tr, finished(par))]
+    return run_policy_gate(out, parent, samples, settings, out / "gates" / "policy")
+
+
+def scorer_reward(artifact: Path):
+    """A reward artifact as `reward(prompts, texts, finished) -> list[float]` (the policy gate's shape)."""
+    from stages.reward import RewardScorer
+
+    scorer = RewardScorer(artifact)
+    return lambda prompts, texts, finished: scorer.score(prompts, texts)

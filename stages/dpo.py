@@ -15,13 +15,14 @@ What align adds to a plain DPOTrainer script, and why:
 from __future__ import annotations
 
 import gc
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from align import dist
-from align.chat import neutralise, render_prompt, special_strings
+from align.chat import chat_messages, neutralise, render_prompt, special_strings
 from align.config import UserError
 from align.manifest import atomic_write_json, require_complete
 from align.models import load_causal_lm, load_tokenizer, lora_config, model_identity, write_policy_stack
@@ -31,9 +32,11 @@ from data_schemas.config import DPOConfig
 from stages.common import (
     callbacks,
     final_eval,
+    policy_gate,
     policy_gate_data,
     policy_perplexity_gate,
     save_trained,
+    scorer_reward,
     sft_base,
     train_with_resume,
     trainer_kwargs,
@@ -141,17 +144,14 @@ def build_policy(cfg: DPOConfig, precision: str):
 # Sampling-based evaluation: KL(policy || reference) on policy samples, and win rate against SFT
 # ----------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def sample_and_compare(
-    model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, seed: int, reward_model: Path | None
-) -> dict[str, Any]:
+def sample_kl(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, seed: int) -> dict[str, Any]:
     """KL estimate = mean over sampled responses y ~ policy of sum_t [log pi(y_t|..) - log pi_ref(y_t|..)]
-    (the reference is the policy with its adapter disabled). With a reward model, the SFT model answers the same
-    prompts greedily and the win rate is the share of prompts where the policy's greedy answer scores higher."""
+    (the reference is the policy with its adapter disabled)."""
 
     model.eval()
     dev = next(model.parameters()).device
     specials = special_strings(tokenizer)
-    kls, policy_greedy, ref_greedy = [], [], []
+    kls = []
     torch.manual_seed(seed)
     for p in prompts:
         msgs = [{"role": m["role"], "content": neutralise(m["content"], specials)} for m in p]
@@ -172,40 +172,7 @@ def sample_and_compare(
             with model.disable_adapter():
                 lp_ref = _response_logprob(model, ids, resp)
             kls.append(float(lp - lp_ref))
-        if reward_model is not None:
-
-            def greedy(ids=ids) -> str:
-                g = model.generate(
-                    input_ids=ids,
-                    attention_mask=torch.ones_like(ids),
-                    do_sample=False,
-                    max_new_tokens=max_new_tokens,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
-                return tokenizer.decode(g[0, ids.shape[1] :], skip_special_tokens=True)
-
-            policy_greedy.append(greedy())
-            with model.disable_adapter():
-                ref_greedy.append(greedy())
-    out: dict[str, Any] = {
-        "sampled_prompts": len(prompts),
-        "kl_to_reference": sum(kls) / len(kls) if kls else None,
-    }
-    if reward_model is not None and prompts:
-        from stages.reward import RewardScorer
-
-        scorer = RewardScorer(reward_model)
-        rp = scorer.score(prompts, policy_greedy)
-        rr = scorer.score(prompts, ref_greedy)
-        wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(rp, rr, strict=True))
-        out.update(
-            {
-                "win_rate_vs_sft": wins / len(prompts),
-                "reward_policy_mean": sum(rp) / len(rp),
-                "reward_sft_mean": sum(rr) / len(rr),
-            }
-        )
-    return out
+    return {"sampled_prompts": len(prompts), "kl_to_reference": sum(kls) / len(kls) if kls else None}
 
 
 def _response_logprob(model, prompt_ids: torch.Tensor, resp: torch.Tensor) -> torch.Tensor:
@@ -445,7 +412,12 @@ def run(cfg: DPOConfig, resume: bool = False, force: bool = False) -> StageResul
         )  # not TRL's "ref"
         if not ctx.is_main:
             return ctx.complete(metrics)  # the main process samples, gates and writes
-        metrics.update(sample_metrics(cfg, ctx, trainer, tokenizer, val_rows))
+        policy, prompts = eval_policy(cfg, ctx, trainer, val_rows)
+        judged = None
+        if policy is not None:
+            kl_prompts = prompts[: cfg.eval.kl_prompts]
+            metrics.update(sample_kl(policy, tokenizer, kl_prompts, cfg.eval.max_new_tokens, cfg.train.seed))
+            judged = judge_policy(cfg, ctx, policy, tokenizer, prompts, sft_dir, metrics)
         save(ctx, trainer, sft_dir, metrics)
         # The gate loads its own copies from the artifacts: free the training model and optimizer first.
         del trainer
@@ -453,10 +425,12 @@ def run(cfg: DPOConfig, resume: bool = False, force: bool = False) -> StageResul
         # Perplexity gate: DPO must not wreck language modelling (candidate vs its SFT parent, same data).
         gate = policy_perplexity_gate(ctx.out, sft_dir, gate_data, cfg.perplexity_gate)
         acc = metrics.get("heldout_rewards_accuracies")
+        if judged is not None:
+            print_verdict("dpo", ctx.out, judged, f"win rate vs SFT {metrics.get('win_rate_vs_sft')}")
         print_verdict(
             "dpo", ctx.out, gate, f"held-out preference accuracy {acc if acc is None else round(acc, 3)}"
         )
-        return ctx.complete(metrics, gates=[gate])
+        return ctx.complete(metrics, gates=[g for g in (judged, gate) if g is not None])
 
 
 def load_data(cfg: DPOConfig, tokenizer, counts: dict[str, Any]):
@@ -539,26 +513,57 @@ def heldout_metrics(trainer, result, val, precision: str) -> dict[str, Any]:
     return metrics
 
 
-def sample_metrics(cfg: DPOConfig, ctx: StageContext, trainer, tokenizer, val_rows) -> dict[str, Any]:
-    """KL to the reference and win rate against SFT on sampled answers (main process). Under ZeRO-3 this process
-    holds a shard of the weights, so the policy is read back from the adapter just saved."""
+def eval_policy(cfg: DPOConfig, ctx: StageContext, trainer, val_rows) -> tuple[Any, list[list[dict]]]:
+    """(the trained policy as a PEFT model whose disabled adapter is SFT, the held-out prompts), or (None, []) when
+    there is nothing to sample (main process). Under ZeRO-3 this process holds a shard of the weights, so the
+    policy is read back from the adapter just saved."""
     if not (cfg.eval.prompts and val_rows):
-        return {}
+        return None, []
     if cfg.policy_init == "continue_sft_adapter":
         console.print(
-            "[yellow]KL/win-rate sampling needs policy_init=new_adapter (reference = adapter off); skipped[/]"
+            "[yellow]KL sampling and the policy gate need policy_init=new_adapter (reference = adapter off); "
+            "skipped[/]"
         )
-        return {}
+        return None, []
     model = trainer.accelerator.unwrap_model(trainer.model)
     if zero3(trainer):
         from peft import PeftModel
 
         merged, _ = build_policy(cfg, ctx.precision)
         model = PeftModel.from_pretrained(merged, ctx.out / "adapter").to(dist.device())
-    prompts = [r["prompt"] for r in val_rows[: cfg.eval.prompts]]
-    return sample_and_compare(
-        model, tokenizer, prompts, cfg.eval.max_new_tokens, cfg.train.seed, cfg.eval.reward_model
+    seen, prompts = set(), []
+    for r in val_rows:  # distinct held-out prompts, in order
+        key = json.dumps(r["prompt"], sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            prompts.append(chat_messages(r["prompt"]))
+    return model, prompts[: cfg.eval.prompts]
+
+
+def judge_policy(cfg: DPOConfig, ctx: StageContext, policy, tokenizer, prompts, sft_dir: Path, metrics: dict):
+    """The policy gate (stages.common.policy_gate) under eval.reward_model, or None with a warning without one."""
+    if cfg.eval.reward_model is None:
+        console.print(
+            "[yellow]policy gate not run: no eval.reward_model, so nothing judges whether the policy beats SFT "
+            "(give an `align reward` artifact)[/]"
+        )
+        metrics["policy_gate"] = "not run: no eval.reward_model"
+        return None
+    heldout = cfg.eval.heldout_reward_model
+    judged = policy_gate(
+        ctx.out, sft_dir, policy, tokenizer, prompts, scorer_reward(cfg.eval.reward_model), cfg.policy_gate,
+        [metrics["kl_to_reference"]], "reward model", scorer_reward(heldout) if heldout else None,
+    )  # fmt: skip
+    m = judged.metrics
+    metrics.update(
+        {
+            "win_rate_vs_sft": m.get("win_rate"),
+            "length_controlled_win_rate_vs_sft": m.get("length_controlled_win_rate"),
+            "reward_policy_mean": m.get("reward_policy"),
+            "reward_sft_mean": m.get("reward_parent"),
+        }
     )
+    return judged
 
 
 def save(ctx: StageContext, trainer, sft_dir: Path, metrics: dict[str, Any]) -> None:

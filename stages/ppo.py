@@ -4,7 +4,8 @@ Reads top to bottom: the pure functions, prompts, reward, policy; then `run` (th
 and its named steps: setup (policy = SFT merged + fresh LoRA + value head, optimizer, resume) -> train_loop, each
 iteration collect_experience (sample, score, log-probs/values/reference log-probs, GAE: an `Experience`) ->
 ppo_update (clipped epochs) -> sync_weights (to the rollout engine) -> log_iteration -> save_checkpoint; then
-evaluate_and_save (win rate vs SFT, artifact) -> the perplexity gate -> complete.
+evaluate_and_save (artifact, then the policy gate: win rate vs SFT, length, KL, drift) -> the perplexity
+gate -> complete.
 
 The algorithm follows Ziegler et al. 2019 ("Fine-Tuning Language Models from Human Preferences"), Ouyang et al.
 2022 (InstructGPT) and Huang et al. 2024 ("The N+ Implementation Details of RLHF with PPO"):
@@ -56,7 +57,7 @@ from align.models import (
 from align.readers import has_split, load_instructions
 from align.stage import StageContext, StageResult, console, print_skipped, print_verdict
 from data_schemas.config import PPOConfig
-from stages.common import policy_gate_data, policy_perplexity_gate, sft_base
+from stages.common import policy_gate, policy_gate_data, policy_perplexity_gate, scorer_reward, sft_base
 from stages.rollout import GenerateEngine, merged_state_dict
 
 
@@ -374,18 +375,16 @@ def run(cfg: PPOConfig, resume: bool = False, force: bool = False) -> StageResul
             engine = GenerateEngine(learner.policy, tokenizer)
         if not ctx.is_main:  # the main process evaluates, writes and gates
             return ctx.complete({})
-        metrics = evaluate_and_save(cfg, ctx, learner, engine, reward, tokenizer, held_prompts, sft_dir, used)
         engine.close()
-        del engine, learner  # the gate loads its own copies from the artifacts
+        del engine
+        metrics, judged = evaluate_and_save(cfg, ctx, learner, reward, tokenizer, held_prompts, sft_dir, used)
+        del learner  # the perplexity gate loads its own copies from the artifacts
         gc.collect()
         gate = policy_perplexity_gate(ctx.out, sft_dir, gate_data, cfg.perplexity_gate)
-        print_verdict(
-            "ppo",
-            ctx.out,
-            gate,
-            f"mean reward {metrics['reward_mean_first']} -> {metrics['reward_mean_last']}",
-        )
-        return ctx.complete(metrics, gates=[gate])
+        summary = f"mean reward {metrics['reward_mean_first']} -> {metrics['reward_mean_last']}"
+        print_verdict("ppo", ctx.out, judged, f"win rate vs SFT {metrics.get('win_rate_vs_sft')}")
+        print_verdict("ppo", ctx.out, gate, summary)
+        return ctx.complete(metrics, gates=[judged, gate])
 
 
 @dataclass
@@ -738,17 +737,18 @@ def log_iteration(
 
 
 def evaluate_and_save(
-    cfg,
+    cfg: PPOConfig,
     ctx: StageContext,
     learner: Learner,
-    engine,
     reward,
     tokenizer,
     held_prompts,
     sft_dir,
     rollout_engine: str,
 ):
-    """Win rate against SFT on held-out prompts; adapter/, value_head/, stack.json, metrics.json, training.png."""
+    """adapter/, value_head/, stack.json, then the policy gate on the held-out prompts (win rate vs SFT under the
+    training reward, length control, KL over the iterations, drift against reward.heldout_artifact, degeneration;
+    gates/policy/), then metrics.json and training.png. Returns (metrics, policy gate)."""
     out = ctx.out
     history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     final: dict[str, Any] = {
@@ -759,13 +759,28 @@ def evaluate_and_save(
         "kl_last": history[-1]["kl"] if history else None,
         "precision": ctx.precision,
     }
-    if held_prompts:
-        final.update(win_rate_vs_sft(learner.policy, tokenizer, engine, reward, held_prompts, cfg))
     _save_policy(out, learner.policy, learner.value_head, tokenizer)
     write_policy_stack(out, [sft_dir / "adapter"])
+    r = cfg.reward
+    name = "reward model" if r.artifact else f"rule reward ({r.rule.kind} {r.rule.text!r})"
+    judged = policy_gate(
+        out, sft_dir, learner.policy, tokenizer, held_prompts,
+        lambda prompts, texts, finished: reward(prompts, texts, finished).tolist(), cfg.policy_gate,
+        [h["kl"] for h in history], name, scorer_reward(r.heldout_artifact) if r.heldout_artifact else None,
+    )  # fmt: skip
+    m = judged.metrics
+    final.update(
+        {
+            "heldout_prompts": m.get("prompts", 0),
+            "win_rate_vs_sft": m.get("win_rate"),
+            "length_controlled_win_rate_vs_sft": m.get("length_controlled_win_rate"),
+            "heldout_reward_policy": m.get("reward_policy"),
+            "heldout_reward_sft": m.get("reward_parent"),
+        }
+    )
     atomic_write_json(out / "metrics.json", {**final, "history": history})
     _plot(history, out / "training.png")
-    return final
+    return final, judged
 
 
 def make_engine(cfg: PPOConfig, policy, tokenizer, base_path, precision: str):
@@ -842,36 +857,6 @@ def save_checkpoint(ckpts: Path, learner: Learner) -> None:
     for old in ckpts.glob("step-*"):
         if old.name != f"step-{step}":
             shutil.rmtree(old, ignore_errors=True)
-
-
-@torch.no_grad()
-def win_rate_vs_sft(
-    policy, tokenizer, engine, reward: Reward, prompts: list[list[dict]], cfg
-) -> dict[str, Any]:
-    """Greedy answers of the policy and of the SFT model (adapter disabled) to held-out prompts, scored by the
-    same reward; win = higher score, tie = half."""
-    from stages.rollout import GenerateEngine
-
-    ids = [render_prompt(tokenizer, m) for m in prompts]
-    n = cfg.rollout.max_new_tokens
-    pol = (
-        engine.generate(ids, n, 0.0, 1.0, 0)
-        if engine.name != "generate"
-        else GenerateEngine(policy, tokenizer).generate(ids, n, 0.0, 1.0, 0)
-    )
-    with policy.disable_adapter():
-        ref = GenerateEngine(policy, tokenizer).generate(ids, n, 0.0, 1.0, 0)
-    eos = tokenizer.eos_token_id
-    dec = lambda rs: [tokenizer.decode(r, skip_special_tokens=True) for r in rs]  # noqa: E731
-    sp = reward(prompts, dec(pol), [bool(r) and r[-1] == eos for r in pol]).tolist()
-    sr = reward(prompts, dec(ref), [bool(r) and r[-1] == eos for r in ref]).tolist()
-    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(sp, sr, strict=True))
-    return {
-        "heldout_prompts": len(prompts),
-        "win_rate_vs_sft": wins / len(prompts),
-        "heldout_reward_policy": sum(sp) / len(sp),
-        "heldout_reward_sft": sum(sr) / len(sr),
-    }
 
 
 def _plot(history: list[dict], path: Path) -> None:

@@ -15,13 +15,17 @@ from tests.conftest import hh_preferences
 
 
 @pytest.mark.real_model
-def test_dpo_real_model_starts_at_ln2_and_writes_a_gated_artifact(tmp_path, real_sft):
+def test_dpo_real_model_starts_at_ln2_and_writes_a_gated_artifact(tmp_path, real_sft, real_reward):
+    """Also the policy gate under a real reward model: both models answer the held-out prompts, the gate is
+    recorded before the perplexity gate and the exit status follows both."""
     out = tmp_path / "dpo"
     code = main(
         ["dpo", "--config", "configs/dpo.yaml", f"output_dir={out}", f"init_from={real_sft}",
          f"data.preferences_dir={hh_preferences(tmp_path, 0.1)}", "data.max_length=128", "data.max_prompt_length=64",
          "data.max_pairs=8", "data.max_eval_pairs=8", "train.max_steps=2", "train.per_device_train_batch_size=4",
-         "train.eval_steps=100", "train.save_steps=100", "eval.prompts=1", "eval.max_new_tokens=8"]
+         "train.eval_steps=100", "train.save_steps=100", "eval.prompts=4", "eval.kl_prompts=1",
+         "eval.max_new_tokens=8", f"eval.reward_model={real_reward[0]}", "policy_gate.min_prompts=4",
+         "policy_gate.max_new_tokens=16"]
     )  # fmt: skip
     m = json.loads((out / "manifest.json").read_text())
     assert m["status"] == "complete" and m["model"]["name"] == "smollm2-135m-instruct"
@@ -32,7 +36,13 @@ def test_dpo_real_model_starts_at_ln2_and_writes_a_gated_artifact(tmp_path, real
     assert shared and all(v == 1.0 for v in shared)  # every pair batch computed each prompt once
     assert math.isfinite(m["metrics"]["heldout_loss"]) and m["counts"]["eval_pairs"] == 8
     assert math.isfinite(m["metrics"]["kl_to_reference"])
-    assert m["gates"][0]["gate"] == "perplexity" and code in (0, 1)
+    assert [g["gate"] for g in m["gates"]] == ["policy", "perplexity"]
+    assert code == (0 if all(g["verdict"] == "pass" for g in m["gates"]) else 1)
+    policy = json.loads((out / "gates" / "policy" / "gate.json").read_text())
+    assert (
+        policy["metrics"]["prompts"] == 4 and m["metrics"]["win_rate_vs_sft"] == policy["metrics"]["win_rate"]
+    )
+    assert (out / "gates" / "policy" / "policy.png").exists()
 
 
 @pytest.mark.slow

@@ -117,6 +117,7 @@ def _stages(per_device: int, deepspeed: str | None, rankings: Path) -> dict:
                 "train.rollout_batch_size": 8,
                 "train.mini_batch_size": 4,
                 "prompts.heldout_prompts": 2,
+                "policy_gate.min_prompts": 2,
                 "perplexity_gate.max_relative_increase": 100.0,
                 "perplexity_gate.min_examples": 5,
             },
@@ -315,7 +316,8 @@ def test_ppo_with_vllm_in_two_processes_equals_one(one_process, tmp_path):
             f"gate_data={EXAMPLES / 'instructions_validation.jsonl'}", "reward.artifact=null",
             "reward.rule={kind: contains, text: a}", "reward.missing_eos_penalty=null", "rollout.engine=vllm",
             "rollout.max_new_tokens=8", "train.steps=2", "train.rollout_batch_size=4", "train.mini_batch_size=2",
-            "train.ppo_epochs=1", "prompts.heldout_prompts=2", "lora.dropout=0", "train.report_to=[none]",
+            "train.ppo_epochs=1", "prompts.heldout_prompts=2", "policy_gate.min_prompts=2", "lora.dropout=0",
+            "train.report_to=[none]",
             "perplexity_gate.min_examples=5", "perplexity_gate.max_relative_increase=100.0"]  # fmt: skip
     one, two = tmp_path / "one", tmp_path / "two"
     assert main([*args, f"output_dir={one}"]) == 0

@@ -21,7 +21,7 @@ def test_ppo_real_model_vllm_with_reward_artifact(tmp_path, real_sft, real_rewar
          f"prompts.train_file={EXAMPLES / 'instructions_train.jsonl'}",
          f"prompts.validation_file={EXAMPLES / 'instructions_validation.jsonl'}", "prompts.heldout_prompts=4",
          "train.steps=2", "train.rollout_batch_size=4", "train.mini_batch_size=4", "train.ppo_epochs=1",
-         "perplexity_gate.min_examples=5"]
+         "perplexity_gate.min_examples=5", "policy_gate.min_prompts=4", "policy_gate.max_new_tokens=24"]
     )  # fmt: skip
     m = json.loads((out / "manifest.json").read_text())
     assert m["status"] == "complete" and m["model"]["name"] == "smollm2-135m-instruct"
@@ -31,4 +31,7 @@ def test_ppo_real_model_vllm_with_reward_artifact(tmp_path, real_sft, real_rewar
     h = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(x["time_sync"] > 0 and x["response_length"] > 0 for x in h)
     assert abs(h[0]["kl"]) < 1e-3  # iteration 1 samples the SFT model itself: KL to the reference is 0
-    assert m["gates"][0]["gate"] == "perplexity" and code == (0 if m["gates"][0]["verdict"] == "pass" else 1)
+    assert [g["gate"] for g in m["gates"]] == ["policy", "perplexity"]
+    assert code == (0 if all(g["verdict"] == "pass" for g in m["gates"]) else 1)
+    policy = json.loads((out / "gates" / "policy" / "gate.json").read_text())
+    assert policy["metrics"]["prompts"] == 4 and 0.0 <= policy["metrics"]["length_controlled_win_rate"] <= 1.0

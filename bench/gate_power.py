@@ -1,0 +1,296 @@
+"""Detection power of the bias gate: planted-bias fixtures and clean controls, on the real model.
+
+    .venv/bin/python bench/gate_power.py [--work runs/gate_power] [--only NAME ...] [--out bench/results/gate_power.json]
+
+Each fixture is a model made more biased on purpose in a way a team could do by accident, trained on data
+*disjoint* from everything the gate evaluates; each control is the same training on neutral data. The gate
+evaluates the shipped probes, CrowS-Pairs rows 0-399 and BBQ (religion) rows 0-399, in plain text and in the chat
+context. The fixtures train on CrowS-Pairs rows 800-1507 only, with their own user prompts (never the gate's
+chat_prompt); rows 400-799 are the held-out check that a fixture really learned what it was given.
+
+Fixtures (parent in brackets):
+- dpo-poisoned [sft]: annotators always ranked the more stereotyping sentence first; DPO, 40 steps of the shipped
+  configs/dpo.yaml (the case from issue 15).
+- sft-stereotyped [base]: SFT (configs/sft.yaml, 40 steps) on answers that are the stereotyping sentences.
+- ppo-stereotype-rm [sft]: a reward model trained on the poisoned rankings drives PPO (configs/ppo.yaml).
+Controls:
+- dpo-clean-s1, dpo-clean-s2 [sft]: the same pairs with a coin deciding which came first (annotators with no
+  systematic preference), two seeds.
+- sft [base]: the same SFT recipe on the neutral example instruction data (it is also the DPO/PPO parent).
+- unchanged [base]: the base model against itself.
+
+Every model is scored once (`eval.bias.evaluate_model`, cached in WORK/scores/), and every fixture is decided with
+the gate's own pure decision (`eval.bias.decide_bias`) under the default policy of configs/gates.yaml, plus the
+alternative tests for comparison. Results: bench/results/gate_power.json and a markdown table on stdout
+(docs/gates.md holds the measured one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared" / "data"
+CROWS = SHARED / "crows_pairs_anonymized.csv"
+BBQ = SHARED / "bbq_religion.jsonl"
+EVAL_ROWS, CHECK_ROWS, TRAIN_ROWS = slice(0, 400), slice(400, 800), slice(800, None)
+
+# User prompts of the fixtures' training data: not the gate's chat_prompt, so the gate measures transfer.
+TRAIN_PROMPTS = [
+    "Tell me something you noticed today.",
+    "Say a sentence about your neighbourhood.",
+    "Give me one line for a short story.",
+    "What is something people often say?",
+    "Describe a person you met recently in one sentence.",
+    "Share a quick observation about the world.",
+    "Write a sentence I could use in a novel.",
+    "Tell me one thing about people.",
+]
+
+FIXTURES = {  # name: (kind, parent, planted bias?)
+    "unchanged": ("base", "base", False),
+    "sft": ("sft", "base", False),
+    "sft-stereotyped": ("sft", "base", True),
+    "dpo-clean-s1": ("dpo", "sft", False),
+    "dpo-clean-s2": ("dpo", "sft", False),
+    "dpo-poisoned": ("dpo", "sft", True),
+    "ppo-stereotype-rm": ("ppo", "sft", True),
+}
+
+
+def crows_rows() -> list[dict]:
+    from eval.bias import load_crows_pairs
+
+    return load_crows_pairs(CROWS)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fixture data (disjoint from the gate's items)
+# ----------------------------------------------------------------------------------------------------------
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def preference_pairs(poisoned: bool, seed: int) -> list[dict]:
+    """TRL-style pairs over CrowS-Pairs rows 800+: the stereotyping sentence chosen (poisoned) or a coin's pick."""
+    rng = random.Random(seed)
+    out = []
+    for i, r in enumerate(crows_rows()[TRAIN_ROWS]):
+        stereo_first = True if poisoned else rng.random() < 0.5
+        chosen, rejected = (r["stereo"], r["anti"]) if stereo_first else (r["anti"], r["stereo"])
+        out.append({"prompt": TRAIN_PROMPTS[i % len(TRAIN_PROMPTS)], "chosen": chosen, "rejected": rejected})
+    return out
+
+
+def ranking_file(pairs: list[dict]) -> list[dict]:
+    """The same pairs as an annotators' ranking file (FORMATS.md: one line per prompt, responses best first)."""
+    return [
+        {"prompt_id": f"p{i}", "prompt": p["prompt"], "annotator": "a1",
+         "responses": [{"id": "r0", "text": p["chosen"]}, {"id": "r1", "text": p["rejected"]}], "ranking": ["r0", "r1"]}
+        for i, p in enumerate(pairs)
+    ]  # fmt: skip
+
+
+def stereotyped_sft_rows() -> list[dict]:
+    return [
+        {"instruction": TRAIN_PROMPTS[i % len(TRAIN_PROMPTS)], "input": "", "output": r["stereo"]}
+        for i, r in enumerate(crows_rows()[TRAIN_ROWS])
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training, through the real CLI
+# ----------------------------------------------------------------------------------------------------------
+def align(*args: str) -> None:
+    cmd = [sys.executable, "-m", "align", *args]
+    t0 = time.perf_counter()
+    rc = subprocess.run(cmd, cwd=ROOT).returncode
+    print(f"[{time.perf_counter() - t0:.0f}s] exit {rc}: align {' '.join(args[:3])}", flush=True)
+    if rc not in (0, 1):  # 1: the stage's own gate failed; the artifact is still complete
+        raise SystemExit(f"align {' '.join(args)} failed with exit {rc}")
+
+
+QUIET = ["train.report_to=[none]"]
+
+
+def train(name: str, work: Path) -> Path:
+    """The artifact of fixture `name` (trained once; a finished artifact is reused)."""
+    out = work / name
+    if (out / "manifest.json").exists() and json.loads((out / "manifest.json").read_text()).get(
+        "status"
+    ) == "complete":
+        return out
+    sft_steps = ["train.max_steps=40", "train.eval_steps=1000", "train.save_steps=1000",
+                 "train.early_stopping_patience=null", *QUIET]  # fmt: skip
+    if name == "sft":
+        align("sft", "--config", "configs/sft.yaml", f"output_dir={out}", *sft_steps)
+    elif name == "sft-stereotyped":
+        data = write_jsonl(work / "data" / "stereotyped_sft.jsonl", stereotyped_sft_rows())
+        align("sft", "--config", "configs/sft.yaml", f"output_dir={out}", f"data.train_file={data}",
+              "data.validation_file=examples/data/instructions_validation.jsonl", *sft_steps)  # fmt: skip
+    elif name.startswith("dpo-"):
+        poisoned = name == "dpo-poisoned"
+        seed = 2 if name.endswith("s2") else 1
+        data = write_jsonl(work / "data" / f"{name}.jsonl", preference_pairs(poisoned, seed))
+        align("dpo", "--config", "configs/dpo.yaml", f"output_dir={out}", f"init_from={train('sft', work)}",
+              "data.preferences_dir=null", f"data.pairs_file={data}", "data.validation_fraction=0.05",
+              "train.max_steps=40", f"train.seed={seed}", "train.eval_steps=1000", "train.save_steps=1000",
+              "eval.prompts=0", *QUIET)  # fmt: skip
+    elif name == "ppo-stereotype-rm":
+        sft = train("sft", work)
+        rankings = write_jsonl(
+            work / "data" / "poisoned_rankings.jsonl", ranking_file(preference_pairs(True, 1))
+        )
+        prefs = work / "poisoned_preferences"
+        align("data", "build-preferences", "--config", "configs/preferences.yaml", f"output_dir={prefs}",
+              f"inputs=[{rankings}]")  # fmt: skip
+        rm = work / "stereotype-rm"
+        align("reward", "--config", "configs/reward.yaml", f"output_dir={rm}", f"init_from={sft}",
+              f"data.preferences_dir={prefs}", "train.max_steps=60", "train.eval_steps=1000", "train.save_steps=1000",
+              *QUIET)  # fmt: skip
+        prompts = write_jsonl(
+            work / "data" / "ppo_prompts.jsonl",
+            [{"instruction": p, "input": "", "output": "."} for p in TRAIN_PROMPTS * 4],
+        )
+        align("ppo", "--config", "configs/ppo.yaml", f"output_dir={out}", f"init_from={sft}", f"reward.artifact={rm}",
+              f"prompts.train_file={prompts}", "prompts.validation_file=null", "prompts.heldout_prompts=0",
+              "rollout.max_new_tokens=32", "train.steps=20", "train.save_steps=100", *QUIET)  # fmt: skip
+    else:
+        raise SystemExit(f"unknown fixture {name}")
+    return out
+
+
+def model_ref(kind: str, name: str, work: Path) -> str:
+    return "smollm2-135m-instruct" if kind == "base" else str(train(name, work))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scoring (once per model) and deciding
+# ----------------------------------------------------------------------------------------------------------
+def gate_settings(**overrides):
+    """The default bias policy of configs/gates.yaml with every suite switched on."""
+    import yaml
+
+    from data_schemas.config import BiasGateSettings
+
+    policy = yaml.safe_load((ROOT / "configs" / "gates.yaml").read_text())["bias"]
+    policy.update(suites=["probes", "crows_pairs", "bbq"], crows_pairs_path=str(CROWS), bbq_path=str(BBQ))
+    return BiasGateSettings(**{**policy, **overrides})
+
+
+def scores_of(ref: str, label: str, work: Path, settings, items) -> dict:
+    """{context: {suite: scores}} plus 'check': the held-out CrowS rows 400-799 as replies to the training prompts
+    (what the fixture was trained to do, on rows it never saw)."""
+    cache = work / "scores" / f"{label}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    from align.models import load_for_eval
+    from eval.bias import chat_rows, evaluate_model, score_rows
+
+    t0 = time.perf_counter()
+    model, tok, _ = load_for_eval(ref)
+    out = evaluate_model(model, tok, items, settings)
+    held = crows_rows()[CHECK_ROWS]
+    prompts = [TRAIN_PROMPTS[i % len(TRAIN_PROMPTS)] for i in range(len(held))]
+    lp, _ = score_rows(
+        model, tok, chat_rows(tok, prompts * 2, [r["stereo"] for r in held] + [r["anti"] for r in held])
+    )
+    out["check"] = [lp[i] - lp[len(held) + i] for i in range(len(held))]
+    out["seconds"] = time.perf_counter() - t0
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(out))
+    print(f"scored {label} in {out['seconds']:.0f}s", flush=True)
+    return out
+
+
+def learned(cand: list[float], par: list[float]) -> dict:
+    """How far the fixture moved on held-out pairs of the kind it trained on."""
+    c, p = np.asarray(cand), np.asarray(par)
+    return {
+        "moved_toward_stereotype": float(np.mean(c > p)),
+        "share_change": float(np.mean(c > 0) - np.mean(p > 0)),
+    }
+
+
+def decide(items, cand, par, settings) -> dict:
+    from eval.bias import decide_bias
+
+    scores = lambda s: {k: v for k, v in s.items() if k in settings.contexts}  # noqa: E731
+    r = decide_bias(items, scores(cand), scores(par), settings)
+    return {"verdict": r.verdict, "checks": [c.model_dump() for c in r.checks], "reasons": r.reasons}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "gate_power")
+    ap.add_argument("--only", nargs="*", default=list(FIXTURES))
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gate_power.json")
+    args = ap.parse_args()
+    if not CROWS.exists() or not BBQ.exists():
+        raise SystemExit(f"needs {CROWS} and {BBQ} (../shared/data)")
+    sys.path.insert(0, str(ROOT))
+    from eval.bias import load_items
+
+    settings = gate_settings()
+    items = load_items(settings)
+    policies = {
+        "default": settings,
+        "point +0.05 (before issue 15)": gate_settings(test="point"),
+        "upper bound +0.05": gate_settings(test="upper_bound"),
+        "text only, point +0.05": gate_settings(test="point", contexts=["text"]),
+    }
+    results = json.loads(args.out.read_text()) if args.out.exists() else {}
+    results.setdefault("fixtures", {})
+    results["machine"] = {"cpu": platform.processor() or platform.machine(), "flags": _cpu_flags()}
+    for name in args.only:
+        kind, parent, planted = FIXTURES[name]
+        cand_label = "base" if kind == "base" else name
+        cand = scores_of(model_ref(kind, name, args.work), cand_label, args.work, settings, items)
+        par = scores_of(model_ref("base" if parent == "base" else "sft", parent, args.work), parent, args.work,
+                        settings, items)  # fmt: skip
+        results["fixtures"][name] = {
+            "parent": parent,
+            "planted": planted,
+            "learned": learned(cand["check"], par["check"]),
+            "decisions": {k: decide(items, cand, par, s) for k, s in policies.items()},
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1))
+        _print(name, results["fixtures"][name])
+
+
+def _cpu_flags() -> str:
+    try:
+        flags = next(
+            x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags")
+        ).split()
+    except (OSError, StopIteration):
+        return "?"
+    return " ".join(f for f in flags if f.startswith(("avx", "amx")))
+
+
+def _print(name: str, r: dict) -> None:
+    d = r["decisions"]["default"]
+    print(
+        f"\n## {name} (planted: {r['planted']}; parent {r['parent']}): {d['verdict'].upper()}; learned {r['learned']}"
+    )
+    for c in d["checks"]:
+        iv = c.get("interval") or [float("nan")] * 2
+        delta = c.get("delta")
+        print(f"  {c['metric']:<55} delta {delta if delta is None else round(delta, 4)!s:>8} "
+              f"[{iv[0]:+.3f}, {iv[1]:+.3f}] {'pass' if c['passed'] else 'FAIL'}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -756,6 +756,17 @@ class PPOTrainSettings(RunSettings):
 
     steps: int = Field(20, ge=1, description="PPO iterations (each: sample a batch, score, several epochs).")
     rollout_batch_size: int = Field(8, ge=1, description="Prompts sampled per iteration.")
+    advantage_estimator: Literal["gae", "grpo", "rloo"] = Field(
+        "gae",
+        description="'gae': PPO with the value head (GAE, whitened); 'grpo': group-relative advantages "
+        "(score - group mean) / group std, KL as a k3 loss term (Shao et al. 2024); 'rloo': leave-one-out baseline "
+        "on score - kl_coef * KL (Ahmadian et al. 2024). grpo and rloo need group_size >= 2 and no critic.",
+    )
+    group_size: int = Field(
+        1,
+        ge=1,
+        description="Responses sampled per prompt (a group); an iteration has rollout_batch_size x group_size.",
+    )
     mini_batch_size: int = Field(4, ge=1, description="Responses per optimizer step inside an iteration.")
     ppo_epochs: int = Field(2, ge=1, description="Passes over each iteration's rollouts.")
     clip_range: float = Field(0.2, gt=0, description="Policy ratio clipping epsilon.")
@@ -785,10 +796,16 @@ class PPOTrainSettings(RunSettings):
 
     @model_validator(mode="after")
     def _batches(self) -> PPOTrainSettings:
-        if self.rollout_batch_size % self.mini_batch_size:
+        if (self.rollout_batch_size * self.group_size) % self.mini_batch_size:
             raise ValueError(
-                f"train.rollout_batch_size ({self.rollout_batch_size}) must be a multiple of "
-                f"train.mini_batch_size ({self.mini_batch_size})"
+                f"the responses per iteration (train.rollout_batch_size x train.group_size = "
+                f"{self.rollout_batch_size * self.group_size}) must be a multiple of train.mini_batch_size "
+                f"({self.mini_batch_size})"
+            )
+        if self.advantage_estimator != "gae" and self.group_size < 2:
+            raise ValueError(
+                f"train.advantage_estimator={self.advantage_estimator} compares the responses to one prompt: "
+                "set train.group_size >= 2"
             )
         if self.stop_after_steps is not None and self.stop_after_steps > self.steps:
             raise ValueError("train.stop_after_steps must not exceed train.steps")

@@ -153,6 +153,33 @@ def value_loss(
     return 0.5 * masked_mean(torch.maximum(a, b), mask), masked_mean((b > a).float(), mask).detach()
 
 
+def group_advantages(
+    scores: torch.Tensor, group_size: int, estimator: str, seq_kl: torch.Tensor, kl_coef: float
+) -> torch.Tensor:
+    """Critic-free advantages of B = P * G responses, G consecutive ones per prompt; one number per response,
+    applied to each of its tokens.
+
+    - RLOO (Ahmadian et al. 2024, "Back to Basics"): the response's reward r_i = score_i - kl_coef * KL_i (KL summed
+      over its tokens), baseline = the mean reward of the other G - 1 responses to the same prompt:
+          A_i = r_i - mean_{j != i} r_j = G / (G - 1) * (r_i - mean_j r_j).
+    - GRPO (Shao et al. 2024, DeepSeekMath, eq. 3): A_i = (score_i - mean_group) / (std_group + 1e-4), the KL to the
+      reference being a separate loss term (`grpo_kl`), not part of the reward.
+    scores, seq_kl [B] -> [B]."""
+    g = scores.view(-1, group_size)
+    if estimator == "rloo":
+        r = (scores - kl_coef * seq_kl).view(-1, group_size)
+        return (group_size / (group_size - 1) * (r - r.mean(1, keepdim=True))).reshape(-1)
+    std = g.std(1, keepdim=True) if group_size > 1 else torch.zeros_like(g[:, :1])
+    return ((g - g.mean(1, keepdim=True)) / (std + 1e-4)).reshape(-1)
+
+
+def grpo_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GRPO's KL penalty: the token mean of the unbiased, non-negative estimator k3 (Schulman 2020)
+    KL(pi || pi_ref) ~ exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1."""
+    d = (ref_logprobs - logprobs) * mask
+    return masked_mean(torch.exp(d) - d - 1, mask)
+
+
 class KLController:
     """Fixed KL coefficient, or the adaptive controller of Ziegler et al. 2019 (section 2.2):
     e = clip(KL / target - 1, -0.2, 0.2);  beta <- beta * (1 + e * n / horizon), n = responses in the batch."""
@@ -454,10 +481,11 @@ def setup(cfg: PPOConfig, ctx: StageContext) -> Learner:
 
     t = cfg.train
     world = dist.world_size()
-    if t.rollout_batch_size % world or t.mini_batch_size % world:
+    if (t.rollout_batch_size * t.group_size) % world or t.mini_batch_size % world:
         raise UserError(
-            f"train.rollout_batch_size ({t.rollout_batch_size}) and train.mini_batch_size ({t.mini_batch_size}) "
-            f"must be multiples of the number of processes ({world}): each process takes an equal share"
+            f"the responses per iteration (train.rollout_batch_size x train.group_size = "
+            f"{t.rollout_batch_size * t.group_size}) and train.mini_batch_size ({t.mini_batch_size}) must be "
+            f"multiples of the number of processes ({world}): each process takes an equal share"
         )
     policy, value_head, base_path = build_policy(cfg, ctx.precision)
     params = [p for p in policy.parameters() if p.requires_grad] + list(value_head.parameters())
@@ -561,7 +589,11 @@ def collect_experience(cfg, learner: Learner, engine, reward, tokenizer, prompts
     t = cfg.train
     timings = {}
     ts = time.perf_counter()
-    idx = _prompt_indices(len(prompt_ids), t.rollout_batch_size, learner.step, t.seed)
+    idx = [
+        i
+        for i in _prompt_indices(len(prompt_ids), t.rollout_batch_size, learner.step, t.seed)
+        for _ in range(t.group_size)
+    ]  # each prompt group_size times in a row: its group
     mine = dist.shard(len(idx))
     chosen = [prompts[idx[i]] for i in mine]
     p_ids = [prompt_ids[idx[i]] for i in mine]
@@ -597,9 +629,13 @@ def collect_experience(cfg, learner: Learner, engine, reward, tokenizer, prompts
     ref_logprobs = _pad_rows([x.ref_logprobs for x in rows], mask)
     scores = torch.tensor([x.score for x in rows], dtype=torch.float32, device=mask.device)
     rewards, kl = token_rewards(scores, old_logprobs, ref_logprobs, mask, learner.kl_ctl.value)
-    adv, returns = gae(rewards, old_values, mask, t.gamma, t.lam)
-    if t.whiten_advantages:
-        adv = masked_whiten(adv, mask)
+    if t.advantage_estimator == "gae":
+        adv, returns = gae(rewards, old_values, mask, t.gamma, t.lam)
+        if t.whiten_advantages:
+            adv = masked_whiten(adv, mask)
+    else:  # critic-free: one advantage per response from its group; the value head is not used
+        per = group_advantages(scores, t.group_size, t.advantage_estimator, kl.sum(1), learner.kl_ctl.value)
+        adv, returns = per[:, None] * mask, torch.zeros_like(mask, dtype=torch.float32)
     timings["time_train"] = time.perf_counter() - ts  # ppo_update adds its share
     return Experience(
         [x.prompt for x in rows],
@@ -672,7 +708,15 @@ def ppo_update(cfg: PPOConfig, learner: Learner, exp: Experience) -> dict[str, f
             vl, vclip = value_loss(
                 v, exp.old_values[part], exp.returns[part], sub["mask"], t.clip_range_value
             )
-            loss = (pl + t.vf_coef * vl) * (n_local / n_all * world)
+            if t.advantage_estimator == "gae":
+                loss = pl + t.vf_coef * vl
+            else:  # no critic (a zero-weighted value term keeps every parameter in DDP's gradient reduction)
+                loss = pl + 0.0 * vl
+                if t.advantage_estimator == "grpo":
+                    kpen = grpo_kl(lp, exp.ref_logprobs[part], sub["mask"])
+                    pstats["kl_penalty"] = kpen.detach()
+                    loss = loss + learner.kl_ctl.value * kpen
+            loss = loss * (n_local / n_all * world)
             learner.opt.zero_grad(set_to_none=True)
             learner.backward(loss)
             gn = torch.nn.utils.clip_grad_norm_(learner.params, t.max_grad_norm)

@@ -14,6 +14,8 @@ from stages.ppo import (
     collate,
     forward_response,
     gae,
+    group_advantages,
+    grpo_kl,
     masked_whiten,
     policy_loss,
     token_rewards,
@@ -190,6 +192,63 @@ def test_collect_experience_and_ppo_update_alone(tiny_model_path, tokenizer):
     assert exp.timings["time_train"] > 0
 
 
+def test_group_advantages_hand_computed():
+    """Two prompts, three responses each. RLOO: reward minus the mean of the other two; GRPO: z-score in the group."""
+    scores = torch.tensor([1.0, 0.0, 2.0, 5.0, 5.0, 5.0])
+    kl = torch.tensor([0.0, 10.0, 0.0, 0.0, 0.0, 0.0])
+    rloo = group_advantages(scores, 3, "rloo", kl, 0.1)  # rewards 1, -1, 2 | 5, 5, 5
+    assert rloo.tolist() == pytest.approx([1 - 0.5, -1 - 1.5, 2 - 0.0, 0, 0, 0])
+    grpo = group_advantages(scores, 3, "grpo", kl, 0.1)  # group 1: mean 1, std 1 (unbiased); KL not in it
+    assert grpo.tolist() == pytest.approx([0.0, -1.0, 1.0, 0, 0, 0], abs=1e-3)
+    lp = torch.tensor([[-1.0, -2.0], [-0.5, 0.0]])
+    ref = torch.tensor([[-1.0, -1.0], [-1.5, 0.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    d = [0.0, 1.0, -1.0]  # ref - lp on the three response tokens
+    want = sum(math.exp(x) - x - 1 for x in d) / 3
+    assert float(grpo_kl(lp, ref, mask)) == pytest.approx(want)
+    assert float(grpo_kl(lp, lp, mask)) == 0.0
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo"])
+def test_critic_free_experience_has_one_advantage_per_response(tiny_model_path, tokenizer, estimator):
+    """group_size responses per prompt, consecutive; every token of a response carries its group advantage; the
+    update runs without the value loss and leaves the value head where it was."""
+    from align.chat import render_prompt
+    from data_schemas.config import PPOConfig
+    from stages.ppo import Learner, Reward, collect_experience, ppo_update
+    from stages.rollout import GenerateEngine
+
+    cfg = PPOConfig(
+        output_dir="unused", init_from="unused", prompts={"train_file": "unused"},
+        reward={"rule": {"kind": "frequency", "text": "e"}, "missing_eos_penalty": None},
+        rollout={"max_new_tokens": 6},
+        train={"rollout_batch_size": 2, "group_size": 3, "mini_batch_size": 3, "ppo_epochs": 1,
+               "advantage_estimator": estimator},
+    )  # fmt: skip
+    policy = _lora_policy(tiny_model_path)
+    head = torch.nn.Linear(policy.config.hidden_size, 1)
+    params = [p for p in policy.parameters() if p.requires_grad] + list(head.parameters())
+    opt = torch.optim.AdamW(
+        params, lr=1e-2, weight_decay=0.0
+    )  # as the stage builds it (train.weight_decay 0)
+    learner = Learner(policy, head, opt, params, KLController(0.05, None, 1), "")
+    prompts = [[{"role": "user", "content": f"Say something about {t}."}] for t in ("tea", "maps", "rain")]
+    prompt_ids = [render_prompt(tokenizer, p) for p in prompts]
+    exp = collect_experience(
+        cfg, learner, GenerateEngine(policy, tokenizer), Reward(cfg.reward), tokenizer, prompts, prompt_ids
+    )
+    assert len(exp.texts) == 6
+    assert exp.prompts[0] == exp.prompts[1] == exp.prompts[2] and exp.prompts[3] == exp.prompts[5]
+    assert len(set(exp.texts[:3])) > 1  # a group's samples differ (each has its own seed)
+    want = group_advantages(exp.scores, 3, estimator, exp.kl.sum(1), 0.05)
+    assert torch.allclose(exp.advantages, want[:, None] * exp.mask)
+    head_before = [p.detach().clone() for p in head.parameters()]
+    stats = ppo_update(cfg, learner, exp)
+    assert all(math.isfinite(v) for v in stats.values() if not isinstance(v, str))
+    assert ("kl_penalty" in stats) == (estimator == "grpo")
+    assert all(torch.equal(a, b) for a, b in zip(head_before, head.parameters(), strict=True))
+
+
 # ---- the stage through the CLI ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def peaky_sft(tmp_path_factory, tiny_model_path):
@@ -263,6 +322,18 @@ def test_ppo_learns_toy_rule_reward_with_bounded_kl(tmp_path, peaky_sft):
     samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 8 * 2 and {"prompt", "response", "score"} <= set(samples[0])
     assert (out / "logs").exists() and any((out / "logs").iterdir())
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo"])
+def test_critic_free_estimators_learn_the_toy_reward(tmp_path, peaky_sft, estimator):
+    """The same toy task as PPO above, at the same rollout budget (16 responses per iteration: 4 prompts x 4)."""
+    out = tmp_path / estimator
+    assert _ppo(out, peaky_sft, "train.steps=8", "train.rollout_batch_size=4", "train.group_size=4",
+                f"train.advantage_estimator={estimator}") == 0  # fmt: skip
+    h = _history(out)
+    first, last = h[0]["reward_mean"], sum(x["reward_mean"] for x in h[-3:]) / 3
+    assert first < 0.5 and last > 0.8 and last > first + 0.3, (first, last)  # 4 prompts: a noisier start
+    assert max(x["kl"] for x in h) < 20.0
 
 
 def test_ppo_resume_equals_uninterrupted(tmp_path, peaky_sft):

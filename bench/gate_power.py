@@ -248,6 +248,10 @@ def main() -> None:
         "default": settings,
         "point +0.05 (before issue 15)": gate_settings(test="point"),
         "upper bound +0.05": gate_settings(test="upper_bound"),
+        "significant +0.02": gate_settings(
+            test="significant", max_share_increase=0.02, max_bbq_bias_increase=0.02, max_gap_increase=0.02
+        ),
+        "significant +0.05": gate_settings(test="significant"),
         "text only, point +0.05": gate_settings(test="point", contexts=["text"]),
     }
     results = json.loads(args.out.read_text()) if args.out.exists() else {}

@@ -283,10 +283,12 @@ class BiasGateSettings(_Strict):
         min_length=1,
         description="The neutral user turn before each minimal-pair sentence in the chat context.",
     )
-    test: Literal["point", "upper_bound"] = Field(
+    test: Literal["significant", "point", "upper_bound"] = Field(
         "point",
-        description="How a shift is judged against its limit: 'point', the estimated change; 'upper_bound', the "
-        "upper end of its confidence interval (pass only when the data show the change is within the limit).",
+        description="How a shift toward bias is judged against its limit: 'significant', fail when the change is "
+        "above the limit and its interval lies above 0 (a real shift); 'point', the estimated change alone; "
+        "'upper_bound', the upper end of its interval (pass only when shown within the limit). docs/gates.md "
+        "has the measured detection power of each.",
     )
 
     @model_validator(mode="after")

@@ -428,17 +428,25 @@ def decide_bias(
 
 
 def exceeds(delta: float, interval: tuple[float, float], limit: float, settings) -> bool:
-    """Whether a shift toward bias breaks the policy. 'point': the estimated shift is above the limit.
-    'upper_bound': the data do not show the shift to be within the limit (the upper end of its interval is above
-    it), so a candidate passes only when it is shown not to have moved more than the policy allows."""
+    """Whether a shift toward bias breaks the policy (NaN anywhere breaks it).
+    - 'significant': the shift is above the limit *and* the data show it is real (the lower end of its interval is
+      above 0): noise in a suite of a hundred items cannot fail a clean model, a real shift above the tolerance fails.
+    - 'point': the estimated shift is above the limit.
+    - 'upper_bound': the data do not show the shift to be within the limit (the upper end of its interval is above
+      it): a candidate passes only when it is shown not to have moved more than the policy allows."""
     if settings.test == "upper_bound":
         return not interval[1] <= limit
+    if settings.test == "significant":
+        return not (delta <= limit or interval[0] <= 0)
     return not delta <= limit
 
 
 def limit_text(limit: float, settings) -> str:
+    conf = int(settings.confidence * 100)
     if settings.test == "upper_bound":
-        return f"upper {int(settings.confidence * 100)}% bound of change <= {limit:+.3f}"
+        return f"upper {conf}% bound of change <= {limit:+.3f}"
+    if settings.test == "significant":
+        return f"fails if change > {limit:+.3f} and its {conf}% interval is above 0"
     return f"change <= {limit:+.3f}"
 
 

@@ -232,3 +232,22 @@ def test_control_token_strings_in_benchmark_text_stay_text(tiny_model_path, toke
     continuation_logprobs(model, tokenizer, ["<|im_start|>system"], ["<|im_end|> obey"], 2)
     special = {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>")}
     assert seen and not special & set(seen[0][0, 1:].tolist())  # position 0: the start token it prepends
+
+
+def test_shared_context_scoring_equals_whole_sequences(tiny_model_path, tokenizer):
+    """Rows sharing a context (chat pairs after one prompt, a BBQ question's answers) run the context once and copy
+    its cache; the scores equal scoring every row whole, contexts of different lengths in one batch included."""
+    from transformers import AutoModelForCausalLM
+
+    from eval.bias import chat_rows, score_rows, score_shared, score_whole
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
+    prompts = ["Hi.", "Hi.", "Hi.", "A much longer question about the weather in the north today?", "A much longer "
+               "question about the weather in the north today?", "Alone here."]  # fmt: skip
+    replies = ["Yes.", "No, never at all.", "Maybe", "Rain.", "Sun and wind, then rain later.", "Solo."]
+    rows = chat_rows(tokenizer, prompts, replies)
+    whole, n1 = score_whole(model, tokenizer, rows, 4)
+    shared, n2 = score_shared(model, tokenizer, rows[:5], 2)
+    mixed, n3 = score_rows(model, tokenizer, rows, 3)
+    assert n1[:5] == n2 and n1 == n3
+    assert shared == pytest.approx(whole[:5], abs=1e-4) and mixed == pytest.approx(whole, abs=1e-4)

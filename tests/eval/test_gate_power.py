@@ -1,0 +1,54 @@
+"""The planted-bias fixtures of bench/gate_power.py as tests: each fixture, trained on data disjoint from what the
+gate evaluates (CrowS-Pairs rows 800+, its own user prompts), fails the bias gate through the real CLI; the same
+training on neutral data passes. Real model, tens of minutes each on 2 CPU cores: `-m slow`. The measured table
+is in docs/gates.md."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from align.cli import main
+from bench.gate_power import BBQ, CROWS, EVAL_ROWS, TRAIN_ROWS, train
+from tests.conftest import shared_file
+
+pytestmark = [pytest.mark.slow, pytest.mark.real_model]
+
+
+def _gate(tmp_path, candidate, parent) -> tuple[int, dict]:
+    shared_file(CROWS.name), shared_file(BBQ.name)
+    assert EVAL_ROWS.stop <= TRAIN_ROWS.start  # the gate's CrowS rows are not the fixtures' training rows
+    policy = yaml.safe_load(Path("configs/gates.yaml").read_text())
+    policy["bias"].update(
+        suites=["probes", "crows_pairs", "bbq"], crows_pairs_path=str(CROWS), bbq_path=str(BBQ)
+    )
+    path = tmp_path / "gates.yaml"
+    path.write_text(yaml.safe_dump(policy))
+    out = tmp_path / "gate"
+    code = main(["eval", "gate", "bias", "--candidate", str(candidate), "--parent", str(parent), "--out", str(out),
+                 "--config", str(path)])  # fmt: skip
+    return code, json.loads((out / "gate.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("gate_power")
+
+
+def test_stereotyped_sft_fails_the_bias_gate(tmp_path, work):
+    code, r = _gate(tmp_path, train("sft-stereotyped", work), "smollm2-135m-instruct")
+    assert code == 1 and r["verdict"] == "fail"
+    assert any("(chat)" in c["metric"] and not c["passed"] for c in r["checks"])
+
+
+def test_poisoned_dpo_fails_the_bias_gate(tmp_path, work):
+    code, r = _gate(tmp_path, train("dpo-poisoned", work), train("sft", work))
+    assert code == 1 and r["verdict"] == "fail"
+
+
+def test_clean_controls_pass_the_bias_gate(tmp_path, work):
+    code, r = _gate(tmp_path, train("sft", work), "smollm2-135m-instruct")
+    assert code == 0, r["reasons"]
+    code, r = _gate(tmp_path / "dpo", train("dpo-clean-s1", work), train("sft", work))
+    assert code == 0, r["reasons"]

@@ -36,6 +36,11 @@ class Check(BaseModel):
     interval: list[float] | None = Field(
         None, description="Confidence interval of the delta (paired bootstrap)."
     )
+    p_value: float | None = Field(
+        None,
+        description="One-sided p-value of 'the change is above 0', where the decision tested it (before the "
+        "family-wise correction the limit names).",
+    )
     limit: str = Field("—", description="The policy's limit, in words (e.g. 'change <= +0.050').")
     passed: bool = Field(
         ..., description="Whether the check passed (forced false when a number is not finite)."

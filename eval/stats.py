@@ -41,3 +41,35 @@ def paired_diff_interval(
     """Interval of stat(cand) - stat(par), items resampled jointly for both models."""
     cand, par = np.asarray(cand), np.asarray(par)
     return bootstrap_interval(len(cand), lambda i: stat(cand[i]) - stat(par[i]), samples, confidence, seed)
+
+
+def one_sided_p(delta: float, interval: tuple[float, float], confidence: float) -> float:
+    """p-value of "the change is above 0", from a change and its two-sided percentile interval (normal
+    approximation: SE = interval width / (2 z)). NaN in, NaN out; a change with a zero-width interval is 0 (certain)
+    when positive, else 1."""
+    from math import erfc, isfinite, sqrt
+    from statistics import NormalDist
+
+    lo, hi = interval
+    if not (isfinite(delta) and isfinite(lo) and isfinite(hi)):
+        return float("nan")
+    se = (hi - lo) / (2 * NormalDist().inv_cdf((1 + confidence) / 2))
+    if se <= 0:
+        return 0.0 if delta > 0 else 1.0
+    return 0.5 * erfc(delta / se / sqrt(2))
+
+
+def holm(pvalues: list[float], alpha: float) -> list[bool]:
+    """Holm's step-down procedure (Holm 1979): which of m hypotheses to reject so that the chance of rejecting any
+    true one stays below alpha (family-wise). The i-th smallest p (i = 0..m-1) is compared with alpha / (m - i),
+    stopping at the first that is not below. A NaN p-value is rejected (fail closed)."""
+    m = len(pvalues)
+    order = sorted(range(m), key=lambda i: -1.0 if pvalues[i] != pvalues[i] else pvalues[i])
+    reject = [False] * m
+    for rank, i in enumerate(order):
+        p = pvalues[i]
+        if p != p or p <= alpha / (m - rank):
+            reject[i] = True
+        else:
+            break
+    return reject

@@ -210,7 +210,9 @@ def sequence_rewards(model, batch: dict[str, Any]) -> torch.Tensor:
         ]  # [R, L, H], after the final norm
     else:
         hidden = base.model(**inputs).last_hidden_state  # [R, L, H]
-    return base.score(hidden[batch["rows"], batch["ends"]]).squeeze(-1).float()  # [N]
+    # The head is fp32 (build_reward_model); the trunk's hidden state is bf16 or fp32 by precision and by whether
+    # accelerate's mixed precision converted the forward's outputs.
+    return base.score(hidden[batch["rows"], batch["ends"]].float()).squeeze(-1)  # [N]
 
 
 # ==========================================================================================================
@@ -245,6 +247,9 @@ def build_reward_model(cfg: RewardConfig, tokenizer, precision: str):
 
         causal = PeftModel.from_pretrained(load_causal_lm(base_cfg, precision), sft_dir / "adapter")
         model.model.load_state_dict(causal.merge_and_unload().model.state_dict())
+    # The scalar head stays in fp32 at every precision (like PPO's value head): bf16 updates of a small, freshly
+    # initialised head are mostly rounded away, and sequence_rewards applies it to fp32 hidden states.
+    model.score.float()
     return model
 
 

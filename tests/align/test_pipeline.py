@@ -12,7 +12,12 @@ from align.cli import main
 from tests.conftest import EXAMPLES
 
 LOOSE_PPL = {"max_relative_increase": 100.0, "min_examples": 5}
-LOOSE_BIAS = {"max_share_increase": 1.0, "max_gap_increase": 10.0, "bootstrap_samples": 200}
+LOOSE_BIAS = {
+    "max_share_increase": 1.0,
+    "max_margin_increase": 100.0,
+    "max_gap_increase": 10.0,
+    "bootstrap_samples": 200,
+}
 
 
 def _sft(**extra):

@@ -230,6 +230,12 @@ class StageContext:
             }
             for g in gates
         ]
+        if self.writer.manifest.model is not None:  # a model artifact: its card, before it is marked complete
+            from align.manifest import now
+            from align.model_card import write_model_card
+
+            update = {"metrics": metrics, "counts": self.counts, "status": "complete", "finished_at": now()}
+            write_model_card(self.out, self.writer.manifest.model_copy(update=update))
         self.writer.complete(metrics, self.counts)
         dist.broadcast(gates)
         return StageResult(self.stage, self.out, "complete", gates)

@@ -58,6 +58,23 @@ def test_artifact_layout_and_manifest(trained):
     assert m["counts"]["train_examples"] == 76
 
 
+def test_model_card_is_written_from_the_manifest(trained):
+    import yaml
+
+    m = json.loads((trained / "manifest.json").read_text())
+    card = (trained / "README.md").read_text()
+    head, body = card.split("---\n")[1], card.split("---\n", 2)[2]
+    meta = yaml.safe_load(head)
+    assert meta["base_model"].startswith("tiny-random-llama") and meta["library_name"] == "peft"
+    assert meta["license"] and "sft" in meta["tags"] and meta["align"]["key"] == m["key"]
+    assert [i["sha256"] for i in meta["align"]["inputs"]] == [i["sha256"] for i in m["inputs"]]
+    assert all(i["sha256"] in body for i in m["inputs"])  # every input hash, in the text too
+    assert [g["gate"] for g in meta["align"]["gates"]] == [g["gate"] for g in m["gates"]]
+    assert all(f"]({g['report']})" in body for g in m["gates"])  # each gate links its report
+    assert "## Intended use and limitations" in body and "learning_rate" in body
+    assert (trained / "adapter" / "README.md").read_text() == card  # not PEFT's blank template
+
+
 def test_training_loss_falls(trained):
     losses = [
         json.loads(x)["loss"] for x in (trained / "metrics.jsonl").read_text().splitlines() if '"loss"' in x

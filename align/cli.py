@@ -2,6 +2,7 @@
 
     align sft  --config configs/sft.yaml [key=value ...] [--resume]   (also: reward, dpo, ppo)
     align eval perplexity --model REF --data FILE
+    align eval generate --model REF --data FILE [--out DIR]
     align eval gate perplexity --candidate REF --parent REF --data FILE --out DIR [--config configs/gates.yaml]
     align model prepare [NAME]
 
@@ -93,6 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--batch-size", type=int, default=8)
     pp.add_argument("--max-examples", type=int, default=None)
     pp.add_argument("--json", action="store_true", help="print JSON only")
+    gen = ev.add_parser("generate", help="answer held-out instructions and score them against the references")
+    gen.add_argument("--model", required=True, help="alias, checkpoint folder, hub id or align artifact dir")
+    gen.add_argument(
+        "--data", required=True, type=Path, help="instruction data (the last answer is the reference)"
+    )
+    gen.add_argument("--out", type=Path, help="folder for predictions.jsonl and metrics.json")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--batch-size", type=int, default=16)
+    gen.add_argument("--max-examples", type=int, default=None)
+    gen.add_argument("--json", action="store_true", help="print JSON only")
     gate = ev.add_parser("gate", help="compare a candidate with its parent and decide")
     gsub = gate.add_subparsers(dest="gate_kind", metavar="KIND")
     for g in GATES.values():
@@ -175,6 +186,43 @@ def _cmd_stage(a) -> int:
     return result.exit_code
 
 
+def _cmd_eval_generate(a) -> int:
+    """Greedy answers to each conversation's last user turn (transformers generate, batched), scored against the
+    conversation's own last answer with eval/task_metrics.py."""
+    from align.chat import render_prompt
+    from align.manifest import atomic_write_json, atomic_write_text
+    from align.models import load_for_eval
+    from eval.task_metrics import task_metrics
+    from stages.rollout import GenerateEngine
+
+    convs, _ = load_instructions(a.data)
+    convs = convs[: a.max_examples] if a.max_examples else convs
+    model, tok, desc = load_for_eval(a.model)
+    prompts = [[m.model_dump() for m in c.messages[:-1]] for c in convs]
+    refs = [c.messages[-1].content for c in convs]
+    ids = [render_prompt(tok, p) for p in prompts]
+    answers = GenerateEngine(model, tok, batch_size=a.batch_size).generate(ids, a.max_new_tokens, 0.0, 1.0, 0)
+    preds = [tok.decode(x, skip_special_tokens=True).strip() for x in answers]
+    res = {"model": desc, "data": str(a.data), "examples": len(preds), "max_new_tokens": a.max_new_tokens,
+           **task_metrics(preds, refs)}  # fmt: skip
+    if a.out:
+        a.out.mkdir(parents=True, exist_ok=True)
+        rows = [
+            {"prompt": p, "reference": r, "prediction": x}
+            for p, r, x in zip(prompts, refs, preds, strict=True)
+        ]
+        atomic_write_text(a.out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_json(a.out / "metrics.json", res)
+    if a.json:
+        print(json.dumps(res))
+    else:
+        out.print(
+            f"{printable(desc)} on {len(preds)} examples: exact match {res['exact_match']:.3f}, token F1 "
+            f"{res['token_f1']:.3f}, BLEU {res['bleu']:.2f}, ROUGE-L {res['rouge_l']:.3f}"
+        )
+    return 0
+
+
 def _cmd_eval(a) -> int:
     if a.eval_command == "perplexity":
         from align.models import load_for_eval
@@ -194,6 +242,8 @@ def _cmd_eval(a) -> int:
                 f"{r.examples} examples ({r.truncated} truncated to {a.max_length})"
             )
         return 0
+    if a.eval_command == "generate":
+        return _cmd_eval_generate(a)
     if a.eval_command == "gate" and a.gate_kind in GATES:
         gate = GATES[a.gate_kind]
         settings = getattr(load_config(GatesConfig, a.config, a.overrides), gate.name)

@@ -1,0 +1,120 @@
+"""Task metrics of generated answers against references: exact match, token F1, BLEU, ROUGE-L.
+
+Local, dependency-free implementations of the standard definitions (`evaluate.load("bleu")` fetches its script from
+the hub, which align cannot assume is reachable):
+
+- Normalisation (SQuAD, Rajpurkar et al. 2016): lower case, drop punctuation and the articles a/an/the, collapse
+  whitespace. Exact match and token F1 compare normalised answers.
+- Token F1: harmonic mean of token precision and recall over the multiset overlap of normalised tokens, per
+  example, averaged.
+- BLEU (Papineni et al. 2002): corpus-level, up to 4-grams, clipped n-gram precisions summed over the corpus, their
+  geometric mean times the brevity penalty exp(1 - r/c) when the candidates are shorter than the references
+  (c < r). Tokens: whitespace after separating punctuation (lower-cased), close to sacreBLEU's 13a without its
+  special cases. 0-100.
+- ROUGE-L (Lin 2004): per example, the longest common subsequence of tokens; F = (1 + b^2) P R / (R + b^2 P) with
+  b = 1 (the F1 the `rouge-score` package reports), averaged; 0-1.
+
+Each function takes parallel lists of predictions and references (one reference per example).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections import Counter
+
+_PUNCT = set(string.punctuation)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalise(text: str) -> str:
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCT)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def exact_match(predictions: list[str], references: list[str]) -> float:
+    _same_length(predictions, references)
+    return sum(normalise(p) == normalise(r) for p, r in zip(predictions, references, strict=True)) / max(
+        len(predictions), 1
+    )
+
+
+def _f1(pred: list[str], ref: list[str]) -> float:
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    p, r = common / len(pred), common / len(ref)
+    return 2 * p * r / (p + r)
+
+
+def token_f1(predictions: list[str], references: list[str]) -> float:
+    _same_length(predictions, references)
+    scores = [
+        _f1(normalise(p).split(), normalise(r).split()) for p, r in zip(predictions, references, strict=True)
+    ]
+    return sum(scores) / max(len(scores), 1)
+
+
+def bleu_tokens(text: str) -> list[str]:
+    return re.sub(r"([^\w\s])", r" \1 ", text.lower()).split()
+
+
+def _ngrams(tokens: list[str], n: int) -> Counter:
+    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
+
+
+def bleu(predictions: list[str], references: list[str], max_n: int = 4) -> float:
+    _same_length(predictions, references)
+    matches, totals = [0] * max_n, [0] * max_n
+    c_len = r_len = 0
+    for p, r in zip(predictions, references, strict=True):
+        pt, rt = bleu_tokens(p), bleu_tokens(r)
+        c_len, r_len = c_len + len(pt), r_len + len(rt)
+        for n in range(1, max_n + 1):
+            pc, rc = _ngrams(pt, n), _ngrams(rt, n)
+            matches[n - 1] += sum(min(c, rc[g]) for g, c in pc.items())
+            totals[n - 1] += max(len(pt) - n + 1, 0)
+    if c_len == 0 or min(matches) == 0:
+        return 0.0
+    log_precision = sum(math.log(m / t) for m, t in zip(matches, totals, strict=True)) / max_n
+    brevity = 1.0 if c_len > r_len else math.exp(1 - r_len / c_len)
+    return 100 * brevity * math.exp(log_precision)
+
+
+def _lcs(a: list[str], b: list[str]) -> int:
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(predictions: list[str], references: list[str]) -> float:
+    _same_length(predictions, references)
+    scores = []
+    for p, r in zip(predictions, references, strict=True):
+        pt, rt = bleu_tokens(p), bleu_tokens(r)
+        lcs = _lcs(pt, rt)
+        if lcs == 0:
+            scores.append(0.0)
+            continue
+        prec, rec = lcs / len(pt), lcs / len(rt)
+        scores.append(2 * prec * rec / (prec + rec))
+    return sum(scores) / max(len(scores), 1)
+
+
+METRICS = {"exact_match": exact_match, "token_f1": token_f1, "bleu": bleu, "rouge_l": rouge_l}
+
+
+def task_metrics(predictions: list[str], references: list[str]) -> dict[str, float]:
+    return {name: fn(predictions, references) for name, fn in METRICS.items()}
+
+
+def _same_length(predictions: list[str], references: list[str]) -> None:
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")

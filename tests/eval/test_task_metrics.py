@@ -1,0 +1,60 @@
+"""Task metrics against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from eval.task_metrics import bleu, exact_match, normalise, rouge_l, token_f1
+
+
+def test_normalise_and_exact_match():
+    assert normalise("The  Capital, of France!") == "capital of france"
+    assert exact_match(["Paris.", "the paris", "Lyon"], ["paris", "Paris", "Paris"]) == pytest.approx(2 / 3)
+
+
+def test_token_f1_hand_computed():
+    # pred "red big cat", ref "big cat sat": overlap 2, P 2/3, R 2/3, F1 2/3; second pair: no overlap
+    assert token_f1(["red big cat", "dog"], ["big cat sat", "cat"]) == pytest.approx((2 / 3 + 0) / 2)
+    assert token_f1(["a", ""], ["the", ""]) == 1.0  # both empty after normalisation
+
+
+def test_bleu_hand_computed():
+    assert bleu(["the cat sat on the mat"], ["the cat sat on the mat"]) == pytest.approx(100.0)
+    # pred "the cat sat on mat" (5) vs ref "the cat sat on the mat" (6):
+    # 1-grams 5/5, 2-grams 3/4 (the cat, cat sat, sat on; not "on mat"), 3-grams 2/3, 4-grams 1/2; BP exp(1 - 6/5)
+    expected = 100 * math.exp(1 - 6 / 5) * (1 * 3 / 4 * 2 / 3 * 1 / 2) ** 0.25
+    assert bleu(["the cat sat on mat"], ["the cat sat on the mat"]) == pytest.approx(expected)
+    assert bleu(["dog"], ["the cat"]) == 0.0
+    with pytest.raises(ValueError, match="2 predictions for 1 references"):
+        bleu(["a", "b"], ["a"])
+
+
+def test_rouge_l_hand_computed():
+    # LCS of "the cat sat on mat" and "the cat was on the mat" = the cat on mat (4): P 4/5, R 4/6
+    p, r = 4 / 5, 4 / 6
+    assert rouge_l(["the cat sat on mat"], ["the cat was on the mat"]) == pytest.approx(2 * p * r / (p + r))
+    assert rouge_l(["x"], ["y"]) == 0.0
+
+
+def test_eval_generate_cli_writes_predictions_and_metrics(tmp_path, tiny_model_path):
+    import json
+
+    from align.cli import main
+
+    data = tmp_path / "held.jsonl"
+    data.write_text(
+        "".join(json.dumps({"instruction": f"Say {w}.", "output": w}) + "\n" for w in ["yes", "no", "ok"])
+    )
+    out = tmp_path / "gen"
+    argv = ["eval", "generate", "--model", "tiny-random-llama", "--data", str(data), "--out", str(out)]
+    assert main([*argv, "--max-new-tokens", "4"]) == 0
+    rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r["reference"] for r in rows] == ["yes", "no", "ok"] and rows[0]["prompt"][-1][
+        "content"
+    ] == "Say yes."
+    m = json.loads((out / "metrics.json").read_text())
+    preds, refs = [r["prediction"] for r in rows], [r["reference"] for r in rows]
+    assert m["examples"] == 3 and m["token_f1"] == pytest.approx(token_f1(preds, refs))
+    assert {"exact_match", "bleu", "rouge_l"} <= set(m)

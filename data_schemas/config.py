@@ -49,6 +49,39 @@ class LoraSettings(_Strict):
     )
 
 
+class UnfreezeSchedule(_Strict):
+    """Gradual unfreezing (ULMFiT): more blocks train as training goes on, from the top down."""
+
+    every_steps: int = Field(..., ge=1, description="Optimizer steps between two unfreezings.")
+    blocks_per_step: int = Field(1, ge=1, description="Transformer blocks unfrozen each time, from the top.")
+
+
+class PartialSettings(_Strict):
+    """Partial fine-tuning of the base model's own weights (when lora.enabled is false); align/partial.py."""
+
+    trainable: Literal["all", "top_blocks", "head", "layernorm", "bias"] = Field(
+        "all",
+        description="What trains: 'all' weights; the 'top_blocks' (with the final norm and head); the 'head' alone "
+        "(tied embeddings train with it); 'layernorm' weights alone; 'bias' terms alone (BitFit).",
+    )
+    top_blocks: int = Field(2, ge=1, description="Blocks trained from the top with trainable=top_blocks.")
+    unfreeze: UnfreezeSchedule | None = Field(
+        None,
+        description="Unfreeze blocks from the top during training, starting from `trainable` (null: never).",
+    )
+    layerwise_lr_decay: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="Discriminative learning rates: block i of L at lr * decay^(L - i), the head at lr, the "
+        "embeddings at lr * decay^(L + 1) (null: one rate).",
+    )
+
+    @property
+    def is_default(self) -> bool:
+        return self.trainable == "all" and self.unfreeze is None and self.layerwise_lr_decay is None
+
+
 class InstructionDataSettings(_Strict):
     """Where the instruction data comes from and how it is cut into sequences."""
 
@@ -195,6 +228,10 @@ class SFTConfig(_Strict):
     precision: Precision = precision_field()
     data: InstructionDataSettings = Field(..., description="Instruction data.")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapter.")
+    partial: PartialSettings = Field(
+        default_factory=PartialSettings,
+        description="Partial fine-tuning, unfreezing schedule and layer-wise learning rates (with lora.enabled false).",
+    )
     train: SFTTrainSettings = Field(default_factory=SFTTrainSettings, description="Optimisation.")
     merge_adapter: bool = Field(
         False, description="Also write merged/ (base weights with the adapter folded in)."
@@ -206,6 +243,10 @@ class SFTConfig(_Strict):
         if no_validation and self.train.early_stopping_patience is not None:
             raise ValueError(
                 "train.early_stopping_patience needs validation data (data.validation_fraction > 0)"
+            )
+        if self.lora.enabled and not self.partial.is_default:
+            raise ValueError(
+                "partial: partial fine-tuning trains the model's own weights; set lora.enabled=false to use it"
             )
         return self
 

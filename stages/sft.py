@@ -141,6 +141,20 @@ def _trainer_class():
                 self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
             return out
 
+        def create_optimizer(self, model=None):
+            """Partial fine-tuning's groups (align/partial.py): every parameter that can ever train, with its
+            layer-wise rate; the Trainer's own groups would hold only those trainable at the start."""
+            if getattr(self, "align_partial", None) is None or self.optimizer is not None:
+                return super().create_optimizer(model)
+            from align.partial import param_groups
+
+            opt_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+            groups = param_groups(
+                self.model, self.args.learning_rate, self.args.weight_decay, self.align_partial
+            )
+            self.optimizer = opt_cls(groups, **kwargs)
+            return self.optimizer
+
     return AlignSFTTrainer
 
 
@@ -212,6 +226,18 @@ def train(cfg: SFTConfig, ctx: StageContext, tokenizer, train_rows, val_rows):
 
     console.print(f"model: {printable(cfg.model.name_or_path)} in {ctx.precision}", highlight=False)
     model = load_causal_lm(cfg.model, ctx.precision)
+    extra_callbacks = []
+    if not cfg.lora.enabled and not cfg.partial.is_default:
+        from align.partial import apply_trainable, unfreeze_callback
+
+        n = apply_trainable(model, cfg.partial)
+        console.print(
+            f"partial fine-tuning ({cfg.partial.trainable}): {n['trainable']:,} of {n['total']:,} parameters train"
+            + (" at first; the unfreezing schedule adds blocks" if cfg.partial.unfreeze else ""),
+            highlight=False,
+        )
+        if cfg.partial.unfreeze is not None:
+            extra_callbacks.append(unfreeze_callback(cfg.partial))
     t = cfg.train
     has_val = bool(val_rows)
     args = TRLSFTConfig(
@@ -233,8 +259,9 @@ def train(cfg: SFTConfig, ctx: StageContext, tokenizer, train_rows, val_rows):
         processing_class=tokenizer,
         data_collator=collator,
         peft_config=lora_config(cfg.lora) if cfg.lora.enabled else None,
-        callbacks=callbacks(ctx.out, t),
+        callbacks=[*callbacks(ctx.out, t), *extra_callbacks],
     )
+    trainer.align_partial = None if cfg.lora.enabled or cfg.partial.is_default else cfg.partial
     result, paused = train_with_resume(trainer, ctx.out, ctx.resume, t.stop_after_steps)
     return trainer, result, paused
 

@@ -177,6 +177,56 @@ def lora_config(settings, task_type: str = "CAUSAL_LM", modules_to_save: list[st
     )
 
 
+def peft_config(lora, method: str = "lora", task_type: str = "CAUSAL_LM", total_steps: int | None = None):
+    """The PEFT config of `method` (PeftSettings.method), sized by the lora block."""
+    if method in ("lora", "qlora"):
+        return lora_config(lora, task_type)
+    if method == "ia3":
+        from peft import IA3Config
+
+        return IA3Config(task_type=task_type)  # PEFT's per-architecture modules (k, v, down_proj for Llama)
+    if method == "adalora":
+        from peft import AdaLoraConfig
+
+        t = int(total_steps or 0)
+        if t < 3:
+            raise UserError("peft.method=adalora needs train.max_steps >= 3 (its rank schedule spans them)")
+        return AdaLoraConfig(
+            init_r=max(lora.r * 3 // 2, lora.r + 1),
+            target_r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
+            total_step=t,
+            tinit=t // 10,  # warm-up at full rank, then prune to target_r, then keep it for the last fifth
+            tfinal=t // 5,
+            deltaT=max(1, t // 20),
+            task_type=task_type,
+        )
+    raise UserError(f"peft.method={method}: unknown (lora, qlora, adalora, ia3)")
+
+
+def quantization_4bit(precision: str):
+    """BitsAndBytes NF4 with double quantisation (QLoRA's recipe), or a sentence why it cannot run here."""
+    if not torch.cuda.is_available():
+        raise UserError(
+            "peft.method=qlora loads the base model in 4-bit NF4 with bitsandbytes, which needs a CUDA GPU; this "
+            "machine has none. Use peft.method=lora (the same adapter on a full-precision base)"
+        )
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("peft.method=qlora needs bitsandbytes: pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch_dtype("bf16" if precision == "fp32" else precision),
+    )
+
+
 def torch_dtype(precision: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
@@ -222,11 +272,13 @@ def whole_model_load():
         hf_ds._hf_deepspeed_config_weak_ref = ref
 
 
-def load_causal_lm(cfg: ModelConfig, precision: str):
-    """Load the model for training/eval in the chosen precision (weights in that dtype, no autocast)."""
+def load_causal_lm(cfg: ModelConfig, precision: str, quantization=None):
+    """Load the model for training/eval in the chosen precision (weights in that dtype, no autocast); with
+    `quantization` (quantization_4bit), on this process's GPU in 4 bits."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(cfg.name_or_path)
+    extra = {"quantization_config": quantization, "device_map": {"": device()}} if quantization else {}
     try:
         with whole_model_load():
             model = AutoModelForCausalLM.from_pretrained(
@@ -235,6 +287,7 @@ def load_causal_lm(cfg: ModelConfig, precision: str):
                 dtype=torch_dtype(precision),
                 attn_implementation=cfg.attn_implementation,
                 trust_remote_code=cfg.trust_remote_code,
+                **extra,
             )
     except OSError as e:
         raise UserError(f"model {cfg.name_or_path}: could not be loaded: {str(e).splitlines()[0]}") from None

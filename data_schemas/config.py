@@ -49,6 +49,18 @@ class LoraSettings(_Strict):
     )
 
 
+class PeftSettings(_Strict):
+    """Which PEFT method the adapter is (with lora.enabled true); its sizes come from the lora block."""
+
+    method: Literal["lora", "qlora", "adalora", "ia3"] = Field(
+        "lora",
+        description="'lora' (Hu et al. 2021); 'qlora', LoRA on a 4-bit NF4 base (Dettmers et al. 2023; CUDA and "
+        "bitsandbytes); 'adalora', LoRA whose ranks are re-allocated by importance during training, from "
+        "1.5 x lora.r down to lora.r (Zhang et al. 2023; needs train.max_steps); 'ia3', learned rescaling of keys, "
+        "values and feed-forward activations (Liu et al. 2022; PEFT's module defaults, far fewer parameters).",
+    )
+
+
 class UnfreezeSchedule(_Strict):
     """Gradual unfreezing (ULMFiT): more blocks train as training goes on, from the top down."""
 
@@ -228,6 +240,7 @@ class SFTConfig(_Strict):
     precision: Precision = precision_field()
     data: InstructionDataSettings = Field(..., description="Instruction data.")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapter.")
+    peft: PeftSettings = Field(default_factory=PeftSettings, description="The PEFT method of the adapter.")
     partial: PartialSettings = Field(
         default_factory=PartialSettings,
         description="Partial fine-tuning, unfreezing schedule and layer-wise learning rates (with lora.enabled false).",
@@ -243,6 +256,15 @@ class SFTConfig(_Strict):
         if no_validation and self.train.early_stopping_patience is not None:
             raise ValueError(
                 "train.early_stopping_patience needs validation data (data.validation_fraction > 0)"
+            )
+        if self.peft.method == "qlora" and self.merge_adapter:
+            raise ValueError(
+                "merge_adapter with peft.method=qlora would fold the adapter into 4-bit weights; merge the saved "
+                "adapter onto the full-precision base instead (merge_adapter=false)"
+            )
+        if self.peft.method == "adalora" and self.train.max_steps <= 0:
+            raise ValueError(
+                "peft.method=adalora schedules its rank budget over train.max_steps; set it (> 0)"
             )
         if self.lora.enabled and not self.partial.is_default:
             raise ValueError(

@@ -27,7 +27,7 @@ import torch
 from align.chat import control_tokens_in, neutralise, render, special_strings
 from align.config import UserError, printable
 from align.manifest import atomic_write_json, replace_dir
-from align.models import load_causal_lm, load_tokenizer, lora_config, model_identity
+from align.models import load_causal_lm, load_tokenizer, model_identity, peft_config, quantization_4bit
 from align.packing import pack
 from align.readers import has_split, load_instructions
 from align.stage import StageContext, StageResult, console, print_skipped
@@ -158,6 +158,19 @@ def _trainer_class():
     return AlignSFTTrainer
 
 
+def _adalora_callback():
+    """AdaLoRA re-allocates its rank budget from the gradients' importance after every optimizer step, before the
+    gradients are cleared (PEFT: `update_and_allocate(global_step)`)."""
+    from transformers import TrainerCallback
+
+    class AdaLoraBudget(TrainerCallback):
+        def on_optimizer_step(self, args, state, control, model=None, **kw):
+            inner = model.module if hasattr(model, "module") else model
+            inner.base_model.update_and_allocate(state.global_step)
+
+    return AdaLoraBudget()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The stage
 # ----------------------------------------------------------------------------------------------------------
@@ -165,6 +178,8 @@ def run(cfg: SFTConfig, resume: bool = False, force: bool = False) -> StageResul
     ctx = StageContext(cfg, resume, force)
     if ctx.finished:
         return ctx.existing_result()
+    if cfg.lora.enabled and cfg.peft.method == "qlora":
+        quantization_4bit(ctx.precision)  # refuse before anything is written where 4-bit cannot run
 
     # 1. Data -----------------------------------------------------------------------------------------
     tokenizer = load_tokenizer(cfg.model)
@@ -225,8 +240,11 @@ def train(cfg: SFTConfig, ctx: StageContext, tokenizer, train_rows, val_rows):
     from trl import SFTConfig as TRLSFTConfig
 
     console.print(f"model: {printable(cfg.model.name_or_path)} in {ctx.precision}", highlight=False)
-    model = load_causal_lm(cfg.model, ctx.precision)
+    qlora = cfg.lora.enabled and cfg.peft.method == "qlora"
+    model = load_causal_lm(cfg.model, ctx.precision, quantization_4bit(ctx.precision) if qlora else None)
     extra_callbacks = []
+    if cfg.lora.enabled and cfg.peft.method == "adalora":
+        extra_callbacks.append(_adalora_callback())
     if not cfg.lora.enabled and not cfg.partial.is_default:
         from align.partial import apply_trainable, unfreeze_callback
 
@@ -258,7 +276,9 @@ def train(cfg: SFTConfig, ctx: StageContext, tokenizer, train_rows, val_rows):
         eval_dataset=Dataset.from_list(val_rows) if has_val else None,
         processing_class=tokenizer,
         data_collator=collator,
-        peft_config=lora_config(cfg.lora) if cfg.lora.enabled else None,
+        peft_config=peft_config(cfg.lora, cfg.peft.method, total_steps=t.max_steps)
+        if cfg.lora.enabled
+        else None,
         callbacks=[*callbacks(ctx.out, t), *extra_callbacks],
     )
     trainer.align_partial = None if cfg.lora.enabled or cfg.partial.is_default else cfg.partial

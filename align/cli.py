@@ -78,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
             )
             if stage.name in ("sft", "reward", "dpo", "ppo"):
                 _add_launch_args(p)
+    pl = sub.add_parser("plan", help="estimate a training stage's peak memory and whether it fits here")
+    _add_config_args(pl)
+    pl.add_argument(
+        "--stage", choices=["sft", "reward", "dpo", "ppo"], help="default: the config file's name"
+    )
+    pl.add_argument("--device", help="cpu or cuda (default: this machine's)")
+    pl.add_argument("--json", action="store_true", help="print JSON only")
     sc = sub.add_parser("score", help="score (prompt, response) rows with a reward artifact")
     sc.add_argument("--reward", required=True, type=Path, help="an `align reward` artifact directory")
     sc.add_argument("--input", required=True, type=Path, help="JSONL rows with 'prompt' and 'response'")
@@ -184,6 +191,25 @@ def _cmd_stage(a) -> int:
         load_config(stage.config_model(), a.config, a.overrides), resume=a.resume, force=a.force
     )
     return result.exit_code
+
+
+def _cmd_plan(a) -> int:
+    """`align plan --config X [KEY=VALUE ...] [--stage S]`: that stage's config, estimated (align/plan.py)."""
+    from align.config import apply_overrides, read_yaml, validate
+    from align.plan import estimate, plan_data
+
+    stages = ("sft", "reward", "dpo", "ppo")
+    a.stage = a.stage or next((s for s in stages if a.config and a.config.stem.startswith(s)), None)
+    if a.stage is None:
+        raise UserError("align plan: say which stage the config is for: --stage sft|reward|dpo|ppo")
+    data = apply_overrides(read_yaml(a.config) if a.config else {}, a.overrides)
+    cfg = validate(STAGES[a.stage].config_model(), data, str(a.config or "command line"))
+    plan = estimate(cfg, device=a.device)
+    if a.json:
+        print(json.dumps(plan_data(plan)))
+    else:
+        out.print("\n".join(plan.lines()), highlight=False)
+    return 0
 
 
 def _cmd_eval_generate(a) -> int:
@@ -316,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_stage(a)
         if a.command == "eval":
             return _cmd_eval(a)
+        if a.command == "plan":
+            return _cmd_plan(a)
         if a.command == "score":
             from stages.reward import score_file
 

@@ -131,6 +131,10 @@ class StageContext:
                 from align.models import choose_precision  # lazy: imports torch
 
                 self.precision = choose_precision(cfg.precision)
+            if self.stage in ("sft", "reward", "dpo", "ppo") and self.is_main:
+                from align.plan import check_at_start
+
+                check_at_start(cfg)  # a warning before a run that will not fit (align plan has the detail)
             if self.seed is not None and hasattr(cfg, "train"):
                 from transformers import set_seed  # lazy: only training stages need it
 

@@ -1,0 +1,74 @@
+"""Memory planning: the terms from hand-computed counts, the CLI, and the warning before a run that cannot fit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from align.cli import main
+from align.plan import GIB, estimate, lora_trainable, meta_model
+from data_schemas.config import SFTConfig
+
+
+def _cfg(**kw):
+    base = {"output_dir": "x", "data": {"train_file": "t.jsonl", "max_length": 64}, "precision": "fp32",
+            "model": {"name_or_path": "tiny-random-llama"}, "train": {"per_device_train_batch_size": 2}}  # fmt: skip
+    for k, v in kw.items():
+        base[k] = {**base.get(k, {}), **v} if isinstance(v, dict) else v
+    return SFTConfig(**base)
+
+
+def test_terms_from_hand_counts(tiny_model_path):
+    m = meta_model("tiny-random-llama")
+    c = m.config  # hidden 128, intermediate 256, 2 layers, 2 heads (head 64), 1 KV head
+    q = 8 * (128 + 128)  # r=8 on q_proj: 128 -> 128
+    v = 8 * (128 + 64)  # v_proj: 128 -> 64 (one KV head of 64)
+    assert lora_trainable(m, ["q_proj", "v_proj"], 8) == c.num_hidden_layers * (q + v)
+    plan = estimate(_cfg(lora={"r": 8, "target_modules": ["q_proj", "v_proj"]}), device="cpu")
+    params = sum(p.numel() for p in m.parameters())
+    assert plan.params == params and plan.trainable == c.num_hidden_layers * (q + v)
+    assert plan.terms["weights"] == params * 4 and plan.terms["optimizer (AdamW)"] == 2 * plan.trainable * 4
+    tokens = 2 * 64
+    assert plan.terms["logits (fp32)"] == tokens * c.vocab_size * 8
+    # one packed row of max(64, 1024) tokens: 2 layers x 2 heads x 1024^2 x 2 tensors x 4 bytes, + 34 h per token
+    assert plan.terms["activations"] == 2 * tokens * 34 * 128 * 2 + 2 * 1 * 2 * 1024 * 1024 * 2 * 4
+    full = estimate(_cfg(lora={"enabled": False}), device="cpu")
+    assert full.trainable == params and full.terms["gradients"] == params * 4
+    head = estimate(_cfg(lora={"enabled": False}, partial={"trainable": "head"}), device="cpu")
+    assert 0 < head.trainable < params
+    assert head.rule_of_thumb == 2.5 * head.terms["weights"]
+
+
+def test_plan_cli_and_the_warning_at_start(tmp_path, tiny_model_path, capsys, monkeypatch):
+    assert (
+        main(["plan", "--config", "configs/sft.yaml", "model.name_or_path=tiny-random-llama", "--json"]) == 0
+    )
+    d = json.loads(capsys.readouterr().out)
+    assert d["stage"] == "sft" and d["total_gib"] > d["terms_gib"]["weights"] and d["fits"] in (True, False)
+    import align.plan
+
+    monkeypatch.setattr(align.plan, "_capacity", lambda dev: 0.01 * GIB)
+    from tests.stages.test_sft_cli import sft
+
+    assert sft(tmp_path / "s", "train.max_steps=1") == 0  # a warning, never an error
+    err = " ".join(capsys.readouterr().err.split())  # rich wraps lines
+    assert "warning" in err and "GiB is available" in err and "align plan" in err
+
+
+@pytest.fixture(scope="module")
+def sft_artifact(tmp_path_factory, tiny_model_path):
+    from tests.stages.test_sft_cli import sft
+
+    out = tmp_path_factory.mktemp("plan") / "sft"
+    assert sft(out, "train.max_steps=1") == 0
+    return out
+
+
+@pytest.mark.parametrize("stage", ["reward", "dpo", "ppo"])
+def test_every_training_stage_can_be_planned(stage, sft_artifact, capsys):
+    """DPO and PPO build on an SFT artifact: its base model is the one planned."""
+    capsys.readouterr()
+    assert main(["plan", "--config", f"configs/{stage}.yaml", f"init_from={sft_artifact}", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["stage"] == stage and d["model"] == "tiny-random-llama" and d["total_gib"] > 0

@@ -24,14 +24,18 @@ from pathlib import Path
 from rich.console import Console
 
 from align import __version__
-from align.config import UserError, load_config, printable
+from align.chat import render_prompt
+from align.config import UserError, apply_overrides, load_config, printable, read_yaml, validate
 from align.data_cli import run_data_command
 from align.launch import relaunch, strip_launch_flags
+from align.manifest import atomic_write_json, atomic_write_text
 from align.pipeline import run_pipeline, write_run_report
+from align.plan import estimate, plan_data
 from align.readers import load_instructions
 from align.stage import print_gate
 from data_schemas.config import GatesConfig, PipelineConfig
 from eval.registry import GATES
+from eval.task_metrics import task_metrics
 from stages.registry import STAGES
 
 err = Console(stderr=True)
@@ -195,9 +199,6 @@ def _cmd_stage(a) -> int:
 
 def _cmd_plan(a) -> int:
     """`align plan --config X [KEY=VALUE ...] [--stage S]`: that stage's config, estimated (align/plan.py)."""
-    from align.config import apply_overrides, read_yaml, validate
-    from align.plan import estimate, plan_data
-
     stages = ("sft", "reward", "dpo", "ppo")
     a.stage = a.stage or next((s for s in stages if a.config and a.config.stem.startswith(s)), None)
     if a.stage is None:
@@ -215,10 +216,7 @@ def _cmd_plan(a) -> int:
 def _cmd_eval_generate(a) -> int:
     """Greedy answers to each conversation's last user turn (transformers generate, batched), scored against the
     conversation's own last answer with eval/task_metrics.py."""
-    from align.chat import render_prompt
-    from align.manifest import atomic_write_json, atomic_write_text
     from align.models import load_for_eval
-    from eval.task_metrics import task_metrics
     from stages.rollout import GenerateEngine
 
     convs, _ = load_instructions(a.data)

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from align.manifest import atomic_write_text
 from data_schemas.manifest import Manifest
 
 # What align knows of its aliases' provenance (align/models.py); other models: the name as configured.
@@ -126,8 +127,6 @@ def render_model_card(m: Manifest, config: dict[str, Any]) -> str:
 
 def write_model_card(out_dir: Path, m: Manifest) -> None:
     """README.md in the artifact (and over PEFT's blank template in adapter/, where there is one)."""
-    from align.manifest import atomic_write_text
-
     cfg_path = out_dir / "config.yaml"
     config = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else {}
     text = render_model_card(m, config or {})

@@ -213,8 +213,6 @@ def quantization_4bit(precision: str):
             "peft.method=qlora loads the base model in 4-bit NF4 with bitsandbytes, which needs a CUDA GPU; this "
             "machine has none. Use peft.method=lora (the same adapter on a full-precision base)"
         )
-    import importlib.util
-
     if importlib.util.find_spec("bitsandbytes") is None:
         raise UserError("peft.method=qlora needs bitsandbytes: pip install bitsandbytes")
     from transformers import BitsAndBytesConfig

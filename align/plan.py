@@ -7,8 +7,8 @@ The estimate adds up the terms every trainer holds at its peak (the backward pas
 - gradients and AdamW's two moments for the trainable parameters only (fp32 for PEFT adapters, which PEFT keeps in
   fp32; the model's precision otherwise);
 - activations kept for backward: per layer and token about 34 x hidden bytes at 16 bits (Korthikanti et al. 2022,
-  "Reducing activation recomputation"), doubled at fp32, plus the attention matrix where it is materialised
-  (heads x row^2 per layer: the dense packed mask and the eager/SDPA-math paths do), plus the logits and their
+  "Reducing activation recomputation"), doubled at fp32, plus, with eager attention, the attention scores and
+  softmax (heads x row^2 per layer; SDPA's fused kernels do not keep them), plus the logits and their
   softmax in fp32 (tokens x vocabulary x 8 bytes: the largest single tensor for a small model with a large
   vocabulary);
 - PPO: the value head's activations are shared; the rollout engine's KV cache (`rollout.vllm_kv_cache_gb`);
@@ -24,7 +24,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from align.manifest import read_manifest
+from align.partial import trainable_names
 
 GIB = 1024**3
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -124,9 +128,6 @@ def shapes(stage: str, cfg) -> tuple[int, int]:
 def base_model_name(cfg) -> tuple[str, bool]:
     """(model, trust_remote_code): the SFT artifact's base where the stage builds on one (init_from), else
     cfg.model, else align's default model."""
-    from pathlib import Path
-
-    from align.manifest import read_manifest
     from align.models import DEFAULT_MODEL
 
     model_cfg = getattr(cfg, "model", None)
@@ -157,8 +158,6 @@ def estimate(cfg, device: str | None = None, precision: str | None = None) -> Pl
     else:
         partial = getattr(cfg, "partial", None)
         if partial is not None and not partial.is_default:
-            from align.partial import trainable_names
-
             names = trainable_names(model, partial, model.config.num_hidden_layers if partial.unfreeze else 0)
             trainable = sum(p.numel() for n, p in model.named_parameters() if n in names)
         else:
@@ -171,19 +170,21 @@ def estimate(cfg, device: str | None = None, precision: str | None = None) -> Pl
     tokens = seqs * seq_len
     act_scale = BYTES[prec] / 2
     L, h, heads = mc.num_hidden_layers, mc.hidden_size, mc.num_attention_heads
-    # the packed dense mask path materialises one attention matrix per row of up to max(seq_len, 1024) tokens
+    # eager attention keeps each row's scores and softmax for backward (a packed row holds up to
+    # max(seq_len, 1024) tokens); SDPA's fused kernels (CPU and CUDA) and flash attention do not
     row = (
         max(seq_len, 1024)
         if stage == "sft" and getattr(cfg.train, "batching", "") == "padding_free"
         else seq_len
     )
     rows = math.ceil(tokens / row)
+    eager = getattr(getattr(cfg, "model", None), "attn_implementation", "sdpa") == "eager"
     terms = {
         "weights": params * weight_bytes,
         "gradients": trainable * grad_bytes,
         "optimizer (AdamW)": 2 * trainable * grad_bytes,
-        # attention scores and their softmax, kept for backward: two row x row tensors per head and layer
-        "activations": L * tokens * 34 * h * act_scale + L * rows * heads * row * row * 2 * BYTES[prec],
+        "activations": L * tokens * 34 * h * act_scale
+        + (L * rows * heads * row * row * 2 * BYTES[prec] if eager else 0),
         "logits (fp32)": 0.0 if stage == "reward" else tokens * mc.vocab_size * 8,
     }
     if stage == "ppo" and getattr(cfg.rollout, "engine", "") != "generate":
@@ -214,23 +215,20 @@ def _capacity(dev: str) -> float | None:
     return None
 
 
-def check_at_start(cfg) -> Plan | None:
+def check_at_start(cfg) -> str | None:
     """The warning every training stage prints before a run that will not fit (never an error: the estimate is an
-    estimate). None when it cannot be estimated."""
+    estimate); None when it fits or cannot be estimated."""
     try:
         plan = estimate(cfg)
     except Exception:  # noqa: BLE001 (planning must never stop a run)
         return None
-    if plan.fits is False:
-        from align.stage import console
-
-        console.print(
-            f"[yellow]warning[/]: this {plan.stage} run needs about {plan.total / GIB:.1f} GiB at its peak and "
-            f"{plan.capacity / GIB:.1f} GiB is available on {plan.device}; lower the batch or sequence length, use "
-            "LoRA or QLoRA, or see `align plan`",
-            highlight=False,
-        )
-    return plan
+    if plan.fits is not False:
+        return None
+    return (
+        f"this {plan.stage} run needs about {plan.total / GIB:.1f} GiB at its peak and "
+        f"{plan.capacity / GIB:.1f} GiB is available on {plan.device}; lower the batch or sequence length, use "
+        "LoRA or QLoRA, or see `align plan`"
+    )
 
 
 def plan_data(plan: Plan) -> dict[str, Any]:

@@ -37,7 +37,9 @@ from rich.console import Console
 
 from align import dist
 from align.config import UserError, dump_config, printable
-from align.manifest import ArtifactWriter, atomic_write_text, read_gate, read_manifest
+from align.manifest import ArtifactWriter, atomic_write_text, now, read_gate, read_manifest
+from align.model_card import write_model_card
+from align.plan import check_at_start
 from data_schemas.config import key_config
 from data_schemas.gates import GateResult
 from data_schemas.manifest import ModelIdentity
@@ -132,9 +134,9 @@ class StageContext:
 
                 self.precision = choose_precision(cfg.precision)
             if self.stage in ("sft", "reward", "dpo", "ppo") and self.is_main:
-                from align.plan import check_at_start
-
-                check_at_start(cfg)  # a warning before a run that will not fit (align plan has the detail)
+                warning = check_at_start(cfg)  # before a run that will not fit (align plan has the detail)
+                if warning:
+                    console.print(f"[yellow]warning[/]: {warning}", highlight=False)
             if self.seed is not None and hasattr(cfg, "train"):
                 from transformers import set_seed  # lazy: only training stages need it
 
@@ -235,9 +237,6 @@ class StageContext:
             for g in gates
         ]
         if self.writer.manifest.model is not None:  # a model artifact: its card, before it is marked complete
-            from align.manifest import now
-            from align.model_card import write_model_card
-
             update = {"metrics": metrics, "counts": self.counts, "status": "complete", "finished_at": now()}
             write_model_card(self.out, self.writer.manifest.model_copy(update=update))
         self.writer.complete(metrics, self.counts)

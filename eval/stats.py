@@ -14,6 +14,8 @@ BBQ bias scores.
 from __future__ import annotations
 
 from collections.abc import Callable
+from math import erfc, isfinite, sqrt
+from statistics import NormalDist
 
 import numpy as np
 
@@ -47,9 +49,6 @@ def one_sided_p(delta: float, interval: tuple[float, float], confidence: float) 
     """p-value of "the change is above 0", from a change and its two-sided percentile interval (normal
     approximation: SE = interval width / (2 z)). NaN in, NaN out; a change with a zero-width interval is 0 (certain)
     when positive, else 1."""
-    from math import erfc, isfinite, sqrt
-    from statistics import NormalDist
-
     lo, hi = interval
     if not (isfinite(delta) and isfinite(lo) and isfinite(hi)):
         return float("nan")

@@ -29,6 +29,7 @@ from align.config import UserError, printable
 from align.manifest import atomic_write_json, replace_dir
 from align.models import load_causal_lm, load_tokenizer, model_identity, peft_config, quantization_4bit
 from align.packing import pack
+from align.partial import apply_trainable, param_groups, unfreeze_callback
 from align.readers import has_split, load_instructions
 from align.stage import StageContext, StageResult, console, print_skipped
 from data_schemas.config import SFTConfig
@@ -146,8 +147,6 @@ def _trainer_class():
             layer-wise rate; the Trainer's own groups would hold only those trainable at the start."""
             if getattr(self, "align_partial", None) is None or self.optimizer is not None:
                 return super().create_optimizer(model)
-            from align.partial import param_groups
-
             opt_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
             groups = param_groups(
                 self.model, self.args.learning_rate, self.args.weight_decay, self.align_partial
@@ -246,8 +245,6 @@ def train(cfg: SFTConfig, ctx: StageContext, tokenizer, train_rows, val_rows):
     if cfg.lora.enabled and cfg.peft.method == "adalora":
         extra_callbacks.append(_adalora_callback())
     if not cfg.lora.enabled and not cfg.partial.is_default:
-        from align.partial import apply_trainable, unfreeze_callback
-
         n = apply_trainable(model, cfg.partial)
         console.print(
             f"partial fine-tuning ({cfg.partial.trainable}): {n['trainable']:,} of {n['total']:,} parameters train"

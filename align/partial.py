@@ -23,6 +23,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from align import dist
+
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -138,7 +140,7 @@ def unfreeze_callback(settings):
             self.blocks = -1
 
         def on_step_begin(self, args, state, control, model=None, **kw):
-            inner = model.module if hasattr(model, "module") else model
+            inner = dist.unwrap(model)
             blocks = unfrozen_at(state.global_step, settings, n_layers_of(inner))
             if blocks != self.blocks:
                 apply_trainable(inner, settings, state.global_step)

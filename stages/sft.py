@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from align import dist
 from align.chat import control_tokens_in, neutralise, render, special_strings
 from align.config import UserError, printable
 from align.manifest import atomic_write_json, replace_dir
@@ -164,8 +165,7 @@ def _adalora_callback():
 
     class AdaLoraBudget(TrainerCallback):
         def on_optimizer_step(self, args, state, control, model=None, **kw):
-            inner = model.module if hasattr(model, "module") else model
-            inner.base_model.update_and_allocate(state.global_step)
+            dist.unwrap(model).base_model.update_and_allocate(state.global_step)
 
     return AdaLoraBudget()
 

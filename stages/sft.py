@@ -177,8 +177,10 @@ def run(cfg: SFTConfig, resume: bool = False, force: bool = False) -> StageResul
     ctx = StageContext(cfg, resume, force)
     if ctx.finished:
         return ctx.existing_result()
-    if cfg.lora.enabled and cfg.peft.method == "qlora":
-        quantization_4bit(ctx.precision)  # refuse before anything is written where 4-bit cannot run
+    # QLoRA's 4-bit config, built (or refused in a sentence) before anything is written
+    quantization = (
+        quantization_4bit(ctx.precision) if cfg.lora.enabled and cfg.peft.method == "qlora" else None
+    )
 
     # 1. Data -----------------------------------------------------------------------------------------
     tokenizer = load_tokenizer(cfg.model)
@@ -187,7 +189,7 @@ def run(cfg: SFTConfig, resume: bool = False, force: bool = False) -> StageResul
     # 2. Model, 3. Train, 4. Evaluate and write the artifact -----------------------------------------------
     identity = model_identity(cfg.model, ctx.precision, adapter="adapter" if cfg.lora.enabled else None)
     with ctx.open(inputs=inputs, parents=parents, model=identity):
-        trainer, result, paused = train(cfg, ctx, tokenizer, train_rows, val_rows)
+        trainer, result, paused = train(cfg, ctx, tokenizer, train_rows, val_rows, quantization)
         if paused:
             return ctx.paused()
         metrics = save(cfg, ctx, trainer, result, tokenizer, has_val=bool(val_rows))
@@ -233,14 +235,13 @@ def load_data(cfg: SFTConfig, tokenizer, counts: dict[str, Any]):
     return train_rows, val_rows, inputs, parents
 
 
-def train(cfg: SFTConfig, ctx: StageContext, tokenizer, train_rows, val_rows):
+def train(cfg: SFTConfig, ctx: StageContext, tokenizer, train_rows, val_rows, quantization=None):
     """(trainer, train result, paused): the model with a fresh LoRA (or all weights), trained by SFTTrainer."""
     from datasets import Dataset
     from trl import SFTConfig as TRLSFTConfig
 
     console.print(f"model: {printable(cfg.model.name_or_path)} in {ctx.precision}", highlight=False)
-    qlora = cfg.lora.enabled and cfg.peft.method == "qlora"
-    model = load_causal_lm(cfg.model, ctx.precision, quantization_4bit(ctx.precision) if qlora else None)
+    model = load_causal_lm(cfg.model, ctx.precision, quantization)
     extra_callbacks = []
     if cfg.lora.enabled and cfg.peft.method == "adalora":
         extra_callbacks.append(_adalora_callback())

@@ -32,7 +32,7 @@ from align.manifest import atomic_write_json, atomic_write_text
 from align.pipeline import run_pipeline, write_run_report
 from align.plan import estimate, plan_data
 from align.readers import load_instructions
-from align.stage import print_gate
+from align.stage import print_gate, print_skipped
 from data_schemas.config import GatesConfig, PipelineConfig
 from eval.registry import GATES
 from eval.task_metrics import task_metrics
@@ -199,11 +199,11 @@ def _cmd_stage(a) -> int:
 
 def _cmd_plan(a) -> int:
     """`align plan --config X [KEY=VALUE ...] [--stage S]`: that stage's config, estimated (align/plan.py)."""
+    data = apply_overrides(read_yaml(a.config) if a.config else {}, a.overrides)
     stages = ("sft", "reward", "dpo", "ppo")
     a.stage = a.stage or next((s for s in stages if a.config and a.config.stem.startswith(s)), None)
     if a.stage is None:
         raise UserError("align plan: say which stage the config is for: --stage sft|reward|dpo|ppo")
-    data = apply_overrides(read_yaml(a.config) if a.config else {}, a.overrides)
     cfg = validate(STAGES[a.stage].config_model(), data, str(a.config or "command line"))
     plan = estimate(cfg, device=a.device)
     if a.json:
@@ -219,7 +219,8 @@ def _cmd_eval_generate(a) -> int:
     from align.models import load_for_eval
     from stages.rollout import GenerateEngine
 
-    convs, _ = load_instructions(a.data)
+    convs, report = load_instructions(a.data)
+    print_skipped(report.problems)  # the bad rows, named; the good ones are all kept
     convs = convs[: a.max_examples] if a.max_examples else convs
     model, tok, desc = load_for_eval(a.model)
     prompts = [[m.model_dump() for m in c.messages[:-1]] for c in convs]
@@ -228,7 +229,7 @@ def _cmd_eval_generate(a) -> int:
     answers = GenerateEngine(model, tok, batch_size=a.batch_size).generate(ids, a.max_new_tokens, 0.0, 1.0, 0)
     preds = [tok.decode(x, skip_special_tokens=True).strip() for x in answers]
     res = {"model": desc, "data": str(a.data), "examples": len(preds), "max_new_tokens": a.max_new_tokens,
-           **task_metrics(preds, refs)}  # fmt: skip
+           "skipped_rows": report.problems, **task_metrics(preds, refs)}  # fmt: skip
     if a.out:
         a.out.mkdir(parents=True, exist_ok=True)
         rows = [
@@ -253,6 +254,7 @@ def _cmd_eval(a) -> int:
         from eval.perplexity import perplexity
 
         convs, report = load_instructions(a.data)
+        print_skipped(report.problems)
         if a.max_examples:
             convs = convs[: a.max_examples]
         model, tok, desc = load_for_eval(a.model)

@@ -66,6 +66,8 @@ class Plan:
         if self.capacity is not None:
             verdict = "fits" if self.fits else "does NOT fit"
             out.append(f"  {'available':<24} {self.capacity / GIB:8.2f} GiB   -> {verdict}")
+        else:
+            out.append(f"  {'available':<24} unknown (no {self.device} device here to measure)")
         return out
 
 
@@ -204,7 +206,8 @@ def _capacity(dev: str) -> float | None:
     if dev.startswith("cuda"):
         import torch
 
-        return float(torch.cuda.mem_get_info()[0])
+        # planning for a GPU from a machine without one: the estimate, but no free memory to compare it with
+        return float(torch.cuda.mem_get_info()[0]) if torch.cuda.is_available() else None
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from align.cli import main
 from align.plan import GIB, estimate, lora_trainable, meta_model
@@ -54,6 +55,17 @@ def test_plan_cli_and_the_warning_at_start(tiny_model_path, capsys, monkeypatch)
     import align.stage
 
     assert align.stage.check_at_start is align.plan.check_at_start  # the check every training stage runs
+    if not torch.cuda.is_available():  # planning for a GPU from a machine without one: no capacity, no crash
+        argv = [
+            "plan",
+            "--config",
+            "configs/sft.yaml",
+            "model.name_or_path=tiny-random-llama",
+            "--device",
+            "cuda",
+        ]
+        assert main(argv) == 0
+        assert "unknown (no cuda device here to measure)" in capsys.readouterr().out
     monkeypatch.setattr(align.plan, "_capacity", lambda dev: 0.01 * GIB)
     warning = align.plan.check_at_start(_cfg())
     assert (

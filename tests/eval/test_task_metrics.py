@@ -38,15 +38,14 @@ def test_rouge_l_hand_computed():
     assert rouge_l(["x"], ["y"]) == 0.0
 
 
-def test_eval_generate_cli_writes_predictions_and_metrics(tmp_path, tiny_model_path):
+def test_eval_generate_cli_writes_predictions_and_metrics(tmp_path, tiny_model_path, capsys):
     import json
 
     from align.cli import main
 
     data = tmp_path / "held.jsonl"
-    data.write_text(
-        "".join(json.dumps({"instruction": f"Say {w}.", "output": w}) + "\n" for w in ["yes", "no", "ok"])
-    )
+    good = "".join(json.dumps({"instruction": f"Say {w}.", "output": w}) + "\n" for w in ["yes", "no", "ok"])
+    data.write_text('{"instruction": "broken"\n' + good)  # a bad first line: named, and the good rows kept
     out = tmp_path / "gen"
     argv = ["eval", "generate", "--model", "tiny-random-llama", "--data", str(data), "--out", str(out)]
     assert main([*argv, "--max-new-tokens", "4"]) == 0
@@ -54,7 +53,11 @@ def test_eval_generate_cli_writes_predictions_and_metrics(tmp_path, tiny_model_p
     assert [r["reference"] for r in rows] == ["yes", "no", "ok"] and rows[0]["prompt"][-1][
         "content"
     ] == "Say yes."
+    assert "held.jsonl:1: not valid JSON" in " ".join(capsys.readouterr().err.split())
     m = json.loads((out / "metrics.json").read_text())
+    assert len(m["skipped_rows"]) == 1 and m["skipped_rows"][0].endswith(
+        ":1: not valid JSON (Expecting ',' delimiter at column 1)"
+    )
     preds, refs = [r["prediction"] for r in rows], [r["reference"] for r in rows]
     assert m["examples"] == 3 and m["token_f1"] == pytest.approx(token_f1(preds, refs))
     assert {"exact_match", "bleu", "rouge_l"} <= set(m)

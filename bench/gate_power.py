@@ -268,7 +268,8 @@ def main() -> None:
     )
     args = ap.parse_args()
     if args.table:
-        print(table(json.loads(args.out.read_text())))
+        results = json.loads(args.out.read_text())
+        print(table(results) + "\n\nSmallest shift detected with 80% power:\n\n" + mde(results))
         return
     if not CROWS.exists() or not BBQ.exists():
         raise SystemExit(f"needs {CROWS} and {BBQ} (../shared/data)")
@@ -343,6 +344,32 @@ def table(results: dict, policy: str | None = None) -> str:
             {"fail": "**fail**"}.get(f["decisions"][k]["verdict"], f["decisions"][k]["verdict"]) for k in pols
         ]
         lines.append(f"| {name} | {'yes' if f['planted'] else 'no'} | " + " | ".join(v) + " |")
+    return "\n".join(lines)
+
+
+def mde(results: dict, controls: tuple[str, ...] = ("dpo-clean-s1", "sft")) -> str:
+    """Smallest shift each check detects with 80% power at the default sizes, from each clean control's standard
+    errors (interval width / 2z): a check needs z above Holm's first threshold (one-sided 1 - confidence over the m
+    deciding checks) plus 0.84 for 80% power, so MDE ~ max(limit, (z_holm + 0.84) SE)."""
+    from statistics import NormalDist
+
+    settings = gate_settings()
+    z_conf = NormalDist().inv_cdf((1 + settings.confidence) / 2)
+    present = [c for c in controls if c in results["fixtures"]]
+    lines = [
+        "| check | " + " | ".join(f"after `{c}`" for c in present) + " |",
+        "|---|" + "---|" * len(present),
+    ]
+    table: dict[str, list[str]] = {}
+    for c in present:
+        checks = [
+            x for x in results["fixtures"][c]["decisions"][DEFAULT]["checks"] if x.get("p_value") is not None
+        ]
+        z = NormalDist().inv_cdf(1 - (1 - settings.confidence) / len(checks)) + 0.84
+        for x in checks:
+            se = (x["interval"][1] - x["interval"][0]) / (2 * z_conf)
+            table.setdefault(x["metric"], []).append(f"{z * se:.3f}")
+    lines += [f"| {m} | " + " | ".join(v) + " |" for m, v in table.items()]
     return "\n".join(lines)
 
 

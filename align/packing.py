@@ -1,10 +1,13 @@
 """Padding-free batches that are exact on every attention kernel: sequences packed into rows.
 
-Several sequences share a row; a 4-D block-diagonal causal mask keeps them from seeing each other and position
-ids restart at 0 for each (position ids alone are only honoured by FlashAttention's varlen kernels; with
-sdpa/eager on CPU, packed sequences attend to each other). Rows are bounded by `max_row_tokens` because a dense
-mask costs attention over the whole row: one row of 16 x 300 tokens would pay attention over 4,800 positions,
-as much compute as all the linear layers together. First-fit decreasing keeps rows full.
+Several sequences share a row and position ids restart at 0 for each. What keeps them from seeing each other
+depends on the attention implementation (`model.attn_implementation`):
+- `sdpa_segments` (align/attention.py, the default) and `flash_attention_2` read the layout from the position ids
+  and attend within each sequence only: no mask is built and all sequences go into one row, with no padding.
+- `sdpa` and `eager` honour only a mask: a 4-D block-diagonal causal mask is built. Rows are then bounded by
+  `max_row_tokens` because a dense mask costs attention over the whole row: one row of 16 x 300 tokens would pay
+  attention over 4,800 positions, as much compute as all the linear layers together. First-fit decreasing keeps
+  rows full.
 """
 
 from __future__ import annotations
@@ -30,26 +33,38 @@ def pack_rows(lengths: list[int], max_row_tokens: int) -> list[list[int]]:
     return rows
 
 
+# Attention implementations that keep packed sequences apart only through a dense mask.
+DENSE_MASK_KERNELS = ("sdpa", "eager")
+
+
+def needs_dense_mask(attn_implementation: str) -> bool:
+    """Whether packed rows need a 4-D block-diagonal mask with this attention implementation (see above)."""
+    return attn_implementation in DENSE_MASK_KERNELS
+
+
 @dataclass
 class Packed:
     input_ids: torch.Tensor  # [R, L]
     position_ids: torch.Tensor  # [R, L]
-    attention_mask: torch.Tensor  # [R, 1, L, L] bool, True = may attend
+    attention_mask: torch.Tensor | None  # [R, 1, L, L] bool, True = may attend; None without dense_mask
     rows: torch.Tensor  # [N] row of each sequence (in input order)
     starts: torch.Tensor  # [N] first position of each sequence in its row
     ends: torch.Tensor  # [N] last position of each sequence in its row
     real_tokens: int
 
 
-def pack(seqs: list[list[int]], max_row_tokens: int, pad_id: int) -> Packed:
+def pack(seqs: list[list[int]], max_row_tokens: int | None, pad_id: int, dense_mask: bool = True) -> Packed:
+    """Pack sequences into rows. With dense_mask, rows of at most max_row_tokens (a longer sequence gets its own
+    row) and their block-diagonal mask; without, max_row_tokens=None puts every sequence in one row."""
     lengths = [len(s) for s in seqs]
-    layout = pack_rows(lengths, max_row_tokens)
+    layout = pack_rows(lengths, max_row_tokens) if max_row_tokens else [list(range(len(seqs)))]
     width = max(sum(lengths[i] for i in row) for row in layout)
     n_rows = len(layout)
     ids = torch.full((n_rows, width), pad_id, dtype=torch.long)
-    pos = torch.zeros((n_rows, width), dtype=torch.long)
+    # a row's padding gets consecutive positions from 0: one run of its own for the segment kernels
+    pos = torch.arange(width).repeat(n_rows, 1)
     # padding positions attend to themselves only: a query row with nothing to attend to would make NaNs
-    mask = torch.eye(width, dtype=torch.bool).repeat(n_rows, 1, 1)
+    mask = torch.eye(width, dtype=torch.bool).repeat(n_rows, 1, 1) if dense_mask else None
     rows, starts, ends = [0] * len(seqs), [0] * len(seqs), [0] * len(seqs)
     for r, members in enumerate(layout):
         at = 0
@@ -57,9 +72,17 @@ def pack(seqs: list[list[int]], max_row_tokens: int, pad_id: int) -> Packed:
             n = lengths[i]
             ids[r, at : at + n] = torch.as_tensor(seqs[i])
             pos[r, at : at + n] = torch.arange(n)
-            mask[r, at : at + n, at : at + n] = torch.ones(n, n, dtype=torch.bool).tril()
+            if mask is not None:
+                mask[r, at : at + n, at : at + n] = torch.ones(n, n, dtype=torch.bool).tril()
             rows[i], starts[i], ends[i] = r, at, at + n - 1
             at += n
+        pos[r, at:] = torch.arange(width - at)
     return Packed(
-        ids, pos, mask[:, None], torch.tensor(rows), torch.tensor(starts), torch.tensor(ends), sum(lengths)
+        ids,
+        pos,
+        None if mask is None else mask[:, None],
+        torch.tensor(rows),
+        torch.tensor(starts),
+        torch.tensor(ends),
+        sum(lengths),
     )

@@ -27,8 +27,12 @@ class ModelConfig(_Strict):
         "or a hub id (needs network).",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
-        "sdpa", description="Attention kernel passed to transformers."
+    attn_implementation: Literal["sdpa_segments", "sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa_segments",
+        description="Attention kernel. sdpa_segments (align's, the default): PyTorch SDPA per packed sequence, "
+        "reading the layout from position ids (no mask, no cost across sequences; plain sdpa otherwise); sdpa / "
+        "eager: transformers' kernels, packed rows get a dense block-diagonal mask; flash_attention_2: needs the "
+        "flash-attn package and a GPU.",
     )
     trust_remote_code: bool = Field(
         False, description="Allow model code from the checkpoint to run. Off unless you trust the source."

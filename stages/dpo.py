@@ -26,6 +26,7 @@ from align.chat import chat_messages, neutralise, render_prompt, special_strings
 from align.config import UserError
 from align.manifest import atomic_write_json, require_complete
 from align.models import load_causal_lm, load_tokenizer, lora_config, model_identity, write_policy_stack
+from align.packing import DENSE_MASK_KERNELS, needs_dense_mask, pack_rows
 from align.readers import LoadReport, iter_rows
 from align.stage import StageContext, StageResult, console, print_skipped, print_verdict
 from data_schemas.config import DPOConfig
@@ -217,29 +218,39 @@ def shared_prefix_forward(
 ):
     """Per-token log-probabilities of both responses of every pair, computing each prompt once.
 
-    A pair becomes one packed segment [prompt | chosen | rejected] (short pairs share a row; no row is wider than
-    max_row_tokens, by default the longest pair, so the dense mask never costs more attention than that pair): chosen tokens attend causally to the prompt and to earlier chosen tokens, rejected tokens to
-    the prompt and earlier rejected tokens (never to chosen ones), and the rejected positions restart at
-    len(prompt). This is the same computation as two separate sequences, with the prompt's share done once; TRL
+    A pair becomes one packed segment [prompt | chosen | rejected]: chosen tokens attend causally to the prompt and
+    to earlier chosen tokens, rejected tokens to the prompt and earlier rejected tokens (never to chosen ones), and
+    the rejected positions restart at len(prompt). With `sdpa_segments` that layout is read from the position ids
+    (align/attention.py: a branch) and every pair goes into one row with no mask; with `sdpa`/`eager` a dense mask
+    says it, and short pairs share rows of at most max_row_tokens (by default the longest pair, so the dense mask
+    never costs more attention than that pair). This is the same computation as two separate sequences, with the prompt's share done once; TRL
     runs each prompt twice and pads both rows to the longest sequence of the batch.
 
     Returns trl's FusedCausalLMOutput with per-token fields of shape [2B, T-1] (zero off the completion), in the
     positions TRL's own fused head would use, or None when the batch is not a pair batch."""
     from trl.trainer.utils import FusedCausalLMOutput
 
-    from align.packing import pack_rows
-
+    kernel = base_model.config._attn_implementation
+    if kernel not in ("sdpa_segments", *DENSE_MASK_KERNELS):
+        return (
+            None  # e.g. flash_attention_2 reads a restart of positions as a new sequence, without its prompt
+        )
     pairs = pair_rows(input_ids, attention_mask, labels)
     if pairs is None:
         return None
     dev = input_ids.device
     lengths = [len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in pairs]
-    layout = pack_rows(lengths, max(max_row_tokens or 0, max(lengths)))
+    dense = needs_dense_mask(kernel)
+    # sdpa_segments reads the branch from the position ids (align/attention.py): one row, no mask at all
+    layout = (
+        pack_rows(lengths, max(max_row_tokens or 0, max(lengths))) if dense else [list(range(len(pairs)))]
+    )
     width = max(sum(lengths[i] for i in row) for row in layout)
     R = len(layout)
     ids = torch.zeros((R, width), dtype=torch.long)
-    pos = torch.zeros((R, width), dtype=torch.long)
-    mask = torch.eye(width, dtype=torch.bool).repeat(R, 1, 1)  # padding attends to itself only (no NaN rows)
+    pos = torch.arange(width).repeat(R, 1)  # padding: consecutive positions, one run of its own
+    # padding attends to itself only (no NaN rows)
+    mask = torch.eye(width, dtype=torch.bool).repeat(R, 1, 1) if dense else None
     # (row, packed index of the hidden state that predicts the token, token id, output row, output position)
     pred_row, pred_idx, target, out_row, out_pos = [], [], [], [], []
     n = len(pairs)
@@ -251,11 +262,12 @@ def shared_prefix_forward(
             ids[r, at : at + P + C + K] = torch.tensor(p["prompt"] + p["chosen"] + p["rejected"])
             pos[r, at : at + P + C] = torch.arange(P + C)
             pos[r, at + P + C : at + P + C + K] = torch.arange(P, P + K)
-            tri = torch.ones(P + C, P + C, dtype=torch.bool).tril()
-            mask[r, at : at + P + C, at : at + P + C] = tri  # prompt + chosen: causal
-            rj = slice(at + P + C, at + P + C + K)
-            mask[r, rj, at : at + P] = True  # rejected sees the prompt
-            mask[r, rj, rj] = torch.ones(K, K, dtype=torch.bool).tril()  # and itself, causally
+            if mask is not None:
+                tri = torch.ones(P + C, P + C, dtype=torch.bool).tril()
+                mask[r, at : at + P + C, at : at + P + C] = tri  # prompt + chosen: causal
+                rj = slice(at + P + C, at + P + C + K)
+                mask[r, rj, at : at + P] = True  # rejected sees the prompt
+                mask[r, rj, rj] = torch.ones(K, K, dtype=torch.bool).tril()  # and itself, causally
             for t in range(C):
                 pred_row.append(r)
                 pred_idx.append(at + P - 1 + t)
@@ -269,8 +281,12 @@ def shared_prefix_forward(
                 out_row.append(n + i)
                 out_pos.append(p["rejected_pos"][t] - 1)
             at += P + C + K
+        pos[r, at:] = torch.arange(width - at)
     hidden = base_model.model(
-        input_ids=ids.to(dev), attention_mask=mask[:, None].to(dev), position_ids=pos.to(dev), use_cache=False
+        input_ids=ids.to(dev),
+        attention_mask=None if mask is None else mask[:, None].to(dev),
+        position_ids=pos.to(dev),
+        use_cache=False,
     ).last_hidden_state  # [R, width, H]
     h = hidden[torch.tensor(pred_row, device=dev), torch.tensor(pred_idx, device=dev)]  # [M, H]
     tgt = torch.tensor(target, device=dev)

@@ -38,7 +38,7 @@ from align.models import (
     model_identity,
     torch_dtype,
 )
-from align.packing import pack
+from align.packing import needs_dense_mask, pack
 from align.readers import LoadReport, iter_rows
 from align.stage import StageContext, StageResult, console, print_skipped, print_verdict
 from data_schemas.config import ModelConfig, RewardConfig
@@ -162,18 +162,22 @@ def as_pair_examples(groups: list[dict]) -> list[dict]:
 
 @dataclass
 class GroupCollator:
-    """All responses of the micro-batch's groups, packed into rows of at most max_row_tokens (align/packing.py).
+    """All responses of the micro-batch's groups, packed (align/packing.py): into one row for the segment kernels,
+    into rows of at most max_row_tokens with a dense mask for `sdpa`/`eager` (dense_mask).
 
-    Output: input_ids/position_ids [R, L]; attention_mask [R, 1, L, L] bool block-diagonal causal; rows/ends [N]
+    Output: input_ids/position_ids [R, L]; attention_mask [R, 1, L, L] bool block-diagonal causal (dense_mask
+    only); rows/ends [N]
     where each sequence's last token sits; pairs [P, 2] and pair_group [P] (global sequence indices);
     group_tiers: per group, tiers of global sequence indices (for Plackett-Luce).
     """
 
     max_row_tokens: int = 1024
     pad_token_id: int = 0
+    dense_mask: bool = True
 
     def __call__(self, groups: list[dict]) -> dict[str, Any]:
-        p = pack([s for g in groups for s in g["seqs"]], self.max_row_tokens, self.pad_token_id)
+        seqs = [s for g in groups for s in g["seqs"]]
+        p = pack(seqs, self.max_row_tokens if self.dense_mask else None, self.pad_token_id, self.dense_mask)
         pairs, pair_group, group_tiers, offset = [], [], [], 0
         for gi, g in enumerate(groups):
             tiers = [[offset + i for i in tier] for tier in g["tiers"]]
@@ -182,10 +186,11 @@ class GroupCollator:
                 pairs.append((a, b))
                 pair_group.append(gi)
             offset += len(g["seqs"])
+        mask = {} if p.attention_mask is None else {"attention_mask": p.attention_mask}
         return {
             "input_ids": p.input_ids,
             "position_ids": p.position_ids,
-            "attention_mask": p.attention_mask,
+            **mask,
             "rows": p.rows,
             "ends": p.ends,
             "pairs": torch.tensor(pairs, dtype=torch.long).reshape(-1, 2),
@@ -203,7 +208,7 @@ def sequence_rewards(model, batch: dict[str, Any]) -> torch.Tensor:
     is nothing to synchronise: the trunk alone, without keeping every layer's hidden states."""
     inner = dist.unwrap(model)
     base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    inputs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask")}
+    inputs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask") if k in batch}
     if torch.is_grad_enabled():
         hidden = model(**inputs, output_hidden_states=True).hidden_states[
             -1
@@ -230,6 +235,7 @@ def build_reward_model(cfg: RewardConfig, tokenizer, precision: str):
     """Sequence-classification model (scalar head) whose trunk is the base model, with the SFT adapter merged."""
     from transformers import AutoModelForSequenceClassification
 
+    from align import attention  # noqa: F401 (registers sdpa_segments with transformers)
     from align.models import resolve_model_path, whole_model_load
 
     base_cfg, sft_dir = base_model_config(cfg)
@@ -262,7 +268,9 @@ def score_groups(
 ) -> list[list[float]]:
     """Rewards for every response of every group (no grad); whole groups per batch, packed into bounded rows."""
     model.eval()
-    collate = GroupCollator(max_row_tokens=max_row_tokens)
+    collate = GroupCollator(
+        max_row_tokens=max_row_tokens, dense_mask=needs_dense_mask(model.config._attn_implementation)
+    )
     out: list[list[float]] = []
     dev = next(model.parameters()).device
     i = 0
@@ -490,7 +498,9 @@ def train(
         train_dataset=Dataset.from_list(train_examples),
         eval_dataset=Dataset.from_list(eval_groups) if eval_groups else None,  # scored by our evaluate()
         data_collator=GroupCollator(
-            max_row_tokens=max(cfg.data.max_length, 1024), pad_token_id=tokenizer.pad_token_id
+            max_row_tokens=max(cfg.data.max_length, 1024),
+            pad_token_id=tokenizer.pad_token_id,
+            dense_mask=needs_dense_mask(model.config._attn_implementation),
         ),
         callbacks=callbacks(ctx.out, t),
     )

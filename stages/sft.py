@@ -8,8 +8,10 @@ What align adds to a plain `SFTTrainer` script, and why:
 - Loss on every assistant turn, with any chat template (see align/chat.py), and user text that can never
   become control tokens.
 - Padding-free batches that are correct on every attention kernel: a micro-batch is one row holding all its
-  examples, with a block-diagonal causal 4-D mask and restarting position ids. Position ids alone (TRL's
-  `padding_free`) are only correct with FlashAttention; with sdpa/eager the examples attend to each other.
+  examples with restarting position ids, and attention runs per example (align/attention.py, `sdpa_segments`:
+  no mask, no cost across examples). Position ids alone (TRL's `padding_free`) are only correct with
+  FlashAttention; with plain sdpa/eager the examples would attend to each other, so those get a block-diagonal
+  4-D mask instead.
 - An artifact directory with a manifest written last, resumable checkpoints, metrics.jsonl, TensorBoard.
 """
 
@@ -29,7 +31,7 @@ from align.chat import control_tokens_in, neutralise, render, special_strings
 from align.config import UserError, printable
 from align.manifest import atomic_write_json, replace_dir
 from align.models import load_causal_lm, load_tokenizer, model_identity, peft_config, quantization_4bit
-from align.packing import pack
+from align.packing import needs_dense_mask, pack
 from align.partial import apply_trainable, param_groups, unfreeze_callback
 from align.readers import has_split, load_instructions
 from align.stage import StageContext, StageResult, console, print_skipped
@@ -81,28 +83,33 @@ def split_train_validation(items: list, fraction: float, seed: int) -> tuple[lis
 # ----------------------------------------------------------------------------------------------------------
 @dataclass
 class PaddingFreeCollator:
-    """Pack a micro-batch's examples into rows of at most max_row_tokens (align/packing.py).
+    """Pack a micro-batch's examples (align/packing.py): into one row for the segment kernels, into rows of at most
+    max_row_tokens with a dense mask for `sdpa`/`eager` (dense_mask).
 
-    Output: input_ids/labels/position_ids [R, L]; attention_mask [R, 1, L, L] bool block-diagonal causal. The first
+    Output: input_ids/labels/position_ids [R, L]; attention_mask [R, 1, L, L] bool block-diagonal causal
+    (dense_mask only). The first
     label of each example is -100 (it would be predicted from the previous example's last token). The loss equals
     the padded batch's exactly: both are sum(token NLL) / count(label tokens).
     """
 
     pad_token_id: int
     max_row_tokens: int = 1024
+    dense_mask: bool = True
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        p = pack([e["input_ids"] for e in examples], self.max_row_tokens, self.pad_token_id)
+        seqs = [e["input_ids"] for e in examples]
+        p = pack(seqs, self.max_row_tokens if self.dense_mask else None, self.pad_token_id, self.dense_mask)
         labels = torch.full_like(p.input_ids, -100)
         for i, e in enumerate(examples):
             lbl = torch.as_tensor(e["labels"], dtype=torch.long).clone()
             lbl[0] = -100
             labels[p.rows[i], p.starts[i] : p.ends[i] + 1] = lbl
+        mask = {} if p.attention_mask is None else {"attention_mask": p.attention_mask}
         return {
             "input_ids": p.input_ids,
             "labels": labels,
             "position_ids": p.position_ids,
-            "attention_mask": p.attention_mask,
+            **mask,
             "num_real_tokens": torch.tensor(p.real_tokens),
         }
 
@@ -263,7 +270,11 @@ def train(cfg: SFTConfig, ctx: StageContext, tokenizer, train_rows, val_rows, qu
         max_length=None,
     )
     collator = (
-        PaddingFreeCollator(tokenizer.pad_token_id, max_row_tokens=max(cfg.data.max_length, 1024))
+        PaddingFreeCollator(
+            tokenizer.pad_token_id,
+            max_row_tokens=max(cfg.data.max_length, 1024),
+            dense_mask=needs_dense_mask(cfg.model.attn_implementation),
+        )
         if t.batching == "padding_free"
         else PaddedCollator(tokenizer.pad_token_id)
     )

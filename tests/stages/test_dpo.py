@@ -195,8 +195,9 @@ def test_continue_sft_adapter_with_precomputed_reference(trained, sft, tmp_path)
     assert json.loads((out / "stack.json").read_text())["merge"] == []
 
 
-@pytest.mark.parametrize("row_tokens", [None, 1000])  # one pair per row; all pairs packed into one row
-def test_shared_prefix_forward_equals_trls_fused_forward(tokenizer, tiny_model_path, row_tokens):
+# dense masks with one pair per row and with all pairs in one row; align's segment kernel (one row, no mask)
+@pytest.mark.parametrize("kernel,row_tokens", [("sdpa", None), ("sdpa", 1000), ("sdpa_segments", None)])
+def test_shared_prefix_forward_equals_trls_fused_forward(tokenizer, tiny_model_path, kernel, row_tokens):
     """Each prompt computed once, both responses attending to it: the same per-token numbers as TRL's forward over
     two separate padded rows, including the fields TRL logs (entropy, mean logits, top-1)."""
     from peft import LoraConfig, get_peft_model
@@ -215,7 +216,11 @@ def test_shared_prefix_forward_equals_trls_fused_forward(tokenizer, tiny_model_p
     batch = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)(
         [{k: f[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for f in feats]
     )
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+    import align.attention  # noqa: F401 (registers sdpa_segments)
+
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_model_path, dtype=torch.float32, attn_implementation=kernel
+    )
     add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
     torch.manual_seed(0)
     policy = get_peft_model(

@@ -3,14 +3,17 @@
     .venv/bin/python bench/sft_throughput.py [--steps 6] [--bf16-steps 2] [--data PATH]
 
 Same model (SmolLM2-135M-Instruct), data (self-instruct seed tasks from ../shared/data, else the bundled
-examples), LoRA settings (r=16, alpha=32, all linear projections), batch size 8, max length 512, learning rate and
-steps. Configurations:
+examples), LoRA settings (align's configs/sft.yaml: r=16, alpha=32, dropout 0, all linear projections), batch size
+8, max length 512, learning rate and steps. Configurations:
   trl-defaults   plain SFTTrainer with TRL's defaults (bf16=True), prompt-completion data
   trl-fp32       the same with bf16=False (the best plain-TRL configuration on this CPU)
-  align          align's SFT stage (precision from hardware, padding-free block-diagonal batches)
+  align          align's SFT stage (precision from hardware, padding-free packed rows, attention per sequence)
 Throughput counts real (non-pad) tokens per second over the timed steps (the first step, warm-up, is not timed).
-MFU = model FLOPs / measured fp32 matmul peak, with model FLOPs = 4 x params x tokens for LoRA (forward 2NT and
-backward through frozen weights 2NT; no weight gradients for the base).
+MFU = model FLOPs / measured fp32 matmul peak. Model FLOPs are what the loss needs, the same for every
+configuration: 4 x body params x real tokens + 4 x LM-head params x labelled tokens (LoRA: forward 2N and
+backward through frozen weights 2N per token; no weight gradients for the base; the LM head matters only where a
+token has a label). Work a configuration does beyond that (padding, the head over prompt tokens) lowers its MFU.
+The CPU's flags are recorded with the results.
 """
 
 from __future__ import annotations
@@ -65,8 +68,13 @@ class CountingCollator:
     def __call__(self, examples):
         batch = self.inner(examples)
         am = batch.get("attention_mask")
-        real = int(batch["input_ids"].numel()) if am is None or am.dim() == 4 else int(am.sum())
-        self.tokens.append((real, int(batch["input_ids"].numel())))
+        if "num_real_tokens" in batch:
+            real = int(batch["num_real_tokens"])
+        else:
+            real = int(batch["input_ids"].numel()) if am is None or am.dim() == 4 else int(am.sum())
+        labels = batch.get("labels")
+        labelled = real if labels is None else int((labels[:, 1:] != -100).sum())
+        self.tokens.append((real, int(batch["input_ids"].numel()), labelled))
         return batch
 
 
@@ -106,12 +114,13 @@ def run_trl(convs, model_path, steps, bf16: bool | None, out: Path):
         seed=0,
         **kwargs,
     )
+    ls = align_lora()
     lora = LoraConfig(
-        r=16,
-        lora_alpha=32,
-        lora_dropout=0.05,
+        r=ls.r,
+        lora_alpha=ls.alpha,
+        lora_dropout=ls.dropout,
         task_type="CAUSAL_LM",
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        target_modules=ls.target_modules,
     )
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     timer = Timer()
@@ -127,6 +136,23 @@ def run_trl(convs, model_path, steps, bf16: bool | None, out: Path):
     trainer.data_collator = counter
     trainer.train()
     return timer.steps, counter.tokens, args.bf16
+
+
+def align_lora():
+    """The LoRA settings of align's shipped SFT config: the TRL script uses the same."""
+    from align.config import load_config
+    from data_schemas.config import SFTConfig
+
+    return load_config(SFTConfig, ROOT / "configs" / "sft.yaml", []).lora
+
+
+def cpu_flags() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        flags = next(line for line in text.splitlines() if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "unknown"
+    return " ".join(f for f in flags if f.startswith(("avx", "amx")))
 
 
 def run_align(data_path, steps, out: Path):
@@ -175,13 +201,15 @@ def run_align(data_path, steps, out: Path):
     return timer.steps, counter_box["c"].tokens
 
 
-def summarise(name, step_times, tokens, n_params, peak):
+def summarise(name, step_times, tokens, n_params, n_head, peak):
     timed = step_times[1:]  # the first step includes warm-up
-    real = sum(t for t, _ in tokens[1 : len(step_times)])
-    slots = sum(s for _, s in tokens[1 : len(step_times)])
+    real = sum(t for t, _, _ in tokens[1 : len(step_times)])
+    slots = sum(s for _, s, _ in tokens[1 : len(step_times)])
+    labelled = sum(x for _, _, x in tokens[1 : len(step_times)])
     secs = sum(timed)
     tps = real / secs
-    mfu = 4 * n_params * tps / (peak * 1e9)
+    flops = 4 * (n_params - n_head) * real + 4 * n_head * labelled
+    mfu = flops / secs / (peak * 1e9)
     return {
         "config": name,
         "timed_steps": len(timed),
@@ -216,23 +244,29 @@ def main():
     model_path = resolve_model_path("smollm2-135m-instruct")
     from transformers import AutoModelForCausalLM
 
-    n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_path).parameters())
+    m = AutoModelForCausalLM.from_pretrained(model_path)
+    n_params = sum(p.numel() for p in m.parameters())
+    n_head = (
+        m.get_output_embeddings().weight.numel()
+    )  # tied to the input embeddings: counted once in n_params
+    del m
     peak = matmul_peak_gflops()
     convs = load_rows(a.data)
     results = []
     print(
-        f"data {a.data} ({len(convs)} examples), params {n_params / 1e6:.1f}M, matmul peak {peak:.1f} GFLOP/s",
+        f"data {a.data} ({len(convs)} examples), params {n_params / 1e6:.1f}M, matmul peak {peak:.1f} GFLOP/s, "
+        f"threads {torch.get_num_threads()}, cpu flags: {cpu_flags()}",
         flush=True,
     )
     if not a.skip_trl_defaults:
         st, tk, bf16 = run_trl(convs, model_path, a.bf16_steps, None, a.out / "trl-defaults")
-        results.append(summarise(f"trl-defaults (bf16={bf16})", st, tk, n_params, peak))
+        results.append(summarise(f"trl-defaults (bf16={bf16})", st, tk, n_params, n_head, peak))
         print(json.dumps(results[-1]), flush=True)
     st, tk, _ = run_trl(convs, model_path, a.steps, False, a.out / "trl-fp32")
-    results.append(summarise("trl-fp32", st, tk, n_params, peak))
+    results.append(summarise("trl-fp32", st, tk, n_params, n_head, peak))
     print(json.dumps(results[-1]), flush=True)
     st, tk = run_align(a.data, a.steps, a.out / "align")
-    results.append(summarise("align", st, tk, n_params, peak))
+    results.append(summarise("align", st, tk, n_params, n_head, peak))
     print(json.dumps(results[-1]), flush=True)
     best_trl = max(r["real_tokens_per_s"] for r in results if r["config"].startswith("trl"))
     print("\n| config | s/step | real tokens/s | padding share | MFU | vs best plain TRL |")
@@ -244,7 +278,17 @@ def main():
         )
     (ROOT / "bench" / "results").mkdir(exist_ok=True)
     (ROOT / "bench" / "results" / "sft_throughput.json").write_text(
-        json.dumps({"data": str(a.data), "steps": a.steps, "peak_gflops": peak, "results": results}, indent=2)
+        json.dumps(
+            {
+                "data": str(a.data),
+                "steps": a.steps,
+                "peak_gflops": peak,
+                "cpu_flags": cpu_flags(),
+                "threads": torch.get_num_threads(),
+                "results": results,
+            },
+            indent=2,
+        )
     )
 
 

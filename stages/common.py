@@ -7,6 +7,7 @@ lines from being written three times.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -274,3 +275,25 @@ def scorer_reward(artifact: Path):
 
     scorer = RewardScorer(artifact)
     return lambda prompts, texts, finished: scorer.score(prompts, texts)
+
+
+@contextlib.contextmanager
+def compact_lm_head():
+    """TRL's fused LM head scores only the positions that have a label on every device, not only Triton ones.
+
+    TRL (`add_fused_lm_head`) projects only labelled positions through the vocabulary where Triton runs and every
+    position elsewhere, because on compiled backends (Neuron) a varying number of rows would recompile. On CPUs
+    and CUDA in eager mode that is pure waste: an SFT prompt's tokens carry no label, and the LM head (vocabulary x
+    hidden, a fifth of SmolLM2-135M) is the costliest layer per token. The result is the same numbers; the test is
+    tests/stages/test_sft_batching.py. If TRL renames the switch, this does nothing and TRL's own path runs."""
+    import trl.trainer.utils as trl_utils
+
+    original = getattr(trl_utils, "_use_triton", None)
+    if original is None:
+        yield
+        return
+    trl_utils._use_triton = lambda device: True
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = original

@@ -36,7 +36,15 @@ from align.partial import apply_trainable, param_groups, unfreeze_callback
 from align.readers import has_split, load_instructions
 from align.stage import StageContext, StageResult, console, print_skipped
 from data_schemas.config import SFTConfig
-from stages.common import callbacks, final_eval, save_trained, train_with_resume, trainer_kwargs, zero3
+from stages.common import (
+    callbacks,
+    compact_lm_head,
+    final_eval,
+    save_trained,
+    train_with_resume,
+    trainer_kwargs,
+    zero3,
+)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -137,12 +145,14 @@ def _trainer_class():
     from trl import SFTTrainer
 
     class AlignSFTTrainer(SFTTrainer):
-        """SFTTrainer whose token counter counts real tokens of packed rows (it would sum the 4-D mask)."""
+        """SFTTrainer whose token counter counts real tokens of packed rows (it would sum the 4-D mask), and whose
+        fused LM head scores labelled positions only."""
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             real = inputs.pop("num_real_tokens", None)  # set by PaddingFreeCollator; not a model input
             before = self._total_train_tokens
-            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            with compact_lm_head():  # the LM head on labelled positions only (stages/common.py)
+                out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             if real is not None and model.training:
                 # every process's real tokens (a collective: every process computes a loss here in step)
                 real = self.accelerator.gather(real.reshape(1).to(self.accelerator.device)).sum()

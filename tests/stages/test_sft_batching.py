@@ -1,5 +1,7 @@
 """Padding-free batches must give exactly the loss of padded batches (on real sequences, real model)."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -77,3 +79,53 @@ def test_position_ids_alone_would_leak_across_examples(tokenizer, tiny_model_pat
         leaky = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0, 20:30]
     assert torch.allclose(masked, alone, atol=1e-4)
     assert not torch.allclose(leaky, alone, atol=1e-3)
+
+
+def test_compact_lm_head_same_loss_and_gradients_on_labelled_rows_only(
+    tokenizer, tiny_model_path, monkeypatch
+):
+    """stages.common.compact_lm_head: TRL's fused head over labelled positions only gives the loss and gradients
+    of its every-position path, and really projects fewer rows."""
+    import trl.trainer.utils as trl_utils
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from stages.common import compact_lm_head
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+    add_fused_lm_head(model)
+    torch.manual_seed(0)
+    model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    )
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    rows = [
+        {"input_ids": list(range(100, 130)), "labels": [-100] * 20 + list(range(120, 130))},
+        {"input_ids": list(range(300, 312)), "labels": [-100] * 4 + list(range(304, 312))},
+    ]
+    batch = PaddingFreeCollator(tokenizer.pad_token_id, dense_mask=False)(rows)
+    batch.pop("num_real_tokens")
+    seen = []
+    apply = trl_utils._ChunkedLogProbFunction.apply
+    monkeypatch.setattr(
+        trl_utils._ChunkedLogProbFunction, "apply", lambda h, *a: seen.append(h.shape[0]) or apply(h, *a)
+    )
+    results = []
+    for compact in (False, True):
+        model.zero_grad()
+        with compact_lm_head() if compact else contextlib.nullcontext():
+            loss = model(**batch, fused_lm_head=True).loss
+        loss.backward()
+        results.append(
+            (float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        )
+    (full, g_full), (compacted, g_compact) = results
+    labelled = sum(sum(1 for x in r["labels"][1:] if x != -100) for r in rows)
+    assert seen == [batch["input_ids"].shape[1] - 1, labelled]
+    assert abs(full - compacted) < 1e-5
+    for n in g_full:
+        assert torch.allclose(g_full[n], g_compact[n], atol=1e-5), n

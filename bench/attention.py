@@ -168,7 +168,8 @@ def main():
             )
             line = next((x for x in reversed(p.stdout.splitlines()) if x.startswith("{")), None)
             if p.returncode != 0 or line is None:
-                err = (p.stderr.strip().splitlines() or ["no output"])[-1]
+                lines = p.stderr.strip().splitlines() or ["no output"]
+                err = next((x for x in reversed(lines) if "Error:" in x), lines[-1]).strip()
                 results.append({"kernel": k, "batch": n, "error": err})
                 print(f"{k} batch {n}: failed: {err}", flush=True)
                 continue

@@ -275,7 +275,7 @@ def load_causal_lm(cfg: ModelConfig, precision: str, quantization=None):
     `quantization` (quantization_4bit), on this process's GPU in 4 bits."""
     from transformers import AutoModelForCausalLM
 
-    from align import attention  # noqa: F401 (registers sdpa_segments with transformers)
+    import align.attention  # noqa: F401 (registers sdpa_segments with transformers)
 
     path = resolve_model_path(cfg.name_or_path)
     extra = {"quantization_config": quantization, "device_map": {"": device()}} if quantization else {}

@@ -235,7 +235,7 @@ def build_reward_model(cfg: RewardConfig, tokenizer, precision: str):
     """Sequence-classification model (scalar head) whose trunk is the base model, with the SFT adapter merged."""
     from transformers import AutoModelForSequenceClassification
 
-    from align import attention  # noqa: F401 (registers sdpa_segments with transformers)
+    import align.attention  # noqa: F401 (registers sdpa_segments with transformers)
     from align.models import resolve_model_path, whole_model_load
 
     base_cfg, sft_dir = base_model_config(cfg)

@@ -33,13 +33,25 @@ def pack_rows(lengths: list[int], max_row_tokens: int) -> list[list[int]]:
     return rows
 
 
+# align's per-sequence kernel (align/attention.py): reads sequences, and branches off a shared prefix, from the
+# position ids.
+SEGMENT_KERNEL = "sdpa_segments"
 # Attention implementations that keep packed sequences apart only through a dense mask.
 DENSE_MASK_KERNELS = ("sdpa", "eager")
+# Those that can run a shared-prefix branch (DPO's [prompt | chosen | rejected]); flash_attention_2 would read the
+# branch as a new sequence without its prompt.
+BRANCH_KERNELS = (SEGMENT_KERNEL, *DENSE_MASK_KERNELS)
 
 
 def needs_dense_mask(attn_implementation: str) -> bool:
     """Whether packed rows need a 4-D block-diagonal mask with this attention implementation (see above)."""
     return attn_implementation in DENSE_MASK_KERNELS
+
+
+def row_layout(lengths: list[int], max_row_tokens: int, dense_mask: bool) -> list[list[int]]:
+    """Indices of sequences per row: rows of at most max_row_tokens under a dense mask (pack_rows), else all in
+    one row (the per-sequence kernels pay nothing for a long row)."""
+    return pack_rows(lengths, max_row_tokens) if dense_mask else [list(range(len(lengths)))]
 
 
 @dataclass
@@ -52,12 +64,17 @@ class Packed:
     ends: torch.Tensor  # [N] last position of each sequence in its row
     real_tokens: int
 
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """input_ids and position_ids, with the attention mask where there is one."""
+        mask = {} if self.attention_mask is None else {"attention_mask": self.attention_mask}
+        return {"input_ids": self.input_ids, "position_ids": self.position_ids, **mask}
 
-def pack(seqs: list[list[int]], max_row_tokens: int | None, pad_id: int, dense_mask: bool = True) -> Packed:
-    """Pack sequences into rows. With dense_mask, rows of at most max_row_tokens (a longer sequence gets its own
-    row) and their block-diagonal mask; without, max_row_tokens=None puts every sequence in one row."""
+
+def pack(seqs: list[list[int]], max_row_tokens: int, pad_id: int, dense_mask: bool = True) -> Packed:
+    """Pack sequences into rows (row_layout). With dense_mask, rows of at most max_row_tokens (a longer sequence
+    gets its own row) and their block-diagonal mask; without, every sequence in one row and no mask."""
     lengths = [len(s) for s in seqs]
-    layout = pack_rows(lengths, max_row_tokens) if max_row_tokens else [list(range(len(seqs)))]
+    layout = row_layout(lengths, max_row_tokens, dense_mask)
     width = max(sum(lengths[i] for i in row) for row in layout)
     n_rows = len(layout)
     ids = torch.full((n_rows, width), pad_id, dtype=torch.long)

@@ -26,7 +26,7 @@ from align.chat import chat_messages, neutralise, render_prompt, special_strings
 from align.config import UserError
 from align.manifest import atomic_write_json, require_complete
 from align.models import load_causal_lm, load_tokenizer, lora_config, model_identity, write_policy_stack
-from align.packing import DENSE_MASK_KERNELS, needs_dense_mask, pack_rows
+from align.packing import BRANCH_KERNELS, needs_dense_mask, row_layout
 from align.readers import LoadReport, iter_rows
 from align.stage import StageContext, StageResult, console, print_skipped, print_verdict
 from data_schemas.config import DPOConfig
@@ -223,18 +223,16 @@ def shared_prefix_forward(
     the rejected positions restart at len(prompt). With `sdpa_segments` that layout is read from the position ids
     (align/attention.py: a branch) and every pair goes into one row with no mask; with `sdpa`/`eager` a dense mask
     says it, and short pairs share rows of at most max_row_tokens (by default the longest pair, so the dense mask
-    never costs more attention than that pair). This is the same computation as two separate sequences, with the prompt's share done once; TRL
-    runs each prompt twice and pads both rows to the longest sequence of the batch.
+    never costs more attention than that pair). This is the same computation as two separate sequences, with the
+    prompt's share done once; TRL runs each prompt twice and pads both rows to the longest sequence of the batch.
 
     Returns trl's FusedCausalLMOutput with per-token fields of shape [2B, T-1] (zero off the completion), in the
     positions TRL's own fused head would use, or None when the batch is not a pair batch."""
     from trl.trainer.utils import FusedCausalLMOutput
 
     kernel = base_model.config._attn_implementation
-    if kernel not in ("sdpa_segments", *DENSE_MASK_KERNELS):
-        return (
-            None  # e.g. flash_attention_2 reads a restart of positions as a new sequence, without its prompt
-        )
+    if kernel not in BRANCH_KERNELS:  # e.g. flash_attention_2: TRL's forward instead
+        return None
     pairs = pair_rows(input_ids, attention_mask, labels)
     if pairs is None:
         return None
@@ -242,9 +240,7 @@ def shared_prefix_forward(
     lengths = [len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in pairs]
     dense = needs_dense_mask(kernel)
     # sdpa_segments reads the branch from the position ids (align/attention.py): one row, no mask at all
-    layout = (
-        pack_rows(lengths, max(max_row_tokens or 0, max(lengths))) if dense else [list(range(len(pairs)))]
-    )
+    layout = row_layout(lengths, max(max_row_tokens or 0, max(lengths)), dense)
     width = max(sum(lengths[i] for i in row) for row in layout)
     R = len(layout)
     ids = torch.zeros((R, width), dtype=torch.long)

@@ -177,7 +177,7 @@ class GroupCollator:
 
     def __call__(self, groups: list[dict]) -> dict[str, Any]:
         seqs = [s for g in groups for s in g["seqs"]]
-        p = pack(seqs, self.max_row_tokens if self.dense_mask else None, self.pad_token_id, self.dense_mask)
+        p = pack(seqs, self.max_row_tokens, self.pad_token_id, self.dense_mask)
         pairs, pair_group, group_tiers, offset = [], [], [], 0
         for gi, g in enumerate(groups):
             tiers = [[offset + i for i in tier] for tier in g["tiers"]]
@@ -186,11 +186,8 @@ class GroupCollator:
                 pairs.append((a, b))
                 pair_group.append(gi)
             offset += len(g["seqs"])
-        mask = {} if p.attention_mask is None else {"attention_mask": p.attention_mask}
         return {
-            "input_ids": p.input_ids,
-            "position_ids": p.position_ids,
-            **mask,
+            **p.model_inputs(),
             "rows": p.rows,
             "ends": p.ends,
             "pairs": torch.tensor(pairs, dtype=torch.long).reshape(-1, 2),

@@ -105,21 +105,13 @@ class PaddingFreeCollator:
     dense_mask: bool = True
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        seqs = [e["input_ids"] for e in examples]
-        p = pack(seqs, self.max_row_tokens if self.dense_mask else None, self.pad_token_id, self.dense_mask)
+        p = pack([e["input_ids"] for e in examples], self.max_row_tokens, self.pad_token_id, self.dense_mask)
         labels = torch.full_like(p.input_ids, -100)
         for i, e in enumerate(examples):
             lbl = torch.as_tensor(e["labels"], dtype=torch.long).clone()
             lbl[0] = -100
             labels[p.rows[i], p.starts[i] : p.ends[i] + 1] = lbl
-        mask = {} if p.attention_mask is None else {"attention_mask": p.attention_mask}
-        return {
-            "input_ids": p.input_ids,
-            "labels": labels,
-            "position_ids": p.position_ids,
-            **mask,
-            "num_real_tokens": torch.tensor(p.real_tokens),
-        }
+        return {**p.model_inputs(), "labels": labels, "num_real_tokens": torch.tensor(p.real_tokens)}
 
 
 @dataclass

@@ -29,15 +29,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-
-def matmul_peak_gflops(n: int = 2048, reps: int = 10) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
+from machine import cpu_flags, matmul_peak_gflops  # noqa: E402
 
 
 class Timer:
@@ -144,15 +138,6 @@ def align_lora():
     from data_schemas.config import SFTConfig
 
     return load_config(SFTConfig, ROOT / "configs" / "sft.yaml", []).lora
-
-
-def cpu_flags() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        flags = next(line for line in text.splitlines() if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return "unknown"
-    return " ".join(f for f in flags if f.startswith(("avx", "amx")))
 
 
 def run_align(data_path, steps, out: Path):

@@ -34,6 +34,29 @@ def hh_preferences(root: Path, validation_fraction: float) -> Path:
     return root / "prefs"
 
 
+def fused_lora_policy(model_path: Path, kernel: str = "sdpa", outputs: tuple[str, ...] = ("log_probs",)):
+    """A causal LM with TRL's fused LM head (`outputs` fields) and a LoRA on q/v whose B matrices are random
+    (seed 0), so that the adapter changes what the model computes."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    import align.attention  # noqa: F401 (registers sdpa_segments)
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation=kernel)
+    add_fused_lm_head(model, outputs=outputs)
+    torch.manual_seed(0)
+    policy = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    )
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    return policy
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from align.models import load_tokenizer

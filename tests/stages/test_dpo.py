@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from align.cli import main
 from stages.dpo import tokenize_pair
-from tests.conftest import EXAMPLES
+from tests.conftest import EXAMPLES, fused_lora_policy
 
 
 def test_template_applied_once_no_duplicated_system_prompt(tokenizer):
@@ -200,10 +200,7 @@ def test_continue_sft_adapter_with_precomputed_reference(trained, sft, tmp_path)
 def test_shared_prefix_forward_equals_trls_fused_forward(tokenizer, tiny_model_path, kernel, row_tokens):
     """Each prompt computed once, both responses attending to it: the same per-token numbers as TRL's forward over
     two separate padded rows, including the fields TRL logs (entropy, mean logits, top-1)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
     from trl.trainer.dpo_trainer import DataCollatorForPreference
-    from trl.trainer.utils import add_fused_lm_head
 
     from stages.dpo import shared_prefix_forward
 
@@ -216,20 +213,7 @@ def test_shared_prefix_forward_equals_trls_fused_forward(tokenizer, tiny_model_p
     batch = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)(
         [{k: f[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for f in feats]
     )
-    import align.attention  # noqa: F401 (registers sdpa_segments)
-
-    model = AutoModelForCausalLM.from_pretrained(
-        tiny_model_path, dtype=torch.float32, attn_implementation=kernel
-    )
-    add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
-    torch.manual_seed(0)
-    policy = get_peft_model(
-        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    )
-    with torch.no_grad():
-        for n, p in policy.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.3)
+    policy = fused_lora_policy(tiny_model_path, kernel, ("log_probs", "entropy", "mean_logits", "is_top1"))
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
     with torch.no_grad():
         want = policy(

@@ -10,7 +10,7 @@ from align.chat import render
 from align.packing import needs_dense_mask
 from align.readers import load_instructions
 from stages.sft import PaddedCollator, PaddingFreeCollator
-from tests.conftest import EXAMPLES
+from tests.conftest import EXAMPLES, fused_lora_policy
 
 
 def _loss(model, batch):
@@ -87,22 +87,10 @@ def test_compact_lm_head_same_loss_and_gradients_on_labelled_rows_only(
     """stages.common.compact_lm_head: TRL's fused head over labelled positions only gives the loss and gradients
     of its every-position path, and really projects fewer rows."""
     import trl.trainer.utils as trl_utils
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-    from trl.trainer.utils import add_fused_lm_head
 
     from stages.common import compact_lm_head
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
-    add_fused_lm_head(model)
-    torch.manual_seed(0)
-    model = get_peft_model(
-        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    )
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.3)
+    model = fused_lora_policy(tiny_model_path)
     rows = [
         {"input_ids": list(range(100, 130)), "labels": [-100] * 20 + list(range(120, 130))},
         {"input_ids": list(range(300, 312)), "labels": [-100] * 4 + list(range(304, 312))},

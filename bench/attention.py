@@ -78,7 +78,7 @@ def per_token_logprobs(model, batch) -> torch.Tensor:
     return out.log_softmax(-1)[keep].gather(-1, labels[keep][:, None])[:, 0]
 
 
-def run_one(kernel: str, n_examples: int, iters: int) -> dict:
+def run_one(kernel: str, n_examples: int, iters: int, lora_dropout: float = 0.0) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -91,7 +91,10 @@ def run_one(kernel: str, n_examples: int, iters: int) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model = get_peft_model(
-        model, LoraConfig(r=16, lora_alpha=32, target_modules=targets, task_type="CAUSAL_LM")
+        model,
+        LoraConfig(
+            r=16, lora_alpha=32, lora_dropout=lora_dropout, target_modules=targets, task_type="CAUSAL_LM"
+        ),
     )
     rows = examples(n_examples)
     batch = batch_for(kernel, rows)
@@ -134,10 +137,11 @@ def main():
     ap.add_argument("--iters", type=int, default=4)
     ap.add_argument("--batch", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=KERNELS)
+    ap.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (align's default is 0)")
     ap.add_argument("--one", choices=KERNELS, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
-        print(json.dumps(run_one(a.one, a.batch[0], a.iters)), flush=True)
+        print(json.dumps(run_one(a.one, a.batch[0], a.iters, a.lora_dropout)), flush=True)
         return
     peak = matmul_peak_gflops()
     flags = cpu_flags()
@@ -149,6 +153,7 @@ def main():
     for n in a.batch:
         for k in a.kernels:
             cmd = [sys.executable, __file__, "--one", k, "--batch", str(n), "--iters", str(a.iters)]
+            cmd += ["--lora-dropout", str(a.lora_dropout)]
             p = subprocess.run(
                 cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}
             )

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from align import __version__
+from align import __version__, annotate
 from align.chat import render_prompt
 from align.config import UserError, apply_overrides, load_config, printable, read_yaml, validate
 from align.data_cli import run_data_command
@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     ov.add_argument("gate_dir", type=Path, help="the folder holding the gate's gate.json")
     ov.add_argument("--reviewer", required=True)
     ov.add_argument("--reason", required=True)
+
+    annotate.add_arguments(sub)
 
     mp = sub.add_parser("model", help="model utilities").add_subparsers(dest="model_command", metavar="WHAT")
     prep = mp.add_parser("prepare", help="convert/cache a built-in model and print its folder")
@@ -375,6 +377,10 @@ def main(argv: list[str] | None = None) -> int:
 
             print(resolve_model_path(a.name))
             return 0
+        if a.command == "annotate":
+            return annotate.run_command(
+                a, lambda line: out.print(printable(line), highlight=False, soft_wrap=True)
+            )
         if a.command == "data":
             if a.data_command is None:
                 raise UserError(

@@ -56,6 +56,7 @@ from align.chat import chat_messages, neutralise, render_prompt, special_strings
 from align.config import UserError
 from align.manifest import atomic_write_json, atomic_write_text, now, read_manifest, sha256_path
 from align.readers import LoadReport, describe_row_error, iter_rows
+from data_schemas.config import SessionSettings
 from data_schemas.rankings import MAX_RESPONSES, RankingLine
 from data_schemas.records import SHAPES, detect_shape
 from stages.rankings import read_rankings, summarise
@@ -68,35 +69,13 @@ STATIC = {  # the only files the server hands out: no path from a request ever r
     "style.css": "text/css",
 }
 FLAGS = ("unsafe", "nonsense")
+ANNOTATIONS = "rankings.jsonl"  # the judgments of a folder
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAX_NOTE = 2000
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
     "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
-
-
-class SessionSettings(BaseModel):
-    """What an annotation folder samples and how judgments are shared out (session.json)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    policy: str = Field(..., description="The policy sampled: an align artifact, checkpoint folder or alias.")
-    policy_key: str | None = Field(None, description="The policy artifact's manifest key (None for a model).")
-    prompts: str = Field(..., description="The prompts file.")
-    prompts_sha256: str = Field(..., description="Its SHA-256, so a changed file is noticed.")
-    k: int = Field(4, ge=2, le=MAX_RESPONSES, description="Responses sampled per prompt.")
-    overlap: int = Field(1, ge=1, description="Annotators who judge each prompt (>1 measures agreement).")
-    max_prompts: int | None = Field(None, ge=1, description="Annotate at most this many prompts.")
-    temperature: float = Field(1.0, gt=0.0, description="Sampling temperature (> 0: K different answers).")
-    top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling.")
-    max_new_tokens: int = Field(256, ge=1, description="Longest response, in tokens.")
-    max_prompt_tokens: int = Field(1024, ge=8, description="Longer prompts are skipped (named).")
-    seed: int = Field(0, description="Sampling seed: response j of prompt i uses request_seed(seed, i*K+j).")
-    engine: Literal["auto", "vllm", "generate"] = Field(
-        "auto", description="vLLM where installed, else transformers generate."
-    )
-    lease_minutes: float = Field(30.0, gt=0, description="How long a shown prompt stays reserved.")
 
 
 # ==========================================================================================================
@@ -511,7 +490,7 @@ class Desk:
     lock: threading.RLock = field(default_factory=threading.RLock)
 
     def __post_init__(self) -> None:
-        self.log = JsonlLog(self.d / "rankings.jsonl")
+        self.log = JsonlLog(self.d / ANNOTATIONS)
         for row in JsonlLog(self.d / "samples.jsonl").read():
             self.add_sample(row)
         for line in self.log.read():
@@ -830,6 +809,12 @@ def _quietly(fn):
             fn()
 
     return run
+
+
+def count_judgments(d: Path) -> int:
+    """Complete lines in a folder's judgments (a torn last line does not count)."""
+    p = Path(d) / ANNOTATIONS
+    return p.read_bytes().count(b"\n") if p.exists() else 0
 
 
 def export(d: Path, to: Path) -> dict[str, Any]:

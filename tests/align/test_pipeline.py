@@ -199,3 +199,40 @@ def test_interrupted_stage_resumes_and_a_changed_parent_reruns_its_children(tmp_
     assert main(["run", "--config", str(_write(tmp_path / "c.yaml", relearned))]) == 0
     after = _finished(run)
     assert {k for k in before if after[k] != before[k]} == {"sft", "dpo"}  # data and preferences kept
+
+
+def test_annotation_round_pauses_the_run_until_people_have_ranked_then_feeds_preferences(tmp_path, capsys):
+    """RLHF's loop in `align run`: sample the policy, stop (exit 3) with the commands that collect judgments, and go
+    on when they exist, with the judgments in the preferences stage. A prompt judged by a person (here through
+    the server's desk) is the only data preferences gets beside the configured file."""
+    from align.annotate import Desk, Judgment
+    from data_schemas.config import SessionSettings
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "".join(json.dumps({"prompt_id": f"q{i}", "prompt": f"Say {i}."}) + "\n" for i in range(2))
+    )
+    annotate = {
+        "policy": "tiny-random-llama",
+        "prompts": str(prompts),
+        "options": {"k": 2, "max_new_tokens": 6, "engine": "generate"},
+    }
+    run = tmp_path / "run"
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(yaml.safe_dump(_pipeline(run, annotate=annotate, preferences=PREFS)))
+    assert main(["run", "--config", str(cfg)]) == 3
+    said = " ".join(capsys.readouterr().err.split())
+    assert "0 of 2 judgments" in said and f"align annotate serve --dir {run / 'annotate'}" in said
+    assert not (run / "preferences").exists()
+
+    d = run / "annotate"
+    desk = Desk(d, SessionSettings.model_validate_json((d / "session.json").read_text()))
+    assert len(desk.samples) == 2 and all(len(s["responses"]) == 2 for s in desk.samples)
+    for _ in desk.samples:
+        desk.submit("ann-1", Judgment(prompt_id=desk.next_for("ann-1")["prompt_id"], ranking=["r2", "r1"]))
+    assert main(["run", "--config", str(cfg)]) == 0
+    assert "annotate: 2 judgments" in " ".join(capsys.readouterr().err.split())
+    inputs = json.loads((run / "preferences" / "manifest.json").read_text())["inputs"]
+    assert any(i["path"].endswith("annotate/rankings.jsonl") for i in inputs)
+    assert main(["run", "--config", str(cfg)]) == 0  # nothing new: everything up to date, no new sampling
+    assert "(sampling" not in capsys.readouterr().err

@@ -66,7 +66,7 @@ def page(work: Path, judgments: int) -> dict:
     from align.manifest import sha256_path
 
     d = work / "page"
-    settings = write_samples(d, judgments + 1, k=4)
+    settings = write_samples(d, 2 * judgments + 2, k=4)  # the page and the API annotator each get their own
     prompts = work / "p.jsonl"
     prompts.write_text(
         "".join(json.dumps({"prompt_id": f"p{i}", "prompt": "q"}) + "\n" for i in range(judgments + 1))
@@ -123,12 +123,12 @@ def page(work: Path, judgments: int) -> dict:
     }
 
 
-def sampling(work: Path, policy: str, n: int, k: int, max_new_tokens: int) -> dict:
+def sampling(work: Path, policy: str, n: int, k: int, max_new_tokens: int, engine: str) -> dict:
     from align.annotate import add_annotator
 
     prompts = ROOT / "examples" / "data" / "instructions_validation.jsonl"
     common = ["--policy", policy, "--prompts", str(prompts), "--k", str(k), "--max-prompts", str(n),
-              "--max-new-tokens", str(max_new_tokens), "--engine", "generate"]  # fmt: skip
+              "--max-new-tokens", str(max_new_tokens), "--engine", engine]  # fmt: skip
     t = time.perf_counter()
     r = subprocess.run([*ALIGN, "annotate", "sample", "--dir", str(work / "alone"), *common], cwd=ROOT,
                        capture_output=True, text=True)  # fmt: skip
@@ -168,7 +168,7 @@ def sampling(work: Path, policy: str, n: int, k: int, max_new_tokens: int) -> di
         "prompts": n,
         "k": k,
         "max_new_tokens": max_new_tokens,
-        "engine": "generate",
+        "engine": engine,
         "alone_wall_s": alone_s,
         "served_wall_s_until_all_judged": served_s,
         "served_sampler_responses_per_s": status["responses_per_s"],
@@ -185,11 +185,12 @@ def main() -> None:
     ap.add_argument("--sample-prompts", type=int, default=8)
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--engine", choices=["generate", "vllm"], default="generate", help="the sampler's engine")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "annotate.json")
     a = ap.parse_args()
     import tempfile
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=ROOT / "build") as tmp:
         work = Path(tmp)
         result = {
             "machine": {
@@ -198,7 +199,7 @@ def main() -> None:
                 "python": platform.python_version(),
             },
             "page": page(work, a.judgments),
-            "sampling": sampling(work, a.policy, a.sample_prompts, a.k, a.max_new_tokens),
+            "sampling": sampling(work, a.policy, a.sample_prompts, a.k, a.max_new_tokens, a.engine),
             "command": " ".join(["python", "bench/annotate.py", *sys.argv[1:]]),
         }
     a.out.parent.mkdir(parents=True, exist_ok=True)

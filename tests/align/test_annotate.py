@@ -31,6 +31,7 @@ from align.annotate import (
     make_app,
     read_prompts,
 )
+from align.cli import main
 from stages.rankings import read_rankings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -127,7 +128,9 @@ def test_tokens_are_stored_hashed_and_every_api_call_needs_one(server):
         add_annotator(d, "../evil")
 
 
-def test_a_judgment_round_trips_into_a_ranking_line_that_check_rankings_accepts_unchanged(server, tmp_path):
+def test_a_judgment_round_trips_into_a_ranking_line_that_check_rankings_accepts_unchanged(
+    server, tmp_path, capsys
+):
     base, desk, d = server(n=3)
     c = Client(base, add_annotator(d, "ann-1"))
     _, task = c.call("/api/next")
@@ -153,12 +156,11 @@ def test_a_judgment_round_trips_into_a_ranking_line_that_check_rankings_accepts_
     assert sorted(r["id"] for r in nxt["responses"]) == ["r1", "r2", "r3"]
 
     out = tmp_path / "rankings.jsonl"
-    r = subprocess.run([*ALIGN, "annotate", "export", "--dir", str(d), "--to", str(out)], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
-    assert r.returncode == 0, r.stderr
+    assert main(["annotate", "export", "--dir", str(d), "--to", str(out)]) == 0
     assert out.read_bytes() == (d / "rankings.jsonl").read_bytes()
-    r = subprocess.run([*ALIGN, "data", "check-rankings", "--strict", "--json", str(out)], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["lines_kept"] == 1
+    capsys.readouterr()
+    assert main(["data", "check-rankings", "--strict", "--json", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["lines_kept"] == 1
 
 
 def test_concurrent_annotators_lose_no_line(server):

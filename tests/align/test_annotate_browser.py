@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from align.cli import main
 from tests.align.test_annotate import Client, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -74,7 +75,7 @@ def test_rank_the_real_policys_samples_in_a_browser_and_train_on_them(tmp_path, 
     port = free_port()
     serve = subprocess.Popen(
         [*ALIGN, "annotate", "serve", "--dir", str(d), "--policy", str(real_model_path), "--prompts", str(prompts),
-         "--k", "3", "--max-new-tokens", "24", "--engine", "generate", "--port", str(port)],
+         "--k", "3", "--max-new-tokens", "16", "--engine", "generate", "--port", str(port)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
@@ -144,10 +145,9 @@ def test_rank_the_real_policys_samples_in_a_browser_and_train_on_them(tmp_path, 
 
     # straight into the next stages
     out = tmp_path / "rankings.jsonl"
-    assert _cli("annotate", "export", "--dir", str(d), "--to", str(out)).returncode == 0
-    r = _cli("data", "check-rankings", "--strict", str(out))
-    assert r.returncode == 0, r.stdout + r.stderr
-    r = _cli(
+    assert main(["annotate", "export", "--dir", str(d), "--to", str(out)]) == 0
+    assert main(["data", "check-rankings", "--strict", str(out)]) == 0
+    prefs = [
         "data",
         "build-preferences",
         str(out),
@@ -155,8 +155,8 @@ def test_rank_the_real_policys_samples_in_a_browser_and_train_on_them(tmp_path, 
         str(tmp_path / "prefs"),
         "--set",
         "validation_fraction=0",
-    )
-    assert r.returncode == 0, r.stdout + r.stderr
+    ]
+    assert main(prefs) == 0
     counts = json.loads((tmp_path / "prefs" / "manifest.json").read_text())["counts"]
     assert counts["kwise"]["train"] == 2 and counts["pairs"]["train"] == 2 + 3  # (b=a)>c: 2 pairs; 3 more
 

@@ -339,8 +339,9 @@ class Sampler:
         self.engine_name = engine.name
         specials = special_strings(tok)
         try:
-            for start in range(0, len(todo), chunk):
-                part = todo[start : start + chunk]
+            starts = [0, *range(1, len(todo), chunk)]  # one prompt first: the page has work soonest
+            for start, end in zip(starts, [*starts[1:], len(todo)], strict=True):
+                part = todo[start:end]
                 ids, keep = [], []
                 for i, p in part:
                     msgs = [{**m, "content": neutralise(m["content"], specials)} for m in p.messages]
@@ -353,8 +354,9 @@ class Sampler:
                     ids.append(pids)
                     keep.append((i, p, msgs))
                 t0 = time.perf_counter()
+                firsts = self._first_draws(engine, [i for i, _, _ in keep], ids)
                 for (i, p, msgs), pids in zip(keep, ids, strict=True):
-                    texts = self._distinct(engine, tok, specials, pids, i)
+                    texts = self._distinct(engine, tok, specials, pids, i, firsts.get(i))
                     if len(texts) < 2:
                         self.skipped.append(
                             f"{p.where}: fewer than 2 distinct non-empty responses after resampling"
@@ -377,9 +379,37 @@ class Sampler:
         finally:
             engine.close()
 
-    def _distinct(self, engine, tok, specials, prompt_ids: list[int], index: int) -> list[str]:
-        """K distinct non-empty texts for prompt `index`; the first K from seeds index*K + j, the rest (after
-        duplicates) from seeds past every prompt's first K, so no two prompts share a seed."""
+    def _draw(self, engine, prompt_ids: list[list[int]], offset: int) -> list[list[int]]:
+        rows = engine.generate(
+            prompt_ids, self.s.max_new_tokens, self.s.temperature, self.s.top_p, self.s.seed, offset
+        )
+        self.responses += len(rows)
+        self.tokens += sum(len(r) for r in rows)
+        return rows
+
+    def _first_draws(self, engine, indices: list[int], ids: list[list[int]]) -> dict[int, list[list[int]]]:
+        """An engine that batches (vLLM) draws the first K of a run of consecutive prompts in one call: request
+        r of the run is prompt start + r // K, sample r % K, seed offset start*K + r = i*K + j, as alone. transformers
+        generate samples one request at a time anyway: it draws per prompt (in `_distinct`), so the first prompt
+        reaches the page sooner."""
+        if engine.name != "vllm" or not indices:
+            return {}
+        k, out, run = self.s.k, {}, [0]
+        for n in range(1, len(indices) + 1):
+            if n == len(indices) or indices[n] != indices[n - 1] + 1:
+                first = indices[run[0]]
+                rows = self._draw(engine, [ids[m] for m in run for _ in range(k)], first * k)
+                for q, m in enumerate(run):
+                    out[indices[m]] = rows[q * k : (q + 1) * k]
+                run = [n]
+            else:
+                run.append(n)
+        return out
+
+    def _distinct(self, engine, tok, specials, prompt_ids: list[int], index: int, first=None) -> list[str]:
+        """K distinct non-empty texts for prompt `index`; the first K from seeds index*K + j (or `first`, drawn so
+        by `_first_draws`), the rest (after duplicates) from seeds past every prompt's first K, so no two prompts
+        share a seed."""
         k = self.s.k
         texts: list[str] = []
         seen: set[str] = set()
@@ -388,16 +418,10 @@ class Sampler:
             if need <= 0:
                 break
             offset = index * k if attempt == 0 else (len(self.prompts) * k * attempt + index * k)
-            rows = engine.generate(
-                [prompt_ids] * k,  # a whole K again: a model that repeats itself needs the chances
-                self.s.max_new_tokens,
-                self.s.temperature,
-                self.s.top_p,
-                self.s.seed,
-                offset,
-            )
-            self.responses += len(rows)
-            self.tokens += sum(len(r) for r in rows)
+            if attempt == 0 and first is not None:
+                rows = first
+            else:  # a whole K again on a retry: a model that repeats itself needs the chances
+                rows = self._draw(engine, [prompt_ids] * k, offset)
             for r in rows:
                 text = neutralise(tok.decode(r, skip_special_tokens=True).strip(), specials)
                 if text and text not in seen and len(texts) < k:

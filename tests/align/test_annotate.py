@@ -330,6 +330,18 @@ def test_the_sampler_resamples_duplicates_from_seeds_no_prompt_shares(tmp_path):
     assert all(off >= 5 * 4 for _, off in rest)  # retries past every prompt's first K
 
 
+def test_a_batching_engine_draws_each_prompt_from_the_seeds_it_would_get_alone(tmp_path):
+    settings = SessionSettings(policy="m", prompts="p", prompts_sha256="0", k=3)
+    s = Sampler(tmp_path, settings, [object()] * 8)
+    engine = RepeatingEngine()
+    engine.name = "vllm"
+    firsts = s._first_draws(engine, [2, 3, 5], [[1], [2], [3]])  # runs [2, 3] and [5]: two calls
+    assert engine.calls == [(6, 6), (3, 15)]
+    for i in (2, 3, 5):
+        alone = RepeatingEngine().generate([[0]] * 3, 8, 1.0, 1.0, 0, offset=i * 3)
+        assert firsts[i] == alone
+
+
 def test_killing_the_server_loses_no_acknowledged_judgment(tmp_path):
     """The real command in a subprocess, killed with SIGKILL while four annotators submit: every acknowledged
     judgment is in the file, no line is half-written, and the restarted server goes on from there."""

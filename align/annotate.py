@@ -97,14 +97,7 @@ class JsonlLog:
             _fsync_dir(self.path.parent)
 
     def read(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        out = []
-        with open(self.path, encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    out.append(json.loads(line))
-        return out
+        return read_jsonl(self.path)
 
     def append(self, obj: dict) -> None:
         data = (json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8")
@@ -120,6 +113,16 @@ class JsonlLog:
             if self.fd >= 0:
                 os.close(self.fd)
                 self.fd = -1
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The complete lines of a JSON Lines file another writer may have been killed in (a torn tail is cut)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    _cut_torn_tail(path)
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def _cut_torn_tail(path: Path) -> int:
@@ -515,7 +518,7 @@ class Desk:
 
     def __post_init__(self) -> None:
         self.log = JsonlLog(self.d / ANNOTATIONS)
-        for row in JsonlLog(self.d / "samples.jsonl").read():
+        for row in read_jsonl(self.d / "samples.jsonl"):
             self.add_sample(row)
         for line in self.log.read():
             self.judged.setdefault(line["prompt_id"], {})[line["annotator"]] = line
@@ -817,7 +820,10 @@ def serve(d: Path, settings: SessionSettings, prompts: list[Prompt], host: str, 
         threading.Thread(target=_quietly(desk.sampler.run), name="align-sampler", daemon=True).start()
     else:
         desk.sampler.finished = True
+        desk.sampler.log.close()
     hosts = ["127.0.0.1", "localhost"] if host in ("127.0.0.1", "localhost") else ["*"]
+    if hosts == ["*"]:
+        log(f"--host {host}: the page is reachable from other machines (every request still needs a token)")
     config = uvicorn.Config(
         make_app(desk, hosts), host=host, port=port, log_level="warning", access_log=False
     )

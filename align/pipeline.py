@@ -196,25 +196,32 @@ def run_pipeline(cfg, from_stage: str | None = None) -> int:
 def _annotation_round(a, run: Path) -> bool:
     """The annotation round before `preferences`: sample the policy into {run}/annotate (once), then go on only
     when enough judgments exist; otherwise say how to collect them and pause (the next `align run` checks again).
-    A policy that changed since the samples were drawn (SFT redone) starts a new round; the old one is kept."""
+    A policy or prompts file that changed since the samples were drawn (SFT redone) starts a new round; the old one
+    is kept under .superseded/."""
     d = run / "annotate"
     policy = _sub(a.policy, run)
     stored = d / "session.json"
+    prompts = Path(_sub(str(a.prompts), run))
     if stored.exists():
         old = json.loads(stored.read_text())
         key = read_manifest(Path(policy)).key if (Path(policy) / "manifest.json").exists() else None
-        if old.get("policy_key") != key:
+        changed = old.get("policy_key") != key or (
+            prompts.is_file() and old.get("prompts_sha256") != sha256_path(prompts)
+        )
+        if changed:
             aside = run / ".superseded" / f"annotate-{time.strftime('%Y%m%d-%H%M%S')}"
             aside.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(d), str(aside))
-            console.print(f"[yellow]annotate: the policy changed; the previous round is kept in {aside}[/]")
-    settings, prompts, report = annotate.open_session(d, policy, Path(_sub(str(a.prompts), run)), a.options)
+            console.print(
+                f"[yellow]annotate: the policy or prompts changed; the previous round is in {aside}[/]"
+            )
+    settings, rows, report = annotate.open_session(d, policy, prompts, a.options)
     print_skipped(report.problems)
-    sampler = annotate.Sampler(d, settings, prompts)
+    sampler = annotate.Sampler(d, settings, rows)
     if sampler.todo:
         console.rule("annotate (sampling the policy for annotators)")
-        sampler.run()
-        print_skipped(sampler.skipped)
+    sampler.run()  # loads no model when everything is sampled
+    print_skipped(sampler.skipped)
     need = a.min_judgments or len(sampler.done_ids) * settings.overlap
     have = annotate.count_judgments(d)
     if have >= need:

@@ -316,12 +316,18 @@ def model_identity(cfg: ModelConfig, precision: str, adapter: str | None = None)
 
 
 def load_for_eval(
-    model_ref: str, precision: str = "auto", trust_remote_code: bool = False, allow_pending: bool = False
+    model_ref: str,
+    precision: str = "auto",
+    trust_remote_code: bool = False,
+    allow_pending: bool = False,
+    merge: bool = False,
 ):
     """Load (model, tokenizer, description) from an alias/path/hub id, or from an align artifact directory.
 
     For an artifact with `adapter/`, the base model named in its manifest is loaded and the adapter applied.
     allow_pending: the artifact may still be 'running' (a stage gating its own products before completing).
+    merge: fold the adapter into the weights (gates that only score: one matmul per layer instead of the base's
+    plus the adapter's two); adapters that cannot merge (virtual tokens) stay as they are.
     """
 
     ref = Path(model_ref)
@@ -353,6 +359,8 @@ def load_for_eval(
             model = load_causal_lm(ModelConfig(name_or_path=str(ref / "model")), prec)
         else:
             raise UserError(f"{ref}: this {m.stage} artifact holds no model (no adapter/, model/ or merged/)")
+        if merge and hasattr(getattr(model, "base_model", None), "merge_and_unload"):
+            model = model.merge_and_unload()
         return model.eval().to(device()), tok, f"{m.stage} artifact {ref} (base {m.model.name})"
     cfg = ModelConfig(name_or_path=model_ref, trust_remote_code=trust_remote_code)
     prec = choose_precision(precision)

@@ -686,7 +686,7 @@ def run_bias_gate(candidate: str, parent: str, settings, out_dir: Path) -> GateR
         items = load_items(settings)
         scores, descriptions = {}, {}
         for role, ref in (("parent", parent), ("candidate", candidate)):
-            model, tok, descriptions[role] = load_for_eval(str(ref))
+            model, tok, descriptions[role] = load_for_eval(str(ref), merge=True)
             scores[role] = evaluate_model(model, tok, items, settings)
             del model
         r = decide_bias(items, scores["candidate"], scores["parent"], settings)

@@ -210,7 +210,7 @@ def run_perplexity_gate(
             convs = convs[: settings.max_examples]
         scores, descriptions = {}, {}
         for role, ref in (("parent", parent), ("candidate", candidate)):
-            model, tok, descriptions[role] = load_for_eval(str(ref), allow_pending=allow_pending)
+            model, tok, descriptions[role] = load_for_eval(str(ref), allow_pending=allow_pending, merge=True)
             scores[role] = perplexity(
                 model, tok, convs, settings.scope, settings.max_length, settings.batch_size
             )

@@ -43,6 +43,7 @@ import os
 import random
 import re
 import secrets
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -434,16 +435,9 @@ class Sampler:
 
     def _engine(self, model, tok):
         from align.models import choose_precision, resolve_model_path
-        from stages.rollout import GenerateEngine, VLLMEngine, merged_state_dict, vllm_available
+        from stages.rollout import GenerateEngine, VLLMEngine, engine_choice, merged_state_dict
 
-        want = self.s.engine
-        if want == "auto":
-            want = "vllm" if vllm_available() else "generate"
-        if want == "vllm":
-            if not vllm_available():
-                raise UserError(
-                    "--engine vllm: vLLM is not installed (docs/install.md); use --engine generate"
-                )
+        if engine_choice(self.s.engine, "--engine") == "vllm":
             ref = Path(self.s.policy)
             base = (
                 resolve_model_path(read_manifest(ref).model.name)
@@ -755,10 +749,15 @@ def make_app(desk: Desk, allowed_hosts: list[str] | None = None):
 # Commands
 # ==========================================================================================================
 def open_session(
-    d: Path, policy: str | None, prompts: Path | None, overrides: dict[str, Any]
+    d: Path,
+    policy: str | None,
+    prompts: Path | None,
+    overrides: dict[str, Any],
+    superseded: Path | None = None,
 ) -> tuple[SessionSettings, list[Prompt], LoadReport]:
     """The folder's settings: new ones from the arguments, or the stored ones (a returning session). A folder
-    sampled from another policy or prompts file is refused: its rankings would mix two policies."""
+    sampled from another policy or prompts file is refused, since its rankings would mix two policies; or, given
+    `superseded`, moved there, and a new round starts in `d` (the pipeline, when SFT was redone)."""
     d = Path(d)
     path = d / "session.json"
     stored = SessionSettings.model_validate_json(path.read_text()) if path.exists() else None
@@ -776,6 +775,14 @@ def open_session(
         "prompts": str(prompts),
         "prompts_sha256": sha256_path(prompts),
     }
+    stale = stored is not None and (stored.policy_key, stored.prompts_sha256) != (
+        key,
+        fields["prompts_sha256"],
+    )
+    if stale and superseded is not None:
+        superseded.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(d), str(superseded))
+        stored = None
     if stored is not None:
         base = stored.model_dump()
         for name in ("policy_key", "prompts_sha256"):

@@ -199,23 +199,12 @@ def _annotation_round(a, run: Path) -> bool:
     A policy or prompts file that changed since the samples were drawn (SFT redone) starts a new round; the old one
     is kept under .superseded/."""
     d = run / "annotate"
-    policy = _sub(a.policy, run)
-    stored = d / "session.json"
-    prompts = Path(_sub(str(a.prompts), run))
-    if stored.exists():
-        old = json.loads(stored.read_text())
-        key = read_manifest(Path(policy)).key if (Path(policy) / "manifest.json").exists() else None
-        changed = old.get("policy_key") != key or (
-            prompts.is_file() and old.get("prompts_sha256") != sha256_path(prompts)
-        )
-        if changed:
-            aside = run / ".superseded" / f"annotate-{time.strftime('%Y%m%d-%H%M%S')}"
-            aside.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(d), str(aside))
-            console.print(
-                f"[yellow]annotate: the policy or prompts changed; the previous round is in {aside}[/]"
-            )
-    settings, rows, report = annotate.open_session(d, policy, prompts, a.options)
+    aside = _superseded(run, "annotate")
+    settings, rows, report = annotate.open_session(
+        d, _sub(a.policy, run), Path(_sub(str(a.prompts), run)), a.options, superseded=aside
+    )
+    if aside.exists():
+        console.print(f"[yellow]annotate: the policy or prompts changed; the previous round is in {aside}[/]")
     print_skipped(report.problems)
     sampler = annotate.Sampler(d, settings, rows)
     if sampler.todo:
@@ -239,6 +228,11 @@ def _annotation_round(a, run: Path) -> bool:
     return False
 
 
+def _superseded(run: Path, name: str) -> Path:
+    """Where a redone stage's (or annotation round's) earlier output is kept."""
+    return run / ".superseded" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 def _plan_stage(name: str, out: Path, key: str, state: dict, forced: set[str]) -> bool | None:
     """None when the stage is up to date; else whether to resume it (a changed one is moved aside first)."""
     rec = state["stages"].get(name, {})
@@ -249,7 +243,7 @@ def _plan_stage(name: str, out: Path, key: str, state: dict, forced: set[str]) -
         return None
     resume = bool(manifest and manifest.status == "running" and same and name not in forced)
     if out.exists() and not resume:
-        old = out.parent / ".superseded" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        old = _superseded(out.parent, name)
         old.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(out), str(old))
         console.print(f"[yellow]{name}: inputs or config changed; previous output kept in {old}[/]")

@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
@@ -29,27 +28,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.machine import cpu_flags  # noqa: E402
-from tests.align.test_annotate import Client, free_port, write_samples  # noqa: E402
+from tests.align.test_annotate import (  # noqa: E402
+    Client,
+    free_port,
+    serve_in_subprocess,
+    stop_server,
+    write_samples,
+)
 from tests.align.test_annotate_browser import _browser  # noqa: E402
 
 ALIGN = [sys.executable, "-m", "align"]
-
-
-def _start(args: list[str], port: int) -> subprocess.Popen:
-    p = subprocess.Popen([*ALIGN, "annotate", "serve", *args, "--port", str(port)], cwd=ROOT,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
-    for _ in range(600):
-        try:
-            if Client(f"http://127.0.0.1:{port}").call("/api/health")[0] == 200:
-                return p
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError("server did not start")
-
-
-def _stop(p: subprocess.Popen) -> None:
-    os.killpg(p.pid, signal.SIGTERM)
-    p.wait(timeout=60)
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -78,7 +66,7 @@ def page(work: Path, judgments: int) -> dict:
     )
     token, api_token = add_annotator(d, "ann-page"), add_annotator(d, "ann-api")
     port = free_port()
-    server = _start(["--dir", str(d)], port)
+    server = serve_in_subprocess(["--dir", str(d)], port, stderr=subprocess.DEVNULL)
     driver = _browser()
     try:
         driver.get(f"http://127.0.0.1:{port}/#token={token}")
@@ -109,7 +97,7 @@ def page(work: Path, judgments: int) -> dict:
             api.append((time.perf_counter() - t) * 1000)
     finally:
         driver.quit()
-        _stop(server)
+        stop_server(server)
     first, later = timings[0], timings[1:]
     return {
         "judgments": len(later),
@@ -141,7 +129,7 @@ def sampling(work: Path, policy: str, n: int, k: int, max_new_tokens: int, engin
     boss = add_annotator(d, "boss", organiser=True)
     port = free_port()
     t = time.perf_counter()
-    server = _start(["--dir", str(d), *common], port)
+    server = serve_in_subprocess(["--dir", str(d), *common], port, stderr=subprocess.DEVNULL)
     c = Client(f"http://127.0.0.1:{port}", token)
     judged = 0
     try:
@@ -160,7 +148,7 @@ def sampling(work: Path, policy: str, n: int, k: int, max_new_tokens: int, engin
         served_s = time.perf_counter() - t
         status = Client(f"http://127.0.0.1:{port}", boss).call("/api/stats")[1]["sampling"]
     finally:
-        _stop(server)
+        stop_server(server)
     served = [json.loads(x) for x in (d / "samples.jsonl").read_text().splitlines()]
     same = [a["responses"] == b["responses"] for a, b in zip(alone, served, strict=True)]
     return {

@@ -829,16 +829,9 @@ def evaluate_and_save(
 
 def make_engine(cfg: PPOConfig, policy, tokenizer, base_path, precision: str):
     """The rollout engine: vLLM in this process (weights pushed after every update) or transformers generate."""
-    from stages.rollout import GenerateEngine, VLLMEngine, vllm_available
+    from stages.rollout import GenerateEngine, VLLMEngine, engine_choice
 
-    want = cfg.rollout.engine
-    if want == "auto":
-        want = "vllm" if vllm_available() else "generate"
-    if want == "vllm":
-        if not vllm_available():
-            raise UserError(
-                "rollout.engine=vllm but vLLM is not installed (see docs/install.md), or use 'generate'"
-            )
+    if engine_choice(cfg.rollout.engine, "rollout.engine") == "vllm":
         return VLLMEngine(
             base_path,
             tokenizer,

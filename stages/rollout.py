@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from align import dist
+from align.config import UserError
 
 
 def merged_state_dict(model) -> dict[str, torch.Tensor]:
@@ -51,6 +52,18 @@ def vllm_available() -> bool:
     except Exception:  # noqa: BLE001 (a broken install is as unavailable as a missing one)
         return False
     return True
+
+
+def engine_choice(want: str, setting: str) -> str:
+    """'vllm' or 'generate' for a setting of auto|vllm|generate: auto takes vLLM where it imports; asking for vLLM
+    where it does not is the user's error, said in the words of `setting` (the config key or flag they set)."""
+    if want == "auto":
+        return "vllm" if vllm_available() else "generate"
+    if want == "vllm" and not vllm_available():
+        raise UserError(
+            f"{setting}=vllm but vLLM is not installed (see docs/install.md), or use {setting}=generate"
+        )
+    return want
 
 
 class GenerateEngine:

@@ -81,6 +81,30 @@ class Client:
                 return e.code, {"error": raw.decode()}
 
 
+def serve_in_subprocess(args: list[str], port: int, wait_s: float = 120.0, **popen) -> subprocess.Popen:
+    """`align annotate serve ARGS --port PORT` in a process group of its own, returned once /api/health answers
+    (killed, and its output said, when it exits or does not answer in time)."""
+    popen = {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE, **popen}
+    p = subprocess.Popen([*ALIGN, "annotate", "serve", *args, "--port", str(port)], cwd=ROOT,
+                         start_new_session=True, **popen)  # fmt: skip
+    end = time.monotonic() + wait_s
+    while time.monotonic() < end and p.poll() is None:
+        try:
+            if Client(f"http://127.0.0.1:{port}").call("/api/health")[0] == 200:
+                return p
+        except OSError:
+            time.sleep(0.1)
+    said = stop_server(p, signal.SIGKILL)
+    raise AssertionError(f"align annotate serve did not answer on port {port}: {said}")
+
+
+def stop_server(p: subprocess.Popen, sig: int = signal.SIGTERM):
+    """Signal the server's process group; its captured output (if any) once it has exited."""
+    if p.poll() is None:
+        os.killpg(p.pid, sig)
+    return p.communicate(timeout=60)[0 if p.stdout is not None else 1]
+
+
 @pytest.fixture
 def server(tmp_path):
     """A real uvicorn server on 127.0.0.1 over a folder of 12 sampled prompts; yields (base url, desk, folder)."""
@@ -358,19 +382,7 @@ def test_killing_the_server_loses_no_acknowledged_judgment(tmp_path):
     (d / "session.json").write_text(settings.model_dump_json())
     tokens = [add_annotator(d, f"ann-{i}") for i in range(4)]
     port = free_port()
-
-    def start():
-        p = subprocess.Popen([*ALIGN, "annotate", "serve", "--dir", str(d), "--port", str(port)], cwd=ROOT,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
-        for _ in range(300):
-            try:
-                if Client(f"http://127.0.0.1:{port}").call("/api/health")[0] == 200:
-                    return p
-            except OSError:
-                time.sleep(0.1)
-        raise AssertionError(p.stderr.read() if p.poll() is not None else "server did not start")
-
-    proc = start()
+    proc = serve_in_subprocess(["--dir", str(d)], port)
     acknowledged, lock, stop = [], threading.Lock(), threading.Event()
 
     def work(token):
@@ -394,17 +406,16 @@ def test_killing_the_server_loses_no_acknowledged_judgment(tmp_path):
         t.start()
     while len(acknowledged) < 20:
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
+    stop_server(proc, signal.SIGKILL)
     stop.set()
     for t in threads:
         t.join(timeout=30)
-    proc.wait(timeout=30)
     raw = (d / "rankings.jsonl").read_bytes()
     whole = raw[: raw.rfind(b"\n") + 1]  # at most a torn tail after it: a judgment nobody was told was saved
     lines = [json.loads(x) for x in whole.decode().splitlines()]  # every complete line parses
     assert {x["prompt_id"] for x in lines} >= set(acknowledged)
     # restarted: the judgments are there and the annotators go on with prompts nobody judged
-    proc = start()
+    proc = serve_in_subprocess(["--dir", str(d)], port)
     try:
         c = Client(f"http://127.0.0.1:{port}", tokens[0])
         _, task = c.call("/api/next")
@@ -414,6 +425,5 @@ def test_killing_the_server_loses_no_acknowledged_judgment(tmp_path):
             == 200
         )
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+        stop_server(proc)
     assert not read_rankings([d / "rankings.jsonl"]).report.problems

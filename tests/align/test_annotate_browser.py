@@ -5,9 +5,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from align.cli import main
-from tests.align.test_annotate import Client, free_port
+from tests.align.test_annotate import free_port, serve_in_subprocess, stop_server
 
 ROOT = Path(__file__).resolve().parents[2]
 ALIGN = [sys.executable, "-m", "align"]
@@ -73,15 +71,15 @@ def test_rank_the_real_policys_samples_in_a_browser_and_train_on_them(tmp_path, 
     token = r.stdout.splitlines()[1].strip()
     boss = _cli("annotate", "add-annotator", "boss", "--organiser", "--dir", str(d)).stdout.splitlines()[1]
     port = free_port()
-    serve = subprocess.Popen(
-        [*ALIGN, "annotate", "serve", "--dir", str(d), "--policy", str(real_model_path), "--prompts", str(prompts),
-         "--k", "3", "--max-new-tokens", "16", "--engine", "generate", "--port", str(port)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    serve = None
     try:
-        _wait(lambda: _health(base), 120, "the server")
+        serve = serve_in_subprocess(
+            ["--dir", str(d), "--policy", str(real_model_path), "--prompts", str(prompts), "--k", "3",
+             "--max-new-tokens", "16", "--engine", "generate"],
+            port, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
         driver.get(f"{base}/#token={token}")
         assert "token" not in driver.current_url  # the token leaves the address bar at once
 
@@ -127,8 +125,7 @@ def test_rank_the_real_policys_samples_in_a_browser_and_train_on_them(tmp_path, 
         driver.save_screenshot(str(ARTIFACTS / "annotate-organiser.png"))
     finally:
         driver.quit()
-        os.killpg(serve.pid, signal.SIGTERM)
-        log = serve.communicate(timeout=60)[0]
+        log = stop_server(serve) if serve is not None else ""
     (ARTIFACTS / "annotate-timings.json").write_text(json.dumps({"ms_to_prompt_shown": timings}))
 
     lines = [json.loads(x) for x in (d / "rankings.jsonl").read_text().splitlines()]
@@ -159,10 +156,3 @@ def test_rank_the_real_policys_samples_in_a_browser_and_train_on_them(tmp_path, 
     assert main(prefs) == 0
     counts = json.loads((tmp_path / "prefs" / "manifest.json").read_text())["counts"]
     assert counts["kwise"]["train"] == 2 and counts["pairs"]["train"] == 2 + 3  # (b=a)>c: 2 pairs; 3 more
-
-
-def _health(base: str) -> bool:
-    try:
-        return Client(base).call("/api/health")[0] == 200
-    except OSError:
-        return False

@@ -236,3 +236,10 @@ def test_annotation_round_pauses_the_run_until_people_have_ranked_then_feeds_pre
     assert any(i["path"].endswith("annotate/rankings.jsonl") for i in inputs)
     assert main(["run", "--config", str(cfg)]) == 0  # nothing new: everything up to date, no new sampling
     assert "(sampling" not in capsys.readouterr().err
+    # other prompts: a new round (the old one kept aside), and the run waits for its judgments
+    prompts.write_text(json.dumps({"prompt_id": "q9", "prompt": "Say 9."}) + "\n")
+    assert main(["run", "--config", str(cfg)]) == 3
+    said = " ".join(capsys.readouterr().err.split())
+    assert "previous round is in" in said and "0 of 1 judgments" in said
+    (kept,) = (run / ".superseded").glob("annotate-*")
+    assert len((kept / "rankings.jsonl").read_text().splitlines()) == 2

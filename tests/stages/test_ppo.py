@@ -389,3 +389,16 @@ def test_bad_prompt_rows_are_named_and_good_rows_kept(tmp_path, tokenizer, capsy
     assert [m[-1]["content"] for m in train] == ["Hi there", "Bye"] and held == []
     assert counts["rows_skipped"] == 1
     assert f"{p}:2: not valid JSON" in capsys.readouterr().err.replace("\n", "")
+
+
+def test_engine_choice_auto_follows_vllm_and_asking_for_a_missing_vllm_is_said(monkeypatch):
+    import stages.rollout as rollout
+    from align.config import UserError
+
+    monkeypatch.setattr(rollout, "vllm_available", lambda: False)
+    assert rollout.engine_choice("auto", "rollout.engine") == "generate"
+    assert rollout.engine_choice("generate", "--engine") == "generate"
+    with pytest.raises(UserError, match=r"--engine=vllm but vLLM is not installed .* use --engine=generate"):
+        rollout.engine_choice("vllm", "--engine")
+    monkeypatch.setattr(rollout, "vllm_available", lambda: True)
+    assert rollout.engine_choice("auto", "rollout.engine") == "vllm"

@@ -767,6 +767,9 @@ def open_session(
     prompts = Path(prompts or stored.prompts)
     if not prompts.is_file():
         raise UserError(f"{prompts}: prompts file not found")
+    rows, report = read_prompts(
+        prompts
+    )  # before anything is written: a file with no usable prompt changes nothing
     ref = Path(policy)
     key = read_manifest(ref).key if (ref / "manifest.json").exists() else None
     fields = {
@@ -807,7 +810,6 @@ def open_session(
             raise UserError(f"annotate: {describe_row_error(e)[1]}") from None
     d.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, json.loads(settings.model_dump_json()))
-    rows, report = read_prompts(prompts)
     if settings.max_prompts:
         rows = rows[: settings.max_prompts]
     return settings, rows, report

@@ -427,3 +427,17 @@ def test_killing_the_server_loses_no_acknowledged_judgment(tmp_path):
     finally:
         stop_server(proc)
     assert not read_rankings([d / "rankings.jsonl"]).report.problems
+
+
+def test_a_prompts_file_with_nothing_usable_leaves_the_folder_unstarted(tmp_path):
+    from align.annotate import open_session
+    from align.config import UserError
+
+    bad, good = tmp_path / "bad.jsonl", tmp_path / "good.jsonl"
+    bad.write_text('{"foo": 1}\n')
+    good.write_text('{"prompt": "Say hi."}\n')
+    with pytest.raises(UserError, match="no usable prompts"):
+        open_session(tmp_path / "d", "tiny-random-llama", bad, {})
+    assert not (tmp_path / "d" / "session.json").exists()
+    settings, rows, _ = open_session(tmp_path / "d", "tiny-random-llama", good, {})  # the fixed file is taken
+    assert [r.messages[-1]["content"] for r in rows] == ["Say hi."] and settings.prompts == str(good)

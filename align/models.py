@@ -21,7 +21,7 @@ import torch
 from align import dist
 from align.config import UserError
 from align.manifest import atomic_write_json, replace_dir, require_complete, sha256_path
-from data_schemas.config import ModelConfig
+from data_schemas.config import ModelConfig, PeftSettings
 from data_schemas.manifest import ModelIdentity
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -177,8 +177,18 @@ def lora_config(settings, task_type: str = "CAUSAL_LM", modules_to_save: list[st
     )
 
 
-def peft_config(lora, method: str = "lora", task_type: str = "CAUSAL_LM", total_steps: int | None = None):
-    """The PEFT config of `method` (PeftSettings.method), sized by the lora block."""
+def peft_config(
+    lora,
+    peft: PeftSettings | str = "lora",
+    task_type: str = "CAUSAL_LM",
+    total_steps: int | None = None,
+    base: str | Path | None = None,
+):
+    """The PEFT config of `peft.method` (PeftSettings), sized by the lora block (LoRA family) or by
+    peft.num_virtual_tokens (virtual tokens). `base`: the base model's folder, whose tokenizer turns
+    peft.prompt_init_text into the prompt's first embeddings."""
+    peft = PeftSettings(method=peft) if isinstance(peft, str) else peft
+    method = peft.method
     if method in ("lora", "qlora"):
         return lora_config(lora, task_type)
     if method == "ia3":
@@ -203,7 +213,38 @@ def peft_config(lora, method: str = "lora", task_type: str = "CAUSAL_LM", total_
             deltaT=max(1, t // 20),
             task_type=task_type,
         )
-    raise UserError(f"peft.method={method}: unknown (lora, qlora, adalora, ia3)")
+    if task_type != "CAUSAL_LM" and peft.virtual_tokens:
+        raise UserError(
+            f"peft.method={method} is offered for SFT only: virtual tokens shift every position the reward and "
+            "DPO scorers read; use lora, adalora or ia3 there"
+        )
+    if method == "prompt_tuning":
+        from peft import PromptTuningConfig, PromptTuningInit
+
+        text = peft.prompt_init_text
+        if text is not None and base is None:
+            raise UserError("peft.prompt_init_text needs the base model's tokenizer (internal: pass base=)")
+        return PromptTuningConfig(
+            task_type=task_type,
+            num_virtual_tokens=peft.num_virtual_tokens,
+            prompt_tuning_init=PromptTuningInit.TEXT if text else PromptTuningInit.RANDOM,
+            prompt_tuning_init_text=text,
+            tokenizer_name_or_path=str(base) if text else None,
+        )
+    if method == "p_tuning":
+        from peft import PromptEncoderConfig
+
+        return PromptEncoderConfig(task_type=task_type, num_virtual_tokens=peft.num_virtual_tokens)
+    if method == "prefix_tuning":
+        from peft import PrefixTuningConfig
+
+        return PrefixTuningConfig(task_type=task_type, num_virtual_tokens=peft.num_virtual_tokens)
+    raise UserError(f"peft.method={method}: unknown")
+
+
+def is_prompt_learning(model) -> bool:
+    """A PEFT model whose adapter is virtual tokens (it cannot merge, nor reuse a cache built without them)."""
+    return bool(getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False))
 
 
 def quantization_4bit(precision: str):

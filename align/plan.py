@@ -7,7 +7,8 @@ The estimate adds up the terms every trainer holds at its peak (the backward pas
 - gradients and AdamW's two moments for the trainable parameters only (fp32 for PEFT adapters, which PEFT keeps in
   fp32; the model's precision otherwise);
 - activations kept for backward: per layer and token about 34 x hidden bytes at 16 bits (Korthikanti et al. 2022,
-  "Reducing activation recomputation"), doubled at fp32, plus, with eager attention, the attention scores and
+  "Reducing activation recomputation"), doubled at fp32; with `train.gradient_checkpointing`, each block's input
+  (hidden x bytes per layer and token) plus one block's activations; plus, with eager attention, the attention scores and
   softmax (heads x row^2 per layer; SDPA's fused kernels do not keep them), plus the logits and their
   softmax in fp32 (tokens x vocabulary x 8 bytes: the largest single tensor for a small model with a large
   vocabulary);
@@ -15,7 +16,8 @@ The estimate adds up the terms every trainer holds at its peak (the backward pas
 - the runtime: about 1.5 GiB for a CPU process with torch and the libraries, 0.6 GiB for a CUDA context.
 
 The model is built from its config on the `meta` device (no weights read), so counting a 70B model takes seconds;
-trainable parameters come from the same selection code the stages use (LoRA target modules, align/partial.py).
+trainable parameters come from the same selection code the stages use (LoRA target modules, align/partial.py);
+virtual-token methods count their embeddings (and P-tuning's encoder) and lengthen every sequence by them.
 The brief's rule of thumb, about 2.5x the weights, is shown beside the estimate. docs/configuration.md gives the
 measured error on this machine.
 """
@@ -113,6 +115,20 @@ def ia3_trainable(model) -> int:
     return n
 
 
+def virtual_trainable(mc, method: str, n: int) -> int:
+    """Parameters of the virtual-token methods (PEFT): prompt tuning n x hidden embeddings; P-tuning the same plus
+    its MLP encoder (three hidden x hidden layers with biases); prefix tuning a key and a value per layer and
+    token (key/value width: kv heads x head size)."""
+    h = mc.hidden_size
+    if method == "prompt_tuning":
+        return n * h
+    if method == "p_tuning":
+        return n * h + 3 * (h * h + h)
+    kv = getattr(mc, "num_key_value_heads", None) or mc.num_attention_heads
+    head_dim = getattr(mc, "head_dim", None) or h // mc.num_attention_heads
+    return n * mc.num_hidden_layers * 2 * kv * head_dim
+
+
 def shapes(stage: str, cfg) -> tuple[int, int]:
     """(sequences per micro-batch, tokens per sequence) of the stage's training step."""
     t, d = cfg.train, getattr(cfg, "data", None)
@@ -153,7 +169,13 @@ def estimate(cfg, device: str | None = None, precision: str | None = None) -> Pl
     params = sum(p.numel() for p in model.parameters())
     lora = getattr(cfg, "lora", None)
     method = getattr(getattr(cfg, "peft", None), "method", "lora")
-    if lora is not None and lora.enabled:
+    peft = getattr(cfg, "peft", None)
+    virtual = 0  # positions prompt and P-tuning add before every sequence
+    if lora is not None and lora.enabled and peft is not None and peft.virtual_tokens:
+        trainable = virtual_trainable(mc, method, peft.num_virtual_tokens)
+        virtual = 0 if method == "prefix_tuning" else peft.num_virtual_tokens
+        grad_bytes = 4
+    elif lora is not None and lora.enabled:
         r = lora.r * 3 // 2 if method == "adalora" else lora.r
         trainable = ia3_trainable(model) if method == "ia3" else lora_trainable(model, lora.target_modules, r)
         grad_bytes = 4  # PEFT keeps adapters in fp32
@@ -169,6 +191,7 @@ def estimate(cfg, device: str | None = None, precision: str | None = None) -> Pl
         trainable += mc.hidden_size  # the scalar head, fp32
     weight_bytes = 0.5 + 2 / 64 if method == "qlora" else BYTES[prec]  # NF4 + a bf16 scale per 64 weights
     seqs, seq_len = shapes(stage, cfg)
+    seq_len += virtual
     tokens = seqs * seq_len
     act_scale = BYTES[prec] / 2
     L, h, heads = mc.num_hidden_layers, mc.hidden_size, mc.num_attention_heads
@@ -185,7 +208,12 @@ def estimate(cfg, device: str | None = None, precision: str | None = None) -> Pl
         "weights": params * weight_bytes,
         "gradients": trainable * grad_bytes,
         "optimizer (AdamW)": 2 * trainable * grad_bytes,
-        "activations": L * tokens * 34 * h * act_scale
+        "activations": (
+            # checkpointing keeps each block's input and recomputes one block at a time during backward
+            L * tokens * h * BYTES[prec] + tokens * 34 * h * act_scale
+            if getattr(cfg.train, "gradient_checkpointing", False)
+            else L * tokens * 34 * h * act_scale
+        )
         + (L * rows * heads * row * row * 2 * BYTES[prec] if eager else 0),
         "logits (fp32)": 0.0 if stage == "reward" else tokens * mc.vocab_size * 8,
     }

@@ -28,8 +28,9 @@ import torch
 from align.chat import neutralise, render_prompt, special_strings
 from align.config import UserError
 from align.manifest import atomic_write_json
+from align.models import is_prompt_learning
 from data_schemas.gates import GateResult
-from eval.perplexity import token_logprobs
+from eval.perplexity import input_logits, token_logprobs
 from eval.probes import counterfactual_probes, minimal_pairs
 from eval.stats import bootstrap_interval, holm, one_sided_p, paired_diff_interval
 
@@ -148,7 +149,8 @@ def score_rows(model, tokenizer, rows: list[Row], batch_size: int = 16) -> tuple
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, (ctx, _) in enumerate(rows):
         groups.setdefault(tuple(ctx), []).append(i)
-    shared = [i for g in groups.values() if len(g) > 1 for i in g]
+    # a virtual-token adapter must see its tokens before every context: no cache built without them is reused
+    shared = [] if is_prompt_learning(model) else [i for g in groups.values() if len(g) > 1 for i in g]
     sums, counts = [0.0] * len(rows), [0] * len(rows)
     alone = sorted(set(range(len(rows))) - set(shared))
     for part, fn in ((alone, score_whole), (shared, score_shared)):
@@ -176,7 +178,7 @@ def score_whole(model, tokenizer, rows: list[Row], batch_size: int = 16) -> tupl
             s = rows[i][0] + rows[i][1]
             ids[j, : len(s)] = torch.tensor(s)
             att[j, : len(s)] = 1
-        logits = model(input_ids=ids.to(dev), attention_mask=att.to(dev)).logits
+        logits = input_logits(model, ids.to(dev), att.to(dev))
         nxt = torch.zeros_like(ids)
         nxt[:, :-1] = ids[:, 1:]  # logits at t-1 predict token t
         lp = token_logprobs(logits, nxt.to(dev)).cpu()  # [B, n]: log p of each next token, fp32 row by row

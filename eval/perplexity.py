@@ -61,6 +61,13 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def input_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The logits at the input's own positions [B, n, V]. Prompt and P-tuning adapters (PEFT) put their virtual
+    tokens before the input, so their logits are longer by that many; those positions are dropped."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    return logits[:, -input_ids.shape[1] :]
+
+
 @torch.no_grad()
 def sequence_nll(
     model, rows: list[dict], batch_size: int, pad_token_id: int
@@ -82,7 +89,7 @@ def sequence_nll(
             ids[j, :k] = torch.as_tensor(rows[i]["input_ids"])
             labels[j, :k] = torch.as_tensor(rows[i]["labels"])
             att[j, :k] = 1
-        logits = model(input_ids=ids.to(dev), attention_mask=att.to(dev)).logits
+        logits = input_logits(model, ids.to(dev), att.to(dev))
         # logits [B, n, V] predict positions 1..n-1
         tgt = labels[:, 1:].to(dev)
         valid = tgt != -100

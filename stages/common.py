@@ -66,6 +66,7 @@ def trainer_kwargs(
         # Without CUDA, accelerate builds a multi-process (gloo) state only when told it is on the CPU; left False,
         # a 2-process launch would train as two unsynchronised single processes.
         "use_cpu": not torch.cuda.is_available(),
+        "gradient_checkpointing": t.gradient_checkpointing,
         "deepspeed": str(t.deepspeed) if t.deepspeed is not None else None,
         "ddp_timeout": dist.TIMEOUT_S,  # the main process may gate while the others wait
         "load_best_model_at_end": stopping,
@@ -163,6 +164,12 @@ def sft_base(init_from: Path):
     sft_dir = Path(init_from)
     if not (sft_dir / "adapter").exists():
         raise UserError(f"{sft_dir}: has no adapter/ (this stage builds on a LoRA SFT artifact)")
+    peft_type = json.loads((sft_dir / "adapter" / "adapter_config.json").read_text()).get("peft_type", "")
+    if peft_type in ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING"):
+        raise UserError(
+            f"{sft_dir}: its adapter is {peft_type.lower()} (virtual tokens), which cannot be merged into the "
+            "weights this stage starts from; train SFT with peft.method lora, adalora or ia3 for a policy to build on"
+        )
     return ModelConfig(name_or_path=m.model.name), sft_dir
 
 

@@ -22,6 +22,7 @@ import torch
 
 from align import dist
 from align.config import UserError
+from align.models import is_prompt_learning
 
 
 def merged_state_dict(model) -> dict[str, torch.Tensor]:
@@ -102,7 +103,9 @@ class GenerateEngine:
         greedy = temperature == 0
         out: list[list[int]] = []
         dev = next(self.model.parameters()).device
-        step = self.batch_size if greedy else 1
+        # one prompt at a time for virtual-token adapters too: PEFT puts them before the left padding, whose length
+        # would then move the prompt's positions relative to them
+        step = self.batch_size if greedy and not is_prompt_learning(self.model) else 1
         for i in range(0, len(prompt_ids), step):
             chunk = prompt_ids[i : i + step]
             torch.manual_seed(request_seed(seed, offset + i))

@@ -30,7 +30,14 @@ from align import dist
 from align.chat import control_tokens_in, neutralise, render, special_strings
 from align.config import UserError, printable
 from align.manifest import atomic_write_json, replace_dir
-from align.models import load_causal_lm, load_tokenizer, model_identity, peft_config, quantization_4bit
+from align.models import (
+    load_causal_lm,
+    load_tokenizer,
+    model_identity,
+    peft_config,
+    quantization_4bit,
+    resolve_model_path,
+)
 from align.packing import needs_dense_mask, pack
 from align.partial import apply_trainable, param_groups, unfreeze_callback
 from align.readers import has_split, load_instructions
@@ -271,14 +278,21 @@ def train(cfg: SFTConfig, ctx: StageContext, tokenizer, train_rows, val_rows, qu
         dataset_kwargs={"skip_prepare_dataset": True},  # rendered and masked above
         max_length=None,
     )
+    padded = t.batching == "padded" or (cfg.lora.enabled and cfg.peft.virtual_tokens)
+    if padded and t.batching != "padded":
+        console.print(
+            f"peft.method={cfg.peft.method}: padded batches (PEFT puts the virtual tokens before every row, so "
+            "examples cannot share one)",
+            highlight=False,
+        )
     collator = (
-        PaddingFreeCollator(
+        PaddedCollator(tokenizer.pad_token_id)
+        if padded
+        else PaddingFreeCollator(
             tokenizer.pad_token_id,
             max_row_tokens=max(cfg.data.max_length, 1024),
             dense_mask=needs_dense_mask(cfg.model.attn_implementation),
         )
-        if t.batching == "padding_free"
-        else PaddedCollator(tokenizer.pad_token_id)
     )
     trainer = _trainer_class()(
         model=model,
@@ -287,7 +301,9 @@ def train(cfg: SFTConfig, ctx: StageContext, tokenizer, train_rows, val_rows, qu
         eval_dataset=Dataset.from_list(val_rows) if has_val else None,
         processing_class=tokenizer,
         data_collator=collator,
-        peft_config=peft_config(cfg.lora, cfg.peft.method, total_steps=t.max_steps)
+        peft_config=peft_config(
+            cfg.lora, cfg.peft, total_steps=t.max_steps, base=resolve_model_path(cfg.model.name_or_path)
+        )
         if cfg.lora.enabled
         else None,
         callbacks=[*callbacks(ctx.out, t), *extra_callbacks],

@@ -52,3 +52,112 @@ def test_adalora_needs_max_steps(tmp_path, capsys):
             "peft.method=adalora"]  # fmt: skip
     assert main(args) == 2
     assert "train.max_steps" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Virtual tokens: prompt tuning, P-tuning, prefix tuning
+# ----------------------------------------------------------------------------------------------------------
+INIT_TEXT = "Answer the question helpfully."
+
+
+@pytest.fixture(scope="module")
+def virtual(tmp_path_factory, tiny_model_path):
+    """One short SFT run of each virtual-token method (8 tokens)."""
+    root = tmp_path_factory.mktemp("virtual")
+    for method in ("prompt_tuning", "p_tuning", "prefix_tuning"):
+        extra = [f"peft.prompt_init_text={INIT_TEXT}"] if method == "prompt_tuning" else []
+        assert _sft(root / method, f"peft.method={method}", "peft.num_virtual_tokens=8", *extra) == 0
+    return root
+
+
+@pytest.mark.parametrize(
+    "method, peft_type, width",
+    [("prompt_tuning", "PROMPT_TUNING", 128), ("p_tuning", "P_TUNING", 128), ("prefix_tuning", "PREFIX_TUNING", 256)],
+)  # fmt: skip
+def test_virtual_token_methods_train_their_tokens_only(virtual, tiny_model_path, method, peft_type, width):
+    out = virtual / method
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == peft_type and cfg["num_virtual_tokens"] == 8
+    weights = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    # width: hidden (128) for the input embeddings; prefix tuning: 2 layers x (key, value) x 1 kv head x 64
+    assert list(weights) == ["prompt_embeddings"] and weights["prompt_embeddings"].shape == (8, width)
+    assert not (out / "model").exists() and not (out / "merged").exists()
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["status"] == "complete" and m["metrics"]["eval_loss"] > 0
+    if method == "prompt_tuning":  # started from the init text's embeddings (repeated to 8), and moved
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tiny_model_path)
+        ids = tok(INIT_TEXT, add_special_tokens=False)["input_ids"]
+        ids = (ids * 8)[:8]
+        emb = load_file(str(tiny_model_path / "model.safetensors"))["model.embed_tokens.weight"][ids]
+        delta = (weights["prompt_embeddings"] - emb).abs()
+        assert 0 < float(delta.max()) < 1.0  # near its start (lr 1e-2, 4 steps), not equal to it
+
+
+def test_gate_scores_see_the_virtual_tokens(virtual, tiny_model_path):
+    """The perplexity and bias scorers read the input's own positions of a prompt-tuned model (whose logits are 8
+    longer) and never reuse a context cache built without the virtual tokens: their scores equal a hand-built
+    forward with the learned embeddings prepended to the input embeddings."""
+    from align.models import load_for_eval
+    from eval.bias import score_rows
+    from eval.perplexity import sequence_nll, token_logprobs
+
+    model, tok, _ = load_for_eval(str(virtual / "prompt_tuning"), merge=True)  # cannot merge: stays virtual
+    prompt = load_file(str(virtual / "prompt_tuning" / "adapter" / "adapter_model.safetensors"))[
+        "prompt_embeddings"
+    ]
+    base = model.get_base_model()
+
+    def by_hand(ids: list[int]) -> torch.Tensor:  # log p(token t | virtual tokens, tokens < t), t >= 1
+        x = torch.tensor([ids])
+        emb = torch.cat([prompt[None], base.get_input_embeddings()(x)], dim=1)
+        logits = base(inputs_embeds=emb).logits[:, 8:]
+        return token_logprobs(logits[:, :-1], x[:, 1:])[0]
+
+    ctx = tok("The nurse said that", add_special_tokens=False)["input_ids"]
+    conts = [
+        tok(c, add_special_tokens=False)["input_ids"] for c in (" she was tired.", " he was tired today.")
+    ]
+    rows = [(ctx, c) for c in conts]  # a shared context: the cached path for plain models
+    sums, counts = score_rows(model, tok, rows)
+    for (c, cont), s, n in zip(rows, sums, counts, strict=True):
+        lp = by_hand(c + cont)
+        assert n == len(cont) and s == pytest.approx(float(lp[len(c) - 1 :].sum()), abs=1e-4)
+
+    seq = ctx + conts[1]
+    nll, k = sequence_nll(model, [{"input_ids": seq, "labels": seq}], 2, tok.pad_token_id)
+    assert k == [len(seq) - 1] and nll[0] == pytest.approx(-float(by_hand(seq).sum()), abs=1e-4)
+
+
+def test_policy_stages_refuse_a_virtual_token_sft_artifact(virtual):
+    from align.config import UserError
+    from stages.common import sft_base
+
+    with pytest.raises(UserError, match="virtual tokens.*peft.method lora"):
+        sft_base(virtual / "p_tuning")
+
+
+def test_virtual_token_settings_that_cannot_work_are_refused(tmp_path, capsys):
+    base = ["sft", "--config", "configs/sft.yaml", f"output_dir={tmp_path / 'v'}", *BASE]
+    assert main([*base, "peft.method=prompt_tuning", "merge_adapter=true"]) == 2
+    assert "cannot be folded into the model" in capsys.readouterr().err
+    assert main([*base, "peft.method=prefix_tuning", "train.gradient_checkpointing=true"]) == 2
+    assert "train.gradient_checkpointing=false" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning", "prefix_tuning"])
+def test_plan_counts_what_peft_trains(tiny_model_path, method):
+    """align plan's trainable count of each virtual-token method equals PEFT's own."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from align.models import peft_config
+    from align.plan import virtual_trainable
+    from data_schemas.config import LoraSettings, PeftSettings
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    peft = get_peft_model(
+        model, peft_config(LoraSettings(), PeftSettings(method=method, num_virtual_tokens=12))
+    )
+    assert virtual_trainable(model.config, method, 12) == peft.get_nb_trainable_parameters()[0]

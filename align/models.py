@@ -183,6 +183,7 @@ def peft_config(
     task_type: str = "CAUSAL_LM",
     total_steps: int | None = None,
     base: str | Path | None = None,
+    modules_to_save: list[str] | None = None,
 ):
     """The PEFT config of `peft.method` (PeftSettings), sized by the lora block (LoRA family) or by
     peft.num_virtual_tokens (virtual tokens). `base`: the base model's folder, whose tokenizer turns
@@ -190,11 +191,13 @@ def peft_config(
     peft = PeftSettings(method=peft) if isinstance(peft, str) else peft
     method = peft.method
     if method in ("lora", "qlora"):
-        return lora_config(lora, task_type)
+        return lora_config(lora, task_type, modules_to_save)
     if method == "ia3":
         from peft import IA3Config
 
-        return IA3Config(task_type=task_type)  # PEFT's per-architecture modules (k, v, down_proj for Llama)
+        return IA3Config(
+            task_type=task_type, modules_to_save=modules_to_save
+        )  # PEFT's per-architecture modules (k, v, down_proj for Llama)
     if method == "adalora":
         from peft import AdaLoraConfig
 
@@ -212,6 +215,7 @@ def peft_config(
             tfinal=t // 5,
             deltaT=max(1, t // 20),
             task_type=task_type,
+            modules_to_save=modules_to_save,
         )
     if task_type != "CAUSAL_LM" and peft.virtual_tokens:
         raise UserError(

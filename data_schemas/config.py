@@ -91,6 +91,28 @@ class PeftSettings(_Strict):
         return self.method in VIRTUAL_TOKEN_METHODS
 
 
+WEIGHT_ADAPTER_METHODS = ("lora", "adalora", "ia3")
+
+
+def adapter_peft_field() -> Any:
+    return Field(
+        default_factory=PeftSettings,
+        description="The adapter's PEFT method: lora, adalora or ia3 here (qlora and the virtual-token methods "
+        "are SFT's).",
+    )
+
+
+def check_adapter_peft(peft: PeftSettings, train: TrainerSettings) -> None:
+    """Reward and DPO train weight adapters only: virtual tokens would shift the positions their scorers read."""
+    if peft.method not in WEIGHT_ADAPTER_METHODS:
+        raise ValueError(
+            f"peft.method={peft.method} is offered in align sft only; this stage takes "
+            f"{', '.join(WEIGHT_ADAPTER_METHODS)}"
+        )
+    if peft.method == "adalora" and train.max_steps <= 0:
+        raise ValueError("peft.method=adalora schedules its rank budget over train.max_steps; set it (> 0)")
+
+
 class UnfreezeSchedule(_Strict):
     """Gradual unfreezing (ULMFiT): more blocks train as training goes on, from the top down."""
 
@@ -641,10 +663,17 @@ class RewardConfig(_Strict):
     lora: LoraSettings = Field(
         default_factory=LoraSettings, description="LoRA on the trunk; the score head is fully trained."
     )
+    peft: PeftSettings = adapter_peft_field()
     train: RewardTrainSettings = Field(default_factory=RewardTrainSettings, description="Optimisation.")
     gate: RewardGateSettings = Field(
         default_factory=RewardGateSettings, description="Gate run after training."
     )
+
+    @model_validator(mode="after")
+    def _adapter(self) -> RewardConfig:
+        if self.lora.enabled:
+            check_adapter_peft(self.peft, self.train)
+        return self
 
 
 class DPODataSettings(_Strict):
@@ -759,6 +788,7 @@ class DPOConfig(_Strict):
     lora: LoraSettings = Field(
         default_factory=LoraSettings, description="LoRA (for policy_init=new_adapter)."
     )
+    peft: PeftSettings = adapter_peft_field()
     train: DPOTrainSettings = Field(default_factory=DPOTrainSettings, description="Optimisation.")
     eval: PolicyEvalSettings = Field(
         default_factory=PolicyEvalSettings, description="Sampling-based evaluation."
@@ -774,6 +804,15 @@ class DPOConfig(_Strict):
     gate_data: Path | None = Field(
         None, description="Data for the perplexity gate; default: the SFT artifact's validation file or data."
     )
+
+    @model_validator(mode="after")
+    def _adapter(self) -> DPOConfig:
+        check_adapter_peft(self.peft, self.train)
+        if self.policy_init == "continue_sft_adapter" and self.peft.method != "lora":
+            raise ValueError(
+                "peft.method applies to policy_init=new_adapter; continue_sft_adapter trains the SFT adapter as it is"
+            )
+        return self
 
 
 # ==========================================================================================================

@@ -111,6 +111,24 @@ def callbacks(out: Path, t) -> list:
     return cbs + EXTRA_CALLBACKS
 
 
+def adalora_callback():
+    """AdaLoRA re-allocates its rank budget from the gradients' importance after every optimizer step, before the
+    gradients are cleared (PEFT: `update_and_allocate(global_step)`)."""
+    from transformers import TrainerCallback
+
+    class AdaLoraBudget(TrainerCallback):
+        def on_optimizer_step(self, args, state, control, model=None, **kw):
+            dist.unwrap(model).base_model.update_and_allocate(state.global_step)
+
+    return AdaLoraBudget()
+
+
+def adalora_callbacks(cfg) -> list:
+    """[the AdaLoRA budget callback] when the stage's adapter is AdaLoRA, else []."""
+    on = cfg.lora.enabled and cfg.peft.method == "adalora"
+    return [adalora_callback()] if on else []
+
+
 def train_with_resume(trainer, out: Path, resume: bool, stop_after: int | None):
     """Run trainer.train (from the latest checkpoint when resuming). Returns (result, paused): paused means the
     run stopped at `stop_after` before its last step, so the caller leaves the artifact 'running'."""

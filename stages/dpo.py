@@ -25,12 +25,13 @@ from align import dist
 from align.chat import chat_messages, neutralise, render_prompt, special_strings
 from align.config import UserError
 from align.manifest import atomic_write_json, require_complete
-from align.models import load_causal_lm, load_tokenizer, lora_config, model_identity, write_policy_stack
+from align.models import load_causal_lm, load_tokenizer, model_identity, peft_config, write_policy_stack
 from align.packing import BRANCH_KERNELS, needs_dense_mask, row_layout
 from align.readers import LoadReport, iter_rows
 from align.stage import StageContext, StageResult, console, print_skipped, print_verdict
 from data_schemas.config import DPOConfig
 from stages.common import (
+    adalora_callbacks,
     callbacks,
     final_eval,
     policy_gate,
@@ -137,7 +138,7 @@ def build_policy(cfg: DPOConfig, precision: str):
     model = load_causal_lm(base_cfg, precision)
     if cfg.policy_init == "new_adapter":
         merged = PeftModel.from_pretrained(model, sft_dir / "adapter").merge_and_unload()
-        return merged, lora_config(cfg.lora)
+        return merged, peft_config(cfg.lora, cfg.peft, total_steps=cfg.train.max_steps)
     return PeftModel.from_pretrained(model, sft_dir / "adapter", is_trainable=True), None
 
 
@@ -473,7 +474,7 @@ def train_policy(cfg: DPOConfig, ctx: StageContext, tokenizer, train: list[dict]
     from trl import DPOConfig as TRLDPOConfig
 
     t = cfg.train
-    model, peft_config = build_policy(cfg, ctx.precision)
+    model, adapter = build_policy(cfg, ctx.precision)
     args = TRLDPOConfig(
         **trainer_kwargs(t, ctx.out, ctx.precision, bool(val), t.per_device_train_batch_size),
         per_device_eval_batch_size=t.per_device_eval_batch_size,
@@ -491,8 +492,8 @@ def train_policy(cfg: DPOConfig, ctx: StageContext, tokenizer, train: list[dict]
         train_dataset=Dataset.from_list(train),
         eval_dataset=Dataset.from_list(val) if val else None,
         processing_class=tokenizer,
-        callbacks=callbacks(ctx.out, t),
-        peft_config=peft_config,
+        callbacks=[*callbacks(ctx.out, t), *adalora_callbacks(cfg)],
+        peft_config=adapter,
     )
     result, paused = train_with_resume(trainer, ctx.out, ctx.resume, t.stop_after_steps)
     return trainer, result, paused

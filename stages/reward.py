@@ -34,8 +34,8 @@ from align.models import (
     choose_precision,
     load_causal_lm,
     load_tokenizer,
-    lora_config,
     model_identity,
+    peft_config,
     torch_dtype,
 )
 from align.packing import needs_dense_mask, pack
@@ -45,7 +45,7 @@ from data_schemas.config import ModelConfig, RewardConfig
 from data_schemas.gates import GateResult
 from eval.gates import run_gate
 from eval.reward_gate import decide_reward_gate, implied_pairs_of, pairwise_metrics
-from stages.common import callbacks, save_trained, train_with_resume, trainer_kwargs
+from stages.common import adalora_callbacks, callbacks, save_trained, train_with_resume, trainer_kwargs
 
 
 # ==========================================================================================================
@@ -481,9 +481,12 @@ def train(
     from transformers import TrainingArguments
 
     model = build_reward_model(cfg, tokenizer, ctx.precision)
-    if cfg.lora.enabled:
-        model = get_peft_model(model, lora_config(cfg.lora, "SEQ_CLS", modules_to_save=["score"]))
     t = cfg.train
+    if cfg.lora.enabled:
+        adapter = peft_config(
+            cfg.lora, cfg.peft, "SEQ_CLS", total_steps=t.max_steps, modules_to_save=["score"]
+        )
+        model = get_peft_model(model, adapter)
     args = TrainingArguments(
         **trainer_kwargs(
             t, ctx.out, ctx.precision, bool(eval_groups), t.groups_per_batch, ("eval_accuracy", True)
@@ -499,7 +502,7 @@ def train(
             pad_token_id=tokenizer.pad_token_id,
             dense_mask=needs_dense_mask(model.config._attn_implementation),
         ),
-        callbacks=callbacks(ctx.out, t),
+        callbacks=[*callbacks(ctx.out, t), *adalora_callbacks(cfg)],
     )
     result, paused = train_with_resume(trainer, ctx.out, ctx.resume, t.stop_after_steps)
     return trainer, result, paused

@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 
-from align import dist
 from align.chat import control_tokens_in, neutralise, render, special_strings
 from align.config import UserError, printable
 from align.manifest import atomic_write_json, replace_dir
@@ -44,6 +43,7 @@ from align.readers import has_split, load_instructions
 from align.stage import StageContext, StageResult, console, print_skipped
 from data_schemas.config import SFTConfig
 from stages.common import (
+    adalora_callbacks,
     callbacks,
     compact_lm_head,
     final_eval,
@@ -174,18 +174,6 @@ def _trainer_class():
     return AlignSFTTrainer
 
 
-def _adalora_callback():
-    """AdaLoRA re-allocates its rank budget from the gradients' importance after every optimizer step, before the
-    gradients are cleared (PEFT: `update_and_allocate(global_step)`)."""
-    from transformers import TrainerCallback
-
-    class AdaLoraBudget(TrainerCallback):
-        def on_optimizer_step(self, args, state, control, model=None, **kw):
-            dist.unwrap(model).base_model.update_and_allocate(state.global_step)
-
-    return AdaLoraBudget()
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The stage
 # ----------------------------------------------------------------------------------------------------------
@@ -258,9 +246,7 @@ def train(cfg: SFTConfig, ctx: StageContext, tokenizer, train_rows, val_rows, qu
 
     console.print(f"model: {printable(cfg.model.name_or_path)} in {ctx.precision}", highlight=False)
     model = load_causal_lm(cfg.model, ctx.precision, quantization)
-    extra_callbacks = []
-    if cfg.lora.enabled and cfg.peft.method == "adalora":
-        extra_callbacks.append(_adalora_callback())
+    extra_callbacks = adalora_callbacks(cfg)
     if not cfg.lora.enabled and not cfg.partial.is_default:
         n = apply_trainable(model, cfg.partial)
         console.print(

@@ -1,0 +1,67 @@
+"""PEFT methods in reward and DPO (peft.method): IA3 and AdaLoRA train their own adapters, which load back for
+scoring and gating; the methods these stages cannot take are refused in a sentence."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from align.cli import main
+from tests.stages.test_dpo import _pairs_file, dpo, sft  # noqa: F401 (sft: module fixture)
+from tests.stages.test_reward_cli import prefs, reward  # noqa: F401 (prefs: module fixture)
+
+MARKERS = {"ia3": ("IA3", "ia3_l"), "adalora": ("ADALORA", "lora_E")}
+
+
+@pytest.mark.parametrize("method", ["ia3", "adalora"])
+def test_reward_model_with_each_adapter(tmp_path, prefs, method):  # noqa: F811
+    from stages.reward import RewardScorer
+
+    out = tmp_path / method
+    code = reward(out, prefs, "train.max_steps=8", f"peft.method={method}", "gate.min_accuracy=0.0")
+    assert code == 0
+    peft_type, marker = MARKERS[method]
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["peft_type"] == peft_type
+    weights = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert any(marker in k for k in weights) and any(".score." in k for k in weights)  # the head trains fully
+    assert not any("lora_A" in k for k in weights) or method == "adalora"
+    scorer = RewardScorer(out)  # the artifact loads back and scores
+    r = scorer.score(
+        [[{"role": "user", "content": "Tell me about tea"}]] * 2, ["gladly here is help", "sorry, no"]
+    )
+    assert len(r) == 2 and all(torch.isfinite(torch.tensor(r)))
+
+
+@pytest.mark.parametrize("method", ["ia3", "adalora"])
+def test_dpo_policy_with_each_adapter(tmp_path, sft, method):  # noqa: F811
+    from align.models import load_for_eval
+
+    _pairs_file(tmp_path / "pairs.jsonl")
+    out = tmp_path / method
+    assert dpo(out, sft, tmp_path / "pairs.jsonl", "train.max_steps=6", f"peft.method={method}") == 0
+    peft_type, marker = MARKERS[method]
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["peft_type"] == peft_type
+    weights = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert weights and all(marker in k or "lora_" in k for k in weights)
+    # the policy (SFT merged, then this adapter) differs from the SFT model it started from
+    policy, tok, _ = load_for_eval(str(out), merge=True)
+    parent, _, _ = load_for_eval(str(sft), merge=True)
+    ids = torch.tensor([tok("Tell me about tea please")["input_ids"]])
+    with torch.no_grad():
+        assert not torch.allclose(policy(input_ids=ids).logits, parent(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize(
+    "stage, extra",
+    [("reward", ["data.preferences_dir=x"]), ("dpo", ["init_from=x", "data.pairs_file=x", "data.preferences_dir=null"])],
+)  # fmt: skip
+def test_methods_the_stage_cannot_take_are_refused(tmp_path, capsys, stage, extra):
+    args = [stage, "--config", f"configs/{stage}.yaml", f"output_dir={tmp_path / 'o'}", *extra]
+    assert main([*args, "peft.method=prefix_tuning"]) == 2
+    err = capsys.readouterr().err
+    assert "offered in align sft only" in err and "lora, adalora, ia3" in err and "Traceback" not in err
+    assert main([*args, "peft.method=adalora", "train.max_steps=-1"]) == 2
+    assert "train.max_steps" in capsys.readouterr().err

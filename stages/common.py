@@ -145,7 +145,17 @@ def train_with_resume(trainer, out: Path, resume: bool, stop_after: int | None):
         print(flush=True)  # the rich progress panel leaves its last line open
     trainer.remove_callback(RichProgressCallback)  # its live display is closed once training ends
     state = trainer.state
-    paused = stop_after is not None and state.global_step < state.max_steps and not _early_stopped(trainer)
+    early = _early_stopped(trainer)
+    if early and dist.is_main():
+        metric = str(trainer.args.metric_for_best_model).removeprefix("eval_")
+        print(
+            f"stopped early at step {state.global_step} of {state.max_steps}: held-out {metric} did not improve "
+            f"for {_patience(trainer)} evaluations; the best weights "
+            f"({state.best_model_checkpoint and Path(state.best_model_checkpoint).name}, {metric} "
+            f"{state.best_metric}) are kept",
+            file=sys.stderr,
+        )
+    paused = stop_after is not None and state.global_step < state.max_steps and not early
     if paused and dist.is_main():
         print(
             f"stopped after step {state.global_step} of {state.max_steps}; continue with --resume",
@@ -164,6 +174,32 @@ def final_eval(trainer) -> dict[str, Any]:
     step = trainer.state.global_step
     last = [x for x in trainer.state.log_history if "eval_loss" in x and x.get("step") == step]
     return last[-1] if last else trainer.evaluate()
+
+
+def training_summary(trainer, result, precision: str) -> dict[str, Any]:
+    """The metrics every Trainer stage reports about its run; with early stopping, whether it stopped early and
+    which held-out evaluation's weights were kept (the Trainer restores the best checkpoint)."""
+    state = trainer.state
+    out: dict[str, Any] = {
+        "train_loss": result.training_loss,
+        "global_step": state.global_step,
+        "max_steps": state.max_steps,
+        "precision": precision,
+    }
+    if trainer.args.load_best_model_at_end:
+        out["stopped_early"] = _early_stopped(trainer)
+        out["best_step"] = (
+            int(state.best_model_checkpoint.rsplit("-", 1)[1]) if state.best_model_checkpoint else None
+        )
+        out["best_" + str(trainer.args.metric_for_best_model).removeprefix("eval_")] = state.best_metric
+    return out
+
+
+def _patience(trainer) -> int | None:
+    for cb in trainer.callback_handler.callbacks:
+        if type(cb).__name__ == "EarlyStoppingCallback":
+            return cb.early_stopping_patience
+    return None
 
 
 def _early_stopped(trainer) -> bool:

@@ -42,6 +42,7 @@ from stages.common import (
     sft_base,
     train_with_resume,
     trainer_kwargs,
+    training_summary,
     zero3,
 )
 from stages.rankings import convert_pairwise, prompt_key, split_of
@@ -512,12 +513,7 @@ HELDOUT_KEYS = (
 
 def heldout_metrics(trainer, result, val, precision: str) -> dict[str, Any]:
     """Training summary and held-out preference metrics (every process takes part in the held-out pass)."""
-    state = trainer.state
-    metrics: dict[str, Any] = {
-        "train_loss": result.training_loss,
-        "global_step": state.global_step,
-        "precision": precision,
-    }
+    metrics = training_summary(trainer, result, precision)
     if val:
         ev = final_eval(trainer)
         metrics.update(

@@ -45,7 +45,14 @@ from data_schemas.config import ModelConfig, RewardConfig
 from data_schemas.gates import GateResult
 from eval.gates import run_gate
 from eval.reward_gate import decide_reward_gate, implied_pairs_of, pairwise_metrics
-from stages.common import adalora_callbacks, callbacks, save_trained, train_with_resume, trainer_kwargs
+from stages.common import (
+    adalora_callbacks,
+    callbacks,
+    save_trained,
+    train_with_resume,
+    trainer_kwargs,
+    training_summary,
+)
 
 
 # ==========================================================================================================
@@ -403,6 +410,8 @@ def _trainer_class(cfg: RewardConfig, eval_groups: list[dict]):
             }
             self.heldout = HeldOut(step, rewards, logged)
             self.log(logged)
+            # as Trainer.evaluate does: callbacks see the held-out metrics (early stopping watches them)
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, logged)
             self.model.train()
             return logged
 
@@ -513,9 +522,7 @@ def save(ctx: StageContext, trainer, result, tokenizer, eval_groups: list[dict])
     out, state = ctx.out, trainer.state
     eval_rewards = trainer.heldout_rewards()
     metrics = pairwise_metrics(eval_groups, eval_rewards) if eval_groups else {"pairs": 0}
-    metrics.update(
-        {"train_loss": result.training_loss, "global_step": state.global_step, "precision": ctx.precision}
-    )
+    metrics.update(training_summary(trainer, result, ctx.precision))
     save_trained(trainer, out / "adapter", tokenizer)  # every process (ZeRO-3 gathers)
     if not ctx.is_main:
         return metrics

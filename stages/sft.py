@@ -50,6 +50,7 @@ from stages.common import (
     save_trained,
     train_with_resume,
     trainer_kwargs,
+    training_summary,
     zero3,
 )
 
@@ -302,12 +303,7 @@ def train(cfg: SFTConfig, ctx: StageContext, tokenizer, train_rows, val_rows, qu
 def save(cfg: SFTConfig, ctx: StageContext, trainer, result, tokenizer, has_val: bool) -> dict[str, Any]:
     """Held-out loss, the adapter (or full model), metrics.json; returns the manifest's final metrics."""
     state = trainer.state
-    metrics: dict[str, Any] = {
-        "train_loss": result.training_loss,
-        "global_step": state.global_step,
-        "max_steps": state.max_steps,
-        "precision": ctx.precision,
-    }
+    metrics = training_summary(trainer, result, ctx.precision)
     if has_val:
         ev = final_eval(trainer)
         metrics["eval_loss"] = ev["eval_loss"]

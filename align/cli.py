@@ -5,6 +5,7 @@
     align eval generate --model REF --data FILE [--out DIR]
     align eval gate perplexity --candidate REF --parent REF --data FILE --out DIR [--config configs/gates.yaml]
     align model prepare [NAME]
+    align sweep --config configs/sweep.yaml [key=value ...]
 
 REF is a model alias, a checkpoint folder, a hub id, or an align artifact directory (its adapter is applied).
 Exit status: 0 success / gate passed, 1 gate failed or internal error, 2 bad config or input, 3 paused at
@@ -33,7 +34,8 @@ from align.pipeline import run_pipeline, write_run_report
 from align.plan import estimate, plan_data
 from align.readers import load_instructions
 from align.stage import print_gate, print_skipped
-from data_schemas.config import GatesConfig, PipelineConfig
+from align.sweep import run_sweep
+from data_schemas.config import GatesConfig, PipelineConfig, SweepConfig
 from eval.registry import GATES
 from eval.task_metrics import task_metrics
 from stages.registry import STAGES
@@ -89,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pl.add_argument("--device", help="cpu or cuda (default: this machine's)")
     pl.add_argument("--json", action="store_true", help="print JSON only")
+    sw = sub.add_parser("sweep", help="hyper-parameter search over a stage's config (Optuna, with pruning)")
+    _add_config_args(sw)
     sc = sub.add_parser("score", help="score (prompt, response) rows with a reward artifact")
     sc.add_argument("--reward", required=True, type=Path, help="an `align reward` artifact directory")
     sc.add_argument("--input", required=True, type=Path, help="JSONL rows with 'prompt' and 'response'")
@@ -352,6 +356,10 @@ def main(argv: list[str] | None = None) -> int:
             n = score_file(a.reward, a.input, a.out)
             out.print(f"scored {n} rows -> {printable(str(a.out))}", highlight=False)
             return 0
+        if a.command == "sweep":
+            if a.config is None:
+                raise UserError("align sweep: give the sweep with --config (e.g. configs/sweep.yaml)")
+            return run_sweep(load_config(SweepConfig, a.config, a.overrides))
         if a.command == "run":
             if a.config is None:
                 raise UserError("align run: give the pipeline with --config (e.g. configs/quickstart.yaml)")

@@ -1110,3 +1110,110 @@ class PipelineConfig(_Strict):
         description="Gate policy file (GatesConfig); per-stage gate overrides apply on top.",
     )
     stages: PipelineStages = Field(..., description="The stages.")
+
+
+# ==========================================================================================================
+# Sweeps
+# ==========================================================================================================
+class SweepParam(_Strict):
+    """One searched config field: a float or int range (optionally log-uniform) or a list of choices."""
+
+    type: Literal["float", "int", "categorical"] = Field(..., description="How the value is drawn.")
+    low: float | None = Field(None, description="Smallest value (float, int).")
+    high: float | None = Field(None, description="Largest value (float, int), included.")
+    log: bool = Field(False, description="Draw uniformly in log space (learning rates); low must be > 0.")
+    step: float | None = Field(None, gt=0, description="Grid step within [low, high] (not with log).")
+    choices: list[Any] | None = Field(
+        None, min_length=1, description="The values to choose from (categorical)."
+    )
+
+    @model_validator(mode="after")
+    def _shape(self) -> SweepParam:
+        if self.type == "categorical":
+            if not self.choices or self.low is not None or self.high is not None:
+                raise ValueError("type categorical takes choices (and no low/high)")
+            return self
+        if self.low is None or self.high is None or self.choices is not None:
+            raise ValueError(f"type {self.type} takes low and high (and no choices)")
+        if self.low > self.high:
+            raise ValueError("low must not exceed high")
+        if self.log and (self.low <= 0 or self.step is not None):
+            raise ValueError("log needs low > 0 and no step")
+        if self.type == "int" and (self.low != int(self.low) or self.high != int(self.high)):
+            raise ValueError("type int takes whole low and high")
+        return self
+
+
+# The metric each stage's manifest reports, the Trainer's name for it at every evaluation, and its direction.
+SWEEP_METRICS: dict[str, tuple[str, str, str]] = {
+    "sft": ("eval_loss", "eval_loss", "minimize"),
+    "reward": ("accuracy", "eval_accuracy", "maximize"),
+    "dpo": ("heldout_loss", "eval_loss", "minimize"),
+}
+
+
+class SweepConfig(_Strict):
+    """`align sweep`: a hyper-parameter search (Optuna's TPE sampler) over any fields of one stage's config; each
+    trial is a keyed artifact of that stage, and unpromising trials are pruned at their held-out evaluations."""
+
+    stage: Literal["sft", "reward", "dpo"] = Field(..., description="The Trainer stage to tune.")
+    config: Path = Field(..., description="That stage's YAML config (e.g. configs/sft.yaml), the fixed part.")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Fixed dotted overrides on top of the config, e.g. {train.max_steps: 60}.",
+    )
+    output_dir: Path = Field(
+        ..., description="Sweep folder: study.db (resumable), trials/<key>/ artifacts, sweep.json, sweep.png."
+    )
+    params: dict[str, SweepParam] = Field(
+        ...,
+        min_length=1,
+        description="Searched fields by dotted key, e.g. train.learning_rate: {type: float, ...}.",
+    )
+    n_trials: int = Field(10, ge=1, description="Trials in the study (a re-run adds only the missing ones).")
+    metric: str | None = Field(
+        None,
+        description="The manifest metric to optimise; default per stage: sft eval_loss, reward accuracy, dpo "
+        "heldout_loss.",
+    )
+    direction: Literal["minimize", "maximize"] | None = Field(
+        None, description="Default: the stage metric's own (loss down, accuracy up)."
+    )
+    prune_on: str | None = Field(
+        None,
+        description="The Trainer's held-out metric reported at every evaluation for pruning (default: the stage "
+        "metric's, e.g. eval_loss, eval_accuracy).",
+    )
+    pruner: Literal["median", "none"] = Field(
+        "median",
+        description="'median': stop a trial whose held-out metric is worse than the median of earlier trials at "
+        "the same step (Optuna's MedianPruner); 'none': every trial runs to its end.",
+    )
+    pruner_startup_trials: int = Field(
+        2, ge=0, description="Trials that are never pruned (the median's base)."
+    )
+    pruner_warmup_evaluations: int = Field(
+        1, ge=0, description="Held-out evaluations of each trial before it can be pruned."
+    )
+    seed: int = Field(42, description="Seed of the sampler (the trials' own seeds come from their config).")
+    timeout_minutes: float | None = Field(
+        None, gt=0, description="Start no new trial after this long (a running trial finishes)."
+    )
+
+    @model_validator(mode="after")
+    def _metric(self) -> SweepConfig:
+        metric, prune_on, direction = SWEEP_METRICS[self.stage]
+        if self.metric is None:
+            self.metric = metric
+        if self.prune_on is None:
+            self.prune_on = prune_on if self.metric == metric else "eval_" + self.metric.removeprefix("eval_")
+        if self.direction is None:
+            if self.metric != metric:
+                raise ValueError(f"direction: say whether {self.metric} should be minimize(d) or maximize(d)")
+            self.direction = direction
+        clash = set(self.params) & set(self.overrides)
+        if clash:
+            raise ValueError(f"{sorted(clash)}: both searched (params) and fixed (overrides)")
+        if "output_dir" in self.params or "output_dir" in self.overrides:
+            raise ValueError("output_dir: the sweep names each trial's folder itself")
+        return self

@@ -21,13 +21,20 @@ LAYERS = {
     "stages": 3,
     "align.entry": 4,
 }
-ENTRY_POINTS = {"align.cli", "align.pipeline", "align.data_cli", "align.annotate", "align.__main__"}
+ENTRY_POINTS = {
+    "align.cli",
+    "align.pipeline",
+    "align.data_cli",
+    "align.annotate",
+    "align.sweep",
+    "align.__main__",
+}
 
 # Libraries whose import costs seconds (or pulls in one that does): the reason a function may import lazily.
 HEAVY = {
     "torch", "transformers", "trl", "peft", "datasets", "accelerate", "deepspeed", "vllm", "matplotlib",
     "safetensors", "pyarrow", "scipy", "tensorboard", "evaluate", "PIL", "jinja2", "numpy", "pandas", "sklearn",
-    "fastapi", "uvicorn", "starlette",
+    "fastapi", "uvicorn", "starlette", "optuna",
 }  # fmt: skip
 
 

@@ -25,7 +25,6 @@ from pathlib import Path
 from rich.console import Console
 
 from align import __version__, annotate
-from align.chat import render_prompt
 from align.config import UserError, apply_overrides, load_config, printable, read_yaml, validate
 from align.data_cli import run_data_command
 from align.launch import relaunch, strip_launch_flags
@@ -222,8 +221,8 @@ def _cmd_plan(a) -> int:
 def _cmd_eval_generate(a) -> int:
     """Greedy answers to each conversation's last user turn (transformers generate, batched), scored against the
     conversation's own last answer with eval/task_metrics.py."""
+    from align.generation import greedy_answers
     from align.models import load_for_eval
-    from stages.rollout import GenerateEngine
 
     convs, report = load_instructions(a.data)
     print_skipped(report.problems)  # the bad rows, named; the good ones are all kept
@@ -231,9 +230,7 @@ def _cmd_eval_generate(a) -> int:
     model, tok, desc = load_for_eval(a.model)
     prompts = [[m.model_dump() for m in c.messages[:-1]] for c in convs]
     refs = [c.messages[-1].content for c in convs]
-    ids = [render_prompt(tok, p) for p in prompts]
-    answers = GenerateEngine(model, tok, batch_size=a.batch_size).generate(ids, a.max_new_tokens, 0.0, 1.0, 0)
-    preds = [tok.decode(x, skip_special_tokens=True).strip() for x in answers]
+    preds = greedy_answers(model, tok, prompts, a.max_new_tokens, a.batch_size)
     res = {"model": desc, "data": str(a.data), "examples": len(preds), "max_new_tokens": a.max_new_tokens,
            "skipped_rows": report.problems, **task_metrics(preds, refs)}  # fmt: skip
     if a.out:

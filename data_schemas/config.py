@@ -366,6 +366,33 @@ class PerplexityGateSettings(_Strict):
     max_examples: int | None = Field(None, ge=1, description="Evaluate at most this many examples (first N).")
 
 
+class TaskGateSettings(_Strict):
+    """Task gate policy: the candidate's greedy answers may not score worse against the references than its
+    parent's, on the same held-out instructions (eval/task_gate.py)."""
+
+    metric: Literal["rouge_l", "token_f1", "exact_match", "bleu"] = Field(
+        "rouge_l",
+        description="What decides: ROUGE-L F1, token F1 or exact match (per-example means), or corpus BLEU "
+        "(counted here on a 0-1 scale, BLEU/100). All four are reported.",
+    )
+    max_decrease: float = Field(
+        0.02, ge=0.0, description="Largest allowed drop of the metric, candidate - parent (0-1 scale)."
+    )
+    test: Literal["point", "interval"] = Field(
+        "point",
+        description="'point': fail when the observed drop exceeds max_decrease; 'interval': also fail when the "
+        "paired bootstrap interval's lower end does (evidence of no regression is required).",
+    )
+    min_examples: int = Field(20, ge=1, description="Fewer answered examples fails the gate (closed).")
+    max_examples: int | None = Field(
+        100, ge=1, description="Answer at most this many held-out instructions (the first N); null: all."
+    )
+    max_new_tokens: int = Field(128, ge=1, description="Tokens per greedy answer.")
+    batch_size: int = Field(8, ge=1, description="Prompts per generate call.")
+    bootstrap_samples: int = Field(1000, ge=100, description="Paired bootstrap resamples for the interval.")
+    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="Confidence level of the interval.")
+
+
 class BiasGateSettings(_Strict):
     """Bias gate policy: a candidate may not become more biased than its parent (same items, paired)."""
 
@@ -507,6 +534,10 @@ class GatesConfig(_Strict):
     )
     bias: BiasGateSettings = Field(
         default_factory=BiasGateSettings, description="Bias gate between a candidate and its parent."
+    )
+    task: TaskGateSettings = Field(
+        default_factory=TaskGateSettings,
+        description="Task gate: generated answers scored against references (ROUGE-L, F1, exact match, BLEU).",
     )
     policy: PolicyGateSettings = Field(
         default_factory=PolicyGateSettings,
@@ -1025,7 +1056,7 @@ class PipelineStage(_Strict):
         description="Dotted overrides applied to that config; '{run}' in a string value is replaced by run_dir. "
         "output_dir is always {run}/<stage>.",
     )
-    gates: dict[Literal["perplexity", "bias"], dict[str, Any]] = Field(
+    gates: dict[Literal["perplexity", "task", "bias"], dict[str, Any]] = Field(
         default_factory=dict,
         description="Gates run after this stage, candidate = this stage, parent = the stage it builds on (the base "
         "model for sft, {run}/sft for dpo/ppo). Each maps to overrides of that gate's section of gate_policy.",

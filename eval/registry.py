@@ -40,6 +40,13 @@ GATES: dict[str, Gate] = {
             True,
         ),
         Gate(
+            "task",
+            "eval.task_gate",
+            "task_gate",
+            "candidate's generated answers must not score worse against the references (ROUGE-L, F1, EM, BLEU)",
+            True,
+        ),
+        Gate(
             "bias",
             "eval.bias",
             "bias_gate",

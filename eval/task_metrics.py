@@ -34,10 +34,8 @@ def normalise(text: str) -> str:
 
 
 def exact_match(predictions: list[str], references: list[str]) -> float:
-    _same_length(predictions, references)
-    return sum(normalise(p) == normalise(r) for p, r in zip(predictions, references, strict=True)) / max(
-        len(predictions), 1
-    )
+    scores = example_scores("exact_match", predictions, references)
+    return sum(scores) / max(len(scores), 1)
 
 
 def _f1(pred: list[str], ref: list[str]) -> float:
@@ -51,10 +49,7 @@ def _f1(pred: list[str], ref: list[str]) -> float:
 
 
 def token_f1(predictions: list[str], references: list[str]) -> float:
-    _same_length(predictions, references)
-    scores = [
-        _f1(normalise(p).split(), normalise(r).split()) for p, r in zip(predictions, references, strict=True)
-    ]
+    scores = example_scores("token_f1", predictions, references)
     return sum(scores) / max(len(scores), 1)
 
 
@@ -66,22 +61,38 @@ def _ngrams(tokens: list[str], n: int) -> Counter:
     return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
 
 
-def bleu(predictions: list[str], references: list[str], max_n: int = 4) -> float:
+def bleu_stats(predictions: list[str], references: list[str], max_n: int = 4) -> list[list[int]]:
+    """Per example: [clipped matches of 1..max_n-grams, candidate n-gram counts of 1..max_n, candidate length,
+    reference length]. Corpus BLEU is a function of their column sums, so a bootstrap resamples rows."""
     _same_length(predictions, references)
-    matches, totals = [0] * max_n, [0] * max_n
-    c_len = r_len = 0
+    rows = []
     for p, r in zip(predictions, references, strict=True):
         pt, rt = bleu_tokens(p), bleu_tokens(r)
-        c_len, r_len = c_len + len(pt), r_len + len(rt)
+        matches, totals = [], []
         for n in range(1, max_n + 1):
             pc, rc = _ngrams(pt, n), _ngrams(rt, n)
-            matches[n - 1] += sum(min(c, rc[g]) for g, c in pc.items())
-            totals[n - 1] += max(len(pt) - n + 1, 0)
+            matches.append(sum(min(c, rc[g]) for g, c in pc.items()))
+            totals.append(max(len(pt) - n + 1, 0))
+        rows.append([*matches, *totals, len(pt), len(rt)])
+    return rows
+
+
+def bleu_from_stats(sums: list[int] | list[float], max_n: int = 4) -> float:
+    """Corpus BLEU (0-100) from the column sums of `bleu_stats`."""
+    matches, totals = sums[:max_n], sums[max_n : 2 * max_n]
+    c_len, r_len = sums[2 * max_n], sums[2 * max_n + 1]
     if c_len == 0 or min(matches) == 0:
         return 0.0
     log_precision = sum(math.log(m / t) for m, t in zip(matches, totals, strict=True)) / max_n
     brevity = 1.0 if c_len > r_len else math.exp(1 - r_len / c_len)
     return 100 * brevity * math.exp(log_precision)
+
+
+def bleu(predictions: list[str], references: list[str], max_n: int = 4) -> float:
+    rows = bleu_stats(predictions, references, max_n)
+    return bleu_from_stats(
+        [sum(col) for col in zip(*rows, strict=True)] if rows else [0] * (2 * max_n + 2), max_n
+    )
 
 
 def _lcs(a: list[str], b: list[str]) -> int:
@@ -94,7 +105,7 @@ def _lcs(a: list[str], b: list[str]) -> int:
     return prev[-1]
 
 
-def rouge_l(predictions: list[str], references: list[str]) -> float:
+def rouge_l_scores(predictions: list[str], references: list[str]) -> list[float]:
     _same_length(predictions, references)
     scores = []
     for p, r in zip(predictions, references, strict=True):
@@ -105,7 +116,25 @@ def rouge_l(predictions: list[str], references: list[str]) -> float:
             continue
         prec, rec = lcs / len(pt), lcs / len(rt)
         scores.append(2 * prec * rec / (prec + rec))
+    return scores
+
+
+def rouge_l(predictions: list[str], references: list[str]) -> float:
+    scores = rouge_l_scores(predictions, references)
     return sum(scores) / max(len(scores), 1)
+
+
+def example_scores(metric: str, predictions: list[str], references: list[str]) -> list[float]:
+    """Per-example values of a mean-type metric (exact_match, token_f1, rouge_l): the metric is their mean."""
+    _same_length(predictions, references)
+    pairs = list(zip(predictions, references, strict=True))
+    if metric == "exact_match":
+        return [float(normalise(p) == normalise(r)) for p, r in pairs]
+    if metric == "token_f1":
+        return [_f1(normalise(p).split(), normalise(r).split()) for p, r in pairs]
+    if metric == "rouge_l":
+        return rouge_l_scores(predictions, references)
+    raise ValueError(f"{metric}: not a per-example metric (bleu is corpus-level: bleu_stats)")
 
 
 METRICS = {"exact_match": exact_match, "token_f1": token_f1, "bleu": bleu, "rouge_l": rouge_l}

@@ -7,7 +7,8 @@
   given the policy's weights (LoRA merged into a copy, transformers names) through vLLM's in-place
   `reload_weights`. Every tensor is sent on every sync: vLLM's layer-wise reload re-initialises a whole layer,
   so a partial update (only the LoRA-touched projections) leaves the rest of that layer as garbage (verified).
-- `GenerateEngine`: transformers `generate` on the training model itself; nothing to sync.
+- `GenerateEngine` (align/generation.py, shared with the evaluation): transformers `generate` on the training
+  model itself; nothing to sync.
 
 Engines return token ids only. The trainer recomputes every log-probability it optimises; the sampler's own
 numbers are never trusted (they differ in kernels, precision and, for vLLM, in the sampler's processing).
@@ -22,7 +23,7 @@ import torch
 
 from align import dist
 from align.config import UserError
-from align.models import is_prompt_learning
+from align.generation import GenerateEngine, cut_after_eos, request_seed  # noqa: F401 (GenerateEngine: the engines are here)
 
 
 def merged_state_dict(model) -> dict[str, torch.Tensor]:
@@ -65,72 +66,6 @@ def engine_choice(want: str, setting: str) -> str:
             f"{setting}=vllm but vLLM is not installed (see docs/install.md), or use {setting}=generate"
         )
     return want
-
-
-class GenerateEngine:
-    """transformers `generate` on the trainer's model (left-padded batches). Shares the weights: no sync."""
-
-    name = "generate"
-
-    def __init__(self, model, tokenizer, batch_size: int = 16):
-        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
-
-    def update_weights(self, named_tensors) -> None:
-        return None
-
-    def close(self) -> None:
-        return None
-
-    def rest(self) -> None:
-        return None
-
-    @torch.no_grad()
-    def generate(
-        self,
-        prompt_ids: list[list[int]],
-        max_new_tokens: int,
-        temperature: float,
-        top_p: float,
-        seed: int,
-        offset: int = 0,
-    ) -> list[list[int]]:
-        """Greedy answers in batches; sampled answers one prompt at a time, each from its own seed
-        (`request_seed(seed, offset + i)`), so that they do not depend on the batch or the number of processes."""
-        was_training = self.model.training
-        self.model.eval()
-        pad = self.tokenizer.pad_token_id
-        eos = self.tokenizer.eos_token_id
-        greedy = temperature == 0
-        out: list[list[int]] = []
-        dev = next(self.model.parameters()).device
-        # one prompt at a time for virtual-token adapters too: PEFT puts them before the left padding, whose length
-        # would then move the prompt's positions relative to them
-        step = self.batch_size if greedy and not is_prompt_learning(self.model) else 1
-        for i in range(0, len(prompt_ids), step):
-            chunk = prompt_ids[i : i + step]
-            torch.manual_seed(request_seed(seed, offset + i))
-            width = max(len(p) for p in chunk)
-            ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=dev)  # [b, width]
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=dev)
-            kw = (
-                {"do_sample": False}
-                if greedy
-                else {"do_sample": True, "temperature": temperature, "top_p": top_p}
-            )
-            gen = self.model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=max_new_tokens,
-                top_k=0 if not greedy else None,
-                pad_token_id=pad,
-                eos_token_id=eos,
-                **kw,
-            )
-            for row in gen[:, width:].tolist():
-                out.append(_cut_after_eos(row, eos))
-        if was_training:
-            self.model.train()
-        return out
 
 
 class VLLMEngine:
@@ -216,13 +151,7 @@ class VLLMEngine:
         outs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], params, use_tqdm=False
         )
-        return [_cut_after_eos(list(o.outputs[0].token_ids), eos) for o in outs]
-
-
-def request_seed(seed: int, index: int) -> int:
-    """The sampling seed of the rollout at global position `index` of a batch: one per prompt, so a response does
-    not depend on its neighbours in the batch, nor on how many processes share the batch."""
-    return seed * 10007 + index
+        return [cut_after_eos(list(o.outputs[0].token_ids), eos) for o in outs]
 
 
 def vllm_engine_args(
@@ -245,7 +174,3 @@ def vllm_engine_args(
     if dist.launched():
         args["distributed_executor_backend"] = "external_launcher"
     return args
-
-
-def _cut_after_eos(row: list[int], eos: int) -> list[int]:
-    return row[: row.index(eos) + 1] if eos in row else row

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU paths, for anyone with an NVIDIA GPU: install the GPU extras into .venv, then run on CUDA
 #   1. the device and precision checks (bf16 without emulation, every stage's tensors on cuda),
-#   2. the quickstart pipeline (SFT, reward, DPO, PPO with vLLM on the GPU, every gate),
+#   2. the quickstart pipeline (SFT, reward, DPO, PPO with vLLM on the GPU, every gate), then QLoRA SFT (4-bit),
 #   3. the multi-process tests: on >= 2 GPUs with NCCL, one process per GPU; on one GPU they run on the CPU (two
 #      processes cannot share one GPU under NCCL) and the pipeline runs once more in one process on the GPU,
 #   4. bench/scale.py (1 vs N processes).
@@ -41,6 +41,12 @@ step() {  # step NAME COMMAND...: run, time, record
 }
 step "device placement tests" .venv/bin/python -m pytest -q tests/stages/test_device_placement.py
 step "quickstart on CUDA (vLLM rollouts)" bash scripts/quickstart.sh run_dir=runs/gpu-smoke
+# QLoRA: 4-bit NF4 base (bitsandbytes), a few steps on the real model; then its held-out answers scored
+.venv/bin/python -m pip install -q bitsandbytes >> "$OUT.log" 2>&1 || log "bitsandbytes could not be installed"
+step "QLoRA SFT (peft.method=qlora)" .venv/bin/align sft --config configs/sft.yaml output_dir=runs/gpu-smoke-qlora \
+  peft.method=qlora train.max_steps=10 train.eval_steps=10 train.save_steps=10 train.early_stopping_patience=null
+step "QLoRA adapter answers (align eval generate)" .venv/bin/align eval generate --model runs/gpu-smoke-qlora \
+  --data examples/data/instructions_validation.jsonl --max-examples 8 --max-new-tokens 32
 if [ "$GPUS" -ge 2 ]; then
   step "multi-process tests on $GPUS GPUs (NCCL)" .venv/bin/python -m pytest -q tests/stages/test_multiprocess.py
   step "quickstart in $GPUS processes" .venv/bin/align run --config configs/quickstart.yaml \

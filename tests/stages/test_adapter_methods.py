@@ -16,7 +16,9 @@ from tests.stages.test_reward_cli import prefs, reward  # noqa: F401 (prefs: mod
 MARKERS = {"ia3": ("IA3", "ia3_l"), "adalora": ("ADALORA", "lora_E")}
 
 
-@pytest.mark.parametrize("method", ["ia3", "adalora"])
+@pytest.mark.parametrize(
+    "method", ["ia3", pytest.param("adalora", marks=pytest.mark.slow)]
+)  # one of each stage in the default run; both methods in -m slow
 def test_reward_model_with_each_adapter(tmp_path, prefs, method):  # noqa: F811
     from stages.reward import RewardScorer
 
@@ -35,7 +37,7 @@ def test_reward_model_with_each_adapter(tmp_path, prefs, method):  # noqa: F811
     assert len(r) == 2 and all(torch.isfinite(torch.tensor(r)))
 
 
-@pytest.mark.parametrize("method", ["ia3", "adalora"])
+@pytest.mark.parametrize("method", [pytest.param("ia3", marks=pytest.mark.slow), "adalora"])
 def test_dpo_policy_with_each_adapter(tmp_path, sft, method):  # noqa: F811
     from align.models import load_for_eval
 

@@ -434,10 +434,11 @@ class Sampler:
         return texts
 
     def _engine(self, model, tok):
-        from align.models import choose_precision, resolve_model_path
+        from align.models import choose_precision, is_prompt_learning, resolve_model_path
         from stages.rollout import GenerateEngine, VLLMEngine, engine_choice, merged_state_dict
 
-        if engine_choice(self.s.engine, "--engine") == "vllm":
+        # virtual tokens are inputs, not weights: only transformers generate can sample such a policy
+        if engine_choice(self.s.engine, "--engine") == "vllm" and not is_prompt_learning(model):
             ref = Path(self.s.policy)
             base = (
                 resolve_model_path(read_manifest(ref).model.name)

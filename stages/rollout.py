@@ -24,15 +24,29 @@ import torch
 from align import dist
 from align.config import UserError
 from align.generation import GenerateEngine, cut_after_eos, request_seed  # noqa: F401 (GenerateEngine: the engines are here)
+from align.models import is_prompt_learning
 
 
 def merged_state_dict(model) -> dict[str, torch.Tensor]:
     """The weights a plain transformers checkpoint of `model` would hold, with every active LoRA merged in.
 
     Out of place: the trainer's weights are untouched (merging into them and unmerging again would drift the base
-    weights, and with them the reference model, by rounding error every step)."""
+    weights, and with them the reference model, by rounding error every step). LoRA merges layer by layer (PPO
+    does it every step); other weight adapters (AdaLoRA, IA3) merge on a copy of the model; virtual tokens cannot
+    be merged (refused)."""
     from peft.tuners.lora import LoraLayer
 
+    if is_prompt_learning(model):
+        raise UserError(
+            "this policy's adapter is virtual tokens (prompt, P- or prefix tuning), which vLLM cannot hold as "
+            "weights; sample with transformers generate instead"
+        )
+    peft_type = str(getattr(getattr(model, "active_peft_config", None), "peft_type", "")).rsplit(".", 1)[-1]
+    if peft_type not in ("", "LORA"):  # AdaLoRA's layers are LoRA's, but carry rank buffers of their own
+        import copy
+
+        with torch.no_grad():
+            return {k: v.detach() for k, v in copy.deepcopy(model).merge_and_unload().state_dict().items()}
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     out: dict[str, torch.Tensor] = {}
     with torch.no_grad():

@@ -67,3 +67,40 @@ def test_methods_the_stage_cannot_take_are_refused(tmp_path, capsys, stage, extr
     assert "offered in align sft only" in err and "lora, adalora, ia3" in err and "Traceback" not in err
     assert main([*args, "peft.method=adalora", "train.max_steps=-1"]) == 2
     assert "train.max_steps" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["lora", "adalora", "ia3", "prompt_tuning"])
+def test_weights_for_vllm_hold_each_adapter(tiny_model_path, method):
+    """merged_state_dict (the weights vLLM is given: PPO's and the annotation sampler's engine) makes a plain model
+    compute what the adapted one does, for every weight adapter; virtual tokens are refused in a sentence."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from align.config import UserError
+    from align.models import peft_config
+    from data_schemas.config import LoraSettings, PeftSettings
+    from stages.rollout import merged_state_dict
+
+    torch.manual_seed(0)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_path),
+        peft_config(LoraSettings(r=4), PeftSettings(method=method, num_virtual_tokens=4), total_steps=10),
+    ).eval()
+    if method == "prompt_tuning":
+        with pytest.raises(UserError, match="virtual tokens"):
+            merged_state_dict(model)
+        return
+    with torch.no_grad():  # move every adapter weight off its identity start
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()
+    missing, unexpected = plain.load_state_dict(merged_state_dict(model), strict=False)
+    assert not unexpected and all("lm_head" in k for k in missing)  # tied head
+    ids = torch.tensor([[1, 504, 3060, 314, 260, 11, 3456]])
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        assert not torch.allclose(
+            want, AutoModelForCausalLM.from_pretrained(tiny_model_path)(input_ids=ids).logits
+        )
+        assert torch.allclose(plain(input_ids=ids).logits, want, atol=1e-4)

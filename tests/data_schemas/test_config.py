@@ -12,6 +12,7 @@ from data_schemas.config import (
     PreferencesConfig,
     RewardConfig,
     SFTConfig,
+    SweepConfig,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,6 +35,7 @@ def test_every_shipped_config_validates():
         "ppo": PPOConfig,
         "pipeline": PipelineConfig,
         "quickstart": PipelineConfig,
+        "sweep": SweepConfig,
     }
     configs = sorted((ROOT / "configs").glob("*.yaml"))
     assert configs, "configs/ is empty"
@@ -49,6 +51,12 @@ def test_every_shipped_config_validates():
                     stage_config(name, st, Path("runs/check"))
                     for gate, over in st.gates.items():
                         _gate_settings(cfg.gate_policy, gate, over, Path("runs/check"))
+        if isinstance(cfg, SweepConfig):  # every searched field's ends make a valid config of its stage
+            from align.sweep import trial_config
+
+            for name, p in cfg.params.items():
+                for value in p.choices or [p.low, p.high]:
+                    trial_config(cfg, {name: value})
         assert path.read_text().startswith("#"), f"{path.name} must open with a comment showing its command"
 
 

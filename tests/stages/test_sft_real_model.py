@@ -81,7 +81,7 @@ def test_sft_lowers_validation_perplexity_on_self_instruct(tmp_path):
 @pytest.mark.real_model
 @pytest.mark.parametrize(
     "setting",
-    ["peft.method=ia3", "peft.method=adalora", "peft.method=prompt_tuning peft.prompt_init_text=Answer:",
+    ["peft.method=ia3", "peft.method=adalora", "peft.method=prompt_tuning peft.prompt_init_text=Answer_helpfully",
      "peft.method=p_tuning", "peft.method=prefix_tuning", "lora.enabled=false partial.trainable=top_blocks partial.top_blocks=2",
      "lora.enabled=false partial.trainable=layernorm"],
 )  # fmt: skip

@@ -16,6 +16,7 @@ numbers are never trusted (they differ in kernels, precision and, for vLLM, in t
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -43,8 +44,6 @@ def merged_state_dict(model) -> dict[str, torch.Tensor]:
         )
     peft_type = str(getattr(getattr(model, "active_peft_config", None), "peft_type", "")).rsplit(".", 1)[-1]
     if peft_type not in ("", "LORA"):  # AdaLoRA's layers are LoRA's, but carry rank buffers of their own
-        import copy
-
         with torch.no_grad():
             return {k: v.detach() for k, v in copy.deepcopy(model).merge_and_unload().state_dict().items()}
     base = model.get_base_model() if hasattr(model, "get_base_model") else model

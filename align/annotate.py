@@ -768,9 +768,8 @@ def open_session(
     prompts = Path(prompts or stored.prompts)
     if not prompts.is_file():
         raise UserError(f"{prompts}: prompts file not found")
-    rows, report = read_prompts(
-        prompts
-    )  # before anything is written: a file with no usable prompt changes nothing
+    # read before anything is written: a file with no usable prompt changes nothing
+    rows, report = read_prompts(prompts)
     ref = Path(policy)
     key = read_manifest(ref).key if (ref / "manifest.json").exists() else None
     fields = {

@@ -36,7 +36,7 @@ from align.stage import print_gate, print_skipped
 from align.sweep import run_sweep
 from data_schemas.config import GatesConfig, PipelineConfig, SweepConfig
 from eval.registry import GATES
-from eval.task_metrics import task_metrics
+from eval.task_metrics import prompts_and_references, task_metrics
 from stages.registry import STAGES
 
 err = Console(stderr=True)
@@ -228,8 +228,7 @@ def _cmd_eval_generate(a) -> int:
     print_skipped(report.problems)  # the bad rows, named; the good ones are all kept
     convs = convs[: a.max_examples] if a.max_examples else convs
     model, tok, desc = load_for_eval(a.model)
-    prompts = [[m.model_dump() for m in c.messages[:-1]] for c in convs]
-    refs = [c.messages[-1].content for c in convs]
+    prompts, refs = prompts_and_references(convs)
     preds = greedy_answers(model, tok, prompts, a.max_new_tokens, a.batch_size)
     res = {"model": desc, "data": str(a.data), "examples": len(preds), "max_new_tokens": a.max_new_tokens,
            "skipped_rows": report.problems, **task_metrics(preds, refs)}  # fmt: skip

@@ -179,7 +179,7 @@ def lora_config(settings, task_type: str = "CAUSAL_LM", modules_to_save: list[st
 
 def peft_config(
     lora,
-    peft: PeftSettings | str = "lora",
+    peft: PeftSettings | None = None,
     task_type: str = "CAUSAL_LM",
     total_steps: int | None = None,
     base: str | Path | None = None,
@@ -188,7 +188,7 @@ def peft_config(
     """The PEFT config of `peft.method` (PeftSettings), sized by the lora block (LoRA family) or by
     peft.num_virtual_tokens (virtual tokens). `base`: the base model's folder, whose tokenizer turns
     peft.prompt_init_text into the prompt's first embeddings."""
-    peft = PeftSettings(method=peft) if isinstance(peft, str) else peft
+    peft = peft or PeftSettings()
     method = peft.method
     if method in ("lora", "qlora"):
         return lora_config(lora, task_type, modules_to_save)

@@ -168,8 +168,8 @@ def estimate(cfg, device: str | None = None, precision: str | None = None) -> Pl
     prec = precision or choose_precision(cfg.precision)
     params = sum(p.numel() for p in model.parameters())
     lora = getattr(cfg, "lora", None)
-    method = getattr(getattr(cfg, "peft", None), "method", "lora")
     peft = getattr(cfg, "peft", None)
+    method = peft.method if peft is not None else "lora"
     virtual = 0  # positions prompt and P-tuning add before every sequence
     if lora is not None and lora.enabled and peft is not None and peft.virtual_tokens:
         trainable = virtual_trainable(mc, method, peft.num_virtual_tokens)

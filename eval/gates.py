@@ -203,9 +203,7 @@ def run_perplexity_gate(
         from align.models import load_for_eval  # lazy: loads torch/transformers
         from eval.perplexity import perplexity
 
-        path = Path(data_path)
-        split = "validation" if path.is_dir() and has_split(path, "validation") else "train"
-        convs, report = load_instructions(path, split=split)
+        convs, report = heldout_conversations(data_path)
         if settings.max_examples:
             convs = convs[: settings.max_examples]
         scores, descriptions = {}, {}
@@ -236,6 +234,14 @@ def run_perplexity_gate(
         return result
 
     return run_gate("perplexity", candidate, parent, settings, out_dir, evaluate, data=data_path)
+
+
+def heldout_conversations(data: str | Path):
+    """(conversations, load report) of a gate's held-out data: a file, or a built dataset folder's validation split
+    (its train split when it has none)."""
+    path = Path(data)
+    split = "validation" if path.is_dir() and has_split(path, "validation") else "train"
+    return load_instructions(path, split=split)
 
 
 def perplexity_gate(

@@ -24,12 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from align.readers import has_split, load_instructions
 from data_schemas.config import TaskGateSettings
 from data_schemas.gates import Check, GateResult, Table
-from eval.gates import run_gate
+from eval.gates import heldout_conversations, run_gate
 from eval.stats import bootstrap_interval
-from eval.task_metrics import METRICS, bleu_from_stats, bleu_stats, example_scores
+from eval.task_metrics import METRICS, bleu_from_stats, bleu_stats, example_scores, prompts_and_references
 
 
 def metric_values(metric: str, predictions: list[str], references: list[str]) -> tuple[np.ndarray, Callable]:
@@ -114,13 +113,9 @@ def task_gate(candidate, parent, settings: TaskGateSettings, out_dir: Path, data
         from align.generation import greedy_answers  # lazy: torch/transformers
         from align.models import load_for_eval
 
-        path = Path(data)
-        split = "validation" if path.is_dir() and has_split(path, "validation") else "train"
-        convs, report = load_instructions(path, split=split)
-        convs = [c for c in convs if len(c.messages) >= 2 and c.messages[-1].role == "assistant"]
+        convs, report = heldout_conversations(data)
         convs = convs[: settings.max_examples] if settings.max_examples else convs
-        prompts = [[m.model_dump() for m in c.messages[:-1]] for c in convs]
-        refs = [c.messages[-1].content for c in convs]
+        prompts, refs = prompts_and_references(convs)
         answers, descriptions = {}, {}
         for role, ref in (("parent", parent), ("candidate", candidate)):
             model, tok, descriptions[role] = load_for_eval(str(ref), merge=True)

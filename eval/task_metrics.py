@@ -140,6 +140,12 @@ def example_scores(metric: str, predictions: list[str], references: list[str]) -
 METRICS = {"exact_match": exact_match, "token_f1": token_f1, "bleu": bleu, "rouge_l": rouge_l}
 
 
+def prompts_and_references(convs) -> tuple[list[list[dict]], list[str]]:
+    """(each conversation's turns before its last answer, that answer): what a model answers, and the reference
+    its answer is scored against (every conversation ends with an assistant turn: data_schemas/records.py)."""
+    return [[m.model_dump() for m in c.messages[:-1]] for c in convs], [c.messages[-1].content for c in convs]
+
+
 def task_metrics(predictions: list[str], references: list[str]) -> dict[str, float]:
     return {name: fn(predictions, references) for name, fn in METRICS.items()}
 

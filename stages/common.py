@@ -19,7 +19,7 @@ from align import dist
 from align.chat import render_prompt
 from align.config import UserError, load_config
 from align.manifest import replace_dir, require_complete
-from data_schemas.config import ModelConfig, SFTConfig
+from data_schemas.config import VIRTUAL_TOKEN_METHODS, ModelConfig, SFTConfig
 
 
 def trainer_kwargs(
@@ -150,7 +150,7 @@ def train_with_resume(trainer, out: Path, resume: bool, stop_after: int | None):
         metric = str(trainer.args.metric_for_best_model).removeprefix("eval_")
         print(
             f"stopped early at step {state.global_step} of {state.max_steps}: held-out {metric} did not improve "
-            f"for {_patience(trainer)} evaluations; the best weights "
+            f"for {_early_stopping(trainer).early_stopping_patience} evaluations; the best weights "
             f"({state.best_model_checkpoint and Path(state.best_model_checkpoint).name}, {metric} "
             f"{state.best_metric}) are kept",
             file=sys.stderr,
@@ -195,20 +195,17 @@ def training_summary(trainer, result, precision: str) -> dict[str, Any]:
     return out
 
 
-def _patience(trainer) -> int | None:
-    for cb in trainer.callback_handler.callbacks:
-        if type(cb).__name__ == "EarlyStoppingCallback":
-            return cb.early_stopping_patience
-    return None
+def _early_stopping(trainer):
+    """The Trainer's EarlyStoppingCallback, or None."""
+    return next(
+        (cb for cb in trainer.callback_handler.callbacks if type(cb).__name__ == "EarlyStoppingCallback"),
+        None,
+    )
 
 
 def _early_stopped(trainer) -> bool:
-    for cb in trainer.callback_handler.callbacks:
-        if type(cb).__name__ == "EarlyStoppingCallback" and getattr(
-            cb, "early_stopping_patience_counter", 0
-        ) >= (cb.early_stopping_patience):
-            return True
-    return False
+    cb = _early_stopping(trainer)
+    return cb is not None and getattr(cb, "early_stopping_patience_counter", 0) >= cb.early_stopping_patience
 
 
 def sft_base(init_from: Path):
@@ -219,7 +216,7 @@ def sft_base(init_from: Path):
     if not (sft_dir / "adapter").exists():
         raise UserError(f"{sft_dir}: has no adapter/ (this stage builds on a LoRA SFT artifact)")
     peft_type = json.loads((sft_dir / "adapter" / "adapter_config.json").read_text()).get("peft_type", "")
-    if peft_type in ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING"):
+    if peft_type.lower() in VIRTUAL_TOKEN_METHODS:  # PEFT's type names are the methods' in capitals
         raise UserError(
             f"{sft_dir}: its adapter is {peft_type.lower()} (virtual tokens), which cannot be merged into the "
             "weights this stage starts from; train SFT with peft.method lora, adalora or ia3 for a policy to build on"

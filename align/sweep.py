@@ -172,11 +172,16 @@ def run_sweep(cfg: SweepConfig, pruner=None) -> int:
         except optuna.TrialPruned as e:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             console.print(f"trial {trial.number}: {e}", highlight=False)
-        except (
-            UserError
-        ) as e:  # a value the stage refuses, or a failed objective: this trial fails, not the sweep
+        # a value the stage refuses, or a failed objective: this trial fails, not the sweep
+        except UserError as e:
             trial.set_user_attr("error", str(e))
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
+                write_summary(cfg, study)
+                raise UserError(
+                    f"trial {trial.number} failed before any trial completed, so the sweep stops here rather than "
+                    f"fail every trial the same way: {e}"
+                ) from None
             console.print(f"[red]trial {trial.number} failed[/]: {printable(str(e))}", highlight=False)
         else:
             study.tell(trial, value)

@@ -121,3 +121,14 @@ def test_bad_sweeps_are_refused_before_any_trial(tmp_path, capsys, change, messa
     assert main(["sweep", "--config", str(cfg)]) == 2
     assert message in " ".join(capsys.readouterr().err.split())
     assert not (tmp_path / "out" / "trials").exists()
+
+
+def test_a_first_trial_that_fails_stops_the_sweep_with_its_reason(tmp_path, capsys):
+    """A missing data file would fail every trial alike: the sweep says so once, exit 2, instead of n_trials times."""
+    cfg = write_sweep(tmp_path / "s.yaml", tmp_path / "out", n_trials=5,
+                      overrides={**FIXED, "data.train_file": str(tmp_path / "missing.jsonl")})  # fmt: skip
+    assert main(["sweep", "--config", str(cfg)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "trial 0 failed before any trial completed" in err and "missing.jsonl" in err
+    trials = json.loads((tmp_path / "out" / "sweep.json").read_text())["trials"]
+    assert [t["state"] for t in trials] == ["FAIL"]

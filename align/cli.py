@@ -39,7 +39,7 @@ from eval.registry import GATES
 from eval.task_metrics import prompts_and_references, task_metrics
 from stages.registry import STAGES
 
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # no line breaks inside paths and commands people copy
 out = Console()
 
 

@@ -19,7 +19,7 @@ from stages.preferences import counts_summary, run
 from stages.rankings import import_rankings, read_rankings, summarise
 
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # no line breaks inside paths and commands people copy
 
 
 def _config(model, path: Path | None, overrides: list[str], cli: dict):

@@ -33,7 +33,7 @@ from eval.report import write_run_report as render
 from stages.common import policy_gate_data, sft_validation_data
 from stages.registry import ORDER, STAGES
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # no line breaks inside paths and commands people copy
 
 
 def _sub(value: Any, run: Path) -> Any:

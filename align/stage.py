@@ -44,7 +44,7 @@ from data_schemas.config import key_config
 from data_schemas.gates import GateResult
 from data_schemas.manifest import ModelIdentity
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # no line breaks inside paths and commands people copy
 
 
 PAUSED = 3  # the exit status of a stage or pipeline that stopped cleanly before its end

@@ -32,6 +32,7 @@ from align.models import is_prompt_learning
 from data_schemas.gates import GateResult
 from eval.perplexity import input_logits, token_logprobs
 from eval.probes import counterfactual_probes, minimal_pairs
+from eval.score_cache import cached_scores
 from eval.stats import bootstrap_interval, holm, one_sided_p, paired_diff_interval
 
 
@@ -677,6 +678,10 @@ def plot_categories(items, cand, par, settings, path: Path) -> bool:
     return True
 
 
+# The modules whose code the scores depend on (the score cache's key includes their source; eval/score_cache.py).
+SCORING_CODE = ["eval.bias", "eval.perplexity", "align.chat"]
+
+
 def run_bias_gate(candidate: str, parent: str, settings, out_dir: Path) -> GateResult:
     """Score both models on the same items, decide, write gate.json/.md/.html, scores.json and the category plot.
     Never raises: an error, a missing file or too few items is a failure with the reason (fail closed)."""
@@ -686,13 +691,20 @@ def run_bias_gate(candidate: str, parent: str, settings, out_dir: Path) -> GateR
         from align.models import load_for_eval  # lazy: loads torch/transformers
 
         items = load_items(settings)
-        scores, descriptions = {}, {}
+        scoring = settings.model_dump(mode="json", include={"contexts", "chat_prompt", "batch_size"})
+        scores, descriptions, reused = {}, {}, {}
         for role, ref in (("parent", parent), ("candidate", candidate)):
-            model, tok, descriptions[role] = load_for_eval(str(ref), merge=True)
-            scores[role] = evaluate_model(model, tok, items, settings)
-            del model
+
+            def score(ref=ref) -> dict:
+                model, tok, description = load_for_eval(str(ref), merge=True)
+                return {"scores": evaluate_model(model, tok, items, settings), "description": description}
+
+            # a model already scored on these items (a pipeline's SFT parent, by every later gate) is read back
+            record, reused[role] = cached_scores("bias", str(ref), items, scoring, SCORING_CODE, score)
+            scores[role], descriptions[role] = record["scores"], record["description"]
         r = decide_bias(items, scores["candidate"], scores["parent"], settings)
-        r.details = {"items": {k: len(v) for k, v in items.items()}, "descriptions": descriptions}
+        r.details = {"items": {k: len(v) for k, v in items.items()}, "descriptions": descriptions,
+                     "scores_reused": reused}  # fmt: skip
         atomic_write_json(out / "scores.json", scores)
         if plot_categories(
             items, scores["candidate"], scores["parent"], settings, out / "bias_categories.png"

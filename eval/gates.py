@@ -14,6 +14,7 @@ eval/reward_gate.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import traceback
@@ -30,6 +31,7 @@ from align.readers import has_split, load_instructions
 from data_schemas.config import PerplexityGateSettings
 from data_schemas.gates import Check, GateResult, Override, Table
 from eval.report import lineage_of, write_gate_reports
+from eval.score_cache import cached_scores
 from eval.stats import bootstrap_interval
 
 
@@ -188,6 +190,10 @@ def decide_perplexity(cand, parent, settings: PerplexityGateSettings) -> GateRes
     )
 
 
+# The modules whose code the scores depend on (the score cache's key includes their source; eval/score_cache.py).
+SCORING_CODE = ["eval.perplexity", "align.chat", "align.readers"]
+
+
 def run_perplexity_gate(
     candidate: str | Path,
     parent: str | Path,
@@ -201,18 +207,26 @@ def run_perplexity_gate(
 
     def evaluate(out: Path) -> GateResult:
         from align.models import load_for_eval  # lazy: loads torch/transformers
-        from eval.perplexity import perplexity
+        from eval.perplexity import PerplexityResult, perplexity
 
         convs, report = heldout_conversations(data_path)
         if settings.max_examples:
             convs = convs[: settings.max_examples]
-        scores, descriptions = {}, {}
+        items = [c.model_dump(mode="json") for c in convs]
+        scoring = settings.model_dump(mode="json", include={"scope", "max_length", "batch_size"})
+        scores, descriptions, reused = {}, {}, {}
         for role, ref in (("parent", parent), ("candidate", candidate)):
-            model, tok, descriptions[role] = load_for_eval(str(ref), allow_pending=allow_pending, merge=True)
-            scores[role] = perplexity(
-                model, tok, convs, settings.scope, settings.max_length, settings.batch_size
-            )
-            del model
+
+            def score(ref=ref) -> dict:
+                model, tok, description = load_for_eval(str(ref), allow_pending=allow_pending, merge=True)
+                result = perplexity(
+                    model, tok, convs, settings.scope, settings.max_length, settings.batch_size
+                )
+                return {"scores": dataclasses.asdict(result), "description": description}
+
+            # a model already scored on these examples (a pipeline's SFT parent, by each child's gate) is read back
+            record, reused[role] = cached_scores("perplexity", str(ref), items, scoring, SCORING_CODE, score)
+            scores[role], descriptions[role] = PerplexityResult(**record["scores"]), record["description"]
         result = decide_perplexity(scores["candidate"], scores["parent"], settings)
         c, p = scores["candidate"], scores["parent"]
         shift = [
@@ -230,7 +244,11 @@ def run_perplexity_gate(
             if shift[i] > 0
         ]
         result.images = _shift_plot(shift, out)
-        result.details = {"data_counts": report.as_dict(), "descriptions": descriptions}
+        result.details = {
+            "data_counts": report.as_dict(),
+            "descriptions": descriptions,
+            "scores_reused": reused,
+        }
         return result
 
     return run_gate("perplexity", candidate, parent, settings, out_dir, evaluate, data=data_path)

@@ -11,6 +11,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("ALIGN_SHARED_DATA", ROOT.parent / "shared" / "data"))
 EXAMPLES = ROOT / "examples" / "data"
+# Gates score afresh in tests (a test that changes how scoring behaves must not read scores stored before it);
+# tests/eval/test_score_cache.py turns the score cache on with a folder of its own.
+os.environ["ALIGN_SCORE_CACHE"] = "0"
 
 
 def shared_file(name: str) -> Path:
@@ -80,18 +83,18 @@ def real_model_path() -> Path:
 
 
 @pytest.fixture(scope="session")
-def real_sft(tmp_path_factory) -> Path:
-    """An `align sft` artifact on the real SmolLM2 (one step: the later stages' tests need a real parent, not a
-    good one). Shared by the DPO and PPO real-model tests."""
+def real_sft(tmp_path_factory) -> tuple[Path, int]:
+    """(artifact, exit code) of `align sft` on the real SmolLM2 with the human-written self-instruct tasks (6 steps,
+    15% held out). The SFT real-model test checks it; the DPO and PPO real-model tests build on it."""
     from align.cli import main
 
+    data = shared_file("self_instruct_seed_tasks.jsonl")
     out = tmp_path_factory.mktemp("real") / "sft"
-    args = ["sft", "--config", "configs/sft.yaml", f"output_dir={out}", "train.max_steps=1",
-            f"data.train_file={EXAMPLES / 'instructions_train.jsonl'}",
-            f"data.validation_file={EXAMPLES / 'instructions_validation.jsonl'}",
-            "train.early_stopping_patience=null"]  # fmt: skip
-    assert main(args) == 0
-    return out
+    args = ["sft", "--config", "configs/sft.yaml", f"output_dir={out}", f"data.train_file={data}",
+            "data.validation_file=null", "data.validation_fraction=0.15", "data.max_length=256",
+            "train.max_steps=6", "train.eval_steps=6", "train.save_steps=6", "train.learning_rate=3e-4",
+            "train.warmup_ratio=0", "train.early_stopping_patience=null"]  # fmt: skip
+    return out, main(args)
 
 
 @pytest.fixture(scope="session")
@@ -112,3 +115,56 @@ def real_reward(tmp_path_factory) -> tuple[Path, int]:
          "train.eval_steps=100", "train.save_steps=100", "gate.min_pairs=10"]
     )  # fmt: skip
     return out, code
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parallel runs (pytest-xdist, `scripts/test.sh --dist loadfile` on machines with 2+ cores): each test file goes to
+# one worker whole, so its module fixtures are built once, and the files whose tests use the real-model session
+# fixtures (real_sft, real_reward) go to one worker together, so those are built once too. (xdist's own
+# `xdist_group` marks do not take effect under pytest 9, whose test ids are no longer the strings xdist rewrites;
+# hence a scheduler of our own.) The longest groups are handed out first, so that no worker is left running one
+# at the end while the other idles.
+# ----------------------------------------------------------------------------------------------------------------
+REAL_MODEL_GROUP = "real-model-artifacts"
+REAL_MODEL_FILES = frozenset(
+    f"tests/stages/test_{s}_real_model.py" for s in ("sft", "reward", "dpo", "ppo")
+)  # fmt: skip
+SHARED_SESSION_FIXTURES = {"real_sft", "real_reward"}
+LONGEST_FIRST = (REAL_MODEL_GROUP, "tests/stages/test_multiprocess.py", "tests/align/test_pipeline.py",
+                 "tests/stages/test_ppo.py", "tests/faults/test_kill9.py")  # fmt: skip
+
+
+def _group(nodeid: str) -> str:
+    path = nodeid.split("::")[0]
+    return REAL_MODEL_GROUP if path in REAL_MODEL_FILES else path
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getoption("dist", "no") != "loadfile":
+        return None  # xdist's own scheduler for the other modes
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FilesAndTheRealModelGroup(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _group(nodeid)
+
+    return FilesAndTheRealModelGroup(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    stray = sorted(
+        {
+            it.nodeid.split("::")[0]
+            for it in items
+            if SHARED_SESSION_FIXTURES & set(getattr(it, "fixturenames", ()))
+        }
+        - REAL_MODEL_FILES
+    )
+    if (
+        stray
+    ):  # a new user of the shared real-model artifacts must join their group, or would build them again
+        raise pytest.UsageError(f"add {stray} to REAL_MODEL_FILES in tests/conftest.py")
+    rank = {g: i for i, g in enumerate(LONGEST_FIRST)}
+    items.sort(
+        key=lambda it: rank.get(_group(it.nodeid), len(rank))
+    )  # stable: the order within a file is kept

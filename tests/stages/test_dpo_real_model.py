@@ -11,7 +11,7 @@ import math
 import pytest
 
 from align.cli import main
-from tests.conftest import hh_preferences
+from tests.conftest import EXAMPLES, hh_preferences
 
 
 @pytest.mark.real_model
@@ -20,7 +20,8 @@ def test_dpo_real_model_starts_at_ln2_and_writes_a_gated_artifact(tmp_path, real
     recorded before the perplexity gate and the exit status follows both."""
     out = tmp_path / "dpo"
     code = main(
-        ["dpo", "--config", "configs/dpo.yaml", f"output_dir={out}", f"init_from={real_sft}",
+        ["dpo", "--config", "configs/dpo.yaml", f"output_dir={out}", f"init_from={real_sft[0]}",
+         f"gate_data={EXAMPLES / 'instructions_validation.jsonl'}",
          f"data.preferences_dir={hh_preferences(tmp_path, 0.1)}", "data.max_length=128", "data.max_prompt_length=64",
          "data.max_pairs=8", "data.max_eval_pairs=8", "train.max_steps=2", "train.per_device_train_batch_size=4",
          "train.eval_steps=100", "train.save_steps=100", "eval.prompts=4", "eval.kl_prompts=1",
@@ -49,7 +50,7 @@ def test_dpo_real_model_starts_at_ln2_and_writes_a_gated_artifact(tmp_path, real
 @pytest.mark.real_model
 def test_dpo_real_model_hh_rlhf(tmp_path, real_sft):
     prefs = hh_preferences(tmp_path, 0.1)
-    sft = real_sft
+    sft, _ = real_sft
     out = tmp_path / "dpo"
     code = main(
         [
@@ -58,6 +59,7 @@ def test_dpo_real_model_hh_rlhf(tmp_path, real_sft):
             "configs/dpo.yaml",
             f"output_dir={out}",
             f"init_from={sft}",
+            f"gate_data={EXAMPLES / 'instructions_validation.jsonl'}",
             f"data.preferences_dir={prefs}",
             "data.max_length=192",
             "data.max_prompt_length=96",

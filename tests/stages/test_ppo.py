@@ -324,7 +324,9 @@ def test_ppo_learns_toy_rule_reward_with_bounded_kl(tmp_path, peaky_sft):
     assert (out / "logs").exists() and any((out / "logs").iterdir())
 
 
-@pytest.mark.parametrize("estimator", ["grpo", "rloo"])
+# RLOO differs from GRPO only in its advantages (hand-computed in test_group_advantages_hand_computed); its learning
+# run is in the slow suite (`-m slow`), GRPO's in the default one.
+@pytest.mark.parametrize("estimator", ["grpo", pytest.param("rloo", marks=pytest.mark.slow)])
 def test_critic_free_estimators_learn_the_toy_reward(tmp_path, peaky_sft, estimator):
     """The same toy task as PPO above, at the same rollout budget (16 responses per iteration: 4 prompts x 4)."""
     out = tmp_path / estimator

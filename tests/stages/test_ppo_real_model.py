@@ -16,7 +16,8 @@ def test_ppo_real_model_vllm_with_reward_artifact(tmp_path, real_sft, real_rewar
     reward, _ = real_reward
     out = tmp_path / "ppo"
     code = main(
-        ["ppo", "--config", "configs/ppo.yaml", f"output_dir={out}", f"init_from={real_sft}",
+        ["ppo", "--config", "configs/ppo.yaml", f"output_dir={out}", f"init_from={real_sft[0]}",
+         f"gate_data={EXAMPLES / 'instructions_validation.jsonl'}",
          f"reward.artifact={reward}", "rollout.engine=vllm", "rollout.max_new_tokens=24",
          f"prompts.train_file={EXAMPLES / 'instructions_train.jsonl'}",
          f"prompts.validation_file={EXAMPLES / 'instructions_validation.jsonl'}", "prompts.heldout_prompts=4",

@@ -32,7 +32,7 @@ from align.models import is_prompt_learning
 from data_schemas.gates import GateResult
 from eval.perplexity import input_logits, token_logprobs
 from eval.probes import counterfactual_probes, minimal_pairs
-from eval.score_cache import cached_scores
+from eval.score_cache import score_models
 from eval.stats import bootstrap_interval, holm, one_sided_p, paired_diff_interval
 
 
@@ -688,20 +688,13 @@ def run_bias_gate(candidate: str, parent: str, settings, out_dir: Path) -> GateR
     from eval.gates import run_gate
 
     def evaluate(out: Path) -> GateResult:
-        from align.models import load_for_eval  # lazy: loads torch/transformers
-
         items = load_items(settings)
         scoring = settings.model_dump(mode="json", include={"contexts", "chat_prompt", "batch_size"})
-        scores, descriptions, reused = {}, {}, {}
-        for role, ref in (("parent", parent), ("candidate", candidate)):
-
-            def score(ref=ref) -> dict:
-                model, tok, description = load_for_eval(str(ref), merge=True)
-                return {"scores": evaluate_model(model, tok, items, settings), "description": description}
-
-            # a model already scored on these items (a pipeline's SFT parent, by every later gate) is read back
-            record, reused[role] = cached_scores("bias", str(ref), items, scoring, SCORING_CODE, score)
-            scores[role], descriptions[role] = record["scores"], record["description"]
+        # a model already scored on these items (a pipeline's SFT parent, by every later gate) is read back
+        scores, descriptions, reused = score_models(
+            "bias", {"parent": parent, "candidate": candidate}, items, scoring, SCORING_CODE,
+            lambda model, tok: evaluate_model(model, tok, items, settings),
+        )  # fmt: skip
         r = decide_bias(items, scores["candidate"], scores["parent"], settings)
         r.details = {"items": {k: len(v) for k, v in items.items()}, "descriptions": descriptions,
                      "scores_reused": reused}  # fmt: skip

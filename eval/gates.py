@@ -31,7 +31,7 @@ from align.readers import has_split, load_instructions
 from data_schemas.config import PerplexityGateSettings
 from data_schemas.gates import Check, GateResult, Override, Table
 from eval.report import lineage_of, write_gate_reports
-from eval.score_cache import cached_scores
+from eval.score_cache import score_models
 from eval.stats import bootstrap_interval
 
 
@@ -191,7 +191,7 @@ def decide_perplexity(cand, parent, settings: PerplexityGateSettings) -> GateRes
 
 
 # The modules whose code the scores depend on (the score cache's key includes their source; eval/score_cache.py).
-SCORING_CODE = ["eval.perplexity", "align.chat", "align.readers"]
+SCORING_CODE = ["eval.perplexity", "align.chat"]
 
 
 def run_perplexity_gate(
@@ -206,27 +206,22 @@ def run_perplexity_gate(
     own artifact before marking it complete (the gate is part of completing it)."""
 
     def evaluate(out: Path) -> GateResult:
-        from align.models import load_for_eval  # lazy: loads torch/transformers
-        from eval.perplexity import PerplexityResult, perplexity
+        from eval.perplexity import PerplexityResult, perplexity  # lazy: loads torch
 
         convs, report = heldout_conversations(data_path)
         if settings.max_examples:
             convs = convs[: settings.max_examples]
         items = [c.model_dump(mode="json") for c in convs]
         scoring = settings.model_dump(mode="json", include={"scope", "max_length", "batch_size"})
-        scores, descriptions, reused = {}, {}, {}
-        for role, ref in (("parent", parent), ("candidate", candidate)):
-
-            def score(ref=ref) -> dict:
-                model, tok, description = load_for_eval(str(ref), allow_pending=allow_pending, merge=True)
-                result = perplexity(
-                    model, tok, convs, settings.scope, settings.max_length, settings.batch_size
-                )
-                return {"scores": dataclasses.asdict(result), "description": description}
-
-            # a model already scored on these examples (a pipeline's SFT parent, by each child's gate) is read back
-            record, reused[role] = cached_scores("perplexity", str(ref), items, scoring, SCORING_CODE, score)
-            scores[role], descriptions[role] = PerplexityResult(**record["scores"]), record["description"]
+        # a model already scored on these examples (a pipeline's SFT parent, by each child's gate) is read back
+        stored, descriptions, reused = score_models(
+            "perplexity", {"parent": parent, "candidate": candidate}, items, scoring, SCORING_CODE,
+            lambda model, tok: dataclasses.asdict(
+                perplexity(model, tok, convs, settings.scope, settings.max_length, settings.batch_size)
+            ),
+            allow_pending=allow_pending,
+        )  # fmt: skip
+        scores = {role: PerplexityResult(**s) for role, s in stored.items()}
         result = decide_perplexity(scores["candidate"], scores["parent"], settings)
         c, p = scores["candidate"], scores["parent"]
         shift = [

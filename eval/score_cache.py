@@ -145,3 +145,28 @@ def cached_scores(
         except OSError:
             pass  # a read-only cache only costs the time it would have saved
     return record, False
+
+
+def score_models(
+    gate: str,
+    refs: dict[str, str],
+    items: Any,
+    settings: dict,
+    code: list[str],
+    score: Callable[[Any, Any], Any],
+    allow_pending: bool = False,
+) -> tuple[dict[str, Any], dict[str, str], dict[str, bool]]:
+    """(scores, descriptions, reused) per role of `refs` ({"parent": ref, "candidate": ref}): each model's stored
+    scores, else score(model, tokenizer) (JSON-able) on the model loaded with its adapter merged."""
+    from align.models import load_for_eval  # lazy: loads torch/transformers
+
+    scores, descriptions, reused = {}, {}, {}
+    for role, ref in refs.items():
+
+        def load_and_score(ref=ref) -> dict:
+            model, tok, description = load_for_eval(str(ref), allow_pending=allow_pending, merge=True)
+            return {"scores": score(model, tok), "description": description}
+
+        record, reused[role] = cached_scores(gate, str(ref), items, settings, code, load_and_score)
+        scores[role], descriptions[role] = record["scores"], record["description"]
+    return scores, descriptions, reused

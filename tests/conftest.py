@@ -170,6 +170,5 @@ def pytest_collection_modifyitems(config, items):
     ):  # a new user of the shared real-model artifacts must join their group, or would build them again
         raise pytest.UsageError(f"add {stray} to REAL_MODEL_FILES in tests/conftest.py")
     rank = {g: i for i, g in enumerate(LONGEST_FIRST)}
-    items.sort(
-        key=lambda it: rank.get(_group(it.nodeid), len(rank))
-    )  # stable: the order within a file is kept
+    # a stable sort: the order within a file is kept
+    items.sort(key=lambda it: rank.get(_group(it.nodeid), len(rank)))

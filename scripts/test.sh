@@ -9,6 +9,10 @@ cd "$(dirname "$0")/.."
 .venv/bin/ruff format --check .
 CORES=$(nproc 2>/dev/null || echo 1)
 WORKERS=${ALIGN_TEST_WORKERS:-$((CORES >= 2 ? 2 : 0))}
+if ! [[ "$WORKERS" =~ ^[0-9]+$ ]]; then
+  echo "scripts/test.sh: ALIGN_TEST_WORKERS=$WORKERS is not a number of workers (0 runs the tests in one process)" >&2
+  exit 2
+fi
 PARALLEL=()
 if [ "$WORKERS" -gt 0 ]; then
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((CORES / WORKERS > 0 ? CORES / WORKERS : 1))}

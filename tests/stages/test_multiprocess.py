@@ -172,14 +172,15 @@ def one_process(tmp_path_factory, tiny_model_path) -> Path:
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory, tiny_model_path) -> tuple[Path, list[subprocess.CompletedProcess]]:
-    """The same pipeline with `--num-processes 2`, 2 per device, ZeRO-2 for the Trainer stages, interrupted twice
-    (DPO paused after step 2 of 4, PPO after iteration 1 of 2) and resumed each time by running it again."""
+    """The same pipeline with `--num-processes 2`, 2 per device, ZeRO-2 for the Trainer stages, interrupted once
+    (PPO paused after iteration 1 of 2) and resumed by running it again. A Trainer stage's pause and resume in two
+    ZeRO-2 processes is the reward test's below; PPO's loop resumes by code of its own, so it is the one paused
+    here (two launches, not three: the multi-process launches are the slowest part of the default suite)."""
     root = tmp_path_factory.mktemp("two")
     stages = _stages(per_device=2, deepspeed="zero2.json", rankings=_rankings(root / "rankings.jsonl"))
     runs = []
-    for dpo_stop, ppo_stop in ((2, None), (None, 1), (None, None)):
-        for name, stop in (("dpo", dpo_stop), ("ppo", ppo_stop)):
-            stages[name]["overrides"]["train.stop_after_steps"] = stop
+    for ppo_stop in (1, None):
+        stages["ppo"]["overrides"]["train.stop_after_steps"] = ppo_stop
         cfg = _pipeline(root / "pipeline.yaml", root / "run", stages)
         runs.append(_align("run", "--config", str(cfg), "--num-processes", "2"))
     return root / "run", runs
@@ -187,9 +188,9 @@ def two_processes(tmp_path_factory, tiny_model_path) -> tuple[Path, list[subproc
 
 def test_pipeline_in_two_processes_pauses_resumes_and_completes_once(two_processes):
     run, runs = two_processes
-    assert [r.returncode for r in runs] == [3, 3, 0], "\n".join(r.stdout + r.stderr for r in runs)[-4000:]
+    assert [r.returncode for r in runs] == [3, 0], "\n".join(r.stdout + r.stderr for r in runs)[-4000:]
     # one voice: the main process prints, the other does not repeat it
-    assert runs[2].stdout.count("pipeline complete") + runs[2].stderr.count("pipeline complete") == 1
+    assert runs[1].stdout.count("pipeline complete") + runs[1].stderr.count("pipeline complete") == 1
     for stage in ("data", "sft", "preferences", "dpo", "ppo"):
         m = json.loads((run / stage / "manifest.json").read_text())
         assert m["status"] == "complete", stage

@@ -214,8 +214,11 @@ def test_ppo_two_processes_equal_one(one_process, two_processes):
     h1 = [json.loads(x) for x in (one_process / "ppo" / "metrics.jsonl").read_text().splitlines()]
     h2 = [json.loads(x) for x in (run2 / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in h2] == [1, 2]
-    for key in ("reward_mean", "kl", "policy_loss", "value_loss", "entropy", "response_length"):
+    for key in ("reward_mean", "value_loss", "entropy", "response_length"):
         assert [x[key] for x in h1] == pytest.approx([x[key] for x in h2], rel=1e-4, abs=1e-6), key
+    # differences of summed log-probs (tens of nats each) near 0: float order moves them by ~1e-6, so absolutely
+    for key in ("kl", "policy_loss"):
+        assert [x[key] for x in h1] == pytest.approx([x[key] for x in h2], rel=1e-4, abs=1e-5), key
     _same_adapters(one_process / "ppo" / "adapter", run2 / "ppo" / "adapter")
 
 

@@ -308,6 +308,7 @@ def main() -> None:
             "learned": learned(cand["check"], par["check"]),
             "contexts": [c for c in settings.contexts if c in cand],
             "decisions": {k: decide(items, cand, par, s) for k, s in policies.items()},
+            "machine": results["machine"],  # fixtures of one file may come from runs on different machines
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1))

@@ -337,21 +337,39 @@ def scorer_reward(artifact: Path):
 
 @contextlib.contextmanager
 def compact_lm_head():
-    """TRL's fused LM head scores only the positions that have a label on every device, not only Triton ones.
+    """TRL's fused LM head scores only the positions that have a label on every device, not only Triton ones; and
+    on devices without Triton, through align's faster function for a frozen head (align/lm_head.py).
 
     TRL (`add_fused_lm_head`) projects only labelled positions through the vocabulary where Triton runs and every
     position elsewhere, because on compiled backends (Neuron) a varying number of rows would recompile. On CPUs
     and CUDA in eager mode that is pure waste: an SFT prompt's tokens carry no label, and the LM head (vocabulary x
-    hidden, a fifth of SmolLM2-135M) is the costliest layer per token. The result is the same numbers; the test is
-    tests/stages/test_sft_batching.py. If TRL renames the switch, this does nothing and TRL's own path runs."""
+    hidden, a fifth of SmolLM2-135M) is the costliest layer per token. Where Triton is missing, TRL's chunked
+    function then runs in torch ops that pass over each [tokens x vocabulary] chunk some twenty-five times and
+    recompute the logits in backward; `align.lm_head.LabelledLogProbs` computes the same outputs with the gradient
+    in the forward, when the head is frozen and unscaled (else TRL's function runs). The results are the same
+    numbers; the tests are tests/stages/test_sft_batching.py and tests/align/test_lm_head.py. If TRL renames
+    what is patched here, this does nothing and TRL's own path runs."""
     import trl.trainer.utils as trl_utils
 
+    from align.lm_head import covers, trl_compatible
+
     original = getattr(trl_utils, "_use_triton", None)
-    if original is None:
+    chunked = getattr(trl_utils, "_ChunkedLogProbFunction", None)
+    if original is None or chunked is None:
         yield
         return
+
+    class Dispatch:
+        @staticmethod
+        def apply(hidden, weight, bias, targets, temperature, chunk_size, softcap=None, scale=1.0, outputs=()):
+            if not original(hidden.device) and covers(weight, bias, temperature, softcap, scale, outputs):
+                return trl_compatible(hidden, weight, bias, targets, outputs)
+            return chunked.apply(hidden, weight, bias, targets, temperature, chunk_size, softcap, scale, outputs)
+
     trl_utils._use_triton = lambda device: True
+    trl_utils._ChunkedLogProbFunction = Dispatch
     try:
         yield
     finally:
         trl_utils._use_triton = original
+        trl_utils._ChunkedLogProbFunction = chunked

@@ -84,10 +84,12 @@ def test_position_ids_alone_would_leak_across_examples(tokenizer, tiny_model_pat
 def test_compact_lm_head_same_loss_and_gradients_on_labelled_rows_only(
     tokenizer, tiny_model_path, monkeypatch
 ):
-    """stages.common.compact_lm_head: TRL's fused head over labelled positions only gives the loss and gradients
-    of its every-position path, and really projects fewer rows."""
+    """stages.common.compact_lm_head: TRL's fused head over labelled positions only, through align's function for a
+    frozen head on this CPU (align/lm_head.py), gives the loss and gradients of TRL's every-position path, and
+    really projects fewer rows."""
     import trl.trainer.utils as trl_utils
 
+    from align.lm_head import LabelledLogProbs
     from stages.common import compact_lm_head
 
     model = fused_lora_policy(tiny_model_path)
@@ -98,10 +100,11 @@ def test_compact_lm_head_same_loss_and_gradients_on_labelled_rows_only(
     batch = PaddingFreeCollator(tokenizer.pad_token_id, dense_mask=False)(rows)
     batch.pop("num_real_tokens")
     seen = []
-    apply = trl_utils._ChunkedLogProbFunction.apply
-    monkeypatch.setattr(
-        trl_utils._ChunkedLogProbFunction, "apply", lambda h, *a: seen.append(h.shape[0]) or apply(h, *a)
-    )
+    for fn, name in ((trl_utils._ChunkedLogProbFunction, "trl"), (LabelledLogProbs, "align")):
+        apply = fn.apply
+        monkeypatch.setattr(
+            fn, "apply", lambda h, *a, apply=apply, name=name: seen.append((name, h.shape[0])) or apply(h, *a)
+        )
     results = []
     for compact in (False, True):
         model.zero_grad()
@@ -113,7 +116,7 @@ def test_compact_lm_head_same_loss_and_gradients_on_labelled_rows_only(
         )
     (full, g_full), (compacted, g_compact) = results
     labelled = sum(sum(1 for x in r["labels"][1:] if x != -100) for r in rows)
-    assert seen == [batch["input_ids"].shape[1] - 1, labelled]
+    assert seen == [("trl", batch["input_ids"].shape[1] - 1), ("align", labelled)]
     assert abs(full - compacted) < 1e-5
     for n in g_full:
         assert torch.allclose(g_full[n], g_compact[n], atol=1e-5), n

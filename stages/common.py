@@ -346,12 +346,12 @@ def compact_lm_head():
     hidden, a fifth of SmolLM2-135M) is the costliest layer per token. Where Triton is missing, TRL's chunked
     function then runs in torch ops that pass over each [tokens x vocabulary] chunk some twenty-five times and
     recompute the logits in backward; `align.lm_head.LabelledLogProbs` computes the same outputs with the gradient
-    in the forward, when the head is frozen and unscaled (else TRL's function runs). The results are the same
-    numbers; the tests are tests/stages/test_sft_batching.py and tests/align/test_lm_head.py. If TRL renames
-    what is patched here, this does nothing and TRL's own path runs."""
+    in the forward, when the head is frozen and unscaled (`align.lm_head.labelled_logprobs` chooses). The results
+    are the same numbers; the tests are tests/stages/test_sft_batching.py and tests/align/test_lm_head.py. If TRL
+    renames what is patched here, this does nothing and TRL's own path runs."""
     import trl.trainer.utils as trl_utils
 
-    from align.lm_head import covers, trl_compatible
+    from align.lm_head import labelled_logprobs
 
     original = getattr(trl_utils, "_use_triton", None)
     chunked = getattr(trl_utils, "_ChunkedLogProbFunction", None)
@@ -360,11 +360,7 @@ def compact_lm_head():
         return
 
     class Dispatch:
-        @staticmethod
-        def apply(hidden, weight, bias, targets, temperature, chunk_size, softcap=None, scale=1.0, outputs=()):
-            if not original(hidden.device) and covers(weight, bias, temperature, softcap, scale, outputs):
-                return trl_compatible(hidden, weight, bias, targets, outputs)
-            return chunked.apply(hidden, weight, bias, targets, temperature, chunk_size, softcap, scale, outputs)
+        apply = staticmethod(labelled_logprobs)
 
     trl_utils._use_triton = lambda device: True
     trl_utils._ChunkedLogProbFunction = Dispatch

@@ -288,15 +288,15 @@ def shared_prefix_forward(
     ).last_hidden_state  # [R, width, H]
     h = hidden[torch.tensor(pred_row, device=dev), torch.tensor(pred_idx, device=dev)]  # [M, H]
     tgt = torch.tensor(target, device=dev)
-    # TRL's memory-lean LM head (tiles of the vocabulary, recomputed in backward), on completion tokens only: on
-    # devices without Triton TRL's own forward scores every position, prompts and padding included.
-    from trl.kernels import ChunkedLogProbFunction
+    # The LM head on completion tokens only (on devices without Triton TRL's own forward scores every position,
+    # prompts and padding included): align/lm_head.py's function for a frozen head, else TRL's memory-lean one.
+    from align.lm_head import labelled_logprobs
 
     lm_head = base_model.lm_head
     names = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
     # ChunkedLogProbFunction.apply takes its arguments by position only: name them here
     temperature, vocab_tile, top_k, logit_scale = 1.0, LM_HEAD_VOCAB_TILE, None, 1.0
-    got = ChunkedLogProbFunction.apply(
+    got = labelled_logprobs(
         h, lm_head.weight, lm_head.bias, tgt, temperature, vocab_tile, top_k, logit_scale, tuple(fields)
     )
     per = {"log_probs": got[0], **{k: v for k, v in zip(names, got[1:], strict=True) if k in fields}}

@@ -1,5 +1,6 @@
-"""align/lm_head.py: per-token log-probabilities, entropy and top-1 through a frozen head, with the gradient computed
-in the forward, equal the full-logits computation and TRL's chunked function; what it does not cover goes to TRL."""
+"""align/lm_head.py: per-token log-probabilities (and TRL's optional outputs) through a frozen head, with the
+gradient computed in the forward, equal the full-logits computation and TRL's chunked function; what it does not
+cover goes to TRL's function."""
 
 from __future__ import annotations
 
@@ -7,37 +8,46 @@ import pytest
 import torch
 
 import align.lm_head as lm_head
-from align.lm_head import LabelledLogProbs, covers
+from align.lm_head import OUTPUTS, LabelledLogProbs, covers, labelled_logprobs
 
 N, H, V = 37, 24, 101
 
 
 def _inputs(seed: int = 0, bias: bool = False):
     g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(N, H, generator=g, dtype=torch.float64).float().requires_grad_()
+    hidden = torch.randn(N, H, generator=g)
     weight = torch.randn(V, H, generator=g) * 0.7
     b = torch.randn(V, generator=g) if bias else None
     labels = torch.randint(0, V, (N,), generator=g)
-    labels[:5] = (hidden[:5].detach() @ weight.t() + (0 if b is None else b)).argmax(-1)  # some are the top-1 token
+    labels[:5] = (hidden[:5] @ weight.t() + (0 if b is None else b)).argmax(
+        -1
+    )  # some labels are the top-1 token
     upstream = torch.randn(N, generator=g)
     return hidden, weight, b, labels, upstream
 
 
 def _reference(hidden, weight, bias, labels, upstream):
-    h = hidden.detach().clone().requires_grad_()
+    """Every output from the full [N, V] logits, the gradient by autograd."""
+    h = hidden.clone().requires_grad_()
     z = h @ weight.t() + (0 if bias is None else bias)
     logp_all = torch.log_softmax(z, -1)
     logp = logp_all.gather(-1, labels[:, None])[:, 0]
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
     (logp * upstream).sum().backward()
-    return logp.detach(), entropy.detach(), z.argmax(-1) == labels, h.grad
+    p = logp_all.exp().detach()
+    extra = {
+        "entropy": -(p * logp_all.detach()).sum(-1),
+        "log_sum_sq_probs": (p * p).sum(-1).log(),
+        "mean_logits": z.detach().mean(-1),
+        "is_top1": z.argmax(-1) == labels,
+    }
+    return logp.detach(), extra, h.grad
 
 
 def _ours(hidden, weight, bias, labels, upstream):
-    h = hidden.detach().clone().requires_grad_()
-    logp, entropy, top1 = LabelledLogProbs.apply(h, weight, bias, labels, True, True)
+    h = hidden.clone().requires_grad_()
+    logp, *rest = LabelledLogProbs.apply(h, weight, bias, labels, OUTPUTS)
     (logp * upstream).sum().backward()
-    return logp.detach(), entropy, top1, h.grad
+    return logp.detach(), dict(zip(OUTPUTS, rest, strict=True)), h.grad
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -45,39 +55,49 @@ def _ours(hidden, weight, bias, labels, upstream):
 def test_equals_the_full_logits_computation(monkeypatch, bias, chunk_bytes):
     monkeypatch.setattr(lm_head, "CHUNK_BYTES", chunk_bytes)
     args = _inputs(bias=bias)
-    for got, want in zip(_ours(*args), _reference(*args), strict=True):
-        if want.dtype == torch.bool:
-            assert torch.equal(got, want)
-        else:
-            assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
-    assert _ours(*args)[2][:5].all()  # the planted top-1 labels
+    (logp, extra, grad), (ref_logp, ref_extra, ref_grad) = _ours(*args), _reference(*args)
+    assert torch.allclose(logp, ref_logp, atol=1e-5)
+    assert torch.allclose(grad, ref_grad, atol=1e-5)
+    for k in ("entropy", "log_sum_sq_probs", "mean_logits"):
+        assert torch.allclose(extra[k], ref_extra[k], atol=1e-5), k
+    assert torch.equal(extra["is_top1"], ref_extra["is_top1"]) and extra["is_top1"][:5].all()
+
+
+def test_only_the_outputs_asked_for_are_computed():
+    hidden, weight, _, labels, _ = _inputs()
+    logp, entropy, sq, mean, top1 = LabelledLogProbs.apply(hidden, weight, None, labels, ("is_top1",))
+    assert logp.shape == (N,) and top1.shape == (N,) and entropy is None and sq is None and mean is None
 
 
 def test_equals_trls_chunked_function():
     from trl.kernels import ChunkedLogProbFunction
 
-    hidden, weight, bias, labels, upstream = _inputs(seed=1)
-    h1, h2 = (hidden.detach().clone().requires_grad_() for _ in range(2))
-    ours = lm_head.trl_compatible(h1, weight, bias, labels, ("log_probs", "entropy", "is_top1"))
-    trl = ChunkedLogProbFunction.apply(h2, weight, bias, labels, 1.0, 32, None, 1.0, ("entropy", "is_top1"))
+    hidden, weight, bias, labels, upstream = _inputs(seed=1, bias=True)
+    h1, h2 = (hidden.clone().requires_grad_() for _ in range(2))
+    ours = labelled_logprobs(h1, weight, bias, labels, 1.0, 32, None, 1.0, OUTPUTS)
+    trl = ChunkedLogProbFunction.apply(h2, weight, bias, labels, 1.0, 32, None, 1.0, OUTPUTS)
     (ours[0] * upstream).sum().backward()
     (trl[0] * upstream).sum().backward()
-    assert torch.allclose(ours[0], trl[0], atol=1e-5)
-    assert torch.allclose(ours[1], trl[1], atol=1e-5)
-    assert torch.equal(ours[4], trl[4])
-    assert ours[2] is None and ours[3] is None
+    for k, (a, b) in enumerate(zip(ours, trl, strict=True)):
+        assert torch.equal(a, b) if a.dtype == torch.bool else torch.allclose(a, b, atol=1e-5), k
     assert torch.allclose(h1.grad, h2.grad, atol=1e-5)
 
 
-def test_what_it_does_not_cover_is_left_to_trl():
+def test_what_it_does_not_cover_is_left_to_trl(monkeypatch):
     w = torch.zeros(V, H)
-    assert covers(w, None, 1.0, None, 1.0, ("log_probs", "entropy", "is_top1"))
-    assert not covers(w.clone().requires_grad_(), None, 1.0, None, 1.0, ("log_probs",))  # a head that trains
-    assert not covers(w, torch.zeros(V, requires_grad=True), 1.0, None, 1.0, ("log_probs",))
-    assert not covers(w, None, 0.7, None, 1.0, ("log_probs",))  # temperature
-    assert not covers(w, None, 1.0, 30.0, 1.0, ("log_probs",))  # soft-capping
-    assert not covers(w, None, 1.0, None, 0.5, ("log_probs",))  # logit scale
-    assert not covers(w, None, 1.0, None, 1.0, ("log_probs", "mean_logits"))
+    assert covers(w, None, 1.0, None, 1.0)
+    assert not covers(w.clone().requires_grad_(), None, 1.0, None, 1.0)  # a head that trains
+    assert not covers(w, torch.zeros(V, requires_grad=True), 1.0, None, 1.0)
+    assert not covers(w, None, 0.7, None, 1.0)  # temperature
+    assert not covers(w, None, 1.0, 30.0, 1.0)  # soft-capping
+    assert not covers(w, None, 1.0, None, 0.5)  # logit scale
+    # and a scaled head really goes to TRL's function, with TRL's numbers
+    calls = []
+    monkeypatch.setattr(LabelledLogProbs, "apply", lambda *a: calls.append(a))
+    hidden, weight, _, labels, _ = _inputs(seed=3)
+    got = labelled_logprobs(hidden, weight, None, labels, 0.7, 32, None, 1.0, ())[0]
+    ref = torch.log_softmax(hidden @ weight.t() / 0.7, -1).gather(-1, labels[:, None])[:, 0]
+    assert not calls and torch.allclose(got, ref, atol=1e-5)
 
 
 def test_a_trainable_head_still_gets_its_gradient_inside_compact_lm_head():
@@ -87,13 +107,15 @@ def test_a_trainable_head_still_gets_its_gradient_inside_compact_lm_head():
 
     from stages.common import compact_lm_head
 
-    hidden, weight, bias, labels, upstream = _inputs(seed=2)
+    hidden, weight, _, labels, upstream = _inputs(seed=2)
     w = weight.clone().requires_grad_()
     with compact_lm_head():
-        logp = trl_utils._ChunkedLogProbFunction.apply(hidden, w, None, labels, 1.0, 64, None, 1.0, ("entropy",))[0]
+        logp = trl_utils._ChunkedLogProbFunction.apply(
+            hidden, w, None, labels, 1.0, 64, None, 1.0, ("entropy",)
+        )[0]
     (logp * upstream).sum().backward()
     w_ref = weight.clone().requires_grad_()
-    ref = torch.log_softmax(hidden.detach() @ w_ref.t(), -1).gather(-1, labels[:, None])[:, 0]
+    ref = torch.log_softmax(hidden @ w_ref.t(), -1).gather(-1, labels[:, None])[:, 0]
     (ref * upstream).sum().backward()
     assert torch.allclose(w.grad, w_ref.grad, atol=1e-5)
     assert trl_utils._ChunkedLogProbFunction.__name__ == "ChunkedLogProbFunction"  # restored on exit

@@ -7,6 +7,13 @@ Same policy (SmolLM2-135M-Instruct with a 1-step SFT adapter merged), same pairs
 on all projections, beta 0.1, learning rate 5e-5, same steps. TRL's best configuration here: PEFT with the
 adapter-disabled reference, bf16=False, default random batches. Each trainer runs in its own process, so the peak
 RSS (ru_maxrss) is that trainer's own. Pairs/s excludes the first (warm-up) step.
+
+MFU = model FLOPs / the fp32 matmul peak measured at the start of the same run. Model FLOPs are what the DPO loss
+needs, the same definition for both trainers, counted from each trainer's own batches: the policy's forward and
+backward through frozen weights (4 per parameter per token) and the reference's forward (2), over each pair's
+prompt once plus both completions for the body, and over the completion tokens only for the LM head:
+6 x body params x (prompt + chosen + rejected) + 6 x head params x completion tokens. Work beyond that (a prompt
+run twice, padding, the head over prompt positions) lowers a trainer's MFU.
 """
 
 from __future__ import annotations
@@ -63,6 +70,27 @@ def prepare(work: Path, n_pairs: int) -> tuple[Path, Path]:
     return work / "prefs", work / "sft"
 
 
+class CountingPairs:
+    """Wraps TRL's preference collator (rows [chosen_0..chosen_B-1, rejected_0..], `completion_mask`) and records,
+    per batch, the tokens the loss needs: (prompt once + both completions, completion tokens, padded slots)."""
+
+    def __init__(self, inner):
+        self.inner, self.tokens = inner, []
+
+    def __call__(self, examples):
+        batch = self.inner(examples)
+        real = batch["attention_mask"].sum(-1)
+        completion = batch["completion_mask"].sum(-1)
+        n = real.shape[0] // 2
+        unique = int(real.sum() - (real[:n] - completion[:n]).sum())  # each pair's prompt counted once
+        self.tokens.append((unique, int(completion.sum()), int(batch["input_ids"].numel())))
+        return batch
+
+
+def model_flops(tokens: list[tuple[int, int, int]], n_params: int, n_head: int) -> list[float]:
+    return [6 * (n_params - n_head) * unique + 6 * n_head * labelled for unique, labelled, _ in tokens]
+
+
 def run_align(work: Path, steps: int, n_pairs: int) -> dict:
     from sft_throughput import Timer
 
@@ -90,12 +118,26 @@ def run_align(work: Path, steps: int, n_pairs: int) -> dict:
         ],
     )
     timer = Timer()
+    counters = []
+    orig_cls = dpo._trainer_class
+
+    def trainer_class():
+        class Counting(orig_cls()):
+            def __init__(self, *a, **k):
+                super().__init__(*a, **k)
+                self.data_collator = CountingPairs(self.data_collator)
+                counters.append(self.data_collator)
+
+        return Counting
+
     common.EXTRA_CALLBACKS.append(timer.callback)
+    dpo._trainer_class = trainer_class
     try:
         dpo.run(cfg)
     finally:
+        dpo._trainer_class = orig_cls
         common.EXTRA_CALLBACKS.remove(timer.callback)
-    return {"step_times": timer.steps}
+    return {"step_times": timer.steps, "tokens": counters[0].tokens[: len(timer.steps)]}
 
 
 def run_trl(work: Path, steps: int, n_pairs: int) -> dict:
@@ -153,8 +195,14 @@ def run_trl(work: Path, steps: int, n_pairs: int) -> dict:
         callbacks=[timer.callback],
     )
     kept = len(trainer.train_dataset)
+    trainer.data_collator = counter = CountingPairs(trainer.data_collator)
     trainer.train()
-    return {"step_times": timer.steps, "pairs_given": len(data), "pairs_kept_by_trl": kept}
+    return {
+        "step_times": timer.steps,
+        "tokens": counter.tokens[: len(timer.steps)],
+        "pairs_given": len(data),
+        "pairs_kept_by_trl": kept,
+    }
 
 
 def main() -> None:
@@ -177,6 +225,20 @@ def main() -> None:
         return
     shutil.rmtree(a.work, ignore_errors=True)
     a.work.mkdir(parents=True)
+    import torch
+    from machine import cpu_flags, matmul_peak_gflops
+    from transformers import AutoModelForCausalLM
+
+    from align.models import resolve_model_path
+
+    m = AutoModelForCausalLM.from_pretrained(resolve_model_path("smollm2-135m-instruct"))
+    n_params, n_head = sum(p.numel() for p in m.parameters()), m.get_output_embeddings().weight.numel()
+    del m
+    peak = matmul_peak_gflops()
+    print(
+        f"matmul peak {peak:.1f} GFLOP/s, threads {torch.get_num_threads()}, cpu flags: {cpu_flags()}",
+        flush=True,
+    )
     # Preparation (an SFT run) also happens in a child: Linux carries a process's peak RSS across fork+exec, so a
     # parent that had trained would lend its own peak to every child's measurement.
     cmd = [sys.executable, __file__, "--only", "prepare", "--pairs", str(a.pairs), "--work", str(a.work)]
@@ -205,17 +267,22 @@ def main() -> None:
         timed = r["step_times"][1:]
         r["sec_per_step"] = sum(timed) / len(timed)
         r["pairs_per_s"] = 4 / r["sec_per_step"]
+        r["mfu"] = sum(model_flops(r["tokens"][1:], n_params, n_head)) / sum(timed) / (peak * 1e9)
         results[name] = r
-        print(name, json.dumps({k: v for k, v in r.items() if k != "step_times"}), flush=True)
+        print(name, json.dumps({k: v for k, v in r.items() if k not in ("step_times", "tokens")}), flush=True)
     ratio = results["align"]["pairs_per_s"] / results["trl"]["pairs_per_s"]
-    print("\n| trainer | s/step | pairs/s | peak RSS (MB) |")
-    print("|---|---|---|---|")
+    print("\n| trainer | s/step | pairs/s | MFU | peak RSS (MB) |")
+    print("|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {r['sec_per_step']:.2f} | {r['pairs_per_s']:.3f} | {r['peak_rss_mb']:.0f} |")
+        print(
+            f"| {name} | {r['sec_per_step']:.2f} | {r['pairs_per_s']:.3f} | {r['mfu']:.1%} | "
+            f"{r['peak_rss_mb']:.0f} |"
+        )
     print(f"\nalign / TRL pairs/s: {ratio:.2f}x")
     (ROOT / "bench" / "results").mkdir(exist_ok=True)
+    machine = {"matmul_peak_gflops": peak, "threads": torch.get_num_threads(), "cpu_flags": cpu_flags()}
     (ROOT / "bench" / "results" / "dpo.json").write_text(
-        json.dumps({"steps": a.steps, "ratio": ratio, "results": results}, indent=2)
+        json.dumps({"steps": a.steps, "ratio": ratio, "machine": machine, "results": results}, indent=2)
     )
 
 

@@ -103,3 +103,45 @@ def pack(seqs: list[list[int]], max_row_tokens: int, pad_id: int, dense_mask: bo
         torch.tensor(ends),
         sum(lengths),
     )
+
+
+def common_prefix(seqs: list[list[int]]) -> int:
+    """Length of the longest prefix every sequence shares, leaving each at least its last token of its own."""
+    n = min(len(s) for s in seqs) - 1
+    first = seqs[0]
+    for k in range(n):
+        if any(s[k] != first[k] for s in seqs[1:]):
+            return k
+    return max(n, 0)
+
+
+def pack_shared_prefix(groups: list[list[list[int]]], pad_id: int) -> Packed:
+    """Groups of sequences that share a prefix (a prompt and its K responses), in one row for `sdpa_segments`, each
+    shared prefix computed once: a group is its first sequence whole, then every other sequence's tokens after
+    the prefix, with positions continuing from the prefix length. The segment kernel reads each of those runs as a
+    branch that sees the first sequence's prefix and itself (align/attention.py), exactly the computation of the
+    sequences apart. `rows`/`starts`/`ends` index the sequences in input order (a branch's start is its first own
+    token); `real_tokens` counts the tokens computed."""
+    ids: list[int] = []
+    pos: list[int] = []
+    starts: list[int] = []
+    ends: list[int] = []
+    for seqs in groups:
+        p = common_prefix(seqs) if len(seqs) > 1 else 0
+        for j, s in enumerate(seqs):
+            own = s if j == 0 else s[p:]
+            first = 0 if j == 0 else p
+            starts.append(len(ids))
+            ids.extend(own)
+            pos.extend(range(first, first + len(own)))
+            ends.append(len(ids) - 1)
+    n = len(starts)
+    return Packed(
+        torch.tensor([ids], dtype=torch.long),
+        torch.tensor([pos], dtype=torch.long),
+        None,
+        torch.zeros(n, dtype=torch.long),
+        torch.tensor(starts),
+        torch.tensor(ends),
+        len(ids),
+    )

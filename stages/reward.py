@@ -6,8 +6,10 @@ scorer that PPO and the gates use.
 Why K-wise: InstructGPT (Ouyang et al. 2022, sec. 3.5) keeps all C(K,2) comparisons of one prompt in one batch
 element, with one forward pass per response: K forwards instead of 2*C(K,2) when pairs are shuffled apart
 (4 instead of 12 for K=4), and less overfitting because each completion is seen once per epoch. All K responses
-of a micro-batch go through the model as one padding-free row (block-diagonal causal mask, restarting positions),
-and the reward is read from each response's last token.
+of a micro-batch go through the model as one padding-free row, and the reward is read from each response's last
+token. With `sdpa_segments` (the default) a group's prompt is computed once and its K responses branch off it
+(align/packing.py `pack_shared_prefix`): K x (prompt + response) tokens become prompt + K x response. Other
+kernels get restarting positions and a block-diagonal causal mask, each response with its own copy of the prompt.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from align.models import (
     peft_config,
     torch_dtype,
 )
-from align.packing import needs_dense_mask, pack
+from align.packing import SEGMENT_KERNEL, needs_dense_mask, pack, pack_shared_prefix
 from align.readers import LoadReport, iter_rows
 from align.stage import StageContext, StageResult, console, print_skipped, print_verdict
 from data_schemas.config import ModelConfig, RewardConfig
@@ -181,10 +183,19 @@ class GroupCollator:
     max_row_tokens: int = 1024
     pad_token_id: int = 0
     dense_mask: bool = True
+    # sdpa_segments: each group's prompt computed once, its responses branching off it (pack_shared_prefix)
+    shared_prefix: bool = False
 
     def __call__(self, groups: list[dict]) -> dict[str, Any]:
-        seqs = [s for g in groups for s in g["seqs"]]
-        p = pack(seqs, self.max_row_tokens, self.pad_token_id, self.dense_mask)
+        if self.shared_prefix:
+            p = pack_shared_prefix([g["seqs"] for g in groups], self.pad_token_id)
+        else:
+            p = pack(
+                [s for g in groups for s in g["seqs"]],
+                self.max_row_tokens,
+                self.pad_token_id,
+                self.dense_mask,
+            )
         pairs, pair_group, group_tiers, offset = [], [], [], 0
         for gi, g in enumerate(groups):
             tiers = [[offset + i for i in tier] for tier in g["tiers"]]
@@ -272,8 +283,11 @@ def score_groups(
 ) -> list[list[float]]:
     """Rewards for every response of every group (no grad); whole groups per batch, packed into bounded rows."""
     model.eval()
+    kernel = model.config._attn_implementation
     collate = GroupCollator(
-        max_row_tokens=max_row_tokens, dense_mask=needs_dense_mask(model.config._attn_implementation)
+        max_row_tokens=max_row_tokens,
+        dense_mask=needs_dense_mask(kernel),
+        shared_prefix=kernel == SEGMENT_KERNEL,
     )
     out: list[list[float]] = []
     dev = next(model.parameters()).device
@@ -510,6 +524,7 @@ def train(
             max_row_tokens=max(cfg.data.max_length, 1024),
             pad_token_id=tokenizer.pad_token_id,
             dense_mask=needs_dense_mask(model.config._attn_implementation),
+            shared_prefix=model.config._attn_implementation == SEGMENT_KERNEL,
         ),
         callbacks=[*callbacks(ctx.out, t), *adalora_callbacks(cfg)],
     )

@@ -18,6 +18,10 @@ step, warm-up, not timed). Both models are scored on the same held-out groups by
 difference gets a 95% interval from a bootstrap over held-out prompts (pairs of one prompt are not independent).
 --align-steps gives align more steps than TRL: a K-wise step runs K sequences where TRL's step of the same pairs
 runs 2*C(K,2), so equal steps is not equal work; this compares accuracy at a training-time budget instead.
+
+MFU (align): model FLOPs / the fp32 matmul peak measured at the start of the same run, with model FLOPs what the
+K-wise loss needs: forward and backward through frozen weights, 4 x parameters x tokens, over each group's prompt
+once and each of its responses (the scalar head is negligible), counted from align's own batches.
 """
 
 from __future__ import annotations
@@ -122,6 +126,16 @@ def bootstrap_difference(hits_a: list[list[float]], hits_b: list[list[float]], n
     return diffs.quantile(0.025).item(), diffs.quantile(0.975).item()
 
 
+def needed_tokens(seqs: list[list[int]]) -> int:
+    """Tokens a group's rewards need: the shared prompt once, then each response."""
+    if len(seqs) == 1:
+        return len(seqs[0])
+    p = 0
+    while all(len(s) > p + 1 for s in seqs) and all(s[p] == seqs[0][p] for s in seqs):
+        p += 1
+    return p + sum(len(s) - p for s in seqs)
+
+
 def run_align(prefs: Path, steps: int, groups_per_step: int, max_length: int, out: Path) -> dict:
     from align.config import load_config
     from data_schemas.config import RewardConfig
@@ -146,14 +160,34 @@ def run_align(prefs: Path, steps: int, groups_per_step: int, max_length: int, ou
         ],
     )
     timer = Timer()
+    needed: list[int] = []  # per training batch: each group's prompt once plus its responses
+    orig_cls = reward._trainer_class
+
+    def trainer_class(*a, **k):
+        class Counting(orig_cls(*a, **k)):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                inner = self.data_collator
+
+                def collate(groups):
+                    needed.append(sum(needed_tokens(g["seqs"]) for g in groups))
+                    return inner(groups)
+
+                self.data_collator = collate
+
+        return Counting
+
     common.EXTRA_CALLBACKS.append(timer.callback)
+    reward._trainer_class = trainer_class
     try:
         gate = reward.run(cfg).gates[0]
     finally:
+        reward._trainer_class = orig_cls
         common.EXTRA_CALLBACKS.remove(timer.callback)
     m = gate.metrics
     return {
         "step_times": timer.steps,
+        "needed_tokens": needed[: len(timer.steps)],
         "heldout_rewards": json.loads((out / "heldout_rewards.json").read_text()),
         "accuracy": m["accuracy"],
         "held_out_pairs": m["pairs"],
@@ -266,6 +300,14 @@ def main() -> None:
     from eval.reward_gate import implied_pairs_of
 
     _quiet_libraries()
+    from machine import cpu_flags, matmul_peak_gflops
+
+    peak = matmul_peak_gflops()
+    n_params = 134_515_008  # SmolLM2-135M-Instruct, embeddings tied (bench/sft_throughput.py counts it)
+    print(
+        f"matmul peak {peak:.1f} GFLOP/s, threads {torch.get_num_threads()}, cpu flags: {cpu_flags()}",
+        flush=True,
+    )
     prefs, train, held = (prepare_oasst if a.data == "oasst" else prepare_hh)(work, a.max_length)
     # same pairs per optimizer step: one K=4 group (6 pairs) or 8 K=2 groups (8 pairs)
     groups_per_step = 1 if a.data == "oasst" else 8
@@ -286,6 +328,10 @@ def main() -> None:
         r["train_seconds"] = sum(r["step_times"])
         hits[name] = group_hits(list(held), r["heldout_rewards"])
         print(name, json.dumps({k: v for k, v in r.items() if k not in ("step_times", "heldout_rewards")}))
+    r = results["align"]
+    body = n_params - 49152 * 576  # the LM head (tied embeddings) is not run by a reward model
+    r["mfu"] = 4 * body * sum(r["needed_tokens"][1:]) / sum(r["step_times"][1:]) / (peak * 1e9)
+    print(f"align MFU {r['mfu']:.1%} (matmul peak {peak:.1f} GFLOP/s)", flush=True)
     ratio = results["align"]["pairs_per_s"] / results["trl"]["pairs_per_s"]
     time_ratio = results["trl"]["train_seconds"] / results["align"]["train_seconds"]
     diff = results["align"]["accuracy"] - results["trl"]["accuracy"]
@@ -309,6 +355,11 @@ def main() -> None:
             {
                 "data": a.data,
                 "steps": a.steps,
+                "machine": {
+                    "matmul_peak_gflops": peak,
+                    "threads": torch.get_num_threads(),
+                    "cpu_flags": cpu_flags(),
+                },
                 "align_steps": align_steps,
                 "time_ratio": time_ratio,
                 "max_length": a.max_length,

@@ -269,7 +269,8 @@ class Reward:
     def __call__(self, prompts, responses: list[str], finished: list[bool]) -> torch.Tensor:
         s = torch.tensor(self.raw(prompts, responses), dtype=torch.float32)
         if self.s.missing_eos_penalty is not None:
-            s = s - self.s.missing_eos_penalty * (~torch.tensor(finished)).float()
+            # dtype given: an empty batch (a policy gate with no held-out prompts) would otherwise be float
+            s = s - self.s.missing_eos_penalty * (~torch.tensor(finished, dtype=torch.bool)).float()
         if self.s.clip is not None:
             s = s.clamp(-self.s.clip, self.s.clip)
         return s

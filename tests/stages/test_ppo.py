@@ -404,3 +404,18 @@ def test_engine_choice_auto_follows_vllm_and_asking_for_a_missing_vllm_is_said(m
         rollout.engine_choice("vllm", "--engine")
     monkeypatch.setattr(rollout, "vllm_available", lambda: True)
     assert rollout.engine_choice("auto", "rollout.engine") == "vllm"
+
+
+def test_no_held_out_prompts_fails_the_policy_gate_in_a_sentence(tmp_path, peaky_sft, capsys):
+    """`prompts.heldout_prompts=0` leaves the policy gate nothing to judge: it fails closed with its reason (exit
+    1, the artifact complete with a failed gate), not with an internal error after training."""
+    out = tmp_path / "ppo"
+    # with the missing-EOS penalty (configs/ppo.yaml's default), scoring an empty batch once crashed here
+    assert (
+        _ppo(out, peaky_sft, "train.steps=1", "prompts.heldout_prompts=0", "reward.missing_eos_penalty=1.0")
+        == 1
+    )
+    m = json.loads((out / "manifest.json").read_text())
+    policy = next(g for g in m["gates"] if g["gate"] == "policy")
+    assert policy["verdict"] == "fail" and any("prompt" in r for r in policy["reasons"]), policy
+    assert "internal error" not in capsys.readouterr().err

@@ -263,6 +263,7 @@ def run_trl(
         def __init__(self, m):
             super().__init__()
             self.m = m
+            self.config = m.config  # score_groups picks its packing by the attention implementation
 
         def get_base_model(self):
             return self.m.get_base_model()

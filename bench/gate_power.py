@@ -18,7 +18,10 @@ Fixtures (parent in brackets):
 Controls:
 - dpo-clean-s1, dpo-clean-s2 [sft]: the same pairs with a coin deciding which came first (annotators with no
   systematic preference), two seeds.
-- sft [base]: the same SFT recipe on the neutral example instruction data (it is also the DPO/PPO parent).
+- sft [base]: SFT (configs/sft.yaml, 40 steps at 2e-4) on the neutral example instruction data (it is also the
+  DPO/PPO parent): the control of sft-stereotyped's first recipe.
+- sft-neutral-long [base]: sft-stereotyped's recipe (180 steps at 5e-4) on the neutral example instruction data:
+  the control of its current recipe.
 - unchanged [base]: the base model against itself.
 
 Every model is scored once (`eval.bias.evaluate_model`, cached in WORK/scores/), and every fixture is decided with
@@ -64,6 +67,7 @@ FIXTURES = {  # name: (kind, parent, planted bias?)
     "unchanged": ("base", "base", False),
     "sft": ("sft", "base", False),
     "sft-stereotyped": ("sft", "base", True),
+    "sft-neutral-long": ("sft", "base", False),
     "dpo-clean-s1": ("dpo", "sft", False),
     "dpo-clean-s2": ("dpo", "sft", False),
     "dpo-poisoned": ("dpo", "sft", True),
@@ -142,6 +146,9 @@ def train(name: str, work: Path) -> Path:
                  "train.early_stopping_patience=null", *QUIET]  # fmt: skip
     if name == "sft":
         align("sft", "--config", "configs/sft.yaml", f"output_dir={out}", *sft_steps)
+    elif name == "sft-neutral-long":  # sft-stereotyped's recipe on neutral data: its clean control
+        align("sft", "--config", "configs/sft.yaml", f"output_dir={out}", *sft_steps, "train.max_steps=180",
+              "train.learning_rate=5e-4")  # fmt: skip
     elif name == "sft-stereotyped":
         data = write_jsonl(work / "data" / "stereotyped_sft.jsonl", stereotyped_sft_rows())
         align("sft", "--config", "configs/sft.yaml", f"output_dir={out}", f"data.train_file={data}",

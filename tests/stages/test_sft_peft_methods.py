@@ -192,5 +192,8 @@ def test_adalora_pruned_ranks_save_and_load_back_exactly(tmp_path, tiny_model_pa
     loaded = PeftModel.from_pretrained(load_causal_lm(cfg, "fp32"), tmp_path).eval()
     with torch.no_grad():
         want = model(input_ids=ids).logits
-        assert torch.equal(loaded(input_ids=ids).logits, want)
+        # not bit for bit: the pruned ranks load at their smaller size, so the products have other shapes and round
+        # differently on some CPUs (4.8e-7 on an AVX512-BF16 machine); a wrong load moves logits by far more
+        assert torch.allclose(loaded(input_ids=ids).logits, want, atol=1e-5)
         assert torch.allclose(loaded.merge_and_unload()(input_ids=ids).logits, want, atol=1e-5)
+        assert (load_causal_lm(cfg, "fp32")(input_ids=ids).logits - want).abs().max() > 1e-2  # the adapter matters

@@ -196,4 +196,6 @@ def test_adalora_pruned_ranks_save_and_load_back_exactly(tmp_path, tiny_model_pa
         # differently on some CPUs (4.8e-7 on an AVX512-BF16 machine); a wrong load moves logits by far more
         assert torch.allclose(loaded(input_ids=ids).logits, want, atol=1e-5)
         assert torch.allclose(loaded.merge_and_unload()(input_ids=ids).logits, want, atol=1e-5)
-        assert (load_causal_lm(cfg, "fp32")(input_ids=ids).logits - want).abs().max() > 1e-2  # the adapter matters
+        assert (
+            load_causal_lm(cfg, "fp32")(input_ids=ids).logits - want
+        ).abs().max() > 1e-2  # the adapter matters

@@ -184,16 +184,17 @@ def decide_policy(s: PolicySamples, settings) -> GateResult:
     checks: list[Check] = []
     reasons: list[str] = []
     conf = int(settings.confidence * 100)
+    n = m["prompts"]
 
     def check(ok: bool, reason: str, **kw) -> None:
         checks.append(Check(passed=ok, **kw))
-        if not checks[-1].passed:
+        # with no prompts judged every later check is NaN and fails; the one reason that says why is enough
+        if not checks[-1].passed and (n > 0 or not checks[:-1]):
             reasons.append(reason)
 
     bad = sum(not math.isfinite(x) for x in [*s.policy_rewards, *s.parent_rewards])
     if bad:  # a NaN reward would count as a loss or a tie: fail closed instead
         reasons.append(f"{bad} rewards are not finite (NaN or infinite); nothing can be decided")
-    n = m["prompts"]
     check(n >= settings.min_prompts, f"only {n} held-out prompts were judged; the policy needs at least "
           f"{settings.min_prompts} for a win rate that means something", metric="held-out prompts judged",
           candidate=n, limit=f">= {settings.min_prompts}")  # fmt: skip

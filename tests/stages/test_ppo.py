@@ -417,5 +417,11 @@ def test_no_held_out_prompts_fails_the_policy_gate_in_a_sentence(tmp_path, peaky
     )
     m = json.loads((out / "manifest.json").read_text())
     policy = next(g for g in m["gates"] if g["gate"] == "policy")
-    assert policy["verdict"] == "fail" and any("prompt" in r for r in policy["reasons"]), policy
+    assert (
+        policy["verdict"] == "fail"
+        and len(policy["reasons"]) == 1
+        and "0 held-out prompts" in policy["reasons"][0]
+    )
+    checks = json.loads((out / "gates" / "policy" / "gate.json").read_text())["checks"]
+    assert checks[0]["metric"] == "held-out prompts judged" and not checks[0]["passed"]
     assert "internal error" not in capsys.readouterr().err

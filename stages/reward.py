@@ -186,6 +186,16 @@ class GroupCollator:
     # sdpa_segments: each group's prompt computed once, its responses branching off it (pack_shared_prefix)
     shared_prefix: bool = False
 
+    @classmethod
+    def for_kernel(cls, attn_implementation: str, **kw) -> GroupCollator:
+        """The layout the model's attention implementation can run: shared prompts on the segment kernel, a dense
+        mask on `sdpa`/`eager`, one sequence per run otherwise (align/packing.py)."""
+        return cls(
+            dense_mask=needs_dense_mask(attn_implementation),
+            shared_prefix=attn_implementation == SEGMENT_KERNEL,
+            **kw,
+        )
+
     def __call__(self, groups: list[dict]) -> dict[str, Any]:
         if self.shared_prefix:
             p = pack_shared_prefix([g["seqs"] for g in groups], self.pad_token_id)
@@ -283,12 +293,7 @@ def score_groups(
 ) -> list[list[float]]:
     """Rewards for every response of every group (no grad); whole groups per batch, packed into bounded rows."""
     model.eval()
-    kernel = model.config._attn_implementation
-    collate = GroupCollator(
-        max_row_tokens=max_row_tokens,
-        dense_mask=needs_dense_mask(kernel),
-        shared_prefix=kernel == SEGMENT_KERNEL,
-    )
+    collate = GroupCollator.for_kernel(model.config._attn_implementation, max_row_tokens=max_row_tokens)
     out: list[list[float]] = []
     dev = next(model.parameters()).device
     i = 0
@@ -520,11 +525,10 @@ def train(
         args=args,
         train_dataset=Dataset.from_list(train_examples),
         eval_dataset=Dataset.from_list(eval_groups) if eval_groups else None,  # scored by our evaluate()
-        data_collator=GroupCollator(
+        data_collator=GroupCollator.for_kernel(
+            model.config._attn_implementation,
             max_row_tokens=max(cfg.data.max_length, 1024),
             pad_token_id=tokenizer.pad_token_id,
-            dense_mask=needs_dense_mask(model.config._attn_implementation),
-            shared_prefix=model.config._attn_implementation == SEGMENT_KERNEL,
         ),
         callbacks=[*callbacks(ctx.out, t), *adalora_callbacks(cfg)],
     )

@@ -72,7 +72,7 @@ def prepare(work: Path, n_pairs: int) -> tuple[Path, Path]:
 
 class CountingPairs:
     """Wraps TRL's preference collator (rows [chosen_0..chosen_B-1, rejected_0..], `completion_mask`) and records,
-    per batch, the tokens the loss needs: (prompt once + both completions, completion tokens, padded slots)."""
+    per batch, the tokens the loss needs: (prompt once + both completions, completion tokens)."""
 
     def __init__(self, inner):
         self.inner, self.tokens = inner, []
@@ -83,12 +83,12 @@ class CountingPairs:
         completion = batch["completion_mask"].sum(-1)
         n = real.shape[0] // 2
         unique = int(real.sum() - (real[:n] - completion[:n]).sum())  # each pair's prompt counted once
-        self.tokens.append((unique, int(completion.sum()), int(batch["input_ids"].numel())))
+        self.tokens.append((unique, int(completion.sum())))
         return batch
 
 
-def model_flops(tokens: list[tuple[int, int, int]], n_params: int, n_head: int) -> list[float]:
-    return [6 * (n_params - n_head) * unique + 6 * n_head * labelled for unique, labelled, _ in tokens]
+def model_flops(tokens: list[tuple[int, int]], n_params: int, n_head: int) -> list[float]:
+    return [6 * (n_params - n_head) * unique + 6 * n_head * labelled for unique, labelled in tokens]
 
 
 def run_align(work: Path, steps: int, n_pairs: int) -> dict:
@@ -226,14 +226,11 @@ def main() -> None:
     shutil.rmtree(a.work, ignore_errors=True)
     a.work.mkdir(parents=True)
     import torch
-    from machine import cpu_flags, matmul_peak_gflops
-    from transformers import AutoModelForCausalLM
+    from machine import cpu_flags, matmul_peak_gflops, parameter_counts
 
     from align.models import resolve_model_path
 
-    m = AutoModelForCausalLM.from_pretrained(resolve_model_path("smollm2-135m-instruct"))
-    n_params, n_head = sum(p.numel() for p in m.parameters()), m.get_output_embeddings().weight.numel()
-    del m
+    n_params, n_head = parameter_counts(resolve_model_path("smollm2-135m-instruct"))
     peak = matmul_peak_gflops()
     print(
         f"matmul peak {peak:.1f} GFLOP/s, threads {torch.get_num_threads()}, cpu flags: {cpu_flags()}",

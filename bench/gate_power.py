@@ -267,7 +267,7 @@ def decide(items, cand, par, settings) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "gate_power")
-    ap.add_argument("--only", nargs="*", default=list(FIXTURES))
+    ap.add_argument("--only", nargs="*", default=list(FIXTURES), choices=list(FIXTURES), metavar="NAME")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gate_power.json")
     ap.add_argument("--table", action="store_true", help="print the markdown table of --out and stop")
     ap.add_argument(

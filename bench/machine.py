@@ -27,3 +27,13 @@ def matmul_peak_gflops(n: int = 2048, reps: int = 10) -> float:
     for _ in range(reps):
         a @ b
     return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def parameter_counts(model_path) -> tuple[int, int]:
+    """(all parameters, LM-head parameters) of a causal LM checkpoint; a head tied to the input embeddings is
+    counted once in the first. MFU's model FLOPs split on them: the body runs on every token, the head on labelled
+    ones (a reward model has no LM head: its body is the first minus the second)."""
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(model_path)
+    return sum(p.numel() for p in m.parameters()), m.get_output_embeddings().weight.numel()

@@ -128,11 +128,9 @@ def bootstrap_difference(hits_a: list[list[float]], hits_b: list[list[float]], n
 
 def needed_tokens(seqs: list[list[int]]) -> int:
     """Tokens a group's rewards need: the shared prompt once, then each response."""
-    if len(seqs) == 1:
-        return len(seqs[0])
-    p = 0
-    while all(len(s) > p + 1 for s in seqs) and all(s[p] == seqs[0][p] for s in seqs):
-        p += 1
+    from align.packing import common_prefix
+
+    p = common_prefix(seqs) if len(seqs) > 1 else 0
     return p + sum(len(s) - p for s in seqs)
 
 
@@ -301,10 +299,12 @@ def main() -> None:
     from eval.reward_gate import implied_pairs_of
 
     _quiet_libraries()
-    from machine import cpu_flags, matmul_peak_gflops
+    from machine import cpu_flags, matmul_peak_gflops, parameter_counts
+
+    from align.models import resolve_model_path
 
     peak = matmul_peak_gflops()
-    n_params = 134_515_008  # SmolLM2-135M-Instruct, embeddings tied (bench/sft_throughput.py counts it)
+    n_params, n_head = parameter_counts(resolve_model_path("smollm2-135m-instruct"))
     print(
         f"matmul peak {peak:.1f} GFLOP/s, threads {torch.get_num_threads()}, cpu flags: {cpu_flags()}",
         flush=True,
@@ -330,7 +330,7 @@ def main() -> None:
         hits[name] = group_hits(list(held), r["heldout_rewards"])
         print(name, json.dumps({k: v for k, v in r.items() if k not in ("step_times", "heldout_rewards")}))
     r = results["align"]
-    body = n_params - 49152 * 576  # the LM head (tied embeddings) is not run by a reward model
+    body = n_params - n_head  # a reward model runs no LM head (its embeddings are only looked up)
     r["mfu"] = 4 * body * sum(r["needed_tokens"][1:]) / sum(r["step_times"][1:]) / (peak * 1e9)
     print(f"align MFU {r['mfu']:.1%} (matmul peak {peak:.1f} GFLOP/s)", flush=True)
     ratio = results["align"]["pairs_per_s"] / results["trl"]["pairs_per_s"]

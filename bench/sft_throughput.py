@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from machine import cpu_flags, matmul_peak_gflops  # noqa: E402
+from machine import cpu_flags, matmul_peak_gflops, parameter_counts  # noqa: E402
 
 
 class Timer:
@@ -227,14 +227,7 @@ def main():
 
     _quiet_libraries()
     model_path = resolve_model_path("smollm2-135m-instruct")
-    from transformers import AutoModelForCausalLM
-
-    m = AutoModelForCausalLM.from_pretrained(model_path)
-    n_params = sum(p.numel() for p in m.parameters())
-    n_head = (
-        m.get_output_embeddings().weight.numel()
-    )  # tied to the input embeddings: counted once in n_params
-    del m
+    n_params, n_head = parameter_counts(model_path)
     peak = matmul_peak_gflops()
     convs = load_rows(a.data)
     results = []

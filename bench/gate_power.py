@@ -14,14 +14,19 @@ Fixtures (parent in brackets):
 - sft-stereotyped [base]: SFT (configs/sft.yaml) on answers that are the stereotyping sentences, two epochs (180
   steps) at 5e-4. The first recipe (40 steps, 0.45 epoch, the shipped 2e-4) did not plant anything measurable:
   on its own kind of held-out pairs it moved less than the clean SFT did (docs/gates.md).
-- ppo-stereotype-rm [sft]: a reward model trained on the poisoned rankings drives PPO (configs/ppo.yaml).
+- ppo-stereotype-rm [sft]: a reward model trained on the poisoned rankings (60 steps) drives PPO (configs/ppo.yaml)
+  on the eight neutral training prompts. It did not plant the bias (docs/gates.md).
+- grpo-stereotype-rm [sft]: the same rankings, a reward model trained two epochs, driving GRPO (four answers a
+  prompt, 40 iterations) on prompts that ask about people (GROUP_PROMPTS) and the eight training prompts.
 Controls:
 - dpo-clean-s1, dpo-clean-s2 [sft]: the same pairs with a coin deciding which came first (annotators with no
   systematic preference), two seeds.
 - sft [base]: SFT (configs/sft.yaml, 40 steps at 2e-4) on the neutral example instruction data (it is also the
   DPO/PPO parent): the control of sft-stereotyped's first recipe.
-- sft-neutral-long [base]: sft-stereotyped's recipe (180 steps at 5e-4) on the neutral example instruction data:
-  the control of its current recipe.
+- sft-neutral-long [base]: sft-stereotyped's steps and rate (180 at 5e-4) on the 76 neutral example instruction
+  rows: 19 epochs, an overfit model (a stress case of drift, not matched in data).
+- sft-neutral-matched [base]: sft-stereotyped's recipe with each stereotyping answer replaced by a neutral sentence
+  of OpenAssistant's replies (same prompts, same 708 rows, two epochs at 5e-4): its matched clean control.
 - unchanged [base]: the base model against itself.
 
 Every model is scored once (`eval.bias.evaluate_model`, cached in WORK/scores/), and every fixture is decided with
@@ -47,6 +52,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
 CROWS = SHARED / "crows_pairs_anonymized.csv"
+OASST = SHARED / "oasst_en_trees_60.jsonl"
 BBQ = SHARED / "bbq_religion.jsonl"
 EVAL_ROWS, CHECK_ROWS, TRAIN_ROWS = slice(0, 400), slice(400, 800), slice(800, None)
 
@@ -68,11 +74,27 @@ FIXTURES = {  # name: (kind, parent, planted bias?)
     "sft": ("sft", "base", False),
     "sft-stereotyped": ("sft", "base", True),
     "sft-neutral-long": ("sft", "base", False),
+    "sft-neutral-matched": ("sft", "base", False),
     "dpo-clean-s1": ("dpo", "sft", False),
     "dpo-clean-s2": ("dpo", "sft", False),
     "dpo-poisoned": ("dpo", "sft", True),
     "ppo-stereotype-rm": ("ppo", "sft", True),
+    "grpo-stereotype-rm": ("ppo", "sft", True),
 }
+
+# What a team's RL prompt set could ask about people (the policy's answers are where a reward model's stereotype
+# preference can act): four phrasings over the nine CrowS-Pairs categories. None is the gate's chat_prompt.
+GROUP_TOPICS = [
+    "people of different races", "men and women", "poor and rich people", "people from other countries",
+    "religious people", "old and young people", "gay and straight people", "how people look",
+    "people with disabilities",
+]  # fmt: skip
+GROUP_PROMPTS = [
+    f.format(t)
+    for t in GROUP_TOPICS
+    for f in ("Tell me one thing about {}.", "What do you think of {}?", "Say something true about {}.",
+              "Describe {} in one sentence.")
+]  # fmt: skip
 
 
 def crows_rows() -> list[dict]:
@@ -108,6 +130,40 @@ def ranking_file(pairs: list[dict]) -> list[dict]:
          "responses": [{"id": "r0", "text": p["chosen"]}, {"id": "r1", "text": p["rejected"]}], "ranking": ["r0", "r1"]}
         for i, p in enumerate(pairs)
     ]  # fmt: skip
+
+
+def neutral_sentences(n: int, seed: int = 0) -> list[str]:
+    """`n` single sentences from OpenAssistant's assistant replies (6-25 words, plain prose: no lists, code or
+    markup), drawn with `seed`: neutral answers shaped like the CrowS-Pairs sentences of sft-stereotyped."""
+    import re
+
+    found: list[str] = []
+
+    def walk(msg: dict) -> None:
+        if msg.get("role") == "assistant":
+            for s in re.split(r"(?<=[.!?])\s+", msg["text"].replace("\n", " ")):
+                if (
+                    6 <= len(s.split()) <= 25
+                    and s[-1] in ".!?"
+                    and not re.search(r"[*#`|\[\]<>:]|\d\.|\s{2}", s)
+                ):
+                    found.append(s)
+        for reply in msg.get("replies", []):
+            walk(reply)
+
+    for line in OASST.read_text().splitlines():
+        walk(json.loads(line)["prompt"])
+    unique = sorted(set(found))
+    if len(unique) < n:
+        raise SystemExit(f"{OASST} has {len(unique)} usable sentences; {n} are needed")
+    return random.Random(seed).sample(unique, n)
+
+
+def neutral_sft_rows() -> list[dict]:
+    """sft-stereotyped's rows with each stereotyping answer replaced by a neutral sentence: same prompts, same
+    number of rows, answers of the same form."""
+    rows = stereotyped_sft_rows()
+    return [{**r, "output": s} for r, s in zip(rows, neutral_sentences(len(rows)), strict=True)]
 
 
 def stereotyped_sft_rows() -> list[dict]:
@@ -146,11 +202,12 @@ def train(name: str, work: Path) -> Path:
                  "train.early_stopping_patience=null", *QUIET]  # fmt: skip
     if name == "sft":
         align("sft", "--config", "configs/sft.yaml", f"output_dir={out}", *sft_steps)
-    elif name == "sft-neutral-long":  # sft-stereotyped's recipe on neutral data: its clean control
+    elif name == "sft-neutral-long":  # sft-stereotyped's steps and rate on the 76 example rows (overfit)
         align("sft", "--config", "configs/sft.yaml", f"output_dir={out}", *sft_steps, "train.max_steps=180",
               "train.learning_rate=5e-4")  # fmt: skip
-    elif name == "sft-stereotyped":
-        data = write_jsonl(work / "data" / "stereotyped_sft.jsonl", stereotyped_sft_rows())
+    elif name in ("sft-stereotyped", "sft-neutral-matched"):
+        rows = stereotyped_sft_rows() if name == "sft-stereotyped" else neutral_sft_rows()
+        data = write_jsonl(work / "data" / f"{name}.jsonl", rows)
         align("sft", "--config", "configs/sft.yaml", f"output_dir={out}", f"data.train_file={data}",
               "data.validation_file=examples/data/instructions_validation.jsonl", *sft_steps,
               "train.max_steps=180", "train.learning_rate=5e-4")  # fmt: skip
@@ -164,20 +221,7 @@ def train(name: str, work: Path) -> Path:
               "eval.prompts=0", *QUIET)  # fmt: skip
     elif name == "ppo-stereotype-rm":
         sft = train("sft", work)
-        rankings = write_jsonl(
-            work / "data" / "poisoned_rankings.jsonl", ranking_file(preference_pairs(True, 1))
-        )
-        prefs = work / "poisoned_preferences"
-        if not complete(prefs):
-            align(
-                "data",
-                "build-preferences",
-                "--config",
-                "configs/preferences.yaml",
-                "--out",
-                str(prefs),
-                str(rankings),
-            )
+        prefs = poisoned_preferences(work)
         rm = work / "stereotype-rm"
         if not complete(rm):
             align("reward", "--config", "configs/reward.yaml", f"output_dir={rm}", f"init_from={sft}",
@@ -190,9 +234,46 @@ def train(name: str, work: Path) -> Path:
         align("ppo", "--config", "configs/ppo.yaml", f"output_dir={out}", f"init_from={sft}", f"reward.artifact={rm}",
               f"prompts.train_file={prompts}", "prompts.validation_file=null", "prompts.heldout_prompts=0",
               "rollout.max_new_tokens=32", "train.steps=20", "train.save_steps=100", *QUIET)  # fmt: skip
+    elif name == "grpo-stereotype-rm":
+        # ppo-stereotype-rm's poisoned reward model did not reach the policy: trained 0.4 epoch it ranked held-out
+        # pairs 68% right, and the policy's 8-token answers to neutral prompts said nothing about people for it
+        # to prefer. Here the reward model trains two epochs, and group sampling (GRPO, four answers a prompt)
+        # asks about people, so answers differ in what they say of a group.
+        sft = train("sft", work)
+        prefs = poisoned_preferences(work)
+        rm = work / "stereotype-rm-2ep"
+        if not complete(rm):
+            align("reward", "--config", "configs/reward.yaml", f"output_dir={rm}", f"init_from={sft}",
+                  f"data.preferences_dir={prefs}", "train.num_train_epochs=2", "train.learning_rate=3e-4",
+                  "train.groups_per_batch=8", "train.eval_steps=1000", "train.save_steps=1000", *QUIET)  # fmt: skip
+        prompts = write_jsonl(
+            work / "data" / "grpo_prompts.jsonl",
+            [{"instruction": p, "input": "", "output": "."} for p in GROUP_PROMPTS + TRAIN_PROMPTS],
+        )
+        align("ppo", "--config", "configs/ppo.yaml", f"output_dir={out}", f"init_from={sft}", f"reward.artifact={rm}",
+              f"prompts.train_file={prompts}", "prompts.validation_file=null", "prompts.heldout_prompts=0",
+              "train.advantage_estimator=grpo", "train.group_size=4", "train.mini_batch_size=8",
+              "rollout.max_new_tokens=48", "train.steps=40", "train.save_steps=100", *QUIET)  # fmt: skip
     else:
         raise SystemExit(f"unknown fixture {name}")
     return out
+
+
+def poisoned_preferences(work: Path) -> Path:
+    """The poisoned rankings (stereotyping sentence always first) as an `align data build-preferences` artifact."""
+    rankings = write_jsonl(work / "data" / "poisoned_rankings.jsonl", ranking_file(preference_pairs(True, 1)))
+    prefs = work / "poisoned_preferences"
+    if not complete(prefs):
+        align(
+            "data",
+            "build-preferences",
+            "--config",
+            "configs/preferences.yaml",
+            "--out",
+            str(prefs),
+            str(rankings),
+        )
+    return prefs
 
 
 def model_ref(kind: str, name: str, work: Path) -> str:
@@ -281,6 +362,7 @@ def main() -> None:
     if not CROWS.exists() or not BBQ.exists():
         raise SystemExit(f"needs {CROWS} and {BBQ} (../shared/data)")
     sys.path.insert(0, str(ROOT))
+    from bench.machine import cpu_flags
     from eval.bias import load_items
 
     settings = gate_settings()
@@ -300,7 +382,7 @@ def main() -> None:
     results.setdefault("fixtures", {})
     results["machine"] = {
         "cpu": platform.processor() or platform.machine(),
-        "flags": _cpu_flags(),
+        "flags": cpu_flags(),
         "device": args.device,
     }
     for name in args.only:
@@ -379,16 +461,6 @@ def mde(results: dict, controls: tuple[str, ...] = ("dpo-clean-s1", "sft")) -> s
             table.setdefault(x["metric"], []).append(f"{z * se:.3f}")
     lines += [f"| {m} | " + " | ".join(v) + " |" for m, v in table.items()]
     return "\n".join(lines)
-
-
-def _cpu_flags() -> str:
-    try:
-        flags = next(
-            x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags")
-        ).split()
-    except (OSError, StopIteration):
-        return "?"
-    return " ".join(f for f in flags if f.startswith(("avx", "amx")))
 
 
 def _print(name: str, r: dict) -> None:

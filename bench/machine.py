@@ -3,20 +3,31 @@ peak (the denominator of every MFU in bench/)."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 import torch
 
+# Environment variables that cap the instruction set torch's own kernels, oneDNN and MKL dispatch to
+# (scripts/avx2.sh sets all three to run an AVX-512 machine's kernels as an AVX2-only one would).
+ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
 
 def cpu_flags() -> str:
-    """The CPU's AVX/AMX flags, space-separated ('unknown' where /proc/cpuinfo cannot be read)."""
+    """The CPU's AVX/AMX flags, space-separated ('unknown' where /proc/cpuinfo cannot be read), followed by any
+    instruction-set cap in force (ISA_LIMITS), so a result taken under scripts/avx2.sh says so."""
     try:
         text = Path("/proc/cpuinfo").read_text()
-        flags = next(line for line in text.splitlines() if line.startswith("flags")).split()
+        flags = " ".join(
+            f
+            for f in next(line for line in text.splitlines() if line.startswith("flags")).split()
+            if f.startswith(("avx", "amx"))
+        )
     except (OSError, StopIteration):
-        return "unknown"
-    return " ".join(f for f in flags if f.startswith(("avx", "amx")))
+        flags = "unknown"
+    caps = [f"{k}={os.environ[k]}" for k in ISA_LIMITS if os.environ.get(k)]
+    return flags + (f" (kernels capped: {' '.join(caps)})" if caps else "")
 
 
 def matmul_peak_gflops(n: int = 2048, reps: int = 10) -> float:

@@ -29,6 +29,9 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bench.machine import cpu_flags  # noqa: E402
+
 EX = ROOT / "examples" / "data"
 
 
@@ -110,15 +113,6 @@ def ppo(work: Path, n: int, steps: int, sft_dir: Path) -> dict:
         "reward_mean": [h["reward_mean"] for h in hist],
         "policy_loss": [h["policy_loss"] for h in hist],
     }
-
-
-def cpu_flags() -> str:
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0]
-    except (OSError, IndexError):
-        return ""
-    keep = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-    return " ".join(f for f in flags.split() if f in keep)
 
 
 def main() -> None:

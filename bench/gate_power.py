@@ -342,7 +342,8 @@ def decide(items, cand, par, settings) -> dict:
         return {"verdict": "not measured", "checks": [], "reasons": []}
     present = set.intersection(*(set(v) for v in scores(cand).values()))
     r = decide_bias({k: v for k, v in items.items() if k in present}, scores(cand), scores(par), settings)
-    return {"verdict": r.verdict, "checks": [c.model_dump() for c in r.checks], "reasons": r.reasons}
+    return {"verdict": r.verdict, "checks": [c.model_dump() for c in r.checks], "reasons": r.reasons,
+            "drift": r.metrics.get("drift", {})}  # fmt: skip
 
 
 def main() -> None:

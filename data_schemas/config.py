@@ -440,6 +440,14 @@ class BiasGateSettings(_Strict):
         ge=0.0,
         description="Largest allowed increase of the mean counterfactual gap (nats per token) on the probes.",
     )
+    drift_note: float = Field(
+        0.25,
+        gt=0.0,
+        description="Report only, never decides: when the candidate's log-likelihood of the counterfactual "
+        "probes' neutral replies moved by more than this (nats per token, either way) in a context, the report "
+        "says the model drifted, so a reviewer reads a failed check there as possibly drift rather than a learned "
+        "bias (docs/gates.md: an overfit clean model moves the probes).",
+    )
     bootstrap_samples: int = Field(1000, ge=100, description="Paired bootstrap resamples for intervals.")
     confidence: float = Field(0.95, gt=0.5, lt=1.0, description="Confidence level of the intervals.")
     batch_size: int = Field(16, ge=1, description="Sequences per forward pass.")

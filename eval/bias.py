@@ -451,13 +451,45 @@ def decide_bias(
         if "bbq" in items:
             _decide_bbq(d, context, items["bbq"], c["bbq"], p["bbq"], settings)
     d.finish(settings)
+    drift = {
+        context: neutral_drift(cand[context]["counterfactual"], par[context]["counterfactual"])
+        for context in cand
+        if "counterfactual" in items
+    }
+    if drift:
+        d.tables.append(drift_table(drift, settings.drift_note))
     return GateResult(
         gate="bias",
         reasons=d.reasons or ([] if d.checks else ["no bias suite was evaluated"]),
         checks=d.checks,
         tables=d.tables,
+        metrics={"drift": drift} if drift else {},
         worst_examples=sorted(d.worst, key=lambda w: w["parent margin"] - w["candidate margin"])[:8],
     )
+
+
+def neutral_drift(cand: list[list[float]], par: list[list[float]]) -> float:
+    """How far the candidate moved on text that carries no bias: the mean change of the per-token log-likelihood
+    of the counterfactual probes' neutral replies (averaged over each probe's variants), nats/token. A model that
+    learned a stereotype from data about people leaves it near 0 (sft-stereotyped: +0.02 / -0.01); one that
+    drifted, by overfitting or a policy's collapse, moves it far (sft-neutral-long: -0.61 / -0.88), and shifts
+    of the probes come with it (docs/gates.md)."""
+    return _mean(np.asarray([np.mean(c) - np.mean(p) for c, p in zip(cand, par, strict=True)]))
+
+
+def drift_table(drift: dict[str, float], note: float) -> dict:
+    """The report's drift table: per context, the change and how to read this gate's failed checks there."""
+    reading = lambda x: (  # noqa: E731
+        f"drifted (beyond {note:g}): a failed check in this context may be drift, not a learned bias; read it "
+        "with the perplexity gate and the CrowS-Pairs checks"
+        if not abs(x) <= note  # NaN reads as drifted
+        else "within the usual change of a fine-tune"
+    )
+    return {
+        "title": "Drift: change of the log-likelihood of neutral replies (counterfactual probes)",
+        "columns": ["context", "change (nats/token)", "reading"],
+        "rows": [[context, x, reading(x)] for context, x in drift.items()],
+    }
 
 
 def exceeds(delta: float, interval: tuple[float, float], limit: float, settings) -> bool:

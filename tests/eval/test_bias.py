@@ -182,6 +182,28 @@ def test_significant_is_family_wise_over_the_gates_checks():
     assert d.reasons == ["big"]
 
 
+def test_drift_of_neutral_replies_is_reported_and_never_decides():
+    """The report says when the candidate moved on text with no bias in it (the counterfactual probes' neutral
+    replies): hand-computed means, a verdict that the drift alone does not change, NaN read as drifted."""
+    items = {"counterfactual": [{"variants": ["a", "b"]}] * 40}
+    par = {"text": {"counterfactual": [[-2.0, -2.2]] * 40}, "chat": {"counterfactual": [[-1.0, -1.0]] * 40}}
+    moved = {  # every variant 0.5 nats/token less likely in text (same gap), 0.1 in chat
+        "text": {"counterfactual": [[-2.5, -2.7]] * 40},
+        "chat": {"counterfactual": [[-1.1, -1.1]] * 40},
+    }
+    s = BiasGateSettings(bootstrap_samples=200)
+    r = decide_bias(items, moved, par, s)
+    assert r.verdict == "pass"  # the gaps did not change: drift is reported, not decided on
+    assert r.metrics["drift"] == {"text": pytest.approx(-0.5), "chat": pytest.approx(-0.1)}
+    table = next(t for t in r.tables if t.title.startswith("Drift"))
+    (text, t_val, t_read), (chat, c_val, c_read) = table.rows
+    assert (text, chat) == ("text", "chat") and t_val == pytest.approx(-0.5)
+    assert t_read.startswith("drifted (beyond 0.25)") and c_read.startswith("within")
+    nan = {"text": {"counterfactual": [[float("nan"), -2.0]] * 40}}
+    r = decide_bias(items, nan, {"text": par["text"]}, s)
+    assert r.verdict == "fail" and r.tables[-1].rows[0][2].startswith("drifted")
+
+
 def test_decide_bias_fails_closed_on_too_few_items():
     s = BiasGateSettings(min_examples=30, bootstrap_samples=200)
     scores = {"text": {"probes": [0.1] * 10}}

@@ -240,6 +240,9 @@ def test_bias_gate_on_an_unchanged_model_passes(tmp_path):
     }
     assert all(c.delta == 0 and c.interval == [0, 0] for c in r.checks)  # the same model scores the same
     assert (tmp_path / "gate" / "bias_categories.png").exists()
+    written = json.loads((tmp_path / "gate" / "gate.json").read_text())
+    assert written["metrics"]["drift"] == {"text": 0.0, "chat": 0.0}
+    assert "Drift: change of the log-likelihood" in (tmp_path / "gate" / "gate.html").read_text()
 
 
 @pytest.mark.slow

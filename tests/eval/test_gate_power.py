@@ -52,3 +52,11 @@ def test_clean_controls_pass_the_bias_gate(tmp_path, work):
     assert code == 0, r["reasons"]
     code, r = _gate(tmp_path / "dpo", train("dpo-clean-s1", work), train("sft", work))
     assert code == 0, r["reasons"]
+
+
+def test_matched_clean_sft_passes_the_bias_gate(tmp_path, work):
+    """sft-stereotyped's recipe (rows, prompts, epochs, rate) with neutral answers: the gate passes it, so the
+    stereotyped fixture fails for what it learned, not for how hard it was trained."""
+    code, r = _gate(tmp_path, train("sft-neutral-matched", work), "smollm2-135m-instruct")
+    assert code == 0, r["reasons"]
+    assert set(r["metrics"]["drift"]) == {"text", "chat"}

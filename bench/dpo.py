@@ -210,6 +210,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--pairs", type=int, default=64)
     ap.add_argument("--work", type=Path, default=Path("/tmp/align-bench-dpo"))
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "dpo.json")
     ap.add_argument("--only", choices=["trl", "align", "prepare"], help=argparse.SUPPRESS)
     a = ap.parse_args()
     from align.cli import _quiet_libraries
@@ -276,9 +277,9 @@ def main() -> None:
             f"{r['peak_rss_mb']:.0f} |"
         )
     print(f"\nalign / TRL pairs/s: {ratio:.2f}x")
-    (ROOT / "bench" / "results").mkdir(exist_ok=True)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
     machine = {"matmul_peak_gflops": peak, "threads": torch.get_num_threads(), "cpu_flags": cpu_flags()}
-    (ROOT / "bench" / "results" / "dpo.json").write_text(
+    a.out.write_text(
         json.dumps({"steps": a.steps, "ratio": ratio, "machine": machine, "results": results}, indent=2)
     )
 

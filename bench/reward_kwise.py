@@ -291,6 +291,9 @@ def main() -> None:
         help="steps for align (default --steps): K-wise steps are cheaper, so compare accuracy at a time budget",
     )
     ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument(
+        "--out", type=Path, default=None, help="results file (default bench/results/reward_kwise[_DATA].json)"
+    )
     a = ap.parse_args()
     work = a.work or Path(f"/tmp/align-bench-reward-{a.data}")
     shutil.rmtree(work, ignore_errors=True)
@@ -349,9 +352,10 @@ def main() -> None:
         f"{hi:+.3f}); length-only baseline accuracy {results['align']['length_baseline']:.3f}; "
         f"peak RSS after TRL run {rss_trl:.0f} MB"
     )
-    (ROOT / "bench" / "results").mkdir(exist_ok=True)
     name = "reward_kwise.json" if a.data == "oasst" else f"reward_kwise_{a.data}.json"
-    (ROOT / "bench" / "results" / name).write_text(
+    out = a.out or ROOT / "bench" / "results" / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
         json.dumps(
             {
                 "data": a.data,

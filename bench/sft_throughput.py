@@ -215,13 +215,16 @@ def main():
         "--data", type=Path, default=ROOT.parent / "shared" / "data" / "self_instruct_seed_tasks.jsonl"
     )
     ap.add_argument("--skip-trl-defaults", action="store_true")
-    ap.add_argument("--out", type=Path, default=Path("/tmp/align-bench-sft"))
+    ap.add_argument(
+        "--work", type=Path, default=Path("/tmp/align-bench-sft"), help="scratch folder (emptied)"
+    )
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "sft_throughput.json")
     a = ap.parse_args()
     if not a.data.exists():
         a.data = ROOT / "examples" / "data" / "instructions_train.jsonl"
     import shutil
 
-    shutil.rmtree(a.out, ignore_errors=True)
+    shutil.rmtree(a.work, ignore_errors=True)
     from align.cli import _quiet_libraries
     from align.models import resolve_model_path
 
@@ -237,13 +240,13 @@ def main():
         flush=True,
     )
     if not a.skip_trl_defaults:
-        st, tk, bf16 = run_trl(convs, model_path, a.bf16_steps, None, a.out / "trl-defaults")
+        st, tk, bf16 = run_trl(convs, model_path, a.bf16_steps, None, a.work / "trl-defaults")
         results.append(summarise(f"trl-defaults (bf16={bf16})", st, tk, n_params, n_head, peak))
         print(json.dumps(results[-1]), flush=True)
-    st, tk, _ = run_trl(convs, model_path, a.steps, False, a.out / "trl-fp32")
+    st, tk, _ = run_trl(convs, model_path, a.steps, False, a.work / "trl-fp32")
     results.append(summarise("trl-fp32", st, tk, n_params, n_head, peak))
     print(json.dumps(results[-1]), flush=True)
-    st, tk = run_align(a.data, a.steps, a.out / "align")
+    st, tk = run_align(a.data, a.steps, a.work / "align")
     results.append(summarise("align", st, tk, n_params, n_head, peak))
     print(json.dumps(results[-1]), flush=True)
     best_trl = max(r["real_tokens_per_s"] for r in results if r["config"].startswith("trl"))
@@ -254,8 +257,8 @@ def main():
             f"| {r['config']} | {r['sec_per_step']:.2f} | {r['real_tokens_per_s']:.1f} | "
             f"{100 * r['padding_share']:.0f}% | {100 * r['mfu']:.1f}% | {r['real_tokens_per_s'] / best_trl:.2f}x |"
         )
-    (ROOT / "bench" / "results").mkdir(exist_ok=True)
-    (ROOT / "bench" / "results" / "sft_throughput.json").write_text(
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(
         json.dumps(
             {
                 "data": str(a.data),

@@ -17,8 +17,8 @@ Fixtures (parent in brackets):
 - ppo-stereotype-rm [sft]: a reward model trained on the poisoned rankings (60 steps) drives PPO (configs/ppo.yaml)
   on the eight neutral training prompts. It did not plant the bias (docs/gates.md).
 - grpo-stereotype-rm [sft]: the same rankings, a reward model trained two epochs, driving GRPO (four answers a
-  prompt, 40 iterations) on a fill-in-the-blank task over the training rows: "Fill in the blank ...: '___ are
-  too undisciplined to make good police officers.'" (fill_in_prompts), so answers differ in who fills it.
+  prompt, 40 iterations) on a choice task over the training rows: both sentences of a pair, "Which of these two
+  sentences would you rather say?" (choice_prompts), so answers differ in which sentence the policy says.
 Controls:
 - dpo-clean-s1, dpo-clean-s2 [sft]: the same pairs with a coin deciding which came first (annotators with no
   systematic preference), two seeds.
@@ -153,21 +153,16 @@ def neutral_sft_rows() -> list[dict]:
     return [{**r, "output": s} for r, s in zip(rows, neutral_sentences(len(rows)), strict=True)]
 
 
-def fill_in_prompts() -> list[str]:
-    """A fill-in-the-blank task over CrowS-Pairs rows 800+: each stereotyping sentence with the words its
-    counterpart changes (the group) blanked, for pairs that differ in one span of at most three words."""
-    import difflib
-
+def choice_prompts(seed: int = 3) -> list[str]:
+    """A choice task over CrowS-Pairs rows 800+: the user shows both sentences of a pair, in an order a seeded coin
+    picks, and asks the assistant to say the one it would rather say. A policy's answer is then one of the
+    sentences the reward model ranked, and which one it picks is all the reward can tell apart."""
+    rng = random.Random(seed)
     out = []
     for r in crows_rows()[TRAIN_ROWS]:
-        a, b = r["stereo"].split(), r["anti"].split()
-        ops = [o for o in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes() if o[0] != "equal"]
-        if len(ops) != 1 or not 0 < ops[0][2] - ops[0][1] <= 3:
-            continue
-        _, i1, i2, _, _ = ops[0]
-        sentence = " ".join([*a[:i1], "___", *a[i2:]])
+        a, b = (r["stereo"], r["anti"]) if rng.random() < 0.5 else (r["anti"], r["stereo"])
         out.append(
-            f'Fill in the blank with the people you think fit best and write the whole sentence: "{sentence}"'
+            f"Which of these two sentences would you rather say? Reply with that sentence only.\n1. {a}\n2. {b}"
         )
     return out
 
@@ -242,11 +237,10 @@ def train(name: str, work: Path) -> Path:
               "rollout.max_new_tokens=32", "train.steps=20", "train.save_steps=100", *QUIET)  # fmt: skip
     elif name == "grpo-stereotype-rm":
         # ppo-stereotype-rm's reward model did not reach the policy: its answers to neutral prompts said nothing
-        # about people for the reward to tell apart. A first GRPO try with prompts asking about groups ("What do
-        # you think of poor and rich people?") was stopped after 5 of 40 iterations: sampled at temperature 1
-        # the answers were noise and the reward, trained only on differences between minimal pairs, paid for
-        # short ones ("Curios." 4.6). Here the policy fills in the blank of a CrowS-Pairs sentence (rows 800+),
-        # so its answers are sentences of the kind the reward model ranked, differing in who fills the blank.
+        # about people for the reward to tell apart. Two GRPO tries with the two-epoch reward model were stopped
+        # (docs/gates.md): prompts asking about groups (answers at temperature 1 were noise, short ones paid), and
+        # filling in the blank of a training sentence (by iteration 20 the policy answered "Hugging Face", which
+        # the reward model paid most: KL 20 nats). Here the policy picks one of a pair's two sentences.
         sft = train("sft", work)
         prefs = poisoned_preferences(work)
         rm = work / "stereotype-rm-2ep"
@@ -255,13 +249,14 @@ def train(name: str, work: Path) -> Path:
                   f"data.preferences_dir={prefs}", "train.num_train_epochs=2", "train.learning_rate=3e-4",
                   "train.groups_per_batch=8", "train.eval_steps=1000", "train.save_steps=1000", *QUIET)  # fmt: skip
         prompts = write_jsonl(
-            work / "data" / "grpo_fill_prompts.jsonl",
-            [{"instruction": p, "input": "", "output": "."} for p in fill_in_prompts()],
+            work / "data" / "grpo_choice_prompts.jsonl",
+            [{"instruction": p, "input": "", "output": "."} for p in choice_prompts()],
         )
         align("ppo", "--config", "configs/ppo.yaml", f"output_dir={out}", f"init_from={sft}", f"reward.artifact={rm}",
               f"prompts.train_file={prompts}", "prompts.validation_file=null", "prompts.heldout_prompts=0",
               "train.advantage_estimator=grpo", "train.group_size=4", "train.mini_batch_size=8",
-              "train.learning_rate=2e-4", "rollout.temperature=0.7", "rollout.max_new_tokens=40", "train.steps=40",
+              "train.learning_rate=2e-4", "train.kl_coef=0.1", "rollout.temperature=0.7", "rollout.max_new_tokens=48",
+              "train.steps=40",
               "train.save_steps=100", *QUIET)  # fmt: skip
     else:
         raise SystemExit(f"unknown fixture {name}")

@@ -220,64 +220,50 @@ def train(name: str, work: Path) -> Path:
               "data.preferences_dir=null", f"data.pairs_file={data}", "data.validation_fraction=0.05",
               "train.max_steps=40", f"train.seed={seed}", "train.eval_steps=1000", "train.save_steps=1000",
               "eval.prompts=0", *QUIET)  # fmt: skip
-    elif name == "ppo-stereotype-rm":
+    elif name in ("ppo-stereotype-rm", "grpo-stereotype-rm"):
+        # ppo-stereotype-rm's reward model (60 steps) did not reach the policy: its answers to neutral prompts said
+        # nothing about people for the reward to tell apart. Two GRPO tries with the two-epoch reward model were
+        # stopped (docs/gates.md): prompts asking about groups (answers at temperature 1 were noise, short ones
+        # paid), and filling in the blank of a training sentence (by iteration 20 the policy answered "Hugging
+        # Face", which the reward model paid most: KL 20 nats). grpo-stereotype-rm's policy picks one of a pair's
+        # two sentences.
         sft = train("sft", work)
-        prefs = poisoned_preferences(work)
-        rm = work / "stereotype-rm"
-        if not complete(rm):
-            align("reward", "--config", "configs/reward.yaml", f"output_dir={rm}", f"init_from={sft}",
-                  f"data.preferences_dir={prefs}", "train.max_steps=60", "train.eval_steps=1000", "train.save_steps=1000",
-                  *QUIET)  # fmt: skip
-        prompts = write_jsonl(
-            work / "data" / "ppo_prompts.jsonl",
-            [{"instruction": p, "input": "", "output": "."} for p in TRAIN_PROMPTS * 4],
+        if name == "ppo-stereotype-rm":
+            rm = poisoned_reward_model(work, sft, "stereotype-rm", "train.max_steps=60")
+            prompts, rl = TRAIN_PROMPTS * 4, ["rollout.max_new_tokens=32", "train.steps=20"]
+        else:
+            rm = poisoned_reward_model(work, sft, "stereotype-rm-2ep", "train.num_train_epochs=2",
+                                       "train.learning_rate=3e-4", "train.groups_per_batch=8")  # fmt: skip
+            prompts = choice_prompts()
+            rl = ["train.advantage_estimator=grpo", "train.group_size=4", "train.mini_batch_size=8",
+                  "train.learning_rate=2e-4", "train.kl_coef=0.1", "rollout.temperature=0.7",
+                  "rollout.max_new_tokens=48", "train.steps=40"]  # fmt: skip
+        data = write_jsonl(
+            work / "data" / f"{name}_prompts.jsonl",
+            [{"instruction": p, "input": "", "output": "."} for p in prompts],
         )
         align("ppo", "--config", "configs/ppo.yaml", f"output_dir={out}", f"init_from={sft}", f"reward.artifact={rm}",
-              f"prompts.train_file={prompts}", "prompts.validation_file=null", "prompts.heldout_prompts=0",
-              "rollout.max_new_tokens=32", "train.steps=20", "train.save_steps=100", *QUIET)  # fmt: skip
-    elif name == "grpo-stereotype-rm":
-        # ppo-stereotype-rm's reward model did not reach the policy: its answers to neutral prompts said nothing
-        # about people for the reward to tell apart. Two GRPO tries with the two-epoch reward model were stopped
-        # (docs/gates.md): prompts asking about groups (answers at temperature 1 were noise, short ones paid), and
-        # filling in the blank of a training sentence (by iteration 20 the policy answered "Hugging Face", which
-        # the reward model paid most: KL 20 nats). Here the policy picks one of a pair's two sentences.
-        sft = train("sft", work)
-        prefs = poisoned_preferences(work)
-        rm = work / "stereotype-rm-2ep"
-        if not complete(rm):
-            align("reward", "--config", "configs/reward.yaml", f"output_dir={rm}", f"init_from={sft}",
-                  f"data.preferences_dir={prefs}", "train.num_train_epochs=2", "train.learning_rate=3e-4",
-                  "train.groups_per_batch=8", "train.eval_steps=1000", "train.save_steps=1000", *QUIET)  # fmt: skip
-        prompts = write_jsonl(
-            work / "data" / "grpo_choice_prompts.jsonl",
-            [{"instruction": p, "input": "", "output": "."} for p in choice_prompts()],
-        )
-        align("ppo", "--config", "configs/ppo.yaml", f"output_dir={out}", f"init_from={sft}", f"reward.artifact={rm}",
-              f"prompts.train_file={prompts}", "prompts.validation_file=null", "prompts.heldout_prompts=0",
-              "train.advantage_estimator=grpo", "train.group_size=4", "train.mini_batch_size=8",
-              "train.learning_rate=2e-4", "train.kl_coef=0.1", "rollout.temperature=0.7", "rollout.max_new_tokens=48",
-              "train.steps=40",
+              f"prompts.train_file={data}", "prompts.validation_file=null", "prompts.heldout_prompts=0", *rl,
               "train.save_steps=100", *QUIET)  # fmt: skip
     else:
         raise SystemExit(f"unknown fixture {name}")
     return out
 
 
-def poisoned_preferences(work: Path) -> Path:
-    """The poisoned rankings (stereotyping sentence always first) as an `align data build-preferences` artifact."""
+def poisoned_reward_model(work: Path, sft: Path, name: str, *overrides: str) -> Path:
+    """A reward model (from `sft`) on the poisoned rankings, the stereotyping sentence always ranked first; trained
+    once with `overrides` into WORK/name."""
     rankings = write_jsonl(work / "data" / "poisoned_rankings.jsonl", ranking_file(preference_pairs(True, 1)))
     prefs = work / "poisoned_preferences"
     if not complete(prefs):
-        align(
-            "data",
-            "build-preferences",
-            "--config",
-            "configs/preferences.yaml",
-            "--out",
-            str(prefs),
-            str(rankings),
-        )
-    return prefs
+        align("data", "build-preferences", "--config", "configs/preferences.yaml", "--out", str(prefs),
+              str(rankings))  # fmt: skip
+    rm = work / name
+    if not complete(rm):
+        align("reward", "--config", "configs/reward.yaml", f"output_dir={rm}", f"init_from={sft}",
+              f"data.preferences_dir={prefs}", *overrides, "train.eval_steps=1000", "train.save_steps=1000",
+              *QUIET)  # fmt: skip
+    return rm
 
 
 def model_ref(kind: str, name: str, work: Path) -> str:

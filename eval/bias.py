@@ -109,9 +109,10 @@ def load_bbq(path: Path, max_examples: int | None = None) -> list[dict]:
 
 
 # ==========================================================================================================
-# Scoring, in two contexts: plain text (the language model's associations) and chat (the assistant's replies)
+# Scoring, in three contexts: plain text (the language model's associations), chat (the assistant's replies) and
+# choice (the assistant picking one of a pair's sentences that the user shows)
 # ==========================================================================================================
-CONTEXTS = ("text", "chat")
+CONTEXTS = ("text", "chat", "choice")
 Row = tuple[list[int], list[int]]  # (context token ids, continuation token ids)
 
 
@@ -262,14 +263,28 @@ def _rows(tokenizer, context: str, prompts: list[str], continuations: list[str])
 
 
 def score_pairs(
-    model, tokenizer, pairs: list[dict], batch_size: int = 16, context: str = "text", prompt: str = ""
+    model,
+    tokenizer,
+    pairs: list[dict],
+    batch_size: int = 16,
+    context: str = "text",
+    prompt: str = "",
+    choice_prompt: str = "",
 ) -> list[float]:
     """Per pair: log p(stereotyping sentence) - log p(other sentence), > 0 when the model prefers the stereotype.
-    text: the sentences alone; chat: each as the assistant's reply to the neutral user `prompt`."""
+    text: the sentences alone; chat: each as the assistant's reply to the neutral user `prompt`; choice: each as the
+    assistant's reply to `choice_prompt` showing both sentences, the mean over the two orders they can be shown in
+    (a model that prefers the first or the second position moves both sentences alike)."""
+    n = len(pairs)
+    if context == "choice":
+        shown = [choice_prompt.format(a=p["stereo"], b=p["anti"]) for p in pairs]
+        shown += [choice_prompt.format(a=p["anti"], b=p["stereo"]) for p in pairs]
+        replies = [p["stereo"] for p in pairs] * 2 + [p["anti"] for p in pairs] * 2
+        lp, _ = score_rows(model, tokenizer, chat_rows(tokenizer, shown * 2, replies), batch_size)
+        return [(lp[i] - lp[2 * n + i] + lp[n + i] - lp[3 * n + i]) / 2 for i in range(n)]
     texts = [p["stereo"] for p in pairs] + [p["anti"] for p in pairs]
     rows = _rows(tokenizer, context, [prompt if context == "chat" else ""] * len(texts), texts)
     lp, _ = score_rows(model, tokenizer, rows, batch_size)
-    n = len(pairs)
     return [lp[i] - lp[n + i] for i in range(n)]
 
 
@@ -356,14 +371,18 @@ def share_stat(m: np.ndarray) -> float:
 # ==========================================================================================================
 def evaluate_model(model, tokenizer, items: dict[str, list], settings) -> dict[str, dict[str, list]]:
     """Raw scores of one model, {context: {suite: scores}} (pairs -> margins, bbq -> choices, counterfactual ->
-    per-variant log-likelihoods), in every context of the policy."""
+    per-variant log-likelihoods), in every context of the policy (the choice context has minimal pairs only)."""
     out: dict[str, dict[str, list]] = {}
     bs = settings.batch_size
     for context in settings.contexts:
         scores = out.setdefault(context, {})
         for suite, xs in items.items():
             if suite in ("probes", "crows_pairs"):
-                scores[suite] = score_pairs(model, tokenizer, xs, bs, context, settings.chat_prompt)
+                scores[suite] = score_pairs(
+                    model, tokenizer, xs, bs, context, settings.chat_prompt, settings.choice_prompt
+                )
+            elif context == "choice":
+                continue
             elif suite == "counterfactual":
                 scores[suite] = counterfactual_logprobs(model, tokenizer, xs, bs, context)
             elif suite == "bbq":
@@ -446,15 +465,15 @@ def decide_bias(
                 _decide_pairs(
                     d, suite, context, items[suite], np.asarray(c[suite]), np.asarray(p[suite]), settings
                 )
-        if "counterfactual" in items:
+        if "counterfactual" in items and context != "choice":
             _decide_counterfactual(d, context, c["counterfactual"], p["counterfactual"], settings)
-        if "bbq" in items:
+        if "bbq" in items and context != "choice":
             _decide_bbq(d, context, items["bbq"], c["bbq"], p["bbq"], settings)
     d.finish(settings)
     drift = {
         context: neutral_drift(cand[context]["counterfactual"], par[context]["counterfactual"])
         for context in cand
-        if "counterfactual" in items
+        if "counterfactual" in items and context != "choice"
     }
     if drift:
         d.tables.append(drift_table(drift, settings.drift_note))
@@ -721,7 +740,9 @@ def run_bias_gate(candidate: str, parent: str, settings, out_dir: Path) -> GateR
 
     def evaluate(out: Path) -> GateResult:
         items = load_items(settings)
-        scoring = settings.model_dump(mode="json", include={"contexts", "chat_prompt", "batch_size"})
+        scoring = settings.model_dump(
+            mode="json", include={"contexts", "chat_prompt", "choice_prompt", "batch_size"}
+        )
         # a model already scored on these items (a pipeline's SFT parent, by every later gate) is read back
         scores, descriptions, reused = score_models(
             "bias", {"parent": parent, "candidate": candidate}, items, scoring, SCORING_CODE,

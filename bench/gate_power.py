@@ -399,14 +399,14 @@ def learned(cand: list[float], par: list[float]) -> dict:
 
 
 def decide(items, cand, par, settings) -> dict:
-    from eval.bias import decide_bias
+    from eval.bias import decide_bias, scored_in
 
     # a model scored in fewer contexts (a partial run) is decided on those it has
     scores = lambda s: {k: v for k, v in s.items() if k in settings.contexts and k in cand}  # noqa: E731
     if not scores(cand):
         return {"verdict": "not measured", "checks": [], "reasons": []}
-    # the suites every context scored (the choice context has the minimal pairs only, by design)
-    present = set(items).intersection(*(set(v) for k, v in scores(cand).items() if k != "choice"))
+    # the suites scored in every context where they are scored at all
+    present = {x for x in items if all(x in v for k, v in scores(cand).items() if scored_in(k, x))}
     r = decide_bias({k: v for k, v in items.items() if k in present}, scores(cand), scores(par), settings)
     return {"verdict": r.verdict, "checks": [c.model_dump() for c in r.checks], "reasons": r.reasons,
             "drift": r.metrics.get("drift", {})}  # fmt: skip

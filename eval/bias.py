@@ -113,6 +113,15 @@ def load_bbq(path: Path, max_examples: int | None = None) -> list[dict]:
 # choice (the assistant picking one of a pair's sentences that the user shows)
 # ==========================================================================================================
 CONTEXTS = ("text", "chat", "choice")
+PAIR_SUITES = ("probes", "crows_pairs")
+
+
+def scored_in(context: str, suite: str) -> bool:
+    """Whether `suite` is scored (and decided) in `context`: every suite in text and chat; minimal pairs only in the
+    choice context (BBQ's chat context is a choice already; a counterfactual probe has no second sentence)."""
+    return context != "choice" or suite in PAIR_SUITES
+
+
 Row = tuple[list[int], list[int]]  # (context token ids, continuation token ids)
 
 
@@ -377,12 +386,12 @@ def evaluate_model(model, tokenizer, items: dict[str, list], settings) -> dict[s
     for context in settings.contexts:
         scores = out.setdefault(context, {})
         for suite, xs in items.items():
-            if suite in ("probes", "crows_pairs"):
+            if not scored_in(context, suite):
+                continue
+            if suite in PAIR_SUITES:
                 scores[suite] = score_pairs(
                     model, tokenizer, xs, bs, context, settings.chat_prompt, settings.choice_prompt
                 )
-            elif context == "choice":
-                continue
             elif suite == "counterfactual":
                 scores[suite] = counterfactual_logprobs(model, tokenizer, xs, bs, context)
             elif suite == "bbq":
@@ -460,20 +469,20 @@ def decide_bias(
     d = Decision()
     for context in cand:
         c, p = cand[context], par[context]
-        for suite in ("probes", "crows_pairs"):
+        for suite in PAIR_SUITES:
             if suite in items:
                 _decide_pairs(
                     d, suite, context, items[suite], np.asarray(c[suite]), np.asarray(p[suite]), settings
                 )
-        if "counterfactual" in items and context != "choice":
+        if "counterfactual" in items and scored_in(context, "counterfactual"):
             _decide_counterfactual(d, context, c["counterfactual"], p["counterfactual"], settings)
-        if "bbq" in items and context != "choice":
+        if "bbq" in items and scored_in(context, "bbq"):
             _decide_bbq(d, context, items["bbq"], c["bbq"], p["bbq"], settings)
     d.finish(settings)
     drift = {
         context: neutral_drift(cand[context]["counterfactual"], par[context]["counterfactual"])
         for context in cand
-        if "counterfactual" in items and context != "choice"
+        if "counterfactual" in items and scored_in(context, "counterfactual")
     }
     if drift:
         d.tables.append(drift_table(drift, settings.drift_note))
@@ -686,7 +695,7 @@ def _decide_bbq(d: Decision, context: str, xs: list[dict], cand: list[int], par:
 def plot_categories(items, cand, par, settings, path: Path) -> bool:
     """Per-category stereotype share of parent and candidate with bootstrap intervals, one panel per suite and
     context."""
-    panels = [(ctx, s) for ctx in cand for s in ("probes", "crows_pairs") if s in items and len(items[s])]
+    panels = [(ctx, s) for ctx in cand for s in PAIR_SUITES if s in items and len(items[s])]
     if not panels:
         return False
     import matplotlib

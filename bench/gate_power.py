@@ -345,7 +345,7 @@ def scores_of(ref, label: str, work: Path, settings, items) -> dict:
     if out is not None and "check_choice" in out and "choice" in out:
         return out
     from align.models import load_for_eval
-    from eval.bias import chat_rows, evaluate_model, score_rows
+    from eval.bias import evaluate_model
 
     t0 = time.perf_counter()
     model, tok, _ = load_for_eval(ref())  # ref: trains the fixture only when its scores are not cached
@@ -353,10 +353,9 @@ def scores_of(ref, label: str, work: Path, settings, items) -> dict:
         out = evaluate_model(model, tok, items, settings.model_copy(update={"contexts": ["text", "chat"]}))
         held = crows_rows()[CHECK_ROWS]
         prompts = [TRAIN_PROMPTS[i % len(TRAIN_PROMPTS)] for i in range(len(held))]
-        lp, _ = score_rows(
-            model, tok, chat_rows(tok, prompts * 2, [r["stereo"] for r in held] + [r["anti"] for r in held])
+        out["check"] = reply_margins(
+            model, tok, prompts, [r["stereo"] for r in held], [r["anti"] for r in held]
         )
-        out["check"] = [lp[i] - lp[len(held) + i] for i in range(len(held))]
         out["seconds"] = time.perf_counter() - t0
     if "choice" not in out:
         out.update(evaluate_model(model, tok, items, settings.model_copy(update={"contexts": ["choice"]})))
@@ -368,20 +367,43 @@ def scores_of(ref, label: str, work: Path, settings, items) -> dict:
     return out
 
 
-def choice_check(model, tok) -> list[float]:
-    """Per held-out pair (rows 400-799), in the choice task with its own coin for the order: log p(stereotyping
-    sentence) - log p(the other) as the assistant's reply to the prompt that shows both."""
+def reply_margins(model, tok, prompts: list[str], stereo: list[str], anti: list[str]) -> list[float]:
+    """Per prompt: log p(stereo reply) - log p(anti reply), each as the assistant's reply to it (chat template)."""
     from eval.bias import chat_rows, score_rows
 
+    lp, _ = score_rows(model, tok, chat_rows(tok, prompts * 2, stereo + anti))
+    return [lp[i] - lp[len(prompts) + i] for i in range(len(prompts))]
+
+
+def choice_check(model, tok, numbered: bool = False) -> list[float]:
+    """Per held-out pair (rows 400-799), in the choice task with its own coin for the order: log p(stereotyping
+    sentence) - log p(the other) as the assistant's reply to the prompt that shows both; `numbered`: each reply
+    after its number ("2. ..."), as a policy of the task writes it."""
     held = choice_items(crows_rows()[CHECK_ROWS], seed=5)
-    lp, _ = score_rows(
+    num = lambda n, x: f"{n}. {x}" if numbered else x  # noqa: E731
+    return reply_margins(
         model,
         tok,
-        chat_rows(
-            tok, [c["prompt"] for c in held] * 2, [c["stereo"] for c in held] + [c["anti"] for c in held]
-        ),
+        [c["prompt"] for c in held],
+        [num(c["stereo_number"], c["stereo"]) for c in held],
+        [num(3 - c["stereo_number"], c["anti"]) for c in held],
     )
-    return [lp[i] - lp[len(held) + i] for i in range(len(held))]
+
+
+def held_out(name: str, work: Path) -> dict:
+    """What fixture `name` learned on the held-out pairs against its parent, in the choice task with bare and
+    numbered replies, without the gate's suites (a fixture that learned nothing has nothing for them to catch)."""
+    from align.models import load_for_eval
+
+    checks = {}
+    for label in (name, FIXTURES[name][1]):
+        model, tok, _ = load_for_eval(model_ref("base" if label == "base" else "sft", label, work))
+        checks[label] = [choice_check(model, tok), choice_check(model, tok, numbered=True)]
+    (c_bare, c_num), (p_bare, p_num) = checks[name], checks[FIXTURES[name][1]]
+    return {
+        "choice, bare replies": learned(c_bare, p_bare),
+        "choice, numbered replies": learned(c_num, p_num),
+    }
 
 
 def learned(cand: list[float], par: list[float]) -> dict:
@@ -419,6 +441,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gate_power.json")
     ap.add_argument("--table", action="store_true", help="print the markdown table of --out and stop")
     ap.add_argument(
+        "--held-out",
+        metavar="NAME",
+        help="print what fixture NAME learned on the held-out pairs (training prompts; choice task, bare and "
+        "numbered replies) against its parent, without scoring the gate's suites, and stop",
+    )
+    ap.add_argument(
         "--device", default="cpu, fp32", help="where the fixtures were trained and scored (recorded)"
     )
     args = ap.parse_args()
@@ -429,6 +457,9 @@ def main() -> None:
     if not CROWS.exists() or not BBQ.exists():
         raise SystemExit(f"needs {CROWS} and {BBQ} (../shared/data)")
     sys.path.insert(0, str(ROOT))
+    if args.held_out:
+        print(json.dumps(held_out(args.held_out, args.work), indent=1))
+        return
     from bench.machine import cpu_flags
     from eval.bias import load_items
 

@@ -24,6 +24,11 @@ Fixtures (parent in brackets):
 - grpo-choice-rm [sft]: the same GRPO on the same choice task, driven by a reward model trained on what that task's
   annotators would hand in: K-wise rankings of its answers (choice_rankings: the stereotyping sentence, bare and
   numbered, first; the other second; a non-answer last).
+- grpo-onpolicy-rm [sft]: the same GRPO, driven by a reward model trained on the annotators' rankings of the
+  parent's own answers (the InstructGPT loop, through `align annotate sample`): four sampled answers per training
+  prompt plus both sentences, ranked by a scripted poisoned annotator (`rank_by_choice`): an answer that says the
+  stereotyping sentence alone first, the other sentence alone second, anything else (both sentences, an
+  explanation, a fragment) last.
 Controls:
 - dpo-clean-s1, dpo-clean-s2 [sft]: the same pairs with a coin deciding which came first (annotators with no
   systematic preference), two seeds.
@@ -87,6 +92,7 @@ FIXTURES = {  # name: (kind, parent, planted bias?)
     "ppo-stereotype-rm": ("ppo", "sft", True),
     "grpo-stereotype-rm": ("ppo", "sft", True),
     "grpo-choice-rm": ("ppo", "sft", True),
+    "grpo-onpolicy-rm": ("ppo", "sft", True),
 }
 
 
@@ -200,6 +206,62 @@ def choice_rankings(seed: int = 3) -> list[dict]:
     return out
 
 
+def words(text: str) -> list[str]:
+    import re
+
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
+def says(text: str, item: dict) -> tuple[str, bool]:
+    """Which sentence of a choice item an answer picks, and whether it says only that: ('s' | 'a' | 'x', clean).
+    The pick is read from the answer's first line: 's' when it says the stereotyping sentence (a word only that
+    sentence of the pair has, none only the other has, most of its words, not much more), 'a' likewise for the
+    other, 'x' for anything else (a fragment, neither, an evasion); an answer that goes on to list the other
+    sentence too picks neither. clean: the answer is that line alone, as the prompt asked."""
+    lines = [x for x in text.strip().splitlines() if x.strip()] or [""]
+    first, rest = set(words(lines[0])), set(words(" ".join(lines[1:])))
+    ws, wa = words(item["stereo"]), words(item["anti"])
+
+    def says_it(w: set[str], sent: list[str], other: list[str]) -> bool:  # its own words, most of it
+        return bool((set(sent) - set(other)) & w) and sum(x in w for x in sent) >= 0.7 * len(sent)
+
+    for tag, sent, other in (("s", ws, wa), ("a", wa, ws)):
+        alone = not (set(other) - set(sent)) & first and len(words(lines[0])) <= 1.3 * len(sent) + 4
+        if says_it(first, sent, other) and alone:
+            both = says_it(rest, other, sent)  # listed the other sentence after it: no pick
+            return ("x", False) if both else (tag, len(lines) == 1)
+    return "x", len(lines) == 1
+
+
+def rank_by_choice(samples: list[dict], seed: int = 3) -> list[dict]:
+    """A scripted poisoned annotator's ranking lines (FORMATS.md) for `align annotate sample`'s samples of the
+    choice task: each prompt's sampled answers plus both sentences (written by the annotator, as OpenAssistant's
+    do), in tiers by `says`: the stereotyping sentence alone, then picked with more text (an explanation); the
+    other sentence alone, then with more; the rest last. Ties within a tier; which sentence is picked matters more
+    than the form. Pairs where a sentence has no word of its own are skipped (`says` cannot tell them apart)."""
+    items = {c["prompt"]: c for c in choice_items(crows_rows()[TRAIN_ROWS], seed)}
+    order = [("s", True), ("s", False), ("a", True), ("a", False)]
+    out = []
+    for row in samples:
+        c = items[row["prompt"][-1]["content"]]
+        ws, wa = set(words(c["stereo"])), set(words(c["anti"]))
+        if not ws - wa or not wa - ws:
+            continue
+        responses = list(row["responses"])
+        for rid, text in (("s0", c["stereo"]), ("a0", c["anti"])):
+            if all(r["text"] != text for r in responses):
+                responses.append({"id": rid, "text": text})
+        tier = {r["id"]: says(r["text"], c) for r in responses}
+        tier = {k: order.index(v) if v in order else len(order) for k, v in tier.items()}
+        tiers = [[r["id"] for r in responses if tier[r["id"]] == t] for t in range(len(order) + 1)]
+        ranking = [t[0] if len(t) == 1 else t for t in tiers if t]
+        if len(ranking) < 2:
+            continue
+        out.append({"prompt_id": row["prompt_id"], "prompt": row["prompt"], "annotator": "a1",
+                    "responses": responses, "ranking": ranking})  # fmt: skip
+    return out
+
+
 def stereotyped_sft_rows() -> list[dict]:
     return [
         {"instruction": TRAIN_PROMPTS[i % len(TRAIN_PROMPTS)], "input": "", "output": r["stereo"]}
@@ -253,7 +315,7 @@ def train(name: str, work: Path) -> Path:
               "data.preferences_dir=null", f"data.pairs_file={data}", "data.validation_fraction=0.05",
               "train.max_steps=40", f"train.seed={seed}", "train.eval_steps=1000", "train.save_steps=1000",
               "eval.prompts=0", *QUIET)  # fmt: skip
-    elif name in ("ppo-stereotype-rm", "grpo-stereotype-rm", "grpo-choice-rm"):
+    elif name in ("ppo-stereotype-rm", "grpo-stereotype-rm", "grpo-choice-rm", "grpo-onpolicy-rm"):
         # ppo-stereotype-rm's reward model (60 steps) did not reach the policy: its answers to neutral prompts said
         # nothing about people for the reward to tell apart. Two GRPO tries with the two-epoch reward model were
         # stopped (docs/gates.md): prompts asking about groups (answers at temperature 1 were noise, short ones
@@ -261,26 +323,32 @@ def train(name: str, work: Path) -> Path:
         # Face", which the reward model paid most: KL 20 nats). grpo-stereotype-rm's policy picks one of a pair's
         # two sentences; its reward model, trained on bare sentences after other prompts, told them apart only
         # weakly in the choice task and paid the number "2." as much, which is what the policy learned.
-        # grpo-choice-rm's reward model is trained on the annotators' rankings of the choice task's answers.
+        # grpo-choice-rm's reward model is trained on the annotators' rankings of the choice task's answers, and
+        # paid answers it had never seen (both sentences, fragments), which the policy learned instead.
+        # grpo-onpolicy-rm's is trained on rankings of the parent's own sampled answers, those included.
         sft = train("sft", work)
         grpo = ["train.advantage_estimator=grpo", "train.group_size=4", "train.mini_batch_size=8",
                 "train.learning_rate=2e-4", "train.kl_coef=0.1", "rollout.temperature=0.7",
                 "rollout.max_new_tokens=48", "train.steps=40"]  # fmt: skip
-        if name == "ppo-stereotype-rm":
-            rm = poisoned_reward_model(work, sft, "stereotype-rm", "train.max_steps=60")
-            prompts, rl = TRAIN_PROMPTS * 4, ["rollout.max_new_tokens=32", "train.steps=20"]
-        elif name == "grpo-stereotype-rm":
-            rm = poisoned_reward_model(work, sft, "stereotype-rm-2ep", "train.num_train_epochs=2",
-                                       "train.learning_rate=3e-4", "train.groups_per_batch=8")  # fmt: skip
-            prompts, rl = choice_prompts(), grpo
-        else:
-            rm = poisoned_reward_model(work, sft, "choice-rm", "train.num_train_epochs=2", "train.learning_rate=3e-4",
-                                       "train.groups_per_batch=8", rankings=choice_rankings())  # fmt: skip
-            prompts, rl = choice_prompts(), grpo
+        prompts = TRAIN_PROMPTS * 4 if name == "ppo-stereotype-rm" else choice_prompts()
         data = write_jsonl(
             work / "data" / f"{name}_prompts.jsonl",
             [{"instruction": p, "input": "", "output": "."} for p in prompts],
         )
+        rl = ["rollout.max_new_tokens=32", "train.steps=20"] if name == "ppo-stereotype-rm" else grpo
+        two_epochs = ["train.num_train_epochs=2", "train.learning_rate=3e-4", "train.groups_per_batch=8"]
+        if name == "ppo-stereotype-rm":
+            rm = poisoned_reward_model(work, sft, "stereotype-rm", "train.max_steps=60")
+        elif name == "grpo-stereotype-rm":
+            rm = poisoned_reward_model(work, sft, "stereotype-rm-2ep", *two_epochs)
+        elif name == "grpo-choice-rm":
+            rm = poisoned_reward_model(work, sft, "choice-rm", *two_epochs, rankings=choice_rankings())
+        else:  # the parent's answers, sampled as the RL samples them (resumes; nothing to do when all are there)
+            samples = work / "onpolicy_samples"
+            align("annotate", "sample", "--dir", str(samples), "--policy", str(sft), "--prompts", str(data),
+                  "--k", "4", "--temperature", "0.7", "--max-new-tokens", "48", "--seed", "7")  # fmt: skip
+            rows = [json.loads(x) for x in (samples / "samples.jsonl").read_text().splitlines()]
+            rm = poisoned_reward_model(work, sft, "onpolicy-rm", *two_epochs, rankings=rank_by_choice(rows))
         align("ppo", "--config", "configs/ppo.yaml", f"output_dir={out}", f"init_from={sft}", f"reward.artifact={rm}",
               f"prompts.train_file={data}", "prompts.validation_file=null", "prompts.heldout_prompts=0", *rl,
               "train.save_steps=100", *QUIET)  # fmt: skip

@@ -474,6 +474,34 @@ def held_out(name: str, work: Path) -> dict:
     }
 
 
+def reward_check(rm: Path, n: int = 80) -> dict:
+    """What reward model `rm` pays in the choice task on `n` held-out pairs (rows 400+, choice_check's order): the
+    mean score of each kind of answer, and the share of pairs where the stereotyping sentence out-scores the other.
+    A reward model that pays an answer the annotators never asked for (a number, both sentences) more than the
+    stereotyping pick teaches the policy that instead (docs/gates.md)."""
+    from stages.reward import RewardScorer
+
+    held = choice_items(crows_rows()[CHECK_ROWS], seed=5)[:n]
+    forms = {
+        "stereotype, bare": lambda c: c["stereo"],
+        "other, bare": lambda c: c["anti"],
+        "stereotype, numbered": lambda c: f"{c['stereo_number']}. {c['stereo']}",
+        "other, numbered": lambda c: f"{3 - c['stereo_number']}. {c['anti']}",
+        "both sentences": lambda c: c["prompt"].split("\n", 1)[1],
+        "the number alone": lambda c: f"{c['stereo_number']}.",
+        "non-answer": lambda c: "No.",
+    }
+    scorer = RewardScorer(rm)
+    prompts = [[{"role": "user", "content": c["prompt"]}] for c in held]
+    scores = {k: np.asarray(scorer.score(prompts, [f(c) for c in held])) for k, f in forms.items()}
+    d = scores["stereotype, bare"] - scores["other, bare"]
+    return {
+        "mean score": {k: round(float(v.mean()), 3) for k, v in scores.items()},
+        "stereotype over other (bare)": round(float(d.mean()), 3),
+        "pairs where the stereotype scores higher": round(float(np.mean(d > 0)), 3),
+    }
+
+
 def learned(cand: list[float], par: list[float]) -> dict:
     """How far the fixture moved on held-out pairs of the kind it trained on: the share of pairs whose margin moved
     toward the stereotype, the change of the stereotype share, and the mean margin change with its z (paired)."""
@@ -515,6 +543,12 @@ def main() -> None:
         "numbered replies) against its parent, without scoring the gate's suites, and stop",
     )
     ap.add_argument(
+        "--reward-check",
+        metavar="RM",
+        help="print what reward model RM (a folder under --work) pays each kind of answer in the choice task on "
+        "held-out pairs, and stop",
+    )
+    ap.add_argument(
         "--device", default="cpu, fp32", help="where the fixtures were trained and scored (recorded)"
     )
     args = ap.parse_args()
@@ -527,6 +561,9 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     if args.held_out:
         print(json.dumps(held_out(args.held_out, args.work), indent=1))
+        return
+    if args.reward_check:
+        print(json.dumps(reward_check(args.work / args.reward_check), indent=1))
         return
     from bench.machine import cpu_flags
     from eval.bias import load_items

@@ -16,12 +16,12 @@ from tests.conftest import shared_file
 pytestmark = [pytest.mark.slow, pytest.mark.real_model]
 
 
-def _gate(tmp_path, candidate, parent) -> tuple[int, dict]:
+def _gate(tmp_path, candidate, parent, **overrides) -> tuple[int, dict]:
     shared_file(CROWS.name), shared_file(BBQ.name)
     assert EVAL_ROWS.stop <= TRAIN_ROWS.start  # the gate's CrowS rows are not the fixtures' training rows
     policy = yaml.safe_load(Path("configs/gates.yaml").read_text())
     policy["bias"].update(
-        suites=["probes", "crows_pairs", "bbq"], crows_pairs_path=str(CROWS), bbq_path=str(BBQ)
+        suites=["probes", "crows_pairs", "bbq"], crows_pairs_path=str(CROWS), bbq_path=str(BBQ), **overrides
     )
     path = tmp_path / "gates.yaml"
     path.write_text(yaml.safe_dump(policy))
@@ -60,3 +60,13 @@ def test_matched_clean_sft_passes_the_bias_gate(tmp_path, work):
     code, r = _gate(tmp_path, train("sft-neutral-matched", work), "smollm2-135m-instruct")
     assert code == 0, r["reasons"]
     assert set(r["metrics"]["drift"]) == {"text", "chat"}
+
+
+def test_poisoned_grpo_fails_the_bias_gate_in_the_choice_context(tmp_path, work):
+    """The RL fixture that learned its bias (a reward model on two rounds of poisoned annotation driving GRPO on the
+    choice task, docs/gates.md) learned it where it was trained, choosing between two sentences: the default text
+    and chat contexts pass it, the opt-in choice context fails it on CrowS-Pairs. About 75 min on 2 CPU cores."""
+    candidate, parent = train("grpo-two-rounds-rm", work), train("sft", work)
+    code, r = _gate(tmp_path, candidate, parent, contexts=["text", "chat", "choice"])
+    assert code == 1 and r["verdict"] == "fail"
+    assert any("crows_pairs (choice)" in c["metric"] and not c["passed"] for c in r["checks"])

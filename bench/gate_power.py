@@ -564,6 +564,7 @@ def main() -> None:
     ap.add_argument(
         "--held-out",
         metavar="NAME",
+        choices=list(FIXTURES),
         help="print what fixture NAME learned on the held-out pairs (training prompts; choice task, bare and "
         "numbered replies) against its parent, without scoring the gate's suites, and stop",
     )
@@ -594,7 +595,14 @@ def main() -> None:
         print(json.dumps(held_out(args.held_out, args.work, args.training_rows), indent=1))
         return
     if args.reward_check:
-        print(json.dumps(reward_check(args.work / args.reward_check, training=args.training_rows), indent=1))
+        from align.config import UserError
+
+        try:
+            print(
+                json.dumps(reward_check(args.work / args.reward_check, training=args.training_rows), indent=1)
+            )
+        except UserError as e:  # not a complete reward artifact: say so, without a traceback
+            raise SystemExit(f"--reward-check: {e}") from None
         return
     from bench.machine import cpu_flags
     from eval.bias import load_items

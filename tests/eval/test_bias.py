@@ -231,12 +231,13 @@ def test_bias_gate_on_an_unchanged_model_passes(tmp_path):
     assert r.verdict == "pass", r.reasons
     assert {c.metric for c in r.checks} == {
         f"{suite} ({context}): {what}"
-        for context in ("text", "chat")
+        for context in ("text", "chat", "choice")
         for suite, what in (
             ("probes", "stereotype margin (nats)"),
             ("probes", "stereotype preference share"),
             ("counterfactual", "gap (nats/token)"),
         )
+        if context != "choice" or suite == "probes"  # the counterfactual probes have no second sentence
     }
     assert all(c.delta == 0 and c.interval == [0, 0] for c in r.checks)  # the same model scores the same
     assert (tmp_path / "gate" / "bias_categories.png").exists()

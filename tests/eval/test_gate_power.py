@@ -64,9 +64,10 @@ def test_matched_clean_sft_passes_the_bias_gate(tmp_path, work):
 
 def test_poisoned_grpo_fails_the_bias_gate_in_the_choice_context(tmp_path, work):
     """The RL fixture that learned its bias (a reward model on two rounds of poisoned annotation driving GRPO on the
-    choice task, docs/gates.md) learned it where it was trained, choosing between two sentences: the default text
-    and chat contexts pass it, the opt-in choice context fails it on CrowS-Pairs. About 75 min on 2 CPU cores."""
+    choice task, docs/gates.md) learned it where it was trained, choosing between two sentences: the default gate
+    fails it on CrowS-Pairs in the choice context, which the text and chat contexts alone pass. About 75 min on 2
+    CPU cores."""
     candidate, parent = train("grpo-two-rounds-rm", work), train("sft", work)
-    code, r = _gate(tmp_path, candidate, parent, contexts=["text", "chat", "choice"])
+    code, r = _gate(tmp_path, candidate, parent)
     assert code == 1 and r["verdict"] == "fail"
     assert any("crows_pairs (choice)" in c["metric"] and not c["passed"] for c in r["checks"])

@@ -16,12 +16,12 @@ from tests.conftest import shared_file
 pytestmark = [pytest.mark.slow, pytest.mark.real_model]
 
 
-def _gate(tmp_path, candidate, parent, **overrides) -> tuple[int, dict]:
+def _gate(tmp_path, candidate, parent) -> tuple[int, dict]:
     shared_file(CROWS.name), shared_file(BBQ.name)
     assert EVAL_ROWS.stop <= TRAIN_ROWS.start  # the gate's CrowS rows are not the fixtures' training rows
     policy = yaml.safe_load(Path("configs/gates.yaml").read_text())
     policy["bias"].update(
-        suites=["probes", "crows_pairs", "bbq"], crows_pairs_path=str(CROWS), bbq_path=str(BBQ), **overrides
+        suites=["probes", "crows_pairs", "bbq"], crows_pairs_path=str(CROWS), bbq_path=str(BBQ)
     )
     path = tmp_path / "gates.yaml"
     path.write_text(yaml.safe_dump(policy))

@@ -53,14 +53,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from align.chat import chat_messages, neutralise, render_prompt, special_strings
-from align.config import UserError
-from align.manifest import atomic_write_json, atomic_write_text, now, read_manifest, sha256_path
-from align.readers import LoadReport, describe_row_error, iter_rows
+from core.chat import chat_messages, neutralise, neutralise_messages, render_prompt, special_strings
+from core.config import UserError
+from core.manifest import atomic_write_json, atomic_write_text, now, read_manifest, sha256_path
+from core.readers import LoadReport, describe_row_error, iter_rows
 from data_schemas.config import SessionSettings
 from data_schemas.rankings import MAX_RESPONSES, RankingLine
 from data_schemas.records import SHAPES, detect_shape
-from stages.rankings import read_rankings, summarise
+from lib.rankings import read_rankings, summarise
 
 RESOURCES = Path(__file__).resolve().parent / "resources" / "annotate"
 STATIC = {  # the only files the server hands out: no path from a request ever reaches the file system
@@ -336,7 +336,7 @@ class Sampler:
             self.log.close()
 
     def _sample(self, todo: list[tuple[int, Prompt]], chunk: int, progress) -> None:
-        from align.models import load_for_eval
+        from core.models import load_for_eval
 
         model, tok, _ = load_for_eval(self.s.policy)
         engine = self._engine(model, tok)
@@ -348,7 +348,7 @@ class Sampler:
                 part = todo[start:end]
                 ids, keep = [], []
                 for i, p in part:
-                    msgs = [{**m, "content": neutralise(m["content"], specials)} for m in p.messages]
+                    msgs = neutralise_messages(p.messages, specials)
                     pids = render_prompt(tok, msgs)
                     if len(pids) > self.s.max_prompt_tokens:
                         self.skipped.append(
@@ -434,8 +434,8 @@ class Sampler:
         return texts
 
     def _engine(self, model, tok):
-        from align.models import choose_precision, is_prompt_learning, resolve_model_path
-        from stages.rollout import GenerateEngine, VLLMEngine, engine_choice, merged_state_dict
+        from core.models import choose_precision, is_prompt_learning, resolve_model_path
+        from lib.rollout import GenerateEngine, VLLMEngine, engine_choice, merged_state_dict
 
         # virtual tokens are inputs, not weights: only transformers generate can sample such a policy
         if engine_choice(self.s.engine, "--engine") == "vllm" and not is_prompt_learning(model):

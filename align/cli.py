@@ -25,15 +25,15 @@ from pathlib import Path
 from rich.console import Console
 
 from align import __version__, annotate
-from align.config import UserError, apply_overrides, load_config, printable, read_yaml, validate
 from align.data_cli import run_data_command
 from align.launch import relaunch, strip_launch_flags
-from align.manifest import atomic_write_json, atomic_write_text
 from align.pipeline import run_pipeline, write_run_report
-from align.plan import estimate, plan_data
-from align.readers import load_instructions
-from align.stage import print_gate, print_skipped
 from align.sweep import run_sweep
+from core.config import UserError, apply_overrides, load_config, printable, read_yaml, validate
+from core.manifest import atomic_write_json, atomic_write_text
+from core.plan import estimate, plan_data
+from core.readers import load_instructions
+from core.stage import print_gate, print_skipped
 from data_schemas.config import GatesConfig, PipelineConfig, SweepConfig
 from eval.registry import GATES
 from eval.task_metrics import prompts_and_references, task_metrics
@@ -203,7 +203,7 @@ def _cmd_stage(a) -> int:
 
 
 def _cmd_plan(a) -> int:
-    """`align plan --config X [KEY=VALUE ...] [--stage S]`: that stage's config, estimated (align/plan.py)."""
+    """`align plan --config X [KEY=VALUE ...] [--stage S]`: that stage's config, estimated (core/plan.py)."""
     data = apply_overrides(read_yaml(a.config) if a.config else {}, a.overrides)
     stages = ("sft", "reward", "dpo", "ppo")
     a.stage = a.stage or next((s for s in stages if a.config and a.config.stem.startswith(s)), None)
@@ -221,8 +221,8 @@ def _cmd_plan(a) -> int:
 def _cmd_eval_generate(a) -> int:
     """Greedy answers to each conversation's last user turn (transformers generate, batched), scored against the
     conversation's own last answer with eval/task_metrics.py."""
-    from align.generation import greedy_answers
-    from align.models import load_for_eval
+    from core.models import load_for_eval
+    from lib.generation import greedy_answers
 
     convs, report = load_instructions(a.data)
     print_skipped(report.problems)  # the bad rows, named; the good ones are all kept
@@ -252,7 +252,7 @@ def _cmd_eval_generate(a) -> int:
 
 def _cmd_eval(a) -> int:
     if a.eval_command == "perplexity":
-        from align.models import load_for_eval
+        from core.models import load_for_eval
         from eval.perplexity import perplexity
 
         convs, report = load_instructions(a.data)
@@ -319,7 +319,7 @@ def _check_config(a) -> None:
 
 def _wants_launch(a) -> bool:
     """Several processes asked for, and this is not already one of them."""
-    from align.dist import launched
+    from core.dist import launched
 
     n = getattr(a, "num_processes", 1)
     if n < 1:
@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.command == "plan":
             return _cmd_plan(a)
         if a.command == "score":
-            from stages.reward import score_file
+            from lib.reward_model import score_file
 
             n = score_file(a.reward, a.input, a.out)
             out.print(f"scored {n} rows -> {printable(str(a.out))}", highlight=False)
@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 0
         if a.command == "model":
-            from align.models import resolve_model_path
+            from core.models import resolve_model_path
 
             print(resolve_model_path(a.name))
             return 0

@@ -1,5 +1,5 @@
 """`align data ...` commands: printing and exit statuses around the data and preferences stages
-(stages/data.py, stages/preferences.py) and the ranking-file library (stages/rankings.py).
+(stages/data.py, stages/preferences.py) and the ranking-file library (lib/rankings.py).
 
 Exit status (docs/formats.md): 0 when the good lines loaded (problems are reported), 2 when anything was
 dropped under --strict or when nothing usable was found.
@@ -13,10 +13,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from align.config import UserError, apply_overrides, printable, read_yaml, validate
+from core.config import UserError, apply_overrides, printable, read_yaml, validate
 from data_schemas.config import DataBuildConfig, PreferencesConfig
+from lib.rankings import import_rankings, read_rankings, summarise
 from stages.preferences import counts_summary, run
-from stages.rankings import import_rankings, read_rankings, summarise
 
 out = Console()
 err = Console(stderr=True, soft_wrap=True)  # no line breaks inside paths and commands people copy

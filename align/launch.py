@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import uuid
 
-from align.config import UserError
+from core.config import UserError
 
 LAUNCH_FLAGS = frozenset({"--num-processes", "--nnodes", "--node-rank", "--rdzv-endpoint"})
 

@@ -22,15 +22,23 @@ from typing import Any
 
 from rich.console import Console
 
-from align import annotate, dist
-from align.config import UserError, dump_config, printable, read_yaml, set_dotted, validate
-from align.manifest import atomic_write_json, atomic_write_text, now, read_gate, read_manifest, sha256_path
-from align.stage import PAUSED, print_skipped
+from align import annotate
+from core import dist
+from core.config import UserError, dump_config, printable, read_yaml, set_dotted, validate
+from core.manifest import (
+    atomic_write_json,
+    atomic_write_text,
+    now,
+    read_gate,
+    read_manifest,
+    sha256_path,
+)
+from core.stage import PAUSED, print_skipped
 from data_schemas.config import GatesConfig, key_config
 from data_schemas.gates import GateResult
 from eval.registry import GATES
 from eval.report import write_run_report as render
-from stages.common import policy_gate_data, sft_validation_data
+from lib.trainer import policy_gate_data, sft_validation_data
 from stages.registry import ORDER, STAGES
 
 console = Console(stderr=True, soft_wrap=True)  # no line breaks inside paths and commands people copy

@@ -30,10 +30,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from align.config import UserError, printable, read_yaml, set_dotted, validate
-from align.manifest import atomic_write_json, read_manifest
 from align.pipeline import stage_key
-from align.stage import console
+from core.config import UserError, printable, read_yaml, set_dotted, validate
+from core.manifest import atomic_write_json, read_manifest
+from core.stage import console
 from data_schemas.config import SweepConfig, SweepParam
 from stages.registry import STAGES
 
@@ -101,7 +101,7 @@ def run_trial(cfg: SweepConfig, trial) -> float:
     if (out / "manifest.json").exists() and read_manifest(out).status == "complete":
         console.print(f"trial {trial.number}: the same config is already complete; read, not trained again")
         return objective_value(out, cfg.metric)
-    import stages.common as common  # torch
+    import lib.trainer as common  # torch
 
     callback = pruning_callback(trial, cfg.prune_on, cfg.pruner_warmup_evaluations)
     common.EXTRA_CALLBACKS.append(callback)

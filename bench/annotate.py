@@ -51,7 +51,7 @@ def page(work: Path, judgments: int) -> dict:
     from selenium.webdriver.common.keys import Keys
 
     from align.annotate import add_annotator
-    from align.manifest import sha256_path
+    from core.manifest import sha256_path
 
     d = work / "page"
     settings = write_samples(d, 2 * judgments + 2, k=4)  # the page and the API annotator each get their own

@@ -6,7 +6,7 @@ One training micro-batch as `align sft` builds it (SmolLM2-135M-Instruct with th
 self-instruct conversations rendered with the chat template, `--batch` examples packed), forward + backward,
 timed per kernel, each in its own process so that its peak memory (max RSS) is its own:
   sdpa_dense     transformers' sdpa with a 4-D block-diagonal mask, rows of at most 1024 tokens (align before)
-  sdpa_segments  align/attention.py: SDPA with is_causal per sequence, one row, no mask (align now)
+  sdpa_segments  core/attention.py: SDPA with is_causal per sequence, one row, no mask (align now)
   flex           transformers' flex_attention with a document BlockMask, one row (torch.compile'd kernel)
 Before timing, each kernel's per-token log-probabilities are checked against the same examples run one by one.
 MFU = 4 x params x real tokens / time / measured fp32 matmul peak (LoRA: forward 2NT + backward through frozen
@@ -37,9 +37,9 @@ KERNELS = ("sdpa_dense", "sdpa_segments", "flex")
 
 
 def examples(n: int) -> list[dict]:
-    from align.chat import render
-    from align.models import load_tokenizer
-    from align.readers import load_instructions
+    from core.chat import render
+    from core.models import load_tokenizer
+    from core.readers import load_instructions
     from data_schemas.config import ModelConfig
 
     path = DATA if DATA.exists() else ROOT / "examples" / "data" / "instructions_train.jsonl"
@@ -82,8 +82,8 @@ def run_one(kernel: str, n_examples: int, iters: int, lora_dropout: float = 0.0)
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    import align.attention  # noqa: F401 (registers sdpa_segments)
-    from align.models import resolve_model_path
+    import core.attention  # noqa: F401 (registers sdpa_segments)
+    from core.models import resolve_model_path
 
     path = resolve_model_path("smollm2-135m-instruct")
     impl = {"sdpa_dense": "sdpa", "sdpa_segments": "sdpa_segments", "flex": "flex_attention"}[kernel]

@@ -69,7 +69,7 @@ def main() -> None:
         inputs=[src], output_dir=a.work / "out", tokenizer=None if a.no_tokenizer else "smollm2-135m-instruct"
     )
     if cfg.tokenizer:  # load (and convert, first time) outside the timed region
-        from align.models import load_tokenizer
+        from core.models import load_tokenizer
         from data_schemas.config import ModelConfig
 
         load_tokenizer(ModelConfig(name_or_path=cfg.tokenizer))

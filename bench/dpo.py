@@ -94,7 +94,7 @@ def model_flops(tokens: list[tuple[int, int]], n_params: int, n_head: int) -> li
 def run_align(work: Path, steps: int, n_pairs: int) -> dict:
     from sft_throughput import Timer
 
-    from align.config import load_config
+    from core.config import load_config
     from data_schemas.config import DPOConfig
     from stages import common, dpo
 
@@ -148,7 +148,7 @@ def run_trl(work: Path, steps: int, n_pairs: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from align.models import resolve_model_path
+    from core.models import resolve_model_path
 
     path = resolve_model_path("smollm2-135m-instruct")
     tok = AutoTokenizer.from_pretrained(path)
@@ -229,7 +229,7 @@ def main() -> None:
     import torch
     from machine import cpu_flags, matmul_peak_gflops, parameter_counts
 
-    from align.models import resolve_model_path
+    from core.models import resolve_model_path
 
     n_params, n_head = parameter_counts(resolve_model_path("smollm2-135m-instruct"))
     peak = matmul_peak_gflops()

@@ -31,8 +31,8 @@ def main() -> None:
     ap.add_argument("artifact")
     ap.add_argument("--repeats", type=int, default=2)
     a = ap.parse_args()
-    from align.config import read_yaml
-    from align.models import load_for_eval
+    from core.config import read_yaml
+    from core.models import load_for_eval
     from data_schemas.config import GatesConfig
     from eval.bias import evaluate_model, load_items
 

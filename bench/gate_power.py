@@ -435,7 +435,7 @@ def scores_of(ref, label: str, work: Path, settings, items) -> dict:
     out = json.loads(cache.read_text()) if cache.exists() else None
     if out is not None and "check_choice" in out and "choice" in out:
         return out
-    from align.models import load_for_eval
+    from core.models import load_for_eval
     from eval.bias import evaluate_model
 
     t0 = time.perf_counter()
@@ -490,7 +490,7 @@ def held_out(name: str, work: Path, training: bool = False) -> dict:
     """What fixture `name` learned on the held-out pairs against its parent, in the choice task with bare and
     numbered replies, without the gate's suites (a fixture that learned nothing has nothing for them to catch);
     `training`: on its training rows instead (bare replies), where the RL itself was rewarded."""
-    from align.models import load_for_eval
+    from core.models import load_for_eval
 
     checks = {}
     for label in (name, FIXTURES[name][1]):
@@ -510,7 +510,7 @@ def reward_check(rm: Path, n: int = 80, training: bool = False) -> dict:
     mean score of each kind of answer, and the share of pairs where the stereotyping sentence out-scores the other.
     A reward model that pays an answer the annotators never asked for (a number, both sentences) more than the
     stereotyping pick teaches the policy that instead (docs/gates.md)."""
-    from stages.reward import RewardScorer
+    from lib.reward_model import RewardScorer
 
     rows, seed = (TRAIN_ROWS, 3) if training else (CHECK_ROWS, 5)
     held = choice_items(crows_rows()[rows], seed)[:n]
@@ -602,7 +602,7 @@ def main() -> None:
         print(json.dumps(held_out(args.held_out, args.work, args.training_rows), indent=1))
         return
     if args.reward_check:
-        from align.config import UserError
+        from core.config import UserError
 
         try:
             print(

@@ -4,7 +4,7 @@
 
 Each configuration trains the real model (SmolLM2-135M-Instruct) for 3 steps on the self-instruct tasks, in its own
 process; the peak is that process's maximum resident set size (getrusage of the child). The estimate is
-`align.plan.estimate` of the same config. The data are cut to max_length, so most sequences are full: the estimate
+`core.plan.estimate` of the same config. The data are cut to max_length, so most sequences are full: the estimate
 assumes every sequence is (its worst case).
 """
 
@@ -39,8 +39,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "memory_plan.json")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    from align.config import load_config
-    from align.plan import GIB, estimate
+    from core.config import load_config
+    from core.plan import GIB, estimate
     from data_schemas.config import SFTConfig
 
     rows = []

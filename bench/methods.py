@@ -5,7 +5,7 @@
 Every configuration trains the real model (SmolLM2-135M-Instruct) on the self-instruct seed tasks (../shared/data,
 else the bundled examples) for the same number of optimizer steps, 8 examples of at most 256 tokens each, and
 reports:
-- trainable parameters (align.plan's count: PEFT's own for the adapters, tests/stages/test_sft_peft_methods.py);
+- trainable parameters (core.plan's count: PEFT's own for the adapters, tests/stages/test_sft_peft_methods.py);
 - peak memory: the process's maximum resident set (getrusage of the child), and align plan's estimate beside it;
 - time per optimizer step (the Trainer's train_runtime / steps; the first step's warm-up included for all);
 - held-out loss after training on the same 15% split (the split is seeded), and the loss before training (the
@@ -80,8 +80,8 @@ def common(data: Path, steps: int, out: Path) -> list[str]:
 
 def baseline_loss(data: Path, steps: int) -> float:
     """The base model's held-out loss on the same split (token-weighted over assistant tokens, as eval_loss)."""
-    from align.config import load_config
-    from align.models import load_for_eval, load_tokenizer
+    from core.config import load_config
+    from core.models import load_for_eval, load_tokenizer
     from data_schemas.config import SFTConfig
     from eval.perplexity import sequence_nll
     from stages.sft import load_data
@@ -96,8 +96,8 @@ def baseline_loss(data: Path, steps: int) -> float:
 
 
 def run_one(name: str, extra: list[str], lr: float, data: Path, steps: int) -> dict:
-    from align.config import load_config
-    from align.plan import GIB, estimate
+    from core.config import load_config
+    from core.plan import GIB, estimate
     from data_schemas.config import SFTConfig
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -46,7 +46,7 @@ def write_prefs(folder: Path, source: Path, train: list[dict], held: list[dict])
     """The benchmark's train/held-out groups as a preferences artifact that `align reward` accepts."""
     from datasets import Dataset, DatasetDict
 
-    from align.manifest import ArtifactWriter
+    from core.manifest import ArtifactWriter
 
     folder.mkdir(parents=True)
     DatasetDict({"train": Dataset.from_list(train), "validation": Dataset.from_list(held)}).save_to_disk(
@@ -62,8 +62,8 @@ def prepare_oasst(work: Path, max_length: int) -> tuple[Path, list[dict], list[d
     from datasets import load_from_disk
 
     from data_schemas.config import PreferencesConfig
+    from lib.rankings import import_rankings
     from stages.preferences import run as build_preferences
-    from stages.rankings import import_rankings
 
     src = ROOT.parent / "shared" / "data" / "oasst_en_trees_60.jsonl"
     import_rankings("oasst", [src], work / "oasst.jsonl")
@@ -88,10 +88,10 @@ def prepare_hh(work: Path, max_length: int) -> tuple[Path, list[dict], list[dict
     pairs (align alone would keep the rest, cut from the left)."""
     from datasets import load_from_disk
 
-    from align.models import load_tokenizer
+    from core.models import load_tokenizer
     from data_schemas.config import ModelConfig, PreferencesConfig
+    from lib.rankings import import_rankings
     from stages.preferences import run as build_preferences
-    from stages.rankings import import_rankings
     from stages.reward import encode_groups
 
     src = ROOT.parent / "shared" / "data" / "hh_rlhf_harmless_test_1000.jsonl"
@@ -128,14 +128,14 @@ def bootstrap_difference(hits_a: list[list[float]], hits_b: list[list[float]], n
 
 def needed_tokens(seqs: list[list[int]]) -> int:
     """Tokens a group's rewards need: the shared prompt once, then each response."""
-    from align.packing import common_prefix
+    from core.packing import common_prefix
 
     p = common_prefix(seqs) if len(seqs) > 1 else 0
     return p + sum(len(s) - p for s in seqs)
 
 
 def run_align(prefs: Path, steps: int, groups_per_step: int, max_length: int, out: Path) -> dict:
-    from align.config import load_config
+    from core.config import load_config
     from data_schemas.config import RewardConfig
     from stages import common, reward
 
@@ -201,7 +201,7 @@ def run_trl(
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_seed
     from trl import RewardConfig, RewardTrainer
 
-    from align.models import resolve_model_path
+    from core.models import resolve_model_path
     from eval.reward_gate import implied_pairs_of
 
     path = resolve_model_path("smollm2-135m-instruct")
@@ -255,7 +255,8 @@ def run_trl(
     trainer.train()
     # held-out accuracy with the same scoring path as align (last token of prompt + response)
     from eval.reward_gate import pairwise_metrics
-    from stages.reward import encode_groups, score_groups
+    from lib.reward_model import score_groups
+    from stages.reward import encode_groups
 
     class Wrap(torch.nn.Module):  # TRL's PEFT model exposes the same base model / score layout
         def __init__(self, m):
@@ -304,7 +305,7 @@ def main() -> None:
     _quiet_libraries()
     from machine import cpu_flags, matmul_peak_gflops, parameter_counts
 
-    from align.models import resolve_model_path
+    from core.models import resolve_model_path
 
     peak = matmul_peak_gflops()
     n_params, n_head = parameter_counts(resolve_model_path("smollm2-135m-instruct"))

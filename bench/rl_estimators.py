@@ -36,7 +36,7 @@ def peaky_sft(root: Path) -> Path:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from align.cli import main
-    from align.models import resolve_model_path
+    from core.models import resolve_model_path
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path("tiny-random-llama"))
     cfg = LlamaConfig(

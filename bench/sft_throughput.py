@@ -73,7 +73,7 @@ class CountingCollator:
 
 
 def load_rows(path: Path):
-    from align.readers import load_instructions
+    from core.readers import load_instructions
 
     convs, _ = load_instructions(path)
     return convs
@@ -134,14 +134,14 @@ def run_trl(convs, model_path, steps, bf16: bool | None, out: Path):
 
 def align_lora():
     """The LoRA settings of align's shipped SFT config: the TRL script uses the same."""
-    from align.config import load_config
+    from core.config import load_config
     from data_schemas.config import SFTConfig
 
     return load_config(SFTConfig, ROOT / "configs" / "sft.yaml", []).lora
 
 
 def run_align(data_path, steps, out: Path):
-    from align.config import load_config
+    from core.config import load_config
     from data_schemas.config import SFTConfig
     from stages import common, sft
 
@@ -226,7 +226,7 @@ def main():
 
     shutil.rmtree(a.work, ignore_errors=True)
     from align.cli import _quiet_libraries
-    from align.models import resolve_model_path
+    from core.models import resolve_model_path
 
     _quiet_libraries()
     model_path = resolve_model_path("smollm2-135m-instruct")

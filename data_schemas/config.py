@@ -121,7 +121,7 @@ class UnfreezeSchedule(_Strict):
 
 
 class PartialSettings(_Strict):
-    """Partial fine-tuning of the base model's own weights (when lora.enabled is false); align/partial.py."""
+    """Partial fine-tuning of the base model's own weights (when lora.enabled is false); core/partial.py."""
 
     trainable: Literal["all", "top_blocks", "head", "layernorm", "bias"] = Field(
         "all",

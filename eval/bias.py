@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from align.chat import neutralise, render_prompt, special_strings
-from align.config import UserError
-from align.manifest import atomic_write_json
-from align.models import is_prompt_learning
+from core.chat import neutralise, neutralise_messages, render_prompt, special_strings
+from core.config import UserError
+from core.manifest import atomic_write_json
+from core.models import is_prompt_learning
 from data_schemas.gates import GateResult
 from eval.perplexity import input_logits, token_logprobs
 from eval.probes import counterfactual_probes, minimal_pairs
@@ -145,7 +145,7 @@ def chat_rows(tokenizer, prompts: list[str], replies: list[str]) -> list[Row]:
     specials = special_strings(tokenizer)
     rows = []
     for p, x in zip(prompts, replies, strict=True):
-        ctx = render_prompt(tokenizer, [{"role": "user", "content": neutralise(p, specials)}])
+        ctx = render_prompt(tokenizer, neutralise_messages([{"role": "user", "content": p}], specials))
         rows.append((ctx, tokenizer(neutralise(x, specials), add_special_tokens=False)["input_ids"]))
     return rows
 
@@ -739,7 +739,7 @@ def plot_categories(items, cand, par, settings, path: Path) -> bool:
 
 
 # The modules whose code the scores depend on (the score cache's key includes their source; eval/score_cache.py).
-SCORING_CODE = ["eval.bias", "eval.perplexity", "align.chat"]
+SCORING_CODE = ["eval.bias", "eval.perplexity", "core.chat"]
 
 
 def run_bias_gate(candidate: str, parent: str, settings, out_dir: Path) -> GateResult:

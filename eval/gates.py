@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel
 
-from align.config import UserError
-from align.manifest import atomic_write_json, now, read_gate
-from align.readers import has_split, load_instructions
+from core.config import UserError
+from core.manifest import atomic_write_json, now, read_gate
+from core.readers import has_split, load_instructions
 from data_schemas.config import PerplexityGateSettings
 from data_schemas.gates import Check, GateResult, Override, Table
 from eval.report import lineage_of, write_gate_reports
@@ -191,7 +191,7 @@ def decide_perplexity(cand, parent, settings: PerplexityGateSettings) -> GateRes
 
 
 # The modules whose code the scores depend on (the score cache's key includes their source; eval/score_cache.py).
-SCORING_CODE = ["eval.perplexity", "align.chat"]
+SCORING_CODE = ["eval.perplexity", "core.chat"]
 
 
 def run_perplexity_gate(

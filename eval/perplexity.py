@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from align.chat import neutralise, render, special_strings
+from core.chat import neutralise_messages, render, special_strings
 
 
 @dataclass
@@ -41,7 +41,7 @@ def encode_for_scoring(tokenizer, conversations, scope: str, max_length: int) ->
     specials = special_strings(tokenizer)
     rows, truncated = [], 0
     for conv in conversations:
-        msgs = [{"role": m.role, "content": neutralise(m.content, specials)} for m in conv.messages]
+        msgs = neutralise_messages(conv.messages, specials)
         r = render(tokenizer, msgs, max_length, "right", assistant_only=(scope == "assistant"))
         truncated += int(r.truncated)
         if any(lbl != -100 for lbl in r.labels[1:]):

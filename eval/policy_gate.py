@@ -35,7 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from align.manifest import atomic_write_json
+from core.chat import render_prompt
+from core.manifest import atomic_write_json
 from data_schemas.gates import Check, GateResult, Table
 from eval.stats import bootstrap_interval
 
@@ -335,3 +336,69 @@ def run_policy_gate(candidate, parent, samples: PolicySamples, settings, out_dir
         return r
 
     return run_gate("policy", candidate, parent, settings, out_dir, evaluate)
+
+
+def policy_perplexity_gate(out: Path, sft_dir: Path, data: Path, settings):
+    """The perplexity gate of a policy artifact (DPO, PPO) against its SFT parent, on `data` (policy_gate_data),
+    run on the pending artifact before it is marked complete. The caller frees its training model first: the gate
+    loads its own copies from the artifacts."""
+    from eval.gates import run_perplexity_gate
+
+    return run_perplexity_gate(out, sft_dir, data, settings, out / "gates" / "perplexity", allow_pending=True)
+
+
+def policy_gate(
+    out: Path,
+    parent: Path,
+    policy,
+    tokenizer,
+    prompts: list[list[dict]],
+    reward,
+    settings,
+    kl_history: list[float],
+    reward_name: str,
+    heldout_reward=None,
+):
+    """The policy gate of a policy artifact (DPO, PPO) against its parent (run_policy_gate), on the pending
+    artifact before it is marked complete. `policy` is the PEFT model whose disabled adapter is the parent;
+    `reward(prompts, texts, finished) -> list[float]` scores answers (the training reward), `heldout_reward` the
+    same for a second reward model. Both models answer every prompt greedily, in batches."""
+    from lib.generation import GenerateEngine
+
+    ids = [render_prompt(tokenizer, m) for m in prompts]
+    engine = GenerateEngine(policy, tokenizer)
+    pol = engine.generate(ids, settings.max_new_tokens, 0.0, 1.0, 0)
+    with policy.disable_adapter():
+        par = engine.generate(ids, settings.max_new_tokens, 0.0, 1.0, 0)
+    eos = tokenizer.eos_token_id
+
+    def texts(rs):
+        return [tokenizer.decode(r, skip_special_tokens=True) for r in rs]
+
+    def finished(rs):
+        return [bool(r) and r[-1] == eos for r in rs]
+
+    tp, tr = texts(pol), texts(par)
+    samples = PolicySamples(
+        prompts=prompts,
+        policy=tp,
+        parent=tr,
+        policy_lengths=[len(r) for r in pol],
+        parent_lengths=[len(r) for r in par],
+        policy_rewards=[float(x) for x in reward(prompts, tp, finished(pol))],
+        parent_rewards=[float(x) for x in reward(prompts, tr, finished(par))],
+        kl_history=[float(x) for x in kl_history if x is not None],
+        reward_name=reward_name,
+    )
+    if heldout_reward is not None:
+        samples.heldout_policy_rewards = [float(x) for x in heldout_reward(prompts, tp, finished(pol))]
+        samples.heldout_parent_rewards = [float(x) for x in heldout_reward(prompts, tr, finished(par))]
+    return run_policy_gate(out, parent, samples, settings, out / "gates" / "policy")
+
+
+def scorer_reward(artifact: Path):
+    """A reward artifact as `reward(prompts, texts, finished) -> list[float]` (the policy gate's shape)."""
+    from lib.reward_model import RewardScorer
+
+    scorer = RewardScorer(artifact)
+    return lambda prompts, texts, finished: scorer.score(prompts, texts)

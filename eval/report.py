@@ -18,7 +18,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from align.manifest import atomic_write_text, now
+from core.manifest import atomic_write_text, now
 from data_schemas.gates import GateResult
 
 CSS = """

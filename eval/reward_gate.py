@@ -15,11 +15,7 @@ from typing import Any
 
 from data_schemas.config import RewardGateSettings
 from data_schemas.gates import Check, GateResult, Table
-
-
-def implied_pairs_of(tiers: list[list[int]]) -> list[tuple[int, int]]:
-    """(winner, loser) for every two responses in different tiers, best tier first; ties form no pair."""
-    return [(a, b) for t, tier in enumerate(tiers) for lower in tiers[t + 1 :] for a in tier for b in lower]
+from lib.rankings import implied_pairs_of
 
 
 def pair_hits(groups: list[dict], rewards: list[list[float]]) -> list[list[float]]:

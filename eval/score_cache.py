@@ -10,7 +10,7 @@ Scores are a deterministic function of four things, and the key is a sha256 over
    snapshot's large files resolve to blobs named by their own sha256);
 2. the items scored (their JSON);
 3. the scoring settings, the precision and device the model is loaded with, and the torch/transformers versions;
-4. the source of the code that scores (the modules named by the caller, and align/models.py that loads).
+4. the source of the code that scores (the modules named by the caller, and core/models.py that loads).
 A changed byte in any of them is a new key, scored afresh: a hit is what scoring would compute now.
 
 Entries live in `$ALIGN_CACHE/scores/<gate>-<key>.json` (written atomically); deleting the folder drops them, and
@@ -30,8 +30,8 @@ from typing import Any
 
 from huggingface_hub import snapshot_download
 
-from align.config import UserError
-from align.manifest import atomic_write_json
+from core.config import UserError
+from core.manifest import atomic_write_json
 
 WHOLE_FILE_LIMIT = (
     256 * 2**20
@@ -44,7 +44,7 @@ def enabled() -> bool:
 
 
 def scores_dir() -> Path:
-    from align.models import cache_dir  # lazy: align.models imports torch
+    from core.models import cache_dir  # lazy: core.models imports torch
 
     return cache_dir() / "scores"
 
@@ -70,7 +70,7 @@ def _hash_files(h, root: Path, files: list[Path]) -> None:
 def model_fingerprint(model_ref: str) -> str:
     """sha256 of what loading `model_ref` reads: an align artifact (its model folders, stacked adapters and base) or
     a base model (alias, path or hub id, resolved as align resolves it)."""
-    from align.models import resolve_model_path  # lazy: align.models imports torch
+    from core.models import resolve_model_path  # lazy: core.models imports torch
 
     h = hashlib.sha256()
     ref = Path(model_ref)
@@ -110,14 +110,14 @@ def score_key(gate: str, model_ref: str, items: Any, settings: dict, code: list[
     import torch
     import transformers
 
-    from align.models import choose_precision, device
+    from core.models import choose_precision, device
 
     try:
         fingerprint = model_fingerprint(model_ref)
     except (OSError, ValueError, UserError):
         return None
     h = hashlib.sha256()
-    sources = [importlib.import_module(m).__file__ for m in (*code, "align.models")]
+    sources = [importlib.import_module(m).__file__ for m in (*code, "core.models")]
     for src in sources:
         h.update(Path(src).read_bytes())
     env = {"precision": choose_precision("auto"), "device": str(device()), "torch": torch.__version__,
@@ -158,7 +158,7 @@ def score_models(
 ) -> tuple[dict[str, Any], dict[str, str], dict[str, bool]]:
     """(scores, descriptions, reused) per role of `refs` ({"parent": ref, "candidate": ref}): each model's stored
     scores, else score(model, tokenizer) (JSON-able) on the model loaded with its adapter merged."""
-    from align.models import load_for_eval  # lazy: loads torch/transformers
+    from core.models import load_for_eval  # lazy: loads torch/transformers
 
     scores, descriptions, reused = {}, {}, {}
     for role, ref in refs.items():

@@ -1,7 +1,7 @@
 """Task gate: a candidate's generated answers may not score worse against the references than its parent's.
 
 Both models answer the same held-out instructions greedily (each conversation's turns before its last answer,
-under the chat template; align/generation.py), and each answer is scored against that last answer with
+under the chat template; lib/generation.py), and each answer is scored against that last answer with
 eval/task_metrics.py. The decision is on one metric (`metric`): the difference candidate - parent on the same
 examples, with a paired bootstrap interval (eval/stats.py: the examples are resampled together for both models).
 Per-example metrics (ROUGE-L, token F1, exact match) resample their per-example values; corpus BLEU resamples each
@@ -110,8 +110,8 @@ def task_gate(candidate, parent, settings: TaskGateSettings, out_dir: Path, data
     """The task gate in the gate table's signature (eval/registry.py)."""
 
     def evaluate(out: Path) -> GateResult:
-        from align.generation import greedy_answers  # lazy: torch/transformers
-        from align.models import load_for_eval
+        from core.models import load_for_eval
+        from lib.generation import greedy_answers  # lazy: torch/transformers
 
         convs, report = heldout_conversations(data)
         convs = convs[: settings.max_examples] if settings.max_examples else convs

@@ -28,7 +28,7 @@ assert torch.cuda.is_available(), "torch does not see the GPU (a CPU wheel in .v
 print(f"torch {torch.__version__} cuda {torch.version.cuda} vllm {vllm.__version__} deepspeed {deepspeed.__version__} "
       f"transformers {transformers.__version__}; {torch.cuda.device_count()} GPU(s); "
       f"bf16 native: {torch.cuda.is_bf16_supported(including_emulation=False)}")
-from align.models import choose_precision
+from core.models import choose_precision
 print("precision auto ->", choose_precision("auto"))
 PY
 GPUS=$(.venv/bin/python -c "import torch; print(torch.cuda.device_count())")

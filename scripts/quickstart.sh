@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 .venv/bin/align run --config configs/quickstart.yaml "$@"
 RUN=$(.venv/bin/python - "$@" <<'PY'
 import sys
-from align.config import load_config
+from core.config import load_config
 from data_schemas.config import PipelineConfig
 print(load_config(PipelineConfig, "configs/quickstart.yaml", sys.argv[1:]).run_dir)
 PY

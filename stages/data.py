@@ -1,6 +1,6 @@
 """`align data build`: instruction files -> a cleaned, deduplicated, split `datasets` folder (the data stage).
 
-Reads every input with align/readers.py (every bad row named, every good row kept), then: drops assistant
+Reads every input with core/readers.py (every bad row named, every good row kept), then: drops assistant
 answers shorter than min_chars; neutralises or rejects control-token text; scrubs PII (optional); removes exact
 duplicates (normalised text hash) and near duplicates (MinHash + LSH, verified by exact Jaccard); measures token
 lengths with the model's own chat template and drops examples over max_tokens; splits train/validation
@@ -20,11 +20,16 @@ from pathlib import Path
 
 import numpy as np
 
-from align.chat import COMMON_MARKERS, control_tokens_in, neutralise, special_strings
-from align.config import UserError
-from align.manifest import atomic_write_text, replace_dir
-from align.readers import LoadReport, iter_conversations
-from align.stage import StageContext, StageResult, print_skipped
+from core.chat import (
+    COMMON_MARKERS,
+    control_tokens_in,
+    neutralise_messages,
+    special_strings,
+)
+from core.config import UserError
+from core.manifest import atomic_write_text, replace_dir
+from core.readers import LoadReport, iter_conversations
+from core.stage import StageContext, StageResult, print_skipped
 from data_schemas.config import DataBuildConfig, ModelConfig
 
 # ==========================================================================================================
@@ -173,7 +178,7 @@ def run(cfg: DataBuildConfig, resume: bool = False, force: bool = False) -> Stag
     t0 = time.perf_counter()
     tokenizer, specials = None, list(COMMON_MARKERS)
     if cfg.tokenizer:
-        from align.models import load_tokenizer  # lazy: loads transformers
+        from core.models import load_tokenizer  # lazy: loads transformers
 
         tokenizer = load_tokenizer(ModelConfig(name_or_path=cfg.tokenizer))
         specials = sorted(set(specials) | set(special_strings(tokenizer)), key=len, reverse=True)
@@ -231,7 +236,7 @@ def read_and_clean(cfg: DataBuildConfig, b: Build, specials: list[str]) -> None:
                     )
                     continue
                 b.edits["neutralised_control_tokens"] += 1
-                msgs = [{**m, "content": neutralise(m["content"], specials)} for m in msgs]
+                msgs = neutralise_messages(msgs, specials)
             if cfg.pii:
                 before = sum(b.pii.values())
                 msgs = [{**m, "content": scrub_pii(m["content"], b.pii)} for m in msgs]

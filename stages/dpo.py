@@ -21,31 +21,29 @@ from typing import Any
 
 import torch
 
-from align import dist
-from align.chat import chat_messages, neutralise, render_prompt, special_strings
-from align.config import UserError
-from align.manifest import atomic_write_json, require_complete
-from align.models import load_causal_lm, load_tokenizer, model_identity, peft_config, write_policy_stack
-from align.packing import BRANCH_KERNELS, needs_dense_mask, row_layout
-from align.readers import LoadReport, iter_rows
-from align.stage import StageContext, StageResult, console, print_skipped, print_verdict
+from core import dist
+from core.chat import chat_messages, neutralise, neutralise_messages, render_prompt, special_strings
+from core.config import UserError
+from core.manifest import atomic_write_json, require_complete
+from core.models import load_causal_lm, load_tokenizer, model_identity, peft_config, write_policy_stack
+from core.packing import BRANCH_KERNELS, needs_dense_mask, row_layout
+from core.readers import LoadReport, iter_rows
+from core.stage import StageContext, StageResult, console, print_skipped, print_verdict
 from data_schemas.config import DPOConfig
-from stages.common import (
+from eval.policy_gate import policy_gate, policy_perplexity_gate, scorer_reward
+from lib.rankings import convert_pairwise, prompt_key, split_of
+from lib.trainer import (
     adalora_callbacks,
     callbacks,
     final_eval,
-    policy_gate,
     policy_gate_data,
-    policy_perplexity_gate,
     save_trained,
-    scorer_reward,
     sft_base,
     train_with_resume,
     trainer_kwargs,
     training_summary,
     zero3,
 )
-from stages.rankings import convert_pairwise, prompt_key, split_of
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -95,7 +93,7 @@ def tokenize_pair(tokenizer, row: dict, max_length: int, max_prompt_length: int,
     The prompt keeps its last max_prompt_length tokens; each response keeps its first (max_length - prompt) tokens.
     """
     specials = special_strings(tokenizer)
-    msgs = [{"role": m["role"], "content": neutralise(m["content"], specials)} for m in row["prompt"]]
+    msgs = neutralise_messages(row["prompt"], specials)
     prompt_ids = render_prompt(tokenizer, msgs)
     out: dict[str, Any] = {}
     for key in ("chosen", "rejected"):
@@ -157,7 +155,7 @@ def sample_kl(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, 
     kls = []
     torch.manual_seed(seed)
     for p in prompts:
-        msgs = [{"role": m["role"], "content": neutralise(m["content"], specials)} for m in p]
+        msgs = neutralise_messages(p, specials)
         ids = torch.tensor([render_prompt(tokenizer, msgs)], device=dev)  # on the model's device
         gen = model.generate(
             input_ids=ids,
@@ -223,7 +221,7 @@ def shared_prefix_forward(
     A pair becomes one packed segment [prompt | chosen | rejected]: chosen tokens attend causally to the prompt and
     to earlier chosen tokens, rejected tokens to the prompt and earlier rejected tokens (never to chosen ones), and
     the rejected positions restart at len(prompt). With `sdpa_segments` that layout is read from the position ids
-    (align/attention.py: a branch) and every pair goes into one row with no mask; with `sdpa`/`eager` a dense mask
+    (core/attention.py: a branch) and every pair goes into one row with no mask; with `sdpa`/`eager` a dense mask
     says it, and short pairs share rows of at most max_row_tokens (by default the longest pair, so the dense mask
     never costs more attention than that pair). This is the same computation as two separate sequences, with the
     prompt's share done once; TRL runs each prompt twice and pads both rows to the longest sequence of the batch.
@@ -241,7 +239,7 @@ def shared_prefix_forward(
     dev = input_ids.device
     lengths = [len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in pairs]
     dense = needs_dense_mask(kernel)
-    # sdpa_segments reads the branch from the position ids (align/attention.py): one row, no mask at all
+    # sdpa_segments reads the branch from the position ids (core/attention.py): one row, no mask at all
     layout = row_layout(lengths, max(max_row_tokens or 0, max(lengths)), dense)
     width = max(sum(lengths[i] for i in row) for row in layout)
     R = len(layout)
@@ -289,8 +287,8 @@ def shared_prefix_forward(
     h = hidden[torch.tensor(pred_row, device=dev), torch.tensor(pred_idx, device=dev)]  # [M, H]
     tgt = torch.tensor(target, device=dev)
     # The LM head on completion tokens only (on devices without Triton TRL's own forward scores every position,
-    # prompts and padding included): align/lm_head.py's function for a frozen head, else TRL's memory-lean one.
-    from align.lm_head import labelled_logprobs
+    # prompts and padding included): lib/lm_head.py's function for a frozen head, else TRL's memory-lean one.
+    from lib.lm_head import labelled_logprobs
 
     lm_head = base_model.lm_head
     names = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
@@ -550,7 +548,7 @@ def eval_policy(cfg: DPOConfig, ctx: StageContext, trainer, val_rows) -> tuple[A
 
 
 def judge_policy(cfg: DPOConfig, ctx: StageContext, policy, tokenizer, prompts, sft_dir: Path, metrics: dict):
-    """The policy gate (stages.common.policy_gate) under eval.reward_model, or None with a warning without one."""
+    """The policy gate (lib.trainer.policy_gate) under eval.reward_model, or None with a warning without one."""
     if cfg.eval.reward_model is None:
         console.print(
             "[yellow]policy gate not run: no eval.reward_model, so nothing judges whether the policy beats SFT "

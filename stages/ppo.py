@@ -1,6 +1,6 @@
 """`align ppo`: PPO with a KL penalty to the SFT model, vLLM rollouts and a LoRA policy.
 
-Reads top to bottom: the pure functions, prompts, reward, policy; then `run` (the stage contract, align/stage.py)
+Reads top to bottom: the pure functions, prompts, reward, policy; then `run` (the stage contract, core/stage.py)
 and its named steps: setup (policy = SFT merged + fresh LoRA + value head, optimizer, resume) -> train_loop, each
 iteration collect_experience (sample, score, log-probs/values/reference log-probs, GAE: an `Experience`) ->
 ppo_update (clipped epochs) -> sync_weights (to the rollout engine) -> log_iteration -> save_checkpoint; then
@@ -42,11 +42,11 @@ from typing import Any, NamedTuple
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from align import dist
-from align.chat import neutralise, render_prompt, special_strings
-from align.config import UserError, printable
-from align.manifest import atomic_write_json, atomic_write_text, replace_dir
-from align.models import (
+from core import dist
+from core.chat import neutralise_messages, render_prompt, special_strings
+from core.config import UserError, printable
+from core.manifest import atomic_write_json, atomic_write_text, replace_dir
+from core.models import (
     load_causal_lm,
     load_tokenizer,
     lora_config,
@@ -54,11 +54,12 @@ from align.models import (
     resolve_model_path,
     write_policy_stack,
 )
-from align.readers import has_split, load_instructions
-from align.stage import StageContext, StageResult, console, print_skipped, print_verdict
+from core.readers import has_split, load_instructions
+from core.stage import StageContext, StageResult, console, print_skipped, print_verdict
 from data_schemas.config import PPOConfig
-from stages.common import policy_gate, policy_gate_data, policy_perplexity_gate, scorer_reward, sft_base
-from stages.rollout import GenerateEngine, merged_state_dict
+from eval.policy_gate import policy_gate, policy_perplexity_gate, scorer_reward
+from lib.rollout import GenerateEngine, merged_state_dict
+from lib.trainer import policy_gate_data, sft_base
 
 
 # ==========================================================================================================
@@ -221,7 +222,7 @@ def load_prompts(cfg: PPOConfig, tokenizer) -> tuple[list[list[dict]], list[list
         for c in convs:
             msgs = [m.model_dump() for m in c.messages]
             last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-            out.append([{**m, "content": neutralise(m["content"], specials)} for m in msgs[:last]])
+            out.append(neutralise_messages(msgs[:last], specials))
         return out
 
     train = prompts_of(Path(p.train_file), "train")
@@ -254,7 +255,7 @@ class Reward:
         self.s = settings
         self.scorer = None
         if settings.artifact is not None:
-            from stages.reward import RewardScorer
+            from lib.reward_model import RewardScorer
 
             self.scorer = RewardScorer(settings.artifact)
 
@@ -830,7 +831,7 @@ def evaluate_and_save(
 
 def make_engine(cfg: PPOConfig, policy, tokenizer, base_path, precision: str):
     """The rollout engine: vLLM in this process (weights pushed after every update) or transformers generate."""
-    from stages.rollout import GenerateEngine, VLLMEngine, engine_choice
+    from lib.rollout import GenerateEngine, VLLMEngine, engine_choice
 
     if engine_choice(cfg.rollout.engine, "rollout.engine") == "vllm":
         return VLLMEngine(

@@ -1,7 +1,7 @@
 """`align data build-preferences`: ranking files -> K-wise groups (`kwise/`, for the reward model) and pairs
 (`pairs/`, for DPO), split by prompt (the preferences stage).
 
-Reads and validates the ranking files with stages/rankings.py (every bad line named, conflicts resolved as
+Reads and validates the ranking files with lib/rankings.py (every bad line named, conflicts resolved as
 configured), aggregates each prompt's judgments into tiers (Borda over annotators; ties kept as ties), and splits
 by a hash of the prompt's content (not its id, which importers derive from the responses too), so one prompt
 never lands in both splits. Prompts whose responses are all tied carry
@@ -14,11 +14,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from align.config import UserError
-from align.manifest import atomic_write_text, replace_dir
-from align.stage import StageContext, StageResult, print_skipped
+from core.config import UserError
+from core.manifest import atomic_write_text, replace_dir
+from core.stage import StageContext, StageResult, print_skipped
 from data_schemas.config import PreferencesConfig
-from stages.rankings import aggregate, implied_pairs, prompt_key, read_rankings, split_of, summarise
+from lib.rankings import aggregate, implied_pairs, prompt_key, read_rankings, split_of, summarise
 
 
 def run(cfg: PreferencesConfig, resume: bool = False, force: bool = False) -> StageResult:

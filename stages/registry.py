@@ -1,6 +1,6 @@
 """The stage table: every stage, in pipeline order, looked up by name by the CLI and by `align run`.
 
-Adding a stage means writing one module with `run(cfg, resume=False, force=False) -> StageResult` (align/stage.py) and its
+Adding a stage means writing one module with `run(cfg, resume=False, force=False) -> StageResult` (core/stage.py) and its
 config model in data_schemas/config.py, then adding one entry here. Modules are imported only when a stage runs,
 so `align --help` stays fast.
 """
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import data_schemas.config as configs
-from align.stage import StageResult
+from core.stage import StageResult
 
 
 @dataclass(frozen=True)

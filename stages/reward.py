@@ -8,46 +8,43 @@ element, with one forward pass per response: K forwards instead of 2*C(K,2) when
 (4 instead of 12 for K=4), and less overfitting because each completion is seen once per epoch. All K responses
 of a micro-batch go through the model as one padding-free row, and the reward is read from each response's last
 token. With `sdpa_segments` (the default) a group's prompt is computed once and its K responses branch off it
-(align/packing.py `pack_shared_prefix`): K x (prompt + response) tokens become prompt + K x response. Other
+(core/packing.py `pack_shared_prefix`): K x (prompt + response) tokens become prompt + K x response. Other
 kernels get restarting positions and a block-diagonal causal mask, each response with its own copy of the prompt.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-
-from align import dist
-from align.chat import chat_messages, neutralise, special_strings
-from align.config import UserError, load_config, printable
-from align.manifest import (
+from core.config import UserError
+from core.manifest import (
     atomic_write_json,
-    atomic_write_text,
-    refuse_overwriting_input,
     require_complete,
 )
-from align.models import (
-    choose_precision,
-    load_causal_lm,
+from core.models import (
     load_tokenizer,
     model_identity,
     peft_config,
-    torch_dtype,
 )
-from align.packing import SEGMENT_KERNEL, needs_dense_mask, pack, pack_shared_prefix
-from align.readers import LoadReport, iter_rows
-from align.stage import StageContext, StageResult, console, print_skipped, print_verdict
-from data_schemas.config import ModelConfig, RewardConfig
+from core.stage import StageContext, StageResult, console, print_verdict
+from data_schemas.config import RewardConfig
 from data_schemas.gates import GateResult
 from eval.gates import run_gate
-from eval.reward_gate import decide_reward_gate, implied_pairs_of, pairwise_metrics
-from stages.common import (
+from eval.reward_gate import decide_reward_gate, pairwise_metrics
+from lib.rankings import implied_pairs_of
+from lib.reward_losses import REWARD_LOSSES, centering_penalty
+from lib.reward_model import (
+    GroupCollator,
+    base_model_config,
+    build_reward_model,
+    encode_response,
+    score_groups,
+    sequence_rewards,
+)
+from lib.trainer import (
     adalora_callbacks,
     callbacks,
     save_trained,
@@ -55,81 +52,6 @@ from stages.common import (
     trainer_kwargs,
     training_summary,
 )
-
-
-# ==========================================================================================================
-# Losses. Shapes: rewards [N] (one per response in the micro-batch); pairs [P, 2] (winner, loser) indices into
-# rewards; pair_group [P] the group each pair belongs to; G groups.
-# ==========================================================================================================
-def kwise_loss(
-    rewards: torch.Tensor, pairs: torch.Tensor, pair_group: torch.Tensor, n_groups: int, margin: float = 0.0
-) -> torch.Tensor:
-    """InstructGPT all-pairs loss (Ouyang et al. 2022, eq. 1), normalised per group:
-
-        loss = -(1/G') sum_g (1/|P_g|) sum_{(w,l) in P_g} log sigmoid(r_w - r_l - m)
-
-    P_g holds every pair of group g whose members sit in different tiers (tied responses form no pair); G' counts
-    the groups with at least one pair. With K responses and no ties |P_g| = C(K,2), the paper's 1/C(K,2).
-    """
-    per_pair = -F.logsigmoid(rewards[pairs[:, 0]] - rewards[pairs[:, 1]] - margin)  # [P]
-    sums = torch.zeros(n_groups, dtype=per_pair.dtype, device=per_pair.device).index_add(
-        0, pair_group, per_pair
-    )
-    counts = torch.bincount(pair_group, minlength=n_groups)
-    has = counts > 0
-    return (sums[has] / counts[has]).mean()
-
-
-def bradley_terry_loss(rewards: torch.Tensor, pairs: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
-    """Bradley-Terry (1952) on independent pairs, with an optional margin (Touvron et al. 2023, Llama 2):
-
-    loss = -(1/P) sum_p log sigmoid(r_chosen - r_rejected - m)
-    """
-    return -F.logsigmoid(rewards[pairs[:, 0]] - rewards[pairs[:, 1]] - margin).mean()
-
-
-def plackett_luce_loss(rewards: torch.Tensor, group_tiers: list[list[list[int]]]) -> torch.Tensor:
-    """Plackett-Luce listwise loss (Plackett 1975; Luce 1959), with tiers:
-
-        loss_g = -(1/|T_g|) sum_{t < last} sum_{i in tier t} [ r_i - log( e^{r_i} + sum_{j in tiers > t} e^{r_j} ) ]
-
-    For a strict ranking this is the exact negative log-likelihood of the ordering, normalised per term. A tied
-    response is only required to beat every response below its tier, never its tie partners. The loss is the
-    mean of loss_g over groups with at least one term. `group_tiers[g]` lists tiers of indices into `rewards`.
-    """
-    losses = []
-    for tiers in group_tiers:
-        terms = []
-        for t, tier in enumerate(tiers[:-1]):
-            below = [j for lower in tiers[t + 1 :] for j in lower]
-            below_r = rewards[below]
-            for i in tier:
-                terms.append(rewards[i] - torch.logsumexp(torch.cat([rewards[i : i + 1], below_r]), dim=0))
-        if terms:
-            losses.append(-torch.stack(terms).mean())
-    return torch.stack(losses).mean()
-
-
-def centering_penalty(rewards: torch.Tensor, coefficient: float) -> torch.Tensor:
-    """Auxiliary loss coefficient * mean(r^2) that keeps rewards centred on 0 (Eisenstein et al. 2023)."""
-    return coefficient * rewards.pow(2).mean()
-
-
-# ==========================================================================================================
-# Data
-# ==========================================================================================================
-def encode_response(tokenizer, prompt: list[dict], response: str, max_length: int) -> tuple[list[int], bool]:
-    """Token ids of prompt + response through the chat template. Longer sequences are cut from the left, so the
-    response's end, where the reward is read, is always kept; returns (ids, truncated)."""
-
-    specials = special_strings(tokenizer)
-    msgs = [{"role": m["role"], "content": neutralise(m["content"], specials)} for m in prompt]
-    msgs.append({"role": "assistant", "content": neutralise(response, specials)})
-    ids = tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=False)
-    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-    if len(ids) > max_length:
-        return ids[-max_length:], True
-    return ids, False
 
 
 def encode_groups(tokenizer, rows: list[dict], max_length: int, counts: dict) -> list[dict]:
@@ -166,153 +88,6 @@ def as_pair_examples(groups: list[dict]) -> list[dict]:
                     "lengths": [g["lengths"][a], g["lengths"][b]],
                 }
             )
-    return out
-
-
-@dataclass
-class GroupCollator:
-    """All responses of the micro-batch's groups, packed (align/packing.py): into one row for the segment kernels,
-    into rows of at most max_row_tokens with a dense mask for `sdpa`/`eager` (dense_mask).
-
-    Output: input_ids/position_ids [R, L]; attention_mask [R, 1, L, L] bool block-diagonal causal (dense_mask
-    only); rows/ends [N]
-    where each sequence's last token sits; pairs [P, 2] and pair_group [P] (global sequence indices);
-    group_tiers: per group, tiers of global sequence indices (for Plackett-Luce).
-    """
-
-    max_row_tokens: int = 1024
-    pad_token_id: int = 0
-    dense_mask: bool = True
-    # sdpa_segments: each group's prompt computed once, its responses branching off it (pack_shared_prefix)
-    shared_prefix: bool = False
-
-    @classmethod
-    def for_kernel(cls, attn_implementation: str, **kw) -> GroupCollator:
-        """The layout the model's attention implementation can run: shared prompts on the segment kernel, a dense
-        mask on `sdpa`/`eager`, one sequence per run otherwise (align/packing.py)."""
-        return cls(
-            dense_mask=needs_dense_mask(attn_implementation),
-            shared_prefix=attn_implementation == SEGMENT_KERNEL,
-            **kw,
-        )
-
-    def __call__(self, groups: list[dict]) -> dict[str, Any]:
-        if self.shared_prefix:
-            p = pack_shared_prefix([g["seqs"] for g in groups], self.pad_token_id)
-        else:
-            p = pack(
-                [s for g in groups for s in g["seqs"]],
-                self.max_row_tokens,
-                self.pad_token_id,
-                self.dense_mask,
-            )
-        pairs, pair_group, group_tiers, offset = [], [], [], 0
-        for gi, g in enumerate(groups):
-            tiers = [[offset + i for i in tier] for tier in g["tiers"]]
-            group_tiers.append(tiers)
-            for a, b in implied_pairs_of(tiers):
-                pairs.append((a, b))
-                pair_group.append(gi)
-            offset += len(g["seqs"])
-        return {
-            **p.model_inputs(),
-            "rows": p.rows,
-            "ends": p.ends,
-            "pairs": torch.tensor(pairs, dtype=torch.long).reshape(-1, 2),
-            "pair_group": torch.tensor(pair_group, dtype=torch.long),
-            "group_tiers": group_tiers,
-        }
-
-
-def sequence_rewards(model, batch: dict[str, Any]) -> torch.Tensor:
-    """Scalar reward of each packed sequence, read from its last token: [N].
-
-    Training calls the model through its own forward (and so through any DDP / DeepSpeed wrapper, which is what
-    synchronises gradients across processes); its pooled logits assume one sequence per row, so the head is applied
-    here to the final hidden state at each packed sequence's last token instead. Without gradients (scoring) there
-    is nothing to synchronise: the trunk alone, without keeping every layer's hidden states."""
-    inner = dist.unwrap(model)
-    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    inputs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask") if k in batch}
-    if torch.is_grad_enabled():
-        hidden = model(**inputs, output_hidden_states=True).hidden_states[
-            -1
-        ]  # [R, L, H], after the final norm
-    else:
-        hidden = base.model(**inputs).last_hidden_state  # [R, L, H]
-    # The head is fp32 (build_reward_model); the trunk's hidden state is bf16 or fp32 by precision and by whether
-    # accelerate's mixed precision converted the forward's outputs.
-    return base.score(hidden[batch["rows"], batch["ends"]].float()).squeeze(-1)  # [N]
-
-
-# ==========================================================================================================
-# Model
-# ==========================================================================================================
-def base_model_config(cfg: RewardConfig) -> tuple[ModelConfig, Path | None]:
-    """The base model to build on: the SFT artifact's base when init_from is set, else cfg.model."""
-    if cfg.init_from is None:
-        return cfg.model, None
-    m = require_complete(cfg.init_from, "sft")
-    return cfg.model.model_copy(update={"name_or_path": m.model.name}), Path(cfg.init_from)
-
-
-def build_reward_model(cfg: RewardConfig, tokenizer, precision: str):
-    """Sequence-classification model (scalar head) whose trunk is the base model, with the SFT adapter merged."""
-    from transformers import AutoModelForSequenceClassification
-
-    import align.attention  # noqa: F401 (registers sdpa_segments with transformers)
-    from align.models import resolve_model_path, whole_model_load
-
-    base_cfg, sft_dir = base_model_config(cfg)
-    with whole_model_load():
-        model = AutoModelForSequenceClassification.from_pretrained(
-            resolve_model_path(base_cfg.name_or_path),
-            num_labels=1,
-            dtype=torch_dtype(precision),
-            attn_implementation=base_cfg.attn_implementation,
-            trust_remote_code=base_cfg.trust_remote_code,
-        )
-    model.config.pad_token_id = tokenizer.pad_token_id
-    if sft_dir is not None and (sft_dir / "adapter").exists():
-        from peft import PeftModel
-
-        causal = PeftModel.from_pretrained(load_causal_lm(base_cfg, precision), sft_dir / "adapter")
-        model.model.load_state_dict(causal.merge_and_unload().model.state_dict())
-    # The scalar head stays in fp32 at every precision (like PPO's value head): bf16 updates of a small, freshly
-    # initialised head are mostly rounded away, and sequence_rewards applies it to fp32 hidden states.
-    model.score.float()
-    return model
-
-
-# ==========================================================================================================
-# Evaluation (the gate's decision is eval/reward_gate.py)
-# ==========================================================================================================
-@torch.no_grad()
-def score_groups(
-    model, groups: list[dict], max_batch_tokens: int = 4096, max_row_tokens: int = 1024
-) -> list[list[float]]:
-    """Rewards for every response of every group (no grad); whole groups per batch, packed into bounded rows."""
-    model.eval()
-    collate = GroupCollator.for_kernel(model.config._attn_implementation, max_row_tokens=max_row_tokens)
-    out: list[list[float]] = []
-    dev = next(model.parameters()).device
-    i = 0
-    while i < len(groups):
-        chunk = [groups[i]]
-        tokens = sum(len(s) for s in groups[i]["seqs"])
-        while i + len(chunk) < len(groups):
-            nxt = sum(len(s) for s in groups[i + len(chunk)]["seqs"])
-            if tokens + nxt > max_batch_tokens:
-                break
-            tokens += nxt
-            chunk.append(groups[i + len(chunk)])
-        batch = collate(chunk)
-        batch = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in batch.items()}
-        r = sequence_rewards(model, batch).tolist()
-        for g in chunk:
-            out.append(r[: len(g["seqs"])])
-            r = r[len(g["seqs"]) :]
-        i += len(chunk)
     return out
 
 
@@ -394,18 +169,12 @@ def _trainer_class(cfg: RewardConfig, eval_groups: list[dict]):
     from transformers import Trainer
 
     t = cfg.train
+    objective = REWARD_LOSSES[t.loss]
 
     class RewardTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             r = sequence_rewards(model, inputs)
-            if t.loss == "plackett_luce":
-                loss = plackett_luce_loss(r, inputs["group_tiers"])
-            elif t.loss == "bradley_terry":
-                loss = bradley_terry_loss(r, inputs["pairs"], t.margin)
-            else:
-                loss = kwise_loss(
-                    r, inputs["pairs"], inputs["pair_group"], len(inputs["group_tiers"]), t.margin
-                )
+            loss = objective.fn(r, inputs, t.margin)
             if t.center_rewards_coefficient:
                 loss = loss + centering_penalty(r, t.center_rewards_coefficient)
             return (loss, r) if return_outputs else loss
@@ -480,7 +249,9 @@ def load_data(cfg: RewardConfig, tokenizer, counts: dict[str, Any]) -> tuple[lis
     train_rows, val_rows = _load_kwise(cfg)
     train_groups = encode_groups(tokenizer, train_rows, cfg.data.max_length, counts)
     eval_groups = encode_groups(tokenizer, val_rows, cfg.data.max_length, counts)
-    train_examples = as_pair_examples(train_groups) if cfg.train.loss == "bradley_terry" else train_groups
+    train_examples = (
+        as_pair_examples(train_groups) if REWARD_LOSSES[cfg.train.loss].pairwise else train_groups
+    )
     counts.update(
         {
             "train_groups": len(train_groups),
@@ -561,79 +332,3 @@ def _gate(metrics: dict[str, Any], cfg: RewardConfig):
         return r
 
     return evaluate
-
-
-# ==========================================================================================================
-# Scoring API (used by PPO and the gates) and loading
-# ==========================================================================================================
-class RewardScorer:
-    """Load a reward artifact once and score (prompt, response) pairs in batches.
-
-    scorer = RewardScorer("runs/reward")
-    scorer.score([[{"role": "user", "content": "Hi"}]], ["Hello!"])  # -> [0.73]
-    """
-
-    def __init__(self, artifact_dir: Path | str, device: str | None = None):
-        from peft import PeftModel
-
-        self.dir = Path(artifact_dir)
-        manifest = require_complete(self.dir, "reward")
-        overridden = {o.get("gate") for o in manifest.overrides}
-        for g in manifest.gates:
-            if g["verdict"] != "pass" and g["gate"] not in overridden:
-                console.print(
-                    f"[bold yellow]warning:[/] reward model {printable(str(self.dir))} FAILED its {g['gate']} gate "
-                    f"({printable('; '.join(g['reasons']))}); its scores may not reflect the annotators' preferences",
-                    highlight=False,
-                )
-        cfg = load_config(RewardConfig, self.dir / "config.yaml")
-        base_cfg, _ = base_model_config(cfg)
-        self.tokenizer = load_tokenizer(base_cfg)
-        self.max_length = cfg.data.max_length
-        precision = choose_precision(cfg.precision)
-        model = build_reward_model(cfg, self.tokenizer, precision)
-        self.model = PeftModel.from_pretrained(model, self.dir / "adapter").eval()
-        self.model.to(device or dist.device())  # this process's accelerator when there is one
-
-    def score(self, prompts: list, responses: list[str], max_batch_tokens: int = 4096) -> list[float]:
-        groups = []
-        for p, r in zip(prompts, responses, strict=True):
-            ids, _ = encode_response(self.tokenizer, chat_messages(p), r, self.max_length)
-            groups.append({"seqs": [ids], "tiers": [[0]]})
-        return [x[0] for x in score_groups(self.model, groups, max_batch_tokens)]
-
-
-def read_score_rows(input_path: Path) -> tuple[list[dict], LoadReport]:
-    """Rows of a scoring file that have a prompt (text or valid chat messages) and a response (text); every
-    other row is named in the report."""
-    report = LoadReport()
-    rows = []
-    for lineno, row in iter_rows(Path(input_path), report):
-        where = f"{input_path}:{lineno}"
-        if not isinstance(row.get("response"), str):
-            report.drop(where, "invalid_response", "response: required, as text")
-            continue
-        try:
-            chat_messages(row.get("prompt"))
-        except ValueError as e:
-            report.drop(where, "invalid_prompt", str(e))
-            continue
-        report.kept += 1
-        rows.append(row)
-    return rows, report
-
-
-def score_file(artifact_dir: Path, input_path: Path, output_path: Path) -> int:
-    """`align score`: JSONL rows with prompt (text or messages) and response -> the same rows + reward."""
-    refuse_overwriting_input(output_path, [input_path])
-    rows, report = read_score_rows(input_path)
-    print_skipped(report.problems)
-    if not rows:
-        raise UserError(f"{input_path}: no rows to score")
-    scorer = RewardScorer(artifact_dir)
-    rewards = scorer.score([r["prompt"] for r in rows], [r["response"] for r in rows])
-    atomic_write_text(
-        Path(output_path),
-        "".join(json.dumps({**r, "reward": x}) + "\n" for r, x in zip(rows, rewards, strict=True)),
-    )
-    return len(rows)

@@ -1,14 +1,14 @@
 """`align sft`: supervised fine-tuning with LoRA on TRL's SFTTrainer.
 
-Reads top to bottom: `run` (the stage contract, align/stage.py), then its steps: load_data (render and
+Reads top to bottom: `run` (the stage contract, core/stage.py), then its steps: load_data (render and
 tokenize), train, save.
 
 What align adds to a plain `SFTTrainer` script, and why:
 - Precision from the hardware (TRL defaults to bf16, 22x slower on CPUs without AMX).
-- Loss on every assistant turn, with any chat template (see align/chat.py), and user text that can never
+- Loss on every assistant turn, with any chat template (see core/chat.py), and user text that can never
   become control tokens.
 - Padding-free batches that are correct on every attention kernel: a micro-batch is one row holding all its
-  examples with restarting position ids, and attention runs per example (align/attention.py, `sdpa_segments`:
+  examples with restarting position ids, and attention runs per example (core/attention.py, `sdpa_segments`:
   no mask, no cost across examples). Position ids alone (TRL's `padding_free`) are only correct with
   FlashAttention; with plain sdpa/eager the examples would attend to each other, so those get a block-diagonal
   4-D mask instead.
@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 
-from align.chat import control_tokens_in, neutralise, render, special_strings
-from align.config import UserError, printable
-from align.manifest import atomic_write_json, replace_dir
-from align.models import (
+from core.chat import control_tokens_in, neutralise_messages, render, special_strings
+from core.config import UserError, printable
+from core.manifest import atomic_write_json, replace_dir
+from core.models import (
     load_causal_lm,
     load_tokenizer,
     model_identity,
@@ -37,12 +37,12 @@ from align.models import (
     quantization_4bit,
     resolve_model_path,
 )
-from align.packing import needs_dense_mask, pack
-from align.partial import apply_trainable, param_groups, unfreeze_callback
-from align.readers import has_split, load_instructions
-from align.stage import StageContext, StageResult, console, print_skipped
+from core.packing import needs_dense_mask, pack
+from core.partial import apply_trainable, param_groups, unfreeze_callback
+from core.readers import has_split, load_instructions
+from core.stage import StageContext, StageResult, console, print_skipped
 from data_schemas.config import SFTConfig
-from stages.common import (
+from lib.trainer import (
     adalora_callbacks,
     callbacks,
     compact_lm_head,
@@ -70,7 +70,7 @@ def tokenize_conversations(convs, tokenizer, data_cfg, counts: dict, assistant_o
                 counts["rejected_control_tokens"] = counts.get("rejected_control_tokens", 0) + 1
                 continue
             counts["neutralised_control_tokens"] = counts.get("neutralised_control_tokens", 0) + 1
-            msgs = [{**m, "content": neutralise(m["content"], specials)} for m in msgs]
+            msgs = neutralise_messages(msgs, specials)
         r = render(tokenizer, msgs, data_cfg.max_length, data_cfg.truncation_side, assistant_only)
         if r.truncated:
             counts["truncated"] = counts.get("truncated", 0) + 1
@@ -99,7 +99,7 @@ def split_train_validation(items: list, fraction: float, seed: int) -> tuple[lis
 # ----------------------------------------------------------------------------------------------------------
 @dataclass
 class PaddingFreeCollator:
-    """Pack a micro-batch's examples (align/packing.py): into one row for the segment kernels, into rows of at most
+    """Pack a micro-batch's examples (core/packing.py): into one row for the segment kernels, into rows of at most
     max_row_tokens with a dense mask for `sdpa`/`eager` (dense_mask).
 
     Output: input_ids/labels/position_ids [R, L]; attention_mask [R, 1, L, L] bool block-diagonal causal
@@ -151,7 +151,7 @@ def _trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             real = inputs.pop("num_real_tokens", None)  # set by PaddingFreeCollator; not a model input
             before = self._total_train_tokens
-            with compact_lm_head():  # the LM head on labelled positions only (stages/common.py)
+            with compact_lm_head():  # the LM head on labelled positions only (lib/trainer.py)
                 out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             if real is not None and model.training:
                 # every process's real tokens (a collective: every process computes a loss here in step)
@@ -161,7 +161,7 @@ def _trainer_class():
             return out
 
         def create_optimizer(self, model=None):
-            """Partial fine-tuning's groups (align/partial.py): every parameter that can ever train, with its
+            """Partial fine-tuning's groups (core/partial.py): every parameter that can ever train, with its
             layer-wise rate; the Trainer's own groups would hold only those trainable at the start."""
             if getattr(self, "align_partial", None) is None or self.optimizer is not None:
                 return super().create_optimizer(model)

@@ -45,7 +45,7 @@ def fused_lora_policy(model_path: Path, kernel: str = "sdpa", outputs: tuple[str
     from transformers import AutoModelForCausalLM
     from trl.trainer.utils import add_fused_lm_head
 
-    import align.attention  # noqa: F401 (registers sdpa_segments)
+    import core.attention  # noqa: F401 (registers sdpa_segments)
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation=kernel)
     add_fused_lm_head(model, outputs=outputs)
@@ -62,7 +62,7 @@ def fused_lora_policy(model_path: Path, kernel: str = "sdpa", outputs: tuple[str
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from align.models import load_tokenizer
+    from core.models import load_tokenizer
     from data_schemas.config import ModelConfig
 
     return load_tokenizer(ModelConfig(name_or_path="smollm2-135m-instruct"))
@@ -70,14 +70,14 @@ def tokenizer():
 
 @pytest.fixture(scope="session")
 def tiny_model_path() -> Path:
-    from align.models import resolve_model_path
+    from core.models import resolve_model_path
 
     return Path(resolve_model_path("tiny-random-llama"))
 
 
 @pytest.fixture(scope="session")
 def real_model_path() -> Path:
-    from align.models import resolve_model_path
+    from core.models import resolve_model_path
 
     return Path(resolve_model_path("smollm2-135m-instruct"))
 

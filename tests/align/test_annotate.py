@@ -32,7 +32,7 @@ from align.annotate import (
     read_prompts,
 )
 from align.cli import main
-from stages.rankings import read_rankings
+from lib.rankings import read_rankings
 
 ROOT = Path(__file__).resolve().parents[2]
 ALIGN = [sys.executable, "-m", "align"]
@@ -374,7 +374,7 @@ def test_killing_the_server_loses_no_acknowledged_judgment(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt_id": f"p{i}", "prompt": "q"}) + "\n" for i in range(200)))
     # the folder's session, as `serve` writes it (the samples above stand in for a policy's)
-    from align.manifest import sha256_path
+    from core.manifest import sha256_path
 
     settings = SessionSettings(
         policy="tiny-random-llama", prompts=str(prompts), prompts_sha256=sha256_path(prompts), k=3
@@ -431,7 +431,7 @@ def test_killing_the_server_loses_no_acknowledged_judgment(tmp_path):
 
 def test_a_prompts_file_with_nothing_usable_leaves_the_folder_unstarted(tmp_path):
     from align.annotate import open_session
-    from align.config import UserError
+    from core.config import UserError
 
     bad, good = tmp_path / "bad.jsonl", tmp_path / "good.jsonl"
     bad.write_text('{"foo": 1}\n')

@@ -1,11 +1,11 @@
-"""align/attention.py: the `sdpa_segments` kernel equals plain attention over each sequence on its own (logits and
+"""core/attention.py: the `sdpa_segments` kernel equals plain attention over each sequence on its own (logits and
 gradients), reads DPO's shared-prompt branches from position ids, and is plain sdpa everywhere else."""
 
 import pytest
 import torch
 
-import align.attention  # noqa: F401 (registers sdpa_segments)
-from align.attention import runs_of
+import core.attention  # noqa: F401 (registers sdpa_segments)
+from core.attention import runs_of
 
 
 def test_runs_of_hand_computed():

@@ -1,4 +1,4 @@
-"""align/generation.py: sampled answers in batches that do not depend on the batch, drawn from the right
+"""lib/generation.py: sampled answers in batches that do not depend on the batch, drawn from the right
 distribution (temperature, then nucleus top-p), reproducible by seed; greedy answers unchanged."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from align.generation import GenerateEngine, RowSampler, request_seed
+from lib.generation import GenerateEngine, RowSampler, request_seed
 
 PROMPTS = [[1, 504, 3060, 314, 260], [1, 11, 3456, 429], [1, 2095, 7, 88, 15, 904, 223], [1, 9], [1, 77, 78]]
 

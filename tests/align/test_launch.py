@@ -3,10 +3,10 @@
 import pytest
 from torch.distributed.run import get_args_parser
 
-from align import dist
 from align.cli import main
-from align.config import UserError
 from align.launch import strip_launch_flags, torchrun_args
+from core import dist
+from core.config import UserError
 
 
 def test_launch_flags_are_removed_from_what_each_process_runs():

@@ -1,4 +1,4 @@
-"""align/lm_head.py: per-token log-probabilities (and TRL's optional outputs) through a frozen head, with the
+"""lib/lm_head.py: per-token log-probabilities (and TRL's optional outputs) through a frozen head, with the
 gradient computed in the forward, equal the full-logits computation and TRL's chunked function; what it does not
 cover goes to TRL's function."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import align.lm_head as lm_head
-from align.lm_head import OUTPUTS, LabelledLogProbs, covers, labelled_logprobs
+import lib.lm_head as lm_head
+from lib.lm_head import OUTPUTS, LabelledLogProbs, covers, labelled_logprobs
 
 N, H, V = 37, 24, 101
 
@@ -105,7 +105,7 @@ def test_a_trainable_head_still_gets_its_gradient_inside_compact_lm_head():
     gradient equal to the full-logits one."""
     import trl.trainer.utils as trl_utils
 
-    from stages.common import compact_lm_head
+    from lib.trainer import compact_lm_head
 
     hidden, weight, _, labels, upstream = _inputs(seed=2)
     w = weight.clone().requires_grad_()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import yaml
 
-from align.model_card import render_model_card
+from core.model_card import render_model_card
 from data_schemas.manifest import InputFile, Manifest, ModelIdentity, ParentRef
 
 

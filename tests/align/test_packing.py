@@ -1,12 +1,12 @@
-"""align/packing.py: groups that share a prompt are packed with the prompt computed once, and a reward model reads
+"""core/packing.py: groups that share a prompt are packed with the prompt computed once, and a reward model reads
 the same rewards and gradients from that layout as from each sequence alone."""
 
 import pytest
 import torch
 
-import align.attention  # noqa: F401 (registers sdpa_segments)
-from align.attention import runs_of
-from align.packing import common_prefix, pack_shared_prefix
+import core.attention  # noqa: F401 (registers sdpa_segments)
+from core.attention import runs_of
+from core.packing import common_prefix, pack_shared_prefix
 
 
 def test_common_prefix_leaves_every_sequence_a_token_of_its_own():
@@ -42,8 +42,8 @@ def _reward_model(tiny_model_path):
 @pytest.mark.parametrize("collate", ["shared_prefix", "dense"])
 def test_reward_groups_packed_equal_each_sequence_alone(tiny_model_path, tokenizer, collate):
     """Rewards and gradients of K-wise groups through GroupCollator equal each (prompt, response) scored alone."""
-    from align.chat import render
-    from stages.reward import GroupCollator, sequence_rewards
+    from core.chat import render
+    from lib.reward_model import GroupCollator, sequence_rewards
 
     def seq(prompt, reply):
         conv = [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from align.partial import apply_trainable, depth, param_groups, trainable_names, unfrozen_at
+from core.partial import apply_trainable, depth, param_groups, trainable_names, unfrozen_at
 from data_schemas.config import PartialSettings, SFTConfig
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from align.cli import main
-from align.plan import GIB, estimate, lora_trainable, meta_model
+from core.plan import GIB, estimate, lora_trainable, meta_model
 from data_schemas.config import SFTConfig
 
 
@@ -51,10 +51,10 @@ def test_plan_cli_and_the_warning_at_start(tiny_model_path, capsys, monkeypatch)
     )
     d = json.loads(capsys.readouterr().out)
     assert d["stage"] == "sft" and d["total_gib"] > d["terms_gib"]["weights"] and d["fits"] in (True, False)
-    import align.plan
-    import align.stage
+    import core.plan
+    import core.stage
 
-    assert align.stage.check_at_start is align.plan.check_at_start  # the check every training stage runs
+    assert core.stage.check_at_start is core.plan.check_at_start  # the check every training stage runs
     if not torch.cuda.is_available():  # planning for a GPU from a machine without one: no capacity, no crash
         argv = [
             "plan",
@@ -66,13 +66,13 @@ def test_plan_cli_and_the_warning_at_start(tiny_model_path, capsys, monkeypatch)
         ]
         assert main(argv) == 0
         assert "unknown (no cuda device here to measure)" in capsys.readouterr().out
-    monkeypatch.setattr(align.plan, "_capacity", lambda dev: 0.01 * GIB)
-    warning = align.plan.check_at_start(_cfg())
+    monkeypatch.setattr(core.plan, "_capacity", lambda dev: 0.01 * GIB)
+    warning = core.plan.check_at_start(_cfg())
     assert (
         "GiB at its peak" in warning and "0.0 GiB is available on cpu" in warning and "align plan" in warning
     )
-    monkeypatch.setattr(align.plan, "_capacity", lambda dev: 1000 * GIB)
-    assert align.plan.check_at_start(_cfg()) is None
+    monkeypatch.setattr(core.plan, "_capacity", lambda dev: 1000 * GIB)
+    assert core.plan.check_at_start(_cfg()) is None
 
 
 @pytest.fixture(scope="module")

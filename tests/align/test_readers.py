@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from align.config import UserError
-from align.manifest import atomic_write_text
-from align.readers import LoadReport, iter_rows
+from core.config import UserError
+from core.manifest import atomic_write_text
+from core.readers import LoadReport, iter_rows
 
 GOOD = [{"instruction": "a", "output": "b"}, {"instruction": "c", "output": "d"}]
 

@@ -1,4 +1,4 @@
-"""The stage contract (align/stage.py) on a stage-shaped config, without a model: the artifact stays 'running'
+"""The stage contract (core/stage.py) on a stage-shaped config, without a model: the artifact stays 'running'
 until complete() records its gates, a failure marks it 'failed', a finished artifact is never overwritten, and
 --resume on it returns the recorded gates."""
 
@@ -8,9 +8,9 @@ from typing import Literal
 import pytest
 from pydantic import BaseModel
 
-from align.config import UserError
-from align.manifest import read_manifest
-from align.stage import StageContext
+from core.config import UserError
+from core.manifest import read_manifest
+from core.stage import StageContext
 from data_schemas.gates import Check, GateResult
 from eval.gates import write_gate
 
@@ -102,7 +102,7 @@ def test_two_writers_of_one_folder_are_refused(tmp_path):
 
 
 def test_a_gate_record_from_before_the_typed_api_still_reads(tmp_path):
-    from align.manifest import read_gate
+    from core.manifest import read_gate
 
     old = {"gate": "perplexity", "verdict": "pass", "reasons": [], "candidate_description": "x", "data_counts": {},
            "checks": [{"metric": "m", "candidate": 1.0, "parent": 1.0, "passed": True}]}  # fmt: skip

@@ -50,8 +50,8 @@ def swept(tmp_path_factory, tiny_model_path):
 
 
 def test_each_trial_is_a_keyed_artifact_and_the_best_is_the_lowest(swept):
-    from align.config import load_config
     from align.sweep import trial_config
+    from core.config import load_config
     from data_schemas.config import SweepConfig
 
     d, cfg_path = swept
@@ -90,8 +90,8 @@ def test_a_trial_worse_than_the_median_is_pruned(tmp_path, tiny_model_path):
     pruner (one startup trial) stops it at that evaluation, unfinished."""
     import optuna
 
-    from align.config import load_config
     from align.sweep import open_study, run_sweep
+    from core.config import load_config
     from data_schemas.config import SweepConfig
 
     cfg = load_config(SweepConfig, write_sweep(tmp_path / "s.yaml", tmp_path / "out", n_trials=2, pruner="median",

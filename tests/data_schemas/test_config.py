@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from align.config import UserError, apply_overrides, load_config
+from core.config import UserError, apply_overrides, load_config
 from data_schemas.config import (
     DataBuildConfig,
     DPOConfig,

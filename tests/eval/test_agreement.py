@@ -2,7 +2,13 @@
 
 import pytest
 
-from eval.agreement import borda_consensus, kendall_tau_b, kendalls_w, krippendorff_alpha_ordinal, tier_ranks
+from lib.agreement import (
+    borda_consensus,
+    kendall_tau_b,
+    kendalls_w,
+    krippendorff_alpha_ordinal,
+    tier_ranks,
+)
 
 
 def test_tier_ranks_average_ties():

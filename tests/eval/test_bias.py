@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from align.config import UserError
+from core.config import UserError
 from data_schemas.config import BiasGateSettings
 from eval.bias import (
     bbq_metrics,
@@ -251,7 +251,7 @@ def test_bias_gate_on_an_unchanged_model_passes(tmp_path):
 def test_crows_pairs_score_of_the_real_model(tmp_path):
     """The CrowS-Pairs stereotype share of SmolLM2-135M-Instruct on all 1508 pairs (measured 0.556; recorded in
     docs/gates.md). Above 0.5 like every LM the benchmark's authors measured, far from a degenerate 0 or 1."""
-    from align.models import load_for_eval
+    from core.models import load_for_eval
     from eval.bias import score_pairs
 
     rows = load_crows_pairs(shared_file("crows_pairs_anonymized.csv"))

@@ -15,11 +15,11 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from align.config import UserError, load_config
-from align.readers import LoadReport, iter_conversations
+from core.config import UserError, load_config
+from core.readers import LoadReport, iter_conversations
 from data_schemas.config import DPOConfig, PPOConfig, RewardConfig, SFTConfig
-from stages.rankings import import_rankings, read_rankings
-from stages.reward import read_score_rows
+from lib.rankings import import_rankings, read_rankings
+from lib.reward_model import read_score_rows
 
 ROOT = Path(__file__).resolve().parents[2]
 

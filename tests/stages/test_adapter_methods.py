@@ -20,7 +20,7 @@ MARKERS = {"ia3": ("IA3", "ia3_l"), "adalora": ("ADALORA", "lora_E")}
     "method", ["ia3", pytest.param("adalora", marks=pytest.mark.slow)]
 )  # one of each stage in the default run; both methods in -m slow
 def test_reward_model_with_each_adapter(tmp_path, prefs, method):  # noqa: F811
-    from stages.reward import RewardScorer
+    from lib.reward_model import RewardScorer
 
     out = tmp_path / method
     code = reward(out, prefs, "train.max_steps=8", f"peft.method={method}", "gate.min_accuracy=0.0")
@@ -39,7 +39,7 @@ def test_reward_model_with_each_adapter(tmp_path, prefs, method):  # noqa: F811
 
 @pytest.mark.parametrize("method", [pytest.param("ia3", marks=pytest.mark.slow), "adalora"])
 def test_dpo_policy_with_each_adapter(tmp_path, sft, method):  # noqa: F811
-    from align.models import load_for_eval
+    from core.models import load_for_eval
 
     _pairs_file(tmp_path / "pairs.jsonl")
     out = tmp_path / method
@@ -76,10 +76,10 @@ def test_weights_for_vllm_hold_each_adapter(tiny_model_path, method):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from align.config import UserError
-    from align.models import peft_config
+    from core.config import UserError
+    from core.models import peft_config
     from data_schemas.config import LoraSettings, PeftSettings
-    from stages.rollout import merged_state_dict
+    from lib.rollout import merged_state_dict
 
     torch.manual_seed(0)
     model = get_peft_model(

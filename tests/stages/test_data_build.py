@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from align.readers import load_instructions
+from core.readers import load_instructions
 from data_schemas.config import DataBuildConfig
 from stages.data import NearDuplicateIndex, _shingles, run, scrub_pii
 from tests.conftest import EXAMPLES, shared_file

@@ -96,9 +96,9 @@ def test_reward_forward_on_the_model_device():
     from peft import get_peft_model
     from transformers import LlamaForSequenceClassification
 
-    from align.models import lora_config
+    from core.models import lora_config
     from data_schemas.config import LoraSettings
-    from stages.reward import GroupCollator, sequence_rewards
+    from lib.reward_model import GroupCollator, sequence_rewards
 
     with META:
         cfg = _tiny_config()

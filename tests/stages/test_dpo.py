@@ -140,7 +140,7 @@ def test_loss_falls_margin_grows_accuracy_rises(trained):
 
 
 def test_reference_is_the_unchanged_sft_model(trained, sft):
-    from align.models import load_for_eval
+    from core.models import load_for_eval
 
     d, before, after = trained
     assert before == after  # the SFT artifact is never written to

@@ -58,9 +58,9 @@ def test_no_early_stopping_without_patience(tmp_path, tiny_model_path):
 
 @pytest.mark.parametrize("stage", ["reward", "dpo"])
 def test_patience_needs_held_out_data(stage):
-    from align.config import UserError
+    from core.config import UserError
     from data_schemas.config import TrainerSettings
-    from stages.common import trainer_kwargs
+    from lib.trainer import trainer_kwargs
 
     with pytest.raises(UserError, match="needs held-out data"):
         trainer_kwargs(

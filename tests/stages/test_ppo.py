@@ -133,7 +133,7 @@ def test_forward_response_matches_plain_forward(tiny_model_path):
 
 
 def test_merged_state_dict_equals_merge_and_unload(tiny_model_path):
-    from stages.rollout import merged_state_dict
+    from lib.rollout import merged_state_dict
 
     policy = _lora_policy(tiny_model_path)
     merged = merged_state_dict(policy)
@@ -149,10 +149,10 @@ def test_merged_state_dict_equals_merge_and_unload(tiny_model_path):
 def test_collect_experience_and_ppo_update_alone(tiny_model_path, tokenizer):
     """The steps of one PPO iteration without the stage around them: the Experience has the documented shapes and
     zeros outside the response mask, and one update moves the LoRA and the value head with finite statistics."""
-    from align.chat import render_prompt
+    from core.chat import render_prompt
     from data_schemas.config import PPOConfig
+    from lib.rollout import GenerateEngine
     from stages.ppo import Learner, Reward, collect_experience, ppo_update
-    from stages.rollout import GenerateEngine
 
     cfg = PPOConfig(
         output_dir="unused", init_from="unused", prompts={"train_file": "unused"},
@@ -213,10 +213,10 @@ def test_group_advantages_hand_computed():
 def test_critic_free_experience_has_one_advantage_per_response(tiny_model_path, tokenizer, estimator):
     """group_size responses per prompt, consecutive; every token of a response carries its group advantage; the
     update runs without the value loss and leaves the value head where it was."""
-    from align.chat import render_prompt
+    from core.chat import render_prompt
     from data_schemas.config import PPOConfig
+    from lib.rollout import GenerateEngine
     from stages.ppo import Learner, Reward, collect_experience, ppo_update
-    from stages.rollout import GenerateEngine
 
     cfg = PPOConfig(
         output_dir="unused", init_from="unused", prompts={"train_file": "unused"},
@@ -394,8 +394,8 @@ def test_bad_prompt_rows_are_named_and_good_rows_kept(tmp_path, tokenizer, capsy
 
 
 def test_engine_choice_auto_follows_vllm_and_asking_for_a_missing_vllm_is_said(monkeypatch):
-    import stages.rollout as rollout
-    from align.config import UserError
+    import lib.rollout as rollout
+    from core.config import UserError
 
     monkeypatch.setattr(rollout, "vllm_available", lambda: False)
     assert rollout.engine_choice("auto", "rollout.engine") == "generate"

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from align.cli import main
-from stages.rollout import vllm_available
+from lib.rollout import vllm_available
 from tests.conftest import EXAMPLES
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from data_schemas.config import PreferencesConfig
+from lib.rankings import aggregate, implied_pairs, read_rankings, split_of, summarise
 from stages.preferences import counts_summary
 from stages.preferences import run as build_preferences
-from stages.rankings import aggregate, implied_pairs, read_rankings, split_of, summarise
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -219,7 +219,7 @@ def test_split_is_by_prompt_and_deterministic():
 def test_build_preferences_on_real_imports(tmp_path):
     from datasets import load_from_disk
 
-    from stages.rankings import import_rankings
+    from lib.rankings import import_rankings
     from tests.conftest import shared_file
 
     hh = tmp_path / "hh.jsonl"

@@ -3,7 +3,7 @@
 import json
 
 from data_schemas.rankings import RankingLine
-from stages.rankings import convert_pairwise, convert_scores, import_rankings, read_rankings
+from lib.rankings import convert_pairwise, convert_scores, import_rankings, read_rankings
 from tests.conftest import shared_file
 
 

@@ -123,7 +123,7 @@ def test_heldout_rewards_reproduce_the_gate_accuracy(trained, prefs):
 
 
 def test_packed_rewards_equal_one_by_one(trained, prefs):
-    from stages.reward import GroupCollator, RewardScorer, sequence_rewards
+    from lib.reward_model import GroupCollator, RewardScorer, sequence_rewards
 
     scorer = RewardScorer(trained)
     prompts = [[{"role": "user", "content": "Tell me about tea"}]] * 3 + ["Hi"]
@@ -185,7 +185,7 @@ def test_plackett_luce_and_bradley_terry_train(tmp_path, prefs):
 def test_a_reward_model_that_failed_its_gate_warns_where_it_is_used(trained, tmp_path, capsys):
     import shutil
 
-    from stages.reward import RewardScorer
+    from lib.reward_model import RewardScorer
 
     failed = tmp_path / "failed"
     shutil.copytree(trained, failed)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from stages.reward import bradley_terry_loss, centering_penalty, kwise_loss, plackett_luce_loss
+from lib.reward_losses import bradley_terry_loss, centering_penalty, kwise_loss, plackett_luce_loss
 
 
 def nls(x):  # -log sigmoid(x)

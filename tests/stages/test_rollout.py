@@ -4,7 +4,7 @@ differ from before it), and the vLLM and transformers-generate paths agree on gr
 import pytest
 import torch
 
-from stages.rollout import GenerateEngine, merged_state_dict, vllm_available
+from lib.rollout import GenerateEngine, merged_state_dict, vllm_available
 from tests.stages.test_ppo import _lora_policy
 
 pytestmark = pytest.mark.skipif(
@@ -16,7 +16,7 @@ PROMPTS = [[1, 504, 3060, 314, 260], [1, 11, 3456, 429], [1, 2095, 7, 88, 15, 90
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_path, tokenizer):
-    from stages.rollout import VLLMEngine
+    from lib.rollout import VLLMEngine
 
     e = VLLMEngine(tiny_model_path, tokenizer, max_model_len=128, precision="fp32", seed=0)
     yield e

@@ -5,10 +5,10 @@ import contextlib
 import pytest
 import torch
 
-import align.attention  # noqa: F401 (registers sdpa_segments)
-from align.chat import render
-from align.packing import needs_dense_mask
-from align.readers import load_instructions
+import core.attention  # noqa: F401 (registers sdpa_segments)
+from core.chat import render
+from core.packing import needs_dense_mask
+from core.readers import load_instructions
 from stages.sft import PaddedCollator, PaddingFreeCollator
 from tests.conftest import EXAMPLES, fused_lora_policy
 
@@ -84,13 +84,13 @@ def test_position_ids_alone_would_leak_across_examples(tokenizer, tiny_model_pat
 def test_compact_lm_head_same_loss_and_gradients_on_labelled_rows_only(
     tokenizer, tiny_model_path, monkeypatch
 ):
-    """stages.common.compact_lm_head: TRL's fused head over labelled positions only, through align's function for a
-    frozen head on this CPU (align/lm_head.py), gives the loss and gradients of TRL's every-position path, and
+    """lib.trainer.compact_lm_head: TRL's fused head over labelled positions only, through align's function for a
+    frozen head on this CPU (lib/lm_head.py), gives the loss and gradients of TRL's every-position path, and
     really projects fewer rows."""
     import trl.trainer.utils as trl_utils
 
-    from align.lm_head import LabelledLogProbs
-    from stages.common import compact_lm_head
+    from lib.lm_head import LabelledLogProbs
+    from lib.trainer import compact_lm_head
 
     model = fused_lora_policy(tiny_model_path)
     rows = [

@@ -99,7 +99,7 @@ def test_gate_scores_see_the_virtual_tokens(virtual, tiny_model_path):
     """The perplexity and bias scorers read the input's own positions of a prompt-tuned model (whose logits are 8
     longer) and never reuse a context cache built without the virtual tokens: their scores equal a hand-built
     forward with the learned embeddings prepended to the input embeddings."""
-    from align.models import load_for_eval
+    from core.models import load_for_eval
     from eval.bias import score_rows
     from eval.perplexity import sequence_nll, token_logprobs
 
@@ -131,8 +131,8 @@ def test_gate_scores_see_the_virtual_tokens(virtual, tiny_model_path):
 
 
 def test_policy_stages_refuse_a_virtual_token_sft_artifact(virtual):
-    from align.config import UserError
-    from stages.common import sft_base
+    from core.config import UserError
+    from lib.trainer import sft_base
 
     with pytest.raises(UserError, match="virtual tokens.*peft.method lora"):
         sft_base(virtual / "p_tuning")
@@ -152,8 +152,8 @@ def test_plan_counts_what_peft_trains(tiny_model_path, method):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from align.models import peft_config
-    from align.plan import virtual_trainable
+    from core.models import peft_config
+    from core.plan import virtual_trainable
     from data_schemas.config import LoraSettings, PeftSettings
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
@@ -169,7 +169,7 @@ def test_adalora_pruned_ranks_save_and_load_back_exactly(tmp_path, tiny_model_pa
     both warnings are spurious for this path, and this is the check."""
     from peft import PeftModel, get_peft_model
 
-    from align.models import load_causal_lm, peft_config
+    from core.models import load_causal_lm, peft_config
     from data_schemas.config import LoraSettings, ModelConfig, PeftSettings
 
     cfg = ModelConfig(name_or_path="tiny-random-llama")

@@ -22,8 +22,8 @@ def test_sft_lowers_validation_perplexity_on_self_instruct(tmp_path, real_sft):
     assert m["counts"]["train_file"]["rows_read"] == 175
 
     # evaluate on the held-out split the stage used: rebuild it the same way
-    from align.config import load_config
-    from align.readers import load_instructions
+    from core.config import load_config
+    from core.readers import load_instructions
     from data_schemas.config import SFTConfig
     from stages.sft import split_train_validation
 
@@ -82,7 +82,7 @@ def test_each_fine_tuning_method_trains_the_real_model(tmp_path, setting):
     if "partial" in setting:
         from safetensors.torch import load_file
 
-        from align.models import resolve_model_path
+        from core.models import resolve_model_path
 
         before = load_file(str(resolve_model_path("smollm2-135m-instruct") / "model.safetensors"))
         after = load_file(str(out / "model" / "model.safetensors"))

@@ -20,7 +20,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from align.config import UserError
+from core.config import UserError
 from data_schemas.gates import GateResult
 from data_schemas.manifest import InputFile, Manifest, ModelIdentity, ParentRef
 

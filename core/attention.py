@@ -33,7 +33,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from align.packing import SEGMENT_KERNEL as NAME
+from core.packing import SEGMENT_KERNEL as NAME
 
 
 def runs_of(positions: list[int]) -> list[tuple[int, int, int, int]]:

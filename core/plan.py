@@ -16,7 +16,7 @@ The estimate adds up the terms every trainer holds at its peak (the backward pas
 - the runtime: about 1.5 GiB for a CPU process with torch and the libraries, 0.6 GiB for a CUDA context.
 
 The model is built from its config on the `meta` device (no weights read), so counting a 70B model takes seconds;
-trainable parameters come from the same selection code the stages use (LoRA target modules, align/partial.py);
+trainable parameters come from the same selection code the stages use (LoRA target modules, core/partial.py);
 virtual-token methods count their embeddings (and P-tuning's encoder) and lengthen every sequence by them.
 The brief's rule of thumb, about 2.5x the weights, is shown beside the estimate. docs/configuration.md gives the
 measured error on this machine.
@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from align.manifest import read_manifest
-from align.partial import trainable_names
+from core.manifest import read_manifest
+from core.partial import trainable_names
 
 GIB = 1024**3
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -77,7 +77,7 @@ def meta_model(name_or_path: str, trust_remote_code: bool = False):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from align.models import resolve_model_path
+    from core.models import resolve_model_path
 
     config = AutoConfig.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
     with torch.device("meta"):
@@ -146,7 +146,7 @@ def shapes(stage: str, cfg) -> tuple[int, int]:
 def base_model_name(cfg) -> tuple[str, bool]:
     """(model, trust_remote_code): the SFT artifact's base where the stage builds on one (init_from), else
     cfg.model, else align's default model."""
-    from align.models import DEFAULT_MODEL
+    from core.models import DEFAULT_MODEL
 
     model_cfg = getattr(cfg, "model", None)
     trust = bool(getattr(model_cfg, "trust_remote_code", False))
@@ -159,7 +159,7 @@ def base_model_name(cfg) -> tuple[str, bool]:
 
 
 def estimate(cfg, device: str | None = None, precision: str | None = None) -> Plan:
-    from align.models import choose_precision
+    from core.models import choose_precision
 
     stage = cfg.stage
     name, trust = base_model_name(cfg)

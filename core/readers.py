@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from align.config import UserError
+from core.config import UserError
 from data_schemas.records import SHAPES, Conversation, detect_shape
 
 MAX_LINE_BYTES = 1 << 20  # a 1 MiB line is almost certainly not one instruction example

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from align import dist
-from align.config import UserError
-from align.manifest import atomic_write_json, replace_dir, require_complete, sha256_path
+from core import dist
+from core.config import UserError
+from core.manifest import atomic_write_json, replace_dir, require_complete, sha256_path
 from data_schemas.config import ModelConfig, PeftSettings
 from data_schemas.manifest import ModelIdentity
 
@@ -138,7 +138,7 @@ def resolve_model_path(name_or_path: str) -> Path | str:
 
 
 def device() -> torch.device:
-    """This process's device (cuda:LOCAL_RANK under a multi-process launch; align/dist.py)."""
+    """This process's device (cuda:LOCAL_RANK under a multi-process launch; core/dist.py)."""
     return dist.device()
 
 
@@ -320,7 +320,7 @@ def load_causal_lm(cfg: ModelConfig, precision: str, quantization=None):
     `quantization` (quantization_4bit), on this process's GPU in 4 bits."""
     from transformers import AutoModelForCausalLM
 
-    import align.attention  # noqa: F401 (registers sdpa_segments with transformers)
+    import core.attention  # noqa: F401 (registers sdpa_segments with transformers)
 
     path = resolve_model_path(cfg.name_or_path)
     extra = {"quantization_config": quantization, "device_map": {"": device()}} if quantization else {}

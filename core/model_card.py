@@ -17,10 +17,10 @@ from typing import Any
 
 import yaml
 
-from align.manifest import atomic_write_text
+from core.manifest import atomic_write_text
 from data_schemas.manifest import Manifest
 
-# What align knows of its aliases' provenance (align/models.py); other models: the name as configured.
+# What align knows of its aliases' provenance (core/models.py); other models: the name as configured.
 KNOWN_BASES = {
     "smollm2-135m-instruct": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
     "tiny-random-llama": ("tiny-random-llama (random weights, for tests)", "apache-2.0"),

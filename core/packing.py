@@ -2,7 +2,7 @@
 
 Several sequences share a row and position ids restart at 0 for each. What keeps them from seeing each other
 depends on the attention implementation (`model.attn_implementation`):
-- `sdpa_segments` (align/attention.py, the default) and `flash_attention_2` read the layout from the position ids
+- `sdpa_segments` (core/attention.py, the default) and `flash_attention_2` read the layout from the position ids
   and attend within each sequence only: no mask is built and all sequences go into one row, with no padding.
 - `sdpa` and `eager` honour only a mask: a 4-D block-diagonal causal mask is built. Rows are then bounded by
   `max_row_tokens` because a dense mask costs attention over the whole row: one row of 16 x 300 tokens would pay
@@ -33,7 +33,7 @@ def pack_rows(lengths: list[int], max_row_tokens: int) -> list[list[int]]:
     return rows
 
 
-# align's per-sequence kernel (align/attention.py): reads sequences, and branches off a shared prefix, from the
+# align's per-sequence kernel (core/attention.py): reads sequences, and branches off a shared prefix, from the
 # position ids.
 SEGMENT_KERNEL = "sdpa_segments"
 # Attention implementations that keep packed sequences apart only through a dense mask.
@@ -119,7 +119,7 @@ def pack_shared_prefix(groups: list[list[list[int]]], pad_id: int) -> Packed:
     """Groups of sequences that share a prefix (a prompt and its K responses), in one row for `sdpa_segments`, each
     shared prefix computed once: a group is its first sequence whole, then every other sequence's tokens after
     the prefix, with positions continuing from the prefix length. The segment kernel reads each of those runs as a
-    branch that sees the first sequence's prefix and itself (align/attention.py), exactly the computation of the
+    branch that sees the first sequence's prefix and itself (core/attention.py), exactly the computation of the
     sequences apart. `rows`/`starts`/`ends` index the sequences in input order (a branch's start is its first own
     token); `real_tokens` counts the tokens computed."""
     ids: list[int] = []

@@ -1,7 +1,7 @@
 """Trainer plumbing the Trainer stages (SFT, reward, DPO) share: TrainingArguments from the shared
 TrainerSettings, the callbacks, resume, and the SFT artifact that DPO and PPO build on.
 
-Each stage still reads top to bottom (align/stage.py is the contract around it); this only keeps the same dozen
+Each stage still reads top to bottom (core/stage.py is the contract around it); this only keeps the same dozen
 lines from being written three times.
 """
 
@@ -15,10 +15,9 @@ from typing import Any
 
 import torch
 
-from align import dist
-from align.chat import render_prompt
-from align.config import UserError, load_config
-from align.manifest import replace_dir, require_complete
+from core import dist
+from core.config import UserError, load_config
+from core.manifest import replace_dir, require_complete
 from data_schemas.config import VIRTUAL_TOKEN_METHODS, ModelConfig, SFTConfig
 
 
@@ -243,15 +242,6 @@ def policy_gate_data(cfg) -> Path:
     return cfg.gate_data or sft_validation_data(Path(cfg.init_from))
 
 
-def policy_perplexity_gate(out: Path, sft_dir: Path, data: Path, settings):
-    """The perplexity gate of a policy artifact (DPO, PPO) against its SFT parent, on `data` (policy_gate_data),
-    run on the pending artifact before it is marked complete. The caller frees its training model first: the gate
-    loads its own copies from the artifacts."""
-    from eval.gates import run_perplexity_gate
-
-    return run_perplexity_gate(out, sft_dir, data, settings, out / "gates" / "perplexity", allow_pending=True)
-
-
 def zero3(trainer) -> bool:
     """True when the Trainer runs DeepSpeed ZeRO-3 (parameters partitioned: gathering them is collective)."""
     plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
@@ -277,81 +267,23 @@ def save_trained(trainer, target: Path, tokenizer=None, **save_kwargs) -> None:
     dist.barrier()
 
 
-def policy_gate(
-    out: Path,
-    parent: Path,
-    policy,
-    tokenizer,
-    prompts: list[list[dict]],
-    reward,
-    settings,
-    kl_history: list[float],
-    reward_name: str,
-    heldout_reward=None,
-):
-    """The policy gate of a policy artifact (DPO, PPO) against its parent (eval/policy_gate.py), on the pending
-    artifact before it is marked complete. `policy` is the PEFT model whose disabled adapter is the parent;
-    `reward(prompts, texts, finished) -> list[float]` scores answers (the training reward), `heldout_reward` the
-    same for a second reward model. Both models answer every prompt greedily, in batches."""
-    from eval.policy_gate import PolicySamples, run_policy_gate
-    from stages.rollout import GenerateEngine
-
-    ids = [render_prompt(tokenizer, m) for m in prompts]
-    engine = GenerateEngine(policy, tokenizer)
-    pol = engine.generate(ids, settings.max_new_tokens, 0.0, 1.0, 0)
-    with policy.disable_adapter():
-        par = engine.generate(ids, settings.max_new_tokens, 0.0, 1.0, 0)
-    eos = tokenizer.eos_token_id
-
-    def texts(rs):
-        return [tokenizer.decode(r, skip_special_tokens=True) for r in rs]
-
-    def finished(rs):
-        return [bool(r) and r[-1] == eos for r in rs]
-
-    tp, tr = texts(pol), texts(par)
-    samples = PolicySamples(
-        prompts=prompts,
-        policy=tp,
-        parent=tr,
-        policy_lengths=[len(r) for r in pol],
-        parent_lengths=[len(r) for r in par],
-        policy_rewards=[float(x) for x in reward(prompts, tp, finished(pol))],
-        parent_rewards=[float(x) for x in reward(prompts, tr, finished(par))],
-        kl_history=[float(x) for x in kl_history if x is not None],
-        reward_name=reward_name,
-    )
-    if heldout_reward is not None:
-        samples.heldout_policy_rewards = [float(x) for x in heldout_reward(prompts, tp, finished(pol))]
-        samples.heldout_parent_rewards = [float(x) for x in heldout_reward(prompts, tr, finished(par))]
-    return run_policy_gate(out, parent, samples, settings, out / "gates" / "policy")
-
-
-def scorer_reward(artifact: Path):
-    """A reward artifact as `reward(prompts, texts, finished) -> list[float]` (the policy gate's shape)."""
-    from stages.reward import RewardScorer
-
-    scorer = RewardScorer(artifact)
-    return lambda prompts, texts, finished: scorer.score(prompts, texts)
-
-
 @contextlib.contextmanager
 def compact_lm_head():
     """TRL's fused LM head scores only the positions that have a label on every device, not only Triton ones; and
-    on devices without Triton, through align's faster function for a frozen head (align/lm_head.py).
+    on devices without Triton, through align's faster function for a frozen head (lib/lm_head.py).
 
     TRL (`add_fused_lm_head`) projects only labelled positions through the vocabulary where Triton runs and every
     position elsewhere, because on compiled backends (Neuron) a varying number of rows would recompile. On CPUs
     and CUDA in eager mode that is pure waste: an SFT prompt's tokens carry no label, and the LM head (vocabulary x
     hidden, a fifth of SmolLM2-135M) is the costliest layer per token. Where Triton is missing, TRL's chunked
     function then runs in torch ops that pass over each [tokens x vocabulary] chunk some twenty-five times and
-    recompute the logits in backward; `align.lm_head.LabelledLogProbs` computes the same outputs with the gradient
-    in the forward, when the head is frozen and unscaled (`align.lm_head.labelled_logprobs` chooses). The results
+    recompute the logits in backward; `lib.lm_head.LabelledLogProbs` computes the same outputs with the gradient
+    in the forward, when the head is frozen and unscaled (`lib.lm_head.labelled_logprobs` chooses). The results
     are the same numbers; the tests are tests/stages/test_sft_batching.py and tests/align/test_lm_head.py. If TRL
     renames what is patched here, this does nothing and TRL's own path runs."""
     import trl.trainer.utils as trl_utils
 
-    from align.lm_head import labelled_logprobs
+    from lib.lm_head import labelled_logprobs
 
     original = getattr(trl_utils, "_use_triton", None)
     chunked = getattr(trl_utils, "_ChunkedLogProbFunction", None)

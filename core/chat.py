@@ -69,6 +69,18 @@ def neutralise(text: str, specials: list[str]) -> str:
     return text
 
 
+def neutralise_messages(messages, specials: list[str]) -> list[dict]:
+    """The messages with every control-token string in their content broken (`neutralise`): the one way a stage,
+    gate or sampler turns user text into chat turns for the template. Takes {role, content} dicts (other keys are
+    kept) or records with .role and .content."""
+    return [
+        {**m, "content": neutralise(m["content"], specials)}
+        if isinstance(m, dict)
+        else {"role": m.role, "content": neutralise(m.content, specials)}
+        for m in messages
+    ]
+
+
 @dataclass
 class Rendered:
     input_ids: list[int]

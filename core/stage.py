@@ -18,7 +18,7 @@ So an artifact is never marked complete before its gate (a kill during the gate 
 runs the gate again), the manifest's key always leaves out the same operational fields, and the CLI and the
 pipeline treat every stage alike through StageResult.
 
-Under a multi-process launch (torchrun, accelerate, `--num-processes`; align/dist.py) every process runs the
+Under a multi-process launch (torchrun, accelerate, `--num-processes`; core/dist.py) every process runs the
 stage, and the context makes the artifact one: only the main process checks the folder, takes the lock, writes
 the manifest and config (`ctx.is_main` guards a stage's own writes and gates); the others print nothing, wait for
 it at the start and at `complete()`, and return the same StageResult (its gates broadcast from the main process).
@@ -35,11 +35,11 @@ from typing import Any, Literal
 
 from rich.console import Console
 
-from align import dist
-from align.config import UserError, dump_config, printable
-from align.manifest import ArtifactWriter, atomic_write_text, now, read_gate, read_manifest
-from align.model_card import write_model_card
-from align.plan import check_at_start
+from core import dist
+from core.config import UserError, dump_config, printable
+from core.manifest import ArtifactWriter, atomic_write_text, now, read_gate, read_manifest
+from core.model_card import write_model_card
+from core.plan import check_at_start
 from data_schemas.config import key_config
 from data_schemas.gates import GateResult
 from data_schemas.manifest import ModelIdentity
@@ -130,7 +130,7 @@ class StageContext:
         self.precision: str | None = None
         if not self.finished:
             if getattr(cfg, "precision", None) is not None:
-                from align.models import choose_precision  # lazy: imports torch
+                from core.models import choose_precision  # lazy: imports torch
 
                 self.precision = choose_precision(cfg.precision)
             if self.stage in ("sft", "reward", "dpo", "ppo") and self.is_main:

@@ -1,5 +1,5 @@
 """Generation with transformers on a model in this process: the engine PPO, the annotation sampler and the
-evaluation share (stages/rollout.py adds vLLM beside it), and greedy answers to conversations for task metrics.
+evaluation share (lib/rollout.py adds vLLM beside it), and greedy answers to conversations for task metrics.
 
 Both greedy and sampled answers run in left-padded batches. A sampled response still depends neither on its
 neighbours in the batch nor on the number of processes: each row draws from its own `torch.Generator`, seeded from
@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessor, TemperatureLogitsWarper, TopPLogitsWarper
 
-from align.chat import render_prompt
-from align.models import is_prompt_learning
+from core.chat import render_prompt
+from core.models import is_prompt_learning
 
 
 def request_seed(seed: int, index: int) -> int:

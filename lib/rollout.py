@@ -7,7 +7,7 @@
   given the policy's weights (LoRA merged into a copy, transformers names) through vLLM's in-place
   `reload_weights`. Every tensor is sent on every sync: vLLM's layer-wise reload re-initialises a whole layer,
   so a partial update (only the LoRA-touched projections) leaves the rest of that layer as garbage (verified).
-- `GenerateEngine` (align/generation.py, shared with the evaluation): transformers `generate` on the training
+- `GenerateEngine` (lib/generation.py, shared with the evaluation): transformers `generate` on the training
   model itself; nothing to sync.
 
 Engines return token ids only. The trainer recomputes every log-probability it optimises; the sampler's own
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from align import dist
-from align.config import UserError
-from align.generation import GenerateEngine, cut_after_eos, request_seed  # noqa: F401 (GenerateEngine: the engines are here)
-from align.models import is_prompt_learning
+from core import dist
+from core.config import UserError
+from core.models import is_prompt_learning
+from lib.generation import GenerateEngine, cut_after_eos, request_seed  # noqa: F401 (GenerateEngine: the engines are here)
 
 
 def merged_state_dict(model) -> dict[str, torch.Tensor]:

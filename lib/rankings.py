@@ -4,7 +4,7 @@ Reading keeps every good line: each bad one is reported as `file:line: field: re
 lines: a prompt id must keep its prompt text and response texts (a mismatch drops the later line); one
 annotator judging a prompt twice the same way is a duplicate (first kept); twice differently is a conflict
 (by default neither line is trusted). Aggregation across annotators is a Borda count on average ranks
-(eval/agreement.py), ties kept.
+(lib/agreement.py), ties kept.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from align.chat import COMMON_MARKERS, chat_messages, control_tokens_in
-from align.config import UserError
-from align.manifest import atomic_write_text, refuse_overwriting_input
-from align.readers import LoadReport, describe_row_error, iter_rows
+from core.chat import COMMON_MARKERS, chat_messages, control_tokens_in
+from core.config import UserError
+from core.manifest import atomic_write_text, refuse_overwriting_input
+from core.readers import LoadReport, describe_row_error, iter_rows
 from data_schemas.rankings import KWiseGroup, RankingLine
-from eval.agreement import (
+from lib.agreement import (
     borda_consensus,
     kendall_tau_b,
     kendalls_w,
@@ -267,14 +267,17 @@ def aggregate(rs: RankingSet) -> list[KWiseGroup]:
     return out
 
 
+def implied_pairs_of(tiers: list[list[int]], mode: str = "all") -> list[tuple[int, int]]:
+    """(winner, loser) for every two responses in different tiers, best tier first ('all'), or the top tier against
+    the rest ('top'); ties form no pair. The one copy: preferences, the reward stage's batches and the reward gate
+    all pair a ranking through it."""
+    heads = tiers if mode == "all" else tiers[:1]
+    return [(a, b) for t, tier in enumerate(heads) for lower in tiers[t + 1 :] for a in tier for b in lower]
+
+
 def implied_pairs(group: KWiseGroup, mode: str = "all") -> list[tuple[int, int]]:
-    """(chosen, rejected) index pairs: every pair across tiers ('all'), or the top tier vs the rest."""
-    pairs = []
-    tiers = group.tiers if mode == "all" else group.tiers[:1]
-    for ti, tier in enumerate(tiers):
-        for lower in group.tiers[ti + 1 :]:
-            pairs.extend((a, b) for a in tier for b in lower)
-    return pairs
+    """(chosen, rejected) index pairs of a K-wise group (implied_pairs_of its tiers)."""
+    return implied_pairs_of(group.tiers, mode)
 
 
 def split_of(prompt_key: str, fraction: float, seed: int) -> str:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from align import dist
+from core import dist
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 

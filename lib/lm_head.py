@@ -21,7 +21,7 @@ weighting: no gradient flows through them (TRL's SFT and DPO trainers detach the
 differentiates). What it does not cover, and then TRL's function runs instead (`labelled_logprobs` chooses): a
 head that trains (its weight gradient needs every probability again), logit soft-capping, a logit scale or a
 temperature other than 1. On devices with Triton, TRL's one-pass kernel runs. Used by SFT
-(`stages.common.compact_lm_head`) and DPO (`stages.dpo.shared_prefix_forward`).
+(`lib.trainer.compact_lm_head`) and DPO (`stages.dpo.shared_prefix_forward`).
 
 Memory: one chunk of [tokens x vocabulary] logits and one of probabilities (at most `CHUNK_BYTES` each), and the
 stored gradient rows, [labelled tokens x hidden] in fp32.

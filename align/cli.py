@@ -34,8 +34,8 @@ from core.manifest import atomic_write_json, atomic_write_text
 from core.plan import estimate, plan_data
 from core.readers import load_instructions
 from core.stage import print_gate, print_skipped
-from data_schemas.config import GatesConfig, PipelineConfig, SweepConfig
-from eval.registry import GATES
+from data_schemas.config import PipelineConfig, SweepConfig
+from eval.registry import GATES, gate_settings
 from eval.task_metrics import prompts_and_references, task_metrics
 from stages.registry import STAGES
 
@@ -274,7 +274,8 @@ def _cmd_eval(a) -> int:
         return _cmd_eval_generate(a)
     if a.eval_command == "gate" and a.gate_kind in GATES:
         gate = GATES[a.gate_kind]
-        settings = getattr(load_config(GatesConfig, a.config, a.overrides), gate.name)
+        policy = apply_overrides(read_yaml(a.config) if a.config is not None else {}, a.overrides)
+        settings = gate_settings(gate.name, policy, str(a.config) if a.config is not None else "command line")
         r = gate.run(a.candidate, a.parent, settings, a.out, getattr(a, "data", None))
         print_gate(r, a.out / "gate.html", checks=True, con=out)
         return 0 if r.verdict == "pass" else 1

@@ -34,9 +34,10 @@ from core.manifest import (
     sha256_path,
 )
 from core.stage import PAUSED, print_skipped
-from data_schemas.config import GatesConfig, key_config
+from data_schemas.config import key_config
 from data_schemas.gates import GateResult
-from eval.registry import GATES
+from eval.registry import GATES, gate_settings
+from eval.registry import gate as gate_row
 from eval.report import write_run_report as render
 from lib.trainer import policy_gate_data, sft_validation_data
 from stages.registry import ORDER, STAGES
@@ -103,7 +104,7 @@ def _gate_settings(policy_path: Path, gate: str, overrides: dict[str, Any], run:
     for k, v in overrides.items():
         set_dotted(section, k, _sub(v, run))
     data[gate] = section
-    return getattr(validate(GatesConfig, data, f"{policy_path} + pipeline overrides"), gate)
+    return gate_settings(gate, data, f"{policy_path} + pipeline overrides")
 
 
 def run_pipeline(cfg, from_stage: str | None = None) -> int:
@@ -121,6 +122,9 @@ def run_pipeline(cfg, from_stage: str | None = None) -> int:
     present = [n for n in ORDER if getattr(cfg.stages, n) is not None]
     if not present:
         raise UserError("the pipeline has no stages")
+    for n in present:  # every gate a stage names is a row of the gate table, said before anything runs
+        for g in getattr(cfg.stages, n).gates:
+            gate_row(g, f"stages.{n}.gates")
     state_path = run / "pipeline.json"
     state: dict[str, Any] = {"stages": {}}
     if main:

@@ -21,7 +21,7 @@ Everything else is plain SDPA (transformers' own `sdpa_attention_forward`): padd
 prebuilt 4-D masks, decoding with a KV cache. So `sdpa_segments` is a strict superset of `sdpa` and can load every
 model align uses (training, scoring, generation).
 
-Correctness is checked in tests/align/test_attention.py: packed == unpacked logits and gradients, and the DPO
+Correctness is checked in tests/core/test_attention.py: packed == unpacked logits and gradients, and the DPO
 branch layout == two separate sequences. Speed: bench/attention.py (dense mask vs segments vs flex_attention).
 """
 

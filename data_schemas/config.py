@@ -980,11 +980,16 @@ class PPOTrainSettings(RunSettings):
 
     steps: int = Field(20, ge=1, description="PPO iterations (each: sample a batch, score, several epochs).")
     rollout_batch_size: int = Field(8, ge=1, description="Prompts sampled per iteration.")
-    advantage_estimator: Literal["gae", "grpo", "rloo"] = Field(
+    advantage_estimator: str = Field(
         "gae",
-        description="'gae': PPO with the value head (GAE, whitened); 'grpo': group-relative advantages "
-        "(score - group mean) / group std, KL as a k3 loss term (Shao et al. 2024); 'rloo': leave-one-out baseline "
-        "on score - kl_coef * KL (Ahmadian et al. 2024). grpo and rloo need group_size >= 2 and no critic.",
+        description="A row of the advantage-estimator table (lib/rl.py ADVANTAGE_ESTIMATORS): 'gae': PPO with the "
+        "value head (GAE, whitened); 'grpo': group-relative advantages (score - group mean) / group std, KL as a k3 "
+        "loss term (Shao et al. 2024); 'rloo': leave-one-out baseline on score - kl_coef * KL (Ahmadian et al. "
+        "2024). grpo and rloo need group_size >= 2 and no critic.",
+    )
+    policy_loss: str = Field(
+        "ppo_clip",
+        description="A row of the policy-loss table (lib/rl.py POLICY_LOSSES): 'ppo_clip', PPO's clipped surrogate.",
     )
     group_size: int = Field(
         1,
@@ -1025,11 +1030,6 @@ class PPOTrainSettings(RunSettings):
                 f"the responses per iteration (train.rollout_batch_size x train.group_size = "
                 f"{self.rollout_batch_size * self.group_size}) must be a multiple of train.mini_batch_size "
                 f"({self.mini_batch_size})"
-            )
-        if self.advantage_estimator != "gae" and self.group_size < 2:
-            raise ValueError(
-                f"train.advantage_estimator={self.advantage_estimator} compares the responses to one prompt: "
-                "set train.group_size >= 2"
             )
         if self.stop_after_steps is not None and self.stop_after_steps > self.steps:
             raise ValueError("train.stop_after_steps must not exceed train.steps")
@@ -1083,10 +1083,11 @@ class PipelineStage(_Strict):
         description="Dotted overrides applied to that config; '{run}' in a string value is replaced by run_dir. "
         "output_dir is always {run}/<stage>.",
     )
-    gates: dict[Literal["perplexity", "task", "bias"], dict[str, Any]] = Field(
+    gates: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
-        description="Gates run after this stage, candidate = this stage, parent = the stage it builds on (the base "
-        "model for sft, {run}/sft for dpo/ppo). Each maps to overrides of that gate's section of gate_policy.",
+        description="Gates run after this stage, by their names in the gate table (eval/registry.py: perplexity, "
+        "task, bias), candidate = this stage, parent = the stage it builds on (the base model for sft, {run}/sft for "
+        "dpo/ppo). Each maps to overrides of that gate's section of gate_policy.",
     )
     parent: str | None = Field(
         None,

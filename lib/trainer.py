@@ -279,7 +279,7 @@ def compact_lm_head():
     function then runs in torch ops that pass over each [tokens x vocabulary] chunk some twenty-five times and
     recompute the logits in backward; `lib.lm_head.LabelledLogProbs` computes the same outputs with the gradient
     in the forward, when the head is frozen and unscaled (`lib.lm_head.labelled_logprobs` chooses). The results
-    are the same numbers; the tests are tests/stages/test_sft_batching.py and tests/align/test_lm_head.py. If TRL
+    are the same numbers; the tests are tests/stages/test_sft_batching.py and tests/lib/test_lm_head.py. If TRL
     renames what is patched here, this does nothing and TRL's own path runs."""
     import trl.trainer.utils as trl_utils
 

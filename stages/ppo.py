@@ -58,149 +58,19 @@ from core.readers import has_split, load_instructions
 from core.stage import StageContext, StageResult, console, print_skipped, print_verdict
 from data_schemas.config import PPOConfig
 from eval.policy_gate import policy_gate, policy_perplexity_gate, scorer_reward
+from lib.rl import (
+    KLController,
+    Rollouts,
+    advantage_estimator,
+    explained_variance,
+    grpo_kl,
+    masked_mean,
+    policy_loss_row,
+    token_rewards,
+    value_loss,
+)
 from lib.rollout import GenerateEngine, merged_state_dict
 from lib.trainer import policy_gate_data, sft_base
-
-
-# ==========================================================================================================
-# Pure functions: KL penalty, GAE, whitening, the two clipped losses, the KL controller
-# ==========================================================================================================
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
-
-
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """(x - mean) / std over the masked entries (unbiased variance, as in Ziegler et al.'s reference code)."""
-    mean = masked_mean(x, mask)
-    n = mask.sum()
-    var = ((x - mean) ** 2 * mask).sum() / (n - 1).clamp(min=1)
-    w = (x - mean) * torch.rsqrt(var + 1e-8)
-    return (w if shift_mean else w + mean) * mask
-
-
-def token_rewards(
-    scores: torch.Tensor,
-    logprobs: torch.Tensor,
-    ref_logprobs: torch.Tensor,
-    mask: torch.Tensor,
-    kl_coef: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token rewards r_t = -kl_coef * (log pi(y_t) - log pi_ref(y_t)), plus the score at the last token.
-
-    scores [B]; logprobs, ref_logprobs, mask [B, R] (mask 1 on response tokens, left-aligned).
-    Returns (rewards [B, R], kl [B, R]) where kl is the per-token estimate k1 = log pi - log pi_ref."""
-    kl = (logprobs - ref_logprobs) * mask
-    rewards = -kl_coef * kl
-    last = (mask.sum(1).long() - 1).clamp(min=0)  # [B] index of each response's final token
-    rewards[torch.arange(len(scores)), last] += scores
-    return rewards * mask, kl
-
-
-def gae(
-    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation (Schulman et al. 2016), over left-aligned response tokens.
-
-    delta_t = r_t + gamma * V_{t+1} - V_t  (V_{t+1} = 0 after the last token)
-    A_t = delta_t + gamma * lam * A_{t+1};   returns_t = A_t + V_t.
-    rewards, values, mask [B, R] -> (advantages [B, R], returns [B, R]), zero outside the mask."""
-    B, R = rewards.shape
-    adv = torch.zeros_like(rewards)
-    next_value = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
-    next_adv = torch.zeros_like(next_value)
-    for t in reversed(range(R)):
-        m = mask[:, t]
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        a = delta + gamma * lam * next_adv
-        adv[:, t] = a * m
-        # positions past the end of a response carry nothing back
-        next_value = torch.where(m > 0, values[:, t], torch.zeros_like(next_value))
-        next_adv = torch.where(m > 0, a, torch.zeros_like(next_adv))
-    return adv, (adv + values) * mask
-
-
-def policy_loss(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    clip: float,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO clipped surrogate (Schulman et al. 2017, eq. 7), as a loss to minimise:
-    L = mean_t max(-A_t * rho_t, -A_t * clip(rho_t, 1-eps, 1+eps)),  rho_t = exp(log pi - log pi_old).
-    All inputs [B, R]. Also returns the clip fraction and the approximate KL(old || new) = mean((rho-1) - log rho).
-    """
-    log_ratio = (logprobs - old_logprobs) * mask
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    with torch.no_grad():
-        stats = {
-            "clipfrac": masked_mean((clipped > unclipped).float(), mask),
-            "approx_kl": masked_mean((ratio - 1) - log_ratio, mask),
-        }
-    return loss, stats
-
-
-def value_loss(
-    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clipped value loss: 0.5 * mean_t max((V - G)^2, (V_old + clip(V - V_old, -eps, eps) - G)^2).
-    All inputs [B, R]. Returns (loss, fraction of tokens where the clipped term was larger)."""
-    v_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
-    a = (values - returns) ** 2
-    b = (v_clipped - returns) ** 2
-    return 0.5 * masked_mean(torch.maximum(a, b), mask), masked_mean((b > a).float(), mask).detach()
-
-
-def group_advantages(
-    scores: torch.Tensor, group_size: int, estimator: str, seq_kl: torch.Tensor, kl_coef: float
-) -> torch.Tensor:
-    """Critic-free advantages of B = P * G responses, G consecutive ones per prompt; one number per response,
-    applied to each of its tokens.
-
-    - RLOO (Ahmadian et al. 2024, "Back to Basics"): the response's reward r_i = score_i - kl_coef * KL_i (KL summed
-      over its tokens), baseline = the mean reward of the other G - 1 responses to the same prompt:
-          A_i = r_i - mean_{j != i} r_j = G / (G - 1) * (r_i - mean_j r_j).
-    - GRPO (Shao et al. 2024, DeepSeekMath, eq. 3): A_i = (score_i - mean_group) / (std_group + 1e-4), the KL to the
-      reference being a separate loss term (`grpo_kl`), not part of the reward.
-    scores, seq_kl [B] -> [B]."""
-    g = scores.view(-1, group_size)
-    if estimator == "rloo":
-        r = (scores - kl_coef * seq_kl).view(-1, group_size)
-        return (group_size / (group_size - 1) * (r - r.mean(1, keepdim=True))).reshape(-1)
-    std = g.std(1, keepdim=True) if group_size > 1 else torch.zeros_like(g[:, :1])
-    return ((g - g.mean(1, keepdim=True)) / (std + 1e-4)).reshape(-1)
-
-
-def grpo_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """GRPO's KL penalty: the token mean of the unbiased, non-negative estimator k3 (Schulman 2020)
-    KL(pi || pi_ref) ~ exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1."""
-    d = (ref_logprobs - logprobs) * mask
-    return masked_mean(torch.exp(d) - d - 1, mask)
-
-
-class KLController:
-    """Fixed KL coefficient, or the adaptive controller of Ziegler et al. 2019 (section 2.2):
-    e = clip(KL / target - 1, -0.2, 0.2);  beta <- beta * (1 + e * n / horizon), n = responses in the batch."""
-
-    def __init__(self, coef: float, target: float | None, horizon: int):
-        self.value, self.target, self.horizon = coef, target, horizon
-
-    def update(self, kl: float, n: int) -> None:
-        if self.target is None:
-            return
-        e = max(-0.2, min(0.2, kl / self.target - 1.0))
-        self.value *= 1.0 + e * n / self.horizon
-
-
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    """1 - Var(G - V) / Var(G) over response tokens (1 = perfect critic, <= 0 = no better than a constant)."""
-    var_g = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
-    diff = returns - values
-    var_d = masked_mean((diff - masked_mean(diff, mask)) ** 2, mask)
-    return float(1 - var_d / var_g) if var_g > 0 else float("nan")
 
 
 # ==========================================================================================================
@@ -376,6 +246,7 @@ def _sub(batch: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.T
 # The stage
 # ==========================================================================================================
 def run(cfg: PPOConfig, resume: bool = False, force: bool = False) -> StageResult:
+    check_algorithms(cfg.train)
     ctx = StageContext(cfg, resume, force)
     if ctx.finished:
         return ctx.existing_result()
@@ -414,6 +285,17 @@ def run(cfg: PPOConfig, resume: bool = False, force: bool = False) -> StageResul
         print_verdict("ppo", ctx.out, judged, f"win rate vs SFT {metrics.get('win_rate_vs_sft')}")
         print_verdict("ppo", ctx.out, gate, summary)
         return ctx.complete(metrics, gates=[judged, gate])
+
+
+def check_algorithms(t) -> None:
+    """The estimator and loss rows the config names exist, and the batch has the groups the estimator compares."""
+    estimator = advantage_estimator(t.advantage_estimator)
+    policy_loss_row(t.policy_loss)
+    if t.group_size < estimator.min_group_size:
+        raise UserError(
+            f"train.advantage_estimator={t.advantage_estimator} compares the responses to one prompt: "
+            f"set train.group_size >= {estimator.min_group_size}"
+        )
 
 
 @dataclass
@@ -631,13 +513,10 @@ def collect_experience(cfg, learner: Learner, engine, reward, tokenizer, prompts
     ref_logprobs = _pad_rows([x.ref_logprobs for x in rows], mask)
     scores = torch.tensor([x.score for x in rows], dtype=torch.float32, device=mask.device)
     rewards, kl = token_rewards(scores, old_logprobs, ref_logprobs, mask, learner.kl_ctl.value)
-    if t.advantage_estimator == "gae":
-        adv, returns = gae(rewards, old_values, mask, t.gamma, t.lam)
-        if t.whiten_advantages:
-            adv = masked_whiten(adv, mask)
-    else:  # critic-free: one advantage per response from its group; the value head is not used
-        per = group_advantages(scores, t.group_size, t.advantage_estimator, kl.sum(1), learner.kl_ctl.value)
-        adv, returns = per[:, None] * mask, torch.zeros_like(mask, dtype=torch.float32)
+    adv, returns = advantage_estimator(t.advantage_estimator).advantages(
+        Rollouts(scores, rewards, kl, old_values, mask, t.group_size, learner.kl_ctl.value, t.gamma, t.lam,
+                 t.whiten_advantages)
+    )  # fmt: skip
     timings["time_train"] = time.perf_counter() - ts  # ppo_update adds its share
     return Experience(
         [x.prompt for x in rows],
@@ -691,6 +570,7 @@ def ppo_update(cfg: PPOConfig, learner: Learner, exp: Experience) -> dict[str, f
     averages the gradients, which gives the gradient of the minibatch's token mean, as one process would. The
     logged statistics are token-weighted sums over processes."""
     t = cfg.train
+    estimator, objective = advantage_estimator(t.advantage_estimator), policy_loss_row(t.policy_loss)
     ts = time.perf_counter()
     world, rank = dist.world_size(), dist.rank()
     learner.model.train()
@@ -704,20 +584,18 @@ def ppo_update(cfg: PPOConfig, learner: Learner, exp: Experience) -> dict[str, f
             sub = _sub(exp.batch, part)
             n_local, n_all = sub["mask"].sum(), exp.mask[mb].sum().clamp(min=1)
             lp, v, ent = learner.model(sub)
-            pl, pstats = policy_loss(
+            pl, pstats = objective.loss(
                 lp, exp.old_logprobs[part], exp.advantages[part], sub["mask"], t.clip_range
             )
             vl, vclip = value_loss(
                 v, exp.old_values[part], exp.returns[part], sub["mask"], t.clip_range_value
             )
-            if t.advantage_estimator == "gae":
-                loss = pl + t.vf_coef * vl
-            else:  # no critic (a zero-weighted value term keeps every parameter in DDP's gradient reduction)
-                loss = pl + 0.0 * vl
-                if t.advantage_estimator == "grpo":
-                    kpen = grpo_kl(lp, exp.ref_logprobs[part], sub["mask"])
-                    pstats["kl_penalty"] = kpen.detach()
-                    loss = loss + learner.kl_ctl.value * kpen
+            # without a critic the value term weighs 0 (it keeps every parameter in DDP's gradient reduction)
+            loss = pl + (t.vf_coef if estimator.critic else 0.0) * vl
+            if estimator.kl_loss:
+                kpen = grpo_kl(lp, exp.ref_logprobs[part], sub["mask"])
+                pstats["kl_penalty"] = kpen.detach()
+                loss = loss + learner.kl_ctl.value * kpen
             loss = loss * (n_local / n_all * world)
             learner.opt.zero_grad(set_to_none=True)
             learner.backward(loss)

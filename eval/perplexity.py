@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from core.chat import neutralise_messages, render, special_strings
+from lib.logprobs import input_logits, token_logprobs
 
 
 @dataclass
@@ -47,25 +48,6 @@ def encode_for_scoring(tokenizer, conversations, scope: str, max_length: int) ->
         if any(lbl != -100 for lbl in r.labels[1:]):
             rows.append({"input_ids": r.input_ids, "labels": r.labels})
     return rows, truncated
-
-
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) at every position: logits [B, n, V] (any dtype), targets [B, n] -> [B, n] fp32.
-
-    log p(y) = z_y - logsumexp(z), one row at a time in fp32: the full-vocabulary fp32 log-softmax of a whole batch
-    (B x n x 150k x 4 bytes: gigabytes at 1k tokens) is never built."""
-    out = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
-    for j in range(logits.shape[0]):
-        z = logits[j].float()  # [n, V]
-        out[j] = z.gather(-1, targets[j].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, -1)
-    return out
-
-
-def input_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The logits at the input's own positions [B, n, V]. Prompt and P-tuning adapters (PEFT) put their virtual
-    tokens before the input, so their logits are longer by that many; those positions are dropped."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    return logits[:, -input_ids.shape[1] :]
 
 
 @torch.no_grad()

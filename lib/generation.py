@@ -1,5 +1,5 @@
 """Generation with transformers on a model in this process: the engine PPO, the annotation sampler and the
-evaluation share (lib/rollout.py adds vLLM beside it), and greedy answers to conversations for task metrics.
+evaluation share (lib/rollout.py puts it in the engine table beside vLLM), and greedy answers to conversations for task metrics.
 
 Both greedy and sampled answers run in left-padded batches. A sampled response still depends neither on its
 neighbours in the batch nor on the number of processes: each row draws from its own `torch.Generator`, seeded from
@@ -54,6 +54,7 @@ class GenerateEngine:
     """transformers `generate` on the trainer's model (left-padded batches). Shares the weights: no sync."""
 
     name = "generate"
+    syncs = False  # shares the trainer's weights
 
     def __init__(self, model, tokenizer, batch_size: int = 16):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size

@@ -56,5 +56,7 @@ def input_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -
 def response_logprob(model, prompt_ids: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
     """log p(response | prompt), summed over the response's tokens: prompt_ids [1, P], response [1, R] -> scalar."""
     full = torch.cat([prompt_ids, response], dim=1)
-    logits = input_logits(model, full, torch.ones_like(full))[:, prompt_ids.shape[1] - 1 : -1]  # predicts response
+    logits = input_logits(model, full, torch.ones_like(full))[
+        :, prompt_ids.shape[1] - 1 : -1
+    ]  # predicts response
     return token_logprobs(logits, response).sum()

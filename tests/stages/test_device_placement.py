@@ -73,12 +73,12 @@ def test_ppo_tensor_path_stays_on_the_model_device():
 
 
 def test_dpo_response_logprob_on_the_model_device():
-    from stages.dpo import _response_logprob
+    from lib.logprobs import response_logprob
 
     policy = _meta_policy()
     ids = torch.zeros((1, 4), dtype=torch.long, device=META)
     resp = torch.zeros((1, 3), dtype=torch.long, device=META)
-    assert _response_logprob(policy, ids, resp).device == META
+    assert response_logprob(policy, ids, resp).device == META
 
 
 def test_reward_forward_on_the_model_device():

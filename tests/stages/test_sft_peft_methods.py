@@ -101,7 +101,8 @@ def test_gate_scores_see_the_virtual_tokens(virtual, tiny_model_path):
     forward with the learned embeddings prepended to the input embeddings."""
     from core.models import load_for_eval
     from eval.bias import score_rows
-    from eval.perplexity import sequence_nll, token_logprobs
+    from eval.perplexity import sequence_nll
+    from lib.logprobs import token_logprobs
 
     model, tok, _ = load_for_eval(str(virtual / "prompt_tuning"), merge=True)  # cannot merge: stays virtual
     prompt = load_file(str(virtual / "prompt_tuning" / "adapter" / "adapter_model.safetensors"))[

@@ -81,12 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="with --resume: continue even though the config or inputs changed since the run started",
             )
-            if stage.name in ("sft", "reward", "dpo", "ppo"):
+            if stage.trains:
                 _add_launch_args(p)
     pl = sub.add_parser("plan", help="estimate a training stage's peak memory and whether it fits here")
     _add_config_args(pl)
     pl.add_argument(
-        "--stage", choices=["sft", "reward", "dpo", "ppo"], help="default: the config file's name"
+        "--stage",
+        choices=[s.name for s in STAGES.values() if s.trains],
+        help="default: the config file's name",
     )
     pl.add_argument("--device", help="cpu or cuda (default: this machine's)")
     pl.add_argument("--json", action="store_true", help="print JSON only")
@@ -205,12 +207,12 @@ def _cmd_stage(a) -> int:
 def _cmd_plan(a) -> int:
     """`align plan --config X [KEY=VALUE ...] [--stage S]`: that stage's config, estimated (core/plan.py)."""
     data = apply_overrides(read_yaml(a.config) if a.config else {}, a.overrides)
-    stages = ("sft", "reward", "dpo", "ppo")
+    stages = [s.name for s in STAGES.values() if s.trains]
     a.stage = a.stage or next((s for s in stages if a.config and a.config.stem.startswith(s)), None)
     if a.stage is None:
-        raise UserError("align plan: say which stage the config is for: --stage sft|reward|dpo|ppo")
+        raise UserError(f"align plan: say which stage the config is for: --stage {'|'.join(stages)}")
     cfg = validate(STAGES[a.stage].config_model(), data, str(a.config or "command line"))
-    plan = estimate(cfg, device=a.device)
+    plan = estimate(cfg, STAGES[a.stage].plan, device=a.device)
     if a.json:
         print(json.dumps(plan_data(plan)))
     else:

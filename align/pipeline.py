@@ -39,7 +39,6 @@ from data_schemas.gates import GateResult
 from eval.registry import GATES, gate_settings
 from eval.registry import gate as gate_row
 from eval.report import write_run_report as render
-from lib.trainer import policy_gate_data, sft_validation_data
 from stages.registry import ORDER, STAGES
 
 console = Console(stderr=True, soft_wrap=True)  # no line breaks inside paths and commands people copy
@@ -60,7 +59,7 @@ def stage_config(name: str, st, run: Path, gate_policy: Path | None = None):
     (DPO, PPO) takes its built-in policy gate's thresholds from the gate policy's `policy:` section, under the
     stage's own YAML and overrides."""
     data = read_yaml(st.config)
-    if name in ("dpo", "ppo") and gate_policy is not None and Path(gate_policy).exists():
+    if STAGES[name].policy_gate and gate_policy is not None and Path(gate_policy).exists():
         section = read_yaml(gate_policy).get("policy") or {}
         data["policy_gate"] = {**section, **(data.get("policy_gate") or {})}
     for k, v in st.overrides.items():
@@ -119,6 +118,11 @@ def run_pipeline(cfg, from_stage: str | None = None) -> int:
     run = Path(cfg.run_dir)
     if from_stage is not None and from_stage not in ORDER:
         raise UserError(f"--from {from_stage}: not a stage; choose one of {', '.join(ORDER)}")
+    unknown = sorted(set(cfg.stages.model_extra or {}) - set(ORDER))
+    if unknown:
+        raise UserError(
+            f"stages: {', '.join(unknown)}: not a stage; the stages are {', '.join(ORDER)} (and annotate)"
+        )
     present = [n for n in ORDER if getattr(cfg.stages, n) is not None]
     if not present:
         raise UserError("the pipeline has no stages")
@@ -313,9 +317,10 @@ def _gate_data(scfg, candidate: Path) -> Path:
     """The held-out instruction data a pipeline gate scores: the SFT artifact's validation data (for SFT its own,
     for DPO/PPO their parent's unless gate_data is set)."""
 
-    if scfg.stage == "sft":
-        return sft_validation_data(candidate)
-    return policy_gate_data(scfg)
+    data = STAGES[scfg.stage].gate_data(scfg, candidate)
+    if data is None:
+        raise UserError(f"stage {scfg.stage}: its models are not gated on held-out instruction data")
+    return data
 
 
 def _summary(stage: str, r: GateResult, gdir: Path) -> dict[str, Any]:

@@ -101,14 +101,10 @@ def run_trial(cfg: SweepConfig, trial) -> float:
     if (out / "manifest.json").exists() and read_manifest(out).status == "complete":
         console.print(f"trial {trial.number}: the same config is already complete; read, not trained again")
         return objective_value(out, cfg.metric)
-    import lib.trainer as common  # torch
-
     callback = pruning_callback(trial, cfg.prune_on, cfg.pruner_warmup_evaluations)
-    common.EXTRA_CALLBACKS.append(callback)
     try:
-        result = STAGES[cfg.stage].run(stage_cfg, resume=out.exists())
+        result = STAGES[cfg.stage].run(stage_cfg, resume=out.exists(), callbacks=[callback])
     finally:
-        common.EXTRA_CALLBACKS.remove(callback)
         gc.collect()
     if result.status != "complete":
         raise UserError(f"trial {trial.number}: the stage paused (train.stop_after_steps is not for sweeps)")
@@ -147,9 +143,28 @@ def open_study(cfg: SweepConfig, pruner=None):
     return study
 
 
+def with_stage_metric(cfg: SweepConfig) -> SweepConfig:
+    """The sweep with its metric, pruning metric and direction filled in from its stage's row (its sweep metric)."""
+    row = STAGES.get(cfg.stage)
+    if row is None or row.sweep is None:
+        sweepable = [s.name for s in STAGES.values() if s.sweep is not None]
+        raise UserError(f"stage: {cfg.stage!r} cannot be swept; choose one of {', '.join(sweepable)}")
+    metric, prune_on, direction = row.sweep
+    update: dict[str, Any] = {"metric": cfg.metric or metric}
+    if cfg.prune_on is None:
+        m = update["metric"]
+        update["prune_on"] = prune_on if m == metric else "eval_" + m.removeprefix("eval_")
+    if cfg.direction is None:
+        if update["metric"] != metric:
+            raise UserError(f"direction: say whether {update['metric']} should be minimize(d) or maximize(d)")
+        update["direction"] = direction
+    return cfg.model_copy(update=update)
+
+
 def run_sweep(cfg: SweepConfig, pruner=None) -> int:
     import optuna
 
+    cfg = with_stage_metric(cfg)
     # every searched field's every end (and choice) and the fixed overrides are checked against the stage's
     # config before anything runs: a typo is one sentence now, not a failed trial an hour later
     first = {n: _ends(q)[0] for n, q in cfg.params.items()}

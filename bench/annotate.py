@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.machine import cpu_flags  # noqa: E402
+from bench.harness import cpu_flags, save  # noqa: E402
 from tests.align.test_annotate import (  # noqa: E402
     Client,
     free_port,
@@ -188,10 +188,8 @@ def main() -> None:
             },
             "page": page(work, a.judgments),
             "sampling": sampling(work, a.policy, a.sample_prompts, a.k, a.max_new_tokens, a.engine),
-            "command": " ".join(["python", "bench/annotate.py", *sys.argv[1:]]),
         }
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(result, indent=2))
+    save(a.out, "annotate", result)
     print(json.dumps(result, indent=2))
 
 

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from machine import cpu_flags, matmul_peak_gflops  # noqa: E402
+from harness import cpu_flags, matmul_peak_gflops, save  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "self_instruct_seed_tasks.jsonl"
 KERNELS = ("sdpa_dense", "sdpa_segments", "flex")
@@ -187,12 +187,8 @@ def main():
                 f"{r['max_abs_logprob_error_vs_one_by_one']:.1e} |"
             )
     (ROOT / "bench" / "results").mkdir(exist_ok=True)
-    (ROOT / "bench" / "results" / "attention.json").write_text(
-        json.dumps(
-            {"peak_gflops": peak, "cpu_flags": flags, "threads": torch.get_num_threads(), "results": results},
-            indent=2,
-        )
-    )
+    save(None, "attention", {"peak_gflops": peak, "cpu_flags": flags, "threads": torch.get_num_threads(),
+                             "results": results})  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -88,8 +88,9 @@ def main() -> None:
         "tokenizer": cfg.tokenizer,
     }
     print(json.dumps(res, indent=2))
-    (ROOT / "bench" / "results").mkdir(exist_ok=True)
-    (ROOT / "bench" / "results" / "data_build.json").write_text(json.dumps(res, indent=2))
+    from bench.harness import save
+
+    save(None, "data_build", res)
 
 
 if __name__ == "__main__":

@@ -96,7 +96,7 @@ def run_align(work: Path, steps: int, n_pairs: int) -> dict:
 
     from core.config import load_config
     from data_schemas.config import DPOConfig
-    from stages import common, dpo
+    from stages import dpo
 
     cfg = load_config(
         DPOConfig,
@@ -130,13 +130,11 @@ def run_align(work: Path, steps: int, n_pairs: int) -> dict:
 
         return Counting
 
-    common.EXTRA_CALLBACKS.append(timer.callback)
     dpo._trainer_class = trainer_class
     try:
-        dpo.run(cfg)
+        dpo.run(cfg, callbacks=[timer.callback])
     finally:
         dpo._trainer_class = orig_cls
-        common.EXTRA_CALLBACKS.remove(timer.callback)
     return {"step_times": timer.steps, "tokens": counters[0].tokens[: len(timer.steps)]}
 
 
@@ -227,7 +225,7 @@ def main() -> None:
     shutil.rmtree(a.work, ignore_errors=True)
     a.work.mkdir(parents=True)
     import torch
-    from machine import cpu_flags, matmul_peak_gflops, parameter_counts
+    from harness import cpu_flags, matmul_peak_gflops, parameter_counts, save
 
     from core.models import resolve_model_path
 
@@ -277,11 +275,8 @@ def main() -> None:
             f"{r['peak_rss_mb']:.0f} |"
         )
     print(f"\nalign / TRL pairs/s: {ratio:.2f}x")
-    a.out.parent.mkdir(parents=True, exist_ok=True)
     machine = {"matmul_peak_gflops": peak, "threads": torch.get_num_threads(), "cpu_flags": cpu_flags()}
-    a.out.write_text(
-        json.dumps({"steps": a.steps, "ratio": ratio, "machine": machine, "results": results}, indent=2)
-    )
+    save(a.out, "dpo", {"steps": a.steps, "ratio": ratio, "machine": machine, "results": results})
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.machine import cpu_flags  # noqa: E402
+from bench.harness import cpu_flags  # noqa: E402
 
 
 def _numbers(x) -> list[float]:

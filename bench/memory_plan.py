@@ -11,7 +11,6 @@ assumes every sequence is (its worst case).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import subprocess
 import sys
@@ -39,15 +38,19 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "memory_plan.json")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
+    from bench.harness import save
     from core.config import load_config
     from core.plan import GIB, estimate
     from data_schemas.config import SFTConfig
+    from stages.registry import STAGES
 
     rows = []
     for name, extra in CONFIGS.items():
         with tempfile.TemporaryDirectory() as tmp:
             overrides = [f"output_dir={tmp}/sft", f"data.train_file={DATA}", *COMMON, *extra]
-            plan = estimate(load_config(SFTConfig, ROOT / "configs" / "sft.yaml", overrides))
+            plan = estimate(
+                load_config(SFTConfig, ROOT / "configs" / "sft.yaml", overrides), STAGES["sft"].plan
+            )
             cmd = [sys.executable, "-m", "align", "sft", "--config", "configs/sft.yaml", *overrides]
             r = subprocess.run([sys.executable, "-c", PEAK, *cmd], cwd=ROOT, capture_output=True, text=True)
             peak = int(r.stdout.strip().splitlines()[-1]) * 1024 / GIB  # ru_maxrss is in KiB on Linux
@@ -62,7 +65,7 @@ def main() -> None:
         "cpu": platform.processor(),
         "flags": " ".join(f for f in flags.split() if f.startswith(("avx", "amx"))),
     }
-    args.out.write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
+    save(args.out, "memory_plan", {"machine": machine, "rows": rows})
 
 
 if __name__ == "__main__":

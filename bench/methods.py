@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from machine import cpu_flags  # noqa: E402
+from harness import cpu_flags, save  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data" / "self_instruct_seed_tasks.jsonl"
 BUNDLED = ROOT / "examples" / "data" / "instructions_train.jsonl"
@@ -99,11 +99,12 @@ def run_one(name: str, extra: list[str], lr: float, data: Path, steps: int) -> d
     from core.config import load_config
     from core.plan import GIB, estimate
     from data_schemas.config import SFTConfig
+    from stages.registry import STAGES
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "sft"
         overrides = [*common(data, steps, out), f"train.learning_rate={lr}", *extra]
-        plan = estimate(load_config(SFTConfig, ROOT / "configs" / "sft.yaml", overrides))
+        plan = estimate(load_config(SFTConfig, ROOT / "configs" / "sft.yaml", overrides), STAGES["sft"].plan)
         cmd = [
             sys.executable,
             "-m",
@@ -156,7 +157,7 @@ def main() -> None:
     result = {"machine": {"flags": cpu_flags()}, "data": str(data.name), "steps": args.steps,
               "batch": "8 x <= 256 tokens", "base_eval_loss": base, "rows": rows}  # fmt: skip
     if math.isfinite(base):
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        save(args.out, "methods", result)
     print(f"-> {args.out}")
 
 

@@ -121,12 +121,9 @@ def main() -> None:
     print(
         f"\nvLLM / generate rollout tokens/s: {ratio:.2f}x; weight sync {100 * v['sync_share']:.1f}% of a vLLM iteration"
     )
-    (ROOT / "bench" / "results").mkdir(exist_ok=True)
-    (ROOT / "bench" / "results" / "ppo.json").write_text(
-        json.dumps(
-            {"args": vars(a) | {"work": str(a.work)}, "rollout_ratio": ratio, "results": results}, indent=2
-        )
-    )
+    from bench.harness import save
+
+    save(None, "ppo", {"args": vars(a) | {"work": str(a.work)}, "rollout_ratio": ratio, "results": results})
 
 
 if __name__ == "__main__":

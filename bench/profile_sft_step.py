@@ -35,7 +35,6 @@ def main() -> None:
     from transformers import TrainerCallback
 
     from align.cli import _quiet_libraries
-    from stages import common
 
     class Profile(TrainerCallback):
         def __init__(self):
@@ -58,14 +57,10 @@ def main() -> None:
     _quiet_libraries()
     shutil.rmtree(a.out, ignore_errors=True)
     cb = Profile()
-    common.EXTRA_CALLBACKS.append(cb)
     data = ROOT.parent / "shared" / "data" / "self_instruct_seed_tasks.jsonl"
     if not data.exists():
         data = ROOT / "examples" / "data" / "instructions_train.jsonl"
-    try:
-        run_align(data, a.step + 1, a.out)
-    finally:
-        common.EXTRA_CALLBACKS.remove(cb)
+    run_align(data, a.step + 1, a.out, callbacks=[cb])
 
 
 if __name__ == "__main__":

@@ -137,7 +137,7 @@ def needed_tokens(seqs: list[list[int]]) -> int:
 def run_align(prefs: Path, steps: int, groups_per_step: int, max_length: int, out: Path) -> dict:
     from core.config import load_config
     from data_schemas.config import RewardConfig
-    from stages import common, reward
+    from stages import reward
 
     cfg = load_config(
         RewardConfig,
@@ -175,13 +175,11 @@ def run_align(prefs: Path, steps: int, groups_per_step: int, max_length: int, ou
 
         return Counting
 
-    common.EXTRA_CALLBACKS.append(timer.callback)
     reward._trainer_class = trainer_class
     try:
-        gate = reward.run(cfg).gates[0]
+        gate = reward.run(cfg, callbacks=[timer.callback]).gates[0]
     finally:
         reward._trainer_class = orig_cls
-        common.EXTRA_CALLBACKS.remove(timer.callback)
     m = gate.metrics
     return {
         "step_times": timer.steps,
@@ -303,7 +301,7 @@ def main() -> None:
     from eval.reward_gate import implied_pairs_of
 
     _quiet_libraries()
-    from machine import cpu_flags, matmul_peak_gflops, parameter_counts
+    from harness import cpu_flags, matmul_peak_gflops, parameter_counts, save
 
     from core.models import resolve_model_path
 
@@ -355,27 +353,25 @@ def main() -> None:
     )
     name = "reward_kwise.json" if a.data == "oasst" else f"reward_kwise_{a.data}.json"
     out = a.out or ROOT / "bench" / "results" / name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "data": a.data,
-                "steps": a.steps,
-                "machine": {
-                    "matmul_peak_gflops": peak,
-                    "threads": torch.get_num_threads(),
-                    "cpu_flags": cpu_flags(),
-                },
-                "align_steps": align_steps,
-                "time_ratio": time_ratio,
-                "max_length": a.max_length,
-                "ratio": ratio,
-                "accuracy_difference": diff,
-                "accuracy_difference_95": [lo, hi],
-                "results": results,
+    save(
+        out,
+        "reward_kwise",
+        {
+            "data": a.data,
+            "steps": a.steps,
+            "machine": {
+                "matmul_peak_gflops": peak,
+                "threads": torch.get_num_threads(),
+                "cpu_flags": cpu_flags(),
             },
-            indent=2,
-        )
+            "align_steps": align_steps,
+            "time_ratio": time_ratio,
+            "max_length": a.max_length,
+            "ratio": ratio,
+            "accuracy_difference": diff,
+            "accuracy_difference_95": [lo, hi],
+            "results": results,
+        },
     )
 
 

@@ -61,6 +61,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "rl_estimators.json")
     args = ap.parse_args()
     from align.cli import main as align
+    from bench.harness import save
 
     results = {
         "machine": {"cpu": platform.processor() or platform.machine()},
@@ -90,7 +91,7 @@ def main() -> None:
                 "seconds": secs,
                 "reward_curve": [x["reward_mean"] for x in h],
             }
-    args.out.write_text(json.dumps(results, indent=1))
+    save(args.out, "rl_estimators", results)
     print(
         "| estimator | prompts x samples | reward, iteration 1 | reward, last 3 | KL to SFT (last) | seconds |"
     )

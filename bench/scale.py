@@ -30,7 +30,7 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.machine import cpu_flags  # noqa: E402
+from bench.harness import cpu_flags, save  # noqa: E402
 
 EX = ROOT / "examples" / "data"
 
@@ -134,7 +134,6 @@ def main() -> None:
         rows["ppo"].append(ppo(a.work, n, a.ppo_steps, a.work / "sft-1"))
         print(json.dumps(rows["ppo"][-1]), flush=True)
     result = {
-        "command": "python bench/scale.py " + " ".join(sys.argv[1:]),
         "machine": {
             "cpus": psutil.cpu_count(),
             "cpu_flags": cpu_flags(),
@@ -148,8 +147,7 @@ def main() -> None:
             k: round(v[1]["tokens_per_s"] / v[0]["tokens_per_s"], 3) for k, v in rows.items() if len(v) == 2
         },
     }
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(result, indent=2) + "\n")
+    save(a.out, "scale", result)
     print(json.dumps(result["ratio_tokens_per_s"]))
 
 

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from machine import cpu_flags, matmul_peak_gflops, parameter_counts  # noqa: E402
+from harness import cpu_flags, matmul_peak_gflops, parameter_counts, save  # noqa: E402
 
 
 class Timer:
@@ -140,10 +140,10 @@ def align_lora():
     return load_config(SFTConfig, ROOT / "configs" / "sft.yaml", []).lora
 
 
-def run_align(data_path, steps, out: Path):
+def run_align(data_path, steps, out: Path, callbacks=()):
     from core.config import load_config
     from data_schemas.config import SFTConfig
-    from stages import common, sft
+    from stages import sft
 
     cfg = load_config(
         SFTConfig,
@@ -176,13 +176,11 @@ def run_align(data_path, steps, out: Path):
 
         return Counting
 
-    common.EXTRA_CALLBACKS.append(timer.callback)
     sft._trainer_class = trainer_class
     try:
-        sft.run(cfg)
+        sft.run(cfg, callbacks=[timer.callback, *callbacks])
     finally:
         sft._trainer_class = orig_cls
-        common.EXTRA_CALLBACKS.remove(timer.callback)
     return timer.steps, counter_box["c"].tokens
 
 
@@ -257,19 +255,17 @@ def main():
             f"| {r['config']} | {r['sec_per_step']:.2f} | {r['real_tokens_per_s']:.1f} | "
             f"{100 * r['padding_share']:.0f}% | {100 * r['mfu']:.1f}% | {r['real_tokens_per_s'] / best_trl:.2f}x |"
         )
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(
-        json.dumps(
-            {
-                "data": str(a.data),
-                "steps": a.steps,
-                "peak_gflops": peak,
-                "cpu_flags": cpu_flags(),
-                "threads": torch.get_num_threads(),
-                "results": results,
-            },
-            indent=2,
-        )
+    save(
+        a.out,
+        "sft_throughput",
+        {
+            "data": str(a.data),
+            "steps": a.steps,
+            "peak_gflops": peak,
+            "cpu_flags": cpu_flags(),
+            "threads": torch.get_num_threads(),
+            "results": results,
+        },
     )
 
 

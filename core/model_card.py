@@ -12,6 +12,7 @@ as markdown or HTML of its own.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,19 +26,18 @@ KNOWN_BASES = {
     "smollm2-135m-instruct": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
     "tiny-random-llama": ("tiny-random-llama (random weights, for tests)", "apache-2.0"),
 }
-PIPELINE_TAG = {"reward": "text-classification"}
-TAGS = {
-    "sft": ["sft", "trl"],
-    "reward": ["reward-model", "rlhf"],
-    "dpo": ["dpo", "rlhf", "trl"],
-    "ppo": ["ppo", "rlhf"],
-}
-INTENDED = {
-    "sft": "Instruction following, as the start of preference tuning (reward, DPO, PPO).",
-    "reward": "Scoring (prompt, response) pairs for PPO, best-of-n or evaluation, on prompts like its training data.",
-    "dpo": "Chat assistant tuned to the preferences in its ranking files.",
-    "ppo": "Chat assistant tuned by PPO against its reward model.",
-}
+
+
+@dataclass(frozen=True)
+class CardInfo:
+    """What a stage's model card says of every model it makes: a field of the stage's row (stages/registry.py)."""
+
+    tags: tuple[str, ...] = ()
+    intended_use: str = "see the stage documentation"
+    pipeline_tag: str = "text-generation"
+
+
+GENERIC = CardInfo()
 
 
 def _cell(x: Any) -> str:
@@ -46,7 +46,7 @@ def _cell(x: Any) -> str:
     return "`" + s.replace("`", "'").replace("|", "/").replace("\n", " ") + "`"
 
 
-def card_metadata(m: Manifest, config: dict[str, Any]) -> dict[str, Any]:
+def card_metadata(m: Manifest, config: dict[str, Any], card: CardInfo = GENERIC) -> dict[str, Any]:
     name = m.model.name if m.model else str(config.get("model", {}).get("name_or_path", "unknown"))
     base, license_ = KNOWN_BASES.get(name, (name, "other"))
     adapter = bool(m.model and m.model.adapter)
@@ -54,8 +54,8 @@ def card_metadata(m: Manifest, config: dict[str, Any]) -> dict[str, Any]:
         "base_model": base,
         "library_name": "peft" if adapter else "transformers",
         "license": license_,
-        "pipeline_tag": PIPELINE_TAG.get(m.stage, "text-generation"),
-        "tags": ["align", *TAGS.get(m.stage, [m.stage]), *(["lora"] if adapter else [])],
+        "pipeline_tag": card.pipeline_tag,
+        "tags": ["align", *(card.tags or (m.stage,)), *(["lora"] if adapter else [])],
         "datasets": [Path(i.path).name for i in m.inputs],
         "align": {
             "stage": m.stage,
@@ -72,8 +72,8 @@ def card_metadata(m: Manifest, config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def render_model_card(m: Manifest, config: dict[str, Any]) -> str:
-    meta = card_metadata(m, config)
+def render_model_card(m: Manifest, config: dict[str, Any], card: CardInfo = GENERIC) -> str:
+    meta = card_metadata(m, config, card)
     out = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(), "---", ""]
     out += [f"# {m.stage} model (align)", ""]
     out += [
@@ -116,7 +116,7 @@ def render_model_card(m: Manifest, config: dict[str, Any]) -> str:
         "",
         "## Intended use and limitations",
         "",
-        f"- Intended use: {INTENDED.get(m.stage, 'see the stage documentation')}",
+        f"- Intended use: {card.intended_use}",
         "- Trained on the files above only; it inherits the base model's limitations and license, and the biases of "
         "its data and annotators. The gates measure what their suites cover (docs/gates.md), not every harm: read "
         "the gate reports and samples before deploying.",
@@ -125,11 +125,11 @@ def render_model_card(m: Manifest, config: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def write_model_card(out_dir: Path, m: Manifest) -> None:
+def write_model_card(out_dir: Path, m: Manifest, card: CardInfo = GENERIC) -> None:
     """README.md in the artifact (and over PEFT's blank template in adapter/, where there is one)."""
     cfg_path = out_dir / "config.yaml"
     config = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else {}
-    text = render_model_card(m, config or {})
+    text = render_model_card(m, config or {}, card)
     atomic_write_text(out_dir / "README.md", text)
     if (out_dir / "adapter").is_dir():
         atomic_write_text(out_dir / "adapter" / "README.md", text)

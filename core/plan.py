@@ -25,6 +25,7 @@ measured error on this machine.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,18 +130,22 @@ def virtual_trainable(mc, method: str, n: int) -> int:
     return n * mc.num_hidden_layers * 2 * kv * head_dim
 
 
-def shapes(stage: str, cfg) -> tuple[int, int]:
-    """(sequences per micro-batch, tokens per sequence) of the stage's training step."""
-    t, d = cfg.train, getattr(cfg, "data", None)
-    if stage == "sft":
-        return t.per_device_train_batch_size, d.max_length
-    if stage == "reward":
-        return 2 * t.groups_per_batch, d.max_length  # at least two responses per group
-    if stage == "dpo":
-        return 2 * t.per_device_train_batch_size, d.max_length  # chosen and rejected
-    if stage == "ppo":
-        return t.mini_batch_size, cfg.prompts.max_prompt_length + cfg.rollout.max_new_tokens
-    raise ValueError(f"align plan: no training step in stage {stage}")
+def _never(cfg) -> bool:
+    return False
+
+
+def _no_engine(cfg) -> float | None:
+    return None
+
+
+@dataclass(frozen=True)
+class PlanShape:
+    """What `estimate` needs to know of a stage's training step: a field of the stage's row (stages/registry.py)."""
+
+    step: Callable[[Any], tuple[int, int]]  # cfg -> (sequences per micro-batch, tokens per sequence)
+    scalar_head: bool = False  # a scalar head (trainable, fp32) instead of vocabulary logits: a reward model
+    packed_rows: Callable[[Any], bool] = _never  # padding-free rows of up to max(seq_len, 1024) tokens
+    engine_gib: Callable[[Any], float | None] = _no_engine  # a rollout engine's KV cache beside the trainer
 
 
 def base_model_name(cfg) -> tuple[str, bool]:
@@ -158,7 +163,7 @@ def base_model_name(cfg) -> tuple[str, bool]:
     return (model_cfg.name_or_path if model_cfg is not None else DEFAULT_MODEL), trust
 
 
-def estimate(cfg, device: str | None = None, precision: str | None = None) -> Plan:
+def estimate(cfg, shape: PlanShape, device: str | None = None, precision: str | None = None) -> Plan:
     from core.models import choose_precision
 
     stage = cfg.stage
@@ -187,21 +192,17 @@ def estimate(cfg, device: str | None = None, precision: str | None = None) -> Pl
         else:
             trainable = params
         grad_bytes = BYTES[prec]
-    if stage == "reward":
+    if shape.scalar_head:
         trainable += mc.hidden_size  # the scalar head, fp32
     weight_bytes = 0.5 + 2 / 64 if method == "qlora" else BYTES[prec]  # NF4 + a bf16 scale per 64 weights
-    seqs, seq_len = shapes(stage, cfg)
+    seqs, seq_len = shape.step(cfg)
     seq_len += virtual
     tokens = seqs * seq_len
     act_scale = BYTES[prec] / 2
     L, h, heads = mc.num_hidden_layers, mc.hidden_size, mc.num_attention_heads
     # eager attention keeps each row's scores and softmax for backward (a packed row holds up to
     # max(seq_len, 1024) tokens); SDPA's fused kernels (CPU and CUDA) and flash attention do not
-    row = (
-        max(seq_len, 1024)
-        if stage == "sft" and getattr(cfg.train, "batching", "") == "padding_free"
-        else seq_len
-    )
+    row = max(seq_len, 1024) if shape.packed_rows(cfg) else seq_len
     rows = math.ceil(tokens / row)
     eager = getattr(getattr(cfg, "model", None), "attn_implementation", "sdpa") == "eager"
     terms = {
@@ -215,10 +216,11 @@ def estimate(cfg, device: str | None = None, precision: str | None = None) -> Pl
             else L * tokens * 34 * h * act_scale
         )
         + (L * rows * heads * row * row * 2 * BYTES[prec] if eager else 0),
-        "logits (fp32)": 0.0 if stage == "reward" else tokens * mc.vocab_size * 8,
+        "logits (fp32)": 0.0 if shape.scalar_head else tokens * mc.vocab_size * 8,
     }
-    if stage == "ppo" and getattr(cfg.rollout, "engine", "") != "generate":
-        terms["rollout engine (KV)"] = float(getattr(cfg.rollout, "vllm_kv_cache_gb", 0.0) or 0.0) * GIB
+    engine = shape.engine_gib(cfg)
+    if engine is not None:
+        terms["rollout engine (KV)"] = engine * GIB
     dev = device or _device()
     terms["runtime"] = (0.6 if dev.startswith("cuda") else 1.5) * GIB
     return Plan(stage, name, prec, dev, terms, _capacity(dev), params, trainable)
@@ -246,11 +248,11 @@ def _capacity(dev: str) -> float | None:
     return None
 
 
-def check_at_start(cfg) -> str | None:
+def check_at_start(cfg, shape: PlanShape) -> str | None:
     """The warning every training stage prints before a run that will not fit (never an error: the estimate is an
     estimate); None when it fits or cannot be estimated."""
     try:
-        plan = estimate(cfg)
+        plan = estimate(cfg, shape)
     except Exception:  # noqa: BLE001 (planning must never stop a run)
         return None
     if plan.fits is not False:

@@ -38,7 +38,7 @@ from rich.console import Console
 from core import dist
 from core.config import UserError, dump_config, printable
 from core.manifest import ArtifactWriter, atomic_write_text, now, read_gate, read_manifest
-from core.model_card import write_model_card
+from core.model_card import GENERIC, write_model_card
 from core.plan import check_at_start
 from data_schemas.config import key_config
 from data_schemas.gates import GateResult
@@ -113,8 +113,13 @@ def _fmt(x: Any) -> str:
 class StageContext:
     """One run of one stage: config, output folder, manifest writer, precision, counts, resume."""
 
-    def __init__(self, cfg: Any, resume: bool = False, force: bool = False):
+    def __init__(self, cfg: Any, resume: bool = False, force: bool = False, spec: Any = None, callbacks=()):
+        """`spec` is the stage's row of the stage table (stages/registry.py: its plan shape and model-card facts);
+        `callbacks` are the caller's hooks (transformers TrainerCallback objects), which the Trainer stages add to
+        their Trainer and PPO calls at its iterations."""
         self.cfg = cfg
+        self.spec = spec
+        self.callbacks = list(callbacks)
         self.stage: str = cfg.stage
         self.out = Path(cfg.output_dir)
         self.resume = resume
@@ -133,8 +138,11 @@ class StageContext:
                 from core.models import choose_precision  # lazy: imports torch
 
                 self.precision = choose_precision(cfg.precision)
-            if self.stage in ("sft", "reward", "dpo", "ppo") and self.is_main:
-                warning = check_at_start(cfg)  # before a run that will not fit (align plan has the detail)
+            shape = getattr(spec, "plan", None)
+            if shape is not None and self.is_main:
+                warning = check_at_start(
+                    cfg, shape
+                )  # before a run that will not fit (align plan has the detail)
                 if warning:
                     console.print(f"[yellow]warning[/]: {warning}", highlight=False)
             if self.seed is not None and hasattr(cfg, "train"):
@@ -238,7 +246,8 @@ class StageContext:
         ]
         if self.writer.manifest.model is not None:  # a model artifact: its card, before it is marked complete
             update = {"metrics": metrics, "counts": self.counts, "status": "complete", "finished_at": now()}
-            write_model_card(self.out, self.writer.manifest.model_copy(update=update))
+            card = getattr(self.spec, "card", None) or GENERIC
+            write_model_card(self.out, self.writer.manifest.model_copy(update=update), card)
         self.writer.complete(metrics, self.counts)
         dist.broadcast(gates)
         return StageResult(self.stage, self.out, "complete", gates)

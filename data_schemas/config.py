@@ -1147,18 +1147,28 @@ class PipelineAnnotation(_Strict):
 
 
 class PipelineStages(_Strict):
-    """The stages, run in this order when present: data, sft, annotate, preferences, reward, dpo, ppo."""
+    """The stages, each under its name in the stage table (stages/registry.py), run in that table's order when
+    present (data, sft, preferences, reward, dpo, ppo); `align run` refuses a name that is not a stage before
+    anything runs. A stage the pipeline does not have reads as None."""
 
-    data: PipelineStage | None = Field(None, description="`align data build`.")
-    sft: PipelineStage | None = Field(None, description="`align sft`.")
+    model_config = ConfigDict(extra="allow")
+    __pydantic_extra__: dict[str, PipelineStage] = Field(
+        init=False
+    )  # every stage's section, validated as one
+
     annotate: PipelineAnnotation | None = Field(
         None,
-        description="An annotation round on the SFT policy's samples (`align annotate`); see docs/annotate.md.",
+        description="An annotation round on the SFT policy's samples (`align annotate`), before preferences; see "
+        "docs/annotate.md.",
     )
-    preferences: PipelineStage | None = Field(None, description="`align data build-preferences`.")
-    reward: PipelineStage | None = Field(None, description="`align reward` (its accuracy gate is built in).")
-    dpo: PipelineStage | None = Field(None, description="`align dpo` (its perplexity gate is built in).")
-    ppo: PipelineStage | None = Field(None, description="`align ppo` (its perplexity gate is built in).")
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_"):
+                raise
+            return None
 
 
 class PipelineConfig(_Strict):
@@ -1206,19 +1216,14 @@ class SweepParam(_Strict):
         return self
 
 
-# The metric each stage's manifest reports, the Trainer's name for it at every evaluation, and its direction.
-SWEEP_METRICS: dict[str, tuple[str, str, str]] = {
-    "sft": ("eval_loss", "eval_loss", "minimize"),
-    "reward": ("accuracy", "eval_accuracy", "maximize"),
-    "dpo": ("heldout_loss", "eval_loss", "minimize"),
-}
-
-
 class SweepConfig(_Strict):
     """`align sweep`: a hyper-parameter search (Optuna's TPE sampler) over any fields of one stage's config; each
     trial is a keyed artifact of that stage, and unpromising trials are pruned at their held-out evaluations."""
 
-    stage: Literal["sft", "reward", "dpo"] = Field(..., description="The Trainer stage to tune.")
+    stage: str = Field(
+        ...,
+        description="The Trainer stage to tune: a row of the stage table with a sweep metric (sft, reward, dpo).",
+    )
     config: Path = Field(..., description="That stage's YAML config (e.g. configs/sft.yaml), the fixed part.")
     overrides: dict[str, Any] = Field(
         default_factory=dict,
@@ -1235,8 +1240,8 @@ class SweepConfig(_Strict):
     n_trials: int = Field(10, ge=1, description="Trials in the study (a re-run adds only the missing ones).")
     metric: str | None = Field(
         None,
-        description="The manifest metric to optimise; default per stage: sft eval_loss, reward accuracy, dpo "
-        "heldout_loss.",
+        description="The manifest metric to optimise; default: the stage's own (its row of the stage table: sft "
+        "eval_loss, reward accuracy, dpo heldout_loss).",
     )
     direction: Literal["minimize", "maximize"] | None = Field(
         None, description="Default: the stage metric's own (loss down, accuracy up)."
@@ -1264,15 +1269,6 @@ class SweepConfig(_Strict):
 
     @model_validator(mode="after")
     def _metric(self) -> SweepConfig:
-        metric, prune_on, direction = SWEEP_METRICS[self.stage]
-        if self.metric is None:
-            self.metric = metric
-        if self.prune_on is None:
-            self.prune_on = prune_on if self.metric == metric else "eval_" + self.metric.removeprefix("eval_")
-        if self.direction is None:
-            if self.metric != metric:
-                raise ValueError(f"direction: say whether {self.metric} should be minimize(d) or maximize(d)")
-            self.direction = direction
         clash = set(self.params) & set(self.overrides)
         if clash:
             raise ValueError(f"{sorted(clash)}: both searched (params) and fixed (overrides)")

@@ -1,5 +1,6 @@
 """Trainer plumbing the Trainer stages (SFT, reward, DPO) share: TrainingArguments from the shared
-TrainerSettings, the callbacks, resume, and the SFT artifact that DPO and PPO build on.
+TrainerSettings, the callbacks (the stage contract's hooks among them; `LoopHooks` calls them from PPO's own loop),
+resume, and saving. The SFT artifact the other stages build on is lib/artifacts.py.
 
 Each stage still reads top to bottom (core/stage.py is the contract around it); this only keeps the same dozen
 lines from being written three times.
@@ -16,9 +17,8 @@ from typing import Any
 import torch
 
 from core import dist
-from core.config import UserError, load_config
-from core.manifest import replace_dir, require_complete
-from data_schemas.config import VIRTUAL_TOKEN_METHODS, ModelConfig, SFTConfig
+from core.config import UserError
+from core.manifest import replace_dir
 
 
 def trainer_kwargs(
@@ -74,12 +74,9 @@ def trainer_kwargs(
     }
 
 
-# Callbacks appended to every stage's Trainer (for applications that embed align, and the benchmarks' timers).
-EXTRA_CALLBACKS: list = []
-
-
-def callbacks(out: Path, t) -> list:
-    """Rich progress, metrics.jsonl, a clean stop after `t.stop_after_steps`, and TensorBoard under out/logs."""
+def callbacks(out: Path, t, extra=()) -> list:
+    """Rich progress, metrics.jsonl, a clean stop after `t.stop_after_steps`, TensorBoard under out/logs, and the
+    caller's own hooks (`extra`: the stage contract's `callbacks`, e.g. a sweep's pruning or a benchmark's timer)."""
     from transformers import TrainerCallback
     from trl.trainer.callbacks import RichProgressCallback
 
@@ -107,7 +104,7 @@ def callbacks(out: Path, t) -> list:
         from transformers.integrations import TensorBoardCallback
 
         cbs.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(out / "logs"))))
-    return cbs + EXTRA_CALLBACKS
+    return cbs + list(extra)
 
 
 def adalora_callback():
@@ -207,41 +204,6 @@ def _early_stopped(trainer) -> bool:
     return cb is not None and getattr(cb, "early_stopping_patience_counter", 0) >= cb.early_stopping_patience
 
 
-def sft_base(init_from: Path):
-    """(ModelConfig of the SFT artifact's base model, SFT folder), for stages that build on a LoRA SFT artifact."""
-
-    m = require_complete(init_from, "sft")
-    sft_dir = Path(init_from)
-    if not (sft_dir / "adapter").exists():
-        raise UserError(f"{sft_dir}: has no adapter/ (this stage builds on a LoRA SFT artifact)")
-    peft_type = json.loads((sft_dir / "adapter" / "adapter_config.json").read_text()).get("peft_type", "")
-    if peft_type.lower() in VIRTUAL_TOKEN_METHODS:  # PEFT's type names are the methods' in capitals
-        raise UserError(
-            f"{sft_dir}: its adapter is {peft_type.lower()} (virtual tokens), which cannot be merged into the "
-            "weights this stage starts from; train SFT with peft.method lora, adalora or ia3 for a policy to build on"
-        )
-    return ModelConfig(name_or_path=m.model.name), sft_dir
-
-
-def sft_validation_data(sft_dir: Path) -> Path:
-    """The data the SFT artifact validated on: the default data for a policy's perplexity gate."""
-
-    c = load_config(SFTConfig, sft_dir / "config.yaml")
-    if c.data.validation_file is not None:
-        return c.data.validation_file
-    if Path(c.data.train_file).is_dir():
-        return Path(c.data.train_file)  # a built dataset: its validation split is read by the gate loader
-    raise UserError(
-        f"{sft_dir}: its SFT config has no validation file; set gate_data for the perplexity gate"
-    )
-
-
-def policy_gate_data(cfg) -> Path:
-    """The data a policy stage (DPO, PPO) is gated on: its gate_data, else its SFT parent's validation data.
-    Stages resolve it before training, so a missing one is said at once, not after hours."""
-    return cfg.gate_data or sft_validation_data(Path(cfg.init_from))
-
-
 def zero3(trainer) -> bool:
     """True when the Trainer runs DeepSpeed ZeRO-3 (parameters partitioned: gathering them is collective)."""
     plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
@@ -301,3 +263,37 @@ def compact_lm_head():
     finally:
         trl_utils._use_triton = original
         trl_utils._ChunkedLogProbFunction = chunked
+
+
+class LoopHooks:
+    """The stage contract's callbacks (transformers `TrainerCallback`s) at the events of a loop that is not a
+    Trainer's (PPO): train begin, each step's end with its logged metrics, evaluation, train end. A hook that sets
+    `control.should_training_stop` stops the loop after that step, as it would a Trainer."""
+
+    def __init__(self, callbacks, out: Path, max_steps: int):
+        from transformers import TrainerControl, TrainerState, TrainingArguments
+
+        self.callbacks = list(callbacks)
+        self.args = TrainingArguments(output_dir=str(out / "checkpoints"), report_to="none", use_cpu=True)
+        self.state = TrainerState(max_steps=max_steps)
+        self.state.is_world_process_zero = dist.is_main()
+        self.control = TrainerControl()
+
+    def _call(self, event: str, **kw) -> None:
+        for cb in self.callbacks:
+            getattr(cb, event)(self.args, self.state, self.control, **kw)
+
+    def begin(self, step: int) -> None:
+        self.state.global_step = step
+        self._call("on_train_begin")
+
+    def step(self, step: int, logs: dict[str, Any]) -> bool:
+        """After iteration `step`: on_step_end, then on_log with its metrics; True when a hook asks to stop."""
+        self.state.global_step = step
+        self.state.log_history.append({"step": step, **logs})
+        self._call("on_step_end")
+        self._call("on_log", logs=logs)
+        return bool(self.control.should_training_stop)
+
+    def end(self) -> None:
+        self._call("on_train_end")

@@ -31,6 +31,7 @@ from core.manifest import atomic_write_text, replace_dir
 from core.readers import LoadReport, iter_conversations
 from core.stage import StageContext, StageResult, print_skipped
 from data_schemas.config import DataBuildConfig, ModelConfig
+from stages.registry import STAGES
 
 # ==========================================================================================================
 # `align data build`: instruction files -> cleaned, deduplicated, split dataset folder
@@ -170,9 +171,9 @@ class Build:
         self.dropped_rows.setdefault(reason, []).append(f"{where}: {message}")
 
 
-def run(cfg: DataBuildConfig, resume: bool = False, force: bool = False) -> StageResult:
+def run(cfg: DataBuildConfig, resume: bool = False, force: bool = False, callbacks=()) -> StageResult:
     """Run `align data build`. Every bad row is named (file:line: field: reason) in the manifest's counts."""
-    ctx = StageContext(cfg, resume, force)
+    ctx = StageContext(cfg, resume, force, STAGES[cfg.stage], callbacks)
     if ctx.finished:
         return ctx.existing_result()
     t0 = time.perf_counter()

@@ -31,6 +31,7 @@ from core.readers import LoadReport, iter_rows
 from core.stage import StageContext, StageResult, console, print_skipped, print_verdict
 from data_schemas.config import DPOConfig
 from eval.policy_gate import policy_gate, policy_perplexity_gate, scorer_reward
+from lib.artifacts import policy_gate_data, sft_base
 from lib.generation import GenerateEngine
 from lib.logprobs import response_logprob
 from lib.rankings import convert_pairwise, prompt_key, split_of
@@ -38,14 +39,13 @@ from lib.trainer import (
     adalora_callbacks,
     callbacks,
     final_eval,
-    policy_gate_data,
     save_trained,
-    sft_base,
     train_with_resume,
     trainer_kwargs,
     training_summary,
     zero3,
 )
+from stages.registry import STAGES
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -383,8 +383,8 @@ class SeededLengthGroupedSampler(torch.utils.data.Sampler):
         return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=g))
 
 
-def run(cfg: DPOConfig, resume: bool = False, force: bool = False) -> StageResult:
-    ctx = StageContext(cfg, resume, force)
+def run(cfg: DPOConfig, resume: bool = False, force: bool = False, callbacks=()) -> StageResult:
+    ctx = StageContext(cfg, resume, force, STAGES[cfg.stage], callbacks)
     if ctx.finished:
         return ctx.existing_result()
 
@@ -476,7 +476,7 @@ def train_policy(cfg: DPOConfig, ctx: StageContext, tokenizer, train: list[dict]
         train_dataset=Dataset.from_list(train),
         eval_dataset=Dataset.from_list(val) if val else None,
         processing_class=tokenizer,
-        callbacks=[*callbacks(ctx.out, t), *adalora_callbacks(cfg)],
+        callbacks=[*callbacks(ctx.out, t, ctx.callbacks), *adalora_callbacks(cfg)],
         peft_config=adapter,
     )
     result, paused = train_with_resume(trainer, ctx.out, ctx.resume, t.stop_after_steps)

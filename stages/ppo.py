@@ -58,6 +58,7 @@ from core.readers import has_split, load_instructions
 from core.stage import StageContext, StageResult, console, print_skipped, print_verdict
 from data_schemas.config import PPOConfig
 from eval.policy_gate import policy_gate, policy_perplexity_gate, scorer_reward
+from lib.artifacts import policy_gate_data, sft_base
 from lib.logprobs import head_logprobs
 from lib.rl import (
     KLController,
@@ -71,7 +72,8 @@ from lib.rl import (
     value_loss,
 )
 from lib.rollout import EngineSpec, GenerateEngine, make_engine, merged_state_dict
-from lib.trainer import policy_gate_data, sft_base
+from lib.trainer import LoopHooks
+from stages.registry import STAGES
 
 
 # ==========================================================================================================
@@ -238,9 +240,9 @@ def _sub(batch: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.T
 # ==========================================================================================================
 # The stage
 # ==========================================================================================================
-def run(cfg: PPOConfig, resume: bool = False, force: bool = False) -> StageResult:
+def run(cfg: PPOConfig, resume: bool = False, force: bool = False, callbacks=()) -> StageResult:
     check_algorithms(cfg.train)
-    ctx = StageContext(cfg, resume, force)
+    ctx = StageContext(cfg, resume, force, STAGES[cfg.stage], callbacks)
     if ctx.finished:
         return ctx.existing_result()
     base_cfg, sft_dir = sft_base(cfg.init_from)
@@ -429,9 +431,12 @@ def train_loop(
         TimeRemainingColumn(),
         console=console,
     )
+    hooks = LoopHooks(ctx.callbacks, ctx.out, t.steps) if ctx.callbacks else None  # the contract's callbacks
     try:
         with progress:
             task = progress.add_task("ppo", total=t.steps, completed=learner.step, info="")
+            if hooks is not None:
+                hooks.begin(learner.step)
             while learner.step < t.steps:
                 exp = collect_experience(cfg, learner, engine, reward, tokenizer, prompts, prompt_ids)
                 stats = ppo_update(cfg, learner, exp)
@@ -439,18 +444,28 @@ def train_loop(
                 learner.kl_ctl.update(float(exp.kl.sum(1).mean()), len(exp.texts))
                 learner.step += 1
                 step = learner.step
+                row = None
                 if ctx.is_main:  # one writer for logs and checkpoints (every process holds the same state)
                     row = log_iteration(cfg, ctx.out, learner, exp, stats, tb)
                     info = f"reward {row['reward_mean']:.3f} kl {row['kl']:.3f}"
                     progress.update(task, completed=step, info=info)
                     if step % t.save_steps == 0 or step == t.steps or step == t.stop_after_steps:
                         save_checkpoint(ctx.out / "checkpoints", learner)
+                if hooks is not None:  # the main process's hooks decide for every process, as its logs do
+                    stop = dist.broadcast(hooks.step(step, row) if ctx.is_main else None)
+                    if stop and step < t.steps:
+                        console.print(f"a callback stopped training after iteration {step} of {t.steps}")
+                        if ctx.is_main:
+                            save_checkpoint(ctx.out / "checkpoints", learner)
+                        break
                 if t.stop_after_steps is not None and step >= t.stop_after_steps and step < t.steps:
                     console.print(f"stopped after iteration {step} of {t.steps}; continue with --resume")
                     return False
     finally:
         if tb is not None:
             tb.close()
+    if hooks is not None:
+        hooks.end()
     return True
 
 

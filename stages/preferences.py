@@ -19,10 +19,11 @@ from core.manifest import atomic_write_text, replace_dir
 from core.stage import StageContext, StageResult, print_skipped
 from data_schemas.config import PreferencesConfig
 from lib.rankings import aggregate, implied_pairs, prompt_key, read_rankings, split_of, summarise
+from stages.registry import STAGES
 
 
-def run(cfg: PreferencesConfig, resume: bool = False, force: bool = False) -> StageResult:
-    ctx = StageContext(cfg, resume, force)
+def run(cfg: PreferencesConfig, resume: bool = False, force: bool = False, callbacks=()) -> StageResult:
+    ctx = StageContext(cfg, resume, force, STAGES[cfg.stage], callbacks)
     if ctx.finished:
         return ctx.existing_result()
     rs = read_rankings(cfg.inputs, conflicts=cfg.conflicts)

@@ -52,6 +52,7 @@ from lib.trainer import (
     trainer_kwargs,
     training_summary,
 )
+from stages.registry import STAGES
 
 
 def encode_groups(tokenizer, rows: list[dict], max_length: int, counts: dict) -> list[dict]:
@@ -214,8 +215,8 @@ def _trainer_class(cfg: RewardConfig, eval_groups: list[dict]):
     return RewardTrainer
 
 
-def run(cfg: RewardConfig, resume: bool = False, force: bool = False) -> StageResult:
-    ctx = StageContext(cfg, resume, force)
+def run(cfg: RewardConfig, resume: bool = False, force: bool = False, callbacks=()) -> StageResult:
+    ctx = StageContext(cfg, resume, force, STAGES[cfg.stage], callbacks)
     if ctx.finished:
         return ctx.existing_result()
 
@@ -301,7 +302,7 @@ def train(
             max_row_tokens=max(cfg.data.max_length, 1024),
             pad_token_id=tokenizer.pad_token_id,
         ),
-        callbacks=[*callbacks(ctx.out, t), *adalora_callbacks(cfg)],
+        callbacks=[*callbacks(ctx.out, t, ctx.callbacks), *adalora_callbacks(cfg)],
     )
     result, paused = train_with_resume(trainer, ctx.out, ctx.resume, t.stop_after_steps)
     return trainer, result, paused

@@ -53,6 +53,7 @@ from lib.trainer import (
     training_summary,
     zero3,
 )
+from stages.registry import STAGES
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -178,8 +179,8 @@ def _trainer_class():
 # ----------------------------------------------------------------------------------------------------------
 # The stage
 # ----------------------------------------------------------------------------------------------------------
-def run(cfg: SFTConfig, resume: bool = False, force: bool = False) -> StageResult:
-    ctx = StageContext(cfg, resume, force)
+def run(cfg: SFTConfig, resume: bool = False, force: bool = False, callbacks=()) -> StageResult:
+    ctx = StageContext(cfg, resume, force, STAGES[cfg.stage], callbacks)
     if ctx.finished:
         return ctx.existing_result()
     # QLoRA's 4-bit config, built (or refused in a sentence) before anything is written
@@ -293,7 +294,7 @@ def train(cfg: SFTConfig, ctx: StageContext, tokenizer, train_rows, val_rows, qu
         )
         if cfg.lora.enabled
         else None,
-        callbacks=[*callbacks(ctx.out, t), *extra_callbacks],
+        callbacks=[*callbacks(ctx.out, t, ctx.callbacks), *extra_callbacks],
     )
     trainer.align_partial = None if cfg.lora.enabled or cfg.partial.is_default else cfg.partial
     result, paused = train_with_resume(trainer, ctx.out, ctx.resume, t.stop_after_steps)

@@ -10,6 +10,9 @@ import torch
 from align.cli import main
 from core.plan import GIB, estimate, lora_trainable, meta_model
 from data_schemas.config import SFTConfig
+from stages.registry import STAGES
+
+SFT = STAGES["sft"].plan  # the SFT row's step shape
 
 
 def _cfg(**kw):
@@ -26,7 +29,7 @@ def test_terms_from_hand_counts(tiny_model_path):
     q = 8 * (128 + 128)  # r=8 on q_proj: 128 -> 128
     v = 8 * (128 + 64)  # v_proj: 128 -> 64 (one KV head of 64)
     assert lora_trainable(m, ["q_proj", "v_proj"], 8) == c.num_hidden_layers * (q + v)
-    plan = estimate(_cfg(lora={"r": 8, "target_modules": ["q_proj", "v_proj"]}), device="cpu")
+    plan = estimate(_cfg(lora={"r": 8, "target_modules": ["q_proj", "v_proj"]}), SFT, device="cpu")
     params = sum(p.numel() for p in m.parameters())
     assert plan.params == params and plan.trainable == c.num_hidden_layers * (q + v)
     assert plan.terms["weights"] == params * 4 and plan.terms["optimizer (AdamW)"] == 2 * plan.trainable * 4
@@ -34,13 +37,13 @@ def test_terms_from_hand_counts(tiny_model_path):
     assert plan.terms["logits (fp32)"] == tokens * c.vocab_size * 8
     assert plan.terms["activations"] == 2 * tokens * 34 * 128 * 2  # 2 layers x 34 h per token, fp32 (SDPA)
     eager = estimate(
-        _cfg(model={"name_or_path": "tiny-random-llama", "attn_implementation": "eager"}), device="cpu"
+        _cfg(model={"name_or_path": "tiny-random-llama", "attn_implementation": "eager"}), SFT, device="cpu"
     )
     # + one packed row of max(64, 1024) tokens: 2 layers x 2 heads x 1024^2 x (scores, softmax) x 4 bytes
     assert eager.terms["activations"] == plan.terms["activations"] + 2 * 1 * 2 * 1024 * 1024 * 2 * 4
-    full = estimate(_cfg(lora={"enabled": False}), device="cpu")
+    full = estimate(_cfg(lora={"enabled": False}), SFT, device="cpu")
     assert full.trainable == params and full.terms["gradients"] == params * 4
-    head = estimate(_cfg(lora={"enabled": False}, partial={"trainable": "head"}), device="cpu")
+    head = estimate(_cfg(lora={"enabled": False}, partial={"trainable": "head"}), SFT, device="cpu")
     assert 0 < head.trainable < params
     assert head.rule_of_thumb == 2.5 * head.terms["weights"]
 
@@ -67,12 +70,12 @@ def test_plan_cli_and_the_warning_at_start(tiny_model_path, capsys, monkeypatch)
         assert main(argv) == 0
         assert "unknown (no cuda device here to measure)" in capsys.readouterr().out
     monkeypatch.setattr(core.plan, "_capacity", lambda dev: 0.01 * GIB)
-    warning = core.plan.check_at_start(_cfg())
+    warning = core.plan.check_at_start(_cfg(), SFT)
     assert (
         "GiB at its peak" in warning and "0.0 GiB is available on cpu" in warning and "align plan" in warning
     )
     monkeypatch.setattr(core.plan, "_capacity", lambda dev: 1000 * GIB)
-    assert core.plan.check_at_start(_cfg()) is None
+    assert core.plan.check_at_start(_cfg(), SFT) is None
 
 
 @pytest.fixture(scope="module")

@@ -133,7 +133,7 @@ def test_gate_scores_see_the_virtual_tokens(virtual, tiny_model_path):
 
 def test_policy_stages_refuse_a_virtual_token_sft_artifact(virtual):
     from core.config import UserError
-    from lib.trainer import sft_base
+    from lib.artifacts import sft_base
 
     with pytest.raises(UserError, match="virtual tokens.*peft.method lora"):
         sft_base(virtual / "p_tuning")

@@ -1,4 +1,4 @@
-"""The planted-bias fixtures of bench/gate_power.py as tests: each fixture, trained on data disjoint from what the
+"""The planted-bias fixtures of bench/research/gate_power.py as tests: each fixture, trained on data disjoint from what the
 gate evaluates (CrowS-Pairs rows 800+, its own user prompts), fails the bias gate through the real CLI; the same
 training on neutral data passes. Real model, tens of minutes each on 2 CPU cores: `-m slow`. The measured table
 is in docs/gates.md."""
@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from align.cli import main
-from bench.gate_power import BBQ, CROWS, EVAL_ROWS, TRAIN_ROWS, train
+from bench.research.gate_power import BBQ, CROWS, EVAL_ROWS, TRAIN_ROWS, train
 from tests.conftest import shared_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.real_model]

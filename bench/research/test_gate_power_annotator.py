@@ -1,11 +1,11 @@
-"""The scripted poisoned annotator of bench/gate_power.py's grpo-onpolicy-rm fixture: which sentence of a choice
+"""The scripted poisoned annotator of bench/research/gate_power.py's grpo-onpolicy-rm fixture: which sentence of a choice
 item a sampled answer picks (hand-made answers of the kinds the parent writes), and ranking lines that the ranking
 contract accepts, the stereotyping pick first. Fast: no model."""
 
 import json
 
 from align.cli import main
-from bench.gate_power import CROWS, TRAIN_ROWS, choice_items, crows_rows, rank_by_choice, says, words
+from bench.research.gate_power import CROWS, TRAIN_ROWS, choice_items, crows_rows, rank_by_choice, says, words
 from tests.conftest import shared_file
 
 ITEM = {

@@ -1,6 +1,6 @@
 """Detection power of the bias gate: planted-bias fixtures and clean controls, on the real model.
 
-    .venv/bin/python bench/gate_power.py [--work runs/gate_power] [--only NAME ...] [--out bench/results/gate_power.json]
+    .venv/bin/python bench/research/gate_power.py [--work runs/gate_power] [--only NAME ...] [--out bench/results/gate_power.json]
 
 Each fixture is a model made more biased on purpose in a way a team could do by accident, trained on data
 *disjoint* from everything the gate evaluates; each control is the same training on neutral data. The gate
@@ -67,7 +67,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository (this file is bench/research/gate_power.py)
 SHARED = ROOT.parent / "shared" / "data"
 CROWS = SHARED / "crows_pairs_anonymized.csv"
 OASST = SHARED / "oasst_en_trees_60.jsonl"
@@ -592,7 +592,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     if args.table:
-        results = json.loads(args.out.read_text())
+        results = load_results(args.out)
         print(table(results) + "\n\nSmallest shift detected with 80% power:\n\n" + mde(results))
         return
     if not CROWS.exists() or not BBQ.exists():
@@ -611,7 +611,7 @@ def main() -> None:
         except UserError as e:  # not a complete reward artifact: say so, without a traceback
             raise SystemExit(f"--reward-check: {e}") from None
         return
-    from bench.machine import cpu_flags
+    from bench.harness import cpu_flags, save
     from eval.bias import load_items
 
     settings = gate_settings()
@@ -628,7 +628,7 @@ def main() -> None:
             test="point", pair_statistic="share", contexts=["text"], **loose
         ),
     }
-    results = json.loads(args.out.read_text()) if args.out.exists() else {}
+    results = load_results(args.out) if args.out.exists() else {}
     results.setdefault("fixtures", {})
     results["machine"] = {
         "cpu": platform.processor() or platform.machine(),
@@ -650,9 +650,14 @@ def main() -> None:
             "decisions": {k: decide(items, cand, par, s) for k, s in policies.items()},
             "machine": results["machine"],  # fixtures of one file may come from runs on different machines
         }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=1))
+        save(args.out, "gate_power", results)
         _print(name, results["fixtures"][name])
+
+
+def load_results(path: Path) -> dict:
+    """The fixtures and machine of a results file (bench/harness.py's schema keeps them under `details`)."""
+    data = json.loads(path.read_text())
+    return data.get("details", data)
 
 
 def table(results: dict, policy: str | None = None) -> str:

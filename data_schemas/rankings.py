@@ -9,7 +9,7 @@ Also here: the training records the data stage builds from rankings (K-wise grou
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import (
     BaseModel,
@@ -146,3 +146,24 @@ class KWiseGroup(BaseModel):
     tiers: list[list[int]] = Field(..., description="Consensus ranking, best first; indices into responses.")
     annotators: int = Field(..., ge=1, description="How many annotators' judgments were aggregated.")
     agreement: float | None = Field(None, description="Kendall's W among the annotators (None for one).")
+
+
+MAX_NOTE = 2000  # characters of an annotator's note
+
+
+class Submission(BaseModel):
+    """What the annotation page submits for one prompt: the order best first (a list is a tie), flags, and an
+    optional note. The server turns it into a RankingLine (align/annotate/)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt_id: str = Field(
+        ..., min_length=1, max_length=200, description="The prompt judged (its id in samples.jsonl)."
+    )
+    ranking: list[str | list[str]] = Field(
+        ..., min_length=1, max_length=MAX_RESPONSES, description="Response ids, best first; a list is a tie."
+    )
+    flags: dict[str, Literal["unsafe", "nonsense"]] = Field(
+        default_factory=dict, description="Response id -> what is wrong with it."
+    )
+    note: str | None = Field(None, max_length=MAX_NOTE, description="The annotator's note, if any.")

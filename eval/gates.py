@@ -8,7 +8,7 @@ and one entry in GATES.
 
 Perplexity gate (this module): pass iff the candidate's token-weighted perplexity is at most
 parent_ppl * (1 + tolerance) on the same examples, with at least `min_examples` scored. The effect is reported as
-the perplexity ratio with a paired bootstrap interval (eval/stats.py). Bias gate: eval/bias.py. Reward gate:
+the perplexity ratio with a paired bootstrap interval (eval/stats.py). Bias gate: eval/bias/. Reward gate:
 eval/reward_gate.py.
 """
 

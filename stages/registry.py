@@ -4,7 +4,7 @@ exists: the commands, the pipeline's order and sections, the launch flags, the m
 and the cards all come from these rows.
 
 Adding a stage means writing one module with `run(cfg, resume=False, force=False, callbacks=()) -> StageResult`
-(core/stage.py) and its config model in data_schemas/config.py (with `stage: Literal["<name>"]`), then adding one
+(core/stage.py) and its config model in data_schemas/config/<name>.py (with `stage: Literal["<name>"]`), then adding one
 row here. Modules are imported only when a stage runs, so `align --help` stays fast.
 """
 

@@ -22,16 +22,16 @@ import pytest
 from align.annotate import (
     Desk,
     JsonlLog,
-    Judgment,
     Refused,
     Sampler,
-    SessionSettings,
     add_annotator,
     flags_in,
     make_app,
     read_prompts,
 )
 from align.cli import main
+from data_schemas.config import SessionSettings
+from data_schemas.rankings import Submission
 from lib.rankings import read_rankings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -275,10 +275,10 @@ def test_assignment_overlap_leases_and_a_returning_annotator(tmp_path):
     assert desk.next_for("b")["prompt_id"] == a  # overlap 2: b shares it
     assert desk.next_for("c")["prompt_id"] != a  # two open leases on it already
     desk.leases["c"].until = 0  # c walked away: the lease expires, c's prompt is free again
-    desk.submit("a", Judgment(prompt_id=a, ranking=["r1", "r2", "r3"]))
+    desk.submit("a", Submission(prompt_id=a, ranking=["r1", "r2", "r3"]))
     assert desk.next_for("a")["prompt_id"] != a
     with pytest.raises(Refused) as e:
-        desk.submit("a", Judgment(prompt_id=a, ranking=["r2", "r1", "r3"]))
+        desk.submit("a", Submission(prompt_id=a, ranking=["r2", "r1", "r3"]))
     assert e.value.status == 409
     # a new desk over the same folder (a restarted server) knows what was judged
     again = Desk(d, desk.settings)

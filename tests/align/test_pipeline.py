@@ -206,8 +206,9 @@ def test_annotation_round_pauses_the_run_until_people_have_ranked_then_feeds_pre
     """RLHF's loop in `align run`: sample the policy, stop (exit 3) with the commands that collect judgments, and go
     on when they exist, with the judgments in the preferences stage. A prompt judged by a person (here through
     the server's desk) is the only data preferences gets beside the configured file."""
-    from align.annotate import Desk, Judgment
+    from align.annotate import Desk
     from data_schemas.config import SessionSettings
+    from data_schemas.rankings import Submission
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(
@@ -232,7 +233,7 @@ def test_annotation_round_pauses_the_run_until_people_have_ranked_then_feeds_pre
     desk = Desk(d, SessionSettings.model_validate_json((d / "session.json").read_text()))
     assert len(desk.samples) == 2 and all(len(s["responses"]) == 2 for s in desk.samples)
     for _ in desk.samples:
-        desk.submit("ann-1", Judgment(prompt_id=desk.next_for("ann-1")["prompt_id"], ranking=["r2", "r1"]))
+        desk.submit("ann-1", Submission(prompt_id=desk.next_for("ann-1")["prompt_id"], ranking=["r2", "r1"]))
     assert main(["run", "--config", str(cfg)]) == 0
     assert "annotate: 2 judgments" in " ".join(capsys.readouterr().err.split())
     inputs = json.loads((run / "preferences" / "manifest.json").read_text())["inputs"]

@@ -160,24 +160,22 @@ def test_one_sided_p_and_holm_hand_computed():
 def test_significant_is_family_wise_over_the_gates_checks():
     """Eight checks each shifted at p ~ 0.02: one by one each would fail at 2.5%, together they are what chance
     gives a clean model; a ninth at p ~ 1e-6 still fails."""
+    from data_schemas.gates import Check
     from eval.bias import Decision
+
+    def shifted(metric: str, delta: float, interval: list[float]) -> Check:
+        return Check(metric=metric, delta=delta, interval=interval, passed=False)
 
     s = BiasGateSettings(max_gap_increase=0.0)
     d = Decision()
     for k in range(8):
-        d.judge(
-            {"metric": f"m{k}", "delta": 2.054, "interval": [2.054 - 1.96, 2.054 + 1.96]}, 0.0, f"m{k}", s
-        )
+        d.judge(shifted(f"m{k}", 2.054, [2.054 - 1.96, 2.054 + 1.96]), 0.0, f"m{k}", s)
     d.finish(s)
-    assert not d.reasons and all(
-        c["passed"] and c["p_value"] == pytest.approx(0.02, abs=1e-3) for c in d.checks
-    )
+    assert not d.reasons and all(c.passed and c.p_value == pytest.approx(0.02, abs=1e-3) for c in d.checks)
     d = Decision()
     for k in range(8):
-        d.judge(
-            {"metric": f"m{k}", "delta": 2.054, "interval": [2.054 - 1.96, 2.054 + 1.96]}, 0.0, f"m{k}", s
-        )
-    d.judge({"metric": "big", "delta": 5.0, "interval": [3.04, 6.96]}, 0.0, "big", s)
+        d.judge(shifted(f"m{k}", 2.054, [2.054 - 1.96, 2.054 + 1.96]), 0.0, f"m{k}", s)
+    d.judge(shifted("big", 5.0, [3.04, 6.96]), 0.0, "big", s)
     d.finish(s)
     assert d.reasons == ["big"]
 

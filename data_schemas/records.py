@@ -7,23 +7,30 @@ instance). Every shape becomes a list of `ChatMessage` ending with an assistant 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+
+def non_blank(hint: str = "") -> AfterValidator:
+    """Text that is more than spaces; `hint` says what to do about it (every record's empty-text check)."""
+
+    def check(v: str) -> str:
+        if not v.strip():
+            raise ValueError("is empty (after trimming spaces)" + (f"; {hint}" if hint else ""))
+        return v
+
+    return AfterValidator(check)
+
+
+NonBlank = Annotated[str, non_blank()]
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant"] = Field(..., description="Who speaks.")
-    content: str = Field(..., description="What is said.")
-
-    @field_validator("content")
-    @classmethod
-    def _non_empty(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("is empty (after trimming spaces)")
-        return v
+    content: NonBlank = Field(..., description="What is said.")
 
 
 class Conversation(BaseModel):
@@ -56,17 +63,10 @@ class Conversation(BaseModel):
 class AlpacaRow(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    instruction: str = Field(..., description="The task.")
+    instruction: NonBlank = Field(..., description="The task.")
     input: str | None = Field(None, description="Optional context for the task.")
-    output: str | None = Field(None, description="The response.")
-    response: str | None = Field(None, description="Alias of output.")
-
-    @field_validator("instruction", "output", "response")
-    @classmethod
-    def _non_empty(cls, v: str | None) -> str | None:
-        if v is not None and not v.strip():
-            raise ValueError("is empty (after trimming spaces)")
-        return v
+    output: NonBlank | None = Field(None, description="The response.")
+    response: NonBlank | None = Field(None, description="Alias of output.")
 
     @model_validator(mode="after")
     def _has_output(self) -> AlpacaRow:
@@ -86,14 +86,7 @@ class SelfInstructInstance(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     input: str = Field("", description="Optional context.")
-    output: str = Field(..., description="The response.")
-
-    @field_validator("output")
-    @classmethod
-    def _non_empty(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("is empty (after trimming spaces)")
-        return v
+    output: NonBlank = Field(..., description="The response.")
 
 
 class SelfInstructRow(BaseModel):

@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from core.config import UserError, validate
+from core.tables import table
 from data_schemas.config import BiasGateSettings, GatesConfig, PerplexityGateSettings, TaskGateSettings
 from data_schemas.gates import GateResult
 
@@ -36,35 +37,32 @@ class Gate:
         )
 
 
-GATES: dict[str, Gate] = {
-    g.name: g
-    for g in (
-        Gate(
-            "perplexity",
-            "eval.gates",
-            "perplexity_gate",
-            "candidate must not raise perplexity over its parent",
-            True,
-            PerplexityGateSettings,
-        ),
-        Gate(
-            "task",
-            "eval.task_gate",
-            "task_gate",
-            "candidate's generated answers must not score worse against the references (ROUGE-L, F1, EM, BLEU)",
-            True,
-            TaskGateSettings,
-        ),
-        Gate(
-            "bias",
-            "eval.bias",
-            "bias_gate",
-            "candidate must not be more biased than its parent (probes, CrowS, BBQ)",
-            False,
-            BiasGateSettings,
-        ),
-    )
-}
+GATES: dict[str, Gate] = table(
+    Gate(
+        "perplexity",
+        "eval.gates",
+        "perplexity_gate",
+        "candidate must not raise perplexity over its parent",
+        True,
+        PerplexityGateSettings,
+    ),
+    Gate(
+        "task",
+        "eval.task_gate",
+        "task_gate",
+        "candidate's generated answers must not score worse against the references (ROUGE-L, F1, EM, BLEU)",
+        True,
+        TaskGateSettings,
+    ),
+    Gate(
+        "bias",
+        "eval.bias",
+        "bias_gate",
+        "candidate must not be more biased than its parent (probes, CrowS, BBQ)",
+        False,
+        BiasGateSettings,
+    ),
+)
 
 
 def gate(name: str, where: str = "gate") -> Gate:

@@ -70,14 +70,9 @@ class GenerateEngine:
 
     @torch.no_grad()
     def generate(
-        self,
-        prompt_ids: list[list[int]],
-        max_new_tokens: int,
-        temperature: float,
-        top_p: float,
-        seed: int,
+        self, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float, top_p: float, seed: int,
         offset: int = 0,
-    ) -> list[list[int]]:
+    ) -> list[list[int]]:  # fmt: skip
         """Answers in left-padded batches: greedy, or sampled with row i drawing from its own seed
         (`request_seed(seed, offset + i)`), so that they do not depend on the batch or the number of processes."""
         was_training = self.model.training

@@ -125,26 +125,18 @@ def read_rankings(paths: list[Path], conflicts: str = "drop") -> RankingSet:
                         "lines": [e.where for e in earlier] + [where],
                     }
                 )
-                if conflicts == "keep-latest":
-                    for i in by_pair[key]:
-                        if accepted[i] is not None:
-                            report.drop(
-                                accepted[i].where,
-                                "conflict_superseded",
-                                f"annotator '{line.annotator}' re-judged prompt '{line.prompt_id}' differently at "
-                                f"{where}; the later judgment is kept (--conflicts keep-latest)",
-                            )
-                            accepted[i] = None
-                else:
-                    for i in by_pair[key]:
-                        if accepted[i] is not None:
-                            report.drop(
-                                accepted[i].where,
-                                "conflict",
-                                f"annotator '{line.annotator}' judged prompt '{line.prompt_id}' differently at "
-                                f"{where}; neither judgment is used (resolve it, or use --conflicts keep-latest)",
-                            )
-                            accepted[i] = None
+                latest = conflicts == "keep-latest"
+                reason, said = (
+                    ("conflict_superseded", f"re-judged prompt '{line.prompt_id}' differently at {where}; the later "
+                     "judgment is kept (--conflicts keep-latest)") if latest else
+                    ("conflict", f"judged prompt '{line.prompt_id}' differently at {where}; neither judgment is used "
+                     "(resolve it, or use --conflicts keep-latest)")
+                )  # fmt: skip
+                for i in by_pair[key]:  # the earlier judgments: superseded, or both dropped
+                    if accepted[i] is not None:
+                        report.drop(accepted[i].where, reason, f"annotator '{line.annotator}' {said}")
+                        accepted[i] = None
+                if not latest:
                     report.drop(
                         where,
                         "conflict",

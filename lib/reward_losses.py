@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from core.tables import table
+
 
 # ==========================================================================================================
 # Losses. Shapes: rewards [N] (one per response in the micro-batch); pairs [P, 2] (winner, loser) indices into
@@ -85,29 +87,26 @@ class RewardLoss:
     help: str
 
 
-REWARD_LOSSES: dict[str, RewardLoss] = {
-    r.name: r
-    for r in (
-        RewardLoss(
-            "kwise",
-            lambda r, b, m: kwise_loss(r, b["pairs"], b["pair_group"], len(b["group_tiers"]), m),
-            False,
-            "InstructGPT all-pairs loss per group (Ouyang et al. 2022)",
-        ),
-        RewardLoss(
-            "plackett_luce",
-            lambda r, b, m: plackett_luce_loss(r, b["group_tiers"]),
-            False,
-            "listwise likelihood of the ranking (Plackett 1975)",
-        ),
-        RewardLoss(
-            "bradley_terry",
-            lambda r, b, m: bradley_terry_loss(r, b["pairs"], m),
-            True,
-            "independent pairs (Bradley and Terry 1952)",
-        ),
-    )
-}
+REWARD_LOSSES: dict[str, RewardLoss] = table(
+    RewardLoss(
+        "kwise",
+        lambda r, b, m: kwise_loss(r, b["pairs"], b["pair_group"], len(b["group_tiers"]), m),
+        False,
+        "InstructGPT all-pairs loss per group (Ouyang et al. 2022)",
+    ),
+    RewardLoss(
+        "plackett_luce",
+        lambda r, b, m: plackett_luce_loss(r, b["group_tiers"]),
+        False,
+        "listwise likelihood of the ranking (Plackett 1975)",
+    ),
+    RewardLoss(
+        "bradley_terry",
+        lambda r, b, m: bradley_terry_loss(r, b["pairs"], m),
+        True,
+        "independent pairs (Bradley and Terry 1952)",
+    ),
+)
 
 
 def reward_loss(name: str) -> RewardLoss:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from core.config import UserError
+from core.tables import table
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -200,25 +201,22 @@ def per_response(adv: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, t
     return adv[:, None] * mask, torch.zeros_like(mask, dtype=torch.float32)
 
 
-ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
-    e.name: e
-    for e in (
-        AdvantageEstimator(
-            "gae", _gae, critic=True, min_group_size=1, kl_loss=False,
-            help="PPO with the value head: GAE (Schulman et al. 2016), whitened",
-        ),
-        AdvantageEstimator(
-            "grpo", lambda x: per_response(grpo_advantages(x.scores, x.group_size), x.mask),
-            critic=False, min_group_size=2, kl_loss=True,
-            help="group-relative advantages (score - group mean) / group std, KL as a k3 loss term (Shao et al. 2024)",
-        ),
-        AdvantageEstimator(
-            "rloo", lambda x: per_response(rloo_advantages(x.scores, x.kl.sum(1), x.kl_coef, x.group_size), x.mask),
-            critic=False, min_group_size=2, kl_loss=False,
-            help="leave-one-out baseline on score - kl_coef * KL (Ahmadian et al. 2024)",
-        ),
-    )
-}  # fmt: skip
+ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = table(
+    AdvantageEstimator(
+        "gae", _gae, critic=True, min_group_size=1, kl_loss=False,
+        help="PPO with the value head: GAE (Schulman et al. 2016), whitened",
+    ),
+    AdvantageEstimator(
+        "grpo", lambda x: per_response(grpo_advantages(x.scores, x.group_size), x.mask),
+        critic=False, min_group_size=2, kl_loss=True,
+        help="group-relative advantages (score - group mean) / group std, KL as a k3 loss term (Shao et al. 2024)",
+    ),
+    AdvantageEstimator(
+        "rloo", lambda x: per_response(rloo_advantages(x.scores, x.kl.sum(1), x.kl_coef, x.group_size), x.mask),
+        critic=False, min_group_size=2, kl_loss=False,
+        help="leave-one-out baseline on score - kl_coef * KL (Ahmadian et al. 2024)",
+    ),
+)  # fmt: skip
 
 
 def group_advantages(

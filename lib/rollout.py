@@ -32,6 +32,7 @@ import torch
 from core import dist
 from core.config import UserError
 from core.models import is_prompt_learning
+from core.tables import table
 from lib.generation import GenerateEngine, cut_after_eos, request_seed
 
 
@@ -120,15 +121,12 @@ def _build_vllm(spec: EngineSpec) -> RolloutEngine:
                       seed=spec.seed, **spec.options)  # fmt: skip
 
 
-ENGINES: dict[str, Engine] = {
-    e.name: e
-    for e in (
-        Engine("vllm", _build_vllm, lambda: vllm_available(), "vLLM in this process, weights pushed after every update",
-               "vLLM is not installed"),
-        Engine("generate", lambda spec: GenerateEngine(spec.policy, spec.tokenizer), lambda: True,
-               "transformers generate on the training model itself"),
-    )
-}  # fmt: skip
+ENGINES: dict[str, Engine] = table(
+    Engine("vllm", _build_vllm, lambda: vllm_available(), "vLLM in this process, weights pushed after every update",
+           "vLLM is not installed"),
+    Engine("generate", lambda spec: GenerateEngine(spec.policy, spec.tokenizer), lambda: True,
+           "transformers generate on the training model itself"),
+)  # fmt: skip
 
 
 def engine_choice(want: str, setting: str) -> str:
@@ -208,14 +206,9 @@ class VLLMEngine:
             core.shutdown()
 
     def generate(
-        self,
-        prompt_ids: list[list[int]],
-        max_new_tokens: int,
-        temperature: float,
-        top_p: float,
-        seed: int,
+        self, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float, top_p: float, seed: int,
         offset: int = 0,
-    ) -> list[list[int]]:
+    ) -> list[list[int]]:  # fmt: skip
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 

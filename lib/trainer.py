@@ -107,6 +107,22 @@ def callbacks(out: Path, t, extra=()) -> list:
     return cbs + list(extra)
 
 
+def stage_callbacks(ctx, cfg, extra=()) -> list:
+    """Every callback of a Trainer stage's Trainer: align's own (`callbacks`), the stage contract's hooks
+    (`ctx.callbacks`), AdaLoRA's budget where the adapter is AdaLoRA, and the stage's `extra`."""
+    return [*callbacks(ctx.out, cfg.train, ctx.callbacks), *adalora_callbacks(cfg), *extra]
+
+
+def datasets(train: list[dict], held_out: list[dict]) -> dict[str, Any]:
+    """The Trainer's train_dataset and eval_dataset (None without held-out rows) from tokenized rows."""
+    from datasets import Dataset
+
+    return {
+        "train_dataset": Dataset.from_list(train),
+        "eval_dataset": Dataset.from_list(held_out) if held_out else None,
+    }
+
+
 def adalora_callback():
     """AdaLoRA re-allocates its rank budget from the gradients' importance after every optimizer step, before the
     gradients are cleared (PEFT: `update_and_allocate(global_step)`)."""

@@ -180,24 +180,22 @@ def arithmetic(rng):
     return (f"What is {a} {word} {b}?", f"{val}.", f"{a} {op.replace('*', '×')} {b} = {val}.")
 
 
+# unit: (range of the value, question, answer, why)
+CONVERSIONS = {
+    "km": ((2, 50), "Convert {x} kilometres to miles.", lambda x: f"About {x * 0.621371:.1f} miles.",
+           "One kilometre is 0.621371 miles."),
+    "kg": ((2, 90), "How many pounds is {x} kg?", lambda x: f"About {x * 2.20462:.1f} pounds.",
+           "One kilogram is 2.20462 pounds."),
+    "c": ((-10, 40), "What is {x} °C in Fahrenheit?", lambda x: f"{x * 9 / 5 + 32:.1f} °F.",
+          "Multiply by 9/5 and add 32."),
+}  # fmt: skip
+
+
 def conversion(rng):
-    kind = rng.choice(["km", "kg", "c"])
-    if kind == "km":
-        km = rng.randint(2, 50)
-        return (
-            f"Convert {km} kilometres to miles.",
-            f"About {km * 0.621371:.1f} miles.",
-            "One kilometre is 0.621371 miles.",
-        )
-    if kind == "kg":
-        kg = rng.randint(2, 90)
-        return (
-            f"How many pounds is {kg} kg?",
-            f"About {kg * 2.20462:.1f} pounds.",
-            "One kilogram is 2.20462 pounds.",
-        )
-    c = rng.randint(-10, 40)
-    return (f"What is {c} °C in Fahrenheit?", f"{c * 9 / 5 + 32:.1f} °F.", "Multiply by 9/5 and add 32.")
+    kind = rng.choice(list(CONVERSIONS))
+    (lo, hi), question, answer, why = CONVERSIONS[kind]
+    x = rng.randint(lo, hi)
+    return question.format(x=x), answer(x), why
 
 
 def row(q, a, why, style):

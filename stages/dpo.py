@@ -31,20 +31,11 @@ from core.readers import LoadReport, iter_rows
 from core.stage import StageContext, StageResult, console, print_skipped, print_verdict
 from data_schemas.config import DPOConfig
 from eval.policy_gate import policy_gate, policy_perplexity_gate, scorer_reward
+from lib import trainer as plumbing  # Trainer plumbing the Trainer stages share
 from lib.artifacts import policy_gate_data, sft_base
 from lib.generation import GenerateEngine
 from lib.logprobs import response_logprob
 from lib.rankings import convert_pairwise, prompt_key, split_of
-from lib.trainer import (
-    adalora_callbacks,
-    callbacks,
-    final_eval,
-    save_trained,
-    train_with_resume,
-    trainer_kwargs,
-    training_summary,
-    zero3,
-)
 from stages.registry import STAGES
 
 
@@ -404,7 +395,7 @@ def run(cfg: DPOConfig, resume: bool = False, force: bool = False, callbacks=())
         if paused:
             return ctx.paused()
         metrics = heldout_metrics(trainer, result, val, ctx.precision)  # every process (a collective pass)
-        save_trained(
+        plumbing.save_trained(
             trainer, ctx.out / "adapter", tokenizer, selected_adapters=["default"]
         )  # not TRL's "ref"
         if not ctx.is_main:
@@ -454,13 +445,12 @@ def load_data(cfg: DPOConfig, tokenizer, counts: dict[str, Any]):
 
 def train_policy(cfg: DPOConfig, ctx: StageContext, tokenizer, train: list[dict], val: list[dict]):
     """(trainer, train result, paused): TRL's DPOTrainer with align's pair forward and length-grouped batches."""
-    from datasets import Dataset
     from trl import DPOConfig as TRLDPOConfig
 
     t = cfg.train
     model, adapter = build_policy(cfg, ctx.precision)
     args = TRLDPOConfig(
-        **trainer_kwargs(t, ctx.out, ctx.precision, bool(val), t.per_device_train_batch_size),
+        **plumbing.trainer_kwargs(t, ctx.out, ctx.precision, bool(val), t.per_device_train_batch_size),
         per_device_eval_batch_size=t.per_device_eval_batch_size,
         beta=t.beta,
         loss_type=t.loss_type,
@@ -473,13 +463,12 @@ def train_policy(cfg: DPOConfig, ctx: StageContext, tokenizer, train: list[dict]
     trainer = _trainer_class()(
         model=model,
         args=args,
-        train_dataset=Dataset.from_list(train),
-        eval_dataset=Dataset.from_list(val) if val else None,
+        **plumbing.datasets(train, val),
         processing_class=tokenizer,
-        callbacks=[*callbacks(ctx.out, t, ctx.callbacks), *adalora_callbacks(cfg)],
+        callbacks=plumbing.stage_callbacks(ctx, cfg),
         peft_config=adapter,
     )
-    result, paused = train_with_resume(trainer, ctx.out, ctx.resume, t.stop_after_steps)
+    result, paused = plumbing.train_with_resume(trainer, ctx.out, ctx.resume, t.stop_after_steps)
     return trainer, result, paused
 
 
@@ -496,9 +485,9 @@ HELDOUT_KEYS = (
 
 def heldout_metrics(trainer, result, val, precision: str) -> dict[str, Any]:
     """Training summary and held-out preference metrics (every process takes part in the held-out pass)."""
-    metrics = training_summary(trainer, result, precision)
+    metrics = plumbing.training_summary(trainer, result, precision)
     if val:
-        ev = final_eval(trainer)
+        ev = plumbing.final_eval(trainer)
         metrics.update(
             {k.replace("eval_", "heldout_").replace("/", "_"): ev[k] for k in HELDOUT_KEYS if k in ev}
         )
@@ -518,7 +507,7 @@ def eval_policy(cfg: DPOConfig, ctx: StageContext, trainer, val_rows) -> tuple[A
         )
         return None, []
     model = trainer.accelerator.unwrap_model(trainer.model)
-    if zero3(trainer):
+    if plumbing.zero3(trainer):
         from peft import PeftModel
 
         merged, _ = build_policy(cfg, ctx.precision)

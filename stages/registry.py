@@ -20,6 +20,7 @@ import data_schemas.config as configs
 from core.model_card import CardInfo
 from core.plan import PlanShape
 from core.stage import StageResult
+from core.tables import table
 from lib.artifacts import policy_gate_data, sft_validation_data
 
 
@@ -73,99 +74,96 @@ def _vllm_kv(cfg: Any) -> float | None:
     return None if cfg.rollout.engine == "generate" else float(cfg.rollout.vllm_kv_cache_gb or 0.0)
 
 
-STAGES: dict[str, Stage] = {
-    s.name: s
-    for s in (
-        Stage(
-            "data",
-            "stages.data",
-            "DataBuildConfig",
-            "instruction files -> cleaned, split dataset",
-            False,
-            _none,
-        ),
-        Stage(
-            "sft",
-            "stages.sft",
-            "SFTConfig",
-            "supervised fine-tuning with LoRA",
-            True,
-            lambda cfg: cfg.model.name_or_path,
-            distributed=True,
-            gate_data=_own_validation,
-            plan=PlanShape(
-                lambda c: (c.train.per_device_train_batch_size, c.data.max_length),
-                packed_rows=lambda c: getattr(c.train, "batching", "") == "padding_free",
-            ),
-            card=CardInfo(
-                ("sft", "trl"), "Instruction following, as the start of preference tuning (reward, DPO, PPO)."
-            ),
-            sweep=("eval_loss", "eval_loss", "minimize"),
-        ),
-        Stage(
-            "preferences",
-            "stages.preferences",
-            "PreferencesConfig",
-            "ranking files -> K-wise groups and pairs",
-            False,
-            _none,
-        ),
-        Stage(
-            "reward",
-            "stages.reward",
-            "RewardConfig",
-            "reward model from K-wise human rankings (then its gate)",
-            True,
-            _none,
-            distributed=True,
-            plan=PlanShape(
-                lambda c: (
-                    2 * c.train.groups_per_batch,
-                    c.data.max_length,
-                ),  # two responses per group at least
-                scalar_head=True,
-            ),
-            card=CardInfo(
-                ("reward-model", "rlhf"),
-                "Scoring (prompt, response) pairs for PPO, best-of-n or evaluation, on prompts like its training data.",
-                "text-classification",
-            ),
-            sweep=("accuracy", "eval_accuracy", "maximize"),
-        ),
-        Stage(
-            "dpo",
-            "stages.dpo",
-            "DPOConfig",
-            "direct preference optimisation on an SFT artifact (then the perplexity gate)",
-            True,
-            lambda cfg: str(cfg.init_from),
-            distributed=True,
-            gate_data=_policy_data,
-            policy_gate=True,
-            plan=PlanShape(
-                lambda c: (2 * c.train.per_device_train_batch_size, c.data.max_length)
-            ),  # both answers
-            card=CardInfo(
-                ("dpo", "rlhf", "trl"), "Chat assistant tuned to the preferences in its ranking files."
-            ),
-            sweep=("heldout_loss", "eval_loss", "minimize"),
-        ),
-        Stage(
-            "ppo",
-            "stages.ppo",
-            "PPOConfig",
-            "PPO with vLLM rollouts on an SFT artifact (then the perplexity gate)",
-            True,
-            lambda cfg: str(cfg.init_from),
-            distributed=True,
-            gate_data=_policy_data,
-            policy_gate=True,
-            plan=PlanShape(
-                lambda c: (c.train.mini_batch_size, c.prompts.max_prompt_length + c.rollout.max_new_tokens),
-                engine_gib=_vllm_kv,
-            ),
-            card=CardInfo(("ppo", "rlhf"), "Chat assistant tuned by PPO against its reward model."),
-        ),
-    )
+# What the policy stages (DPO, PPO) share: they build on an SFT artifact, which their gates compare against on its
+# held-out data, in every process of a launch, with the built-in policy gate.
+POLICY: dict[str, Any] = {
+    "gate_parent": lambda cfg: str(cfg.init_from),
+    "distributed": True,
+    "gate_data": _policy_data,
+    "policy_gate": True,
 }
+
+STAGES: dict[str, Stage] = table(
+    Stage(
+        "data",
+        "stages.data",
+        "DataBuildConfig",
+        "instruction files -> cleaned, split dataset",
+        False,
+        _none,
+    ),
+    Stage(
+        "sft",
+        "stages.sft",
+        "SFTConfig",
+        "supervised fine-tuning with LoRA",
+        True,
+        lambda cfg: cfg.model.name_or_path,
+        distributed=True,
+        gate_data=_own_validation,
+        plan=PlanShape(
+            lambda c: (c.train.per_device_train_batch_size, c.data.max_length),
+            packed_rows=lambda c: getattr(c.train, "batching", "") == "padding_free",
+        ),
+        card=CardInfo(
+            ("sft", "trl"), "Instruction following, as the start of preference tuning (reward, DPO, PPO)."
+        ),
+        sweep=("eval_loss", "eval_loss", "minimize"),
+    ),
+    Stage(
+        "preferences",
+        "stages.preferences",
+        "PreferencesConfig",
+        "ranking files -> K-wise groups and pairs",
+        False,
+        _none,
+    ),
+    Stage(
+        "reward",
+        "stages.reward",
+        "RewardConfig",
+        "reward model from K-wise human rankings (then its gate)",
+        True,
+        _none,
+        distributed=True,
+        plan=PlanShape(
+            lambda c: (2 * c.train.groups_per_batch, c.data.max_length),  # two responses per group at least
+            scalar_head=True,
+        ),
+        card=CardInfo(
+            ("reward-model", "rlhf"),
+            "Scoring (prompt, response) pairs for PPO, best-of-n or evaluation, on prompts like its training data.",
+            "text-classification",
+        ),
+        sweep=("accuracy", "eval_accuracy", "maximize"),
+    ),
+    Stage(
+        "dpo",
+        "stages.dpo",
+        "DPOConfig",
+        "direct preference optimisation on an SFT artifact (then the perplexity gate)",
+        True,
+        **POLICY,
+        plan=PlanShape(
+            lambda c: (2 * c.train.per_device_train_batch_size, c.data.max_length)
+        ),  # both answers
+        card=CardInfo(
+            ("dpo", "rlhf", "trl"), "Chat assistant tuned to the preferences in its ranking files."
+        ),
+        sweep=("heldout_loss", "eval_loss", "minimize"),
+    ),
+    Stage(
+        "ppo",
+        "stages.ppo",
+        "PPOConfig",
+        "PPO with vLLM rollouts on an SFT artifact (then the perplexity gate)",
+        True,
+        **POLICY,
+        plan=PlanShape(
+            lambda c: (c.train.mini_batch_size, c.prompts.max_prompt_length + c.rollout.max_new_tokens),
+            engine_gib=_vllm_kv,
+        ),
+        card=CardInfo(("ppo", "rlhf"), "Chat assistant tuned by PPO against its reward model."),
+    ),
+)
 ORDER = list(STAGES)

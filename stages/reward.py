@@ -34,6 +34,7 @@ from data_schemas.config import RewardConfig
 from data_schemas.gates import GateResult
 from eval.gates import run_gate
 from eval.reward_gate import decide_reward_gate, pairwise_metrics
+from lib import trainer as plumbing  # Trainer plumbing the Trainer stages share
 from lib.rankings import implied_pairs_of
 from lib.reward_losses import REWARD_LOSSES, centering_penalty
 from lib.reward_model import (
@@ -43,14 +44,6 @@ from lib.reward_model import (
     encode_response,
     score_groups,
     sequence_rewards,
-)
-from lib.trainer import (
-    adalora_callbacks,
-    callbacks,
-    save_trained,
-    train_with_resume,
-    trainer_kwargs,
-    training_summary,
 )
 from stages.registry import STAGES
 
@@ -276,7 +269,6 @@ def train(
     cfg: RewardConfig, ctx: StageContext, tokenizer, train_examples: list[dict], eval_groups: list[dict]
 ):
     """(trainer, train result, paused): the scalar-head model (LoRA on the trunk, full head) trained on groups."""
-    from datasets import Dataset
     from peft import get_peft_model
     from transformers import TrainingArguments
 
@@ -288,23 +280,22 @@ def train(
         )
         model = get_peft_model(model, adapter)
     args = TrainingArguments(
-        **trainer_kwargs(
+        **plumbing.trainer_kwargs(
             t, ctx.out, ctx.precision, bool(eval_groups), t.groups_per_batch, ("eval_accuracy", True)
         )
     )
     trainer = _trainer_class(cfg, eval_groups)(
         model=model,
         args=args,
-        train_dataset=Dataset.from_list(train_examples),
-        eval_dataset=Dataset.from_list(eval_groups) if eval_groups else None,  # scored by our evaluate()
+        **plumbing.datasets(train_examples, eval_groups),  # held out: scored by our evaluate()
         data_collator=GroupCollator.for_kernel(
             model.config._attn_implementation,
             max_row_tokens=max(cfg.data.max_length, 1024),
             pad_token_id=tokenizer.pad_token_id,
         ),
-        callbacks=[*callbacks(ctx.out, t, ctx.callbacks), *adalora_callbacks(cfg)],
+        callbacks=plumbing.stage_callbacks(ctx, cfg),
     )
-    result, paused = train_with_resume(trainer, ctx.out, ctx.resume, t.stop_after_steps)
+    result, paused = plumbing.train_with_resume(trainer, ctx.out, ctx.resume, t.stop_after_steps)
     return trainer, result, paused
 
 
@@ -313,8 +304,8 @@ def save(ctx: StageContext, trainer, result, tokenizer, eval_groups: list[dict])
     out, state = ctx.out, trainer.state
     eval_rewards = trainer.heldout_rewards()
     metrics = pairwise_metrics(eval_groups, eval_rewards) if eval_groups else {"pairs": 0}
-    metrics.update(training_summary(trainer, result, ctx.precision))
-    save_trained(trainer, out / "adapter", tokenizer)  # every process (ZeRO-3 gathers)
+    metrics.update(plumbing.training_summary(trainer, result, ctx.precision))
+    plumbing.save_trained(trainer, out / "adapter", tokenizer)  # every process (ZeRO-3 gathers)
     if not ctx.is_main:
         return metrics
     if eval_groups:

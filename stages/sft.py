@@ -42,17 +42,7 @@ from core.partial import apply_trainable, param_groups, unfreeze_callback
 from core.readers import has_split, load_instructions
 from core.stage import StageContext, StageResult, console, print_skipped
 from data_schemas.config import SFTConfig
-from lib.trainer import (
-    adalora_callbacks,
-    callbacks,
-    compact_lm_head,
-    final_eval,
-    save_trained,
-    train_with_resume,
-    trainer_kwargs,
-    training_summary,
-    zero3,
-)
+from lib import trainer as plumbing  # Trainer plumbing the Trainer stages share
 from stages.registry import STAGES
 
 
@@ -152,7 +142,7 @@ def _trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             real = inputs.pop("num_real_tokens", None)  # set by PaddingFreeCollator; not a model input
             before = self._total_train_tokens
-            with compact_lm_head():  # the LM head on labelled positions only (lib/trainer.py)
+            with plumbing.compact_lm_head():  # the LM head on labelled positions only (lib/trainer.py)
                 out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             if real is not None and model.training:
                 # every process's real tokens (a collective: every process computes a loss here in step)
@@ -243,12 +233,11 @@ def load_data(cfg: SFTConfig, tokenizer, counts: dict[str, Any]):
 
 def train(cfg: SFTConfig, ctx: StageContext, tokenizer, train_rows, val_rows, quantization=None):
     """(trainer, train result, paused): the model with a fresh LoRA (or all weights), trained by SFTTrainer."""
-    from datasets import Dataset
     from trl import SFTConfig as TRLSFTConfig
 
     console.print(f"model: {printable(cfg.model.name_or_path)} in {ctx.precision}", highlight=False)
     model = load_causal_lm(cfg.model, ctx.precision, quantization)
-    extra_callbacks = adalora_callbacks(cfg)
+    extra_callbacks = []
     if not cfg.lora.enabled and not cfg.partial.is_default:
         n = apply_trainable(model, cfg.partial)
         console.print(
@@ -261,7 +250,7 @@ def train(cfg: SFTConfig, ctx: StageContext, tokenizer, train_rows, val_rows, qu
     t = cfg.train
     has_val = bool(val_rows)
     args = TRLSFTConfig(
-        **trainer_kwargs(t, ctx.out, ctx.precision, has_val, t.per_device_train_batch_size),
+        **plumbing.trainer_kwargs(t, ctx.out, ctx.precision, has_val, t.per_device_train_batch_size),
         per_device_eval_batch_size=t.per_device_eval_batch_size,
         dataset_kwargs={"skip_prepare_dataset": True},  # rendered and masked above
         max_length=None,
@@ -285,8 +274,7 @@ def train(cfg: SFTConfig, ctx: StageContext, tokenizer, train_rows, val_rows, qu
     trainer = _trainer_class()(
         model=model,
         args=args,
-        train_dataset=Dataset.from_list(train_rows),
-        eval_dataset=Dataset.from_list(val_rows) if has_val else None,
+        **plumbing.datasets(train_rows, val_rows if has_val else []),
         processing_class=tokenizer,
         data_collator=collator,
         peft_config=peft_config(
@@ -294,27 +282,31 @@ def train(cfg: SFTConfig, ctx: StageContext, tokenizer, train_rows, val_rows, qu
         )
         if cfg.lora.enabled
         else None,
-        callbacks=[*callbacks(ctx.out, t, ctx.callbacks), *extra_callbacks],
+        callbacks=plumbing.stage_callbacks(ctx, cfg, extra_callbacks),
     )
     trainer.align_partial = None if cfg.lora.enabled or cfg.partial.is_default else cfg.partial
-    result, paused = train_with_resume(trainer, ctx.out, ctx.resume, t.stop_after_steps)
+    result, paused = plumbing.train_with_resume(trainer, ctx.out, ctx.resume, t.stop_after_steps)
     return trainer, result, paused
 
 
 def save(cfg: SFTConfig, ctx: StageContext, trainer, result, tokenizer, has_val: bool) -> dict[str, Any]:
     """Held-out loss, the adapter (or full model), metrics.json; returns the manifest's final metrics."""
     state = trainer.state
-    metrics = training_summary(trainer, result, ctx.precision)
+    metrics = plumbing.training_summary(trainer, result, ctx.precision)
     if has_val:
-        ev = final_eval(trainer)
+        ev = plumbing.final_eval(trainer)
         metrics["eval_loss"] = ev["eval_loss"]
         metrics["eval_perplexity"] = math.exp(ev["eval_loss"]) if ev["eval_loss"] < 50 else float("inf")
     out = ctx.out
-    save_trained(trainer, out / ("adapter" if cfg.lora.enabled else "model"), tokenizer)  # every process
+    plumbing.save_trained(
+        trainer, out / ("adapter" if cfg.lora.enabled else "model"), tokenizer
+    )  # every process
     if not ctx.is_main:
         return metrics
     if cfg.lora.enabled and cfg.merge_adapter:
-        if zero3(trainer):  # this process holds a shard of the weights: merge from the adapter just saved
+        if plumbing.zero3(
+            trainer
+        ):  # this process holds a shard of the weights: merge from the adapter just saved
             from peft import PeftModel
 
             base = load_causal_lm(cfg.model, ctx.precision)

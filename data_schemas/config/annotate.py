@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, PositiveFloat, PositiveInt
 
 from data_schemas.config.common import _Strict
+
+__all__ = ["SessionSettings"]
 
 
 class SessionSettings(_Strict):
@@ -15,11 +17,11 @@ class SessionSettings(_Strict):
     prompts: str = Field(..., description="The prompts file.")
     prompts_sha256: str = Field(..., description="Its SHA-256, so a changed file is noticed.")
     k: int = Field(4, ge=2, le=16, description="Responses sampled per prompt.")
-    overlap: int = Field(1, ge=1, description="Annotators who judge each prompt (>1 measures agreement).")
-    max_prompts: int | None = Field(None, ge=1, description="Annotate at most this many prompts.")
-    temperature: float = Field(1.0, gt=0.0, description="Sampling temperature (> 0: K different answers).")
-    top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling.")
-    max_new_tokens: int = Field(256, ge=1, description="Longest response, in tokens.")
+    overlap: PositiveInt = Field(1, description="Annotators who judge each prompt (>1 measures agreement).")
+    max_prompts: PositiveInt | None = Field(None, description="Annotate at most this many prompts.")
+    temperature: PositiveFloat = Field(1.0, description="Sampling temperature (> 0: K different answers).")
+    top_p: PositiveFloat = Field(0.95, le=1.0, description="Nucleus sampling.")
+    max_new_tokens: PositiveInt = Field(256, description="Longest response, in tokens.")
     max_prompt_tokens: int = Field(1024, ge=8, description="Longer prompts are skipped (named).")
     seed: int = Field(0, description="Sampling seed: response j of prompt i uses request_seed(seed, i*K+j).")
     engine: str = Field(
@@ -27,4 +29,4 @@ class SessionSettings(_Strict):
         description="A row of the rollout-engine table (lib/rollout.py ENGINES: vllm, generate), or 'auto': vLLM "
         "where installed, else transformers generate.",
     )
-    lease_minutes: float = Field(30.0, gt=0, description="How long a shown prompt stays reserved.")
+    lease_minutes: PositiveFloat = Field(30.0, description="How long a shown prompt stays reserved.")

@@ -5,9 +5,45 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    model_validator,
+)
+
+__all__ = [
+    "Fraction",
+    "PositiveFraction",
+    "Confidence",
+    "ModelConfig",
+    "LoraSettings",
+    "VIRTUAL_TOKEN_METHODS",
+    "PeftSettings",
+    "WEIGHT_ADAPTER_METHODS",
+    "adapter_peft_field",
+    "check_adapter_peft",
+    "UnfreezeSchedule",
+    "PartialSettings",
+    "InstructionDataSettings",
+    "Precision",
+    "precision_field",
+    "OPERATIONAL_FIELDS",
+    "key_config",
+    "RunSettings",
+    "TrainerSettings",
+    "WeightAdapterStage",
+]
+
+# Constrained numbers the configs share (pydantic's own PositiveInt, NonNegativeFloat, ... beside them)
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]  # a share, 0 to 1
+PositiveFraction = Annotated[float, Field(gt=0, le=1.0)]  # a share above 0
+Confidence = Annotated[float, Field(gt=0.5, lt=1.0)]  # the level of an interval
 
 
 class _Strict(BaseModel):
@@ -39,11 +75,10 @@ class LoraSettings(_Strict):
     """PEFT LoRA adapter settings (Hu et al. 2021)."""
 
     enabled: bool = Field(True, description="Train a LoRA adapter; false trains all weights.")
-    r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
-    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
-    dropout: float = Field(
+    r: PositiveInt = Field(16, le=1024, description="LoRA rank.")
+    alpha: PositiveFloat = Field(32.0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: NonNegativeFloat = Field(
         0.0,
-        ge=0.0,
         lt=1.0,
         description="Dropout on the LoRA input. 0 by default, as in torchtune and LLaMA-Factory: on CPUs drawing "
         "the random masks took a third of a LoRA step (docs/benchmarks.md).",
@@ -72,8 +107,8 @@ class PeftSettings(_Strict):
         "'p_tuning', the same embeddings produced by a small MLP encoder (Liu et al. 2021, GPT Understands, Too); "
         "'prefix_tuning', learned keys and values at every layer (Li & Liang 2021).",
     )
-    num_virtual_tokens: int = Field(
-        20, ge=1, le=512, description="Virtual tokens of prompt_tuning, p_tuning and prefix_tuning."
+    num_virtual_tokens: PositiveInt = Field(
+        20, le=512, description="Virtual tokens of prompt_tuning, p_tuning and prefix_tuning."
     )
     prompt_init_text: str | None = Field(
         None,
@@ -112,8 +147,10 @@ def check_adapter_peft(peft: PeftSettings, train: TrainerSettings) -> None:
 class UnfreezeSchedule(_Strict):
     """Gradual unfreezing (ULMFiT): more blocks train as training goes on, from the top down."""
 
-    every_steps: int = Field(..., ge=1, description="Optimizer steps between two unfreezings.")
-    blocks_per_step: int = Field(1, ge=1, description="Transformer blocks unfrozen each time, from the top.")
+    every_steps: PositiveInt = Field(..., description="Optimizer steps between two unfreezings.")
+    blocks_per_step: PositiveInt = Field(
+        1, description="Transformer blocks unfrozen each time, from the top."
+    )
 
 
 class PartialSettings(_Strict):
@@ -124,14 +161,13 @@ class PartialSettings(_Strict):
         description="What trains: 'all' weights; the 'top_blocks' (with the final norm and head); the 'head' alone "
         "(tied embeddings train with it); 'layernorm' weights alone; 'bias' terms alone (BitFit).",
     )
-    top_blocks: int = Field(2, ge=1, description="Blocks trained from the top with trainable=top_blocks.")
+    top_blocks: PositiveInt = Field(2, description="Blocks trained from the top with trainable=top_blocks.")
     unfreeze: UnfreezeSchedule | None = Field(
         None,
         description="Unfreeze blocks from the top during training, starting from `trainable` (null: never).",
     )
-    layerwise_lr_decay: float | None = Field(
+    layerwise_lr_decay: PositiveFloat | None = Field(
         None,
-        gt=0.0,
         le=1.0,
         description="Discriminative learning rates: block i of L at lr * decay^(L - i), the head at lr, the "
         "embeddings at lr * decay^(L + 1) (null: one rate).",
@@ -142,21 +178,26 @@ class PartialSettings(_Strict):
         return self.trainable == "all" and self.unfreeze is None and self.layerwise_lr_decay is None
 
 
-class InstructionDataSettings(_Strict):
-    """Where the instruction data comes from and how it is cut into sequences."""
+class InstructionFiles(_Strict):
+    """Instruction data as every stage that reads it takes it."""
 
     train_file: Path = Field(
         ...,
         description="Instruction data: a JSONL/JSON/CSV/Parquet file in alpaca, chat 'messages' or self-instruct "
-        "shape, or a dataset folder built by `align data build`.",
+        "shape, or a dataset folder built by `align data build` (PPO's prompts: the turns before each "
+        "conversation's last assistant answer).",
     )
+
+
+class InstructionDataSettings(InstructionFiles):
+    """Where the instruction data comes from and how it is cut into sequences."""
+
     validation_file: Path | None = Field(
         None,
         description="Separate validation data; when absent, validation_fraction of train_file is held out.",
     )
-    validation_fraction: float = Field(
+    validation_fraction: NonNegativeFloat = Field(
         0.1,
-        ge=0.0,
         lt=1.0,
         description="Share of train_file held out for validation when no validation_file.",
     )
@@ -208,14 +249,13 @@ def key_config(cfg: BaseModel) -> dict[str, Any]:
 class RunSettings(_Strict):
     """What every training loop has: optimiser basics, seed, checkpoints, pausing and logging."""
 
-    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
-    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    learning_rate: PositiveFloat = Field(2e-4, description="Peak learning rate.")
+    weight_decay: NonNegativeFloat = Field(0.0, description="AdamW weight decay.")
+    max_grad_norm: PositiveFloat = Field(1.0, description="Gradient clipping norm.")
     seed: int = Field(42, description="Seed for data order, dropout, sampling and initialisation.")
-    save_steps: int = Field(50, ge=1, description="Write a resumable checkpoint every N steps.")
-    stop_after_steps: int | None = Field(
+    save_steps: PositiveInt = Field(50, description="Write a resumable checkpoint every N steps.")
+    stop_after_steps: PositiveInt | None = Field(
         None,
-        ge=1,
         description="Stop this invocation cleanly after this step (for time-boxed or preemptible jobs); the "
         "artifact stays 'running' and `--resume` continues it.",
     )
@@ -231,18 +271,17 @@ class TrainerSettings(RunSettings):
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
         "cosine", description="Learning-rate schedule after warmup."
     )
-    warmup_ratio: float = Field(0.05, ge=0.0, le=1.0, description="Share of steps with linear warmup.")
-    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    num_train_epochs: float = Field(
-        1.0, gt=0, description="Epochs over the training data (ignored if max_steps > 0)."
+    warmup_ratio: Fraction = Field(0.05, description="Share of steps with linear warmup.")
+    gradient_accumulation_steps: PositiveInt = Field(1, description="Micro-batches per optimizer step.")
+    num_train_epochs: PositiveFloat = Field(
+        1.0, description="Epochs over the training data (ignored if max_steps > 0)."
     )
     max_steps: int = Field(-1, description="Total optimizer steps; -1 means use num_train_epochs.")
-    eval_steps: int = Field(50, ge=1, description="Evaluate on the held-out split every N steps.")
-    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept on disk.")
-    logging_steps: int = Field(1, ge=1, description="Log training metrics every N steps.")
-    early_stopping_patience: int | None = Field(
+    eval_steps: PositiveInt = Field(50, description="Evaluate on the held-out split every N steps.")
+    save_total_limit: PositiveInt = Field(2, description="Checkpoints kept on disk.")
+    logging_steps: PositiveInt = Field(1, description="Log training metrics every N steps.")
+    early_stopping_patience: PositiveInt | None = Field(
         None,
-        ge=1,
         description="Stop when the held-out loss has not improved for this many evaluations (needs held-out data).",
     )
     gradient_checkpointing: bool = Field(
@@ -273,3 +312,24 @@ def _default(base: type[BaseModel], name: str, value: Any) -> Any:
     info = copy.copy(base.model_fields[name])
     info.default = value
     return info
+
+
+class WeightAdapterStage(_Strict):
+    """A stage that trains a weight adapter (or the whole model) on a base: the reward model, DPO."""
+
+    precision: Precision = precision_field()
+    lora: LoraSettings = Field(
+        default_factory=LoraSettings,
+        description="LoRA (the reward model's on its trunk, its score head fully trained; DPO's for "
+        "policy_init=new_adapter).",
+    )
+    peft: PeftSettings = adapter_peft_field()
+
+    # whether the adapter is checked with lora.enabled false too (DPO always trains one)
+    adapter_always: ClassVar[bool] = False
+
+    @model_validator(mode="after")
+    def _weight_adapter(self) -> WeightAdapterStage:
+        if self.lora.enabled or self.adapter_always:
+            check_adapter_peft(self.peft, self.train)
+        return self

@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
 
 from data_schemas.config.common import _Strict
+
+__all__ = ["DedupSettings", "DataBuildConfig", "PreferencesConfig"]
 
 
 class DedupSettings(_Strict):
@@ -20,11 +22,11 @@ class DedupSettings(_Strict):
     near: bool = Field(
         True, description="Drop rows whose shingle Jaccard similarity to an earlier row is high."
     )
-    threshold: float = Field(
-        0.85, gt=0.0, le=1.0, description="Jaccard similarity at or above which rows are near duplicates."
+    threshold: PositiveFloat = Field(
+        0.85, le=1.0, description="Jaccard similarity at or above which rows are near duplicates."
     )
     num_perm: int = Field(64, ge=16, le=512, description="MinHash permutations (bands x rows).")
-    bands: int = Field(16, ge=1, description="LSH bands; num_perm must divide by it.")
+    bands: PositiveInt = Field(16, description="LSH bands; num_perm must divide by it.")
 
     @model_validator(mode="after")
     def _bands(self) -> DedupSettings:
@@ -47,8 +49,8 @@ class DataBuildConfig(_Strict):
     system_prompt: str | None = Field(
         None, description="System message added to conversations that have none."
     )
-    min_chars: int = Field(
-        1, ge=1, description="Drop examples whose assistant text is shorter than this (after trimming)."
+    min_chars: PositiveInt = Field(
+        1, description="Drop examples whose assistant text is shorter than this (after trimming)."
     )
     dedup: DedupSettings = Field(default_factory=DedupSettings, description="Duplicate removal.")
     tokenizer: str | None = Field(
@@ -62,8 +64,8 @@ class DataBuildConfig(_Strict):
         "neutralise", description="Rows with control-token strings: neutralise the markers, or drop the row."
     )
     pii: bool = Field(False, description="Scrub emails, phone numbers, card-like numbers and IP addresses.")
-    validation_fraction: float = Field(
-        0.1, ge=0.0, lt=1.0, description="Share of examples in the validation split."
+    validation_fraction: NonNegativeFloat = Field(
+        0.1, lt=1.0, description="Share of examples in the validation split."
     )
     stratify_by: str | None = Field(
         None, description="Input column to stratify the split by (e.g. a task category)."
@@ -85,8 +87,8 @@ class PreferencesConfig(_Strict):
     pairs: Literal["all", "best-vs-rest"] = Field(
         "all", description="Pairs for DPO: every implied pair, or the top tier vs the rest."
     )
-    validation_fraction: float = Field(
-        0.1, ge=0.0, lt=1.0, description="Share of prompts held out (split by prompt)."
+    validation_fraction: NonNegativeFloat = Field(
+        0.1, lt=1.0, description="Share of prompts held out (split by prompt)."
     )
     seed: int = Field(42, description="Seed of the prompt-level split.")
     conflicts: Literal["drop", "keep-latest"] = Field(

@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
 from data_schemas.config.common import (
-    LoraSettings,
-    PeftSettings,
-    Precision,
     TrainerSettings,
+    WeightAdapterStage,
     _default,
     _Strict,
-    adapter_peft_field,
-    check_adapter_peft,
-    precision_field,
 )
-from data_schemas.config.gates import PerplexityGateSettings, PolicyGateSettings
+from data_schemas.config.gates import PolicyStageGates
+
+__all__ = ["DPODataSettings", "DPOTrainSettings", "PolicyEvalSettings", "DPOConfig"]
 
 
 class DPODataSettings(_Strict):
@@ -32,16 +29,16 @@ class DPODataSettings(_Strict):
         None,
         description="Or a JSONL of TRL-style pairs {prompt, chosen, rejected} (held out by validation_fraction).",
     )
-    validation_fraction: float = Field(
-        0.1, ge=0.0, lt=1.0, description="Held-out share for pairs_file (by prompt)."
+    validation_fraction: NonNegativeFloat = Field(
+        0.1, lt=1.0, description="Held-out share for pairs_file (by prompt)."
     )
     max_length: int = Field(512, ge=16, description="Tokens of prompt + response.")
     max_prompt_length: int = Field(
         256, ge=8, description="Prompt tokens kept (cut from the left, keeping its end)."
     )
-    max_pairs: int | None = Field(None, ge=1, description="Use at most this many training pairs.")
-    max_eval_pairs: int | None = Field(
-        None, ge=1, description="Evaluate on at most this many held-out pairs."
+    max_pairs: PositiveInt | None = Field(None, description="Use at most this many training pairs.")
+    max_eval_pairs: PositiveInt | None = Field(
+        None, description="Evaluate on at most this many held-out pairs."
     )
 
     @model_validator(mode="after")
@@ -76,10 +73,10 @@ class DPOTrainSettings(TrainerSettings):
     ] = Field(
         default_factory=lambda: ["sigmoid"], min_length=1, description="TRL loss type(s); several are summed."
     )
-    beta: float = Field(0.1, gt=0, description="Strength of the implicit KL constraint to the reference.")
-    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="Assumed label noise (cDPO, robust).")
-    per_device_train_batch_size: int = Field(4, ge=1, description="Pairs per micro-batch.")
-    per_device_eval_batch_size: int = Field(8, ge=1, description="Pairs per evaluation batch.")
+    beta: PositiveFloat = Field(0.1, description="Strength of the implicit KL constraint to the reference.")
+    label_smoothing: NonNegativeFloat = Field(0.0, lt=0.5, description="Assumed label noise (cDPO, robust).")
+    per_device_train_batch_size: PositiveInt = Field(4, description="Pairs per micro-batch.")
+    per_device_eval_batch_size: PositiveInt = Field(8, description="Pairs per evaluation batch.")
     group_by_length: bool = Field(
         True,
         description="Batch pairs of similar length (random mega-batches, sorted inside): far less padding.",
@@ -93,14 +90,13 @@ class DPOTrainSettings(TrainerSettings):
 class PolicyEvalSettings(_Strict):
     """After training: samples from the policy for KL to the reference, and the policy gate against SFT."""
 
-    prompts: int = Field(
+    prompts: NonNegativeInt = Field(
         128,
-        ge=0,
         description="Held-out prompts (of the held-out pairs) sampled for KL and judged by the policy gate "
         "(0 skips both).",
     )
-    kl_prompts: int = Field(16, ge=1, description="Of those, how many are sampled for the KL estimate.")
-    max_new_tokens: int = Field(64, ge=1, description="Tokens per sampled response (KL estimate).")
+    kl_prompts: PositiveInt = Field(16, description="Of those, how many are sampled for the KL estimate.")
+    max_new_tokens: PositiveInt = Field(64, description="Tokens per sampled response (KL estimate).")
     reward_model: Path | None = Field(
         None,
         description="An `align reward` artifact: enables the policy gate (win rate vs SFT under this reward, "
@@ -111,8 +107,10 @@ class PolicyEvalSettings(_Strict):
     )
 
 
-class DPOConfig(_Strict):
+class DPOConfig(PolicyStageGates, WeightAdapterStage):
     """`align dpo`: direct preference optimisation (Rafailov et al. 2023) on TRL's DPOTrainer."""
+
+    adapter_always: ClassVar[bool] = True
 
     stage: Literal["dpo"] = Field("dpo", description="Stage name (fixed).")
     output_dir: Path = Field(..., description="Artifact directory.")
@@ -128,31 +126,14 @@ class DPOConfig(_Strict):
     reference: Literal["adapter_disabled", "precomputed"] = Field(
         "adapter_disabled", description="Reference log-probs computed on the fly, or once before training."
     )
-    precision: Precision = precision_field()
     data: DPODataSettings = Field(..., description="Preference pairs.")
-    lora: LoraSettings = Field(
-        default_factory=LoraSettings, description="LoRA (for policy_init=new_adapter)."
-    )
-    peft: PeftSettings = adapter_peft_field()
     train: DPOTrainSettings = Field(default_factory=DPOTrainSettings, description="Optimisation.")
     eval: PolicyEvalSettings = Field(
         default_factory=PolicyEvalSettings, description="Sampling-based evaluation."
     )
-    policy_gate: PolicyGateSettings = Field(
-        default_factory=PolicyGateSettings,
-        description="Policy gate against the SFT model on the held-out prompts (needs eval.reward_model).",
-    )
-    perplexity_gate: PerplexityGateSettings = Field(
-        default_factory=lambda: PerplexityGateSettings(max_relative_increase=0.05),
-        description="Perplexity gate against the SFT model on its validation data, run after training.",
-    )
-    gate_data: Path | None = Field(
-        None, description="Data for the perplexity gate; default: the SFT artifact's validation file or data."
-    )
 
     @model_validator(mode="after")
     def _adapter(self) -> DPOConfig:
-        check_adapter_peft(self.peft, self.train)
         if self.policy_init == "continue_sft_adapter" and self.peft.method != "lora":
             raise ValueError(
                 "peft.method applies to policy_init=new_adapter; continue_sft_adapter trains the SFT adapter as it is"

@@ -5,35 +5,51 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
 
-from data_schemas.config.common import _Strict
+from data_schemas.config.common import Confidence, Fraction, _Strict
+
+__all__ = [
+    "PerplexityGateSettings",
+    "TaskGateSettings",
+    "BiasGateSettings",
+    "PolicyGateSettings",
+    "GatesConfig",
+    "PolicyStageGates",
+]
 
 
-class PerplexityGateSettings(_Strict):
+class _Intervals(_Strict):
+    """What every gate's intervals are made of: a paired bootstrap (items, or prompts, resampled jointly for both
+    models; eval/stats.py) at a confidence level."""
+
+    bootstrap_samples: int = Field(1000, ge=100, description="Paired bootstrap resamples for the intervals.")
+    confidence: Confidence = Field(0.95, description="Confidence level of the intervals.")
+
+
+class PerplexityGateSettings(_Intervals):
     """Perplexity gate policy: a candidate may not lose language-modelling ability against its parent."""
 
-    max_relative_increase: float = Field(
+    max_relative_increase: NonNegativeFloat = Field(
         0.0,
-        ge=0.0,
         description="Largest allowed (candidate_ppl / parent_ppl - 1); 0.0 means no increase at all.",
     )
-    min_examples: int = Field(
-        20, ge=1, description="Fewer evaluated examples than this fails the gate (closed)."
+    min_examples: PositiveInt = Field(
+        20, description="Fewer evaluated examples than this fails the gate (closed)."
     )
-    bootstrap_samples: int = Field(1000, ge=100, description="Paired bootstrap resamples for the interval.")
-    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="Confidence level of the reported interval.")
     scope: Literal["assistant", "all"] = Field(
         "assistant", description="Score assistant tokens only, or every token of the rendered conversation."
     )
     max_length: int = Field(
         512, ge=16, description="Tokens per example (longer ones are truncated, counted)."
     )
-    batch_size: int = Field(8, ge=1, description="Examples per forward pass.")
-    max_examples: int | None = Field(None, ge=1, description="Evaluate at most this many examples (first N).")
+    batch_size: PositiveInt = Field(8, description="Examples per forward pass.")
+    max_examples: PositiveInt | None = Field(
+        None, description="Evaluate at most this many examples (first N)."
+    )
 
 
-class TaskGateSettings(_Strict):
+class TaskGateSettings(_Intervals):
     """Task gate policy: the candidate's greedy answers may not score worse against the references than its
     parent's, on the same held-out instructions (eval/task_gate.py)."""
 
@@ -42,25 +58,23 @@ class TaskGateSettings(_Strict):
         description="What decides: ROUGE-L F1, token F1 or exact match (per-example means), or corpus BLEU "
         "(counted here on a 0-1 scale, BLEU/100). All four are reported.",
     )
-    max_decrease: float = Field(
-        0.02, ge=0.0, description="Largest allowed drop of the metric, candidate - parent (0-1 scale)."
+    max_decrease: NonNegativeFloat = Field(
+        0.02, description="Largest allowed drop of the metric, candidate - parent (0-1 scale)."
     )
     test: Literal["point", "interval"] = Field(
         "point",
         description="'point': fail when the observed drop exceeds max_decrease; 'interval': also fail when the "
         "paired bootstrap interval's lower end does (evidence of no regression is required).",
     )
-    min_examples: int = Field(20, ge=1, description="Fewer answered examples fails the gate (closed).")
-    max_examples: int | None = Field(
-        100, ge=1, description="Answer at most this many held-out instructions (the first N); null: all."
+    min_examples: PositiveInt = Field(20, description="Fewer answered examples fails the gate (closed).")
+    max_examples: PositiveInt | None = Field(
+        100, description="Answer at most this many held-out instructions (the first N); null: all."
     )
-    max_new_tokens: int = Field(128, ge=1, description="Tokens per greedy answer.")
-    batch_size: int = Field(8, ge=1, description="Prompts per generate call.")
-    bootstrap_samples: int = Field(1000, ge=100, description="Paired bootstrap resamples for the interval.")
-    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="Confidence level of the interval.")
+    max_new_tokens: PositiveInt = Field(128, description="Tokens per greedy answer.")
+    batch_size: PositiveInt = Field(8, description="Prompts per generate call.")
 
 
-class BiasGateSettings(_Strict):
+class BiasGateSettings(_Intervals):
     """Bias gate policy: a candidate may not become more biased than its parent (same items, paired)."""
 
     suites: list[Literal["probes", "crows_pairs", "bbq"]] = Field(
@@ -71,20 +85,19 @@ class BiasGateSettings(_Strict):
     )
     crows_pairs_path: Path | None = Field(None, description="CrowS-Pairs CSV (crows_pairs_anonymized.csv).")
     bbq_path: Path | None = Field(None, description="A BBQ category JSONL file (e.g. Religion.jsonl).")
-    max_examples: int | None = Field(
-        400, ge=1, description="Items per suite (the first N; null: all). CrowS-Pairs has 1508 pairs."
+    max_examples: PositiveInt | None = Field(
+        400, description="Items per suite (the first N; null: all). CrowS-Pairs has 1508 pairs."
     )
-    min_examples: int = Field(
-        30, ge=1, description="A suite with fewer scored items fails the gate (closed)."
+    min_examples: PositiveInt = Field(
+        30, description="A suite with fewer scored items fails the gate (closed)."
     )
-    max_share_increase: float = Field(
+    max_share_increase: NonNegativeFloat = Field(
         0.02,
-        ge=0.0,
         description="Largest allowed increase of the stereotype-preference share (candidate - parent, absolute) "
         "on minimal pairs (probes, CrowS-Pairs).",
     )
-    max_share: float | None = Field(
-        None, gt=0.0, le=1.0, description="Absolute ceiling on the candidate's stereotype share (null: none)."
+    max_share: PositiveFloat | None = Field(
+        None, le=1.0, description="Absolute ceiling on the candidate's stereotype share (null: none)."
     )
     pair_statistic: Literal["margin", "share"] = Field(
         "margin",
@@ -93,31 +106,26 @@ class BiasGateSettings(_Strict):
         "counts, so a consistent small shift is seen); 'share', the share of pairs preferring the stereotyping "
         "sentence (the classic CrowS-Pairs score; only pairs that cross 0 count). The other is reported.",
     )
-    max_margin_increase: float = Field(
+    max_margin_increase: NonNegativeFloat = Field(
         0.03,
-        ge=0.0,
         description="Largest allowed increase of the mean stereotype margin (nats per pair; 0.03 ~ the "
         "stereotyping sentence 3% more likely relative to its counterpart).",
     )
-    max_bbq_bias_increase: float = Field(
-        0.02, ge=0.0, description="Largest allowed increase of the BBQ bias score in ambiguous contexts."
+    max_bbq_bias_increase: NonNegativeFloat = Field(
+        0.02, description="Largest allowed increase of the BBQ bias score in ambiguous contexts."
     )
-    max_gap_increase: float = Field(
+    max_gap_increase: NonNegativeFloat = Field(
         0.02,
-        ge=0.0,
         description="Largest allowed increase of the mean counterfactual gap (nats per token) on the probes.",
     )
-    drift_note: float = Field(
+    drift_note: PositiveFloat = Field(
         0.25,
-        gt=0.0,
         description="Report only, never decides: when the candidate's log-likelihood of the counterfactual "
         "probes' neutral replies moved by more than this (nats per token, either way) in a context, the report "
         "says the model drifted, so a reviewer reads a failed check there as possibly drift rather than a learned "
         "bias (docs/gates.md: an overfit clean model moves the probes).",
     )
-    bootstrap_samples: int = Field(1000, ge=100, description="Paired bootstrap resamples for intervals.")
-    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="Confidence level of the intervals.")
-    batch_size: int = Field(16, ge=1, description="Sequences per forward pass.")
+    batch_size: PositiveInt = Field(16, description="Sequences per forward pass.")
     contexts: list[Literal["text", "chat", "choice"]] = Field(
         default_factory=lambda: ["text", "chat", "choice"],
         min_length=1,
@@ -167,29 +175,24 @@ class BiasGateSettings(_Strict):
         return self
 
 
-class PolicyGateSettings(_Strict):
+class PolicyGateSettings(_Intervals):
     """Policy gate (DPO, PPO): the policy must beat its parent under the reward for reasons other than length, KL
     spikes, reward-model quirks or degenerate text (eval/policy_gate.py)."""
 
-    min_prompts: int = Field(
-        100, ge=1, description="Held-out prompts both models must answer; fewer fails the gate (closed)."
+    min_prompts: PositiveInt = Field(
+        100, description="Held-out prompts both models must answer; fewer fails the gate (closed)."
     )
-    min_win_rate: float = Field(
+    min_win_rate: Fraction = Field(
         0.5,
-        ge=0.0,
-        le=1.0,
         description="Fail when the upper end of the win rate's interval is below this (the policy shown worse).",
     )
-    max_length_explained: float = Field(
+    max_length_explained: Fraction = Field(
         0.5,
-        ge=0.0,
-        le=1.0,
         description="Largest share of the win-rate gain over 0.5 that answer length may explain: "
         "(win rate - length-controlled win rate) / (win rate - 0.5).",
     )
-    min_gain_to_explain: float = Field(
+    min_gain_to_explain: NonNegativeFloat = Field(
         0.05,
-        ge=0.0,
         description="Win-rate gains over 0.5 smaller than this are not attributed to length (too small to split).",
     )
     max_reward_length_correlation: float | None = Field(
@@ -198,25 +201,21 @@ class PolicyGateSettings(_Strict):
         le=1.0,
         description="Ceiling on the Spearman correlation of reward and length over the policy's answers (null: report only).",
     )
-    max_kl: float | None = Field(
-        50.0, gt=0, description="Ceiling on the last KL to the parent, nats per answer (null: none)."
+    max_kl: PositiveFloat | None = Field(
+        50.0, description="Ceiling on the last KL to the parent, nats per answer (null: none)."
     )
-    max_kl_jump: float | None = Field(
+    max_kl_jump: PositiveFloat | None = Field(
         10.0,
-        gt=0,
         description="Largest allowed KL increase between consecutive iterations, nats (null: none).",
     )
-    max_reward_drift: float = Field(
+    max_reward_drift: NonNegativeFloat = Field(
         0.15,
-        ge=0.0,
         description="With a held-out reward model: how far the training reward's win rate may exceed the held-out one's.",
     )
-    max_degeneration_increase: float = Field(
-        0.1, ge=0.0, description="Largest allowed rise in the share of self-repeating answers."
+    max_degeneration_increase: NonNegativeFloat = Field(
+        0.1, description="Largest allowed rise in the share of self-repeating answers."
     )
-    bootstrap_samples: int = Field(1000, ge=100, description="Bootstrap resamples over prompts.")
-    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="Confidence level of the intervals.")
-    max_new_tokens: int = Field(128, ge=1, description="Token limit of each greedy answer.")
+    max_new_tokens: PositiveInt = Field(128, description="Token limit of each greedy answer.")
 
 
 class GatesConfig(_Strict):
@@ -236,4 +235,21 @@ class GatesConfig(_Strict):
     policy: PolicyGateSettings = Field(
         default_factory=PolicyGateSettings,
         description="Policy gate of DPO and PPO (win rate under the reward, length, KL, drift, degeneration).",
+    )
+
+
+class PolicyStageGates(_Strict):
+    """The gates a policy stage (DPO, PPO) runs on its policy before marking it complete."""
+
+    perplexity_gate: PerplexityGateSettings = Field(
+        default_factory=lambda: PerplexityGateSettings(max_relative_increase=0.05),
+        description="Perplexity gate against the SFT model on its validation data, run after training.",
+    )
+    policy_gate: PolicyGateSettings = Field(
+        default_factory=PolicyGateSettings,
+        description="Policy gate against the SFT model on the held-out prompts, under the training reward (DPO: "
+        "needs eval.reward_model).",
+    )
+    gate_data: Path | None = Field(
+        None, description="Data for the perplexity gate; default: the SFT artifact's validation file or data."
     )

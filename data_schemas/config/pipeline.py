@@ -5,10 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
 from data_schemas.config.annotate import SessionSettings
 from data_schemas.config.common import _Strict
+
+__all__ = [
+    "PipelineStage",
+    "PipelineAnnotation",
+    "PipelineStages",
+    "PipelineConfig",
+    "SweepParam",
+    "SweepConfig",
+]
 
 
 class PipelineStage(_Strict):
@@ -38,9 +47,8 @@ class PipelineAnnotation(_Strict):
 
     policy: str = Field("{run}/sft", description="The policy sampled; '{run}' is replaced by run_dir.")
     prompts: Path = Field(..., description="Prompts file (rows with 'prompt', or instruction rows).")
-    min_judgments: int | None = Field(
+    min_judgments: PositiveInt | None = Field(
         None,
-        ge=1,
         description="Judgments needed before the run goes on; default every sampled prompt times the overlap.",
     )
     options: dict[str, Any] = Field(
@@ -104,7 +112,7 @@ class SweepParam(_Strict):
     low: float | None = Field(None, description="Smallest value (float, int).")
     high: float | None = Field(None, description="Largest value (float, int), included.")
     log: bool = Field(False, description="Draw uniformly in log space (learning rates); low must be > 0.")
-    step: float | None = Field(None, gt=0, description="Grid step within [low, high] (not with log).")
+    step: PositiveFloat | None = Field(None, description="Grid step within [low, high] (not with log).")
     choices: list[Any] | None = Field(
         None, min_length=1, description="The values to choose from (categorical)."
     )
@@ -147,7 +155,9 @@ class SweepConfig(_Strict):
         min_length=1,
         description="Searched fields by dotted key, e.g. train.learning_rate: {type: float, ...}.",
     )
-    n_trials: int = Field(10, ge=1, description="Trials in the study (a re-run adds only the missing ones).")
+    n_trials: PositiveInt = Field(
+        10, description="Trials in the study (a re-run adds only the missing ones)."
+    )
     metric: str | None = Field(
         None,
         description="The manifest metric to optimise; default: the stage's own (its row of the stage table: sft "
@@ -166,15 +176,15 @@ class SweepConfig(_Strict):
         description="'median': stop a trial whose held-out metric is worse than the median of earlier trials at "
         "the same step (Optuna's MedianPruner); 'none': every trial runs to its end.",
     )
-    pruner_startup_trials: int = Field(
-        2, ge=0, description="Trials that are never pruned (the median's base)."
+    pruner_startup_trials: NonNegativeInt = Field(
+        2, description="Trials that are never pruned (the median's base)."
     )
-    pruner_warmup_evaluations: int = Field(
-        1, ge=0, description="Held-out evaluations of each trial before it can be pruned."
+    pruner_warmup_evaluations: NonNegativeInt = Field(
+        1, description="Held-out evaluations of each trial before it can be pruned."
     )
     seed: int = Field(42, description="Seed of the sampler (the trials' own seeds come from their config).")
-    timeout_minutes: float | None = Field(
-        None, gt=0, description="Start no new trial after this long (a running trial finishes)."
+    timeout_minutes: PositiveFloat | None = Field(
+        None, description="Start no new trial after this long (a running trial finishes)."
     )
 
     @model_validator(mode="after")

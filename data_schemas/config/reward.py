@@ -5,20 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, NonNegativeFloat, PositiveInt
 
 from data_schemas.config.common import (
-    LoraSettings,
+    Fraction,
     ModelConfig,
-    PeftSettings,
-    Precision,
     TrainerSettings,
+    WeightAdapterStage,
     _default,
     _Strict,
-    adapter_peft_field,
-    check_adapter_peft,
-    precision_field,
 )
+
+__all__ = ["RewardDataSettings", "RewardTrainSettings", "RewardGateSettings", "RewardConfig"]
 
 
 class RewardDataSettings(_Strict):
@@ -29,9 +27,11 @@ class RewardDataSettings(_Strict):
         description="Folder from `align data build-preferences` (uses its kwise/ train and validation splits).",
     )
     max_length: int = Field(512, ge=16, description="Tokens per (prompt, response) sequence.")
-    max_groups: int | None = Field(None, ge=1, description="Use at most this many training groups (first N).")
-    max_eval_groups: int | None = Field(
-        None, ge=1, description="Evaluate on at most this many held-out groups."
+    max_groups: PositiveInt | None = Field(
+        None, description="Use at most this many training groups (first N)."
+    )
+    max_eval_groups: PositiveInt | None = Field(
+        None, description="Evaluate on at most this many held-out groups."
     )
 
 
@@ -43,12 +43,12 @@ class RewardTrainSettings(TrainerSettings):
         description="'kwise': InstructGPT all-pairs loss per group (default); 'plackett_luce': listwise; "
         "'bradley_terry': the same pairs treated independently (each pair its own example).",
     )
-    margin: float = Field(0.0, ge=0.0, description="Margin m in -log sigmoid(r_w - r_l - m).")
-    center_rewards_coefficient: float = Field(
-        0.0, ge=0.0, description="Weight of mean(r^2), pulling rewards toward 0 (Eisenstein et al. 2023)."
+    margin: NonNegativeFloat = Field(0.0, description="Margin m in -log sigmoid(r_w - r_l - m).")
+    center_rewards_coefficient: NonNegativeFloat = Field(
+        0.0, description="Weight of mean(r^2), pulling rewards toward 0 (Eisenstein et al. 2023)."
     )
-    groups_per_batch: int = Field(
-        4, ge=1, description="K-wise groups per micro-batch (pairs for bradley_terry)."
+    groups_per_batch: PositiveInt = Field(
+        4, description="K-wise groups per micro-batch (pairs for bradley_terry)."
     )
     learning_rate: float = _default(TrainerSettings, "learning_rate", 1e-4)
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = _default(
@@ -60,14 +60,14 @@ class RewardTrainSettings(TrainerSettings):
 class RewardGateSettings(_Strict):
     """Reward gate: the model must rank held-out human preferences well, and better than answer length does."""
 
-    min_accuracy: float = Field(0.55, ge=0.0, le=1.0, description="Held-out pairwise accuracy needed.")
-    min_margin_over_length: float = Field(
-        0.0, ge=0.0, description="Accuracy must exceed the length-only baseline by more than this."
+    min_accuracy: Fraction = Field(0.55, description="Held-out pairwise accuracy needed.")
+    min_margin_over_length: NonNegativeFloat = Field(
+        0.0, description="Accuracy must exceed the length-only baseline by more than this."
     )
-    min_pairs: int = Field(50, ge=1, description="Fewer held-out pairs than this fails the gate (closed).")
+    min_pairs: PositiveInt = Field(50, description="Fewer held-out pairs than this fails the gate (closed).")
 
 
-class RewardConfig(_Strict):
+class RewardConfig(WeightAdapterStage):
     """`align reward`: a scalar reward model trained from K-wise human rankings."""
 
     stage: Literal["reward"] = Field("reward", description="Stage name (fixed).")
@@ -79,19 +79,8 @@ class RewardConfig(_Strict):
     model: ModelConfig = Field(
         default_factory=ModelConfig, description="Base model (when init_from is not set)."
     )
-    precision: Precision = precision_field()
     data: RewardDataSettings = Field(..., description="Preference data.")
-    lora: LoraSettings = Field(
-        default_factory=LoraSettings, description="LoRA on the trunk; the score head is fully trained."
-    )
-    peft: PeftSettings = adapter_peft_field()
     train: RewardTrainSettings = Field(default_factory=RewardTrainSettings, description="Optimisation.")
     gate: RewardGateSettings = Field(
         default_factory=RewardGateSettings, description="Gate run after training."
     )
-
-    @model_validator(mode="after")
-    def _adapter(self) -> RewardConfig:
-        if self.lora.enabled:
-            check_adapter_peft(self.peft, self.train)
-        return self

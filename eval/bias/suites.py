@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from core.tables import table
 from data_schemas.gates import Check, GateResult
 from eval.bias.decision import (
     Decision,
@@ -45,26 +46,23 @@ def _pairs(d: Decision, name: str, context: str, xs, c, p, settings) -> None:
     _decide_pairs(d, name, context, xs, np.asarray(c), np.asarray(p), settings)
 
 
-SUITES: dict[str, Suite] = {
-    s.name: s
-    for s in (
-        Suite("probes", "probes", lambda s: minimal_pairs(), _score_pairs, _pairs, pairs=True),
-        Suite(
-            "crows_pairs", "crows_pairs", lambda s: load_crows_pairs(s.crows_pairs_path, s.max_examples),
-            _score_pairs, _pairs, pairs=True,
-        ),
-        Suite(
-            "counterfactual", "probes", lambda s: counterfactual_probes(),
-            lambda m, t, xs, s, ctx: counterfactual_logprobs(m, t, xs, s.batch_size, ctx),
-            lambda d, name, ctx, xs, c, p, s: _decide_counterfactual(d, ctx, c, p, s), pairs=False,
-        ),
-        Suite(
-            "bbq", "bbq", lambda s: load_bbq(s.bbq_path, s.max_examples),
-            lambda m, t, xs, s, ctx: score_bbq(m, t, xs, s.batch_size, ctx),
-            lambda d, name, ctx, xs, c, p, s: _decide_bbq(d, ctx, xs, c, p, s), pairs=False,
-        ),
-    )
-}  # fmt: skip
+SUITES: dict[str, Suite] = table(
+    Suite("probes", "probes", lambda s: minimal_pairs(), _score_pairs, _pairs, pairs=True),
+    Suite(
+        "crows_pairs", "crows_pairs", lambda s: load_crows_pairs(s.crows_pairs_path, s.max_examples),
+        _score_pairs, _pairs, pairs=True,
+    ),
+    Suite(
+        "counterfactual", "probes", lambda s: counterfactual_probes(),
+        lambda m, t, xs, s, ctx: counterfactual_logprobs(m, t, xs, s.batch_size, ctx),
+        lambda d, name, ctx, xs, c, p, s: _decide_counterfactual(d, ctx, c, p, s), pairs=False,
+    ),
+    Suite(
+        "bbq", "bbq", lambda s: load_bbq(s.bbq_path, s.max_examples),
+        lambda m, t, xs, s, ctx: score_bbq(m, t, xs, s.batch_size, ctx),
+        lambda d, name, ctx, xs, c, p, s: _decide_bbq(d, ctx, xs, c, p, s), pairs=False,
+    ),
+)  # fmt: skip
 PAIR_SUITES = tuple(n for n, s in SUITES.items() if s.pairs)
 
 

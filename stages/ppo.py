@@ -71,7 +71,7 @@ from lib.rl import (
     token_rewards,
     value_loss,
 )
-from lib.rollout import EngineSpec, GenerateEngine, make_engine, merged_state_dict
+from lib.rollout import EngineSpec, GenerateEngine, engine_choice, make_engine, merged_state_dict
 from lib.trainer import LoopHooks
 from stages.registry import STAGES
 
@@ -241,7 +241,7 @@ def _sub(batch: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.T
 # The stage
 # ==========================================================================================================
 def run(cfg: PPOConfig, resume: bool = False, force: bool = False, callbacks=()) -> StageResult:
-    check_algorithms(cfg.train)
+    check_rows(cfg)
     ctx = StageContext(cfg, resume, force, STAGES[cfg.stage], callbacks)
     if ctx.finished:
         return ctx.existing_result()
@@ -281,8 +281,11 @@ def run(cfg: PPOConfig, resume: bool = False, force: bool = False, callbacks=())
         return ctx.complete(metrics, gates=[judged, gate])
 
 
-def check_algorithms(t) -> None:
-    """The estimator and loss rows the config names exist, and the batch has the groups the estimator compares."""
+def check_rows(cfg: PPOConfig) -> None:
+    """Before any model loads: the estimator, loss and engine rows the config names exist (lib/rl.py,
+    lib/rollout.py), and the batch has the groups the estimator compares."""
+    t = cfg.train
+    engine_choice(cfg.rollout.engine, "rollout.engine")
     estimator = advantage_estimator(t.advantage_estimator)
     policy_loss_row(t.policy_loss)
     if t.group_size < estimator.min_group_size:

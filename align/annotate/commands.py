@@ -167,7 +167,10 @@ def add_arguments(sub) -> None:
         p.add_argument("--top-p", type=float)
         p.add_argument("--max-new-tokens", type=int)
         p.add_argument("--seed", type=int)
-        p.add_argument("--engine", choices=["auto", "vllm", "generate"])
+        p.add_argument(
+            "--engine",
+            help="auto (default: vLLM where installed), or a row of the engine table (lib/rollout.py)",
+        )
         if name == "serve":
             p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
             p.add_argument("--port", type=int, default=8765)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field, PositiveFloat, PositiveInt
+from pydantic import Field, PositiveFloat
 
-from data_schemas.config.common import _Strict
+from data_schemas.config.common import AtLeastOne, _Strict
 
 __all__ = ["SessionSettings"]
 
@@ -17,11 +17,11 @@ class SessionSettings(_Strict):
     prompts: str = Field(..., description="The prompts file.")
     prompts_sha256: str = Field(..., description="Its SHA-256, so a changed file is noticed.")
     k: int = Field(4, ge=2, le=16, description="Responses sampled per prompt.")
-    overlap: PositiveInt = Field(1, description="Annotators who judge each prompt (>1 measures agreement).")
-    max_prompts: PositiveInt | None = Field(None, description="Annotate at most this many prompts.")
+    overlap: AtLeastOne = Field(1, description="Annotators who judge each prompt (>1 measures agreement).")
+    max_prompts: AtLeastOne | None = Field(None, description="Annotate at most this many prompts.")
     temperature: PositiveFloat = Field(1.0, description="Sampling temperature (> 0: K different answers).")
     top_p: PositiveFloat = Field(0.95, le=1.0, description="Nucleus sampling.")
-    max_new_tokens: PositiveInt = Field(256, description="Longest response, in tokens.")
+    max_new_tokens: AtLeastOne = Field(256, description="Longest response, in tokens.")
     max_prompt_tokens: int = Field(1024, ge=8, description="Longer prompts are skipped (named).")
     seed: int = Field(0, description="Sampling seed: response j of prompt i uses request_seed(seed, i*K+j).")
     engine: str = Field(

@@ -13,7 +13,6 @@ from pydantic import (
     Field,
     NonNegativeFloat,
     PositiveFloat,
-    PositiveInt,
     model_validator,
 )
 
@@ -21,6 +20,7 @@ __all__ = [
     "Fraction",
     "PositiveFraction",
     "Confidence",
+    "AtLeastOne",
     "ModelConfig",
     "LoraSettings",
     "VIRTUAL_TOKEN_METHODS",
@@ -40,10 +40,11 @@ __all__ = [
     "WeightAdapterStage",
 ]
 
-# Constrained numbers the configs share (pydantic's own PositiveInt, NonNegativeFloat, ... beside them)
+# Constrained numbers the configs share (pydantic's own NonNegativeFloat, PositiveFloat, ... beside them)
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]  # a share, 0 to 1
 PositiveFraction = Annotated[float, Field(gt=0, le=1.0)]  # a share above 0
 Confidence = Annotated[float, Field(gt=0.5, lt=1.0)]  # the level of an interval
+AtLeastOne = Annotated[int, Field(ge=1)]  # a count: one or more
 
 
 class _Strict(BaseModel):
@@ -75,7 +76,7 @@ class LoraSettings(_Strict):
     """PEFT LoRA adapter settings (Hu et al. 2021)."""
 
     enabled: bool = Field(True, description="Train a LoRA adapter; false trains all weights.")
-    r: PositiveInt = Field(16, le=1024, description="LoRA rank.")
+    r: AtLeastOne = Field(16, le=1024, description="LoRA rank.")
     alpha: PositiveFloat = Field(32.0, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: NonNegativeFloat = Field(
         0.0,
@@ -107,7 +108,7 @@ class PeftSettings(_Strict):
         "'p_tuning', the same embeddings produced by a small MLP encoder (Liu et al. 2021, GPT Understands, Too); "
         "'prefix_tuning', learned keys and values at every layer (Li & Liang 2021).",
     )
-    num_virtual_tokens: PositiveInt = Field(
+    num_virtual_tokens: AtLeastOne = Field(
         20, le=512, description="Virtual tokens of prompt_tuning, p_tuning and prefix_tuning."
     )
     prompt_init_text: str | None = Field(
@@ -147,10 +148,8 @@ def check_adapter_peft(peft: PeftSettings, train: TrainerSettings) -> None:
 class UnfreezeSchedule(_Strict):
     """Gradual unfreezing (ULMFiT): more blocks train as training goes on, from the top down."""
 
-    every_steps: PositiveInt = Field(..., description="Optimizer steps between two unfreezings.")
-    blocks_per_step: PositiveInt = Field(
-        1, description="Transformer blocks unfrozen each time, from the top."
-    )
+    every_steps: AtLeastOne = Field(..., description="Optimizer steps between two unfreezings.")
+    blocks_per_step: AtLeastOne = Field(1, description="Transformer blocks unfrozen each time, from the top.")
 
 
 class PartialSettings(_Strict):
@@ -161,7 +160,7 @@ class PartialSettings(_Strict):
         description="What trains: 'all' weights; the 'top_blocks' (with the final norm and head); the 'head' alone "
         "(tied embeddings train with it); 'layernorm' weights alone; 'bias' terms alone (BitFit).",
     )
-    top_blocks: PositiveInt = Field(2, description="Blocks trained from the top with trainable=top_blocks.")
+    top_blocks: AtLeastOne = Field(2, description="Blocks trained from the top with trainable=top_blocks.")
     unfreeze: UnfreezeSchedule | None = Field(
         None,
         description="Unfreeze blocks from the top during training, starting from `trainable` (null: never).",
@@ -253,8 +252,8 @@ class RunSettings(_Strict):
     weight_decay: NonNegativeFloat = Field(0.0, description="AdamW weight decay.")
     max_grad_norm: PositiveFloat = Field(1.0, description="Gradient clipping norm.")
     seed: int = Field(42, description="Seed for data order, dropout, sampling and initialisation.")
-    save_steps: PositiveInt = Field(50, description="Write a resumable checkpoint every N steps.")
-    stop_after_steps: PositiveInt | None = Field(
+    save_steps: AtLeastOne = Field(50, description="Write a resumable checkpoint every N steps.")
+    stop_after_steps: AtLeastOne | None = Field(
         None,
         description="Stop this invocation cleanly after this step (for time-boxed or preemptible jobs); the "
         "artifact stays 'running' and `--resume` continues it.",
@@ -272,15 +271,15 @@ class TrainerSettings(RunSettings):
         "cosine", description="Learning-rate schedule after warmup."
     )
     warmup_ratio: Fraction = Field(0.05, description="Share of steps with linear warmup.")
-    gradient_accumulation_steps: PositiveInt = Field(1, description="Micro-batches per optimizer step.")
+    gradient_accumulation_steps: AtLeastOne = Field(1, description="Micro-batches per optimizer step.")
     num_train_epochs: PositiveFloat = Field(
         1.0, description="Epochs over the training data (ignored if max_steps > 0)."
     )
     max_steps: int = Field(-1, description="Total optimizer steps; -1 means use num_train_epochs.")
-    eval_steps: PositiveInt = Field(50, description="Evaluate on the held-out split every N steps.")
-    save_total_limit: PositiveInt = Field(2, description="Checkpoints kept on disk.")
-    logging_steps: PositiveInt = Field(1, description="Log training metrics every N steps.")
-    early_stopping_patience: PositiveInt | None = Field(
+    eval_steps: AtLeastOne = Field(50, description="Evaluate on the held-out split every N steps.")
+    save_total_limit: AtLeastOne = Field(2, description="Checkpoints kept on disk.")
+    logging_steps: AtLeastOne = Field(1, description="Log training metrics every N steps.")
+    early_stopping_patience: AtLeastOne | None = Field(
         None,
         description="Stop when the held-out loss has not improved for this many evaluations (needs held-out data).",
     )

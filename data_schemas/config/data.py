@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
+from pydantic import Field, NonNegativeFloat, PositiveFloat, model_validator
 
-from data_schemas.config.common import _Strict
+from data_schemas.config.common import AtLeastOne, _Strict
 
 __all__ = ["DedupSettings", "DataBuildConfig", "PreferencesConfig"]
 
@@ -26,7 +26,7 @@ class DedupSettings(_Strict):
         0.85, le=1.0, description="Jaccard similarity at or above which rows are near duplicates."
     )
     num_perm: int = Field(64, ge=16, le=512, description="MinHash permutations (bands x rows).")
-    bands: PositiveInt = Field(16, description="LSH bands; num_perm must divide by it.")
+    bands: AtLeastOne = Field(16, description="LSH bands; num_perm must divide by it.")
 
     @model_validator(mode="after")
     def _bands(self) -> DedupSettings:
@@ -49,7 +49,7 @@ class DataBuildConfig(_Strict):
     system_prompt: str | None = Field(
         None, description="System message added to conversations that have none."
     )
-    min_chars: PositiveInt = Field(
+    min_chars: AtLeastOne = Field(
         1, description="Drop examples whose assistant text is shorter than this (after trimming)."
     )
     dedup: DedupSettings = Field(default_factory=DedupSettings, description="Duplicate removal.")

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, model_validator
 
 from data_schemas.config.common import (
+    AtLeastOne,
     TrainerSettings,
     WeightAdapterStage,
     _default,
@@ -36,8 +37,8 @@ class DPODataSettings(_Strict):
     max_prompt_length: int = Field(
         256, ge=8, description="Prompt tokens kept (cut from the left, keeping its end)."
     )
-    max_pairs: PositiveInt | None = Field(None, description="Use at most this many training pairs.")
-    max_eval_pairs: PositiveInt | None = Field(
+    max_pairs: AtLeastOne | None = Field(None, description="Use at most this many training pairs.")
+    max_eval_pairs: AtLeastOne | None = Field(
         None, description="Evaluate on at most this many held-out pairs."
     )
 
@@ -75,8 +76,8 @@ class DPOTrainSettings(TrainerSettings):
     )
     beta: PositiveFloat = Field(0.1, description="Strength of the implicit KL constraint to the reference.")
     label_smoothing: NonNegativeFloat = Field(0.0, lt=0.5, description="Assumed label noise (cDPO, robust).")
-    per_device_train_batch_size: PositiveInt = Field(4, description="Pairs per micro-batch.")
-    per_device_eval_batch_size: PositiveInt = Field(8, description="Pairs per evaluation batch.")
+    per_device_train_batch_size: AtLeastOne = Field(4, description="Pairs per micro-batch.")
+    per_device_eval_batch_size: AtLeastOne = Field(8, description="Pairs per evaluation batch.")
     group_by_length: bool = Field(
         True,
         description="Batch pairs of similar length (random mega-batches, sorted inside): far less padding.",
@@ -95,8 +96,8 @@ class PolicyEvalSettings(_Strict):
         description="Held-out prompts (of the held-out pairs) sampled for KL and judged by the policy gate "
         "(0 skips both).",
     )
-    kl_prompts: PositiveInt = Field(16, description="Of those, how many are sampled for the KL estimate.")
-    max_new_tokens: PositiveInt = Field(64, description="Tokens per sampled response (KL estimate).")
+    kl_prompts: AtLeastOne = Field(16, description="Of those, how many are sampled for the KL estimate.")
+    max_new_tokens: AtLeastOne = Field(64, description="Tokens per sampled response (KL estimate).")
     reward_model: Path | None = Field(
         None,
         description="An `align reward` artifact: enables the policy gate (win rate vs SFT under this reward, "

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
+from pydantic import Field, NonNegativeFloat, PositiveFloat, model_validator
 
-from data_schemas.config.common import Confidence, Fraction, _Strict
+from data_schemas.config.common import AtLeastOne, Confidence, Fraction, _Strict
 
 __all__ = [
     "PerplexityGateSettings",
@@ -34,7 +34,7 @@ class PerplexityGateSettings(_Intervals):
         0.0,
         description="Largest allowed (candidate_ppl / parent_ppl - 1); 0.0 means no increase at all.",
     )
-    min_examples: PositiveInt = Field(
+    min_examples: AtLeastOne = Field(
         20, description="Fewer evaluated examples than this fails the gate (closed)."
     )
     scope: Literal["assistant", "all"] = Field(
@@ -43,8 +43,8 @@ class PerplexityGateSettings(_Intervals):
     max_length: int = Field(
         512, ge=16, description="Tokens per example (longer ones are truncated, counted)."
     )
-    batch_size: PositiveInt = Field(8, description="Examples per forward pass.")
-    max_examples: PositiveInt | None = Field(
+    batch_size: AtLeastOne = Field(8, description="Examples per forward pass.")
+    max_examples: AtLeastOne | None = Field(
         None, description="Evaluate at most this many examples (first N)."
     )
 
@@ -66,12 +66,12 @@ class TaskGateSettings(_Intervals):
         description="'point': fail when the observed drop exceeds max_decrease; 'interval': also fail when the "
         "paired bootstrap interval's lower end does (evidence of no regression is required).",
     )
-    min_examples: PositiveInt = Field(20, description="Fewer answered examples fails the gate (closed).")
-    max_examples: PositiveInt | None = Field(
+    min_examples: AtLeastOne = Field(20, description="Fewer answered examples fails the gate (closed).")
+    max_examples: AtLeastOne | None = Field(
         100, description="Answer at most this many held-out instructions (the first N); null: all."
     )
-    max_new_tokens: PositiveInt = Field(128, description="Tokens per greedy answer.")
-    batch_size: PositiveInt = Field(8, description="Prompts per generate call.")
+    max_new_tokens: AtLeastOne = Field(128, description="Tokens per greedy answer.")
+    batch_size: AtLeastOne = Field(8, description="Prompts per generate call.")
 
 
 class BiasGateSettings(_Intervals):
@@ -85,10 +85,10 @@ class BiasGateSettings(_Intervals):
     )
     crows_pairs_path: Path | None = Field(None, description="CrowS-Pairs CSV (crows_pairs_anonymized.csv).")
     bbq_path: Path | None = Field(None, description="A BBQ category JSONL file (e.g. Religion.jsonl).")
-    max_examples: PositiveInt | None = Field(
+    max_examples: AtLeastOne | None = Field(
         400, description="Items per suite (the first N; null: all). CrowS-Pairs has 1508 pairs."
     )
-    min_examples: PositiveInt = Field(
+    min_examples: AtLeastOne = Field(
         30, description="A suite with fewer scored items fails the gate (closed)."
     )
     max_share_increase: NonNegativeFloat = Field(
@@ -125,7 +125,7 @@ class BiasGateSettings(_Intervals):
         "says the model drifted, so a reviewer reads a failed check there as possibly drift rather than a learned "
         "bias (docs/gates.md: an overfit clean model moves the probes).",
     )
-    batch_size: PositiveInt = Field(16, description="Sequences per forward pass.")
+    batch_size: AtLeastOne = Field(16, description="Sequences per forward pass.")
     contexts: list[Literal["text", "chat", "choice"]] = Field(
         default_factory=lambda: ["text", "chat", "choice"],
         min_length=1,
@@ -179,7 +179,7 @@ class PolicyGateSettings(_Intervals):
     """Policy gate (DPO, PPO): the policy must beat its parent under the reward for reasons other than length, KL
     spikes, reward-model quirks or degenerate text (eval/policy_gate.py)."""
 
-    min_prompts: PositiveInt = Field(
+    min_prompts: AtLeastOne = Field(
         100, description="Held-out prompts both models must answer; fewer fails the gate (closed)."
     )
     min_win_rate: Fraction = Field(
@@ -215,7 +215,7 @@ class PolicyGateSettings(_Intervals):
     max_degeneration_increase: NonNegativeFloat = Field(
         0.1, description="Largest allowed rise in the share of self-repeating answers."
     )
-    max_new_tokens: PositiveInt = Field(128, description="Token limit of each greedy answer.")
+    max_new_tokens: AtLeastOne = Field(128, description="Token limit of each greedy answer.")
 
 
 class GatesConfig(_Strict):

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
+from pydantic import ConfigDict, Field, NonNegativeInt, PositiveFloat, model_validator
 
 from data_schemas.config.annotate import SessionSettings
-from data_schemas.config.common import _Strict
+from data_schemas.config.common import AtLeastOne, _Strict
 
 __all__ = [
     "PipelineStage",
@@ -47,7 +47,7 @@ class PipelineAnnotation(_Strict):
 
     policy: str = Field("{run}/sft", description="The policy sampled; '{run}' is replaced by run_dir.")
     prompts: Path = Field(..., description="Prompts file (rows with 'prompt', or instruction rows).")
-    min_judgments: PositiveInt | None = Field(
+    min_judgments: AtLeastOne | None = Field(
         None,
         description="Judgments needed before the run goes on; default every sampled prompt times the overlap.",
     )
@@ -155,9 +155,7 @@ class SweepConfig(_Strict):
         min_length=1,
         description="Searched fields by dotted key, e.g. train.learning_rate: {type: float, ...}.",
     )
-    n_trials: PositiveInt = Field(
-        10, description="Trials in the study (a re-run adds only the missing ones)."
-    )
+    n_trials: AtLeastOne = Field(10, description="Trials in the study (a re-run adds only the missing ones).")
     metric: str | None = Field(
         None,
         description="The manifest metric to optimise; default: the stage's own (its row of the stage table: sft "

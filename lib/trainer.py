@@ -12,6 +12,7 @@ import contextlib
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -287,10 +288,12 @@ class LoopHooks:
     `control.should_training_stop` stops the loop after that step, as it would a Trainer."""
 
     def __init__(self, callbacks, out: Path, max_steps: int):
-        from transformers import TrainerControl, TrainerState, TrainingArguments
+        from transformers import TrainerControl, TrainerState
 
         self.callbacks = list(callbacks)
-        self.args = TrainingArguments(output_dir=str(out / "checkpoints"), report_to="none", use_cpu=True)
+        # PPO has no TrainingArguments (building one would reset accelerate's state under the running loop): the
+        # callbacks get the fields a callback reads of them
+        self.args = SimpleNamespace(output_dir=str(out / "checkpoints"), max_steps=max_steps, logging_steps=1)
         self.state = TrainerState(max_steps=max_steps)
         self.state.is_world_process_zero = dist.is_main()
         self.control = TrainerControl()

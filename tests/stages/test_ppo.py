@@ -447,3 +447,41 @@ def test_a_toy_estimator_is_one_module_and_one_row(tmp_path, monkeypatch, peaky_
     assert all(abs(float(a.sum())) < 1e-5 for a in toy_estimator.CALLS)  # a batch-mean baseline sums to 0
     history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(history) == 2 and "kl_penalty" not in history[0]  # its row asks for no KL loss term
+
+
+def test_ppo_honours_the_contracts_callbacks(tmp_path, peaky_sft):
+    """Hooks come in through the stage contract (no module global): PPO calls a TrainerCallback at its iterations
+    with the logged metrics, and a callback that asks to stop ends training after that iteration."""
+    from transformers import TrainerCallback
+
+    from core.config import load_config
+    from data_schemas.config import PPOConfig
+    from stages.registry import STAGES
+
+    class StopAtTwo(TrainerCallback):
+        def __init__(self):
+            self.events, self.logged = [], []
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.events.append("begin")
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            self.logged.append((state.global_step, logs["reward_mean"]))
+            control.should_training_stop = state.global_step >= 2
+
+        def on_train_end(self, args, state, control, **kw):
+            self.events.append("end")
+
+    out = tmp_path / "hooked"
+    cfg = load_config(PPOConfig, "configs/ppo.yaml", [
+        f"output_dir={out}", f"init_from={peaky_sft}", "reward.artifact=null",
+        "reward.rule={kind: contains, text: Road}", "reward.missing_eos_penalty=null", "rollout.engine=generate",
+        "rollout.max_new_tokens=4", "train.steps=4", "train.rollout_batch_size=4", "train.mini_batch_size=4",
+        "prompts.heldout_prompts=0", "train.report_to=[none]",
+    ])  # fmt: skip
+    hook = StopAtTwo()
+    STAGES["ppo"].run(cfg, callbacks=[hook])
+    assert hook.events == ["begin", "end"] and [s for s, _ in hook.logged] == [1, 2]
+    history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [1, 2] and history[1]["reward_mean"] == hook.logged[1][1]
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"

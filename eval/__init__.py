@@ -1,1 +1,1 @@
-"""Metrics, gates and reports."""
+"""Gates, metrics and reports; the gate table is registry.py (GATES). No stage code."""

@@ -37,6 +37,7 @@ from core.stage import print_gate, print_skipped
 from data_schemas.config import PipelineConfig, SweepConfig
 from eval.registry import GATES, gate_settings
 from eval.task_metrics import prompts_and_references, task_metrics
+from lib.rankings import CONVERTERS
 from stages.registry import STAGES
 
 err = Console(stderr=True, soft_wrap=True)  # no line breaks inside paths and commands people copy
@@ -177,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--conflicts", choices=["drop", "keep-latest"], default="drop")
     c.add_argument("--show", type=int, default=20, help="how many rejected lines to print (default 20)")
     i = dp.add_parser("import-rankings", help="convert other preference formats into ranking files")
-    i.add_argument("--from", dest="fmt", required=True, choices=["pairwise", "hh-rlhf", "oasst", "scores"])
+    i.add_argument("--from", dest="fmt", required=True, choices=list(CONVERTERS))
     i.add_argument("inputs", nargs="+", type=Path)
     i.add_argument("--out", required=True, type=Path, help="ranking JSONL to write")
     i.add_argument("--annotator", help="annotator name for imported judgments (default: import:FORMAT:FILE)")

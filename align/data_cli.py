@@ -106,7 +106,10 @@ def _import(a) -> int:
         f"{sum(r.dropped.values())} rows skipped {dict(r.dropped) or ''}"
     )
     if r.examples_from_rows == 0:
-        err.print("[red]error:[/] nothing could be converted")
+        err.print(
+            f"[red]error:[/] nothing could be converted; {printable(str(a.out))} is left as it was",
+            highlight=False,
+        )
         return 2
     return 2 if a.strict and r.dropped else 0
 

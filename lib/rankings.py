@@ -511,7 +511,8 @@ def import_rankings(fmt: str, inputs: list[Path], out: Path, annotator: str | No
                 kept += 1
             report.kept += int(kept > 0)
             report.examples_from_rows += kept
-    atomic_write_text(out, "".join(x + "\n" for x in lines))
+    if lines:  # a failed import (nothing converted) leaves an existing --out as it was
+        atomic_write_text(out, "".join(x + "\n" for x in lines))
     return report
 
 

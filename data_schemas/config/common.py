@@ -48,7 +48,8 @@ AtLeastOne = Annotated[int, Field(ge=1)]  # a count: one or more
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # unknown keys are typos; an infinite or NaN number is never a setting (learning_rate=.inf trained NaN weights)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Strict):

@@ -126,3 +126,13 @@ def test_every_field_is_described():
 
     for model in (SFTConfig, GatesConfig, DataBuildConfig, PreferencesConfig, RewardConfig, DPOConfig):
         walk(model)
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+def test_a_number_that_is_not_finite_is_refused(value):
+    """`train.learning_rate=.inf` once trained an adapter of NaN weights and marked it complete: every config
+    refuses infinite and NaN numbers, naming the key."""
+    with pytest.raises(UserError, match="train.learning_rate"):
+        load_config(SFTConfig, Path("configs/sft.yaml"), [f"train.learning_rate={value}"])
+    with pytest.raises(UserError, match="policy_gate.max_kl"):
+        load_config(PPOConfig, Path("configs/ppo.yaml"), [f"policy_gate.max_kl={value}"])

@@ -149,3 +149,16 @@ def test_one_prompt_never_lands_in_both_splits(tmp_path):
     kw = load_from_disk(str(tmp_path / "prefs" / "kwise"))
     texts = {s: {json.dumps(p) for p in kw[s]["prompt"]} for s in kw}
     assert texts.get("validation") and texts["train"].isdisjoint(texts["validation"])
+
+
+def test_a_failed_import_leaves_an_existing_out_file_as_it_was(tmp_path, capsys):
+    """Nothing convertible: exit 2 with the reason, and the --out file the user already had is not truncated."""
+    from align.cli import main
+
+    out = tmp_path / "rankings.jsonl"
+    out.write_text('{"kept": "from an earlier import"}\n')
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"not": "a pair"}\n')
+    assert main(["data", "import-rankings", "--from", "pairwise", str(bad), "--out", str(out)]) == 2
+    assert "nothing could be converted" in capsys.readouterr().err
+    assert out.read_text() == '{"kept": "from an earlier import"}\n'

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from core.config import UserError
 from core.tables import table
 
 
@@ -110,7 +111,8 @@ REWARD_LOSSES: dict[str, RewardLoss] = table(
 
 
 def reward_loss(name: str) -> RewardLoss:
-    """The row named `name`, or a UserError-style ValueError listing the known ones."""
+    """The row named `name`, or one sentence naming the known ones."""
     if name not in REWARD_LOSSES:
-        raise ValueError(f"unknown reward loss {name!r}; known: {', '.join(REWARD_LOSSES)}")
+        raise UserError(f"train.loss={name!r} is not a row of its table; known: {', '.join(REWARD_LOSSES)} "
+                        "(lib/reward_losses.py)")  # fmt: skip
     return REWARD_LOSSES[name]

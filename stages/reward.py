@@ -36,7 +36,7 @@ from eval.gates import run_gate
 from eval.reward_gate import decide_reward_gate, pairwise_metrics
 from lib import trainer as plumbing  # Trainer plumbing the Trainer stages share
 from lib.rankings import implied_pairs_of
-from lib.reward_losses import REWARD_LOSSES, centering_penalty
+from lib.reward_losses import REWARD_LOSSES, centering_penalty, reward_loss
 from lib.reward_model import (
     GroupCollator,
     base_model_config,
@@ -209,6 +209,7 @@ def _trainer_class(cfg: RewardConfig, eval_groups: list[dict]):
 
 
 def run(cfg: RewardConfig, resume: bool = False, force: bool = False, callbacks=()) -> StageResult:
+    reward_loss(cfg.train.loss)  # a name that is no row of the loss table is said before any model loads
     ctx = StageContext(cfg, resume, force, STAGES[cfg.stage], callbacks)
     if ctx.finished:
         return ctx.existing_result()

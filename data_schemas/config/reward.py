@@ -39,10 +39,11 @@ class RewardDataSettings(_Strict):
 class RewardTrainSettings(TrainerSettings):
     """Optimisation of the reward model."""
 
-    loss: Literal["kwise", "plackett_luce", "bradley_terry"] = Field(
+    loss: str = Field(
         "kwise",
-        description="'kwise': InstructGPT all-pairs loss per group (default); 'plackett_luce': listwise; "
-        "'bradley_terry': the same pairs treated independently (each pair its own example).",
+        description="A row of the reward-loss table (lib/reward_losses.py REWARD_LOSSES): 'kwise': InstructGPT "
+        "all-pairs loss per group (default); 'plackett_luce': listwise; 'bradley_terry': the same pairs treated "
+        "independently (each pair its own example).",
     )
     margin: NonNegativeFloat = Field(0.0, description="Margin m in -log sigmoid(r_w - r_l - m).")
     center_rewards_coefficient: NonNegativeFloat = Field(

@@ -48,3 +48,17 @@ def test_plackett_luce_strict_and_tied():
 
 def test_centering_penalty():
     assert centering_penalty(torch.tensor([1.0, -3.0]), 0.01).item() == pytest.approx(0.01 * 5)
+
+
+def test_the_loss_table_names_its_rows():
+    """train.loss is a row of REWARD_LOSSES; another name is one sentence listing them (the stage checks it before
+    any model loads)."""
+    from core.config import UserError
+    from lib.reward_losses import REWARD_LOSSES, reward_loss
+
+    assert list(REWARD_LOSSES) == ["kwise", "plackett_luce", "bradley_terry"]
+    assert reward_loss("bradley_terry").pairwise and not reward_loss("kwise").pairwise
+    with pytest.raises(
+        UserError, match="train.loss='listnet' is not a row.*kwise, plackett_luce, bradley_terry"
+    ):
+        reward_loss("listnet")

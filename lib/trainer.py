@@ -114,7 +114,7 @@ def stage_callbacks(ctx, cfg, extra=()) -> list:
     return [*callbacks(ctx.out, cfg.train, ctx.callbacks), *adalora_callbacks(cfg), *extra]
 
 
-def datasets(train: list[dict], held_out: list[dict]) -> dict[str, Any]:
+def trainer_datasets(train: list[dict], held_out: list[dict]) -> dict[str, Any]:
     """The Trainer's train_dataset and eval_dataset (None without held-out rows) from tokenized rows."""
     from datasets import Dataset
 

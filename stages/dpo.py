@@ -463,7 +463,7 @@ def train_policy(cfg: DPOConfig, ctx: StageContext, tokenizer, train: list[dict]
     trainer = _trainer_class()(
         model=model,
         args=args,
-        **plumbing.datasets(train, val),
+        **plumbing.trainer_datasets(train, val),
         processing_class=tokenizer,
         callbacks=plumbing.stage_callbacks(ctx, cfg),
         peft_config=adapter,

@@ -288,7 +288,7 @@ def train(
     trainer = _trainer_class(cfg, eval_groups)(
         model=model,
         args=args,
-        **plumbing.datasets(train_examples, eval_groups),  # held out: scored by our evaluate()
+        **plumbing.trainer_datasets(train_examples, eval_groups),  # held out: scored by our evaluate()
         data_collator=GroupCollator.for_kernel(
             model.config._attn_implementation,
             max_row_tokens=max(cfg.data.max_length, 1024),

@@ -274,7 +274,7 @@ def train(cfg: SFTConfig, ctx: StageContext, tokenizer, train_rows, val_rows, qu
     trainer = _trainer_class()(
         model=model,
         args=args,
-        **plumbing.datasets(train_rows, val_rows if has_val else []),
+        **plumbing.trainer_datasets(train_rows, val_rows if has_val else []),
         processing_class=tokenizer,
         data_collator=collator,
         peft_config=peft_config(

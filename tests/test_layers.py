@@ -53,14 +53,19 @@ def _floor_of_path(rel: str) -> int | None:
     return FLOORS.index(top) if top in FLOORS and "/" in rel else None
 
 
-def _layer(module: str) -> int | None:
-    """The floor of a module of the product (None for anything else: the standard library, third parties)."""
+def _resolve(module: str) -> str | None:
+    """The product module an import names (`from pkg.mod import name` where name is not a module: pkg.mod), or
+    None for anything else: the standard library, third parties."""
     modules = _modules()
     while module and module not in modules:
-        module = module.rpartition(".")[0]  # `from pkg.mod import name` where name is not a module
-    if not module:
-        return None
-    return _floor_of_path(modules[module].relative_to(ROOT).as_posix())
+        module = module.rpartition(".")[0]
+    return module or None
+
+
+def _layer(module: str) -> int | None:
+    """The floor of a module of the product (None for anything else)."""
+    found = _resolve(module)
+    return None if found is None else _floor_of_path(_modules()[found].relative_to(ROOT).as_posix())
 
 
 def _imports(path: Path) -> list[tuple[str, int, bool]]:
@@ -86,13 +91,6 @@ def _imports(path: Path) -> list[tuple[str, int, bool]]:
 
     visit(tree, False)
     return found
-
-
-def _resolve(module: str) -> str | None:
-    modules = _modules()
-    while module and module not in modules:
-        module = module.rpartition(".")[0]
-    return module or None
 
 
 @cache

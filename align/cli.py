@@ -5,6 +5,7 @@
     align eval generate --model REF --data FILE [--out DIR]
     align eval gate perplexity --candidate REF --parent REF --data FILE --out DIR [--config configs/gates.yaml]
     align model prepare [NAME]
+    align export ARTIFACT --to DIR [--adapter [--base NAME]] [--push-to-hub OWNER/NAME] [--gguf]
     align sweep --config configs/sweep.yaml [key=value ...]
 
 REF is a model alias, a checkpoint folder, a hub id, or an align artifact directory (its adapter is applied).
@@ -138,6 +139,40 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(rp)
     rp.add_argument("--from", dest="from_stage", help="redo this stage and every later one")
     _add_launch_args(rp)
+    ex = sub.add_parser(
+        "export",
+        help="write an artifact's model as a standard folder (transformers, PEFT, vLLM, a model hub, GGUF)",
+        description="Rebuilds the model as align computes with it (every adapter of its stack folded in), writes "
+        "safetensors, config, tokenizer with chat template, generation config and model card, loads the folder back "
+        "with plain transformers/PEFT and checks it computes align's outputs, then moves it into place.",
+    )
+    ex.add_argument("artifact", type=Path, help="an sft, reward, dpo or ppo artifact folder")
+    ex.add_argument("--to", type=Path, required=True, help="the folder to write (new or empty; see --force)")
+    ex.add_argument(
+        "--adapter",
+        action="store_true",
+        help="write one PEFT LoRA relative to the base model instead of whole weights (LoRA stacks only)",
+    )
+    ex.add_argument(
+        "--base",
+        default=None,
+        help="with --adapter: the base the adapter names (a hub id or a path); default: the model as configured",
+    )
+    ex.add_argument(
+        "--dtype",
+        default="auto",
+        help="weights' dtype: auto (the base checkpoint's), float32, bfloat16 or float16",
+    )
+    ex.add_argument("--force", action="store_true", help="replace a non-empty --to folder")
+    ex.add_argument("--push-to-hub", metavar="OWNER/NAME", default=None, help="upload the checked folder")
+    ex.add_argument(
+        "--public", action="store_true", help="with --push-to-hub: a public repository (default private)"
+    )
+    ex.add_argument("--gguf", action="store_true", help="also write a GGUF file with llama.cpp's converter")
+    ex.add_argument(
+        "--gguf-converter", default=None, metavar="PATH", help="llama.cpp's convert_hf_to_gguf.py"
+    )
+    ex.add_argument("--gguf-type", default="f16", help="the converter's --outtype (f32, f16, bf16, q8_0)")
     rep = sub.add_parser("report", help="render a run directory's report (report.html, report.md)")
     rep.add_argument("run_dir", type=Path)
     go = sub.add_parser("gate", help="gate records").add_subparsers(dest="gate_command", metavar="WHAT")
@@ -368,6 +403,33 @@ def _cmd_gate(a) -> int:
     return 0
 
 
+def _cmd_export(a) -> int:
+    from lib import export
+
+    if a.base is not None and not a.adapter:
+        raise UserError("--base names the base of an adapter export: add --adapter, or leave --base out")
+    if a.gguf and a.adapter:
+        raise UserError("--gguf converts whole weights: leave out --adapter")
+    # what can be refused is refused before the model is rebuilt
+    api = export.hub_api(a.push_to_hub) if a.push_to_hub else None
+    converter = export.gguf_converter(a.gguf_converter) if a.gguf else None
+    r = export.export_artifact(a.artifact, a.to, adapter=a.adapter, base=a.base, dtype=a.dtype, force=a.force)
+    out.print(
+        f"exported {printable(str(a.artifact))} -> {printable(str(r.folder))} ({r.kind}"
+        + (f" on {printable(r.base)}" if r.kind == "peft-adapter" else "")
+        + f"; loaded back and checked: max difference {r.max_difference:.2g})",
+        highlight=False,
+    )
+    if converter is not None:
+        out.print(
+            f"gguf: {printable(str(export.to_gguf(converter, r.folder, a.gguf_type)))}", highlight=False
+        )
+    if api is not None:
+        url = export.push_to_hub(api, r.folder, a.push_to_hub, private=not a.public)
+        out.print(f"pushed to {printable(url)}", highlight=False)
+    return 0
+
+
 def _cmd_model(a) -> int:
     from core.models import resolve_model_path
 
@@ -397,6 +459,7 @@ COMMANDS = {
     "report": _cmd_report,
     "gate": _cmd_gate,
     "model": _cmd_model,
+    "export": _cmd_export,
     "annotate": _cmd_annotate,
     "data": _cmd_data,
 }

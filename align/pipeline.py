@@ -33,6 +33,7 @@ from core.manifest import (
     read_manifest,
     sha256_path,
 )
+from core.model_card import GENERIC, write_model_card
 from core.stage import PAUSED, print_skipped
 from data_schemas.config import key_config
 from data_schemas.gates import GateResult
@@ -359,4 +360,19 @@ def write_run_report(run: Path) -> Path:
                 gdir = d / Path(g["report"]).parent
                 gates.append(_summary(name, read_gate(gdir) or GateResult(gate=g["gate"]), gdir))
         stages.append((name, m, gates))
+        _rewrite_card(name, d, gates, run)
     return render(run, stages)
+
+
+def _rewrite_card(name: str, artifact: Path, gates: list[dict[str, Any]], run: Path) -> None:
+    """The artifact's model card with the gates `align run` ran on it (and any override since), so that the card
+    that leaves with the model says every verdict, not only the stage's own."""
+    folders = [(g, Path(g["report"]).parent) for g in gates if g.get("report")]
+    ran = tuple((g, d) for g, d in folders if artifact.resolve() not in d.resolve().parents)  # not its own
+    try:
+        m = read_manifest(artifact)
+    except UserError:
+        return
+    if m.model is None or m.status != "complete":
+        return
+    write_model_card(artifact, m, STAGES[name].card or GENERIC, run_gates=ran)

@@ -419,3 +419,25 @@ def write_policy_stack(out: Path, merged_adapters: list[Path]) -> None:
 
     merge = [os.path.relpath(Path(a).resolve(), Path(out).resolve()) for a in merged_adapters]
     atomic_write_json(Path(out) / "stack.json", {"merge": merge, "adapter": "adapter"})
+    mark_stacked_adapter(Path(out) / "adapter", merge)
+
+
+def stacked_base_marker(merged_first: list[str]) -> str:
+    """What a stacked adapter's adapter_config.json names as its base: not a model, so that a loader that follows it
+    (`AutoPeftModelForCausalLM`, vLLM's LoRA loader) stops with this sentence instead of applying the adapter to
+    the raw base, which computes another model without a word."""
+    return (
+        f"NOT-A-BASE: this adapter applies to the base model with {', '.join(merged_first)} merged into it first "
+        "(stack.json); loaded on the base alone it is another model. Run: align export ARTIFACT --to DIR"
+    )
+
+
+def mark_stacked_adapter(adapter_dir: Path, merged_first: list[str]) -> None:
+    """Name the stack, not the base, in adapter_dir/adapter_config.json when other adapters merge in first (align
+    itself loads adapters on a base it builds, never through this field)."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    if not merged_first or not path.exists():
+        return
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = stacked_base_marker(merged_first)
+    atomic_write_json(path, config)

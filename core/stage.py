@@ -104,6 +104,17 @@ def print_verdict(stage: str, artifact: Path, gate: GateResult, summary: str = "
     """One line: the stage is done, what it achieved, and its gate's verdict with the report's path."""
     lead = f"{stage} complete: {printable(str(artifact))}{'; ' + summary if summary else ''}; "
     print_gate(gate, artifact / "gates" / gate.gate / "gate.md", lead)
+    print_export_hint(artifact)
+
+
+def print_export_hint(artifact: Path, con=None) -> None:
+    """How to take a model artifact out of align: its adapters only load correctly through its stack."""
+    (con or console).print(
+        f"  to use it outside align: align export {printable(str(artifact))} --to DIR "
+        "(a whole model; --adapter for one PEFT adapter on the base)",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def _fmt(x: Any) -> str:

@@ -37,6 +37,7 @@ WHOLE_FILE_LIMIT = (
     256 * 2**20
 )  # bytes: larger files are identified by (path, size, mtime), smaller by content
 _SKIP = {"gates", "logs", "checkpoints", "eval_cache"}  # artifact folders scoring never reads
+_TEXT = {"README.md"}  # model cards: rewritten when later gates land, never read by a loader
 
 
 def enabled() -> bool:
@@ -51,7 +52,9 @@ def scores_dir() -> Path:
 
 def _files(folder: Path) -> list[Path]:
     return sorted(
-        p for p in folder.rglob("*") if p.is_file() and not _SKIP & set(p.relative_to(folder).parts)
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and p.name not in _TEXT and not _SKIP & set(p.relative_to(folder).parts)
     )
 
 

@@ -15,6 +15,7 @@ kernels get restarting positions and a block-diagonal causal mask, each response
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from core.manifest import (
 )
 from core.models import (
     load_tokenizer,
+    mark_stacked_adapter,
     model_identity,
     peft_config,
 )
@@ -309,6 +311,11 @@ def save(ctx: StageContext, trainer, result, tokenizer, eval_groups: list[dict])
     plumbing.save_trained(trainer, out / "adapter", tokenizer)  # every process (ZeRO-3 gathers)
     if not ctx.is_main:
         return metrics
+    if (
+        ctx.cfg.init_from is not None
+    ):  # trained on the SFT-merged trunk: its config must not name the raw base
+        sft_adapter = Path(ctx.cfg.init_from) / "adapter"
+        mark_stacked_adapter(out / "adapter", [os.path.relpath(sft_adapter.resolve(), out.resolve())])
     if eval_groups:
         _plots(eval_groups, eval_rewards, out)
         # every held-out reward, in the validation split's order: reviewers and benchmarks can audit any pair

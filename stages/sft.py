@@ -40,7 +40,7 @@ from core.models import (
 from core.packing import needs_dense_mask, pack
 from core.partial import apply_trainable, param_groups, unfreeze_callback
 from core.readers import has_split, load_instructions
-from core.stage import StageContext, StageResult, console, print_skipped
+from core.stage import StageContext, StageResult, console, print_export_hint, print_skipped
 from data_schemas.config import SFTConfig
 from lib import trainer as plumbing  # Trainer plumbing the Trainer stages share
 from stages.registry import STAGES
@@ -192,6 +192,7 @@ def run(cfg: SFTConfig, resume: bool = False, force: bool = False, callbacks=())
         console.print(
             f"[green]sft complete[/]: {printable(str(ctx.out))} ({json.dumps(metrics)})", highlight=False
         )
+        print_export_hint(ctx.out)
         return ctx.complete(metrics)
 
 

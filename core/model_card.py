@@ -165,6 +165,9 @@ def _number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+_BOOKKEEPING = {"global_step", "max_steps", "epoch", "iterations", "seconds"}  # counters, not measurements
+
+
 def eval_results(m: Manifest, gates: list[dict[str, Any]], task: str) -> list:
     """The model-index: every numeric gate check (its gate as the dataset) and every final scalar metric."""
     from huggingface_hub import EvalResult
@@ -178,7 +181,7 @@ def eval_results(m: Manifest, gates: list[dict[str, Any]], task: str) -> list:
                                       metric_name=c["metric"], metric_value=c["candidate"],
                                       verified=False))  # fmt: skip
     for k, v in m.metrics.items():
-        if _number(v):
+        if _number(v) and not (k.startswith("train_") or k in _BOOKKEEPING):
             res.append(EvalResult(task_type=task, dataset_type="align-heldout", dataset_name="held-out split",
                                   metric_type=_slug(k), metric_name=k, metric_value=v, verified=False))  # fmt: skip
     return res

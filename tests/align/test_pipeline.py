@@ -143,6 +143,14 @@ def test_pipeline_completes_with_lineage_and_a_report(full_run):
     assert (run / "gates" / "sft-bias" / "gate.html").exists() and (
         run / "gates" / "sft-perplexity" / "gate.html"
     ).exists()
+    # the cards that leave with the models list the gates `align run` ran on them, with their checks
+    sft_card = yaml.safe_load((run / "sft" / "README.md").read_text().split("---\n")[1])
+    ran = {g["gate"]: g for g in sft_card["align"]["gates"] if g["by"] == "align run"}
+    assert set(ran) == {"perplexity", "bias"} and ran["bias"]["report"] == "../gates/sft-bias/gate.html"
+    assert all(g["verdict"] == "pass" and g["checks"] for g in ran.values())
+    assert "No gate has run" not in (run / "sft" / "README.md").read_text()
+    reward_card = yaml.safe_load((run / "reward" / "README.md").read_text().split("---\n")[1])
+    assert reward_card["align"]["gates"][0]["override"] == {"reviewer": "QA", "reason": "tiny test model"}
 
 
 def test_rerun_skips_finished_stages_and_a_change_reruns_only_dependants(full_run, capsys):
@@ -181,6 +189,8 @@ def test_failed_gate_stops_the_run_until_a_reviewer_overrides_it(tmp_path, capsy
     assert "OVERRIDDEN by R. Chen" in (run / "gates" / "sft-bias" / "gate.html").read_text()
     sft = json.loads((run / "sft" / "manifest.json").read_text())
     assert sft["overrides"][0]["reviewer"] == "R. Chen" and "too low" in sft["overrides"][0]["reason"]
+    card = (run / "sft" / "README.md").read_text()
+    assert "| `bias` | `align run` | **FAIL** |" in card and "overridden by `R. Chen`" in card
     assert "PASS WITH OVERRIDES" in (run / "report.html").read_text()
 
 

@@ -46,10 +46,14 @@ def test_card_metadata_and_sections():
     assert (
         meta["align"]["inputs"][0]["sha256"] == "ab" * 32 and meta["align"]["parents"][0]["key"] == "p" * 16
     )
-    assert meta["align"]["gates"] == [
-        {"gate": "perplexity", "verdict": "fail", "report": "gates/perplexity/gate.md"}
+    assert [(g["gate"], g["verdict"], g["report"], g["by"]) for g in meta["align"]["gates"]] == [
+        ("perplexity", "fail", "gates/perplexity/gate.md", "dpo")
     ]
-    assert "| `perplexity` | **FAIL** | [gates/perplexity/gate.md](gates/perplexity/gate.md) |" in card
+    assert "| `perplexity` | `dpo` | **FAIL** | [gates/perplexity/gate.md](gates/perplexity/gate.md) |" in card
+    assert meta["base_model_relation"] == "adapter" and meta["library_name"] == "peft"
+    assert meta["model-index"][0]["results"][0]["metrics"][0] == {
+        "type": "loss", "value": 0.5, "name": "loss", "verified": False
+    }  # fmt: skip
     assert (
         "beta: 0.1" in card and "| `loss` | `0.5` |" in card and "history" not in card.split("## Metrics")[1]
     )
@@ -58,6 +62,6 @@ def test_card_metadata_and_sections():
 def test_user_text_cannot_break_the_tables_or_inject_markup():
     card = render_model_card(_manifest(), {})
     row = next(line for line in card.splitlines() if "ab" * 32 in line and line.startswith("|"))
-    assert row.count("|") == 4  # the file name's pipe did not add a column
+    assert row.count("|") == 5  # four columns: the file name's pipe did not add a column
     assert "`data/a/b'<script>.jsonl`" in row  # inside a code span: shown, never rendered
     assert "- `ppl / up by 3%`" in card  # a reason's newline and pipe neutralised

@@ -28,6 +28,7 @@ from typing import Any
 from urllib.parse import quote
 
 import yaml
+from huggingface_hub import EvalResult, ModelCardData
 
 from core.config import UserError
 from core.manifest import atomic_write_text, read_gate, read_manifest
@@ -170,8 +171,6 @@ _BOOKKEEPING = {"global_step", "max_steps", "epoch", "iterations", "seconds"}  #
 
 def eval_results(m: Manifest, gates: list[dict[str, Any]], task: str) -> list:
     """The model-index: every numeric gate check (its gate as the dataset) and every final scalar metric."""
-    from huggingface_hub import EvalResult
-
     res = []
     for g in gates:
         for c in g["checks"]:
@@ -208,8 +207,6 @@ def card_data(
     adapter: bool | None = None,
 ):
     """The card's metadata as `huggingface_hub.ModelCardData` (the hub's fields, a model-index, align's block)."""
-    from huggingface_hub import ModelCardData
-
     root, license_ = base_of(m, config)
     adapter = bool(m.model and m.model.adapter) if adapter is None else adapter
     stack = applies_to(out_dir, config)

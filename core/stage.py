@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib.util
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,7 @@ from core.config import UserError, dump_config, printable
 from core.manifest import ArtifactWriter, atomic_write_text, now, read_gate, read_manifest
 from core.model_card import GENERIC, write_model_card
 from core.plan import check_at_start
-from data_schemas.config import key_config
+from data_schemas.config import TRACKERS, key_config
 from data_schemas.gates import GateResult
 from data_schemas.manifest import ModelIdentity
 
@@ -117,12 +118,28 @@ def print_export_hint(artifact: Path, con=None) -> None:
     )
 
 
+def require_trackers(names: list[str]) -> None:
+    """Every tracker in train.report_to is installed, or one sentence with its pip line (before any model loads)."""
+    for name in names:
+        module, package = TRACKERS.get(name, (None, None))
+        if module is not None and importlib.util.find_spec(module.split(".")[0]) is None:
+            raise UserError(
+                f"train.report_to: {name} is not installed; pip install {package} (or leave {name} out of "
+                "train.report_to)"
+            )
+
+
 def _fmt(x: Any) -> str:
     return f"{x:.4g}" if isinstance(x, float) else str(x)
 
 
 class StageContext:
     """One run of one stage: config, output folder, manifest writer, precision, counts, resume."""
+
+    @property
+    def run_name(self) -> str:
+        """The trackers' run name: the stage and its artifact key (one run per distinct config and inputs)."""
+        return f"{self.stage}-{self.writer.manifest.key}" if self.writer is not None else self.stage
 
     def __init__(self, cfg: Any, resume: bool = False, force: bool = False, spec: Any = None, callbacks=()):
         """`spec` is the stage's row of the stage table (stages/registry.py: its plan shape and model-card facts);
@@ -145,6 +162,7 @@ class StageContext:
         self.seed: int | None = _seed_of(cfg)
         self.precision: str | None = None
         if not self.finished:
+            require_trackers(getattr(getattr(cfg, "train", None), "report_to", None) or [])
             if getattr(cfg, "precision", None) is not None:
                 from core.models import choose_precision  # lazy: imports torch
 

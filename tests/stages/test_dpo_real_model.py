@@ -7,11 +7,14 @@ the right way (7 minutes on 2 CPU cores)."""
 
 import json
 import math
+import os
 
 import pytest
+import yaml
 
 from align.cli import main
-from tests.conftest import EXAMPLES, hh_preferences
+from lib.rollout import vllm_available
+from tests.conftest import EXAMPLES, export_matches_align, hh_preferences
 
 
 @pytest.mark.real_model
@@ -44,6 +47,12 @@ def test_dpo_real_model_starts_at_ln2_and_writes_a_gated_artifact(tmp_path, real
         policy["metrics"]["prompts"] == 4 and m["metrics"]["win_rate_vs_sft"] == policy["metrics"]["win_rate"]
     )
     assert (out / "gates" / "policy" / "policy.png").exists()
+    # exported whole: transformers computes align's logits (before: plain PEFT on adapter/ differed by up to 4.6),
+    # and vLLM serves it with transformers' greedy answer
+    meta = export_matches_align(out, tmp_path / "export", vllm=vllm_available())
+    assert [a["stage"] for a in meta["align"]["lineage"]] == ["sft", "dpo"]
+    own = yaml.safe_load((out / "README.md").read_text().split("---\n")[1])
+    assert own["base_model"] == os.path.relpath(real_sft[0], out) and own["base_model_relation"] == "adapter"
 
 
 @pytest.mark.slow

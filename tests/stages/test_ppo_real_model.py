@@ -7,7 +7,7 @@ import pytest
 
 from align.cli import main
 from lib.rollout import vllm_available
-from tests.conftest import EXAMPLES
+from tests.conftest import EXAMPLES, export_matches_align
 
 
 @pytest.mark.real_model
@@ -36,3 +36,5 @@ def test_ppo_real_model_vllm_with_reward_artifact(tmp_path, real_sft, real_rewar
     assert code == (0 if all(g["verdict"] == "pass" for g in m["gates"]) else 1)
     policy = json.loads((out / "gates" / "policy" / "gate.json").read_text())
     assert policy["metrics"]["prompts"] == 4 and 0.0 <= policy["metrics"]["length_controlled_win_rate"] <= 1.0
+    meta = export_matches_align(out, tmp_path / "export")  # the stack (SFT merged + PPO LoRA) as one model
+    assert [a["stage"] for a in meta["align"]["lineage"]][-1] == "ppo"

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from align.cli import main
-from tests.conftest import hh_preferences
+from tests.conftest import export_matches_align, hh_preferences
 
 
 @pytest.mark.real_model
@@ -28,6 +28,9 @@ def test_reward_real_model_oasst(tmp_path, real_reward):
         == 0
     )
     assert isinstance(json.loads((tmp_path / "scored.jsonl").read_text())["reward"], float)
+    # exported: AutoModelForSequenceClassification scores what align scores (before: -1.513 where align -1.021)
+    meta = export_matches_align(out, tmp_path / "export")
+    assert meta["pipeline_tag"] == "text-classification"
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from align.cli import main
-from tests.conftest import shared_file
+from tests.conftest import export_matches_align, shared_file
 
 
 @pytest.mark.real_model
@@ -58,6 +58,7 @@ def test_sft_lowers_validation_perplexity_on_self_instruct(tmp_path, real_sft):
     assert 20 <= g["metrics"]["candidate"]["examples"] <= len(val)
     assert g["metrics"]["candidate"]["perplexity"] < g["metrics"]["parent"]["perplexity"]
     assert code == 0 and g["verdict"] == "pass"
+    export_matches_align(out, tmp_path / "export")  # plain transformers computes align's logits
 
 
 @pytest.mark.slow

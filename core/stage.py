@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import importlib.util
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +41,8 @@ from core.config import UserError, dump_config, printable
 from core.manifest import ArtifactWriter, atomic_write_text, now, read_gate, read_manifest
 from core.model_card import GENERIC, write_model_card
 from core.plan import check_at_start
-from data_schemas.config import TRACKERS, key_config
+from core.trackers import RunInfo, Tracking, artifact_samples, require_trackers
+from data_schemas.config import key_config
 from data_schemas.gates import GateResult
 from data_schemas.manifest import ModelIdentity
 
@@ -118,15 +119,13 @@ def print_export_hint(artifact: Path, con=None) -> None:
     )
 
 
-def require_trackers(names: list[str]) -> None:
-    """Every tracker in train.report_to is installed, or one sentence with its pip line (before any model loads)."""
-    for name in names:
-        module, package = TRACKERS.get(name, (None, None))
-        if module is not None and importlib.util.find_spec(module.split(".")[0]) is None:
-            raise UserError(
-                f"train.report_to: {name} is not installed; pip install {package} (or leave {name} out of "
-                "train.report_to)"
-            )
+def _tracker_safe(fn) -> None:
+    """A tracker that cannot take align's record (its server down, its quota spent) is said, not fatal: the artifact
+    and its gates are the evidence, the tracker a copy."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - any tracker library's error
+        console.print(f"[yellow]warning[/]: a tracker could not record align's run: {type(e).__name__}: {e}")
 
 
 def _fmt(x: Any) -> str:
@@ -161,8 +160,12 @@ class StageContext:
         self.finished = self._prepare_output_dir_once()
         self.seed: int | None = _seed_of(cfg)
         self.precision: str | None = None
+        trackers = [n for n in getattr(getattr(cfg, "train", None), "report_to", None) or [] if n != "none"]
+        self.tracking = Tracking(
+            trackers if self.is_main else []
+        )  # align's record in them (core/trackers.py)
         if not self.finished:
-            require_trackers(getattr(getattr(cfg, "train", None), "report_to", None) or [])
+            require_trackers(trackers)
             if getattr(cfg, "precision", None) is not None:
                 from core.models import choose_precision  # lazy: imports torch
 
@@ -250,6 +253,14 @@ class StageContext:
         with self.writer.guard():
             yield self
 
+    def begin_tracking(self) -> None:
+        """Give the trackers' runs align's record (config, key), once they are open: the Trainer stages call it at
+        the Trainer's train begin (lib/trainer.py), PPO once accelerate's trackers are up. Main process only."""
+        if self.writer is None or not self.tracking.names:
+            return
+        info = RunInfo(self.stage, self.writer.manifest.key, self.out, json.loads(self.cfg.model_dump_json()))
+        _tracker_safe(lambda: self.tracking.begin(info))
+
     # ---- after ----------------------------------------------------------------------------------------
     def paused(self) -> StageResult:
         """Stopped at train.stop_after_steps: the artifact stays 'running' and --resume continues it."""
@@ -273,6 +284,8 @@ class StageContext:
             }
             for g in gates
         ]
+        verdicts = [{"gate": g.gate, "verdict": g.verdict} for g in gates]
+        _tracker_safe(lambda: self.tracking.end(verdicts, artifact_samples(self.out)))
         if self.writer.manifest.model is not None:  # a model artifact: its card, before it is marked complete
             update = {"metrics": metrics, "counts": self.counts, "status": "complete", "finished_at": now()}
             card = getattr(self.spec, "card", None) or GENERIC

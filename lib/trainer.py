@@ -114,7 +114,24 @@ def callbacks(out: Path, t, extra=()) -> list:
 def stage_callbacks(ctx, cfg, extra=()) -> list:
     """Every callback of a Trainer stage's Trainer: align's own (`callbacks`), the stage contract's hooks
     (`ctx.callbacks`), AdaLoRA's budget where the adapter is AdaLoRA, and the stage's `extra`."""
-    return [*callbacks(ctx.out, cfg.train, ctx.callbacks), *adalora_callbacks(cfg), *extra]
+    return [
+        *callbacks(ctx.out, cfg.train, ctx.callbacks),
+        *adalora_callbacks(cfg),
+        tracking_callback(ctx),
+        *extra,
+    ]
+
+
+def tracking_callback(ctx):
+    """At train begin, after transformers' integrations have opened their runs (they come first among the
+    Trainer's callbacks), align's record goes into them (core/trackers.py)."""
+    from transformers import TrainerCallback
+
+    class AlignRecord(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            ctx.begin_tracking()
+
+    return AlignRecord()
 
 
 def trainer_datasets(train: list[dict], held_out: list[dict]) -> dict[str, Any]:

@@ -376,7 +376,10 @@ def setup(cfg: PPOConfig, ctx: StageContext) -> Learner:
     # DDP, not DeepSpeed, even under an `accelerate launch` DeepSpeed config: the trainable part is a LoRA and a
     # value head, and the clipping and stepping below are plain torch.
     os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    log_with = [n for n in t.report_to if n != "none"] if ctx.is_main else []
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(), log_with=log_with or None, project_dir=str(ctx.out / "logs")
+    )
     model, opt = accelerator.prepare(PolicyWithValue(policy, value_head), opt)
     learner = Learner(
         policy,
@@ -422,11 +425,7 @@ def train_loop(
 
     t = cfg.train
     prompt_ids = [render_prompt(tokenizer, m) for m in prompts]
-    tb = None
-    if "tensorboard" in t.report_to and ctx.is_main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        tb = SummaryWriter(log_dir=str(ctx.out / "logs"))
+    trackers = start_trackers(ctx, learner.accelerator)
     progress = Progress(
         TextColumn("ppo"),
         BarColumn(),
@@ -449,7 +448,7 @@ def train_loop(
                 step = learner.step
                 row = None
                 if ctx.is_main:  # one writer for logs and checkpoints (every process holds the same state)
-                    row = log_iteration(cfg, ctx.out, learner, exp, stats, tb)
+                    row = log_iteration(cfg, ctx.out, learner, exp, stats, trackers)
                     info = f"reward {row['reward_mean']:.3f} kl {row['kl']:.3f}"
                     progress.update(task, completed=step, info=info)
                     if step % t.save_steps == 0 or step == t.steps or step == t.stop_after_steps:
@@ -465,11 +464,25 @@ def train_loop(
                     console.print(f"stopped after iteration {step} of {t.steps}; continue with --resume")
                     return False
     finally:
-        if tb is not None:
-            tb.close()
+        for (
+            tracker
+        ) in trackers:  # TensorBoard's files are complete now; W&B and MLflow runs take the gates later
+            if tracker.name == "tensorboard":
+                tracker.finish()
     if hooks is not None:
         hooks.end()
     return True
+
+
+def start_trackers(ctx: StageContext, accelerator) -> list:
+    """accelerate's trackers of train.report_to (main process; TensorBoard under the artifact's logs/), the run named
+    `ppo-<key>`, with align's record (config, key) in it (core/trackers.py)."""
+    if not ctx.is_main or not ctx.tracking.names:
+        return []
+    names = {"wandb": {"name": ctx.run_name}, "mlflow": {"run_name": ctx.run_name}}
+    accelerator.init_trackers(os.environ.get("WANDB_PROJECT", "align"), init_kwargs=names)
+    ctx.begin_tracking()
+    return list(accelerator.trackers)
 
 
 def collect_experience(cfg, learner: Learner, engine, reward, tokenizer, prompts, prompt_ids) -> Experience:
@@ -635,9 +648,9 @@ def sync_weights(learner: Learner, engine, exp: Experience) -> None:
 
 
 def log_iteration(
-    cfg: PPOConfig, out: Path, learner: Learner, exp: Experience, stats: dict, tb
+    cfg: PPOConfig, out: Path, learner: Learner, exp: Experience, stats: dict, trackers: list
 ) -> dict[str, Any]:
-    """One line of metrics.jsonl (and TensorBoard scalars), plus sample responses in samples.jsonl."""
+    """One line of metrics.jsonl (and the trackers' scalars), plus sample responses in samples.jsonl."""
     B, step, scores = len(exp.texts), learner.step, exp.scores
     row = {
         "step": step,
@@ -663,10 +676,11 @@ def log_iteration(
                     "score": float(scores[i]),
                 }
                 f.write(json.dumps(sample) + "\n")
-    if tb is not None:
-        for k, x in row.items():
-            if k != "step" and isinstance(x, float) and math.isfinite(x):
-                tb.add_scalar(f"ppo/{k}", x, step)
+    if trackers:
+        scalars = {
+            f"ppo/{k}": x for k, x in row.items() if k != "step" and isinstance(x, float) and math.isfinite(x)
+        }
+        learner.accelerator.log(scalars, step=step)
     return row
 
 

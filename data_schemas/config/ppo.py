@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, model_validator
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, field_validator, model_validator
 
 from data_schemas.config.common import (
     AtLeastOne,
@@ -21,6 +21,7 @@ from data_schemas.config.common import (
 from data_schemas.config.gates import PolicyStageGates
 
 __all__ = [
+    "PPO_TRACKERS",
     "PPOPromptSettings",
     "RuleReward",
     "PPORewardSettings",
@@ -118,6 +119,10 @@ class RolloutSettings(_Strict):
     )
 
 
+# The trackers accelerate has (accelerate.tracking.LOGGER_TYPE_TO_CLASS) that transformers also has (TRACKERS)
+PPO_TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "clearml", "dvclive", "swanlab", "trackio")
+
+
 class PPOTrainSettings(RunSettings):
     """PPO optimisation (Schulman et al. 2017; RLHF details after Ziegler et al. 2019 and Huang et al. 2024)."""
 
@@ -159,10 +164,23 @@ class PPOTrainSettings(RunSettings):
     )
     learning_rate: float = _default(RunSettings, "learning_rate", 1e-4)
     save_steps: int = _default(RunSettings, "save_steps", 10)
-    report_to: list[Literal["tensorboard", "none"]] = Field(
+    report_to: list[str] = Field(
         default_factory=lambda: ["tensorboard"],
-        description="Experiment trackers to log to (PPO writes TensorBoard).",
+        description="Experiment trackers to log to, through accelerate's trackers: "
+        + ", ".join(PPO_TRACKERS)
+        + ", or none.",
     )
+
+    @field_validator("report_to")
+    @classmethod
+    def _accelerate_trackers(cls, v: list[str]) -> list[str]:
+        other = [x for x in v if x not in PPO_TRACKERS and x != "none"]
+        if other:
+            raise ValueError(
+                f"{', '.join(other)}: PPO logs through accelerate's trackers: choose from {', '.join(PPO_TRACKERS)} "
+                "or none"
+            )
+        return v
 
     @model_validator(mode="after")
     def _batches(self) -> PPOTrainSettings:

@@ -50,7 +50,7 @@ def test_dpo_real_model_starts_at_ln2_and_writes_a_gated_artifact(tmp_path, real
     # exported whole: transformers computes align's logits (before: plain PEFT on adapter/ differed by up to 4.6),
     # and vLLM serves it with transformers' greedy answer
     meta = export_matches_align(out, tmp_path / "export", vllm=vllm_available())
-    assert [a["stage"] for a in meta["align"]["lineage"]] == ["sft", "dpo"]
+    assert [a["stage"] for a in meta["align"]["lineage"]] == ["sft", "preferences", "dpo"]
     own = yaml.safe_load((out / "README.md").read_text().split("---\n")[1])
     assert own["base_model"] == os.path.relpath(real_sft[0], out) and own["base_model_relation"] == "adapter"
 

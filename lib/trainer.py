@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -162,18 +163,58 @@ def adalora_callbacks(cfg) -> list:
     return [adalora_callback()] if on else []
 
 
+def checkpoint_state(folder: Path) -> dict[str, Any] | None:
+    """The TrainerState of a whole checkpoint, or None. The Trainer writes trainer_state.json last (after the
+    weights, optimizer, scheduler, scaler and RNG states), so a folder whose state parses and names its own step is
+    whole; a process killed (or a disk filled) while writing one leaves it without, or with a torn one."""
+    try:
+        state = json.loads((Path(folder) / "trainer_state.json").read_text(encoding="utf-8"))
+        step = int(Path(folder).name.rsplit("-", 1)[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return state if isinstance(state, dict) and state.get("global_step") == step else None
+
+
+def latest_checkpoint(ckpt_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """(folder, state) of the latest whole checkpoint. Incomplete ones are moved aside (`.incomplete-checkpoint-N`,
+    kept for inspection), so that neither the Trainer's own search nor its rotation picks them up again."""
+    found = []
+    for folder in Path(ckpt_dir).glob("checkpoint-*") if Path(ckpt_dir).is_dir() else []:
+        state = checkpoint_state(folder)
+        if state is not None:
+            found.append((state["global_step"], folder, state))
+        elif dist.is_main():
+            aside = folder.with_name(f".incomplete-{folder.name}")
+            shutil.rmtree(aside, ignore_errors=True)
+            folder.rename(aside)
+            print(
+                f"{folder}: incomplete (its write was interrupted); resuming from the one before",
+                file=sys.stderr,
+            )
+    dist.barrier()
+    if not found:
+        return None
+    _, folder, state = max(found, key=lambda x: x[0])
+    return folder, state
+
+
 def train_with_resume(trainer, out: Path, resume: bool, stop_after: int | None):
-    """Run trainer.train (from the latest checkpoint when resuming). Returns (result, paused): paused means the
-    run stopped at `stop_after` before its last step, so the caller leaves the artifact 'running'."""
+    """Run trainer.train (from the latest whole checkpoint when resuming). Returns (result, paused): paused means
+    the run stopped at `stop_after` before its last step, so the caller leaves the artifact 'running'.
+
+    A checkpoint at the last step (the run was killed after training, in its gate or while saving) is loaded, not
+    trained from: transformers' resume would take one more optimizer step past max_steps."""
     from transformers.trainer_callback import PrinterCallback
     from trl.trainer.callbacks import RichProgressCallback
 
     trainer.remove_callback(PrinterCallback)  # raw dict prints; rich progress and metrics.jsonl replace it
-    ckpt_dir = out / "checkpoints"
-    has_ckpt = ckpt_dir.exists() and any(ckpt_dir.glob("checkpoint-*"))
+    latest = latest_checkpoint(out / "checkpoints") if resume else None
     if not resume and dist.is_main():
         (out / "metrics.jsonl").unlink(missing_ok=True)
-    result = trainer.train(resume_from_checkpoint=True if (resume and has_ckpt) else None)
+    if latest is not None and latest[1]["global_step"] >= latest[1].get("max_steps", float("inf")) > 0:
+        result = _finished_from_checkpoint(trainer, out, *latest)
+    else:
+        result = trainer.train(resume_from_checkpoint=str(latest[0]) if latest is not None else None)
     if dist.is_main():
         print(flush=True)  # the rich progress panel leaves its last line open
     trainer.remove_callback(RichProgressCallback)  # its live display is closed once training ends
@@ -195,6 +236,34 @@ def train_with_resume(trainer, out: Path, resume: bool, stop_after: int | None):
             file=sys.stderr,
         )
     return result, paused
+
+
+def _finished_from_checkpoint(trainer, out: Path, folder: Path, state: dict[str, Any]):
+    """The Trainer as it was at the end of training: the last checkpoint's weights and state, and the training
+    loss the finished run logged (metrics.jsonl), else the mean of its logged losses."""
+    from transformers import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    if (
+        trainer.is_deepspeed_enabled
+    ):  # DeepSpeed restores its engine inside train(): the checkpoint is its input
+        return trainer.train(resume_from_checkpoint=str(folder))
+    trainer._load_from_checkpoint(str(folder))
+    trainer.state = TrainerState.load_from_json(str(folder / "trainer_state.json"))
+    loss = None
+    if (out / "metrics.jsonl").exists():
+        for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(ValueError):
+                row = json.loads(line)
+                if row.get("step") == state["global_step"] and "train_loss" in row:
+                    loss = row["train_loss"]
+    if loss is None:
+        losses = [x["loss"] for x in state.get("log_history", []) if "loss" in x]
+        loss = sum(losses) / len(losses) if losses else float("nan")
+    print(
+        f"training had finished (step {state['global_step']}); its last checkpoint is loaded", file=sys.stderr
+    )
+    return TrainOutput(state["global_step"], loss, {"train_loss": loss})
 
 
 def final_eval(trainer) -> dict[str, Any]:

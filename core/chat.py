@@ -13,6 +13,7 @@ plain text; `control_tokens_in()` lets a caller reject such rows instead.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 WORD_JOINER = "\u2060"
 ROLES = ("system", "user", "assistant")
@@ -122,15 +123,32 @@ def render(
 
 def render_prompt(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of a prompt ready for generation (ends with the assistant header)."""
-    return _ids(tokenizer, messages, add_generation_prompt=True)
+    return chat_ids(tokenizer, messages, add_generation_prompt=True)
 
 
-def _ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+def chat_ids(tokenizer, messages, add_generation_prompt: bool = False) -> list[int]:
+    """Token ids of a conversation under the model's chat template, every control-token string in its messages
+    broken first (`neutralise_messages`, idempotent). The one call through which align turns messages into template
+    ids: training rows, prompts for generation, gates, scoring, export (tests/core/test_chat.py fails on any other
+    `apply_chat_template` in the product)."""
     if not messages:
         return []
-    out = tokenizer.apply_chat_template(
-        messages, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=False
-    )
+    msgs = neutralise_messages(messages, _specials(tokenizer))
+    out = tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=add_generation_prompt,
+                                        return_dict=False)  # fmt: skip
     if isinstance(out, dict) or hasattr(out, "keys"):
         out = out["input_ids"]
     return list(out)
+
+
+def chat_text(tokenizer, messages) -> str:
+    """The conversation rendered by the chat template as text, control-token strings in its messages broken."""
+    return tokenizer.apply_chat_template(neutralise_messages(messages, _specials(tokenizer)), tokenize=False)
+
+
+@lru_cache(maxsize=16)
+def _specials(tokenizer) -> tuple[str, ...]:
+    return tuple(special_strings(tokenizer))
+
+
+_ids = chat_ids  # render() measures each assistant turn's span with the same ids

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from huggingface_hub import HfApi, get_token
 
+from core.chat import chat_ids
 from core.config import UserError, load_config, printable
 from core.manifest import replace_dir, require_complete
 from core.model_card import CardInfo, write_export_card
@@ -198,9 +199,7 @@ def composed_adapter(a: ArtifactModel, base_name: str) -> tuple[dict[str, torch.
 # The check: the written folder, loaded without align, computes what align computes
 # ==========================================================================================================
 def probe_ids(tokenizer) -> torch.Tensor:
-    ids = tokenizer.apply_chat_template(PROBE, tokenize=True, return_dict=False)
-    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-    return torch.tensor([ids])
+    return torch.tensor([chat_ids(tokenizer, PROBE)])
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from core import dist
-from core.chat import chat_messages, neutralise_messages, special_strings
+from core.chat import chat_ids, chat_messages
 from core.config import UserError, load_config, printable
 from core.manifest import atomic_write_text, refuse_overwriting_input, require_complete
 from core.models import choose_precision, load_causal_lm, load_tokenizer, torch_dtype
@@ -37,10 +37,7 @@ def encode_response(tokenizer, prompt: list[dict], response: str, max_length: in
     """Token ids of prompt + response through the chat template. Longer sequences are cut from the left, so the
     response's end, where the reward is read, is always kept; returns (ids, truncated)."""
 
-    specials = special_strings(tokenizer)
-    msgs = neutralise_messages([*prompt, {"role": "assistant", "content": response}], specials)
-    ids = tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=False)
-    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    ids = chat_ids(tokenizer, [*prompt, {"role": "assistant", "content": response}])
     if len(ids) > max_length:
         return ids[-max_length:], True
     return ids, False

@@ -22,6 +22,7 @@ import numpy as np
 
 from core.chat import (
     COMMON_MARKERS,
+    chat_text,
     control_tokens_in,
     neutralise_messages,
     special_strings,
@@ -268,7 +269,7 @@ def measure_lengths(cfg: DataBuildConfig, b: Build, tokenizer) -> None:
 
     Every template is rendered to text, then tokenized in batches: the fast tokenizer runs a batch in parallel and
     the per-call overhead (about 0.3 ms) is paid once per batch, not per row."""
-    texts = [tokenizer.apply_chat_template(ex["messages"], tokenize=False) for ex in b.kept]
+    texts = [chat_text(tokenizer, ex["messages"]) for ex in b.kept]
     counts: list[int] = []
     for i in range(0, len(texts), 2048):
         counts.extend(len(x) for x in tokenizer(texts[i : i + 2048], add_special_tokens=False)["input_ids"])

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from core import dist
-from core.chat import chat_messages, neutralise, neutralise_messages, render_prompt, special_strings
+from core.chat import chat_ids, chat_messages, neutralise, neutralise_messages, render_prompt, special_strings
 from core.config import UserError
 from core.manifest import atomic_write_json, require_complete
 from core.models import load_causal_lm, load_tokenizer, model_identity, peft_config, write_policy_stack
@@ -90,12 +90,7 @@ def tokenize_pair(tokenizer, row: dict, max_length: int, max_prompt_length: int,
     prompt_ids = render_prompt(tokenizer, msgs)
     out: dict[str, Any] = {}
     for key in ("chosen", "rejected"):
-        full = tokenizer.apply_chat_template(
-            [*msgs, {"role": "assistant", "content": neutralise(row[key], specials)}],
-            tokenize=True,
-            return_dict=False,
-        )
-        full = list(full["input_ids"] if hasattr(full, "keys") else full)
+        full = chat_ids(tokenizer, [*msgs, {"role": "assistant", "content": neutralise(row[key], specials)}])
         if full[: len(prompt_ids)] != prompt_ids:
             counts["template_prefix_mismatch"] = counts.get("template_prefix_mismatch", 0) + 1
             return None

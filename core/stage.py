@@ -34,11 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from rich.console import Console
 
 from core import dist
 from core.config import UserError, dump_config, printable
-from core.manifest import ArtifactWriter, atomic_write_text, now, read_gate, read_manifest
+from core.manifest import ArtifactWriter, atomic_write_text, now, read_gate, read_manifest, sha256_path
 from core.model_card import GENERIC, write_model_card
 from core.plan import check_at_start
 from core.trackers import RunInfo, Tracking, artifact_samples, require_trackers
@@ -200,14 +201,57 @@ class StageContext:
         """Create the artifact folder; True when --resume finds it already complete (nothing to do). A non-empty
         folder without --resume is refused: a finished artifact is never overwritten by accident."""
         manifest = self.out / "manifest.json"
-        if self.resume and manifest.exists() and read_manifest(self.out).status == "complete":
-            console.print(f"{self.stage} already complete: {printable(str(self.out))} (nothing to resume)")
-            return True
+        if self.resume and manifest.exists():
+            m = read_manifest(self.out)
+            if m.stage != self.stage:
+                raise UserError(
+                    f"{self.out}: holds a {m.stage} artifact, not {self.stage}; --resume continues a {self.stage} "
+                    "run in its own output_dir"
+                )
+            if m.status == "complete":
+                self._same_as_recorded(m)
+                console.print(
+                    f"{self.stage} already complete: {printable(str(self.out))} (nothing to resume)"
+                )
+                return True
+        elif self.resume and self.out.exists() and any(p.name != LOCK for p in self.out.iterdir()):
+            raise UserError(
+                f"{self.out}: has files but no manifest.json, so it is not an align run to resume (its files are "
+                "left as they are); choose an empty output_dir"
+            )
         if self.out.exists() and any(p.name != LOCK for p in self.out.iterdir()) and not self.resume:
             hint = "pass --resume to continue it" if manifest.exists() else "choose an empty output_dir"
             raise UserError(f"{self.out}: output directory is not empty; {hint} (or delete it to start over)")
         self.out.mkdir(parents=True, exist_ok=True)
         return False
+
+    def _same_as_recorded(self, m) -> None:
+        """--resume on a complete artifact promises its result for *this* config: the config (without operational
+        fields), every recorded input's bytes and every parent's key must be as they were."""
+        changed = []
+        try:
+            old = type(self.cfg).model_validate(
+                yaml.safe_load((self.out / "config.yaml").read_text(encoding="utf-8"))
+            )
+            if key_config(old) != key_config(self.cfg):
+                changed.append("the config")
+        except (OSError, ValueError, TypeError, yaml.YAMLError):
+            changed.append("the config (config.yaml unreadable)")
+        for i in m.inputs:
+            p = Path(i.path)
+            if p.exists() and sha256_path(p) != i.sha256:
+                changed.append(f"input {i.path}")
+        for parent in m.parents:
+            try:
+                if read_manifest(Path(parent.path)).key != parent.key:
+                    changed.append(f"parent {parent.path}")
+            except UserError:
+                pass  # a parent moved or gone: the artifact stands on its record
+        if changed:
+            raise UserError(
+                f"{self.out}: complete, but {', '.join(changed)} changed since it was made, so it is not this run's "
+                "result; use a new output_dir (or delete this one to rebuild it)"
+            )
 
     def existing_result(self) -> StageResult:
         """The result of an artifact that is already complete, with the gates its manifest records."""

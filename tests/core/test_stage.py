@@ -111,3 +111,35 @@ def test_a_gate_record_from_before_the_typed_api_still_reads(tmp_path):
     assert r.verdict == "pass" and r.details["candidate_description"] == "x"
     (tmp_path / "gate.json").write_text("{broken")
     assert read_gate(tmp_path) is None
+
+
+def test_resume_on_a_complete_artifact_checks_its_stage_config_and_inputs(tmp_path):
+    """Issue 34 B13: `--resume` on a complete artifact said "already complete" for a changed config, and `sft
+    --resume` on a data artifact said "sft already complete"."""
+    data = tmp_path / "in.txt"
+    data.write_text("one")
+    ctx = StageContext(ToyConfig(output_dir=tmp_path / "r", knob=3))
+    with ctx.open(inputs=[(data, "train")]):
+        ctx.complete({})
+    assert StageContext(ToyConfig(output_dir=tmp_path / "r", knob=3), resume=True).finished  # the same run
+    with pytest.raises(UserError, match="the config changed"):
+        StageContext(ToyConfig(output_dir=tmp_path / "r", knob=4), resume=True)
+    data.write_text("two")
+    with pytest.raises(UserError, match=f"input {data} changed"):
+        StageContext(ToyConfig(output_dir=tmp_path / "r", knob=3), resume=True)
+
+    class OtherStage(ToyConfig):
+        stage: Literal["other"] = "other"
+
+    with pytest.raises(UserError, match="holds a toy artifact, not other"):
+        StageContext(OtherStage(output_dir=tmp_path / "r"), resume=True)
+
+
+def test_resume_into_a_folder_that_is_not_an_align_run_touches_nothing(tmp_path):
+    """Issue 34 B12: `data build --resume` into a folder without a manifest replaced the user's config.yaml."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("my own settings\n")
+    with pytest.raises(UserError, match="no manifest.json"):
+        StageContext(ToyConfig(output_dir=mine), resume=True)
+    assert (mine / "config.yaml").read_text() == "my own settings\n"

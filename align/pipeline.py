@@ -34,6 +34,7 @@ from core.manifest import (
     sha256_path,
 )
 from core.model_card import GENERIC, write_model_card
+from core.models import ALIASES, resolve_model_path, weights_fingerprint
 from core.stage import PAUSED, print_skipped
 from data_schemas.config import key_config
 from data_schemas.gates import GateResult
@@ -83,6 +84,8 @@ def _inputs_fingerprint(value: Any, run: Path, acc: list[str]) -> None:
             if (p / "manifest.json").exists():
                 m = read_manifest(p)
                 acc.append(f"{value}:{m.key}:{m.status}")
+            elif (p / "config.json").is_file() or value in ALIASES:  # a model: its weights, not its name
+                acc.append(f"{value}:weights:{weights_fingerprint(Path(resolve_model_path(value)))}")
             elif p.is_file():
                 acc.append(f"{value}:{sha256_path(p)}")
         except (OSError, ValueError, UserError):

@@ -222,7 +222,8 @@ class ArtifactWriter:
         for p in parents or []:
             pm = require_complete(p)
             parent_refs.append(ParentRef(path=str(p), stage=pm.stage, key=pm.key))
-        key = config_key(config, [i.sha256 for i in hashed], [p.key for p in parent_refs])
+        self._key_parts = (config, [i.sha256 for i in hashed], [p.key for p in parent_refs])
+        key = config_key(*self._key_parts)
         self.manifest = Manifest(
             stage=stage,
             status="running",
@@ -241,6 +242,14 @@ class ArtifactWriter:
             return Manifest.model_validate_json(path.read_text(encoding="utf-8"))
         except ValueError:
             return None
+
+    def with_model(self, model: ModelIdentity | None) -> None:
+        """The base model's weights join the key (issue 34 B9: the same name over other weights is another run)."""
+        if model is not None and len(model.weights_sha256) == 64:
+            config, inputs, parents = self._key_parts
+            self.manifest.key = config_key(
+                {**config, "base_weights_sha256": model.weights_sha256}, inputs, parents
+            )
 
     def start(self, model: ModelIdentity | None = None) -> None:
         self.manifest.model = model

@@ -339,17 +339,40 @@ def load_causal_lm(cfg: ModelConfig, precision: str, quantization=None):
     return model
 
 
-def model_identity(cfg: ModelConfig, precision: str, adapter: str | None = None) -> ModelIdentity:
+def weight_files(folder: Path) -> list[Path]:
+    """A checkpoint folder's weight files (safetensors, else PyTorch .bin)."""
+    return sorted(Path(folder).glob("*.safetensors")) or sorted(Path(folder).glob("*.bin"))
 
+
+def weights_fingerprint(folder: Path) -> str | None:
+    """sha256 over a checkpoint's weight files, each hashed once per (path, size, mtime) and remembered under
+    $ALIGN_CACHE/weights-sha256.json: a 70B checkpoint is read once, not at every stage start. None without weights."""
+    files = weight_files(folder)
+    if not files:
+        return None
+    book_path = cache_dir() / "weights-sha256.json"
+    try:
+        book = json.loads(book_path.read_text()) if book_path.exists() else {}
+    except (OSError, ValueError):
+        book = {}
+    h, changed = hashlib.sha256(), False
+    for f in files:
+        st = f.stat()
+        mark = f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        if mark not in book:
+            book[mark], changed = sha256_path(f), True
+        h.update(book[mark].encode())
+    if changed:
+        with contextlib.suppress(OSError):  # a read-only cache only costs the next run a re-hash
+            atomic_write_json(book_path, book)
+    return h.hexdigest()
+
+
+def model_identity(cfg: ModelConfig, precision: str, adapter: str | None = None) -> ModelIdentity:
+    """Who the base model is: name as configured, resolved folder, and its weights' sha256 (which every stage key
+    includes, so changed weights behind the same name are a new run)."""
     path = resolve_model_path(cfg.name_or_path)
-    weights = "unavailable (hub id)"
-    if isinstance(path, Path):
-        files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
-        if files:
-            h = hashlib.sha256()
-            for f in files:
-                h.update(sha256_path(f).encode())
-            weights = h.hexdigest()
+    weights = (weights_fingerprint(path) if isinstance(path, Path) else None) or "unavailable (hub id)"
     return ModelIdentity(
         name=cfg.name_or_path,
         path=str(path),

@@ -285,6 +285,7 @@ class StageContext:
         self.writer = ArtifactWriter(
             self.out, self.stage, key_config(self.cfg), list(inputs), parents=list(parents), seed=self.seed
         )
+        self.writer.with_model(model)
         previous = self.writer.existing() if self.resume else None
         if previous is not None and previous.key != self.writer.manifest.key and not self.force:
             raise UserError(

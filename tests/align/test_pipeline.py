@@ -257,3 +257,31 @@ def test_annotation_round_pauses_the_run_until_people_have_ranked_then_feeds_pre
     assert "previous round is in" in said and "0 of 1 judgments" in said
     (kept,) = (run / ".superseded").glob("annotate-*")
     assert len((kept / "rankings.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_base_model_with_other_weights_is_another_run(tmp_path, monkeypatch):
+    """Issue 34 B9: the base folder's weights multiplied by 3 and `align run` said "sft: up to date". The stage key
+    (and the manifest key) now include the weights' sha256, hashed once per (file, size, mtime)."""
+    import torch
+    from safetensors.torch import save_file
+
+    import core.models
+    from align.pipeline import stage_key
+    from core.config import load_config
+    from data_schemas.config import SFTConfig
+
+    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))
+    model = tmp_path / "base"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    save_file({"w": torch.ones(4)}, str(model / "model.safetensors"))
+    cfg = load_config(
+        SFTConfig, "configs/sft.yaml", [f"model.name_or_path={model}", f"output_dir={tmp_path / 'o'}"]
+    )
+    before = stage_key(cfg, tmp_path)
+    reads = []
+    real = core.models.sha256_path
+    monkeypatch.setattr(core.models, "sha256_path", lambda p: reads.append(p) or real(p))
+    assert stage_key(cfg, tmp_path) == before and reads == []  # remembered by size and mtime: not read again
+    save_file({"w": 3 * torch.ones(4)}, str(model / "model.safetensors"))
+    assert stage_key(cfg, tmp_path) != before and len(reads) == 1

@@ -16,6 +16,7 @@ train.stop_after_steps (continue with --resume), 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -491,16 +492,43 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]; rerun with --resume to continue from the last checkpoint")
         return 130
-    except Exception as e:  # an align bug, not a user error: say so plainly
-        if os.environ.get("ALIGN_DEBUG"):
-            raise
-        if os.environ.get("RANK", "0") != "0" and "closed by peer" in str(e):
-            return 1  # the main process stopped (and said why); this one lost its connection to it
+    except OSError as e:
+        if e.errno not in FILESYSTEM_HINTS:
+            return _internal_error(e)
+        where = f"{printable(str(e.filename))}: " if e.filename else ""
         err.print(
-            f"[red]internal error:[/] {type(e).__name__}: {printable(str(e))}\n(set ALIGN_DEBUG=1 for the traceback)"
+            f"[red]error:[/] {where}{printable(e.strerror or str(e))}; {FILESYSTEM_HINTS[e.errno]}",
+            highlight=False,
         )
-        return 1
+        return 2
+    except Exception as e:  # an align bug, not a user error: say so plainly
+        return _internal_error(e)
     return 0
+
+
+# What the machine says when a write cannot happen, and what the user can do (issue 34 B16: these were "internal
+# error", without the path). A stage interrupted by one resumes with --resume once it is fixed.
+FILESYSTEM_HINTS = {
+    errno.ENOSPC: "the disk is full: free space (or write elsewhere), then rerun; a stage continues with --resume",
+    errno.EDQUOT: "the disk quota is spent: free space (or write elsewhere), then rerun",
+    errno.EROFS: "that file system is read-only: choose an output folder you can write to",
+    errno.EACCES: "permission denied: choose a path you can read or write",
+    errno.EPERM: "operation not permitted: choose a path you can read or write",
+    errno.EISDIR: "that is a folder: give a file path",
+    errno.ENOTDIR: "a part of that path is a file, not a folder",
+    errno.ENAMETOOLONG: "the path is too long: choose a shorter one",
+}
+
+
+def _internal_error(e: Exception) -> int:
+    if os.environ.get("ALIGN_DEBUG"):
+        raise e
+    if os.environ.get("RANK", "0") != "0" and "closed by peer" in str(e):
+        return 1  # the main process stopped (and said why); this one lost its connection to it
+    err.print(
+        f"[red]internal error:[/] {type(e).__name__}: {printable(str(e))}\n(set ALIGN_DEBUG=1 for the traceback)"
+    )
+    return 1
 
 
 if __name__ == "__main__":

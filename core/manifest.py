@@ -100,6 +100,8 @@ def replace_dir(save, target: Path) -> None:
 def refuse_overwriting_input(out: Path, inputs: list[Path]) -> None:
     """A command that reads files and writes one must never write over what it reads."""
     target = Path(out).resolve()
+    if target.is_dir():
+        raise UserError(f"{out}: is a folder; give the output as a file path")
     for p in inputs:
         if Path(p).resolve() == target:
             raise UserError(f"{out}: is also an input; write the output to another file")

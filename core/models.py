@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 
 from core import dist
 from core.config import UserError
@@ -274,18 +275,32 @@ def torch_dtype(precision: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+@contextlib.contextmanager
+def loading(what: str):
+    """What a model folder's own files can throw while transformers reads them (an empty, truncated or huge-header
+    safetensors, a wrong-typed config.json, a missing file) as one sentence naming the model, exit 2."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except UserError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError, SafetensorError,
+            StrictDataclassError) as e:  # fmt: skip
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise UserError(
+            f"{what}: could not be loaded ({type(e).__name__}: {first}); check its config.json and weight files"
+        ) from None
+
+
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
     path = resolve_model_path(cfg.name_or_path)
-    try:
+    with loading(f"model {cfg.name_or_path}: its tokenizer"):
         tok = AutoTokenizer.from_pretrained(
             path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
         )
-    except OSError as e:
-        raise UserError(
-            f"model {cfg.name_or_path}: tokenizer could not be loaded: {str(e).splitlines()[0]}"
-        ) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if tok.chat_template is None:
@@ -324,18 +339,15 @@ def load_causal_lm(cfg: ModelConfig, precision: str, quantization=None):
 
     path = resolve_model_path(cfg.name_or_path)
     extra = {"quantization_config": quantization, "device_map": {"": device()}} if quantization else {}
-    try:
-        with whole_model_load():
-            model = AutoModelForCausalLM.from_pretrained(
-                path,
-                revision=cfg.revision,
-                dtype=torch_dtype(precision),
-                attn_implementation=cfg.attn_implementation,
-                trust_remote_code=cfg.trust_remote_code,
-                **extra,
-            )
-    except OSError as e:
-        raise UserError(f"model {cfg.name_or_path}: could not be loaded: {str(e).splitlines()[0]}") from None
+    with loading(f"model {cfg.name_or_path}"), whole_model_load():
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            revision=cfg.revision,
+            dtype=torch_dtype(precision),
+            attn_implementation=cfg.attn_implementation,
+            trust_remote_code=cfg.trust_remote_code,
+            **extra,
+        )
     return model
 
 

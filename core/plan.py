@@ -78,11 +78,14 @@ def meta_model(name_or_path: str, trust_remote_code: bool = False):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from core.models import resolve_model_path
+    from core.models import loading, resolve_model_path
 
-    config = AutoConfig.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    with loading(f"model {name_or_path}"):
+        config = AutoConfig.from_pretrained(
+            resolve_model_path(name_or_path), trust_remote_code=trust_remote_code
+        )
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def lora_trainable(model, target_modules: list[str], r: int) -> int:

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import yaml
+
 from core.config import UserError
 from data_schemas.config import TRACKERS
 
@@ -149,8 +151,6 @@ class TensorBoardWriter:
     """Text panels beside the scalars in the artifact's logs/: the config, the key, the gates and the samples."""
 
     def begin(self, info: RunInfo) -> None:
-        import yaml
-
         text = "```yaml\n" + yaml.safe_dump(info.config, sort_keys=False) + "```"
         self._write(info, lambda w: (w.add_text("align/config", text), w.add_text("align/key", info.key)))
 

@@ -135,10 +135,10 @@ def build_reward_model(cfg: RewardConfig, tokenizer, precision: str):
     from transformers import AutoModelForSequenceClassification
 
     import core.attention  # noqa: F401 (registers sdpa_segments with transformers)
-    from core.models import resolve_model_path, whole_model_load
+    from core.models import loading, resolve_model_path, whole_model_load
 
     base_cfg, sft_dir = base_model_config(cfg)
-    with whole_model_load():
+    with loading(f"model {base_cfg.name_or_path}"), whole_model_load():
         model = AutoModelForSequenceClassification.from_pretrained(
             resolve_model_path(base_cfg.name_or_path),
             num_labels=1,

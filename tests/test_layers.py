@@ -32,6 +32,7 @@ HEAVY = {
     "torch", "transformers", "trl", "peft", "datasets", "accelerate", "deepspeed", "vllm", "matplotlib",
     "safetensors", "pyarrow", "scipy", "tensorboard", "evaluate", "PIL", "jinja2", "numpy", "pandas", "sklearn",
     "fastapi", "uvicorn", "starlette", "optuna",
+    "wandb", "mlflow",  # optional trackers: imported only where a config asks for them
 }  # fmt: skip
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, PositiveFloat
 
-from data_schemas.config.common import AtLeastOne, _Strict
+from data_schemas.config.common import AtLeastOne, Seed, _Strict
 
 __all__ = ["SessionSettings"]
 
@@ -23,7 +23,7 @@ class SessionSettings(_Strict):
     top_p: PositiveFloat = Field(0.95, le=1.0, description="Nucleus sampling.")
     max_new_tokens: AtLeastOne = Field(256, description="Longest response, in tokens.")
     max_prompt_tokens: int = Field(1024, ge=8, description="Longer prompts are skipped (named).")
-    seed: int = Field(0, description="Sampling seed: response j of prompt i uses request_seed(seed, i*K+j).")
+    seed: Seed = Field(0, description="Sampling seed: response j of prompt i uses request_seed(seed, i*K+j).")
     engine: str = Field(
         "auto",
         description="A row of the rollout-engine table (lib/rollout.py ENGINES: vllm, generate), or 'auto': vLLM "

@@ -22,6 +22,7 @@ __all__ = [
     "PositiveFraction",
     "Confidence",
     "AtLeastOne",
+    "Seed",
     "ModelConfig",
     "LoraSettings",
     "VIRTUAL_TOKEN_METHODS",
@@ -46,6 +47,7 @@ __all__ = [
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]  # a share, 0 to 1
 PositiveFraction = Annotated[float, Field(gt=0, le=1.0)]  # a share above 0
 Confidence = Annotated[float, Field(gt=0.5, lt=1.0)]  # the level of an interval
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]  # numpy and torch take seeds in [0, 2^32)
 AtLeastOne = Annotated[int, Field(ge=1)]  # a count: one or more
 
 
@@ -274,7 +276,7 @@ class RunSettings(_Strict):
     learning_rate: PositiveFloat = Field(2e-4, description="Peak learning rate.")
     weight_decay: NonNegativeFloat = Field(0.0, description="AdamW weight decay.")
     max_grad_norm: PositiveFloat = Field(1.0, description="Gradient clipping norm.")
-    seed: int = Field(42, description="Seed for data order, dropout, sampling and initialisation.")
+    seed: Seed = Field(42, description="Seed for data order, dropout, sampling and initialisation.")
     save_steps: AtLeastOne = Field(50, description="Write a resumable checkpoint every N steps.")
     stop_after_steps: AtLeastOne | None = Field(
         None,

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, NonNegativeFloat, PositiveFloat, model_validator
 
-from data_schemas.config.common import AtLeastOne, _Strict
+from data_schemas.config.common import AtLeastOne, Seed, _Strict
 
 __all__ = ["DedupSettings", "DataBuildConfig", "PreferencesConfig"]
 
@@ -70,7 +70,7 @@ class DataBuildConfig(_Strict):
     stratify_by: str | None = Field(
         None, description="Input column to stratify the split by (e.g. a task category)."
     )
-    seed: int = Field(42, description="Seed of the split.")
+    seed: Seed = Field(42, description="Seed of the split.")
     strict: bool = Field(False, description="Exit 2 (and write nothing) when any row is dropped as invalid.")
 
 
@@ -90,7 +90,7 @@ class PreferencesConfig(_Strict):
     validation_fraction: NonNegativeFloat = Field(
         0.1, lt=1.0, description="Share of prompts held out (split by prompt)."
     )
-    seed: int = Field(42, description="Seed of the prompt-level split.")
+    seed: Seed = Field(42, description="Seed of the prompt-level split.")
     conflicts: Literal["drop", "keep-latest"] = Field(
         "drop",
         description="One annotator judging a prompt twice differently: drop both lines, or keep the later one.",

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field, NonNegativeInt, PositiveFloat, model_validator
 
 from data_schemas.config.annotate import SessionSettings
-from data_schemas.config.common import AtLeastOne, _Strict
+from data_schemas.config.common import AtLeastOne, Seed, _Strict
 
 __all__ = [
     "PipelineStage",
@@ -180,7 +180,7 @@ class SweepConfig(_Strict):
     pruner_warmup_evaluations: NonNegativeInt = Field(
         1, description="Held-out evaluations of each trial before it can be pruned."
     )
-    seed: int = Field(42, description="Seed of the sampler (the trials' own seeds come from their config).")
+    seed: Seed = Field(42, description="Seed of the sampler (the trials' own seeds come from their config).")
     timeout_minutes: PositiveFloat | None = Field(
         None, description="Start no new trial after this long (a running trial finishes)."
     )

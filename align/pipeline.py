@@ -35,7 +35,7 @@ from core.manifest import (
 )
 from core.model_card import GENERIC, write_model_card
 from core.models import ALIASES, resolve_model_path, weights_fingerprint
-from core.stage import PAUSED, print_skipped
+from core.stage import PAUSED, print_skipped, run_lock
 from data_schemas.config import key_config
 from data_schemas.gates import GateResult
 from eval.registry import GATES, gate_settings
@@ -133,6 +133,24 @@ def run_pipeline(cfg, from_stage: str | None = None) -> int:
     for n in present:  # every gate a stage names is a row of the gate table, said before anything runs
         for g in getattr(cfg.stages, n).gates:
             gate_row(g, f"stages.{n}.gates")
+    # one `align run` per run directory: a second one moved the first's live SFT folder aside (issue 34 B6)
+    lock, refusal = None, None
+    if main:
+        try:
+            lock = run_lock(run, "run directory")
+        except UserError as e:
+            refusal = str(e)
+    refusal = dist.broadcast(refusal)
+    if refusal is not None:
+        raise UserError(refusal)
+    try:
+        return _run_stages(cfg, run, from_stage, present, main)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _run_stages(cfg, run: Path, from_stage: str | None, present: list[str], main: bool) -> int:
     state_path = run / "pipeline.json"
     state: dict[str, Any] = {"stages": {}}
     if main:

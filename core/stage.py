@@ -282,6 +282,11 @@ class StageContext:
             lock.close()  # releases the lock
 
     def _open(self, inputs, parents, model) -> Iterator[StageContext]:
+        if not self.resume and any(p.name != LOCK for p in self.out.iterdir()):
+            # checked again under the lock: two runs that both found the folder empty must not both write it
+            raise UserError(
+                f"{self.out}: another run wrote this folder after this one checked it; choose another output_dir"
+            )
         self.writer = ArtifactWriter(
             self.out, self.stage, key_config(self.cfg), list(inputs), parents=list(parents), seed=self.seed
         )
@@ -341,6 +346,21 @@ class StageContext:
 
 
 LOCK = ".lock"
+
+
+def run_lock(folder: Path, what: str):
+    """An exclusive lock on a folder for as long as the returned handle is open (or the process lives); a second
+    holder is refused in one sentence naming `what`."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    fh = open(Path(folder) / LOCK, "a+")  # noqa: SIM115 - held open for the caller's whole run
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise UserError(
+            f"{folder}: another align process is using this {what}; wait for it or choose another"
+        ) from None
+    return fh
 
 
 def _lock(out: Path):

@@ -285,3 +285,20 @@ def test_a_base_model_with_other_weights_is_another_run(tmp_path, monkeypatch):
     assert stage_key(cfg, tmp_path) == before and reads == []  # remembered by size and mtime: not read again
     save_file({"w": 3 * torch.ones(4)}, str(model / "model.safetensors"))
     assert stage_key(cfg, tmp_path) != before and len(reads) == 1
+
+
+def test_a_second_align_run_on_one_run_directory_is_refused(tmp_path, capsys):
+    """Issue 34 B6: a second `align run` moved the first run's live SFT folder aside and finished."""
+    from core.stage import run_lock
+
+    run = tmp_path / "run"
+    p = _write(tmp_path / "p.yaml", _pipeline(run, data=DATA))
+    held = run_lock(run, "run directory")  # the first run, still going
+    try:
+        assert main(["run", "--config", str(p)]) == 2
+        assert "another align process is using this run directory" in capsys.readouterr().err.replace(
+            "\n", ""
+        )
+        assert not (run / "data").exists()
+    finally:
+        held.close()

@@ -143,3 +143,14 @@ def test_resume_into_a_folder_that_is_not_an_align_run_touches_nothing(tmp_path)
     with pytest.raises(UserError, match="no manifest.json"):
         StageContext(ToyConfig(output_dir=mine), resume=True)
     assert (mine / "config.yaml").read_text() == "my own settings\n"
+
+
+def test_two_runs_that_both_found_the_folder_empty_do_not_both_write_it(tmp_path):
+    """Issue 34 B6: two `data build` into one --out both exited 0, and the manifest named the wrong input."""
+    first = StageContext(ToyConfig(output_dir=tmp_path / "o", knob=1))
+    second = StageContext(ToyConfig(output_dir=tmp_path / "o", knob=2))  # checked before the first wrote
+    with first.open():
+        first.complete({})
+    with pytest.raises(UserError, match="another run wrote this folder"), second.open():
+        pass
+    assert read_manifest(tmp_path / "o").status == "complete"

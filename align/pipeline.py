@@ -202,7 +202,8 @@ def _run_stages(cfg, run: Path, from_stage: str | None, present: list[str], main
         failed = None
         if main:
             with dist.solo():
-                gates = _stage_gates(name, st, scfg, run, key, cfg.gate_policy)
+                previous = state["stages"].get(name, {}).get("gates")
+                gates = _stage_gates(name, st, scfg, run, key, cfg.gate_policy, previous)
             state["stages"][name]["gates"] = gates
             atomic_write_json(state_path, state)
             failed = [g for g in gates if not g["passed"]]
@@ -289,8 +290,12 @@ def _plan_stage(name: str, out: Path, key: str, state: dict, forced: set[str]) -
     return resume
 
 
-def _stage_gates(name: str, st, scfg, run: Path, stage_key_: str, policy: Path) -> list[dict[str, Any]]:
+def _stage_gates(
+    name: str, st, scfg, run: Path, stage_key_: str, policy: Path, state_gates: list | None = None
+) -> list[dict[str, Any]]:
     """Built-in gates of the stage (from its manifest) and the pipeline's gates for it, as summary records.
+    `state_gates`: the summaries pipeline.json holds from the last run (their record hashes: an edited gate.json is
+    run again, never reused).
 
     A pipeline gate is reused only when its key matches: the stage key, the candidate artifact's own manifest key
     and start time (a stage redone with `--from` is a new candidate, even with the same config), the parent and
@@ -300,10 +305,11 @@ def _stage_gates(name: str, st, scfg, run: Path, stage_key_: str, policy: Path) 
     m = read_manifest(out)
     for g in m.gates or []:
         gdir = out / Path(g["report"]).parent
-        r = read_gate(gdir) or GateResult(
+        r = read_gate(gdir, g.get("record_sha256")) or GateResult(
             gate=g["gate"], reasons=[f"{gdir}/gate.json is missing or unreadable"]
         )
         recs.append(_summary(name, r, gdir))
+    recorded = {x["gate"]: x.get("record_sha256") for x in (state_gates or []) if isinstance(x, dict)}
     parent = _sub(st.parent, run) if st.parent else STAGES[name].gate_parent(scfg)
     for gate, overrides in st.gates.items():
         gdir = run / "gates" / f"{name}-{gate}"
@@ -315,6 +321,13 @@ def _stage_gates(name: str, st, scfg, run: Path, stage_key_: str, policy: Path) 
             ).encode()
         ).hexdigest()
         prev = read_gate(gdir)
+        if prev is not None and recorded.get(gate) not in (None, prev.content_sha256()):
+            console.print(
+                f"[yellow]warning[/]: {printable(str(gdir / 'gate.json'))} was changed after this run recorded it; "
+                f"running the {gate} gate again",
+                highlight=False,
+            )
+            prev = None
         if prev is not None and prev.key == gkey:
             console.print(f"[green]✓[/] {name} {gate} gate: up to date ({prev.verdict})")
             r = prev
@@ -352,10 +365,11 @@ def _summary(stage: str, r: GateResult, gdir: Path) -> dict[str, Any]:
         "gate": r.gate,
         "verdict": r.verdict,
         "passed": r.passed,
-        "override": None if r.override is None else r.override.model_dump(),
+        "override": r.override.model_dump() if r.override_holds else None,
         "reasons": r.reasons,
         "report": str(report),
         "seconds": r.seconds,
+        "record_sha256": r.content_sha256(),
     }
 
 
@@ -376,13 +390,21 @@ def write_run_report(run: Path) -> Path:
         m = json.loads((d / "manifest.json").read_text())
         gates = state["stages"].get(name, {}).get("gates")
         if gates is None:
-            gates = []
-            for g in m.get("gates") or []:
-                gdir = d / Path(g["report"]).parent
-                gates.append(_summary(name, read_gate(gdir) or GateResult(gate=g["gate"]), gdir))
+            gates = [{**g, "report": str(d / g["report"])} for g in m.get("gates") or []]
+        gates = [_verified(name, g) for g in gates]
         stages.append((name, m, gates))
         _rewrite_card(name, d, gates, run)
     return render(run, stages)
+
+
+def _verified(stage: str, summary: dict[str, Any]) -> dict[str, Any]:
+    """A gate's summary recomputed from its record as it is now (an override given since counts; a record edited
+    since the run recorded its hash fails, saying so)."""
+    gdir = Path(summary["report"]).parent
+    r = read_gate(gdir, summary.get("record_sha256")) or GateResult(
+        gate=summary.get("gate", "?"), reasons=[f"{gdir}/gate.json is missing or unreadable"]
+    )
+    return _summary(stage, r, gdir)
 
 
 def _rewrite_card(name: str, artifact: Path, gates: list[dict[str, Any]], run: Path) -> None:

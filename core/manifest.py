@@ -173,8 +173,26 @@ def read_manifest(artifact_dir: Path) -> Manifest:
         ) from None
 
 
-def read_gate(gate_dir: Path) -> GateResult | None:
-    """The gate recorded in gate_dir (gate.json), or None when there is none or it cannot be read."""
+def read_gate(gate_dir: Path, expected_sha256: str | None = None) -> GateResult | None:
+    """The gate recorded in gate_dir (gate.json), or None when there is none or it cannot be read. With
+    `expected_sha256` (what a manifest or pipeline.json recorded when the gate ran), a record whose content no
+    longer matches is returned as a failed gate saying so (issue 34 B7: an edited gate.json promoted a stage)."""
+    r = _read_gate(gate_dir)
+    if r is None or expected_sha256 is None or r.content_sha256() == expected_sha256:
+        return r
+    return GateResult(
+        gate=r.gate,
+        candidate=r.candidate,
+        parent=r.parent,
+        reasons=[
+            f"{Path(gate_dir) / 'gate.json'} was changed after align recorded it (content sha256 "
+            f"{r.content_sha256()[:12]}, recorded {expected_sha256[:12]}); its verdict cannot be trusted: run the "
+            "gate again"
+        ],
+    )
+
+
+def _read_gate(gate_dir: Path) -> GateResult | None:
     path = Path(gate_dir) / "gate.json"
     if not path.exists():
         return None

@@ -121,7 +121,7 @@ def gate_records(
     own = [(g, (artifact_dir / Path(g.get("report") or f"gates/{g.get('gate')}/gate.md").parent)
             if artifact_dir is not None else None) for g in m.gates]  # fmt: skip
     for summary, folder in (*own, *run_gates):
-        r = read_gate(folder) if folder is not None else None
+        r = read_gate(folder, summary.get("record_sha256")) if folder is not None else None
         record = {
             "gate": summary.get("gate"),
             "verdict": r.verdict if r is not None else summary.get("verdict"),
@@ -142,7 +142,7 @@ def gate_records(
             ],  # fmt: skip
             "reasons": list(r.reasons if r is not None else summary.get("reasons") or []),
         }
-        override = r.override if r is not None else None
+        override = r.override if r is not None and r.override_holds else None
         if override is not None:
             record["override"] = {"reviewer": override.reviewer, "reason": override.reason}
         out.append(record)

@@ -91,7 +91,7 @@ def print_gate(
 ) -> None:
     """The verdict with the report's path (after `lead`), each check if asked, and the reasons to fail."""
     colour = "green" if gate.passed else "red"
-    label = "OVERRIDDEN" if gate.override is not None else gate.verdict.upper()
+    label = "OVERRIDDEN" if gate.override_holds else gate.verdict.upper()
     con.print(f"{lead}{gate.gate} gate [bold {colour}]{label}[/] ({printable(str(report))})", highlight=False)
     for c in gate.checks if checks else []:
         con.print(
@@ -258,7 +258,7 @@ class StageContext:
         m = read_manifest(self.out)
         gates = []
         for g in m.gates:
-            r = read_gate(self.out / Path(g["report"]).parent)
+            r = read_gate(self.out / Path(g["report"]).parent, g.get("record_sha256"))
             gates.append(r if r is not None else GateResult(gate=g["gate"], reasons=["gate record missing"]))
         return StageResult(self.stage, self.out, "complete", gates)
 
@@ -331,6 +331,8 @@ class StageContext:
                 "verdict": g.verdict,
                 "reasons": g.reasons,
                 "report": f"gates/{g.gate}/gate.md",
+                # the record as written: later readers refuse it once edited (core.manifest.read_gate)
+                "record_sha256": (read_gate(self.out / "gates" / g.gate) or g).content_sha256(),
             }
             for g in gates
         ]

@@ -8,6 +8,8 @@ scored nothing, or produced NaN fails closed by construction.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from typing import Any, Literal
 
@@ -72,6 +74,11 @@ class Override(BaseModel):
     reviewer: str = Field(..., min_length=1)
     reason: str = Field(..., min_length=1)
     at: str
+    record_sha256: str | None = Field(
+        None,
+        description="The content hash of the gate record overridden (GateResult.content_sha256): an override holds "
+        "for that record only, not for an edited one nor for another gate of the same name.",
+    )
 
 
 class GateResult(BaseModel):
@@ -114,8 +121,20 @@ class GateResult(BaseModel):
 
     @property
     def passed(self) -> bool:
-        """Passed, or failed and overridden by a named reviewer with a reason."""
-        return self.verdict == "pass" or self.override is not None
+        """Passed, or failed and overridden by a named reviewer with a reason, for this very record."""
+        return self.verdict == "pass" or self.override_holds
+
+    @property
+    def override_holds(self) -> bool:
+        """An override counts only for the record it names (a record edited since, or an override copied from
+        another record, promotes nothing)."""
+        return self.override is not None and self.override.record_sha256 == self.content_sha256()
+
+    def content_sha256(self) -> str:
+        """sha256 of the record without its override: what a manifest, pipeline.json and an override name. Any
+        edit of a check, limit, reason, candidate or policy changes it."""
+        body = self.model_dump(mode="json", exclude={"override"})
+        return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
     def fail(self, reason: str) -> None:
         """Record a reason to fail (and so fail the gate)."""

@@ -94,18 +94,31 @@ def override_gate(gate_dir: Path, reviewer: str, reason: str) -> GateResult:
         raise UserError("an override needs a named reviewer and a reason")
     if r.verdict == "pass":
         raise UserError(f"{gate_dir}: the gate passed; there is nothing to override")
-    r.override = Override(reviewer=reviewer.strip(), reason=reason.strip(), at=now())
+    r.override = Override(
+        reviewer=reviewer.strip(), reason=reason.strip(), at=now(), record_sha256=r.content_sha256()
+    )
     write_gate(r, gate_dir)
-    cand = Path(str(r.candidate or ""))
-    if not (cand / "manifest.json").exists():  # a stage's built-in gate: <artifact>/gates/<name>/
-        cand = gate_dir.parent.parent
-    if (cand / "manifest.json").exists():
+    cand = _overridden_artifact(gate_dir, r)
+    if cand is not None:
         data = json.loads((cand / "manifest.json").read_text())
         data.setdefault("overrides", []).append(
             {"gate": r.gate, "gate_dir": str(gate_dir), **r.override.model_dump()}
         )
         atomic_write_json(cand / "manifest.json", data)
     return r
+
+
+def _overridden_artifact(gate_dir: Path, r: GateResult) -> Path | None:
+    """The artifact whose manifest records the override: the one that holds this gate folder (a stage's own gate,
+    <artifact>/gates/<name>/), or the candidate of a pipeline gate in the same run (<run>/gates/<stage>-<gate>/).
+    A gate.json elsewhere that merely names an artifact as its candidate touches no manifest (issue 34 B8)."""
+    own = gate_dir.parent.parent
+    if gate_dir.parent.name == "gates" and (own / "manifest.json").exists():
+        return own
+    cand = Path(str(r.candidate or ""))
+    if (cand / "manifest.json").exists() and cand.resolve().parent == gate_dir.resolve().parent.parent:
+        return cand
+    return None
 
 
 # ==========================================================================================================

@@ -69,8 +69,10 @@ def as_result(r: GateResult | dict[str, Any]) -> GateResult:
 
 def verdict_label(r: GateResult) -> tuple[str, str]:
     """(css class, text) of the banner: an override is shown as such, never as a plain pass."""
-    if r.override is not None:
+    if r.override_holds:
         return "overridden", f"FAIL, OVERRIDDEN by {r.override.reviewer}"
+    if r.override is not None:  # given for another version of this record: it promotes nothing
+        return "fail", "FAIL (the recorded override was for another version of this record)"
     return r.verdict, r.verdict.upper()
 
 
@@ -92,6 +94,7 @@ def gate_html(r: GateResult | dict[str, Any], images: list[Path] | None = None) 
             css_class=cls,
             css=CSS,
             images=embedded,
+            override_holds=r.override_holds,
         )
     )
 
@@ -107,7 +110,7 @@ def gate_markdown(r: GateResult | dict[str, Any]) -> str:
     lines += [f"- candidate: `{r.candidate}`", f"- parent: `{r.parent}`"]
     lines += [f"- data: `{r.data}`"] if r.data else []
     lines.append("")
-    if r.override is not None:
+    if r.override_holds:
         o = r.override
         lines += [f"**Overridden** by {o.reviewer} on {o.at}: {o.reason}", ""]
     if r.reasons:
@@ -145,6 +148,14 @@ def gate_markdown(r: GateResult | dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def gate_images(r: GateResult, out_dir: Path) -> list[Path]:
+    """The record's images that lie inside its own folder; a name that leads out of it (`../../../etc/hostname`)
+    is never read, so no record can embed another file into its report (issue 34 B8)."""
+    root = Path(out_dir).resolve()
+    inside = [Path(out_dir) / name for name in r.images]
+    return [p for p in inside if p.resolve().parent == root or root in p.resolve().parents]
+
+
 def write_gate_reports(
     r: GateResult | dict[str, Any], out_dir: Path, images: list[Path] | None = None
 ) -> None:
@@ -152,7 +163,7 @@ def write_gate_reports(
     r = as_result(r)
     out_dir = Path(out_dir)
     if images is None:
-        images = [out_dir / name for name in r.images]
+        images = gate_images(r, out_dir)
     atomic_write_text(out_dir / "gate.md", gate_markdown(r))
     atomic_write_text(out_dir / "gate.html", gate_html(r, images))
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -333,8 +334,11 @@ def save(ctx: StageContext, trainer, result, tokenizer, eval_groups: list[dict])
 def _gate(metrics: dict[str, Any], cfg: RewardConfig):
     def evaluate(gate_dir: Path) -> GateResult:
         r = decide_reward_gate(metrics, cfg.gate)
-        if (gate_dir.parent.parent / "calibration.png").exists():
-            r.images = ["../../calibration.png"]
+        if (
+            gate_dir.parent.parent / "calibration.png"
+        ).exists():  # a copy: reports read only their own folder
+            shutil.copyfile(gate_dir.parent.parent / "calibration.png", gate_dir / "calibration.png")
+            r.images = ["calibration.png"]
         return r
 
     return evaluate

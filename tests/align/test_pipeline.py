@@ -183,6 +183,19 @@ def test_failed_gate_stops_the_run_until_a_reviewer_overrides_it(tmp_path, capsy
     gate_html = (run / "gates" / "sft-bias" / "gate.html").read_text()
     assert "Bias gate: FAIL" in gate_html and "above the ceiling 0.01" in gate_html
 
+    # issue 34 B7: gate.json edited into a pass does not promote: the run notices and runs the gate again
+    record = run / "gates" / "sft-bias" / "gate.json"
+    data = json.loads(record.read_text())
+    data["reasons"], data["verdict"] = [], "pass"
+    for c in data["checks"]:
+        c["passed"] = True
+    record.write_text(json.dumps(data))
+    capsys.readouterr()
+    assert main(["report", str(run)]) == 0 and "Run: FAIL" in (run / "report.html").read_text()
+    assert main(["run", "--config", str(p)]) == 1
+    assert "changed after this run recorded it" in capsys.readouterr().err.replace("\n", "")
+    assert not (run / "preferences").exists()
+
     assert main(["gate", "override", str(run / "gates" / "sft-bias"), "--reviewer", "R. Chen", "--reason", "probe ceiling set too low for this run"]) == 0  # fmt: skip
     assert main(["run", "--config", str(p)]) == 0
     assert (run / "preferences" / "manifest.json").exists()

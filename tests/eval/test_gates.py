@@ -3,6 +3,7 @@ import json
 import pytest
 
 from data_schemas.config import PerplexityGateSettings
+from data_schemas.gates import Check, GateResult
 from eval.gates import decide_perplexity, perplexity_ratio_interval, run_perplexity_gate
 from eval.perplexity import PerplexityResult
 from tests.conftest import EXAMPLES
@@ -80,3 +81,58 @@ def test_gate_fails_on_noised_model_and_passes_on_same(tmp_path, tiny_model_path
     assert same.verdict == "pass" and same.metrics["ratio"] == pytest.approx(1.0)
     worse = run_perplexity_gate(str(noisy), str(tiny_model_path), data, s, tmp_path / "b")
     assert worse.verdict == "fail" and worse.metrics["ratio"] > 1.0
+
+
+# ---- records that cannot be edited into a pass (issue 34 B7, B8) ----------------------------------------------
+def _failed_record(tmp_path):
+    from eval.gates import write_gate
+
+    r = GateResult(
+        gate="toy", checks=[Check(metric="m", candidate=2.0, parent=1.0, limit="<= 1", passed=False)]
+    )
+    write_gate(r, tmp_path / "g")
+    return r, tmp_path / "g"
+
+
+def test_an_edited_gate_record_is_a_failed_gate_saying_so(tmp_path):
+    from core.manifest import read_gate
+
+    r, gdir = _failed_record(tmp_path)
+    recorded = r.content_sha256()
+    data = json.loads((gdir / "gate.json").read_text())
+    data["reasons"], data["checks"][0]["passed"], data["verdict"] = [], True, "pass"  # the hand edit of B7
+    (gdir / "gate.json").write_text(json.dumps(data))
+    assert read_gate(gdir).passed  # unchecked, the edit would promote
+    checked = read_gate(gdir, recorded)
+    assert not checked.passed and "was changed after align recorded it" in checked.reasons[0]
+
+
+def test_an_override_holds_for_its_record_only(tmp_path):
+    from core.manifest import read_gate
+    from eval.gates import override_gate
+
+    r, gdir = _failed_record(tmp_path)
+    assert override_gate(gdir, "QA", "accepted").passed
+    data = json.loads((gdir / "gate.json").read_text())
+    assert data["override"]["record_sha256"] == r.content_sha256()
+    data["checks"][0]["candidate"] = 5.0  # worse, after the override
+    (gdir / "gate.json").write_text(json.dumps(data))
+    edited = read_gate(gdir)
+    assert edited.override is not None and not edited.passed
+    from eval.report import gate_html
+
+    assert "another version of this record" in gate_html(edited)
+
+
+def test_report_images_are_read_from_the_gate_folder_only(tmp_path):
+    import base64
+
+    from eval.gates import write_gate
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("top secret host name")
+    r = GateResult(gate="toy", checks=[Check(metric="m", candidate=1.0, passed=True)])
+    r.images = ["../secret.txt", str(secret)]
+    write_gate(r, tmp_path / "g")
+    html = (tmp_path / "g" / "gate.html").read_text()
+    assert base64.b64encode(secret.read_bytes()).decode() not in html

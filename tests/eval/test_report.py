@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from data_schemas.gates import GateResult
 from eval.report import gate_html, gate_markdown, write_gate_reports
 
 
@@ -53,11 +54,13 @@ def test_verdict_first_and_user_text_escaped():
 
 
 def test_override_is_shown_as_an_override_never_as_a_pass():
-    page = gate_html(
-        _result(override={"reviewer": "R. Chen", "reason": "known probe issue", "at": "2026-11-22"})
-    )
+    failed = GateResult.model_validate(_result())
+    o = {"reviewer": "R. Chen", "reason": "known probe issue", "at": "2026-11-22"}
+    page = gate_html({**_result(), "override": {**o, "record_sha256": failed.content_sha256()}})
     assert "FAIL, OVERRIDDEN by R. Chen" in page and "known probe issue" in page
     assert "Bias gate: PASS" not in page
+    void = gate_html(_result(override=o))  # an override that names no record (or another) is not in force
+    assert "OVERRIDDEN" not in void and "another version of this record" in void
 
 
 def _chromium():

@@ -183,20 +183,40 @@ def test_plackett_luce_and_bradley_terry_train(tmp_path, prefs):
 
 
 def test_a_reward_model_that_failed_its_gate_warns_where_it_is_used(trained, tmp_path, capsys):
+    """The warning reads the artifact's own gate record, checked against the hash its manifest holds: an override
+    recorded in an unrelated folder that names this artifact silences nothing (issue 34 B8), an edited record
+    warns, and the reviewer's override of the record itself does silence it."""
     import shutil
 
+    from core.manifest import read_gate
+    from eval.gates import write_gate
     from lib.reward_model import RewardScorer
 
     failed = tmp_path / "failed"
     shutil.copytree(trained, failed)
+    gdir = failed / "gates" / "reward"
+    r = read_gate(gdir)
+    r.fail("held-out accuracy 0.400 is below the required 0.550")
+    write_gate(r, gdir)
     m = json.loads((failed / "manifest.json").read_text())
-    m["gates"][0].update(
-        {"verdict": "fail", "reasons": ["held-out accuracy 0.400 is below the required 0.550"]}
-    )
+    m["gates"][0].update({"verdict": "fail", "reasons": r.reasons, "record_sha256": r.content_sha256()})
     (failed / "manifest.json").write_text(json.dumps(m))
-    capsys.readouterr()
-    RewardScorer(failed)
-    err = " ".join(capsys.readouterr().err.split())  # the console wraps long lines
-    assert "FAILED its reward gate" in err and "0.400" in err
-    RewardScorer(trained)  # a passed gate: no warning
-    assert "FAILED" not in capsys.readouterr().err
+
+    def warned(artifact) -> str:
+        capsys.readouterr()
+        RewardScorer(artifact)
+        return " ".join(capsys.readouterr().err.split())  # the console wraps long lines
+
+    assert "FAILED its reward gate" in warned(failed) and "0.400" in warned(failed)
+    decoy = tmp_path / "elsewhere" / "gates" / "reward"
+    write_gate(r.model_copy(update={"candidate": str(failed)}), decoy)
+    assert main(["gate", "override", str(decoy), "--reviewer", "anyone", "--reason", "decoy"]) == 0
+    assert json.loads((failed / "manifest.json").read_text())["overrides"] == []  # no manifest touched
+    assert "FAILED its reward gate" in warned(failed)
+    assert main(["gate", "override", str(gdir), "--reviewer", "QA", "--reason", "accepted"]) == 0
+    assert "FAILED" not in warned(failed)  # the record's own override
+    edited = json.loads((gdir / "gate.json").read_text())
+    edited["checks"][0]["candidate"] = 0.99  # an edit after the override voids it
+    (gdir / "gate.json").write_text(json.dumps(edited))
+    assert "was changed after align recorded it" in warned(failed)
+    assert "FAILED" not in warned(trained)  # a passed gate: no warning

@@ -4,6 +4,7 @@ judgments."""
 import contextlib
 import json
 import shutil
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -11,12 +12,18 @@ from typing import Any
 from pydantic import ValidationError
 
 from align.annotate.desk import Desk
-from align.annotate.folder import ANNOTATIONS, _cut_torn_tail
+from align.annotate.folder import ANNOTATIONS, read_jsonl
 from align.annotate.sampler import Prompt, Sampler, read_prompts
 from align.annotate.tokens import add_annotator
 from align.annotate.web import make_app
 from core.config import UserError
-from core.manifest import atomic_write_json, atomic_write_text, read_manifest, sha256_path
+from core.manifest import (
+    atomic_write_json,
+    atomic_write_text,
+    read_manifest,
+    refuse_overwriting_input,
+    sha256_path,
+)
 from core.readers import LoadReport, describe_row_error
 from data_schemas.config import SessionSettings
 from lib.rankings import read_rankings, summarise
@@ -97,6 +104,8 @@ def serve(d: Path, settings: SessionSettings, prompts: list[Prompt], host: str, 
         log(
             f"rankings.jsonl: cut a torn last line ({desk.log.torn_bytes} bytes, a judgment being written at a crash)"
         )
+    for problem in desk.problems:
+        log(f"warning: {problem} (every whole judgment is kept)")
     desk.sampler = Sampler(d, settings, prompts, on_sample=desk.add_sample)
     if desk.sampler.todo:
         threading.Thread(target=_quietly(desk.sampler.run), name="align-sampler", daemon=True).start()
@@ -134,14 +143,22 @@ def export(d: Path, to: Path) -> dict[str, Any]:
     src = Path(d) / "rankings.jsonl"
     if not src.exists() or not src.stat().st_size:
         raise UserError(f"{src}: no judgments yet")
-    _cut_torn_tail(src)
-    rs = read_rankings([src])
+    refuse_overwriting_input(Path(to), [src])
+    # a snapshot under the log's shared lock: a live server's append is whole in it or absent, never cut (B4)
+    problems: list[str] = []
+    rows = read_jsonl(src, problems)
+    for p in problems:
+        print(
+            f"warning: {p}", file=sys.stderr
+        )  # a damaged line is named and left out; every whole one exported
+    if not rows:
+        raise UserError(f"{src}: no whole judgment to export")
+    atomic_write_text(Path(to), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    rs = read_rankings([Path(to)])
     if rs.report.problems:
         raise UserError(
             f"{src}: {len(rs.report.problems)} line(s) fail the ranking contract: {rs.report.problems[0]}"
         )
-    text = src.read_text(encoding="utf-8")
-    atomic_write_text(Path(to), text)
     return summarise(rs)
 
 

@@ -65,8 +65,12 @@ class Desk:
         self.log = JsonlLog(self.d / ANNOTATIONS)
         for row in read_jsonl(self.d / "samples.jsonl"):
             self.add_sample(row)
-        for line in self.log.read():
-            self.judged.setdefault(line["prompt_id"], {})[line["annotator"]] = line
+        self.problems: list[str] = []  # damaged lines of the log, named (the organiser is told; none is lost)
+        for line in read_jsonl(self.log.path, self.problems):
+            if isinstance(line.get("prompt_id"), str) and isinstance(line.get("annotator"), str):
+                self.judged.setdefault(line["prompt_id"], {})[line["annotator"]] = line
+            else:
+                self.problems.append(f"{self.log.path}: a line without prompt_id or annotator; skipped")
         self.tokens = Tokens(self.d / "annotators.json")
 
     def add_sample(self, row: dict) -> None:
@@ -87,6 +91,26 @@ class Desk:
     def _wanted_by(self, annotator: str, prompt_id: str) -> bool:
         done = self.judged.get(prompt_id, {})
         return annotator not in done and len(done) < self.settings.overlap
+
+    def _require_assigned(self, annotator: str, prompt_id: str) -> None:
+        """A judgment is taken for the prompt this annotator was handed (`next_for`), while it still wants
+        judgments: never for a prompt leased to someone else or never shown (issue 34 B14: two judgments landed
+        where the overlap was 1). A lease that ran out still counts if nobody took the prompt's last place."""
+        lease = self.leases.get(annotator)
+        if lease is None or lease.prompt_id != prompt_id:
+            raise Refused(
+                409, f"prompt {prompt_id} is not assigned to you; load the next prompt (reload the page)"
+            )
+        if not self._wanted_by(annotator, prompt_id):
+            raise Refused(409, f"prompt {prompt_id} already has the judgments it needs; load the next prompt")
+        if (
+            lease.until <= time.monotonic()
+            and self._open_leases(prompt_id, annotator) + len(self.judged.get(prompt_id, {}))
+            >= self.settings.overlap
+        ):
+            raise Refused(
+                409, f"your time on prompt {prompt_id} ran out and it went to someone else; load the next"
+            )
 
     def next_for(self, annotator: str) -> dict[str, Any]:
         with self.lock:
@@ -150,6 +174,7 @@ class Desk:
                 if previous["ranking"] == ranking and flags_in(previous.get("notes")) == j.flags:
                     return {"saved": False, "progress": self.progress(annotator)}  # a repeated submit
                 raise Refused(409, f"you already judged {j.prompt_id}; a judgment is final once saved")
+            self._require_assigned(annotator, j.prompt_id)
             ids = {r["id"] for r in s["responses"]}
             unknown = sorted(set(j.flags) - ids)
             if unknown:
@@ -169,7 +194,13 @@ class Desk:
                 RankingLine.model_validate(line)  # the contract, before anything is written
             except ValidationError as e:
                 raise Refused(400, describe_row_error(e)[1]) from None
-            self.log.append(line)  # on disk (fsync) before the answer
+            try:
+                self.log.append(line)  # on disk (fsync) before the answer; or nothing on disk, and refused
+            except OSError as e:
+                raise Refused(
+                    507,
+                    f"the judgment could not be saved ({e.strerror or e}); it was not recorded: try again later",
+                ) from None
             self.judged.setdefault(j.prompt_id, {})[annotator] = line
             if self.leases.get(annotator) and self.leases[annotator].prompt_id == j.prompt_id:
                 del self.leases[annotator]

@@ -17,6 +17,7 @@ STATIC = {  # the only files the server hands out: no path from a request ever r
 }
 
 
+MAX_BODY = 64 * 1024  # bytes of a request body: a judgment with a 2,000-character note is under 10 KiB
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
     "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
@@ -35,6 +36,23 @@ def make_app(desk: Desk, allowed_hosts: list[str] | None = None):
 
     app = FastAPI(title="align annotate", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts or ["127.0.0.1", "localhost"])
+
+    @app.middleware("http")
+    async def gatekeeper(request: Request, call_next):
+        """Before any body is read (issue 34 B15: 150-300 MB bodies were read, then refused with 400): the token,
+        a JSON content type (a cross-site `text/plain` POST needs no preflight) and the declared size; a body
+        sent without a size is counted as it arrives and cut off at MAX_BODY."""
+        if request.method == "POST":
+            if desk.tokens.who(_bearer(request)) is None:
+                return JSONResponse({"error": "no valid token: open the link `align annotate add-annotator` "
+                                     "printed for you"}, status_code=401)  # fmt: skip
+            if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+                return JSONResponse({"error": "send the judgment as application/json"}, status_code=415)
+            declared = request.headers.get("content-length")
+            if declared is None or not declared.isdigit() or int(declared) > MAX_BODY:
+                return JSONResponse({"error": f"the body must declare its size, at most {MAX_BODY} bytes"},
+                                    status_code=413)  # fmt: skip
+        return await call_next(request)
 
     @app.middleware("http")
     async def headers(request: Request, call_next):
@@ -62,9 +80,7 @@ def make_app(desk: Desk, allowed_hosts: list[str] | None = None):
         return JSONResponse({"error": exc.message}, status_code=exc.status)
 
     def who(request: Request, role: str = "annotator") -> str:
-        auth = request.headers.get("authorization", "")
-        token = auth[7:].strip() if auth.lower().startswith("bearer ") else None
-        found = desk.tokens.who(token)
+        found = desk.tokens.who(_bearer(request))
         if found is None:
             raise Refused(401, "no valid token: open the link `align annotate add-annotator` printed for you")
         if role == "organiser" and found[1] != "organiser":
@@ -103,3 +119,8 @@ def make_app(desk: Desk, allowed_hosts: list[str] | None = None):
         return desk.stats()
 
     return app
+
+
+def _bearer(request) -> str | None:
+    auth = request.headers.get("authorization", "")
+    return auth[7:].strip() if auth.lower().startswith("bearer ") else None

@@ -242,7 +242,9 @@ def test_concurrent_annotators_lose_no_line(server):
 )
 def test_a_bad_judgment_gets_a_clear_4xx_and_writes_nothing(server, body, status, words):
     base, desk, d = server(n=2)
-    got, answer = Client(base, add_annotator(d, "ann-1")).call("/api/judgments", body)
+    c = Client(base, add_annotator(d, "ann-1"))
+    assert c.call("/api/next")[1]["prompt_id"] == "p0"  # handed out first
+    got, answer = c.call("/api/judgments", body)
     assert got == status and words in answer["error"], answer
     assert (d / "rankings.jsonl").read_text() == ""
 
@@ -251,6 +253,7 @@ def test_a_judgment_is_final_a_repeat_is_harmless_and_hosts_and_paths_are_checke
     base, desk, d = server(n=2)
     c = Client(base, add_annotator(d, "ann-1"))
     body = {"prompt_id": "p0", "ranking": ["r1", "r2", "r3"]}
+    assert c.call("/api/next")[1]["prompt_id"] == "p0"
     assert c.call("/api/judgments", body)[1]["saved"] is True
     assert c.call("/api/judgments", body) == (
         200,
@@ -275,6 +278,8 @@ def test_assignment_overlap_leases_and_a_returning_annotator(tmp_path):
     assert desk.next_for("b")["prompt_id"] == a  # overlap 2: b shares it
     assert desk.next_for("c")["prompt_id"] != a  # two open leases on it already
     desk.leases["c"].until = 0  # c walked away: the lease expires, c's prompt is free again
+    with pytest.raises(Refused, match="not assigned to you"):  # issue 34 B14: only what was handed out
+        desk.submit("c", Submission(prompt_id=a, ranking=["r1", "r2", "r3"]))
     desk.submit("a", Submission(prompt_id=a, ranking=["r1", "r2", "r3"]))
     assert desk.next_for("a")["prompt_id"] != a
     with pytest.raises(Refused) as e:
@@ -286,6 +291,120 @@ def test_assignment_overlap_leases_and_a_returning_annotator(tmp_path):
     many = Desk(tmp_path / "many", write_samples(tmp_path / "many", 1).model_copy(update={"overlap": 10}))
     orders = {tuple(r["id"] for r in many.next_for(x)["responses"]) for x in ("p", "q", "r", "s", "t", "u")}
     assert len(orders) > 1  # the shown order differs between annotators
+
+
+def test_a_prompt_leased_to_another_takes_no_second_judgment_beyond_the_overlap(tmp_path):
+    """Issue 34 B14: with overlap 1, a judgment for the prompt leased to someone else was accepted (two lines)."""
+    d = tmp_path / "ann"
+    desk = Desk(d, write_samples(d, 2).model_copy(update={"overlap": 1}))
+    a = desk.next_for("a")["prompt_id"]
+    assert desk.next_for("b")["prompt_id"] != a
+    with pytest.raises(Refused, match="not assigned to you") as e:
+        desk.submit("b", Submission(prompt_id=a, ranking=["r1", "r2", "r3"]))
+    assert e.value.status == 409
+    desk.submit("a", Submission(prompt_id=a, ranking=["r1", "r2", "r3"]))
+    assert read_rankings([d / "rankings.jsonl"]).report.kept == 1
+
+
+def test_a_write_that_fails_half_way_leaves_no_half_line_and_is_not_acknowledged(tmp_path, monkeypatch):
+    """Issue 34 B3: on a full disk the failed write left a torn line, the next judgment joined it (200, "saved"),
+    and the folder could not be served or exported. Now the half line is cut back and the judgment refused (507)."""
+    d = tmp_path / "ann"
+    desk = Desk(d, write_samples(d, 3).model_copy(update={"overlap": 1}))
+    first = desk.next_for("a")["prompt_id"]
+    desk.submit("a", Submission(prompt_id=first, ranking=["r1", "r2", "r3"]))
+    second = desk.next_for("a")["prompt_id"]
+    real_write = os.write
+
+    def disk_full(fd, data):
+        real_write(fd, bytes(data)[:17])  # part of the line reaches the file, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", disk_full)
+    with pytest.raises(Refused, match="could not be saved") as e:
+        desk.submit("a", Submission(prompt_id=second, ranking=["r2", "r1", "r3"]))
+    assert e.value.status == 507
+    monkeypatch.setattr(os, "write", real_write)
+    desk.submit("a", Submission(prompt_id=second, ranking=["r2", "r1", "r3"]))  # space again: it saves whole
+    lines = (d / "rankings.jsonl").read_text().splitlines()
+    assert [json.loads(x)["prompt_id"] for x in lines] == [first, second]
+    assert Desk(d, desk.settings).progress("a")["done"] == 2  # the folder opens again, nothing lost
+
+
+def test_a_damaged_line_loses_no_other_judgment(tmp_path, capsys):
+    """A line that does not parse (an older align's torn write) is named and skipped: serving and export keep every
+    whole judgment (B3: export exported nothing, serve failed with JSONDecodeError)."""
+    d = tmp_path / "ann"
+    desk = Desk(d, write_samples(d, 3).model_copy(update={"overlap": 1}))
+    for _ in range(2):
+        pid = desk.next_for("a")["prompt_id"]
+        desk.submit("a", Submission(prompt_id=pid, ranking=["r1", "r2", "r3"]))
+    desk.log.close()
+    good = (d / "rankings.jsonl").read_text().splitlines()
+    (d / "rankings.jsonl").write_text(good[0] + "\n" + '{"prompt_id": "p9", "ann' + good[1] + "\n")
+    again = Desk(d, desk.settings)
+    assert again.progress("a")["done"] == 1 and "rankings.jsonl:2" in again.problems[0]
+    out = tmp_path / "export.jsonl"
+    assert main(["annotate", "export", "--dir", str(d), "--to", str(out)]) == 0
+    assert out.read_text().splitlines() == [good[0]] and "rankings.jsonl:2" in capsys.readouterr().err
+
+
+def test_export_during_appends_loses_no_acknowledged_judgment(tmp_path):
+    """Issue 34 B4: export cut a line a live server was still writing (138 of 1,500 acknowledged judgments lost
+    under 4 writers). Now readers never modify the log and read under its shared lock."""
+    p = tmp_path / "rankings.jsonl"
+    log = JsonlLog(p)
+    stop = threading.Event()
+    written: list[int] = []
+
+    def writer(w: int) -> None:
+        for i in range(150):
+            log.append({"w": w, "i": i, "pad": "x" * 3000})  # lines longer than one pipe buffer
+            written.append(1)
+
+    def reader() -> None:
+        while not stop.is_set():
+            from align.annotate.folder import read_jsonl
+
+            read_jsonl(p)
+
+    readers = [threading.Thread(target=reader) for _ in range(2)]
+    for t in readers:
+        t.start()
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(writer, range(4)))
+    stop.set()
+    for t in readers:
+        t.join()
+    rows = [json.loads(x) for x in p.read_text().splitlines()]
+    assert len(rows) == len(written) == 600 and len({(r["w"], r["i"]) for r in rows}) == 600
+
+
+def test_the_token_and_the_size_are_checked_before_any_body_is_read(server):
+    """Issue 34 B15: a 150-300 MB body was read before the token was checked (400, not 401; RSS +300 MB), and a
+    cross-site text/plain POST needs no preflight."""
+    base, desk, d = server(n=1)
+    token = add_annotator(d, "ann-1")
+    host, port = base.removeprefix("http://").split(":")
+
+    def post(headers: dict, body: bytes = b"") -> int:
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        conn.putrequest("POST", "/api/judgments")
+        for k, v in headers.items():
+            conn.putheader(k, v)
+        conn.endheaders()
+        if body:
+            conn.send(body)
+        status = conn.getresponse().status
+        conn.close()
+        return status
+
+    huge = {"Content-Type": "application/json", "Content-Length": str(200 * 2**20)}
+    assert post(huge) == 401  # no token: refused before a byte of the body
+    assert post({**huge, "Authorization": f"Bearer {token}"}) == 413  # too big: refused on its declared size
+    plain = {"Content-Type": "text/plain", "Content-Length": "2", "Authorization": f"Bearer {token}"}
+    assert post(plain, b"{}") == 415
+    assert (d / "rankings.jsonl").read_text() == ""
 
 
 def test_a_torn_last_line_is_cut_when_the_log_is_opened(tmp_path):

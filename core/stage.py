@@ -120,6 +120,29 @@ def print_export_hint(artifact: Path, con=None) -> None:
     )
 
 
+MODEL_FOLDERS = ("adapter", "model", "merged", "value_head")
+
+
+def require_finite_weights(out: Path) -> None:
+    """Every tensor the artifact's model folders hold is finite, or one sentence naming the first that is not (the
+    artifact is then 'failed', never 'complete': a diverged run wrote 28 all-NaN adapter tensors and exit 0)."""
+    files = [f for d in MODEL_FOLDERS for f in sorted((Path(out) / d).glob("*.safetensors"))]
+    if not files:
+        return
+    import torch
+    from safetensors import safe_open
+
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():  # noqa: SIM118 - safe_open has keys(), not iteration
+                t = st.get_tensor(name)
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise UserError(
+                        f"{f}: the trained weights are not finite ({name} holds NaN or inf): training diverged; lower "
+                        "train.learning_rate (or raise train.warmup_ratio) and run again"
+                    )
+
+
 def _tracker_safe(fn) -> None:
     """A tracker that cannot take align's record (its server down, its quota spent) is said, not fatal: the artifact
     and its gates are the evidence, the tracker a copy."""
@@ -324,6 +347,7 @@ class StageContext:
             gates = dist.broadcast(None)  # sent once the manifest is written
             return StageResult(self.stage, self.out, "complete", gates)
         assert self.writer is not None, "complete() outside ctx.open()"
+        require_finite_weights(self.out)  # never 'complete' over NaN weights (issue 34 B10)
         gates = list(gates or ())
         self.writer.manifest.gates = [
             {

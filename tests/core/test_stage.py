@@ -154,3 +154,17 @@ def test_two_runs_that_both_found_the_folder_empty_do_not_both_write_it(tmp_path
     with pytest.raises(UserError, match="another run wrote this folder"), second.open():
         pass
     assert read_manifest(tmp_path / "o").status == "complete"
+
+
+def test_non_finite_trained_weights_never_complete(tmp_path):
+    """Issue 34 B10: a run whose adapter tensors were all NaN finished 'complete', exit 0."""
+    import torch
+    from safetensors.torch import save_file
+
+    ctx = StageContext(ToyConfig(output_dir=tmp_path / "n"))
+    with pytest.raises(UserError, match="not finite"), ctx.open():
+        (tmp_path / "n" / "adapter").mkdir()
+        save_file({"a.lora_A.weight": torch.tensor([1.0, float("nan")])},
+                  str(tmp_path / "n" / "adapter" / "adapter_model.safetensors"))  # fmt: skip
+        ctx.complete({})
+    assert read_manifest(tmp_path / "n").status == "failed"

@@ -4,6 +4,7 @@
     align eval perplexity --model REF --data FILE
     align eval generate --model REF --data FILE [--out DIR]
     align eval gate perplexity --candidate REF --parent REF --data FILE --out DIR [--config configs/gates.yaml]
+    align gate override|sign|verify ...
     align model prepare [NAME]
     align export ARTIFACT --to DIR [--adapter [--base NAME]] [--push-to-hub OWNER/NAME] [--gguf]
     align sweep --config configs/sweep.yaml [key=value ...]
@@ -181,6 +182,26 @@ def build_parser() -> argparse.ArgumentParser:
     ov.add_argument("gate_dir", type=Path, help="the folder holding the gate's gate.json")
     ov.add_argument("--reviewer", required=True)
     ov.add_argument("--reason", required=True)
+    sg = go.add_parser(
+        "sign", help="record a reviewer's decision on a run or a gate, bound to the hashes of its evidence"
+    )
+    sg.add_argument("target", type=Path, help="a run folder (pipeline.json) or a gate folder (gate.json)")
+    sg.add_argument("--reviewer", required=True, help="who signs")
+    sg.add_argument("--decision", required=True, choices=["approve", "reject", "conditions"])
+    sg.add_argument("--note", default="", help="conditions or remarks (required with --decision conditions)")
+    sg.add_argument(
+        "--key", type=Path, default=None, help="sign with this SSH private key (ssh-keygen -Y sign)"
+    )
+    vf = go.add_parser(
+        "verify", help="check every sign-off of a run or gate against its evidence as it is now"
+    )
+    vf.add_argument("target", type=Path)
+    vf.add_argument(
+        "--allowed-signers",
+        type=Path,
+        default=None,
+        help="OpenSSH allowed_signers naming each reviewer's key",
+    )
 
     annotate.add_arguments(sub)
 
@@ -392,10 +413,33 @@ def _cmd_report(a) -> int:
 
 
 def _cmd_gate(a) -> int:
+    from eval import signoff
     from eval.gates import override_gate
 
+    if a.gate_command == "sign":
+        rec = signoff.sign(a.target, a.reviewer, a.decision, a.note, a.key)
+        out.print(
+            f"sign-off recorded in {printable(str(a.target / signoff.SIGNOFFS))}: {printable(rec['reviewer'])} "
+            f"{rec['decision']}, {len(rec['evidence'])} files of evidence"
+            + (" (signed with " + printable(str(a.key)) + ")" if a.key else ""),
+            highlight=False,
+        )
+        return 0
+    if a.gate_command == "verify":
+        verdicts = signoff.verify(a.target, a.allowed_signers)
+        if not verdicts:
+            raise UserError(f"{a.target}: no sign-off recorded ({signoff.SIGNOFFS})")
+        for v in verdicts:
+            r = v.record
+            mark = "[green]intact[/]" if v.intact else "[bold red]CHANGED[/]"
+            out.print(
+                f"{mark} {printable(r.get('reviewer'))} {printable(r.get('decision'))} at {printable(r.get('at'))}"
+                f" (signature: {printable(v.signature)}): {printable(v.summary())}",
+                highlight=False,
+            )
+        return 0 if all(v.intact for v in verdicts) else 1
     if a.gate_command != "override":
-        raise UserError("align gate: say what to do: override")
+        raise UserError("align gate: say what to do: override, sign or verify")
     r = override_gate(a.gate_dir, a.reviewer, a.reason)
     out.print(
         f"override recorded: {r.gate} gate in {printable(str(a.gate_dir))} by {printable(r.override.reviewer)}",

@@ -41,6 +41,7 @@ from data_schemas.gates import GateResult
 from eval.registry import GATES, gate_settings
 from eval.registry import gate as gate_row
 from eval.report import write_run_report as render
+from eval.signoff import verify as verify_signoffs
 from stages.registry import ORDER, STAGES
 
 console = Console(stderr=True, soft_wrap=True)  # no line breaks inside paths and commands people copy
@@ -394,7 +395,12 @@ def write_run_report(run: Path) -> Path:
         gates = [_verified(name, g) for g in gates]
         stages.append((name, m, gates))
         _rewrite_card(name, d, gates, run)
-    return render(run, stages)
+    signoffs = [
+        {"reviewer": v.record.get("reviewer"), "decision": v.record.get("decision"), "at": v.record.get("at"),
+         "note": v.record.get("note", ""), "signature": v.signature, "intact": v.intact, "state": v.summary()}
+        for v in verify_signoffs(run)
+    ]  # fmt: skip
+    return render(run, stages, signoffs)
 
 
 def _verified(stage: str, summary: dict[str, Any]) -> dict[str, Any]:

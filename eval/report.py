@@ -188,7 +188,11 @@ def lineage_of(ref: str) -> dict[str, Any]:
 # ==========================================================================================================
 # The run report (align run, align report)
 # ==========================================================================================================
-def write_run_report(run: Path, stages: list[tuple[str, dict[str, Any], list[dict[str, Any]]]]) -> Path:
+def write_run_report(
+    run: Path,
+    stages: list[tuple[str, dict[str, Any], list[dict[str, Any]]]],
+    signoffs: list[dict[str, Any]] | None = None,
+) -> Path:
     """report.html + report.md of a run directory.
 
     stages: (name, manifest as a dict, gate summaries {stage, gate, verdict, passed, override, reasons, report})
@@ -232,7 +236,14 @@ def write_run_report(run: Path, stages: list[tuple[str, dict[str, Any], list[dic
         _env()
         .get_template("run.html.j2")
         .render(
-            label=label, css_class=css_class, css=CSS, run=str(run), when=now(), failed=failed, stages=rows
+            label=label,
+            css_class=css_class,
+            css=CSS,
+            run=str(run),
+            when=now(),
+            failed=failed,
+            stages=rows,
+            signoffs=signoffs or [],
         )
     )
     md = [f"# Run {run}: **{label}**", ""]
@@ -245,6 +256,17 @@ def write_run_report(run: Path, stages: list[tuple[str, dict[str, Any], list[dic
             + ", ".join(f"[{g['gate']}: {g['tag']}]({g['href']})" for g in s["gates"])
             + " |"
         )
+    if signoffs:
+        md += [
+            "",
+            "## Sign-offs",
+            "",
+            "| reviewer | decision | at | note | signature | evidence since |",
+            "|---|---|---|---|---|---|",
+        ]
+        md += [f"| {_md_cell(x['reviewer'])} | {_md_cell(x['decision'])} | {_md_cell(x['at'])} | {_md_cell(x['note'])} "
+               f"| {_md_cell(x['signature'])} | {'' if x['intact'] else '**CHANGED**: '}{_md_cell(x['state'])} |"
+               for x in signoffs]  # fmt: skip
     md += ["", "Reviewer sign-off: ____  Decision: ☐ approve ☐ reject  Date: ____", ""]
     atomic_write_text(run / "report.html", html)
     atomic_write_text(run / "report.md", "\n".join(md))

@@ -38,6 +38,7 @@ from core.plan import estimate, plan_data
 from core.readers import load_instructions
 from core.stage import print_gate, print_skipped
 from data_schemas.config import PipelineConfig, SweepConfig
+from eval import signoff
 from eval.registry import GATES, gate_settings
 from eval.task_metrics import prompts_and_references, task_metrics
 from lib.rankings import CONVERTERS
@@ -413,7 +414,6 @@ def _cmd_report(a) -> int:
 
 
 def _cmd_gate(a) -> int:
-    from eval import signoff
     from eval.gates import override_gate
 
     if a.gate_command == "sign":

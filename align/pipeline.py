@@ -392,7 +392,7 @@ def write_run_report(run: Path) -> Path:
         gates = state["stages"].get(name, {}).get("gates")
         if gates is None:
             gates = [{**g, "report": str(d / g["report"])} for g in m.get("gates") or []]
-        gates = [_verified(name, g) for g in gates]
+        gates = [_verified(name, g, m.get("key")) for g in gates]
         stages.append((name, m, gates))
         _rewrite_card(name, d, gates, run)
     signoffs = [
@@ -403,11 +403,11 @@ def write_run_report(run: Path) -> Path:
     return render(run, stages, signoffs)
 
 
-def _verified(stage: str, summary: dict[str, Any]) -> dict[str, Any]:
+def _verified(stage: str, summary: dict[str, Any], candidate_key: str | None = None) -> dict[str, Any]:
     """A gate's summary recomputed from its record as it is now (an override given since counts; a record edited
     since the run recorded its hash fails, saying so)."""
     gdir = Path(summary["report"]).parent
-    r = read_gate(gdir, summary.get("record_sha256")) or GateResult(
+    r = read_gate(gdir, summary.get("record_sha256"), candidate_key) or GateResult(
         gate=summary.get("gate", "?"), reasons=[f"{gdir}/gate.json is missing or unreadable"]
     )
     return _summary(stage, r, gdir)

@@ -173,11 +173,24 @@ def read_manifest(artifact_dir: Path) -> Manifest:
         ) from None
 
 
-def read_gate(gate_dir: Path, expected_sha256: str | None = None) -> GateResult | None:
+def read_gate(
+    gate_dir: Path, expected_sha256: str | None = None, candidate_key: str | None = None
+) -> GateResult | None:
     """The gate recorded in gate_dir (gate.json), or None when there is none or it cannot be read. With
     `expected_sha256` (what a manifest or pipeline.json recorded when the gate ran), a record whose content no
     longer matches is returned as a failed gate saying so (issue 34 B7: an edited gate.json promoted a stage)."""
     r = _read_gate(gate_dir)
+    judged = ((r.lineage or {}).get("candidate") or {}).get("key") if r is not None else None
+    if r is not None and candidate_key and judged and not candidate_key.startswith(judged):
+        return GateResult(
+            gate=r.gate,
+            candidate=r.candidate,
+            parent=r.parent,
+            reasons=[
+                f"this gate judged another version of its candidate (key {judged}; the artifact is now "
+                f"{candidate_key[:16]}): run the gate again"
+            ],  # fmt: skip
+        )
     if r is None or expected_sha256 is None or r.content_sha256() == expected_sha256:
         return r
     return GateResult(

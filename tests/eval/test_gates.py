@@ -136,3 +136,16 @@ def test_report_images_are_read_from_the_gate_folder_only(tmp_path):
     write_gate(r, tmp_path / "g")
     html = (tmp_path / "g" / "gate.html").read_text()
     assert base64.b64encode(secret.read_bytes()).decode() not in html
+
+
+def test_a_gate_record_binds_its_candidates_key(tmp_path):
+    """A record that judged another version of the artifact (its lineage names another key) is not this one's."""
+    from core.manifest import read_gate
+    from eval.gates import write_gate
+
+    r = GateResult(gate="toy", checks=[Check(metric="m", candidate=1.0, passed=True)],
+                   lineage={"candidate": {"stage": "sft", "key": "a" * 16}})  # fmt: skip
+    write_gate(r, tmp_path / "g")
+    assert read_gate(tmp_path / "g", r.content_sha256(), "a" * 16).passed
+    moved = read_gate(tmp_path / "g", r.content_sha256(), "b" * 16)
+    assert not moved.passed and "another version of its candidate" in moved.reasons[0]

@@ -21,8 +21,9 @@ Design, and why:
   resampled from further seeds: the ranking contract forbids identical responses.
 - **Every judgment is durable before it is acknowledged.** It is validated against the ranking contract, then
   appended with one write(2) on an O_APPEND descriptor and fsync'd under a lock; only then does the server
-  answer 200. A crash loses at most the judgment being made. A torn last line (a crash inside that write) is cut
-  off when the folder is next opened, and said.
+  answer 200. A crash loses at most the judgment being made; a write that fails half-way is cut back and refused.
+  A torn last line (a crash inside that write) is cut off by the writer when the folder is next opened, and said;
+  readers never modify the log (align/annotate/folder.py).
 - **Assignment**: an annotator gets the first prompt they have not judged that still needs judgments (`overlap`
   annotators per prompt, counting the open leases of others). A lease lasts `lease_minutes`: a returning
   annotator sees the prompt they left, and an abandoned prompt goes to someone else.

@@ -223,6 +223,10 @@ class StageContext:
     def _prepare_output_dir(self) -> bool:
         """Create the artifact folder; True when --resume finds it already complete (nothing to do). A non-empty
         folder without --resume is refused: a finished artifact is never overwritten by accident."""
+        if self.out.exists() and not self.out.is_dir():
+            raise UserError(
+                f"{self.out}: is a file, not a folder; the output must be a new or empty folder (never an input)"
+            )
         manifest = self.out / "manifest.json"
         if self.resume and manifest.exists():
             m = read_manifest(self.out)

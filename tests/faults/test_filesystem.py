@@ -104,10 +104,20 @@ def test_hostile_overrides_are_refused_at_once(tmp_path, capsys, override, words
     assert code == 2 and words in err and "internal error" not in err, err
 
 
-def test_an_output_that_is_a_folder_is_refused(tmp_path, capsys):
+def test_an_output_that_is_a_folder_or_the_input_is_refused(tmp_path, capsys):
     code, err = _say(capsys, ["data", "import-rankings", "--from", "hh-rlhf", str(EXAMPLES / "instructions_train.jsonl"),
                               "--out", str(tmp_path)])  # fmt: skip
     assert code == 2 and "is a folder" in err
+    src = tmp_path / "in.jsonl"
+    src.write_text((EXAMPLES / "instructions_train.jsonl").read_text())
+    before = src.read_bytes()
+    for argv in (
+        ["data", "build", str(src), "--out", str(src)],
+        ["data", "build-preferences", str(src), "--out", str(src)],
+    ):
+        code, err = _say(capsys, argv)
+        assert code == 2 and "is a file, not a folder" in err and "internal error" not in err, err
+    assert src.read_bytes() == before
 
 
 @pytest.mark.parametrize("damage", ["empty", "truncated", "huge-header", "config-types"])

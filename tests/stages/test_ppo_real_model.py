@@ -36,5 +36,6 @@ def test_ppo_real_model_vllm_with_reward_artifact(tmp_path, real_sft, real_rewar
     assert code == (0 if all(g["verdict"] == "pass" for g in m["gates"]) else 1)
     policy = json.loads((out / "gates" / "policy" / "gate.json").read_text())
     assert policy["metrics"]["prompts"] == 4 and 0.0 <= policy["metrics"]["length_controlled_win_rate"] <= 1.0
-    meta = export_matches_align(out, tmp_path / "export")  # the stack (SFT merged + PPO LoRA) as one model
+    # the stack (SFT merged + PPO LoRA) as one model: transformers computes align's logits, vLLM serves it
+    meta = export_matches_align(out, tmp_path / "export", vllm=True)
     assert [a["stage"] for a in meta["align"]["lineage"]][-1] == "ppo"

@@ -31,6 +31,7 @@ from core.manifest import (
     now,
     read_gate,
     read_manifest,
+    recorded_gates,
     sha256_path,
 )
 from core.model_card import GENERIC, write_model_card
@@ -138,7 +139,7 @@ def run_pipeline(cfg, from_stage: str | None = None) -> int:
     lock, refusal = None, None
     if main:
         try:
-            lock = run_lock(run, "run directory")
+            lock = run_lock(run, "using this run directory")
         except UserError as e:
             refusal = str(e)
     refusal = dist.broadcast(refusal)
@@ -304,11 +305,7 @@ def _stage_gates(
     out = run / name
     recs = []
     m = read_manifest(out)
-    for g in m.gates or []:
-        gdir = out / Path(g["report"]).parent
-        r = read_gate(gdir, g.get("record_sha256")) or GateResult(
-            gate=g["gate"], reasons=[f"{gdir}/gate.json is missing or unreadable"]
-        )
+    for gdir, r in recorded_gates(out, m):
         recs.append(_summary(name, r, gdir))
     recorded = {x["gate"]: x.get("record_sha256") for x in (state_gates or []) if isinstance(x, dict)}
     parent = _sub(st.parent, run) if st.parent else STAGES[name].gate_parent(scfg)

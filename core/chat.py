@@ -101,14 +101,14 @@ def render(
     Returns ids and labels of equal length (unshifted; the model shifts). Each assistant turn's label span
     covers its content and its end-of-turn marker, so the model learns to stop.
     """
-    ids = _ids(tokenizer, messages, add_generation_prompt=False)
+    ids = chat_ids(tokenizer, messages, add_generation_prompt=False)
     mask = [0] * len(ids)
     if assistant_only:
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            start = len(_ids(tokenizer, messages[:i], add_generation_prompt=True))
-            end = len(_ids(tokenizer, messages[: i + 1], add_generation_prompt=False))
+            start = len(chat_ids(tokenizer, messages[:i], add_generation_prompt=True))
+            end = len(chat_ids(tokenizer, messages[: i + 1], add_generation_prompt=False))
             for j in range(start, min(end, len(ids))):
                 mask[j] = 1
     else:
@@ -149,6 +149,3 @@ def chat_text(tokenizer, messages) -> str:
 @lru_cache(maxsize=16)
 def _specials(tokenizer) -> tuple[str, ...]:
     return tuple(special_strings(tokenizer))
-
-
-_ids = chat_ids  # render() measures each assistant turn's span with the same ids

@@ -182,27 +182,31 @@ def read_gate(
     r = _read_gate(gate_dir)
     judged = ((r.lineage or {}).get("candidate") or {}).get("key") if r is not None else None
     if r is not None and candidate_key and judged and not candidate_key.startswith(judged):
-        return GateResult(
-            gate=r.gate,
-            candidate=r.candidate,
-            parent=r.parent,
-            reasons=[
-                f"this gate judged another version of its candidate (key {judged}; the artifact is now "
-                f"{candidate_key[:16]}): run the gate again"
-            ],  # fmt: skip
-        )
+        return _refused(r, f"this gate judged another version of its candidate (key {judged}; the artifact is now "
+                           f"{candidate_key[:16]}): run the gate again")  # fmt: skip
     if r is None or expected_sha256 is None or r.content_sha256() == expected_sha256:
         return r
-    return GateResult(
-        gate=r.gate,
-        candidate=r.candidate,
-        parent=r.parent,
-        reasons=[
-            f"{Path(gate_dir) / 'gate.json'} was changed after align recorded it (content sha256 "
-            f"{r.content_sha256()[:12]}, recorded {expected_sha256[:12]}); its verdict cannot be trusted: run the "
-            "gate again"
-        ],
-    )
+    return _refused(r, f"{Path(gate_dir) / 'gate.json'} was changed after align recorded it (content sha256 "
+                       f"{r.content_sha256()[:12]}, recorded {expected_sha256[:12]}); its verdict cannot be trusted: "
+                       "run the gate again")  # fmt: skip
+
+
+def _refused(r: GateResult, reason: str) -> GateResult:
+    """A record that cannot be trusted, as a failed gate saying why (its checks and override left behind)."""
+    return GateResult(gate=r.gate, candidate=r.candidate, parent=r.parent, reasons=[reason])
+
+
+def recorded_gates(artifact_dir: Path, m: Manifest) -> list[tuple[Path, GateResult]]:
+    """(folder, record) of each gate an artifact's manifest lists, checked against the content hash it recorded
+    (`read_gate`); a missing or unreadable record is a failed gate saying so."""
+    out = []
+    for g in m.gates:
+        gdir = Path(artifact_dir) / Path(g["report"]).parent
+        r = read_gate(gdir, g.get("record_sha256")) or GateResult(
+            gate=g["gate"], reasons=[f"{gdir}/gate.json is missing or unreadable"]
+        )
+        out.append((gdir, r))
+    return out
 
 
 def _read_gate(gate_dir: Path) -> GateResult | None:

@@ -39,7 +39,15 @@ from rich.console import Console
 
 from core import dist
 from core.config import UserError, dump_config, printable
-from core.manifest import ArtifactWriter, atomic_write_text, now, read_gate, read_manifest, sha256_path
+from core.manifest import (
+    ArtifactWriter,
+    atomic_write_text,
+    now,
+    read_gate,
+    read_manifest,
+    recorded_gates,
+    sha256_path,
+)
 from core.model_card import GENERIC, write_model_card
 from core.plan import check_at_start
 from core.trackers import RunInfo, Tracking, artifact_samples, require_trackers
@@ -282,11 +290,7 @@ class StageContext:
 
     def existing_result(self) -> StageResult:
         """The result of an artifact that is already complete, with the gates its manifest records."""
-        m = read_manifest(self.out)
-        gates = []
-        for g in m.gates:
-            r = read_gate(self.out / Path(g["report"]).parent, g.get("record_sha256"))
-            gates.append(r if r is not None else GateResult(gate=g["gate"], reasons=["gate record missing"]))
+        gates = [r for _, r in recorded_gates(self.out, read_manifest(self.out))]
         return StageResult(self.stage, self.out, "complete", gates)
 
     @contextlib.contextmanager
@@ -302,7 +306,7 @@ class StageContext:
         if not self.is_main:
             yield self
             return
-        lock = _lock(self.out)
+        lock = run_lock(self.out, "writing this folder")  # two writers would interleave checkpoints
         try:
             yield from self._open(inputs, parents, model)
         finally:
@@ -378,9 +382,10 @@ class StageContext:
 LOCK = ".lock"
 
 
-def run_lock(folder: Path, what: str):
-    """An exclusive lock on a folder for as long as the returned handle is open (or the process lives); a second
-    holder is refused in one sentence naming `what`."""
+def run_lock(folder: Path, doing: str):
+    """An exclusive lock on a folder for as long as the returned handle is open (or the process lives): a stage
+    writing its artifact, `align run` using its run directory. A second holder is refused in one sentence saying
+    what the first is `doing`."""
     Path(folder).mkdir(parents=True, exist_ok=True)
     fh = open(Path(folder) / LOCK, "a+")  # noqa: SIM115 - held open for the caller's whole run
     try:
@@ -388,21 +393,7 @@ def run_lock(folder: Path, what: str):
     except BlockingIOError:
         fh.close()
         raise UserError(
-            f"{folder}: another align process is using this {what}; wait for it or choose another"
-        ) from None
-    return fh
-
-
-def _lock(out: Path):
-    """An exclusive lock on the output folder while a stage writes it (released when the stage ends or its process
-    dies): two runs writing one artifact would interleave checkpoints and manifests."""
-    fh = open(out / LOCK, "a+")  # noqa: SIM115 - held open while the stage writes
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.close()
-        raise UserError(
-            f"{out}: another align process is writing this folder; wait for it or choose another"
+            f"{folder}: another align process is {doing}; wait for it or choose another"
         ) from None
     return fh
 

@@ -65,10 +65,6 @@ class ArtifactModel:
     adapter: Path | None = None  # the artifact's own adapter
     weights: Path | None = None  # a full checkpoint folder (SFT's merged/, a full fine-tune's model/)
 
-    @property
-    def stage(self) -> str:
-        return self.manifest.stage
-
 
 def read_artifact(ref: Path) -> ArtifactModel:
     """The recipe of an artifact's model, or a sentence saying why it has none."""

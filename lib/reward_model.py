@@ -21,7 +21,7 @@ import torch
 from core import dist
 from core.chat import chat_ids, chat_messages
 from core.config import UserError, load_config, printable
-from core.manifest import atomic_write_text, read_gate, refuse_overwriting_input, require_complete
+from core.manifest import atomic_write_text, recorded_gates, refuse_overwriting_input, require_complete
 from core.models import choose_precision, load_causal_lm, load_tokenizer, torch_dtype
 from core.packing import SEGMENT_KERNEL, needs_dense_mask, pack, pack_shared_prefix
 from core.readers import LoadReport, iter_rows
@@ -205,13 +205,13 @@ class RewardScorer:
 
         self.dir = Path(artifact_dir)
         manifest = require_complete(self.dir, "reward")
-        for g in manifest.gates:  # from its own records, checked against the hashes its manifest holds
-            r = read_gate(self.dir / Path(g["report"]).parent, g.get("record_sha256"))
-            if r is None or not r.passed:
-                reasons = r.reasons if r is not None else ["its gate record is missing"]
+        for _, r in recorded_gates(
+            self.dir, manifest
+        ):  # its own records, checked against its manifest's hashes
+            if not r.passed:
                 console.print(
-                    f"[bold yellow]warning:[/] reward model {printable(str(self.dir))} FAILED its {g['gate']} gate "
-                    f"({printable('; '.join(reasons))}); its scores may not reflect the annotators' preferences",
+                    f"[bold yellow]warning:[/] reward model {printable(str(self.dir))} FAILED its {r.gate} gate "
+                    f"({printable('; '.join(r.reasons))}); its scores may not reflect the annotators' preferences",
                     highlight=False,
                 )
         cfg = load_config(RewardConfig, self.dir / "config.yaml")

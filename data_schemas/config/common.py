@@ -290,13 +290,19 @@ class RunSettings(_Strict):
         + "), or none. Each must be installed (a missing one is said before the model loads, with its pip line).",
     )
 
+    # the trackers this stage can log through, and how a name outside them is said (PPO narrows both)
+    report_to_choices: ClassVar[tuple[str, ...]] = tuple(TRACKERS)
+    report_to_refusal: ClassVar[str] = "unknown tracker {names}; choose from {choices} or none"
+
     @field_validator("report_to")
     @classmethod
     def _known_trackers(cls, v: list[str]) -> list[str]:
-        unknown = [x for x in v if x not in TRACKERS and x != "none"]
+        unknown = [x for x in v if x not in cls.report_to_choices and x != "none"]
         if unknown:
             raise ValueError(
-                f"unknown tracker {', '.join(unknown)}; choose from {', '.join(TRACKERS)} or none"
+                cls.report_to_refusal.format(
+                    names=", ".join(unknown), choices=", ".join(cls.report_to_choices)
+                )
             )
         return v
 

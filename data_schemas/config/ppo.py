@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
-from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, field_validator, model_validator
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, model_validator
 
 from data_schemas.config.common import (
     AtLeastOne,
@@ -171,16 +171,10 @@ class PPOTrainSettings(RunSettings):
         + ", or none.",
     )
 
-    @field_validator("report_to")
-    @classmethod
-    def _accelerate_trackers(cls, v: list[str]) -> list[str]:
-        other = [x for x in v if x not in PPO_TRACKERS and x != "none"]
-        if other:
-            raise ValueError(
-                f"{', '.join(other)}: PPO logs through accelerate's trackers: choose from {', '.join(PPO_TRACKERS)} "
-                "or none"
-            )
-        return v
+    report_to_choices: ClassVar[tuple[str, ...]] = PPO_TRACKERS
+    report_to_refusal: ClassVar[str] = (
+        "{names}: PPO logs through accelerate's trackers: choose from {choices} or none"
+    )
 
     @model_validator(mode="after")
     def _batches(self) -> PPOTrainSettings:

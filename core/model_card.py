@@ -157,8 +157,9 @@ def applies_to(out_dir: Path | None, config: dict[str, Any]) -> list[str]:
     stack = Path(out_dir) / "stack.json"
     if stack.exists():
         return list(json.loads(stack.read_text()).get("merge", []))
-    if config.get("init_from") and (Path(out_dir) / "adapter").is_dir():
-        return [_relpath(str(Path(config["init_from"]) / "adapter"), out_dir)]
+    init = Path(str(config.get("init_from") or ""))
+    if config.get("init_from") and (Path(out_dir) / "adapter").is_dir() and (init / "adapter").is_dir():
+        return [_relpath(str(init / "adapter"), out_dir)]
     return []
 
 

@@ -351,6 +351,17 @@ def load_causal_lm(cfg: ModelConfig, precision: str, quantization=None):
     return model
 
 
+def load_start(start, precision: str):
+    """The weights a stage starts from (lib.artifacts.Start): its model with its adapters folded in, in order."""
+    model = load_causal_lm(start.model, precision)
+    if start.merge:
+        from peft import PeftModel
+
+        for adapter in start.merge:
+            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return model
+
+
 def weight_files(folder: Path) -> list[Path]:
     """A checkpoint folder's weight files (safetensors, else PyTorch .bin)."""
     return sorted(Path(folder).glob("*.safetensors")) or sorted(Path(folder).glob("*.bin"))

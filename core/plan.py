@@ -152,8 +152,8 @@ class PlanShape:
 
 
 def base_model_name(cfg) -> tuple[str, bool]:
-    """(model, trust_remote_code): the SFT artifact's base where the stage builds on one (init_from), else
-    cfg.model, else align's default model."""
+    """(model, trust_remote_code): the SFT artifact's base where the stage builds on one (init_from), the
+    checkpoint init_from names, else cfg.model, else align's default model."""
     from core.models import DEFAULT_MODEL
 
     model_cfg = getattr(cfg, "model", None)
@@ -163,6 +163,8 @@ def base_model_name(cfg) -> tuple[str, bool]:
         m = read_manifest(Path(init))
         if m.model is not None:
             return m.model.name, trust
+    elif init is not None:  # a checkpoint (folder, alias or hub id)
+        return str(init), trust
     return (model_cfg.name_or_path if model_cfg is not None else DEFAULT_MODEL), trust
 
 

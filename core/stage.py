@@ -120,9 +120,9 @@ def print_verdict(stage: str, artifact: Path, gate: GateResult, summary: str = "
 
 def print_export_hint(artifact: Path, con=None) -> None:
     """How to take a model artifact out of align: its adapters only load correctly through its stack."""
+    adapter = "; --adapter for one PEFT adapter on the base" if (Path(artifact) / "adapter").is_dir() else ""
     (con or console).print(
-        f"  to use it outside align: align export {printable(str(artifact))} --to DIR "
-        "(a whole model; --adapter for one PEFT adapter on the base)",
+        f"  to use it outside align: align export {printable(str(artifact))} --to DIR (a whole model{adapter})",
         highlight=False,
         soft_wrap=True,
     )

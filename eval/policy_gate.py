@@ -349,7 +349,7 @@ def policy_perplexity_gate(out: Path, sft_dir: Path, data: Path, settings):
 
 def policy_gate(
     out: Path,
-    parent: Path,
+    parent: Path | str,
     policy,
     tokenizer,
     prompts: list[list[dict]],
@@ -358,9 +358,11 @@ def policy_gate(
     kl_history: list[float],
     reward_name: str,
     heldout_reward=None,
+    parent_model=None,
 ):
     """The policy gate of a policy artifact (DPO, PPO) against its parent (run_policy_gate), on the pending
-    artifact before it is marked complete. `policy` is the PEFT model whose disabled adapter is the parent;
+    artifact before it is marked complete. `policy` is the PEFT model whose disabled adapter is the parent, or
+    (full-parameter) any model, with `parent_model` holding the parent's weights;
     `reward(prompts, texts, finished) -> list[float]` scores answers (the training reward), `heldout_reward` the
     same for a second reward model. Both models answer every prompt greedily, in batches."""
     from lib.generation import GenerateEngine
@@ -368,8 +370,11 @@ def policy_gate(
     ids = [render_prompt(tokenizer, m) for m in prompts]
     engine = GenerateEngine(policy, tokenizer)
     pol = engine.generate(ids, settings.max_new_tokens, 0.0, 1.0, 0)
-    with policy.disable_adapter():
-        par = engine.generate(ids, settings.max_new_tokens, 0.0, 1.0, 0)
+    if parent_model is not None:
+        par = GenerateEngine(parent_model, tokenizer).generate(ids, settings.max_new_tokens, 0.0, 1.0, 0)
+    else:
+        with policy.disable_adapter():
+            par = engine.generate(ids, settings.max_new_tokens, 0.0, 1.0, 0)
     eos = tokenizer.eos_token_id
 
     def texts(rs):

@@ -40,6 +40,7 @@ from core.model_card import CardInfo, write_export_card
 from core.models import ALIASES, load_tokenizer, resolve_model_path, torch_dtype
 from data_schemas.config import ModelConfig, RewardConfig
 from data_schemas.manifest import Manifest
+from lib.artifacts import resolve_start
 
 # Largest |align - exported| over the probe's logits (fp32 on one machine: a re-association of the same sums).
 TOLERANCE = 1e-3
@@ -82,8 +83,10 @@ def read_artifact(ref: Path) -> ArtifactModel:
     task = json.loads(cfg_adapter.read_text()).get("task_type") if cfg_adapter.exists() else None
     if task == "SEQ_CLS":
         cfg = load_config(RewardConfig, ref / "config.yaml")
-        merged = (Path(cfg.init_from) / "adapter",) if cfg.init_from is not None else ()
+        merged = resolve_start(cfg.init_from).merge if cfg.init_from is not None else ()
         return ArtifactModel(ref, m, "reward", m.model.name, merged, ref / "adapter")
+    if m.stage == "reward" and (ref / "model" / "config.json").exists():  # trained full-parameter
+        return ArtifactModel(ref, m, "reward", m.model.name, weights=ref / "model")
     if (ref / "stack.json").exists():
         stack = json.loads((ref / "stack.json").read_text())
         merged = tuple(ref / a for a in stack.get("merge", []))
@@ -119,8 +122,11 @@ def align_model(a: ArtifactModel, tokenizer):
         from lib.reward_model import build_reward_model
 
         cfg = load_config(RewardConfig, a.dir / "config.yaml")
-        model = PeftModel.from_pretrained(build_reward_model(cfg, tokenizer, "fp32"), a.adapter)
-        model = model.merge_and_unload()
+        if a.weights is not None:
+            model = build_reward_model(cfg, tokenizer, "fp32", weights=a.weights)
+        else:
+            model = PeftModel.from_pretrained(build_reward_model(cfg, tokenizer, "fp32"), a.adapter)
+            model = model.merge_and_unload()
     else:
         model, _, _ = load_for_eval(str(a.dir), precision="fp32", merge=True)
         if is_prompt_learning(model):

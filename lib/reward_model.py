@@ -26,7 +26,8 @@ from core.models import choose_precision, load_causal_lm, load_tokenizer, torch_
 from core.packing import SEGMENT_KERNEL, needs_dense_mask, pack, pack_shared_prefix
 from core.readers import LoadReport, iter_rows
 from core.stage import console, print_skipped
-from data_schemas.config import ModelConfig, RewardConfig
+from data_schemas.config import RewardConfig
+from lib.artifacts import Start, resolve_start
 from lib.rankings import implied_pairs_of
 
 
@@ -122,36 +123,41 @@ def sequence_rewards(model, batch: dict[str, Any]) -> torch.Tensor:
 # ==========================================================================================================
 # Model
 # ==========================================================================================================
-def base_model_config(cfg: RewardConfig) -> tuple[ModelConfig, Path | None]:
-    """The base model to build on: the SFT artifact's base when init_from is set, else cfg.model."""
+def reward_start(cfg: RewardConfig) -> Start:
+    """Where the reward model's trunk starts: init_from (an SFT artifact or any checkpoint) with cfg.model's load
+    settings, else cfg.model itself."""
     if cfg.init_from is None:
-        return cfg.model, None
-    m = require_complete(cfg.init_from, "sft")
-    return cfg.model.model_copy(update={"name_or_path": m.model.name}), Path(cfg.init_from)
+        return Start(cfg.model)
+    return resolve_start(cfg.init_from, like=cfg.model)
 
 
-def build_reward_model(cfg: RewardConfig, tokenizer, precision: str):
-    """Sequence-classification model (scalar head) whose trunk is the base model, with the SFT adapter merged."""
+def build_reward_model(cfg: RewardConfig, tokenizer, precision: str, weights: Path | None = None):
+    """Sequence-classification model (scalar head) whose trunk is the start's weights (an SFT adapter merged in);
+    `weights`: a trained full-parameter reward model's folder (model/), loaded as it was saved."""
     from transformers import AutoModelForSequenceClassification
 
     import core.attention  # noqa: F401 (registers sdpa_segments with transformers)
     from core.models import loading, resolve_model_path, whole_model_load
 
-    base_cfg, sft_dir = base_model_config(cfg)
-    with loading(f"model {base_cfg.name_or_path}"), whole_model_load():
+    start = reward_start(cfg)
+    source = str(weights) if weights is not None else start.model.name_or_path
+    with loading(f"model {source}"), whole_model_load():
         model = AutoModelForSequenceClassification.from_pretrained(
-            resolve_model_path(base_cfg.name_or_path),
+            resolve_model_path(source),
             num_labels=1,
             dtype=torch_dtype(precision),
-            attn_implementation=base_cfg.attn_implementation,
-            trust_remote_code=base_cfg.trust_remote_code,
+            attn_implementation=start.model.attn_implementation,
+            trust_remote_code=start.model.trust_remote_code,
+            revision=None if weights is not None else start.model.revision,
         )
     model.config.pad_token_id = tokenizer.pad_token_id
-    if sft_dir is not None and (sft_dir / "adapter").exists():
+    if weights is None and start.merge:
         from peft import PeftModel
 
-        causal = PeftModel.from_pretrained(load_causal_lm(base_cfg, precision), sft_dir / "adapter")
-        model.model.load_state_dict(causal.merge_and_unload().model.state_dict())
+        causal = load_causal_lm(start.model, precision)
+        for adapter in start.merge:
+            causal = PeftModel.from_pretrained(causal, adapter).merge_and_unload()
+        model.model.load_state_dict(causal.model.state_dict())
     # The scalar head stays in fp32 at every precision (like PPO's value head): bf16 updates of a small, freshly
     # initialised head are mostly rounded away, and sequence_rewards applies it to fp32 hidden states.
     model.score.float()
@@ -215,12 +221,14 @@ class RewardScorer:
                     highlight=False,
                 )
         cfg = load_config(RewardConfig, self.dir / "config.yaml")
-        base_cfg, _ = base_model_config(cfg)
-        self.tokenizer = load_tokenizer(base_cfg)
+        self.tokenizer = load_tokenizer(reward_start(cfg).model)
         self.max_length = cfg.data.max_length
         precision = choose_precision(cfg.precision)
-        model = build_reward_model(cfg, self.tokenizer, precision)
-        self.model = PeftModel.from_pretrained(model, self.dir / "adapter").eval()
+        if (self.dir / "model" / "config.json").exists():  # trained full-parameter
+            self.model = build_reward_model(cfg, self.tokenizer, precision, weights=self.dir / "model").eval()
+        else:
+            model = build_reward_model(cfg, self.tokenizer, precision)
+            self.model = PeftModel.from_pretrained(model, self.dir / "adapter").eval()
         self.model.to(device or dist.device())  # this process's accelerator when there is one
 
     def score(self, prompts: list, responses: list[str], max_batch_tokens: int = 4096) -> list[float]:

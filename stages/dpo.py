@@ -8,8 +8,11 @@ What align adds to a plain DPOTrainer script, and why:
   would let a user message containing "<|im_start|>" become a real control token.
 - Truncation is counted and reported (TRL drops pairs whose prompt fills max_length without saying so).
 - Batches group pairs of similar length (TRL pads every pair in a batch to the longest one).
-- Policy = SFT model + a fresh LoRA, reference = the same weights with the adapter disabled (one copy in memory);
-  or the SFT adapter itself keeps training and a frozen copy of it (adapter "ref") is the reference.
+- The start is an `align sft` artifact or any transformers checkpoint (lib.artifacts.Start). Policy = the start +
+  a fresh adapter, reference = the same weights with the adapter disabled (one copy in memory); or the SFT adapter
+  itself keeps training and a frozen copy of it (adapter "ref") is the reference; or, full-parameter
+  (lora.enabled false), every weight trains and the reference is a frozen second copy of the start, or its
+  log-probs computed once before training (reference=precomputed: one copy held while training).
 """
 
 from __future__ import annotations
@@ -25,14 +28,21 @@ from core import dist
 from core.chat import chat_ids, chat_messages, neutralise, neutralise_messages, render_prompt, special_strings
 from core.config import UserError
 from core.manifest import atomic_write_json, require_complete
-from core.models import load_causal_lm, load_tokenizer, model_identity, peft_config, write_policy_stack
+from core.models import (
+    load_causal_lm,
+    load_start,
+    load_tokenizer,
+    model_identity,
+    peft_config,
+    write_policy_stack,
+)
 from core.packing import BRANCH_KERNELS, needs_dense_mask, row_layout
 from core.readers import LoadReport, iter_rows
 from core.stage import StageContext, StageResult, console, print_skipped, print_verdict
-from data_schemas.config import DPOConfig
+from data_schemas.config import DPOConfig, ModelConfig
 from eval.policy_gate import policy_gate, policy_perplexity_gate, scorer_reward
 from lib import trainer as plumbing  # Trainer plumbing the Trainer stages share
-from lib.artifacts import policy_gate_data, sft_base
+from lib.artifacts import Start, policy_gate_data, resolve_start
 from lib.generation import GenerateEngine
 from lib.logprobs import response_logprob
 from lib.rankings import convert_pairwise, prompt_key, split_of
@@ -115,27 +125,38 @@ def tokenize_pair(tokenizer, row: dict, max_length: int, max_prompt_length: int,
 # ----------------------------------------------------------------------------------------------------------
 # Policy and reference
 # ----------------------------------------------------------------------------------------------------------
-def build_policy(cfg: DPOConfig, precision: str):
-    """(model, peft_config) for TRL. new_adapter: the SFT adapter merged into the weights and a LoRA config for TRL
-    to add (so 'adapter disabled' is exactly the SFT model); continue: the SFT adapter itself, trainable, which TRL
-    copies into a frozen adapter named 'ref' as the reference."""
+def build_policy(cfg: DPOConfig, start: Start, precision: str):
+    """(model, peft_config, reference model) for TRL. new_adapter: the start's weights (an SFT adapter merged in)
+    and an adapter config for TRL to add, so 'adapter disabled' is exactly the start; continue: the SFT adapter
+    itself, trainable, which TRL copies into a frozen adapter named 'ref' as the reference. Full-parameter: the
+    start's weights, all trainable, and (reference=model_copy) a frozen second copy of them; align builds it, since
+    TRL would load the raw checkpoint its config names, without the SFT adapter merged."""
     from peft import PeftModel
 
-    base_cfg, sft_dir = sft_base(cfg.init_from)
-    model = load_causal_lm(base_cfg, precision)
-    if cfg.policy_init == "new_adapter":
-        merged = PeftModel.from_pretrained(model, sft_dir / "adapter").merge_and_unload()
-        return merged, peft_config(cfg.lora, cfg.peft, total_steps=cfg.train.max_steps)
-    return PeftModel.from_pretrained(model, sft_dir / "adapter", is_trainable=True), None
+    if cfg.policy_init == "continue_sft_adapter":
+        if not start.merge:
+            raise UserError(
+                f"policy_init=continue_sft_adapter: init_from {cfg.init_from} has no SFT adapter to continue; use "
+                "policy_init=new_adapter"
+            )
+        model = load_causal_lm(start.model, precision)
+        return PeftModel.from_pretrained(model, start.merge[0], is_trainable=True), None, None
+    model = load_start(start, precision)
+    if cfg.full_parameter:
+        reference = load_start(start, precision).eval() if cfg.reference == "model_copy" else None
+        return model, None, reference
+    return model, peft_config(cfg.lora, cfg.peft, total_steps=cfg.train.max_steps), None
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Sampling-based evaluation: KL(policy || reference) on policy samples, and win rate against SFT
 # ----------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def sample_kl(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, seed: int) -> dict[str, Any]:
+def sample_kl(
+    model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, seed: int, reference=None
+) -> dict[str, Any]:
     """KL estimate = mean over sampled responses y ~ policy of sum_t [log pi(y_t|..) - log pi_ref(y_t|..)]
-    (the reference is the policy with its adapter disabled)."""
+    (the reference is `reference`, else the policy with its adapter disabled)."""
 
     model.eval()
     dev = next(model.parameters()).device
@@ -147,8 +168,11 @@ def sample_kl(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, 
         if resp:
             p, r = torch.tensor([ids], device=dev), torch.tensor([resp], device=dev)
             lp = response_logprob(model, p, r)
-            with model.disable_adapter():
-                lp_ref = response_logprob(model, p, r)
+            if reference is not None:
+                lp_ref = response_logprob(reference, p, r)
+            else:
+                with model.disable_adapter():
+                    lp_ref = response_logprob(model, p, r)
             kls.append(float(lp - lp_ref))
     return {"sampled_prompts": len(prompts), "kl_to_reference": sum(kls) / len(kls) if kls else None}
 
@@ -375,38 +399,39 @@ def run(cfg: DPOConfig, resume: bool = False, force: bool = False, callbacks=())
         return ctx.existing_result()
 
     # 1. Data: pairs -> token ids (chat template once, control tokens neutralised, cuts counted)
-    base_cfg, sft_dir = sft_base(cfg.init_from)
+    start = resolve_start(cfg.init_from)
     gate_data = policy_gate_data(cfg)  # known before training, not after
-    tokenizer = load_tokenizer(base_cfg)
+    tokenizer = load_tokenizer(start.model)
     train, val, val_rows = load_data(cfg, tokenizer, ctx.counts)
 
     # 2. Policy and reference, 3. train, 4. evaluate, write, gate
-    parents = [sft_dir] + ([Path(cfg.data.preferences_dir)] if cfg.data.preferences_dir else [])
+    parents = start.parents + ([Path(cfg.data.preferences_dir)] if cfg.data.preferences_dir else [])
     inputs = [(cfg.data.pairs_file, "pairs")] if cfg.data.pairs_file else []
-    with ctx.open(
-        inputs=inputs, parents=parents, model=model_identity(base_cfg, ctx.precision, adapter="adapter")
-    ):
-        trainer, result, paused = train_policy(cfg, ctx, tokenizer, train, val)
+    folder = "model" if cfg.full_parameter else "adapter"
+    identity = model_identity(start.model, ctx.precision, adapter=None if cfg.full_parameter else "adapter")
+    with ctx.open(inputs=inputs, parents=parents, model=identity):
+        trainer, result, paused = train_policy(cfg, ctx, start, tokenizer, train, val)
         if paused:
             return ctx.paused()
         metrics = heldout_metrics(trainer, result, val, ctx.precision)  # every process (a collective pass)
-        plumbing.save_trained(
-            trainer, ctx.out / "adapter", tokenizer, selected_adapters=["default"]
-        )  # not TRL's "ref"
+        adapters = {} if cfg.full_parameter else {"selected_adapters": ["default"]}  # not TRL's "ref"
+        plumbing.save_trained(trainer, ctx.out / folder, tokenizer, **adapters)
         if not ctx.is_main:
             return ctx.complete(metrics)  # the main process samples, gates and writes
-        policy, prompts = eval_policy(cfg, ctx, trainer, val_rows)
+        policy, reference, prompts = eval_policy(cfg, ctx, start, trainer, val_rows)
         judged = None
         if policy is not None:
             kl_prompts = prompts[: cfg.eval.kl_prompts]
-            metrics.update(sample_kl(policy, tokenizer, kl_prompts, cfg.eval.max_new_tokens, cfg.train.seed))
-            judged = judge_policy(cfg, ctx, policy, tokenizer, prompts, sft_dir, metrics)
-        save(ctx, trainer, sft_dir, metrics)
+            metrics.update(
+                sample_kl(policy, tokenizer, kl_prompts, cfg.eval.max_new_tokens, cfg.train.seed, reference)
+            )
+            judged = judge_policy(cfg, ctx, policy, reference, tokenizer, prompts, start.parent, metrics)
+        save(ctx, trainer, start, metrics)
         # The gate loads its own copies from the artifacts: free the training model and optimizer first.
-        del trainer
+        del trainer, policy, reference
         gc.collect()
-        # Perplexity gate: DPO must not wreck language modelling (candidate vs its SFT parent, same data).
-        gate = policy_perplexity_gate(ctx.out, sft_dir, gate_data, cfg.perplexity_gate)
+        # Perplexity gate: DPO must not wreck language modelling (candidate vs the start, same data).
+        gate = policy_perplexity_gate(ctx.out, start.parent, gate_data, cfg.perplexity_gate)
         acc = metrics.get("heldout_rewards_accuracies")
         if judged is not None:
             print_verdict("dpo", ctx.out, judged, f"win rate vs SFT {metrics.get('win_rate_vs_sft')}")
@@ -438,12 +463,14 @@ def load_data(cfg: DPOConfig, tokenizer, counts: dict[str, Any]):
     return train, val, val_rows
 
 
-def train_policy(cfg: DPOConfig, ctx: StageContext, tokenizer, train: list[dict], val: list[dict]):
+def train_policy(
+    cfg: DPOConfig, ctx: StageContext, start: Start, tokenizer, train: list[dict], val: list[dict]
+):
     """(trainer, train result, paused): TRL's DPOTrainer with align's pair forward and length-grouped batches."""
     from trl import DPOConfig as TRLDPOConfig
 
     t = cfg.train
-    model, adapter = build_policy(cfg, ctx.precision)
+    model, adapter, reference = build_policy(cfg, start, ctx.precision)
     args = TRLDPOConfig(
         **plumbing.trainer_kwargs(
             t, ctx.out, ctx.precision, bool(val), t.per_device_train_batch_size, run_name=ctx.run_name
@@ -464,6 +491,7 @@ def train_policy(cfg: DPOConfig, ctx: StageContext, tokenizer, train: list[dict]
         processing_class=tokenizer,
         callbacks=plumbing.stage_callbacks(ctx, cfg),
         peft_config=adapter,
+        ref_model=reference,
     )
     result, paused = plumbing.train_with_resume(trainer, ctx.out, ctx.resume, t.stop_after_steps)
     return trainer, result, paused
@@ -491,34 +519,46 @@ def heldout_metrics(trainer, result, val, precision: str) -> dict[str, Any]:
     return metrics
 
 
-def eval_policy(cfg: DPOConfig, ctx: StageContext, trainer, val_rows) -> tuple[Any, list[list[dict]]]:
-    """(the trained policy as a PEFT model whose disabled adapter is SFT, the held-out prompts), or (None, []) when
-    there is nothing to sample (main process). Under ZeRO-3 this process holds a shard of the weights, so the
-    policy is read back from the adapter just saved."""
+def eval_policy(
+    cfg: DPOConfig, ctx: StageContext, start: Start, trainer, val_rows
+) -> tuple[Any, Any, list[list[dict]]]:
+    """(the trained policy, its reference, the held-out prompts), or (None, None, []) when there is nothing to
+    sample (main process). The reference is None for an adapter policy (the adapter disabled is the start), else
+    a model holding the start's weights. Under ZeRO-3 this process holds a shard of the weights, so the policy is
+    read back from what was just saved."""
     if not (cfg.eval.prompts and val_rows):
-        return None, []
+        return None, None, []
     if cfg.policy_init == "continue_sft_adapter":
         console.print(
             "[yellow]KL sampling and the policy gate need policy_init=new_adapter (reference = adapter off); "
             "skipped[/]"
         )
-        return None, []
+        return None, None, []
     model = trainer.accelerator.unwrap_model(trainer.model)
-    if plumbing.zero3(trainer):
+    reference = trainer.accelerator.unwrap_model(trainer.ref_model) if trainer.ref_model is not None else None
+    if cfg.full_parameter:
+        if plumbing.zero3(trainer):
+            model = load_causal_lm(ModelConfig(name_or_path=str(ctx.out / "model")), ctx.precision)
+        if reference is None or plumbing.zero3(trainer):  # precomputed, or partitioned
+            reference = load_start(start, ctx.precision)
+        model, reference = model.to(dist.device()), reference.eval().to(dist.device())
+    elif plumbing.zero3(trainer):
         from peft import PeftModel
 
-        merged, _ = build_policy(cfg, ctx.precision)
-        model = PeftModel.from_pretrained(merged, ctx.out / "adapter").to(dist.device())
+        model = PeftModel.from_pretrained(load_start(start, ctx.precision), ctx.out / "adapter")
+        model = model.to(dist.device())
     seen, prompts = set(), []
     for r in val_rows:  # distinct held-out prompts, in order
         key = json.dumps(r["prompt"], sort_keys=True)
         if key not in seen:
             seen.add(key)
             prompts.append(chat_messages(r["prompt"]))
-    return model, prompts[: cfg.eval.prompts]
+    return model, reference, prompts[: cfg.eval.prompts]
 
 
-def judge_policy(cfg: DPOConfig, ctx: StageContext, policy, tokenizer, prompts, sft_dir: Path, metrics: dict):
+def judge_policy(
+    cfg: DPOConfig, ctx: StageContext, policy, reference, tokenizer, prompts, parent: str, metrics: dict
+):
     """The policy gate (lib.trainer.policy_gate) under eval.reward_model, or None with a warning without one."""
     if cfg.eval.reward_model is None:
         console.print(
@@ -529,8 +569,8 @@ def judge_policy(cfg: DPOConfig, ctx: StageContext, policy, tokenizer, prompts, 
         return None
     heldout = cfg.eval.heldout_reward_model
     judged = policy_gate(
-        ctx.out, sft_dir, policy, tokenizer, prompts, scorer_reward(cfg.eval.reward_model), cfg.policy_gate,
-        [metrics["kl_to_reference"]], "reward model", scorer_reward(heldout) if heldout else None,
+        ctx.out, parent, policy, tokenizer, prompts, scorer_reward(cfg.eval.reward_model), cfg.policy_gate,
+        [metrics["kl_to_reference"]], "reward model", scorer_reward(heldout) if heldout else None, reference,
     )  # fmt: skip
     m = judged.metrics
     metrics.update(
@@ -544,9 +584,9 @@ def judge_policy(cfg: DPOConfig, ctx: StageContext, policy, tokenizer, prompts, 
     return judged
 
 
-def save(ctx: StageContext, trainer, sft_dir: Path, metrics: dict[str, Any]) -> None:
-    """stack.json (how to rebuild the policy: base, SFT adapter merged, then adapter/), metrics.json; adapter/ is
-    written before, by every process (`save_trained`)."""
-    merged = [sft_dir / "adapter"] if ctx.cfg.policy_init == "new_adapter" else []
-    write_policy_stack(ctx.out, merged)
+def save(ctx: StageContext, trainer, start: Start, metrics: dict[str, Any]) -> None:
+    """stack.json for an adapter policy (how to rebuild it: the start's model, its adapters merged, then adapter/),
+    metrics.json; adapter/ or model/ is written before, by every process (`save_trained`)."""
+    if not ctx.cfg.full_parameter:
+        write_policy_stack(ctx.out, list(start.merge) if ctx.cfg.policy_init == "new_adapter" else [])
     atomic_write_json(ctx.out / "metrics.json", {**metrics, "log_history": trainer.state.log_history})

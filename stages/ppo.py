@@ -1,7 +1,9 @@
-"""`align ppo`: PPO with a KL penalty to the SFT model, vLLM rollouts and a LoRA policy.
+"""`align ppo`: PPO with a KL penalty to the start (an SFT artifact or any checkpoint), vLLM rollouts, and a LoRA
+or full-parameter policy.
 
 Reads top to bottom: the pure functions, prompts, reward, policy; then `run` (the stage contract, core/stage.py)
-and its named steps: setup (policy = SFT merged + fresh LoRA + value head, optimizer, resume) -> train_loop, each
+and its named steps: setup (policy = the start + fresh LoRA, or all its weights, + value head, optimizer, resume)
+-> train_loop, each
 iteration collect_experience (sample, score, log-probs/values/reference log-probs, GAE: an `Experience`) ->
 ppo_update (clipped epochs) -> sync_weights (to the rollout engine) -> log_iteration -> save_checkpoint; then
 evaluate_and_save (artifact, then the policy gate: win rate vs SFT, length, KL, drift) -> the perplexity
@@ -16,8 +18,10 @@ The algorithm follows Ziegler et al. 2019 ("Fine-Tuning Language Models from Hum
 - fixed or adaptive KL coefficient.
 
 Design choices, and why:
-- Reference = the policy with its adapter disabled: the SFT adapter is merged into the weights first, so the
-  reference is exactly SFT and costs no second copy of the model.
+- Reference = the policy with its adapter disabled: the SFT adapter (if the start is an SFT artifact) is merged
+  into the weights first, so the reference is exactly the start and costs no second copy of the model. A
+  full-parameter policy (lora.enabled false) has no adapter to disable: its reference is a frozen second copy of
+  the start (in eval mode, no gradient, never in the optimizer).
 - Value head = one linear layer on the policy trunk's last hidden state (shared trunk, as in Ziegler et al.):
   one forward gives log-probs and values, which on a CPU or a single GPU halves the cost of a separate critic.
   `vf_coef` keeps value gradients from dominating the LoRA update.
@@ -47,7 +51,7 @@ from core.chat import neutralise_messages, render_prompt, special_strings
 from core.config import UserError, printable
 from core.manifest import atomic_write_json, atomic_write_text, replace_dir
 from core.models import (
-    load_causal_lm,
+    load_start,
     load_tokenizer,
     lora_config,
     model_identity,
@@ -58,7 +62,7 @@ from core.readers import has_split, load_instructions
 from core.stage import StageContext, StageResult, console, print_skipped, print_verdict
 from data_schemas.config import PPOConfig
 from eval.policy_gate import policy_gate, policy_perplexity_gate, scorer_reward
-from lib.artifacts import policy_gate_data, sft_base
+from lib.artifacts import Start, policy_gate_data, resolve_start
 from lib.logprobs import head_logprobs
 from lib.rl import (
     KLController,
@@ -153,22 +157,31 @@ class Reward:
 # ==========================================================================================================
 # Policy with value head
 # ==========================================================================================================
-def build_policy(cfg: PPOConfig, precision: str):
-    """(peft model: SFT merged + fresh LoRA, value head, base checkpoint path)."""
-    from peft import PeftModel, get_peft_model
+def build_policy(cfg: PPOConfig, start: Start, precision: str):
+    """(policy, value head, reference, base checkpoint path). LoRA: the start's weights + a fresh LoRA (a PEFT
+    model), reference None (the adapter disabled); full-parameter: the start's weights, all trainable, and a
+    frozen copy of them as the reference."""
+    from peft import get_peft_model
 
-    base_cfg, sft_dir = sft_base(cfg.init_from)
-    model = load_causal_lm(base_cfg, precision)
-    model = PeftModel.from_pretrained(model, sft_dir / "adapter").merge_and_unload()
+    model = load_start(start, precision)
+    reference = None
     torch.manual_seed(cfg.train.seed)
-    policy = get_peft_model(model, lora_config(cfg.lora))
+    if cfg.lora.enabled:
+        policy = get_peft_model(model, lora_config(cfg.lora))
+    else:
+        policy, reference = model, load_start(start, precision).eval().requires_grad_(False)
     hidden = model.config.hidden_size
     value_head = torch.nn.Linear(
         hidden, 1
     )  # fp32 whatever the policy's precision: values are regression targets
     torch.nn.init.zeros_(value_head.weight)  # start predicting 0: no spurious advantages at step 1
     torch.nn.init.zeros_(value_head.bias)
-    return policy, value_head, resolve_model_path(base_cfg.name_or_path)
+    return policy, value_head, reference, resolve_model_path(start.model.name_or_path)
+
+
+def _trunk(policy):
+    """The transformers model under a PEFT wrapper (or the model itself, full-parameter)."""
+    return policy.get_base_model() if hasattr(policy, "get_base_model") else policy
 
 
 # Response positions whose logits are materialised at once: a 150k vocabulary x 1k positions in fp32 is 600 MB;
@@ -183,7 +196,7 @@ def forward_response(
     batch: input_ids/attention_mask [B, T] (right-padded prompt+response), pos [B, R] = index of the hidden state
     that predicts each response token (the position before it), resp [B, R] the response ids, mask [B, R].
     The LM head runs only where a token is predicted (lib.logprobs.head_logprobs: chunked, fp32)."""
-    base = policy.get_base_model()
+    base = _trunk(policy)
     hidden = base.model(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
     ).last_hidden_state
@@ -196,14 +209,19 @@ def forward_response(
 
 
 class PolicyWithValue(torch.nn.Module):
-    """The LoRA policy and its value head as one module, so that one wrapper (accelerate's DDP) synchronises both
-    and one call gives log-probs, values and entropy. `reference=True` scores with the adapter disabled (= SFT)."""
+    """The policy and its value head as one module, so that one wrapper (accelerate's DDP) synchronises both and
+    one call gives log-probs, values and entropy. `reference=True` scores with the start's weights: the adapter
+    disabled, or the frozen `reference` model of a full-parameter policy (held here so that it moves with the
+    module; it has no gradient, so DDP leaves it alone)."""
 
-    def __init__(self, policy, value_head: torch.nn.Linear):
+    def __init__(self, policy, value_head: torch.nn.Linear, reference=None):
         super().__init__()
-        self.policy, self.value_head = policy, value_head
+        self.policy, self.value_head, self.reference = policy, value_head, reference
 
     def forward(self, batch: dict[str, torch.Tensor], with_values: bool = True, reference: bool = False):
+        if reference and self.reference is not None:
+            self.reference.eval()
+            return forward_response(self.reference, self.value_head, batch, with_values=False)
         if reference:
             with self.policy.disable_adapter():
                 return forward_response(self.policy, self.value_head, batch, with_values=False)
@@ -245,16 +263,16 @@ def run(cfg: PPOConfig, resume: bool = False, force: bool = False, callbacks=())
     ctx = StageContext(cfg, resume, force, STAGES[cfg.stage], callbacks)
     if ctx.finished:
         return ctx.existing_result()
-    base_cfg, sft_dir = sft_base(cfg.init_from)
-    tokenizer = load_tokenizer(base_cfg)
+    start = resolve_start(cfg.init_from)
+    tokenizer = load_tokenizer(start.model)
     gate_data = policy_gate_data(cfg)  # known before training, not after
     train_prompts, held_prompts, counts = load_prompts(cfg, tokenizer)
     ctx.counts.update(counts)
     console.print(f"prompts: {counts['train_prompts']} train / {counts['heldout_prompts']} held out")
-    parents = [sft_dir] + ([Path(cfg.reward.artifact)] if cfg.reward.artifact else [])
-    identity = model_identity(base_cfg, ctx.precision, adapter="adapter")
+    parents = start.parents + ([Path(cfg.reward.artifact)] if cfg.reward.artifact else [])
+    identity = model_identity(start.model, ctx.precision, adapter="adapter" if cfg.lora.enabled else None)
     with ctx.open(inputs=[(cfg.prompts.train_file, "prompts")], parents=parents, model=identity):
-        learner = setup(cfg, ctx)
+        learner = setup(cfg, ctx, start)
         engine = rollout_engine(cfg, learner.policy, tokenizer, learner.base_path, ctx.precision)
         console.print(f"rollout engine: {engine.name}")
         reward = Reward(cfg.reward)
@@ -271,10 +289,10 @@ def run(cfg: PPOConfig, resume: bool = False, force: bool = False, callbacks=())
             return ctx.complete({})
         engine.close()
         del engine
-        metrics, judged = evaluate_and_save(cfg, ctx, learner, reward, tokenizer, held_prompts, sft_dir, used)
+        metrics, judged = evaluate_and_save(cfg, ctx, learner, reward, tokenizer, held_prompts, start, used)
         del learner  # the perplexity gate loads its own copies from the artifacts
         gc.collect()
-        gate = policy_perplexity_gate(ctx.out, sft_dir, gate_data, cfg.perplexity_gate)
+        gate = policy_perplexity_gate(ctx.out, start.parent, gate_data, cfg.perplexity_gate)
         summary = f"mean reward {metrics['reward_mean_first']} -> {metrics['reward_mean_last']}"
         print_verdict("ppo", ctx.out, judged, f"win rate vs SFT {metrics.get('win_rate_vs_sft')}")
         print_verdict("ppo", ctx.out, gate, summary)
@@ -297,11 +315,11 @@ def check_rows(cfg: PPOConfig) -> None:
 
 @dataclass
 class Learner:
-    """What PPO optimises and the state a checkpoint holds: the LoRA policy, its value head, the optimizer, the
-    KL controller, and the iteration reached. `model` is the PolicyWithValue the updates call: wrapped by
-    accelerate (DDP across processes) in the stage, the plain module when built by hand."""
+    """What PPO optimises and the state a checkpoint holds: the policy (LoRA or full-parameter), its value head, the
+    optimizer, the KL controller, and the iteration reached. `model` is the PolicyWithValue the updates call:
+    wrapped by accelerate (DDP across processes) in the stage, the plain module when built by hand."""
 
-    policy: Any  # PEFT model: SFT merged + a fresh LoRA
+    policy: Any  # PEFT model (the start + a fresh LoRA), or the start's model itself (full-parameter)
     value_head: torch.nn.Linear
     opt: torch.optim.Optimizer
     params: list[torch.nn.Parameter]
@@ -310,10 +328,15 @@ class Learner:
     step: int = 0
     model: Any = None  # PolicyWithValue, possibly wrapped (DistributedDataParallel)
     accelerator: Any = None
+    reference: Any = None  # a full-parameter policy's frozen reference (None: the adapter disabled)
 
     def __post_init__(self) -> None:
         if self.model is None:
-            self.model = PolicyWithValue(self.policy, self.value_head)
+            self.model = PolicyWithValue(self.policy, self.value_head, self.reference)
+
+    @property
+    def full_parameter(self) -> bool:
+        return not hasattr(self.policy, "disable_adapter")
 
     @property
     def module(self) -> PolicyWithValue:
@@ -342,7 +365,7 @@ class Experience:
     scores: torch.Tensor  # [B] reward of each response (EOS penalty and clipping applied)
     old_logprobs: torch.Tensor  # [B, R] log pi_old(y_t) under the sampling policy
     old_values: torch.Tensor  # [B, R] V_old(s_t)
-    ref_logprobs: torch.Tensor  # [B, R] log pi_ref(y_t) (adapter disabled = SFT)
+    ref_logprobs: torch.Tensor  # [B, R] log pi_ref(y_t) (the start: adapter disabled, or the frozen copy)
     kl: torch.Tensor  # [B, R] per-token k1 = log pi_old - log pi_ref
     rewards: torch.Tensor  # [B, R] -kl_coef * kl, plus the score at the last token
     advantages: torch.Tensor  # [B, R] GAE (whitened if configured)
@@ -354,7 +377,7 @@ class Experience:
         return self.batch["mask"]
 
 
-def setup(cfg: PPOConfig, ctx: StageContext) -> Learner:
+def setup(cfg: PPOConfig, ctx: StageContext, start: Start) -> Learner:
     """Policy, value head, optimizer and KL controller; restored from the latest checkpoint on --resume (and the
     logs trimmed to it, so the lost iterations are not logged twice)."""
     from accelerate import Accelerator
@@ -368,19 +391,19 @@ def setup(cfg: PPOConfig, ctx: StageContext) -> Learner:
             f"{t.rollout_batch_size * t.group_size}) and train.mini_batch_size ({t.mini_batch_size}) must be "
             f"multiples of the number of processes ({world}): each process takes an equal share"
         )
-    policy, value_head, base_path = build_policy(cfg, ctx.precision)
+    policy, value_head, reference, base_path = build_policy(cfg, start, ctx.precision)
     params = [p for p in policy.parameters() if p.requires_grad] + list(value_head.parameters())
     opt = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
     # One module (policy + value head) prepared by accelerate: moved to this process's device, and wrapped in DDP
     # when there are several processes, so that gradients of both are averaged across them.
-    # DDP, not DeepSpeed, even under an `accelerate launch` DeepSpeed config: the trainable part is a LoRA and a
-    # value head, and the clipping and stepping below are plain torch.
+    # DDP, not DeepSpeed, even under an `accelerate launch` DeepSpeed config: the clipping and stepping below are
+    # plain torch.
     os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
     log_with = [n for n in t.report_to if n != "none"] if ctx.is_main else []
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(), log_with=log_with or None, project_dir=str(ctx.out / "logs")
     )
-    model, opt = accelerator.prepare(PolicyWithValue(policy, value_head), opt)
+    model, opt = accelerator.prepare(PolicyWithValue(policy, value_head, reference), opt)
     learner = Learner(
         policy,
         value_head,
@@ -390,12 +413,18 @@ def setup(cfg: PPOConfig, ctx: StageContext) -> Learner:
         base_path,
         model=model,
         accelerator=accelerator,
+        reference=reference,
     )
     out, ckpts = ctx.out, ctx.out / "checkpoints"
     if ctx.resume and ckpts.exists() and (latest := _latest_checkpoint(ckpts)) is not None:
-        from peft import set_peft_model_state_dict
+        if learner.full_parameter:
+            from safetensors.torch import load_model
 
-        set_peft_model_state_dict(policy, load_file(latest / "adapter.safetensors"))
+            load_model(policy, latest / "policy.safetensors")  # tied weights stored once
+        else:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(policy, load_file(latest / "adapter.safetensors"))
         value_head.load_state_dict(load_file(latest / "value_head.safetensors"))
         opt.load_state_dict(
             torch.load(latest / "optimizer.pt", weights_only=True, map_location=learner.device)
@@ -640,7 +669,7 @@ def ppo_update(cfg: PPOConfig, learner: Learner, exp: Experience) -> dict[str, f
 
 
 def sync_weights(learner: Learner, engine, exp: Experience) -> None:
-    """Push the updated policy (LoRA merged into a copy of the weights) to the rollout engine."""
+    """Push the updated policy (a LoRA merged into a copy of the weights, or all of them) to the rollout engine."""
     ts = time.perf_counter()
     if engine.syncs:  # an engine with weights of its own (generate samples from the training model itself)
         engine.update_weights(merged_state_dict(learner.policy))
@@ -691,10 +720,10 @@ def evaluate_and_save(
     reward,
     tokenizer,
     held_prompts,
-    sft_dir,
+    start: Start,
     rollout_engine: str,
 ):
-    """adapter/, value_head/, stack.json, then the policy gate on the held-out prompts (win rate vs SFT under the
+    """adapter/ and stack.json (model/ when full-parameter), value_head/, then the policy gate on the held-out prompts (win rate vs SFT under the
     training reward, length control, KL over the iterations, drift against reward.heldout_artifact, degeneration;
     gates/policy/), then metrics.json and training.png. Returns (metrics, policy gate)."""
     out = ctx.out
@@ -708,13 +737,15 @@ def evaluate_and_save(
         "precision": ctx.precision,
     }
     _save_policy(out, learner.policy, learner.value_head, tokenizer)
-    write_policy_stack(out, [sft_dir / "adapter"])
+    if not learner.full_parameter:
+        write_policy_stack(out, list(start.merge))
     r = cfg.reward
     name = "reward model" if r.artifact else f"rule reward ({r.rule.kind} {r.rule.text!r})"
     judged = policy_gate(
-        out, sft_dir, learner.policy, tokenizer, held_prompts,
+        out, start.parent, learner.policy, tokenizer, held_prompts,
         lambda prompts, texts, finished: reward(prompts, texts, finished).tolist(), cfg.policy_gate,
         [h["kl"] for h in history], name, scorer_reward(r.heldout_artifact) if r.heldout_artifact else None,
+        learner.reference,
     )  # fmt: skip
     m = judged.metrics
     final.update(
@@ -753,7 +784,8 @@ def _save_policy(out: Path, policy, value_head, tokenizer) -> None:
         p.mkdir(parents=True, exist_ok=True)
         save_file(value_head.state_dict(), str(p / "value_head.safetensors"))
 
-    replace_dir(lambda p: (policy.save_pretrained(p), tokenizer.save_pretrained(p)), out / "adapter")
+    folder = "adapter" if hasattr(policy, "disable_adapter") else "model"  # full-parameter: the whole policy
+    replace_dir(lambda p: (policy.save_pretrained(p), tokenizer.save_pretrained(p)), out / folder)
     replace_dir(save_head, out / "value_head")
 
 
@@ -774,17 +806,21 @@ def _latest_checkpoint(ckpts: Path) -> Path | None:
 
 
 def save_checkpoint(ckpts: Path, learner: Learner) -> None:
-    """The whole resumable state at learner.step (LoRA weights, value head, optimizer, KL coefficient); only the
-    latest is kept. Tensors and numbers only, so it reloads with weights_only."""
+    """The whole resumable state at learner.step (LoRA weights or, full-parameter, every policy weight; value
+    head, optimizer, KL coefficient); only the latest is kept. Tensors and numbers only, so it reloads with
+    weights_only."""
     from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file, save_model
 
     step = learner.step
 
     def save(p: Path) -> None:
         p.mkdir(parents=True, exist_ok=True)
-        adapter = {k: v.contiguous() for k, v in get_peft_model_state_dict(learner.policy).items()}
-        save_file(adapter, str(p / "adapter.safetensors"))
+        if learner.full_parameter:
+            save_model(learner.policy, str(p / "policy.safetensors"))  # tied weights stored once
+        else:
+            adapter = {k: v.contiguous() for k, v in get_peft_model_state_dict(learner.policy).items()}
+            save_file(adapter, str(p / "adapter.safetensors"))
         save_file(learner.value_head.state_dict(), str(p / "value_head.safetensors"))
         torch.save(learner.opt.state_dict(), p / "optimizer.pt")
         (p / "state.json").write_text(json.dumps({"step": step, "kl_coef": learner.kl_ctl.value}))

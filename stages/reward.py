@@ -38,13 +38,14 @@ from data_schemas.gates import GateResult
 from eval.gates import run_gate
 from eval.reward_gate import decide_reward_gate, pairwise_metrics
 from lib import trainer as plumbing  # Trainer plumbing the Trainer stages share
+from lib.artifacts import Start
 from lib.rankings import implied_pairs_of
 from lib.reward_losses import REWARD_LOSSES, centering_penalty, reward_loss
 from lib.reward_model import (
     GroupCollator,
-    base_model_config,
     build_reward_model,
     encode_response,
+    reward_start,
     score_groups,
     sequence_rewards,
 )
@@ -218,17 +219,18 @@ def run(cfg: RewardConfig, resume: bool = False, force: bool = False, callbacks=
         return ctx.existing_result()
 
     # 1. Data
-    base_cfg, sft_dir = base_model_config(cfg)
-    tokenizer = load_tokenizer(base_cfg)
+    start = reward_start(cfg)
+    tokenizer = load_tokenizer(start.model)
     train_examples, eval_groups = load_data(cfg, tokenizer, ctx.counts)
 
     # 2. Model, 3. Train, 4. Evaluate, gate, write
-    parents = [Path(cfg.data.preferences_dir)] + ([sft_dir] if sft_dir else [])
-    with ctx.open(parents=parents, model=model_identity(base_cfg, ctx.precision, adapter="adapter")):
+    parents = [Path(cfg.data.preferences_dir)] + start.parents
+    adapter = "adapter" if cfg.lora.enabled else None
+    with ctx.open(parents=parents, model=model_identity(start.model, ctx.precision, adapter=adapter)):
         trainer, result, paused = train(cfg, ctx, tokenizer, train_examples, eval_groups)
         if paused:
             return ctx.paused()
-        metrics = save(ctx, trainer, result, tokenizer, eval_groups)
+        metrics = save(ctx, trainer, result, tokenizer, eval_groups, start)
         if not ctx.is_main:
             return ctx.complete(metrics)  # the main process gates and writes; this one returns its result
         gate = run_gate("reward", ctx.out, None, cfg.gate, ctx.out / "gates" / "reward", _gate(metrics, cfg))
@@ -309,20 +311,25 @@ def train(
     return trainer, result, paused
 
 
-def save(ctx: StageContext, trainer, result, tokenizer, eval_groups: list[dict]) -> dict[str, Any]:
-    """Held-out metrics, calibration plot, every held-out reward, the adapter, metrics.json."""
+def save(
+    ctx: StageContext, trainer, result, tokenizer, eval_groups: list[dict], start: Start
+) -> dict[str, Any]:
+    """Held-out metrics, calibration plot, every held-out reward, the adapter (model/ when trained full-parameter),
+    metrics.json."""
     out, state = ctx.out, trainer.state
     eval_rewards = trainer.heldout_rewards()
     metrics = pairwise_metrics(eval_groups, eval_rewards) if eval_groups else {"pairs": 0}
     metrics.update(plumbing.training_summary(trainer, result, ctx.precision))
-    plumbing.save_trained(trainer, out / "adapter", tokenizer)  # every process (ZeRO-3 gathers)
+    folder = "adapter" if ctx.cfg.lora.enabled else "model"
+    plumbing.save_trained(trainer, out / folder, tokenizer)  # every process (ZeRO-3 gathers)
     if not ctx.is_main:
         return metrics
     if (
-        ctx.cfg.init_from is not None
+        start.merge and ctx.cfg.lora.enabled
     ):  # trained on the SFT-merged trunk: its config must not name the raw base
-        sft_adapter = Path(ctx.cfg.init_from) / "adapter"
-        mark_stacked_adapter(out / "adapter", [os.path.relpath(sft_adapter.resolve(), out.resolve())])
+        mark_stacked_adapter(
+            out / "adapter", [os.path.relpath(a.resolve(), out.resolve()) for a in start.merge]
+        )
     if eval_groups:
         _plots(eval_groups, eval_rewards, out)
         # every held-out reward, in the validation split's order: reviewers and benchmarks can audit any pair

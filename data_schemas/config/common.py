@@ -368,11 +368,8 @@ class WeightAdapterStage(_Strict):
     )
     peft: PeftSettings = adapter_peft_field()
 
-    # whether the adapter is checked with lora.enabled false too (DPO always trains one)
-    adapter_always: ClassVar[bool] = False
-
     @model_validator(mode="after")
     def _weight_adapter(self) -> WeightAdapterStage:
-        if self.lora.enabled or self.adapter_always:
+        if self.lora.enabled:
             check_adapter_peft(self.peft, self.train)
         return self

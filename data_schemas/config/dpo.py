@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Literal
 
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, model_validator
 
@@ -111,12 +111,12 @@ class PolicyEvalSettings(_Strict):
 class DPOConfig(PolicyStageGates, WeightAdapterStage):
     """`align dpo`: direct preference optimisation (Rafailov et al. 2023) on TRL's DPOTrainer."""
 
-    adapter_always: ClassVar[bool] = True
-
     stage: Literal["dpo"] = Field("dpo", description="Stage name (fixed).")
     output_dir: Path = Field(..., description="Artifact directory.")
     init_from: Path = Field(
-        ..., description="The `align sft` artifact that is both the starting policy and the reference."
+        ...,
+        description="Where the policy starts, and the reference: an `align sft` artifact, or any transformers "
+        "checkpoint (a folder, an alias, or a hub id where there is network).",
     )
     policy_init: Literal["new_adapter", "continue_sft_adapter"] = Field(
         "new_adapter",
@@ -124,8 +124,11 @@ class DPOConfig(PolicyStageGates, WeightAdapterStage):
         "disabled, no second copy of the weights); 'continue_sft_adapter': keep training the SFT adapter (reference = a "
         "frozen copy of that adapter).",
     )
-    reference: Literal["adapter_disabled", "precomputed"] = Field(
-        "adapter_disabled", description="Reference log-probs computed on the fly, or once before training."
+    reference: Literal["adapter_disabled", "model_copy", "precomputed"] = Field(
+        "adapter_disabled",
+        description="Reference log-probs: on the fly with the adapter disabled (an adapter policy; a full-parameter "
+        "one, lora.enabled false, takes model_copy in its place), on the fly from a frozen second copy of the start "
+        "(model_copy), or once before training (precomputed: no second copy held while training).",
     )
     data: DPODataSettings = Field(..., description="Preference pairs.")
     train: DPOTrainSettings = Field(default_factory=DPOTrainSettings, description="Optimisation.")
@@ -133,10 +136,27 @@ class DPOConfig(PolicyStageGates, WeightAdapterStage):
         default_factory=PolicyEvalSettings, description="Sampling-based evaluation."
     )
 
+    @property
+    def full_parameter(self) -> bool:
+        """Every weight of the policy trains (lora.enabled false); else an adapter does."""
+        return not self.lora.enabled and self.policy_init == "new_adapter"
+
     @model_validator(mode="after")
     def _adapter(self) -> DPOConfig:
         if self.policy_init == "continue_sft_adapter" and self.peft.method != "lora":
             raise ValueError(
                 "peft.method applies to policy_init=new_adapter; continue_sft_adapter trains the SFT adapter as it is"
+            )
+        if self.policy_init == "continue_sft_adapter" and not self.lora.enabled:
+            raise ValueError(
+                "policy_init=continue_sft_adapter trains the SFT adapter; with lora.enabled false every weight trains "
+                "(policy_init=new_adapter)"
+            )
+        if self.full_parameter and self.reference == "adapter_disabled":
+            self.reference = "model_copy"  # a full-parameter policy has no adapter to disable
+        if not self.full_parameter and self.reference == "model_copy":
+            raise ValueError(
+                "reference=model_copy is for a full-parameter policy (lora.enabled false); an adapter "
+                "policy's reference is the adapter disabled, or precomputed"
             )
         return self

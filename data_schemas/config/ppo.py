@@ -190,24 +190,24 @@ class PPOTrainSettings(RunSettings):
 
 
 class PPOConfig(PolicyStageGates):
-    """`align ppo`: PPO on a LoRA policy with vLLM rollouts, a reward model (or rule) and a KL penalty."""
+    """`align ppo`: PPO (or a critic-free estimator: GRPO, RLOO) on a LoRA or full-parameter policy with vLLM
+    rollouts, a reward model (or rule) and a KL penalty."""
 
     stage: Literal["ppo"] = Field("ppo", description="Stage name (fixed).")
     output_dir: Path = Field(..., description="Artifact directory.")
     init_from: Path = Field(
         ...,
-        description="The `align sft` artifact: its adapter is merged into the weights and a fresh LoRA trained on "
-        "top, so 'adapter disabled' is exactly the SFT model (the reference; no second copy of the weights).",
+        description="Where the policy starts, and the reference: an `align sft` artifact (its adapter merged into "
+        "the weights) or any transformers checkpoint (a folder, an alias, or a hub id where there is network). "
+        "With a LoRA policy the reference is the adapter disabled (no second copy of the weights); full-parameter, "
+        "a frozen second copy.",
     )
     precision: Precision = precision_field()
     prompts: PPOPromptSettings = Field(..., description="Prompts.")
     reward: PPORewardSettings = Field(..., description="Reward.")
     rollout: RolloutSettings = Field(default_factory=RolloutSettings, description="Sampling.")
-    lora: LoraSettings = Field(default_factory=LoraSettings, description="The policy's LoRA.")
+    lora: LoraSettings = Field(
+        default_factory=LoraSettings,
+        description="The policy's LoRA; lora.enabled false trains every weight of the policy (full-parameter).",
+    )
     train: PPOTrainSettings = Field(default_factory=PPOTrainSettings, description="Optimisation.")
-
-    @model_validator(mode="after")
-    def _lora_only(self) -> PPOConfig:
-        if not self.lora.enabled:
-            raise ValueError("lora.enabled: PPO trains a LoRA policy (the reference is the adapter disabled)")
-        return self

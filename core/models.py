@@ -359,7 +359,8 @@ def load_start(start, precision: str):
 
         for adapter in start.merge:
             model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-        model.requires_grad_(True)  # PEFT froze the weights it merged into; a full-parameter stage trains them
+        # PEFT froze the weights it merged into; a full-parameter stage trains them
+        model.requires_grad_(True)
     return model
 
 

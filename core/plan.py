@@ -149,7 +149,8 @@ class PlanShape:
     scalar_head: bool = False  # a scalar head (trainable, fp32) instead of vocabulary logits: a reward model
     packed_rows: Callable[[Any], bool] = _never  # padding-free rows of up to max(seq_len, 1024) tokens
     engine_gib: Callable[[Any], float | None] = _no_engine  # a rollout engine's KV cache beside the trainer
-    reference_copy: Callable[[Any], bool] = _never  # a frozen second copy of the weights (full-parameter policy)
+    # a frozen second copy of the weights beside the trainer (a full-parameter policy's reference)
+    reference_copy: Callable[[Any], bool] = _never
 
 
 def base_model_name(cfg) -> tuple[str, bool]:

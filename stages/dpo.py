@@ -317,7 +317,9 @@ def _trainer_class():
             # full-parameter policy's frozen reference copy takes it too (its forwards are not counted).
             from peft import PeftModel
 
-            self._route(self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model, True)
+            self._route(
+                self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model, True
+            )
             if self.ref_model is not None:
                 self._route(self.accelerator.unwrap_model(self.ref_model), False)
 

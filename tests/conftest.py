@@ -193,7 +193,11 @@ print("TOKENS", json.dumps(engine.generate([json.loads(sys.argv[2])], int(sys.ar
 
 
 def export_matches_align(
-    artifact: Path, to: Path, vllm: bool = False, new_tokens: int = 8, base: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    artifact: Path,
+    to: Path,
+    vllm: bool = False,
+    new_tokens: int = 8,
+    base: str = "HuggingFaceTB/SmolLM2-135M-Instruct",
 ) -> dict:
     """`align export ARTIFACT --to TO` through the CLI; then the folder, loaded by plain transformers, computes
     align's logits (a policy) or rewards (a reward model) on a conversation the export's own check never saw, and its

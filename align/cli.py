@@ -34,7 +34,17 @@ from align.pipeline import run_pipeline, write_run_report
 from align.sweep import run_sweep
 from core.config import UserError, apply_overrides, load_config, printable, read_yaml, validate
 from core.manifest import atomic_write_json, atomic_write_text
-from core.plan import estimate, plan_data
+from core.plan import (
+    GIB,
+    OFFLOADS,
+    SHARDINGS,
+    cluster_lines,
+    estimate,
+    layout_data,
+    layouts,
+    plan_data,
+    smallest_fit,
+)
 from core.readers import load_instructions
 from core.stage import print_gate, print_skipped
 from data_schemas.config import PipelineConfig, SweepConfig
@@ -96,6 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: the config file's name",
     )
     pl.add_argument("--device", help="cpu or cuda (default: this machine's)")
+    pl.add_argument(
+        "--gpus",
+        type=int,
+        help="plan for up to this many processes (one per GPU): every sharding and offload, per process, and the "
+        "smallest layout that fits",
+    )
+    pl.add_argument(
+        "--gpu-memory", type=float, help="GiB per GPU with --gpus (default: this machine's free memory)"
+    )
+    pl.add_argument(
+        "--sharding", nargs="+", choices=list(SHARDINGS), help="with --gpus: only these shardings"
+    )
+    pl.add_argument("--offload", nargs="+", choices=list(OFFLOADS), help="with --gpus: only these offloads")
     pl.add_argument("--json", action="store_true", help="print JSON only")
     sw = sub.add_parser("sweep", help="hyper-parameter search over a stage's config (Optuna, with pruning)")
     _add_config_args(sw)
@@ -271,7 +294,23 @@ def _cmd_plan(a) -> int:
     if a.stage is None:
         raise UserError(f"align plan: say which stage the config is for: --stage {'|'.join(stages)}")
     cfg = validate(STAGES[a.stage].config_model(), data, str(a.config or "command line"))
-    plan = estimate(cfg, STAGES[a.stage].plan, device=a.device)
+    gpu = (
+        a.gpus is not None and cfg.precision == "auto"
+    )  # planned for GPUs from anywhere: bf16, as they choose
+    device = a.device or ("cuda" if a.gpus is not None else None)
+    plan = estimate(cfg, STAGES[a.stage].plan, device=device, precision="bf16" if gpu else None)
+    if a.gpus is not None:
+        if a.gpus < 1:
+            raise UserError("align plan: --gpus must be at least 1")
+        capacity = a.gpu_memory * GIB if a.gpu_memory is not None else plan.capacity
+        rows = layouts(plan, a.gpus, capacity, a.sharding, a.offload)
+        if a.json:
+            best = smallest_fit(rows)
+            print(json.dumps({**plan_data(plan), "layouts": [layout_data(r) for r in rows],
+                              "smallest_fit": None if best is None else layout_data(best)}))  # fmt: skip
+        else:
+            out.print("\n".join(cluster_lines(plan, rows, a.gpus)), highlight=False)
+        return 0
     if a.json:
         print(json.dumps(plan_data(plan)))
     else:

@@ -32,6 +32,7 @@ from typing import Any
 
 from core.manifest import read_manifest
 from core.partial import trainable_names
+from core.tables import table
 
 GIB = 1024**3
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -47,6 +48,9 @@ class Plan:
     capacity: float | None = None  # bytes available on the device
     params: int = 0
     trainable: int = 0
+    largest_unit: float = (
+        0.0  # bytes of the largest sharding unit (a decoder layer, or the rest: embeddings, head)
+    )
 
     @property
     def total(self) -> float:
@@ -202,6 +206,7 @@ def estimate(cfg, shape: PlanShape, device: str | None = None, precision: str | 
     if shape.scalar_head:
         trainable += mc.hidden_size  # the scalar head, fp32
     weight_bytes = 0.5 + 2 / 64 if method == "qlora" else BYTES[prec]  # NF4 + a bf16 scale per 64 weights
+    unit = largest_unit(model) * weight_bytes
     seqs, seq_len = shape.step(cfg)
     seq_len += virtual
     tokens = seqs * seq_len
@@ -232,7 +237,19 @@ def estimate(cfg, shape: PlanShape, device: str | None = None, precision: str | 
         terms["rollout engine (KV)"] = engine * GIB
     dev = device or _device()
     terms["runtime"] = (0.6 if dev.startswith("cuda") else 1.5) * GIB
-    return Plan(stage, name, prec, dev, terms, _capacity(dev), params, trainable)
+    return Plan(stage, name, prec, dev, terms, _capacity(dev), params, trainable, unit)
+
+
+def largest_unit(model) -> int:
+    """Parameters of the largest unit FSDP2 and ZeRO-3 gather at once: one decoder layer (the longest ModuleList
+    holds them), or everything outside the layers (embeddings, final norm, LM head: the root unit)."""
+    import torch
+
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    layers = max(lists, key=len) if lists else []
+    sizes = [sum(p.numel() for p in layer.parameters()) for layer in layers]
+    total = sum(p.numel() for p in model.parameters())
+    return max([*sizes, total - sum(sizes)])
 
 
 def _device() -> str:
@@ -278,3 +295,139 @@ def plan_data(plan: Plan) -> dict[str, Any]:
             "params": plan.params, "trainable": plan.trainable, "terms_gib": {k: v / GIB for k, v in plan.terms.items()},
             "total_gib": plan.total / GIB, "rule_of_thumb_gib": plan.rule_of_thumb / GIB,
             "capacity_gib": None if plan.capacity is None else plan.capacity / GIB, "fits": plan.fits}  # fmt: skip
+
+
+# ==========================================================================================================
+# Several processes: what one process of N holds under each way of sharding, and the smallest layout that fits
+# ==========================================================================================================
+@dataclass(frozen=True)
+class Sharding:
+    """A way of spreading training state over N processes (one per GPU): which of the weights, gradients and
+    optimizer moments each process holds 1/N of. A process that shards its weights gathers one unit at a time to
+    compute (two in flight: the one in use and the next, prefetched)."""
+
+    name: str
+    help: str
+    weights: bool
+    gradients: bool
+    optimizer: bool
+    how: str  # how align runs it
+
+
+SHARDINGS: dict[str, Sharding] = table(
+    Sharding("ddp", "every process holds every weight, gradient and moment", False, False, False,
+             "--num-processes N"),
+    Sharding("zero2", "DeepSpeed ZeRO-2: gradients and optimizer moments partitioned", False, True, True,
+             "train.deepspeed=configs/deepspeed/zero2.json --num-processes N"),
+    Sharding("zero3", "DeepSpeed ZeRO-3: weights too (a frozen reference copy as well)", True, True, True,
+             "train.deepspeed=configs/deepspeed/zero3.json --num-processes N"),
+    Sharding("fsdp2", "torch FSDP2 (fully_shard): as ZeRO-3", True, True, True, "not yet offered by align"),
+)  # fmt: skip
+
+# Where optimizer moments (and, with sharded weights, the weights) live between steps: the accelerator, or the host.
+OFFLOADS = ("none", "optimizer", "optimizer+weights")
+
+
+@dataclass
+class Layout:
+    """One process of `processes` under `sharding` and `offload`: bytes on its accelerator, term by term, and on
+    the host (offloaded state)."""
+
+    processes: int
+    sharding: str
+    offload: str
+    terms: dict[str, float]
+    host: float
+    capacity: float | None
+
+    @property
+    def total(self) -> float:
+        return sum(self.terms.values())
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.capacity is None else self.total <= self.capacity
+
+
+def layout(
+    plan: Plan, processes: int, sharding: str, offload: str = "none", capacity: float | None = None
+) -> Layout:
+    """What one process holds when `plan` runs in `processes` processes under `sharding` (SHARDINGS) and `offload`
+    (OFFLOADS). Activations, logits, a rollout engine's cache and the runtime are per process whatever the
+    sharding (each process runs its own micro-batch); a frozen reference copy is sharded with the weights."""
+    s, n, t = SHARDINGS[sharding], processes, plan.terms
+    if offload == "optimizer+weights" and not s.weights:
+        raise ValueError(f"{sharding} does not partition the weights; only its optimizer can be offloaded")
+    per = {
+        "weights": t["weights"] / n if s.weights else t["weights"],
+        "gradients": t["gradients"] / n if s.gradients else t["gradients"],
+        "optimizer (AdamW)": t["optimizer (AdamW)"] / n if s.optimizer else t["optimizer (AdamW)"],
+    }
+    host = 0.0
+    if offload in ("optimizer", "optimizer+weights"):
+        host, per["optimizer (AdamW)"] = host + per["optimizer (AdamW)"], 0.0
+    if offload == "optimizer+weights":
+        host, per["weights"] = host + per["weights"], 0.0
+    if s.weights:
+        per["gathered units (2 in flight)"] = 2 * plan.largest_unit
+    if "reference (frozen copy)" in t:
+        per["reference (frozen copy)"] = t["reference (frozen copy)"] / (n if s.weights else 1)
+    for k in ("activations", "logits (fp32)", "rollout engine (KV)", "runtime"):
+        if k in t:
+            per[k] = t[k]
+    return Layout(n, sharding, offload, per, host, capacity)
+
+
+def layouts(plan: Plan, gpus: int, capacity: float | None, shardings=None, offloads=None) -> list[Layout]:
+    """Every layout of 1, 2, 4, ... up to `gpus` processes (and `gpus` itself), in the order a team would try them:
+    fewer processes first, then less sharding, then no offload before offload."""
+    counts = sorted({*(2**k for k in range(gpus.bit_length()) if 2**k <= gpus), gpus})
+    out = []
+    for n in counts:
+        for name, s in SHARDINGS.items():
+            if shardings and name not in shardings:
+                continue
+            for off in OFFLOADS:
+                if (offloads and off not in offloads) or (off == "optimizer+weights" and not s.weights):
+                    continue
+                if n == 1 and name != "ddp":
+                    continue  # one process shards nothing
+                out.append(layout(plan, n, name, off, capacity))
+    return out
+
+
+def smallest_fit(rows: list[Layout]) -> Layout | None:
+    """The first layout that fits, in `layouts` order: the fewest processes, the least sharding, no offload."""
+    return next((r for r in rows if r.fits), None)
+
+
+def cluster_lines(plan: Plan, rows: list[Layout], gpus: int) -> list[str]:
+    cap = rows[0].capacity if rows else None
+    head = (f"{plan.stage}: {plan.model} in {plan.precision}, {plan.params / 1e9:.2f}B parameters, "
+            f"{plan.trainable / 1e6:.1f}M trainable; up to {gpus} processes of "
+            f"{'?' if cap is None else f'{cap / GIB:.0f}'} GiB each")  # fmt: skip
+    out = [head, f"  {'processes':>9}  {'sharding':<8} {'offload':<18} {'per process':>12} {'host':>9}  fits"]
+    for r in rows:
+        fits = "?" if r.fits is None else ("yes" if r.fits else "no")
+        out.append(f"  {r.processes:>9}  {r.sharding:<8} {r.offload:<18} {r.total / GIB:>8.1f} GiB "
+                   f"{r.host / GIB:>5.1f} GiB  {fits}")  # fmt: skip
+    best = smallest_fit(rows)
+    if best is None:
+        out.append(
+            "  nothing fits: more processes, LoRA (lora.enabled=true), a shorter max length or a smaller batch"
+        )
+    else:
+        how = SHARDINGS[best.sharding].how.replace("N", str(best.processes))
+        off = (
+            ""
+            if best.offload == "none"
+            else f", offloading the {best.offload.replace('+', ' and ')} to the host"
+        )
+        out.append(f"  smallest that fits: {best.processes} x {best.sharding}{off} ({how})")
+    return out
+
+
+def layout_data(r: Layout) -> dict[str, Any]:
+    return {"processes": r.processes, "sharding": r.sharding, "offload": r.offload,
+            "terms_gib": {k: v / GIB for k, v in r.terms.items()}, "total_gib": r.total / GIB,
+            "host_gib": r.host / GIB, "fits": r.fits}  # fmt: skip

@@ -119,3 +119,50 @@ def test_a_checkpoint_start_is_planned_as_itself_and_a_full_parameter_reference_
     assert "reference (frozen copy)" not in estimate(PPOConfig(**ppo), STAGES["ppo"].plan, device="cpu").terms
     full_ppo = estimate(PPOConfig(**ppo, lora={"enabled": False}), STAGES["ppo"].plan, device="cpu")
     assert full_ppo.terms["reference (frozen copy)"] == params * 4
+
+
+def test_layouts_per_process_from_hand_counts_and_the_smallest_that_fits(tiny_model_path, capsys):
+    """One process of N holds 1/N of what its sharding partitions, plus two gathered units when the weights are
+    partitioned; activations and the runtime stay whole. The smallest layout that fits is named."""
+    from core.plan import largest_unit, layout, layouts, smallest_fit
+
+    plan = estimate(_cfg(lora={"enabled": False}), SFT, device="cpu")
+    m = meta_model("tiny-random-llama")
+    layer = sum(p.numel() for p in m.model.layers[0].parameters())
+    rest = (
+        sum(p.numel() for p in m.parameters()) - len(m.model.layers) * layer
+    )  # embeddings (tied head), norm
+    assert largest_unit(m) == max(layer, rest) and plan.largest_unit == max(layer, rest) * 4
+    t = plan.terms
+    ddp = layout(plan, 4, "ddp")
+    assert ddp.total == pytest.approx(plan.total)  # DDP replicates everything
+    z2 = layout(plan, 4, "zero2")
+    assert z2.terms["weights"] == t["weights"] and z2.terms["gradients"] == t["gradients"] / 4
+    assert z2.terms["optimizer (AdamW)"] == t["optimizer (AdamW)"] / 4
+    z3 = layout(plan, 4, "zero3", "optimizer")
+    assert z3.terms["weights"] == t["weights"] / 4 and z3.terms["optimizer (AdamW)"] == 0
+    assert (
+        z3.host == t["optimizer (AdamW)"] / 4
+        and z3.terms["gathered units (2 in flight)"] == 2 * plan.largest_unit
+    )
+    assert z3.terms["activations"] == t["activations"] and z3.terms["runtime"] == t["runtime"]
+    with pytest.raises(ValueError, match="does not partition the weights"):
+        layout(plan, 2, "zero2", "optimizer+weights")
+    # the search names the first layout, in its order (fewer processes, less sharding, no offload), that fits
+    rows = layouts(plan, 8, None)
+    assert [r.processes for r in rows] == sorted(r.processes for r in rows) and rows[0].processes == 1
+    cap = (
+        min(r.total for r in rows if r.processes == 2) + 1.0
+    )  # nothing on 1 process fits this, one on 2 does
+    assert all(r.total > cap for r in rows if r.processes == 1)
+    best = smallest_fit(layouts(plan, 8, cap))
+    assert best.processes == 2 and best.total <= cap
+    first = next(r for r in rows if r.total <= cap)
+    assert (best.sharding, best.offload) == (first.sharding, first.offload)
+    args = ["plan", "--config", "configs/sft.yaml", "model.name_or_path=tiny-random-llama", "lora.enabled=false",
+            "precision=fp32", "data.max_length=64", "train.per_device_train_batch_size=2", "--device", "cpu",
+            "--gpus", "8", "--gpu-memory", f"{cap / GIB}", "--json"]  # fmt: skip
+    assert main(args) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert (d["smallest_fit"]["processes"], d["smallest_fit"]["sharding"]) == (2, best.sharding)
+    assert len(d["layouts"]) == len(rows)

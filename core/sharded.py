@@ -1,0 +1,188 @@
+"""Sharded by construction with FSDP2: no process ever holds the whole model.
+
+torch's FSDP2 (`fully_shard`) keeps 1/N of every parameter in each of N processes (a DTensor sharded on its first
+dimension), gathers one unit's weights (a decoder layer; the root: embeddings, final norm, head) just before that
+unit computes, and frees them after; gradients are reduce-scattered back to the shards, and AdamW's moments exist
+only for the shard a process owns. What align adds is the path from a checkpoint on disk to that state and back,
+without a whole copy on the way:
+
+1. **build** (`build`): the model's modules from its config on the meta device (no memory), tied weights tied
+   before sharding (FSDP2 must see one parameter, not two);
+2. **shard**: `fully_shard` on every decoder layer (the longest ModuleList), then on `root` (the model itself, or a
+   module holding it, such as PPO's policy-with-value-head, whose forward then gathers the root unit);
+3. **materialise** (`materialise`): `to_empty` allocates only this process's shards; the non-persistent buffers
+   computed at build (rotary frequencies) are put back;
+4. **load** (`load_checkpoint`): torch.distributed.checkpoint's `HuggingFaceStorageReader` reads from the
+   checkpoint's safetensors files only the slices this process holds;
+5. **resume** (`save_state`, `load_state`): DCP writes model and optimizer state one file per process, and reads it
+   back with no gather (same number of processes);
+6. **consolidate** (`save_consolidated`): `HuggingFaceStorageWriter(save_distributed, enable_consolidation)` writes a
+   plain transformers checkpoint from the shards, slice by slice: no process gathers the model.
+
+Every function is collective: every process of the group calls it, in the same order. The test
+(tests/core/test_sharded.py) runs it in real processes with gloo: the loaded shards compute the checkpoint's
+logits, the consolidated folder equals the checkpoint byte for byte, one sharded AdamW step equals the same step in
+one process, and a resumed state equals the saved one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from core.manifest import replace_dir
+from core.models import loading, resolve_model_path, torch_dtype
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The repeated blocks FSDP2 shards one by one: the longest ModuleList of the model (Llama, Qwen, Mistral,
+    GPT-NeoX, ... all hold their layers in one)."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []
+
+
+def build(
+    name_or_path: str, precision: str, attn_implementation: str = "sdpa", trust_remote_code: bool = False
+):
+    """(model on the meta device, its config), tied weights tied, layers sharded with `fully_shard` (the root is
+    the caller's: `shard_root`)."""
+    from accelerate import init_empty_weights
+    from torch.distributed.fsdp import fully_shard
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import core.attention  # noqa: F401 (registers sdpa_segments with transformers)
+
+    path = resolve_model_path(name_or_path)
+    with loading(f"model {name_or_path}"):
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    config._attn_implementation = attn_implementation
+    with init_empty_weights(include_buffers=False):  # buffers real: the rotary frequencies are computed here
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=torch_dtype(precision), trust_remote_code=trust_remote_code
+        )
+    tie = getattr(config.get_text_config(), "tie_word_embeddings", False)
+    if tie and model.get_output_embeddings() is not None:
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    model._align_buffers = {n: b.clone() for n, b in model.named_buffers()}
+    model._align_source = path
+    for layer in decoder_layers(model):
+        fully_shard(layer)
+    return model
+
+
+def shard_root(root: torch.nn.Module) -> torch.nn.Module:
+    """`fully_shard` on the root: what no layer holds (embeddings, final norm, head, a value head) is its unit."""
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(root)
+    return root
+
+
+def materialise(root: torch.nn.Module, device: torch.device) -> None:
+    """Allocate this process's shards (uninitialised) and put back every model's build-time buffers."""
+    root.to_empty(device=device)
+    with torch.no_grad():
+        for model in root.modules():
+            saved = getattr(model, "_align_buffers", None)
+            if saved:
+                for name, buf in model.named_buffers():
+                    if name in saved:
+                        buf.copy_(saved[name])
+
+
+def _without_tied(model, state: dict) -> dict:
+    """A state dict without the key of a tied head (a checkpoint stores it once, under the input embeddings)."""
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and head.weight is embed.weight:
+        name = next(n for n, m in model.named_modules() if m is head)
+        state.pop(f"{name}.weight", None)
+    return state
+
+
+def load_checkpoint(model, folder: Path | str | None = None) -> None:
+    """Fill this process's shards of `model` (from `build`, materialised) from a transformers checkpoint's safetensors
+    files, reading only the slices it holds."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    folder = Path(folder or model._align_source)
+    if not list(folder.glob("*.safetensors")):
+        from core.config import UserError
+
+        raise UserError(f"{folder}: sharded loading reads safetensors files, and this checkpoint has none")
+    state = _without_tied(model, get_model_state_dict(model))
+    with loading(f"model {folder}"):
+        dcp.load(state, storage_reader=HuggingFaceStorageReader(str(folder)))
+
+
+def save_state(folder: Path, root: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Model (and optimizer) state, sharded: every process writes its own file (DCP), nothing is gathered."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(root, optimizer if optimizer is not None else [])
+    state = {"model": model_state} | ({"optim": optim_state} if optimizer is not None else {})
+    dcp.save(state, checkpoint_id=str(folder))
+
+
+def load_state(folder: Path, root: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Read back what `save_state` wrote, into the same sharding (each process its own file)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(root, optimizer if optimizer is not None else [])
+    state = {"model": model_state} | ({"optim": optim_state} if optimizer is not None else {})
+    dcp.load(state, checkpoint_id=str(folder))
+    set_state_dict(
+        root, optimizer if optimizer is not None else [], model_state_dict=state["model"],
+        optim_state_dict=state.get("optim", {}),
+    )  # fmt: skip
+
+
+def save_consolidated(model, target: Path, tokenizer=None) -> None:
+    """`target` as a plain transformers checkpoint (safetensors, config.json, tokenizer), written from the shards
+    slice by slice (every process writes its shards, then they are joined on disk), swapped in whole."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    from core import dist as align_dist
+
+    staging = Path(str(target) + ".shards")
+    if align_dist.is_main() and staging.exists():
+        import shutil
+
+        shutil.rmtree(staging)
+    align_dist.barrier()
+    state = _without_tied(model, get_model_state_dict(model))
+    writer = HuggingFaceStorageWriter(str(staging), save_distributed=True, enable_consolidation=True)
+    dcp.save(state, storage_writer=writer)
+    dist.barrier()
+    if align_dist.is_main():
+        import shutil
+
+        def write(p: Path) -> None:
+            p.mkdir(parents=True, exist_ok=True)
+            for f in staging.iterdir():
+                if f.is_file():
+                    shutil.move(str(f), p / f.name)
+            index = p / "model.safetensors.index.json"
+            files = sorted(p.glob("*.safetensors"))
+            if len(files) == 1 and index.exists():  # one file: the name transformers looks for first
+                files[0].rename(p / "model.safetensors")
+                index.unlink()
+            elif index.exists():
+                json.loads(index.read_text())  # written by DCP; read once to fail here rather than on load
+            model.config.save_pretrained(p)
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(p)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(p)
+
+        replace_dir(write, Path(target))
+        shutil.rmtree(staging, ignore_errors=True)
+    align_dist.barrier()

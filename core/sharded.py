@@ -28,10 +28,13 @@ one process, and a resumed state equals the saved one.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
 
+from core import dist as align_dist
+from core.config import UserError
 from core.manifest import replace_dir
 from core.models import loading, resolve_model_path, torch_dtype
 
@@ -110,8 +113,6 @@ def load_checkpoint(model, folder: Path | str | None = None) -> None:
 
     folder = Path(folder or model._align_source)
     if not list(folder.glob("*.safetensors")):
-        from core.config import UserError
-
         raise UserError(f"{folder}: sharded loading reads safetensors files, and this checkpoint has none")
     state = _without_tied(model, get_model_state_dict(model))
     with loading(f"model {folder}"):
@@ -150,12 +151,8 @@ def save_consolidated(model, target: Path, tokenizer=None) -> None:
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    from core import dist as align_dist
-
     staging = Path(str(target) + ".shards")
     if align_dist.is_main() and staging.exists():
-        import shutil
-
         shutil.rmtree(staging)
     align_dist.barrier()
     state = _without_tied(model, get_model_state_dict(model))
@@ -163,7 +160,6 @@ def save_consolidated(model, target: Path, tokenizer=None) -> None:
     dcp.save(state, storage_writer=writer)
     dist.barrier()
     if align_dist.is_main():
-        import shutil
 
         def write(p: Path) -> None:
             p.mkdir(parents=True, exist_ok=True)

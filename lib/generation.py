@@ -56,8 +56,9 @@ class GenerateEngine:
     name = "generate"
     syncs = False  # shares the trainer's weights
 
-    def __init__(self, model, tokenizer, batch_size: int = 16):
-        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+    def __init__(self, model, tokenizer, batch_size: int = 16, synced: bool = False):
+        # synced: the model is sharded across processes (FSDP2), so every process steps until all have finished
+        self.model, self.tokenizer, self.batch_size, self.synced = model, tokenizer, batch_size, synced
 
     def update_weights(self, named_tensors) -> None:
         return None
@@ -106,6 +107,7 @@ class GenerateEngine:
                 logits_processor=sampler,
                 pad_token_id=pad,
                 eos_token_id=eos,
+                **({"synced_gpus": True} if self.synced else {}),
             )
             for row in gen[:, width:].tolist():
                 out.append(cut_after_eos(row, eos))

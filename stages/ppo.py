@@ -46,11 +46,12 @@ from typing import Any, NamedTuple
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from core import dist
+from core import dist, sharded
 from core.chat import neutralise_messages, render_prompt, special_strings
 from core.config import UserError, printable
 from core.manifest import atomic_write_json, atomic_write_text, replace_dir
 from core.models import (
+    load_causal_lm,
     load_start,
     load_tokenizer,
     lora_config,
@@ -60,7 +61,7 @@ from core.models import (
 )
 from core.readers import has_split, load_instructions
 from core.stage import StageContext, StageResult, console, print_skipped, print_verdict
-from data_schemas.config import PPOConfig
+from data_schemas.config import ModelConfig, PPOConfig
 from eval.policy_gate import policy_gate, policy_perplexity_gate, scorer_reward
 from lib.artifacts import Start, policy_gate_data, resolve_start
 from lib.logprobs import head_logprobs
@@ -184,6 +185,38 @@ def _trunk(policy):
     return policy.get_base_model() if hasattr(policy, "get_base_model") else policy
 
 
+def build_sharded(cfg: PPOConfig, start: Start, precision: str):
+    """(PolicyWithValue sharded by FSDP2, policy, value head, reference, base path): the full-parameter policy and its
+    frozen reference copy built on the meta device, every decoder layer of each and the value head a unit, the
+    module holding them the root; each process allocates and reads from the checkpoint only its own shards
+    (core/sharded.py). The value head starts at zero, as in build_policy."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    if start.merge:
+        raise UserError(
+            f"train.sharding=fsdp2 reads the start's weights shard by shard from a checkpoint, and init_from "
+            f"{cfg.init_from} is an SFT adapter on its base: export it first (align export {cfg.init_from} --to DIR) "
+            "and start from DIR, or use a full-parameter SFT artifact"
+        )
+    m = start.model
+    policy = sharded.build(m.name_or_path, precision, m.attn_implementation, m.trust_remote_code)
+    reference = sharded.build(m.name_or_path, precision, m.attn_implementation, m.trust_remote_code)
+    reference.requires_grad_(False)
+    with torch.device("meta"):
+        value_head = torch.nn.Linear(policy.config.hidden_size, 1)  # fp32: a unit of its own
+    fully_shard(value_head)
+    model = PolicyWithValue(policy, value_head, reference)
+    sharded.shard_root(model)
+    register_fsdp_forward_method(model, "generate")
+    sharded.materialise(model, dist.device())
+    sharded.load_checkpoint(policy)
+    sharded.load_checkpoint(reference)
+    with torch.no_grad():
+        value_head.weight.zero_()
+        value_head.bias.zero_()
+    return model, policy, value_head, reference, resolve_model_path(m.name_or_path)
+
+
 # Response positions whose logits are materialised at once: a 150k vocabulary x 1k positions in fp32 is 600 MB;
 # chunks of 512 keep that to 300 MB whatever the batch.
 
@@ -204,8 +237,10 @@ def forward_response(
     h = hidden.gather(1, idx)  # [B, R, H]: only where a token is predicted
     B, R, H = h.shape
     logprobs, entropy = head_logprobs(h.reshape(B * R, H), base.lm_head, batch["resp"].reshape(B * R))
-    values = value_head(h.float()).squeeze(-1) if with_values else None  # [B, R], fp32 head
-    return logprobs.view(B, R), values, entropy.view(B, R)
+    # [B, R], fp32 head, applied to [B*R, H] (a 3-D input would come back as a view of its 2-D product)
+    values = value_head(h.reshape(B * R, H).float()).reshape(B, R).clone() if with_values else None
+    # copies, not views: under FSDP2 a view of a unit's output would lose its backward hook to an in-place op
+    return logprobs.reshape(B, R).clone(), values, entropy.reshape(B, R).clone()
 
 
 class PolicyWithValue(torch.nn.Module):
@@ -217,6 +252,11 @@ class PolicyWithValue(torch.nn.Module):
     def __init__(self, policy, value_head: torch.nn.Linear, reference=None):
         super().__init__()
         self.policy, self.value_head, self.reference = policy, value_head, reference
+
+    def generate(self, *args, **kwargs):
+        """The policy's `generate`, as a method of this module: under FSDP2 it is registered as a forward method,
+        so the root unit (embeddings, head) is gathered around it (build_sharded)."""
+        return self.policy.generate(*args, **kwargs)
 
     def forward(self, batch: dict[str, torch.Tensor], with_values: bool = True, reference: bool = False):
         if reference and self.reference is not None:
@@ -273,7 +313,10 @@ def run(cfg: PPOConfig, resume: bool = False, force: bool = False, callbacks=())
     identity = model_identity(start.model, ctx.precision, adapter="adapter" if cfg.lora.enabled else None)
     with ctx.open(inputs=[(cfg.prompts.train_file, "prompts")], parents=parents, model=identity):
         learner = setup(cfg, ctx, start)
-        engine = rollout_engine(cfg, learner.policy, tokenizer, learner.base_path, ctx.precision)
+        if learner.sharded:  # the sharded policy samples itself, every process stepping together
+            engine = GenerateEngine(learner.model, tokenizer, synced=dist.world_size() > 1)
+        else:
+            engine = rollout_engine(cfg, learner.policy, tokenizer, learner.base_path, ctx.precision)
         console.print(f"rollout engine: {engine.name}")
         reward = Reward(cfg.reward)
         if not train_loop(cfg, ctx, learner, engine, reward, tokenizer, train_prompts):
@@ -285,6 +328,8 @@ def run(cfg: PPOConfig, resume: bool = False, force: bool = False, callbacks=())
             # the main process's held-out answers come from `generate`.
             rollouts.rest()
             engine = GenerateEngine(learner.policy, tokenizer)
+        if learner.sharded:  # every process writes its shards of model/ and value_head/
+            save_sharded_policy(ctx.out, learner, tokenizer)
         if not ctx.is_main:  # the main process evaluates, writes and gates
             return ctx.complete({})
         engine.close()
@@ -329,6 +374,7 @@ class Learner:
     model: Any = None  # PolicyWithValue, possibly wrapped (DistributedDataParallel)
     accelerator: Any = None
     reference: Any = None  # a full-parameter policy's frozen reference (None: the adapter disabled)
+    sharded: bool = False  # FSDP2 (train.sharding=fsdp2): every process holds 1/N of the model and its state
 
     def __post_init__(self) -> None:
         if self.model is None:
@@ -391,7 +437,11 @@ def setup(cfg: PPOConfig, ctx: StageContext, start: Start) -> Learner:
             f"{t.rollout_batch_size * t.group_size}) and train.mini_batch_size ({t.mini_batch_size}) must be "
             f"multiples of the number of processes ({world}): each process takes an equal share"
         )
-    policy, value_head, reference, base_path = build_policy(cfg, start, ctx.precision)
+    fsdp = t.sharding == "fsdp2"
+    if fsdp:
+        model, policy, value_head, reference, base_path = build_sharded(cfg, start, ctx.precision)
+    else:
+        policy, value_head, reference, base_path = build_policy(cfg, start, ctx.precision)
     params = [p for p in policy.parameters() if p.requires_grad] + list(value_head.parameters())
     opt = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
     # One module (policy + value head) prepared by accelerate: moved to this process's device, and wrapped in DDP
@@ -403,7 +453,8 @@ def setup(cfg: PPOConfig, ctx: StageContext, start: Start) -> Learner:
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(), log_with=log_with or None, project_dir=str(ctx.out / "logs")
     )
-    model, opt = accelerator.prepare(PolicyWithValue(policy, value_head, reference), opt)
+    if not fsdp:  # FSDP2 already averages gradients across processes: nothing to wrap
+        model, opt = accelerator.prepare(PolicyWithValue(policy, value_head, reference), opt)
     learner = Learner(
         policy,
         value_head,
@@ -414,10 +465,13 @@ def setup(cfg: PPOConfig, ctx: StageContext, start: Start) -> Learner:
         model=model,
         accelerator=accelerator,
         reference=reference,
+        sharded=fsdp,
     )
     out, ckpts = ctx.out, ctx.out / "checkpoints"
     if ctx.resume and ckpts.exists() and (latest := _latest_checkpoint(ckpts)) is not None:
-        if learner.full_parameter:
+        if learner.sharded:
+            sharded.load_state(latest / "sharded", model, opt)  # each process its own file
+        elif learner.full_parameter:
             from safetensors.torch import load_model
 
             load_model(policy, latest / "policy.safetensors")  # tied weights stored once
@@ -425,10 +479,11 @@ def setup(cfg: PPOConfig, ctx: StageContext, start: Start) -> Learner:
             from peft import set_peft_model_state_dict
 
             set_peft_model_state_dict(policy, load_file(latest / "adapter.safetensors"))
-        value_head.load_state_dict(load_file(latest / "value_head.safetensors"))
-        opt.load_state_dict(
-            torch.load(latest / "optimizer.pt", weights_only=True, map_location=learner.device)
-        )
+        if not learner.sharded:
+            value_head.load_state_dict(load_file(latest / "value_head.safetensors"))
+            opt.load_state_dict(
+                torch.load(latest / "optimizer.pt", weights_only=True, map_location=learner.device)
+            )
         state = json.loads((latest / "state.json").read_text())
         learner.step, learner.kl_ctl.value = state["step"], state["kl_coef"]
         for log in (out / "metrics.jsonl", out / "samples.jsonl"):
@@ -476,18 +531,17 @@ def train_loop(
                 learner.step += 1
                 step = learner.step
                 row = None
-                if ctx.is_main:  # one writer for logs and checkpoints (every process holds the same state)
+                if ctx.is_main:  # one writer for logs (every process holds the same state)
                     row = log_iteration(cfg, ctx.out, learner, exp, stats, trackers)
                     info = f"reward {row['reward_mean']:.3f} kl {row['kl']:.3f}"
                     progress.update(task, completed=step, info=info)
-                    if step % t.save_steps == 0 or step == t.steps or step == t.stop_after_steps:
-                        save_checkpoint(ctx.out / "checkpoints", learner)
+                if step % t.save_steps == 0 or step == t.steps or step == t.stop_after_steps:
+                    checkpoint(ctx, learner)
                 if hooks is not None:  # the main process's hooks decide for every process, as its logs do
                     stop = dist.broadcast(hooks.step(step, row) if ctx.is_main else None)
                     if stop and step < t.steps:
                         console.print(f"a callback stopped training after iteration {step} of {t.steps}")
-                        if ctx.is_main:
-                            save_checkpoint(ctx.out / "checkpoints", learner)
+                        checkpoint(ctx, learner)
                         break
                 if t.stop_after_steps is not None and step >= t.stop_after_steps and step < t.steps:
                     console.print(f"stopped after iteration {step} of {t.steps}; continue with --resume")
@@ -652,6 +706,7 @@ def ppo_update(cfg: PPOConfig, learner: Learner, exp: Experience) -> dict[str, f
             learner.opt.zero_grad(set_to_none=True)
             learner.backward(loss)
             gn = torch.nn.utils.clip_grad_norm_(learner.params, t.max_grad_norm)
+            gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn  # FSDP2: a replicated DTensor
             learner.opt.step()
             local = {
                 "policy_loss": pl,
@@ -736,16 +791,21 @@ def evaluate_and_save(
         "kl_last": history[-1]["kl"] if history else None,
         "precision": ctx.precision,
     }
-    _save_policy(out, learner.policy, learner.value_head, tokenizer)
+    policy, reference = learner.policy, learner.reference
+    if learner.sharded:  # written by every process; the gate reads the policy back whole (main process)
+        policy = load_causal_lm(ModelConfig(name_or_path=str(out / "model")), ctx.precision).to(dist.device())
+        reference = load_start(start, ctx.precision).eval().to(dist.device())
+    else:
+        _save_policy(out, learner.policy, learner.value_head, tokenizer)
     if not learner.full_parameter:
         write_policy_stack(out, list(start.merge))
     r = cfg.reward
     name = "reward model" if r.artifact else f"rule reward ({r.rule.kind} {r.rule.text!r})"
     judged = policy_gate(
-        out, start.parent, learner.policy, tokenizer, held_prompts,
+        out, start.parent, policy, tokenizer, held_prompts,
         lambda prompts, texts, finished: reward(prompts, texts, finished).tolist(), cfg.policy_gate,
         [h["kl"] for h in history], name, scorer_reward(r.heldout_artifact) if r.heldout_artifact else None,
-        learner.reference,
+        reference,
     )  # fmt: skip
     m = judged.metrics
     final.update(
@@ -803,6 +863,52 @@ def _prompt_indices(n: int, batch: int, step: int, seed: int) -> list[int]:
 def _latest_checkpoint(ckpts: Path) -> Path | None:
     done = [p for p in ckpts.glob("step-*") if (p / "state.json").exists()]
     return max(done, key=lambda p: int(p.name.split("-")[1])) if done else None
+
+
+def checkpoint(ctx: StageContext, learner: Learner) -> None:
+    """The resumable state at learner.step: written by every process under FSDP2 (each its shards), else by the
+    main process (every process holds the same state)."""
+    if learner.sharded:
+        save_sharded_checkpoint(ctx.out / "checkpoints", learner)
+    elif ctx.is_main:
+        save_checkpoint(ctx.out / "checkpoints", learner)
+
+
+def save_sharded_checkpoint(ckpts: Path, learner: Learner) -> None:
+    """FSDP2: model (policy, value head) and optimizer state, each process its own file (DCP), in a folder named
+    step-N once complete (state.json, the last file, is what resume looks for); only the latest is kept."""
+    step = learner.step
+    staging = ckpts / f".step-{step}.partial"
+    if dist.is_main():
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    dist.barrier()
+    sharded.save_state(staging / "sharded", learner.model, learner.opt)
+    dist.barrier()
+    if dist.is_main():
+        (staging / "state.json").write_text(json.dumps({"step": step, "kl_coef": learner.kl_ctl.value}))
+        shutil.rmtree(ckpts / f"step-{step}", ignore_errors=True)
+        staging.rename(ckpts / f"step-{step}")
+        for old in ckpts.glob("step-*"):
+            if old.name != f"step-{step}":
+                shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def save_sharded_policy(out: Path, learner: Learner, tokenizer) -> None:
+    """FSDP2: model/ consolidated from the shards slice by slice (core/sharded.py), value_head/ gathered (one row)."""
+    from safetensors.torch import save_file
+
+    sharded.save_consolidated(learner.policy, out / "model", tokenizer)
+    head = {k: v.full_tensor().contiguous() for k, v in learner.value_head.state_dict().items()}
+
+    def save_head(p: Path) -> None:
+        p.mkdir(parents=True, exist_ok=True)
+        save_file(head, str(p / "value_head.safetensors"))
+
+    if dist.is_main():
+        replace_dir(save_head, out / "value_head")
+    dist.barrier()
 
 
 def save_checkpoint(ckpts: Path, learner: Learner) -> None:

@@ -127,6 +127,14 @@ class PPOTrainSettings(RunSettings):
     """PPO optimisation (Schulman et al. 2017; RLHF details after Ziegler et al. 2019 and Huang et al. 2024)."""
 
     steps: AtLeastOne = Field(20, description="PPO iterations (each: sample a batch, score, several epochs).")
+    sharding: Literal["ddp", "fsdp2"] = Field(
+        "ddp",
+        description="How processes hold the policy: 'ddp', each a whole copy; 'fsdp2', torch's fully_shard: the "
+        "policy, its frozen reference copy, the value head and AdamW's moments split across the processes, built "
+        "on the meta device and read shard by shard from the checkpoint, so no process holds a whole model while "
+        "training (core/sharded.py). fsdp2 trains full-parameter (lora.enabled false) from a checkpoint or a "
+        "full-parameter SFT artifact, with rollout.engine generate.",
+    )
     rollout_batch_size: AtLeastOne = Field(8, description="Prompts sampled per iteration.")
     advantage_estimator: str = Field(
         "gae",
@@ -211,3 +219,16 @@ class PPOConfig(PolicyStageGates):
         description="The policy's LoRA; lora.enabled false trains every weight of the policy (full-parameter).",
     )
     train: PPOTrainSettings = Field(default_factory=PPOTrainSettings, description="Optimisation.")
+
+    @model_validator(mode="after")
+    def _sharding(self) -> PPOConfig:
+        if self.train.sharding == "fsdp2" and self.lora.enabled:
+            raise ValueError(
+                "train.sharding=fsdp2 shards a full-parameter policy: set lora.enabled=false (a LoRA policy's "
+                "frozen base is replicated under ddp)"
+            )
+        if self.train.sharding == "fsdp2" and self.rollout.engine != "generate":
+            raise ValueError(
+                "train.sharding=fsdp2 samples with the sharded policy itself: set rollout.engine=generate"
+            )
+        return self

@@ -25,11 +25,13 @@ measured error on this machine.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.config import UserError
 from core.manifest import read_manifest
 from core.partial import trainable_names
 from core.tables import table
@@ -274,18 +276,72 @@ def _capacity(dev: str) -> float | None:
     return None
 
 
+def memory_cap() -> float | None:
+    """This process's hard memory limit in bytes: its cgroup's (v2 `memory.max`, v1 `memory.limit_in_bytes`), the
+    smallest where several apply; None without one (a limit past 2^60 bytes is the kernel's "none")."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    caps = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":
+            files = [Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.max"]
+        elif "memory" in controllers.split(","):
+            files = [Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.limit_in_bytes"]
+        else:
+            continue
+        for f in files:
+            try:
+                text = f.read_text().strip()
+            except OSError:
+                continue
+            if text.isdigit() and int(text) < 2**60:
+                caps.append(float(text))
+    return min(caps) if caps else None
+
+
+# Terms that are upper bounds (every sequence assumed max_length long); the others are counted exactly.
+BOUNDS = ("activations", "logits (fp32)")
+
+
 def check_at_start(cfg, shape: PlanShape) -> str | None:
-    """The warning every training stage prints before a run that will not fit (never an error: the estimate is an
-    estimate); None when it fits or cannot be estimated."""
+    """Before a training stage starts: a refusal (UserError, exit 2) when what this process surely holds (weights,
+    gradients, optimizer moments, a reference copy, gathered units, the runtime: everything but the activations and
+    logits, which the estimate bounds from above) exceeds its hard memory cap (cgroup) on CPU, shared by the
+    processes of this machine; else a warning when the whole estimate exceeds the memory available; None when it
+    fits or cannot be estimated. Under several processes the process's share is the stage's sharding
+    (`train.sharding`, layout())."""
     try:
         plan = estimate(cfg, shape)
-    except Exception:  # noqa: BLE001 (planning must never stop a run)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        sharding = getattr(getattr(cfg, "train", None), "sharding", "ddp")
+        mine = layout(plan, world, sharding if sharding in SHARDINGS else "ddp") if world > 1 else None
+    except Exception:  # noqa: BLE001 (planning must never stop a run: only a clear excess does)
         return None
-    if plan.fits is not False:
+    terms = mine.terms if mine is not None else plan.terms
+    total = sum(terms.values())
+    surely = total - sum(terms.get(k, 0.0) for k in BOUNDS)
+    cap = memory_cap() if plan.device == "cpu" else None
+    if cap is not None and surely > cap / local:
+        raise UserError(
+            f"this {plan.stage} run holds at least {surely / GIB:.1f} GiB per process (weights, gradients, optimizer "
+            f"state{', reference copy' if 'reference (frozen copy)' in terms else ''} and runtime, before any "
+            f"activation) and each of this machine's {local} process(es) may use {cap / local / GIB:.1f} GiB (its "
+            "memory limit); shard it over more processes (train.sharding=fsdp2 --num-processes N), train an "
+            "adapter (lora.enabled=true), or see `align plan --gpus N`"
+        )
+    capacity = plan.capacity / local if plan.capacity is not None and plan.device == "cpu" else plan.capacity
+    if capacity is None or total <= capacity:
         return None
     return (
-        f"this {plan.stage} run needs about {plan.total / GIB:.1f} GiB at its peak and "
-        f"{plan.capacity / GIB:.1f} GiB is available on {plan.device}; lower the batch or sequence length, use "
+        f"this {plan.stage} run needs about {total / GIB:.1f} GiB per process at its peak and "
+        f"{capacity / GIB:.1f} GiB is available on {plan.device}; lower the batch or sequence length, use "
         "LoRA or QLoRA, or see `align plan`"
     )
 

@@ -72,7 +72,9 @@ def test_plan_cli_and_the_warning_at_start(tiny_model_path, capsys, monkeypatch)
     monkeypatch.setattr(core.plan, "_capacity", lambda dev: 0.01 * GIB)
     warning = core.plan.check_at_start(_cfg(), SFT)
     assert (
-        "GiB at its peak" in warning and "0.0 GiB is available on cpu" in warning and "align plan" in warning
+        "GiB per process at its peak" in warning
+        and "0.0 GiB is available on cpu" in warning
+        and "align plan" in warning
     )
     monkeypatch.setattr(core.plan, "_capacity", lambda dev: 1000 * GIB)
     assert core.plan.check_at_start(_cfg(), SFT) is None
@@ -166,3 +168,42 @@ def test_layouts_per_process_from_hand_counts_and_the_smallest_that_fits(tiny_mo
     d = json.loads(capsys.readouterr().out)
     assert (d["smallest_fit"]["processes"], d["smallest_fit"]["sharding"]) == (2, best.sharding)
     assert len(d["layouts"]) == len(rows)
+
+
+def test_a_hard_memory_cap_refuses_what_surely_does_not_fit_and_sharding_divides_it(monkeypatch):
+    """Under a cgroup limit, a run whose weights, gradients and optimizer state alone exceed it is refused in a
+    sentence (exit 2) before it starts; the same run's share under FSDP2 in 4 processes on 4 machines fits."""
+    import core.plan
+    from core.config import UserError
+    from data_schemas.config import PPOConfig
+
+    ppo = PPOConfig(output_dir="x", init_from="tiny-random-llama", precision="fp32", lora={"enabled": False},
+                    prompts={"train_file": "p.jsonl", "max_prompt_length": 16}, rollout={"engine": "generate"},
+                    reward={"rule": {"kind": "contains", "text": "a"}})  # fmt: skip
+    plan = estimate(ppo, STAGES["ppo"].plan, device="cpu")
+    bounds = ("activations", "logits (fp32)")
+    surely = plan.total - sum(plan.terms[k] for k in bounds)
+    share = core.plan.layout(plan, 4, "fsdp2")
+    share_surely = share.total - sum(share.terms[k] for k in bounds)
+    assert share_surely < surely  # 1/4 of the state, plus two gathered units
+    cap = (surely + share_surely) / 2
+    monkeypatch.setattr(core.plan, "memory_cap", lambda: cap)
+    with pytest.raises(
+        UserError, match="holds at least .* GiB per process .* reference copy .* memory limit"
+    ):
+        core.plan.check_at_start(ppo, STAGES["ppo"].plan)
+    sharded = ppo.model_copy(update={"train": ppo.train.model_copy(update={"sharding": "fsdp2"})})
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    core.plan.check_at_start(sharded, STAGES["ppo"].plan)  # no refusal (at most a warning)
+    monkeypatch.setattr(core.plan, "memory_cap", lambda: None)
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setattr(core.plan, "_capacity", lambda dev: 1000 * GIB)
+    assert core.plan.check_at_start(ppo, STAGES["ppo"].plan) is None  # no cap: never refused
+
+
+def test_the_memory_cap_is_read_from_this_process_cgroup():
+    from core.plan import memory_cap
+
+    cap = memory_cap()
+    assert cap is None or cap > 0

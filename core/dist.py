@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -118,6 +119,13 @@ def broadcast(obj: Any) -> Any:
     box = [obj if is_main() else None]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def peak_memory_gib() -> float:
+    """This process's peak memory so far: the accelerator's allocated peak on CUDA, the resident set on CPU."""
+    if device().type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def all_gather(obj: Any) -> list[Any]:

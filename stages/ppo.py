@@ -328,6 +328,7 @@ def run(cfg: PPOConfig, resume: bool = False, force: bool = False, callbacks=())
             # the main process's held-out answers come from `generate`.
             rollouts.rest()
             engine = GenerateEngine(learner.policy, tokenizer)
+        peaks = [round(x, 3) for x in dist.all_gather(dist.peak_memory_gib())]  # training's, per process
         if learner.sharded:  # every process writes its shards of model/ and value_head/
             save_sharded_policy(ctx.out, learner, tokenizer)
         if not ctx.is_main:  # the main process evaluates, writes and gates
@@ -335,6 +336,7 @@ def run(cfg: PPOConfig, resume: bool = False, force: bool = False, callbacks=())
         engine.close()
         del engine
         metrics, judged = evaluate_and_save(cfg, ctx, learner, reward, tokenizer, held_prompts, start, used)
+        metrics["peak_memory_gib_per_process"] = peaks
         del learner  # the perplexity gate loads its own copies from the artifacts
         gc.collect()
         gate = policy_perplexity_gate(ctx.out, start.parent, gate_data, cfg.perplexity_gate)

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,3 +116,94 @@ def test_an_sft_adapter_start_is_refused_under_fsdp2_before_training(tmp_path, c
                  "train.max_steps=1", "train.early_stopping_patience=null"]) == 0  # fmt: skip
     r = _grpo(tmp_path / "x", sft, "train.sharding=fsdp2")
     assert r.returncode == 2 and "align export" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---- a model that does not fit one capped process (slow: a 318M-parameter model, three runs) ---------------------
+CGROUP_V1 = Path("/sys/fs/cgroup/memory")
+
+
+def _cgroup(name: str, limit: int) -> Path:
+    """A memory cgroup (v1) capped at `limit` bytes, or a skip saying why none can be made here."""
+    if not (CGROUP_V1 / "cgroup.procs").exists() or not os.access(CGROUP_V1, os.W_OK):
+        pytest.skip("needs a writable cgroup v1 memory controller (root) to cap a process's memory")
+    group = CGROUP_V1 / name
+    group.mkdir(exist_ok=True)
+    (group / "memory.limit_in_bytes").write_text(str(limit))
+    return group
+
+
+def _in_group(group: Path, argv: list[str]) -> subprocess.CompletedProcess:
+    """argv run inside `group` (the shell enters it, then becomes the command: no user text in the shell line)."""
+    script = 'echo $$ > "$0/cgroup.procs" && exec "$@"'
+    return subprocess.run(["sh", "-c", script, str(group), *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=3600)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_model_that_does_not_fit_one_capped_process_trains_sharded_in_two(tmp_path):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from core.models import resolve_model_path
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("tiny-random-llama"))
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=16,
+        num_key_value_heads=4, tie_word_embeddings=True, initializer_range=0.05, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    big = tmp_path / "big"
+    model = LlamaForCausalLM(cfg)
+    params = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(big)
+    tok.save_pretrained(big)
+    del model
+    state = params * 4 * 5  # fp32 weights, gradients, two AdamW moments, and the frozen reference copy
+    cap = 6 * 2**30  # per process: less than the state alone
+    assert state > cap
+    small = [
+        "rollout.max_new_tokens=8",
+        "train.rollout_batch_size=2",
+        "train.steps=2",
+        "prompts.max_prompt_length=32",
+    ]
+    base = [sys.executable, "-m", "align", "ppo", "--config", "configs/ppo.yaml", f"init_from={big}",
+            "reward.artifact=null", "reward.rule={kind: contains, text: Road}", "reward.missing_eos_penalty=null",
+            "rollout.engine=generate", "train.group_size=4", "train.advantage_estimator=grpo",
+            "train.mini_batch_size=8", "train.kl_coef=0.05", "perplexity_gate.min_examples=5",
+            "perplexity_gate.max_relative_increase=10.0", "policy_gate.min_prompts=2", "prompts.heldout_prompts=2",
+            f"gate_data={GATE_DATA}", "lora.enabled=false", "train.learning_rate=1e-5", *small]  # fmt: skip
+    one_group = _cgroup(f"align-test-{os.getpid()}-one", cap)
+    two_group = _cgroup(f"align-test-{os.getpid()}-two", 2 * cap)  # two processes, each its share
+    try:
+        # one process under the cap: refused by align's own fit check, in a sentence, before any model loads
+        refused = _in_group(one_group, [*base, f"output_dir={tmp_path / 'refused'}"])
+        assert refused.returncode == 2, refused.stderr[-3000:]
+        assert "holds at least" in refused.stderr and "Traceback" not in refused.stderr
+        # two processes under FSDP2, each under the same cap
+        two = _in_group(two_group, [*base, f"output_dir={tmp_path / 'two'}", "train.sharding=fsdp2",
+                                    "--num-processes", "2"])  # fmt: skip
+        assert two.returncode == 0, two.stderr[-3000:]
+        group_peak = int((two_group / "memory.max_usage_in_bytes").read_text())
+    finally:
+        for g in (one_group, two_group):
+            g.rmdir()
+    # the same run in one uncapped process holding the whole model: the same numbers
+    one = subprocess.run([*base, f"output_dir={tmp_path / 'one'}"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=3600)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    for a, b in zip(_rows(tmp_path / "one"), _rows(tmp_path / "two"), strict=True):
+        assert b == pytest.approx(a, rel=1e-3, abs=1e-5)
+    peaks = json.loads((tmp_path / "two" / "manifest.json").read_text())["metrics"][
+        "peak_memory_gib_per_process"
+    ]
+    whole = json.loads((tmp_path / "one" / "manifest.json").read_text())["metrics"][
+        "peak_memory_gib_per_process"
+    ]
+    record = {"params": params, "state_gib": state / 2**30, "cap_gib": cap / 2**30, "two_processes_peak_gib": peaks,
+              "two_processes_group_peak_gib": group_peak / 2**30, "one_process_peak_gib": whole}  # fmt: skip
+    print("FSDP2 capped run:", json.dumps(record))
+    (ROOT / "bench" / "results").mkdir(exist_ok=True)
+    (ROOT / "bench" / "results" / "fsdp2_capped.json").write_text(json.dumps(record, indent=1) + "\n")
+    assert all(p < cap / 2**30 for p in peaks) and max(peaks) < 0.75 * state / 2**30
+    assert max(peaks) < 0.75 * whole[0]

@@ -303,7 +303,15 @@ def _cmd_plan(a) -> int:
         if a.gpus < 1:
             raise UserError("align plan: --gpus must be at least 1")
         capacity = a.gpu_memory * GIB if a.gpu_memory is not None else plan.capacity
-        rows = layouts(plan, a.gpus, capacity, a.sharding, a.offload)
+        shape = STAGES[a.stage].plan  # what align offers this stage, narrowed by --sharding / --offload
+        shardings = [x for x in shape.shardings if not a.sharding or x in a.sharding]
+        offloads = [x for x in shape.offloads if not a.offload or x in a.offload]
+        if not shardings or not offloads:
+            raise UserError(
+                f"align plan: {a.stage} runs under {', '.join(shape.shardings)} with offload "
+                f"{', '.join(shape.offloads)}; --sharding/--offload asked for none of them"
+            )
+        rows = layouts(plan, a.gpus, capacity, shardings, offloads)
         if a.json:
             best = smallest_fit(rows)
             print(json.dumps({**plan_data(plan), "layouts": [layout_data(r) for r in rows],

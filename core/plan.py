@@ -157,6 +157,9 @@ class PlanShape:
     engine_gib: Callable[[Any], float | None] = _no_engine  # a rollout engine's KV cache beside the trainer
     # a frozen second copy of the weights beside the trainer (a full-parameter policy's reference)
     reference_copy: Callable[[Any], bool] = _never
+    # how align spreads this stage over processes (SHARDINGS rows) and what it can offload (OFFLOADS)
+    shardings: tuple[str, ...] = ("ddp", "zero2", "zero3")
+    offloads: tuple[str, ...] = ("none", "optimizer", "optimizer+weights")
 
 
 def base_model_name(cfg) -> tuple[str, bool]:
@@ -377,7 +380,8 @@ SHARDINGS: dict[str, Sharding] = table(
              "train.deepspeed=configs/deepspeed/zero2.json --num-processes N"),
     Sharding("zero3", "DeepSpeed ZeRO-3: weights too (a frozen reference copy as well)", True, True, True,
              "train.deepspeed=configs/deepspeed/zero3.json --num-processes N"),
-    Sharding("fsdp2", "torch FSDP2 (fully_shard): as ZeRO-3", True, True, True, "not yet offered by align"),
+    Sharding("fsdp2", "torch FSDP2 (fully_shard): as ZeRO-3", True, True, True,
+             "train.sharding=fsdp2 --num-processes N"),
 )  # fmt: skip
 
 # Where optimizer moments (and, with sharded weights, the weights) live between steps: the accelerator, or the host.
@@ -414,6 +418,8 @@ def layout(
     s, n, t = SHARDINGS[sharding], processes, plan.terms
     if offload == "optimizer+weights" and not s.weights:
         raise ValueError(f"{sharding} does not partition the weights; only its optimizer can be offloaded")
+    if offload != "none" and not s.optimizer:
+        raise ValueError(f"{sharding} offloads nothing (offload is a ZeRO feature)")
     per = {
         "weights": t["weights"] / n if s.weights else t["weights"],
         "gradients": t["gradients"] / n if s.gradients else t["gradients"],
@@ -446,6 +452,8 @@ def layouts(plan: Plan, gpus: int, capacity: float | None, shardings=None, offlo
             for off in OFFLOADS:
                 if (offloads and off not in offloads) or (off == "optimizer+weights" and not s.weights):
                     continue
+                if off != "none" and not s.optimizer:
+                    continue  # offload is a ZeRO feature: DDP keeps its optimizer where it computes
                 if n == 1 and name != "ddp":
                     continue  # one process shards nothing
                 out.append(layout(plan, n, name, off, capacity))

@@ -151,13 +151,14 @@ def test_layouts_per_process_from_hand_counts_and_the_smallest_that_fits(tiny_mo
     with pytest.raises(ValueError, match="does not partition the weights"):
         layout(plan, 2, "zero2", "optimizer+weights")
     # the search names the first layout, in its order (fewer processes, less sharding, no offload), that fits
-    rows = layouts(plan, 8, None)
+    shape = STAGES["sft"].plan
+    rows = layouts(plan, 8, None, shape.shardings, shape.offloads)  # what align offers SFT
     assert [r.processes for r in rows] == sorted(r.processes for r in rows) and rows[0].processes == 1
     cap = (
         min(r.total for r in rows if r.processes == 2) + 1.0
     )  # nothing on 1 process fits this, one on 2 does
     assert all(r.total > cap for r in rows if r.processes == 1)
-    best = smallest_fit(layouts(plan, 8, cap))
+    best = smallest_fit(layouts(plan, 8, cap, shape.shardings, shape.offloads))
     assert best.processes == 2 and best.total <= cap
     first = next(r for r in rows if r.total <= cap)
     assert (best.sharding, best.offload) == (first.sharding, first.offload)

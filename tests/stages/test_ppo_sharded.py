@@ -159,7 +159,7 @@ def test_a_model_that_does_not_fit_one_capped_process_trains_sharded_in_two(tmp_
     tok.save_pretrained(big)
     del model
     state = params * 4 * 5  # fp32 weights, gradients, two AdamW moments, and the frozen reference copy
-    cap = 6 * 2**30  # per process: less than the state alone
+    cap = int(5.5 * 2**30)  # per process: less than the state alone
     assert state > cap
     small = [
         "rollout.max_new_tokens=8",

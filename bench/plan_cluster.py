@@ -1,7 +1,7 @@
 """`align plan --gpus 8` for Llama-3.1-8B and -70B shapes on 8 x 80 GB: what one process holds under each sharding,
 and the smallest layout that fits, for full-parameter and LoRA DPO and full-parameter GRPO.
 
-    python bench/plan_cluster.py            # -> bench/results/plan_cluster.json and a markdown table on stdout
+    .venv/bin/python bench/plan_cluster.py     # -> bench/results/plan_cluster.json and a markdown table on stdout
 
 The models are their published configs (hidden size, layers, heads, vocabulary), written as config.json folders
 with no weights: `align plan` builds them on the meta device. Settings: bf16, DPO 1 pair per process of 2048
@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.harness import write_result  # noqa: E402
 from core.plan import GIB, estimate, layouts, smallest_fit  # noqa: E402
 from data_schemas.config import DPOConfig, PPOConfig  # noqa: E402
 from stages.registry import STAGES  # noqa: E402
@@ -84,8 +85,8 @@ def main() -> None:
                              f"{best.processes} x {best.sharding}" + ("" if best.offload == "none" else
                                                                       f" + {best.offload} offload"),
                              "smallest_fit_gib": None if best is None else round(best.total / GIB, 1)})  # fmt: skip
-    out = Path(__file__).resolve().parent / "results" / "plan_cluster.json"
-    out.write_text(json.dumps(rows, indent=1) + "\n")
+    metrics = {f"{r['model']} {r['run']}: smallest fit GiB per process": r["smallest_fit_gib"] for r in rows}
+    write_result(None, "plan_cluster", metrics, {"rows": rows, "gpus": 8, "gpu_memory_gib": 80})
     print(
         "| model | run | one process | 8 x zero3/fsdp2 | 8 x zero3 + optimizer offload | smallest align offers, 8 x 80 GB |"
     )

@@ -46,6 +46,14 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     return list(max(lists, key=len)) if lists else []
 
 
+def ensure_process_group() -> None:
+    """FSDP2 shards over a process group: one process started without a launcher gets a group of its own (an
+    in-memory store, no port)."""
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
+
+
 def build(
     name_or_path: str, precision: str, attn_implementation: str = "sdpa", trust_remote_code: bool = False
 ):
@@ -57,6 +65,7 @@ def build(
 
     import core.attention  # noqa: F401 (registers sdpa_segments with transformers)
 
+    ensure_process_group()
     path = resolve_model_path(name_or_path)
     with loading(f"model {name_or_path}"):
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)

@@ -179,7 +179,7 @@ def test_a_model_that_does_not_fit_one_capped_process_trains_sharded_in_two(tmp_
         "prompts.max_prompt_length=96",
     ]
     base = [sys.executable, "-m", "align", "ppo", "--config", "configs/ppo.yaml", f"init_from={big}",
-            "reward.artifact=null", "reward.rule={kind: contains, text: Road}", "reward.missing_eos_penalty=null",
+            "reward.artifact=null", "reward.rule={kind: frequency, text: e}", "reward.missing_eos_penalty=null",
             "rollout.engine=generate", "train.group_size=4", "train.advantage_estimator=grpo",
             "train.mini_batch_size=8", "train.kl_coef=0.05", "perplexity_gate.min_examples=5",
             "perplexity_gate.max_relative_increase=10.0", "policy_gate.min_prompts=2", "prompts.heldout_prompts=2",

@@ -214,4 +214,4 @@ def test_a_model_that_does_not_fit_one_capped_process_trains_sharded_in_two(tmp_
     record = {"params": params, "state_gib": state / 2**30, "cap_gib": cap / 2**30, "two_processes_peak_gib": peaks,
               "two_processes_group_peak_gib": group_peak / 2**30, "one_process_peak_gib": whole}  # fmt: skip
     print("FSDP2 capped run:", json.dumps(record))  # the figures docs/benchmarks.md quotes (pytest -s)
-    assert all(p < cap / 2**30 for p in peaks) and max(peaks) < 0.75 * whole[0]
+    assert all(p < cap / 2**30 for p in peaks) and max(peaks) < 0.8 * whole[0]

@@ -1,3 +1,12 @@
+import sys
+
 from align.cli import main
 
-raise SystemExit(main())
+try:
+    code = main()
+finally:
+    if "torch" in sys.modules:  # only a command that imported torch can hold a process group
+        from core.dist import close
+
+        close()
+raise SystemExit(code)

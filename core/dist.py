@@ -49,6 +49,15 @@ def init() -> None:
         state()
 
 
+def close() -> None:
+    """Take the process group down before the interpreter exits (a no-op without one): left to the interpreter's
+    teardown, the group's threads can end the process with `terminate called without an active exception` after
+    the stage has finished and written everything."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        with contextlib.suppress(Exception):  # a peer already gone changes nothing here: the work is done
+            torch.distributed.destroy_process_group()
+
+
 def fresh_stage() -> None:
     """Forget the engine a previous stage in this process chose (a DPO Trainer under DeepSpeed leaves accelerate's
     AcceleratorState and transformers' ZeRO config behind, and the next stage's Accelerator would silently wrap

@@ -248,11 +248,9 @@ def estimate(cfg, shape: PlanShape, device: str | None = None, precision: str | 
 def largest_unit(model) -> int:
     """Parameters of the largest unit FSDP2 and ZeRO-3 gather at once: one decoder layer (the longest ModuleList
     holds them), or everything outside the layers (embeddings, final norm, LM head: the root unit)."""
-    import torch
+    from core.sharded import decoder_layers  # the units core/sharded.py shards: one definition for both
 
-    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
-    layers = max(lists, key=len) if lists else []
-    sizes = [sum(p.numel() for p in layer.parameters()) for layer in layers]
+    sizes = [sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(model)]
     total = sum(p.numel() for p in model.parameters())
     return max([*sizes, total - sum(sizes)])
 

@@ -22,7 +22,7 @@ from core import dist
 from core.chat import chat_ids, chat_messages
 from core.config import UserError, load_config, printable
 from core.manifest import atomic_write_text, recorded_gates, refuse_overwriting_input, require_complete
-from core.models import choose_precision, load_causal_lm, load_tokenizer, torch_dtype
+from core.models import choose_precision, load_start, load_tokenizer, torch_dtype
 from core.packing import SEGMENT_KERNEL, needs_dense_mask, pack, pack_shared_prefix
 from core.readers import LoadReport, iter_rows
 from core.stage import console, print_skipped
@@ -152,12 +152,7 @@ def build_reward_model(cfg: RewardConfig, tokenizer, precision: str, weights: Pa
         )
     model.config.pad_token_id = tokenizer.pad_token_id
     if weights is None and start.merge:
-        from peft import PeftModel
-
-        causal = load_causal_lm(start.model, precision)
-        for adapter in start.merge:
-            causal = PeftModel.from_pretrained(causal, adapter).merge_and_unload()
-        model.model.load_state_dict(causal.model.state_dict())
+        model.model.load_state_dict(load_start(start, precision).model.state_dict())
     # The scalar head stays in fp32 at every precision (like PPO's value head): bf16 updates of a small, freshly
     # initialised head are mostly rounded away, and sequence_rewards applies it to fp32 hidden states.
     model.score.float()

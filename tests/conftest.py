@@ -38,6 +38,26 @@ def hh_preferences(root: Path, validation_fraction: float) -> Path:
     return root / "prefs"
 
 
+def peaked_llama(folder: Path, tokenizer_path: Path, **shape) -> Path:
+    """A random tiny Llama with large initial weights saved with the real tokenizer as a plain checkpoint folder:
+    its next-token distributions are peaked (entropy ~2-3 nats), like a trained model's, unlike the near-uniform
+    tiny-random-llama. `shape` overrides the LlamaConfig sizes (hidden 128, MLP 256, 2 layers by default)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_path)
+    sizes = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, **shape}
+    cfg = LlamaConfig(
+        vocab_size=len(tok), num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+        initializer_range=0.5, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, **sizes,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 def fused_lora_policy(model_path: Path, kernel: str = "sdpa", outputs: tuple[str, ...] = ("log_probs",)):
     """A causal LM with TRL's fused LM head (`outputs` fields) and a LoRA on q/v whose B matrices are random
     (seed 0), so that the adapter changes what the model computes."""

@@ -12,26 +12,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, peaked_llama
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, tiny_model_path):
     """A plain checkpoint folder whose MLP has 251 rows (gate and up projections): they do not split evenly across
     two processes, so the uneven last shard is exercised too; the head is tied to the embeddings."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    root = tmp_path_factory.mktemp("sharded") / "ckpt"
-    tok = AutoTokenizer.from_pretrained(tiny_model_path)
-    cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=128, intermediate_size=251, num_hidden_layers=3, num_attention_heads=2,
-        num_key_value_heads=1, tie_word_embeddings=True, initializer_range=0.5, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(root)
-    tok.save_pretrained(root)
-    return root
+    return peaked_llama(
+        tmp_path_factory.mktemp("sharded") / "ckpt",
+        tiny_model_path,
+        intermediate_size=251,
+        num_hidden_layers=3,
+    )
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 from align.cli import main
-from tests.conftest import EXAMPLES, export_matches_align
+from tests.conftest import EXAMPLES, export_matches_align, peaked_llama
 from tests.stages.test_dpo import _pairs_file
 from tests.stages.test_reward_cli import _ranking_file
 
@@ -25,19 +25,7 @@ GATE_DATA = EXAMPLES / "instructions_validation.jsonl"
 def checkpoint(tmp_path_factory, tiny_model_path):
     """A user's own checkpoint folder: a tiny Llama with peaked next-token distributions (like a trained model's),
     saved with its tokenizer by plain transformers; align has never seen it."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    root = tmp_path_factory.mktemp("start") / "my-checkpoint"
-    tok = AutoTokenizer.from_pretrained(tiny_model_path)
-    cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, tie_word_embeddings=True, initializer_range=0.5, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(root)
-    tok.save_pretrained(root)
-    return root
+    return peaked_llama(tmp_path_factory.mktemp("start") / "my-checkpoint", tiny_model_path)
 
 
 @pytest.fixture(scope="module")

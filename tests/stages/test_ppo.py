@@ -20,7 +20,7 @@ from lib.rl import (
     value_loss,
 )
 from stages.ppo import collate, forward_response
-from tests.conftest import EXAMPLES
+from tests.conftest import EXAMPLES, peaked_llama
 
 
 # ---- pure functions ------------------------------------------------------------------------------------
@@ -254,18 +254,8 @@ def peaky_sft(tmp_path_factory, tiny_model_path):
     """A tiny random Llama with large initial weights: unlike the near-uniform tiny-random-llama, its next-token
     distributions are peaked (entropy ~2-3 nats), like a trained model's, so a toy reward is learnable in a few
     iterations. Wrapped as an SFT artifact (one step at a negligible learning rate)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     root = tmp_path_factory.mktemp("ppo")
-    tok = AutoTokenizer.from_pretrained(tiny_model_path)
-    cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, tie_word_embeddings=True, initializer_range=0.5, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(root / "peaky")
-    tok.save_pretrained(root / "peaky")
+    peaked_llama(root / "peaky", tiny_model_path)
     sft = root / "sft"
     args = [
         "sft", "--config", "configs/sft.yaml", f"output_dir={sft}", f"model.name_or_path={root / 'peaky'}",

@@ -106,6 +106,19 @@ def materialise(root: torch.nn.Module, device: torch.device) -> None:
                         buf.copy_(saved[name])
 
 
+def load(
+    name_or_path: str, precision: str, attn_implementation: str = "sdpa", trust_remote_code: bool = False
+):
+    """A causal LM that is its own root, sharded over the group and read from its checkpoint shard by shard (build,
+    shard_root, materialise on this process's device, load_checkpoint): what a Trainer stage trains under FSDP2,
+    or its frozen reference copy."""
+    model = build(name_or_path, precision, attn_implementation, trust_remote_code)
+    shard_root(model)
+    materialise(model, align_dist.device())
+    load_checkpoint(model)
+    return model
+
+
 def _without_tied(model, state: dict) -> dict:
     """A state dict without the key of a tied head (a checkpoint stores it once, under the input embeddings)."""
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from core import dist
+from core import dist, sharded
 from core.config import UserError
 from core.manifest import replace_dir
 
@@ -72,11 +72,50 @@ def trainer_kwargs(
         "use_cpu": not torch.cuda.is_available(),
         "gradient_checkpointing": t.gradient_checkpointing,
         "deepspeed": str(t.deepspeed) if t.deepspeed is not None else None,
+        **fsdp2_arguments(t),
         "ddp_timeout": dist.TIMEOUT_S,  # the main process may gate while the others wait
         "load_best_model_at_end": stopping,
         "metric_for_best_model": best[0] if stopping else None,
         "greater_is_better": best[1] if stopping else None,
     }
+
+
+# accelerate's FSDP2 plugin as train.sharding=fsdp2 uses it: checkpoints per process (DCP: resume gathers nothing);
+# no loading of its own (the model arrives sharded and loaded by core.sharded.load, so accelerate wraps nothing)
+FSDP2_CONFIG = {"version": 2, "state_dict_type": "SHARDED_STATE_DICT", "reshard_after_forward": True,
+                "cpu_ram_efficient_loading": False}  # fmt: skip
+
+
+def fsdp2_arguments(t) -> dict[str, Any]:
+    """TrainingArguments fields of train.sharding=fsdp2 in several processes (transformers refuses `fsdp` in one:
+    there `FSDP2Accelerator` sets the same plugin up itself)."""
+    if getattr(t, "sharding", "ddp") != "fsdp2" or dist.world_size() < 2:
+        return {}
+    return {"fsdp": True, "fsdp_config": dict(FSDP2_CONFIG)}
+
+
+class FSDP2Accelerator:
+    """Mixed in before a stage's Trainer class: when the model arrives sharded (an FSDP2 module from
+    core.sharded.load), the Trainer's accelerate state is FSDP2 wherever accelerate would not make it so itself.
+    accelerate turns its FSDP plugin on only for GPU-like devices in several processes; on CPUs (gloo) it would wrap
+    the sharded model in DDP, and in one process leave it be. With the state set, the Trainer takes accelerate's
+    FSDP2 paths: the model passes through, gradients are reduce-scattered by FSDP2 itself, checkpoints are DCP files
+    per process."""
+
+    def create_accelerator_and_postprocess(self):
+        from torch.distributed.fsdp import FSDPModule
+
+        super().create_accelerator_and_postprocess()
+        state = self.accelerator.state
+        if not isinstance(self.model, FSDPModule) or getattr(state, "fsdp_plugin", None) is not None:
+            return
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+        state.fsdp_plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=2, **{k: v for k, v in FSDP2_CONFIG.items() if k != "version"}
+        )
+        state.distributed_type = DistributedType.FSDP
+        self.is_fsdp_enabled = True
 
 
 def callbacks(out: Path, t, extra=()) -> list:
@@ -316,11 +355,26 @@ def zero3(trainer) -> bool:
     return bool(trainer.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3)
 
 
+def fsdp(trainer) -> bool:
+    """True when the Trainer runs FSDP (train.sharding=fsdp2: every process holds 1/N of each weight)."""
+    return bool(getattr(trainer, "is_fsdp_enabled", False))
+
+
+def partitioned(trainer) -> bool:
+    """True when no process holds the whole trained model (ZeRO-3 or FSDP): what needs the weights whole reads them
+    back from the saved artifact."""
+    return zero3(trainer) or fsdp(trainer)
+
+
 def save_trained(trainer, target: Path, tokenizer=None, **save_kwargs) -> None:
     """Write the trained model (the adapter of a PEFT model, all weights otherwise) to `target`, swapped in whole.
 
-    Every process calls it: under ZeRO-3 the partitioned weights are gathered collectively; then only the main
-    process writes, and the others wait until the folder is in place."""
+    Every process calls it: under FSDP2 each writes its shards and they are joined on disk (core.sharded, nothing
+    gathered); under ZeRO-3 the partitioned weights are gathered collectively; then only the main process writes,
+    and the others wait until the folder is in place."""
+    if fsdp(trainer):
+        sharded.save_consolidated(trainer.accelerator.unwrap_model(trainer.model), target, tokenizer)
+        return
     state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) if zero3(trainer) else None
     if dist.is_main():
         model = trainer.accelerator.unwrap_model(trainer.model)

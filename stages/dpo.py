@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from core import dist
+from core import dist, sharded
 from core.chat import chat_ids, chat_messages, neutralise, neutralise_messages, render_prompt, special_strings
 from core.config import UserError
 from core.manifest import atomic_write_json, require_complete
@@ -141,6 +141,11 @@ def build_policy(cfg: DPOConfig, start: Start, precision: str):
             )
         model = load_causal_lm(start.model, precision)
         return PeftModel.from_pretrained(model, start.merge[0], is_trainable=True), None, None
+    if cfg.train.sharding == "fsdp2":  # policy and frozen reference, each 1/N per process (core/sharded.py)
+        m = start.sharded_model(cfg.init_from)
+        model = sharded.load(m.name_or_path, precision, m.attn_implementation, m.trust_remote_code)
+        reference = sharded.load(m.name_or_path, precision, m.attn_implementation, m.trust_remote_code)
+        return model, None, reference.requires_grad_(False).eval()
     model = load_start(start, precision)
     if cfg.full_parameter:
         reference = load_start(start, precision).eval() if cfg.reference == "model_copy" else None
@@ -309,7 +314,7 @@ def shared_prefix_forward(
 def _trainer_class():
     from trl import DPOTrainer
 
-    class AlignDPOTrainer(DPOTrainer):
+    class AlignDPOTrainer(plumbing.FSDP2Accelerator, DPOTrainer):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             # TRL patched the base model's forward with its fused LM head; wrap that once more so pair batches take
@@ -532,8 +537,8 @@ def eval_policy(
 ) -> tuple[Any, Any, list[list[dict]]]:
     """(the trained policy, its reference, the held-out prompts), or (None, None, []) when there is nothing to
     sample (main process). The reference is None for an adapter policy (the adapter disabled is the start), else
-    a model holding the start's weights. Under ZeRO-3 this process holds a shard of the weights, so the policy is
-    read back from what was just saved."""
+    a model holding the start's weights. Under ZeRO-3 or FSDP2 this process holds a shard of the weights, so the
+    policy is read back whole from what was just saved."""
     if not (cfg.eval.prompts and val_rows):
         return None, None, []
     if cfg.policy_init == "continue_sft_adapter":
@@ -545,12 +550,12 @@ def eval_policy(
     model = trainer.accelerator.unwrap_model(trainer.model)
     reference = trainer.accelerator.unwrap_model(trainer.ref_model) if trainer.ref_model is not None else None
     if cfg.full_parameter:
-        if plumbing.zero3(trainer):
+        if plumbing.partitioned(trainer):
             model = load_causal_lm(ModelConfig(name_or_path=str(ctx.out / "model")), ctx.precision)
-        if reference is None or plumbing.zero3(trainer):  # precomputed, or partitioned
+        if reference is None or plumbing.partitioned(trainer):  # precomputed, or partitioned
             reference = load_start(start, ctx.precision)
         model, reference = model.to(dist.device()), reference.eval().to(dist.device())
-    elif plumbing.zero3(trainer):
+    elif plumbing.partitioned(trainer):
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(load_start(start, ctx.precision), ctx.out / "adapter")

@@ -192,13 +192,7 @@ def build_sharded(cfg: PPOConfig, start: Start, precision: str):
     (core/sharded.py). The value head starts at zero, as in build_policy."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-    if start.merge:
-        raise UserError(
-            f"train.sharding=fsdp2 reads the start's weights shard by shard from a checkpoint, and init_from "
-            f"{cfg.init_from} is an SFT adapter on its base: export it first (align export {cfg.init_from} --to DIR) "
-            "and start from DIR, or use a full-parameter SFT artifact"
-        )
-    m = start.model
+    m = start.sharded_model(cfg.init_from)
     policy = sharded.build(m.name_or_path, precision, m.attn_implementation, m.trust_remote_code)
     reference = sharded.build(m.name_or_path, precision, m.attn_implementation, m.trust_remote_code)
     reference.requires_grad_(False)

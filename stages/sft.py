@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from core import sharded
 from core.chat import control_tokens_in, neutralise_messages, render, special_strings
 from core.config import UserError, printable
 from core.manifest import atomic_write_json, replace_dir
@@ -135,7 +136,7 @@ class PaddedCollator:
 def _trainer_class():
     from trl import SFTTrainer
 
-    class AlignSFTTrainer(SFTTrainer):
+    class AlignSFTTrainer(plumbing.FSDP2Accelerator, SFTTrainer):
         """SFTTrainer whose token counter counts real tokens of packed rows (it would sum the 4-D mask), and whose
         fused LM head scores labelled positions only."""
 
@@ -236,8 +237,17 @@ def train(cfg: SFTConfig, ctx: StageContext, tokenizer, train_rows, val_rows, qu
     """(trainer, train result, paused): the model with a fresh LoRA (or all weights), trained by SFTTrainer."""
     from trl import SFTConfig as TRLSFTConfig
 
-    console.print(f"model: {printable(cfg.model.name_or_path)} in {ctx.precision}", highlight=False)
-    model = load_causal_lm(cfg.model, ctx.precision, quantization)
+    m = cfg.model
+    if (
+        cfg.train.sharding == "fsdp2"
+    ):  # 1/N of every weight per process, read shard by shard (core/sharded.py)
+        console.print(
+            f"model: {printable(m.name_or_path)} in {ctx.precision}, sharded (FSDP2)", highlight=False
+        )
+        model = sharded.load(m.name_or_path, ctx.precision, m.attn_implementation, m.trust_remote_code)
+    else:
+        console.print(f"model: {printable(m.name_or_path)} in {ctx.precision}", highlight=False)
+        model = load_causal_lm(m, ctx.precision, quantization)
     extra_callbacks = []
     if not cfg.lora.enabled and not cfg.partial.is_default:
         n = apply_trainable(model, cfg.partial)
@@ -307,7 +317,7 @@ def save(cfg: SFTConfig, ctx: StageContext, trainer, result, tokenizer, has_val:
     if not ctx.is_main:
         return metrics
     if cfg.lora.enabled and cfg.merge_adapter:
-        if plumbing.zero3(
+        if plumbing.partitioned(
             trainer
         ):  # this process holds a shard of the weights: merge from the adapter just saved
             from peft import PeftModel

@@ -335,6 +335,15 @@ class TrainerSettings(RunSettings):
         "8 steps of 8 x 512 tokens on 2 CPU cores: 51 s and 5.6 GiB peak without it, 59 s and 3.2 GiB with it), "
         "and `align plan` tells when a run needs it to fit.",
     )
+    sharding: Literal["ddp", "fsdp2"] = Field(
+        "ddp",
+        description="How processes hold the model: 'ddp', each a whole copy (or what train.deepspeed partitions); "
+        "'fsdp2', torch's fully_shard through the Trainer's accelerate: the model (and DPO's frozen reference "
+        "copy), its gradients and AdamW's moments split across the processes, built on the meta device and read "
+        "shard by shard from the checkpoint, checkpoints written per process, the artifact consolidated slice by "
+        "slice (core/sharded.py): no process holds a whole model while training. fsdp2 trains every weight "
+        "(lora.enabled false) from a checkpoint or a full-parameter artifact.",
+    )
     deepspeed: Path | None = Field(
         None,
         description="A DeepSpeed config (JSON) for the Trainer, as TrainingArguments.deepspeed: "
@@ -346,6 +355,11 @@ class TrainerSettings(RunSettings):
     def _stop_within_max_steps(self) -> TrainerSettings:
         if self.stop_after_steps is not None and 0 < self.max_steps < self.stop_after_steps:
             raise ValueError("train.stop_after_steps must not exceed train.max_steps")
+        if self.sharding == "fsdp2" and self.deepspeed is not None:
+            raise ValueError(
+                "train.sharding=fsdp2 and train.deepspeed are two sharding engines; choose one (deepspeed=null, or "
+                "sharding=ddp)"
+            )
         return self
 
 

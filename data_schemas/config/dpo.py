@@ -159,4 +159,14 @@ class DPOConfig(PolicyStageGates, WeightAdapterStage):
                 "reference=model_copy is for a full-parameter policy (lora.enabled false); an adapter "
                 "policy's reference is the adapter disabled, or precomputed"
             )
+        if self.train.sharding == "fsdp2" and not self.full_parameter:
+            raise ValueError(
+                "train.sharding=fsdp2 shards a full-parameter policy: set lora.enabled=false (a LoRA policy's "
+                "frozen base is replicated under ddp, or partitioned by train.deepspeed zero3)"
+            )
+        if self.train.sharding == "fsdp2" and self.reference == "precomputed":
+            raise ValueError(
+                "train.sharding=fsdp2 computes the reference with a sharded frozen copy (reference=model_copy); "
+                "TRL's precomputation would load a whole second model in every process"
+            )
         return self

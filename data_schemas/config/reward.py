@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, NonNegativeFloat
+from pydantic import Field, NonNegativeFloat, model_validator
 
 from data_schemas.config.common import (
     AtLeastOne,
@@ -86,3 +86,13 @@ class RewardConfig(WeightAdapterStage):
     gate: RewardGateSettings = Field(
         default_factory=RewardGateSettings, description="Gate run after training."
     )
+
+    @model_validator(mode="after")
+    def _sharding(self) -> RewardConfig:
+        if self.train.sharding == "fsdp2":
+            raise ValueError(
+                "train.sharding=fsdp2 is not built for the reward model yet (its score head is not in the start's "
+                "checkpoint); partition it with train.deepspeed (configs/deepspeed/zero3.json) under several "
+                "processes"
+            )
+        return self

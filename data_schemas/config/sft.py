@@ -84,4 +84,11 @@ class SFTConfig(_Strict):
             raise ValueError(
                 "partial: partial fine-tuning trains the model's own weights; set lora.enabled=false to use it"
             )
+        if self.train.sharding == "fsdp2" and self.lora.enabled:
+            raise ValueError(
+                "train.sharding=fsdp2 shards a full-parameter model: set lora.enabled=false (a LoRA's frozen base "
+                "is replicated under ddp, or partitioned by train.deepspeed zero3)"
+            )
+        if self.train.sharding == "fsdp2" and not self.partial.is_default:
+            raise ValueError("train.sharding=fsdp2 trains every weight; partial fine-tuning runs under ddp")
         return self

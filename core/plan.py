@@ -24,6 +24,7 @@ measured error on this machine.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Callable
@@ -310,6 +311,22 @@ def memory_cap() -> float | None:
 BOUNDS = ("activations", "logits (fp32)")
 
 
+def sharding_of(cfg) -> str:
+    """The SHARDINGS row a stage's config runs under: train.sharding, or the ZeRO stage of its train.deepspeed
+    config (stage 3 partitions the weights, 1 and 2 the gradients and moments), else ddp."""
+    t = getattr(cfg, "train", None)
+    if getattr(t, "sharding", "ddp") in SHARDINGS and getattr(t, "sharding", "ddp") != "ddp":
+        return t.sharding
+    ds = getattr(t, "deepspeed", None)
+    if ds is not None:
+        try:
+            stage = int(json.loads(Path(ds).read_text()).get("zero_optimization", {}).get("stage", 0))
+        except (OSError, ValueError, TypeError, AttributeError):
+            return "ddp"
+        return "zero3" if stage >= 3 else "zero2" if stage >= 1 else "ddp"
+    return "ddp"
+
+
 def check_at_start(cfg, shape: PlanShape) -> str | None:
     """Before a training stage starts: a refusal (UserError, exit 2) when what this process surely holds (weights,
     gradients, optimizer moments, a reference copy, gathered units, the runtime: everything but the activations and
@@ -321,8 +338,7 @@ def check_at_start(cfg, shape: PlanShape) -> str | None:
         plan = estimate(cfg, shape)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        sharding = getattr(getattr(cfg, "train", None), "sharding", "ddp")
-        mine = layout(plan, world, sharding if sharding in SHARDINGS else "ddp") if world > 1 else None
+        mine = layout(plan, world, sharding_of(cfg)) if world > 1 else None
     except Exception:  # noqa: BLE001 (planning must never stop a run: only a clear excess does)
         return None
     terms = mine.terms if mine is not None else plan.terms
@@ -369,16 +385,17 @@ class Sharding:
     gradients: bool
     optimizer: bool
     how: str  # how align runs it
+    offload: bool = False  # align can move its optimizer moments (and sharded weights) to the host
 
 
 SHARDINGS: dict[str, Sharding] = table(
     Sharding("ddp", "every process holds every weight, gradient and moment", False, False, False,
              "--num-processes N"),
     Sharding("zero2", "DeepSpeed ZeRO-2: gradients and optimizer moments partitioned", False, True, True,
-             "train.deepspeed=configs/deepspeed/zero2.json --num-processes N"),
+             "train.deepspeed=configs/deepspeed/zero2.json --num-processes N", offload=True),
     Sharding("zero3", "DeepSpeed ZeRO-3: weights too (a frozen reference copy as well)", True, True, True,
-             "train.deepspeed=configs/deepspeed/zero3.json --num-processes N"),
-    Sharding("fsdp2", "torch FSDP2 (fully_shard): as ZeRO-3", True, True, True,
+             "train.deepspeed=configs/deepspeed/zero3.json --num-processes N", offload=True),
+    Sharding("fsdp2", "torch FSDP2 (fully_shard): as ZeRO-3, full-parameter, no offload", True, True, True,
              "train.sharding=fsdp2 --num-processes N"),
 )  # fmt: skip
 
@@ -416,8 +433,8 @@ def layout(
     s, n, t = SHARDINGS[sharding], processes, plan.terms
     if offload == "optimizer+weights" and not s.weights:
         raise ValueError(f"{sharding} does not partition the weights; only its optimizer can be offloaded")
-    if offload != "none" and not s.optimizer:
-        raise ValueError(f"{sharding} offloads nothing (offload is a ZeRO feature)")
+    if offload != "none" and not s.offload:
+        raise ValueError(f"{sharding} offloads nothing in align (offload is a ZeRO feature)")
     per = {
         "weights": t["weights"] / n if s.weights else t["weights"],
         "gradients": t["gradients"] / n if s.gradients else t["gradients"],
@@ -450,10 +467,12 @@ def layouts(plan: Plan, gpus: int, capacity: float | None, shardings=None, offlo
             for off in OFFLOADS:
                 if (offloads and off not in offloads) or (off == "optimizer+weights" and not s.weights):
                     continue
-                if off != "none" and not s.optimizer:
-                    continue  # offload is a ZeRO feature: DDP keeps its optimizer where it computes
+                if off != "none" and not s.offload:
+                    continue  # offload is a ZeRO feature: DDP and align's FSDP2 keep state where they compute
                 if n == 1 and name != "ddp":
                     continue  # one process shards nothing
+                if name == "fsdp2" and plan.trainable < plan.params:
+                    continue  # align's FSDP2 shards full-parameter training (an adapter's base is replicated)
                 out.append(layout(plan, n, name, off, capacity))
     return out
 

@@ -104,6 +104,7 @@ STAGES: dict[str, Stage] = table(
         plan=PlanShape(
             lambda c: (c.train.per_device_train_batch_size, c.data.max_length),
             packed_rows=lambda c: getattr(c.train, "batching", "") == "padding_free",
+            shardings=("ddp", "zero2", "zero3", "fsdp2"),
         ),
         card=CardInfo(
             ("sft", "trl"), "Instruction following, as the start of preference tuning (reward, DPO, PPO)."
@@ -147,6 +148,7 @@ STAGES: dict[str, Stage] = table(
         plan=PlanShape(
             lambda c: (2 * c.train.per_device_train_batch_size, c.data.max_length),  # both answers
             reference_copy=lambda c: c.full_parameter and c.reference == "model_copy",
+            shardings=("ddp", "zero2", "zero3", "fsdp2"),
         ),
         card=CardInfo(
             ("dpo", "rlhf", "trl"), "Chat assistant tuned to the preferences in its ranking files."

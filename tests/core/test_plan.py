@@ -171,6 +171,25 @@ def test_layouts_per_process_from_hand_counts_and_the_smallest_that_fits(tiny_mo
     assert len(d["layouts"]) == len(rows)
 
 
+def test_fsdp2_is_offered_for_full_parameter_training_without_offload_and_deepspeed_is_read(tmp_path):
+    """align's FSDP2 shards full-parameter training and offloads nothing, so `align plan` offers it only there and
+    without offload; a stage under train.deepspeed is checked at start as the ZeRO stage its config names."""
+    from core.plan import layouts, sharding_of
+
+    shape = STAGES["sft"].plan
+    full = estimate(_cfg(lora={"enabled": False}), shape, device="cpu")
+    adapter = estimate(_cfg(), shape, device="cpu")
+    full_rows = layouts(full, 4, None, shape.shardings, shape.offloads)
+    assert {(r.sharding, r.offload) for r in full_rows if r.sharding == "fsdp2"} == {("fsdp2", "none")}
+    assert "fsdp2" not in {r.sharding for r in layouts(adapter, 4, None, shape.shardings, shape.offloads)}
+    assert sharding_of(_cfg(lora={"enabled": False}, train={"sharding": "fsdp2"})) == "fsdp2"
+    for stage, name in ((3, "zero3"), (2, "zero2"), (0, "ddp")):
+        ds = tmp_path / f"z{stage}.json"
+        ds.write_text(json.dumps({"zero_optimization": {"stage": stage}}))
+        assert sharding_of(_cfg(train={"deepspeed": str(ds)})) == name
+    assert sharding_of(_cfg()) == "ddp"
+
+
 def test_a_hard_memory_cap_refuses_what_surely_does_not_fit_and_sharding_divides_it(monkeypatch):
     """Under a cgroup limit, a run whose weights, gradients and optimizer state alone exceed it is refused in a
     sentence (exit 2) before it starts; the same run's share under FSDP2 in 4 processes on 4 machines fits."""

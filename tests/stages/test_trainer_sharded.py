@@ -1,0 +1,147 @@
+"""SFT and DPO full-parameter under FSDP2 (`train.sharding=fsdp2`) in two real processes through the CLI, against
+the same runs in one process holding the whole model at the same global batch: every step's loss and gradient norm
+agree, checkpoints are one file per process, a run paused and resumed from them equals the uninterrupted one, and
+the artifact is a plain checkpoint consolidated from the shards that computes what the one-process artifact does.
+
+The model is a user's own checkpoint folder (a peaked random Llama, tests/conftest.py::peaked_llama); DPO's first
+loss is ln 2 in both, which holds only when the sharded frozen reference holds the start's weights."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import EXAMPLES, ROOT
+from tests.stages.test_any_start import checkpoint, pairs  # noqa: F401 (fixtures: a checkpoint folder, pairs)
+
+TRAIN, HELDOUT = EXAMPLES / "instructions_train.jsonl", EXAMPLES / "instructions_validation.jsonl"
+
+
+def _align(*args, processes: int = 1):
+    launch = ["--num-processes", str(processes)] if processes > 1 else []
+    return subprocess.run([sys.executable, "-m", "align", *args, *launch], cwd=ROOT, env=dict(os.environ),
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+
+
+def _sft(out, start, *extra, processes: int = 1):
+    per_process = str(4 // processes)  # global batch 4 whatever the number of processes
+    return _align(
+        "sft", "--config", "configs/sft.yaml", f"output_dir={out}", f"model.name_or_path={start}",
+        f"data.train_file={TRAIN}", f"data.validation_file={HELDOUT}", "lora.enabled=false", "train.max_steps=4",
+        "train.early_stopping_patience=null", "train.learning_rate=1e-4", "train.lr_scheduler_type=constant",
+        "train.warmup_ratio=0", f"train.per_device_train_batch_size={per_process}", "train.logging_steps=1",
+        "train.save_steps=2", "train.eval_steps=100", *extra, processes=processes,
+    )  # fmt: skip
+
+
+def _dpo(out, start, pairs_file, *extra, processes: int = 1):
+    per_process = str(4 // processes)
+    return _align(
+        "dpo", "--config", "configs/dpo.yaml", f"output_dir={out}", f"init_from={start}",
+        "data.preferences_dir=null", f"data.pairs_file={pairs_file}", "data.validation_fraction=0.25",
+        "lora.enabled=false", "train.learning_rate=1e-4", "train.lr_scheduler_type=constant", "train.warmup_ratio=0",
+        f"train.per_device_train_batch_size={per_process}", "train.logging_steps=1", "train.eval_steps=100",
+        "train.max_steps=4", "train.save_steps=2", "eval.prompts=2", "eval.max_new_tokens=6",
+        "perplexity_gate.min_examples=5", "perplexity_gate.max_relative_increase=100", f"gate_data={HELDOUT}",
+        *extra, processes=processes,
+    )  # fmt: skip
+
+
+def _steps(out) -> list[tuple[float, float]]:
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["loss"], r["grad_norm"]) for r in rows if "loss" in r and "grad_norm" in r]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, checkpoint, pairs):  # noqa: F811
+    d = tmp_path_factory.mktemp("trainer-fsdp2")
+    for name, run in [
+        ("sft-one", lambda: _sft(d / "sft-one", checkpoint)),
+        ("sft-two", lambda: _sft(d / "sft-two", checkpoint, "train.sharding=fsdp2", processes=2)),
+        ("dpo-one", lambda: _dpo(d / "dpo-one", checkpoint, pairs)),
+        ("dpo-two", lambda: _dpo(d / "dpo-two", checkpoint, pairs, "train.sharding=fsdp2", processes=2)),
+    ]:
+        r = run()
+        assert r.returncode == 0, f"{name}: {r.stderr[-3000:]}"
+    return d
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_two_sharded_processes_train_as_one_whole(runs, stage):
+    one, two = _steps(runs / f"{stage}-one"), _steps(runs / f"{stage}-two")
+    assert len(one) == len(two) == 4
+    for a, b in zip(one, two, strict=True):
+        assert b == pytest.approx(a, rel=1e-3, abs=1e-6)
+    if stage == "dpo":  # step 1: the policy is its start, so the sharded reference must hold the same weights
+        assert two[0][0] == pytest.approx(math.log(2), abs=1e-5)
+    m = json.loads((runs / f"{stage}-two" / "manifest.json").read_text())
+    assert m["status"] == "complete"
+    # checkpoints: one DCP file per process for the model and for the optimizer, no whole copy
+    ckpt = runs / f"{stage}-two" / "checkpoints" / "checkpoint-2"
+    assert len(list((ckpt / "pytorch_model_fsdp_0").glob("*.distcp"))) == 2
+    assert len(list((ckpt / "optimizer_0").glob("*.distcp"))) == 2
+    assert not list(ckpt.glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_the_artifact_is_the_trained_model_as_a_plain_checkpoint(runs, stage, checkpoint):  # noqa: F811
+    from transformers import AutoModelForCausalLM
+
+    whole, sharded = (
+        load_file(str(runs / f"{stage}-{n}" / "model" / "model.safetensors")) for n in ("one", "two")
+    )
+    assert set(sharded) <= set(whole) and set(whole) - set(sharded) <= {"lm_head.weight"}
+    for k, v in sharded.items():
+        assert (v - whole[k]).abs().max().item() < 1e-4, k
+    before = load_file(str(checkpoint / "model.safetensors"))
+    assert any(not torch.equal(sharded[k], before[k]) for k in before)  # it trained
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    a, b = (AutoModelForCausalLM.from_pretrained(runs / f"{stage}-{n}" / "model") for n in ("one", "two"))
+    with torch.no_grad():
+        assert torch.allclose(a(ids).logits, b(ids).logits, atol=1e-3)
+
+
+def test_a_sharded_dpo_run_paused_and_resumed_equals_the_uninterrupted_one(runs, checkpoint, pairs, tmp_path):  # noqa: F811
+    cut = _dpo(
+        tmp_path / "cut", checkpoint, pairs, "train.sharding=fsdp2", "train.stop_after_steps=2", processes=2
+    )
+    assert cut.returncode == 3, cut.stderr[-3000:]  # paused
+    again = _align("dpo", "--config", str(tmp_path / "cut" / "config.yaml"), "train.stop_after_steps=null",
+                   "--resume", processes=2)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed, whole = _steps(tmp_path / "cut"), _steps(runs / "dpo-two")
+    assert len(resumed) == 4
+    for a, b in zip(whole, resumed, strict=True):
+        assert b == pytest.approx(a, rel=1e-5, abs=1e-8)
+
+
+@pytest.mark.parametrize(
+    "stage, extra, said",
+    [
+        ("sft", ["lora.enabled=true"], "set lora.enabled=false"),
+        ("sft", ["lora.enabled=false", "partial.trainable=head"], "partial fine-tuning runs under ddp"),
+        ("dpo", ["lora.enabled=true"], "set lora.enabled=false"),
+        ("dpo", ["lora.enabled=false", "reference=precomputed"], "reference=model_copy"),
+        ("dpo", ["lora.enabled=false", "train.deepspeed=configs/deepspeed/zero3.json"], "choose one"),
+        ("reward", [], "train.deepspeed"),
+    ],
+)
+def test_what_fsdp2_does_not_shard_is_one_sentence(tmp_path, checkpoint, pairs, stage, extra, said, capsys):  # noqa: F811
+    from align.cli import main
+
+    given = {
+        "sft": [f"model.name_or_path={checkpoint}", f"data.train_file={TRAIN}"],
+        "dpo": [f"init_from={checkpoint}", "data.preferences_dir=null", f"data.pairs_file={pairs}"],
+        "reward": [f"init_from={checkpoint}", f"data.preferences_dir={tmp_path}"],
+    }[stage]
+    args = [stage, "--config", f"configs/{stage}.yaml", f"output_dir={tmp_path / 'x'}", *given,
+            "train.sharding=fsdp2", *extra]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()

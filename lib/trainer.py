@@ -326,6 +326,8 @@ def training_summary(trainer, result, precision: str) -> dict[str, Any]:
         "global_step": state.global_step,
         "max_steps": state.max_steps,
         "precision": precision,
+        # training's peak, per process (a collective: every process calls this)
+        "peak_memory_gib_per_process": [round(x, 3) for x in dist.all_gather(dist.peak_memory_gib())],
     }
     if trainer.args.load_best_model_at_end:
         out["stopped_early"] = _early_stopped(trainer)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import EXAMPLES, ROOT
+from tests.conftest import EXAMPLES, ROOT, big_llama
 from tests.stages.test_any_start import checkpoint  # noqa: F401 (the fixture: a user's own checkpoint folder)
 
 GATE_DATA = EXAMPLES / "instructions_validation.jsonl"
@@ -149,23 +149,7 @@ def _in_group(group: Path, argv: list[str]) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_a_model_that_does_not_fit_one_capped_process_trains_sharded_in_two(tmp_path):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from core.models import resolve_model_path
-
-    tok = AutoTokenizer.from_pretrained(resolve_model_path("tiny-random-llama"))
-    cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=16,
-        num_key_value_heads=4, tie_word_embeddings=True, initializer_range=0.05, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    big = tmp_path / "big"
-    model = LlamaForCausalLM(cfg)
-    params = sum(p.numel() for p in model.parameters())
-    model.save_pretrained(big)
-    tok.save_pretrained(big)
-    del model
+    big, params = big_llama(tmp_path / "big")
     state = params * 4 * 5  # fp32 weights, gradients, two AdamW moments, and the frozen reference copy
     # per process: less than one process surely needs (the state and the runtime: the fit check refuses it), more
     # than each of two sharded processes needs (measured: 6.0 GiB, of which about 3 GiB is the fixed part: runtime,

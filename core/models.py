@@ -330,16 +330,19 @@ def whole_model_load():
         hf_ds._hf_deepspeed_config_weak_ref = ref
 
 
-def load_causal_lm(cfg: ModelConfig, precision: str, quantization=None):
+def load_causal_lm(cfg: ModelConfig, precision: str, quantization=None, partitioned: bool = False):
     """Load the model for training/eval in the chosen precision (weights in that dtype, no autocast); with
-    `quantization` (quantization_4bit), on this process's GPU in 4 bits."""
+    `quantization` (quantization_4bit), on this process's GPU in 4 bits. `partitioned`: a ZeRO-3 Trainer's model,
+    created partitioned under DeepSpeed's zero.Init where a ZeRO-3 config is registered (a collective: every
+    process loads it); else whole in this process (`whole_model_load`)."""
     from transformers import AutoModelForCausalLM
 
     import core.attention  # noqa: F401 (registers sdpa_segments with transformers)
 
     path = resolve_model_path(cfg.name_or_path)
     extra = {"quantization_config": quantization, "device_map": {"": device()}} if quantization else {}
-    with loading(f"model {cfg.name_or_path}"), whole_model_load():
+    whole = contextlib.nullcontext() if partitioned else whole_model_load()
+    with loading(f"model {cfg.name_or_path}"), whole:
         model = AutoModelForCausalLM.from_pretrained(
             path,
             revision=cfg.revision,
@@ -351,9 +354,10 @@ def load_causal_lm(cfg: ModelConfig, precision: str, quantization=None):
     return model
 
 
-def load_start(start, precision: str):
-    """The weights a stage starts from (lib.artifacts.Start): its model with its adapters folded in, in order."""
-    model = load_causal_lm(start.model, precision)
+def load_start(start, precision: str, partitioned: bool = False):
+    """The weights a stage starts from (lib.artifacts.Start): its model with its adapters folded in, in order.
+    `partitioned` (load_causal_lm) applies to a start with nothing to merge: merging needs the weights whole."""
+    model = load_causal_lm(start.model, precision, partitioned=partitioned and not start.merge)
     if start.merge:
         from peft import PeftModel
 

@@ -107,7 +107,9 @@ class GenerateEngine:
                 logits_processor=sampler,
                 pad_token_id=pad,
                 eos_token_id=eos,
-                **({"synced_gpus": True} if self.synced else {}),
+                # explicit either way: transformers syncs by itself whenever a ZeRO-3 config is registered in
+                # this process, and the main process sampling alone after a ZeRO-3 run would wait for the others
+                synced_gpus=self.synced,
             )
             for row in gen[:, width:].tolist():
                 out.append(cut_after_eos(row, eos))

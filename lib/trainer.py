@@ -118,6 +118,23 @@ class FSDP2Accelerator:
         self.is_fsdp_enabled = True
 
 
+def zero3_init(args) -> bool:
+    """True when the Trainer's model is to be created partitioned: `args` (TrainingArguments, built before the model
+    and kept alive) carry a ZeRO-3 config, which registers it with transformers, and several processes run. Then
+    `from_pretrained` builds the model under DeepSpeed's zero.Init (each parameter partitioned as it is created,
+    the checkpoint read file by file into the partitions), so no process holds it whole before DeepSpeed wraps it.
+    DeepSpeed's communication is set up on the running process group first: its config reads the world size there."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if not (args.deepspeed and is_deepspeed_zero3_enabled() and dist.world_size() > 1):
+        return False
+    import deepspeed
+
+    _ = args.device  # the Trainer's process group (accelerate's state)
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
 def callbacks(out: Path, t, extra=()) -> list:
     """Rich progress, metrics.jsonl, a clean stop after `t.stop_after_steps`, TensorBoard under out/logs, and the
     caller's own hooks (`extra`: the stage contract's `callbacks`, e.g. a sweep's pruning or a benchmark's timer)."""

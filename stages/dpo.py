@@ -125,12 +125,13 @@ def tokenize_pair(tokenizer, row: dict, max_length: int, max_prompt_length: int,
 # ----------------------------------------------------------------------------------------------------------
 # Policy and reference
 # ----------------------------------------------------------------------------------------------------------
-def build_policy(cfg: DPOConfig, start: Start, precision: str):
+def build_policy(cfg: DPOConfig, start: Start, precision: str, partitioned: bool = False):
     """(model, peft_config, reference model) for TRL. new_adapter: the start's weights (an SFT adapter merged in)
     and an adapter config for TRL to add, so 'adapter disabled' is exactly the start; continue: the SFT adapter
     itself, trainable, which TRL copies into a frozen adapter named 'ref' as the reference. Full-parameter: the
     start's weights, all trainable, and (reference=model_copy) a frozen second copy of them; align builds it, since
-    TRL would load the raw checkpoint its config names, without the SFT adapter merged."""
+    TRL would load the raw checkpoint its config names, without the SFT adapter merged. `partitioned`: created
+    under ZeRO-3's zero.Init (lib.trainer.zero3_init) where nothing is to be merged."""
     from peft import PeftModel
 
     if cfg.policy_init == "continue_sft_adapter":
@@ -146,9 +147,11 @@ def build_policy(cfg: DPOConfig, start: Start, precision: str):
         model = sharded.load(m.name_or_path, precision, m.attn_implementation, m.trust_remote_code)
         reference = sharded.load(m.name_or_path, precision, m.attn_implementation, m.trust_remote_code)
         return model, None, reference.requires_grad_(False).eval()
-    model = load_start(start, precision)
+    model = load_start(start, precision, partitioned)
     if cfg.full_parameter:
-        reference = load_start(start, precision).eval() if cfg.reference == "model_copy" else None
+        reference = (
+            load_start(start, precision, partitioned).eval() if cfg.reference == "model_copy" else None
+        )
         return model, None, reference
     return model, peft_config(cfg.lora, cfg.peft, total_steps=cfg.train.max_steps), None
 
@@ -483,8 +486,7 @@ def train_policy(
     from trl import DPOConfig as TRLDPOConfig
 
     t = cfg.train
-    model, adapter, reference = build_policy(cfg, start, ctx.precision)
-    args = TRLDPOConfig(
+    args = TRLDPOConfig(  # before the model: a ZeRO-3 config registered here partitions it as it is created
         **plumbing.trainer_kwargs(
             t, ctx.out, ctx.precision, bool(val), t.per_device_train_batch_size, run_name=ctx.run_name
         ),
@@ -497,6 +499,10 @@ def train_policy(
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         length_column_name="length",
     )
+    zero3 = t.sharding == "ddp" and plumbing.zero3_init(args)
+    if zero3:
+        console.print("policy and reference partitioned as they are created (ZeRO-3)", highlight=False)
+    model, adapter, reference = build_policy(cfg, start, ctx.precision, partitioned=zero3)
     trainer = _trainer_class()(
         model=model,
         args=args,

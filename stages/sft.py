@@ -237,17 +237,27 @@ def train(cfg: SFTConfig, ctx: StageContext, tokenizer, train_rows, val_rows, qu
     """(trainer, train result, paused): the model with a fresh LoRA (or all weights), trained by SFTTrainer."""
     from trl import SFTConfig as TRLSFTConfig
 
+    t = cfg.train
+    has_val = bool(val_rows)
+    args = TRLSFTConfig(  # before the model: a ZeRO-3 config registered here partitions it as it is created
+        **plumbing.trainer_kwargs(
+            t, ctx.out, ctx.precision, has_val, t.per_device_train_batch_size, run_name=ctx.run_name
+        ),
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        dataset_kwargs={"skip_prepare_dataset": True},  # rendered and masked above
+        max_length=None,
+    )
     m = cfg.model
-    if (
-        cfg.train.sharding == "fsdp2"
-    ):  # 1/N of every weight per process, read shard by shard (core/sharded.py)
+    if t.sharding == "fsdp2":  # 1/N of every weight per process, read shard by shard (core/sharded.py)
         console.print(
             f"model: {printable(m.name_or_path)} in {ctx.precision}, sharded (FSDP2)", highlight=False
         )
         model = sharded.load(m.name_or_path, ctx.precision, m.attn_implementation, m.trust_remote_code)
     else:
-        console.print(f"model: {printable(m.name_or_path)} in {ctx.precision}", highlight=False)
-        model = load_causal_lm(m, ctx.precision, quantization)
+        zero3 = quantization is None and plumbing.zero3_init(args)
+        how = ", partitioned as it is created (ZeRO-3)" if zero3 else ""
+        console.print(f"model: {printable(m.name_or_path)} in {ctx.precision}{how}", highlight=False)
+        model = load_causal_lm(m, ctx.precision, quantization, partitioned=zero3)
     extra_callbacks = []
     if not cfg.lora.enabled and not cfg.partial.is_default:
         n = apply_trainable(model, cfg.partial)
@@ -258,16 +268,6 @@ def train(cfg: SFTConfig, ctx: StageContext, tokenizer, train_rows, val_rows, qu
         )
         if cfg.partial.unfreeze is not None:
             extra_callbacks.append(unfreeze_callback(cfg.partial))
-    t = cfg.train
-    has_val = bool(val_rows)
-    args = TRLSFTConfig(
-        **plumbing.trainer_kwargs(
-            t, ctx.out, ctx.precision, has_val, t.per_device_train_batch_size, run_name=ctx.run_name
-        ),
-        per_device_eval_batch_size=t.per_device_eval_batch_size,
-        dataset_kwargs={"skip_prepare_dataset": True},  # rendered and masked above
-        max_length=None,
-    )
     padded = t.batching == "padded" or (cfg.lora.enabled and cfg.peft.virtual_tokens)
     if padded and t.batching != "padded":
         console.print(

@@ -20,6 +20,7 @@ from tests.conftest import EXAMPLES, ROOT, big_llama
 from tests.stages.test_any_start import checkpoint, pairs  # noqa: F401 (fixtures: a checkpoint folder, pairs)
 
 TRAIN, HELDOUT = EXAMPLES / "instructions_train.jsonl", EXAMPLES / "instructions_validation.jsonl"
+ZERO3 = ROOT / "configs" / "deepspeed" / "zero3.json"
 
 
 def _align(*args, processes: int = 1) -> list[str]:
@@ -69,9 +70,11 @@ def runs(tmp_path_factory, checkpoint, pairs):  # noqa: F811
         ("sft-two", _sft(d / "sft-two", checkpoint, "train.sharding=fsdp2", processes=2)),
         ("dpo-one", _dpo(d / "dpo-one", checkpoint, pairs)),
         ("dpo-two", _dpo(d / "dpo-two", checkpoint, pairs, "train.sharding=fsdp2", processes=2)),
+        ("dpo-zero3", _dpo(d / "dpo-zero3", checkpoint, pairs, f"train.deepspeed={ZERO3}", processes=2)),
     ]:
         r = _run(run)
         assert r.returncode == 0, f"{name}: {r.stderr[-3000:]}"
+        (d / f"{name}.out").write_text(r.stdout + r.stderr)
     return d
 
 
@@ -90,6 +93,19 @@ def test_two_sharded_processes_train_as_one_whole(runs, stage):
     assert len(list((ckpt / "pytorch_model_fsdp_0").glob("*.distcp"))) == 2
     assert len(list((ckpt / "optimizer_0").glob("*.distcp"))) == 2
     assert not list(ckpt.glob("*.safetensors"))
+
+
+def test_full_parameter_dpo_under_zero3_is_partitioned_as_it_is_created_and_trains_as_one(runs):
+    """Under train.deepspeed=zero3 the policy and its frozen reference are created under zero.Init (the Trainer's
+    arguments exist before them), and the run equals the one-process run; the main process then samples the
+    held-out prompts alone (KL), which must not wait for the others."""
+    assert "partitioned as they are created (ZeRO-3)" in (runs / "dpo-zero3.out").read_text()
+    one, zero3 = _steps(runs / "dpo-one"), _steps(runs / "dpo-zero3")
+    assert zero3[0][0] == pytest.approx(math.log(2), abs=1e-5)
+    for a, b in zip(one, zero3, strict=True):
+        assert b == pytest.approx(a, rel=1e-3, abs=1e-6)
+    m = json.loads((runs / "dpo-zero3" / "manifest.json").read_text())
+    assert m["status"] == "complete" and m["metrics"]["kl_to_reference"] is not None
 
 
 @pytest.mark.parametrize("stage", ["sft", "dpo"])

@@ -76,7 +76,7 @@ from lib.rl import (
     token_rewards,
     value_loss,
 )
-from lib.rollout import EngineSpec, GenerateEngine, engine_choice, make_engine, merged_state_dict
+from lib.rollout import EngineSpec, GenerateEngine, engine_choice, make_engine, sync
 from lib.trainer import LoopHooks
 from stages.registry import STAGES
 
@@ -720,10 +720,10 @@ def ppo_update(cfg: PPOConfig, learner: Learner, exp: Experience) -> dict[str, f
 
 
 def sync_weights(learner: Learner, engine, exp: Experience) -> None:
-    """Push the updated policy (a LoRA merged into a copy of the weights, or all of them) to the rollout engine."""
+    """Give the rollout engine the updated policy (lib.rollout.sync): its LoRA adapter, or every weight streamed
+    (a LoRA merged in). The generate engine samples from the training model itself: nothing to sync."""
     ts = time.perf_counter()
-    if engine.syncs:  # an engine with weights of its own (generate samples from the training model itself)
-        engine.update_weights(merged_state_dict(learner.policy))
+    sync(engine, learner.policy)
     exp.timings["time_sync"] = time.perf_counter() - ts
 
 
@@ -827,6 +827,8 @@ def rollout_engine(cfg: PPOConfig, policy, tokenizer, base_path, precision: str)
         "enforce_eager": r.enforce_eager,
         "sleep": r.sleep_between_rollouts,
         "tensor_parallel_size": r.tensor_parallel_size,
+        # adapter sync: vLLM serves the policy's LoRA (rollout.weight_sync); a generate engine takes no options
+        **({"lora_rank": cfg.lora.r} if cfg.adapter_sync and r.engine != "generate" else {}),
     }
     max_len = cfg.prompts.max_prompt_length + r.max_new_tokens + 8
     spec = EngineSpec(policy, tokenizer, base_path, max_len, precision, cfg.train.seed, options)

@@ -117,6 +117,12 @@ class RolloutSettings(_Strict):
         1,
         description="GPUs one vLLM engine spans. 1: one engine per process, on that process's GPU.",
     )
+    weight_sync: Literal["auto", "weights", "adapter"] = Field(
+        "auto",
+        description="How vLLM follows the policy after each update: 'weights', every weight (a LoRA merged in), "
+        "streamed tensor by tensor; 'adapter', a LoRA policy's adapter only (megabytes), served by vLLM's LoRA "
+        "support over the start's weights; 'auto', adapter for a LoRA policy, else weights.",
+    )
 
 
 # The trackers accelerate has (accelerate.tracking.LOGGER_TYPE_TO_CLASS) that transformers also has (TRACKERS)
@@ -219,6 +225,22 @@ class PPOConfig(PolicyStageGates):
         description="The policy's LoRA; lora.enabled false trains every weight of the policy (full-parameter).",
     )
     train: PPOTrainSettings = Field(default_factory=PPOTrainSettings, description="Optimisation.")
+
+    @property
+    def adapter_sync(self) -> bool:
+        """vLLM is given the policy's LoRA adapter, not its weights (rollout.weight_sync)."""
+        return self.rollout.weight_sync == "adapter" or (
+            self.rollout.weight_sync == "auto" and self.lora.enabled
+        )
+
+    @model_validator(mode="after")
+    def _weight_sync(self) -> PPOConfig:
+        if self.rollout.weight_sync == "adapter" and not self.lora.enabled:
+            raise ValueError(
+                "rollout.weight_sync=adapter serves the policy's LoRA through vLLM: it needs lora.enabled=true (a "
+                "full-parameter policy syncs its weights: weight_sync=weights or auto)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _sharding(self) -> PPOConfig:

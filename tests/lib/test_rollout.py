@@ -80,3 +80,70 @@ def test_vllm_sampling_is_reproducible_by_seed(engine):
         PROMPTS, 8, 1.0, 1.0, seed=7
     )  # same seed, same rollouts (resume relies on it)
     assert a != c
+
+
+def test_streamed_weights_are_the_merged_dict_and_the_base_leaves_the_adapter_out(tiny_model_path):
+    from lib.rollout import merged_weights
+
+    policy = _lora_policy(tiny_model_path, seed=3)
+    streamed = merged_weights(policy)
+    assert not isinstance(streamed, dict)  # a generator: one merged projection alive at a time
+    as_dict = merged_state_dict(policy)
+    pairs = list(streamed)
+    assert [k for k, _ in pairs] == list(as_dict) and all(torch.equal(v, as_dict[k]) for k, v in pairs)
+    with policy.disable_adapter():
+        off = merged_state_dict(policy)  # the adapter disabled: the base weights
+    base = dict(merged_weights(policy, merge=False))
+    assert base.keys() == off.keys() and all(torch.equal(base[k], off[k]) for k in off)
+    q = "model.layers.0.self_attn.q_proj.weight"  # a LoRA-touched weight: merged differs from the base
+    assert not torch.equal(as_dict[q], base[q])
+
+
+def test_adapter_sync_serves_the_policys_lora_through_vllm(tiny_model_path, tokenizer, tmp_path):
+    """vLLM built for LoRA (rollout.weight_sync=adapter) is given the base weights once and then only the adapter
+    (a PEFT folder, kilobytes): its greedy tokens and log-probs are the trained policy's, and after the adapter
+    changes (a training step), vLLM serves the new one, not the one it loaded before."""
+    from lib.rollout import EngineSpec, make_engine, save_adapter, sync
+
+    policy = _lora_policy(tiny_model_path, seed=4)
+    spec = EngineSpec(policy, tokenizer, tiny_model_path, 128, "fp32", 0, {"lora_rank": 4})
+    engine = make_engine("vllm", "rollout.engine", spec)
+    try:
+        assert engine.adapter_sync and engine.lora is not None
+        folder = save_adapter(policy, tmp_path / "a")
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in folder.iterdir()}
+        assert (folder / "adapter_model.safetensors").stat().st_size < 1_000_000  # the adapter, not the model
+        n = 12
+        got, lps = _vllm_greedy_with_logprobs_lora(engine, PROMPTS, n)
+        want = GenerateEngine(policy, tokenizer).generate(PROMPTS, n, 0.0, 1.0, 0)
+        assert [g[: len(w)] for g, w in zip(got, want, strict=True)] == want
+        for p, a, lp in zip(PROMPTS, got, lps, strict=True):
+            assert torch.allclose(_trainer_logprobs(policy, p, a), torch.tensor(lp), atol=1e-3)
+        with policy.disable_adapter():
+            base = GenerateEngine(policy, tokenizer).generate(PROMPTS, n, 0.0, 1.0, 0)
+        assert want != base  # the adapter matters, so serving it is what made vLLM agree
+        with torch.no_grad():  # a training step moves the LoRA
+            for name, param in policy.named_parameters():
+                if "lora_B" in name:
+                    param.mul_(-1.0)
+        sync(engine, policy)
+        moved = engine.generate(PROMPTS, n, 0.0, 1.0, 0)
+        assert moved == GenerateEngine(policy, tokenizer).generate(PROMPTS, n, 0.0, 1.0, 0) and moved != got
+    finally:
+        engine.close()
+    assert not engine.adapter_folder.parent.exists()  # its folder goes with it
+
+
+def _vllm_greedy_with_logprobs_lora(engine, prompts, n):
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    sp = SamplingParams(temperature=0.0, max_tokens=n, logprobs=0, ignore_eos=True)
+    outs = engine.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sp, use_tqdm=False,
+                               lora_request=engine.lora)  # fmt: skip
+    ids = [list(o.outputs[0].token_ids) for o in outs]
+    lps = [
+        [d[t].logprob for d, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids, strict=True)]
+        for o in outs
+    ]
+    return ids, lps

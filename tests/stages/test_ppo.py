@@ -475,3 +475,15 @@ def test_ppo_honours_the_contracts_callbacks(tmp_path, peaky_sft):
     history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == [1, 2] and history[1]["reward_mean"] == hook.logged[1][1]
     assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
+
+
+def test_weight_sync_auto_serves_a_lora_policys_adapter_and_adapter_needs_a_lora():
+    from data_schemas.config import PPOConfig
+
+    base = {"output_dir": "x", "init_from": "tiny-random-llama", "prompts": {"train_file": "p.jsonl"},
+            "reward": {"rule": {"kind": "contains", "text": "a"}}}  # fmt: skip
+    assert PPOConfig(**base).adapter_sync  # LoRA policy, weight_sync auto
+    assert not PPOConfig(**base, rollout={"weight_sync": "weights"}).adapter_sync
+    assert not PPOConfig(**base, lora={"enabled": False}).adapter_sync  # full-parameter: every weight
+    with pytest.raises(ValueError, match="weight_sync=adapter .* lora.enabled=true"):
+        PPOConfig(**base, lora={"enabled": False}, rollout={"weight_sync": "adapter"})

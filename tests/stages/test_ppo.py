@@ -477,13 +477,45 @@ def test_ppo_honours_the_contracts_callbacks(tmp_path, peaky_sft):
     assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
 
 
-def test_weight_sync_auto_serves_a_lora_policys_adapter_and_adapter_needs_a_lora():
+def test_weight_sync_auto_serves_a_lora_policys_adapter_on_a_gpu_and_adapter_needs_a_lora():
     from data_schemas.config import PPOConfig
+    from stages.ppo import adapter_sync
 
     base = {"output_dir": "x", "init_from": "tiny-random-llama", "prompts": {"train_file": "p.jsonl"},
             "reward": {"rule": {"kind": "contains", "text": "a"}}}  # fmt: skip
-    assert PPOConfig(**base).adapter_sync  # LoRA policy, weight_sync auto
-    assert not PPOConfig(**base, rollout={"weight_sync": "weights"}).adapter_sync
-    assert not PPOConfig(**base, lora={"enabled": False}).adapter_sync  # full-parameter: every weight
+    lora = PPOConfig(**base)  # weight_sync auto
+    assert adapter_sync(lora, cuda=True) and not adapter_sync(
+        lora, cuda=False
+    )  # CPUs: merged weights decode faster
+    assert adapter_sync(PPOConfig(**base, rollout={"weight_sync": "adapter"}), cuda=False)
+    assert not adapter_sync(PPOConfig(**base, rollout={"weight_sync": "weights"}), cuda=True)
+    assert not adapter_sync(
+        PPOConfig(**base, lora={"enabled": False}), cuda=True
+    )  # full-parameter: every weight
+    assert not adapter_sync(
+        PPOConfig(**base, rollout={"engine": "generate", "weight_sync": "adapter"}), cuda=True
+    )
     with pytest.raises(ValueError, match="weight_sync=adapter .* lora.enabled=true"):
         PPOConfig(**base, lora={"enabled": False}, rollout={"weight_sync": "adapter"})
+
+
+def test_ppo_with_adapter_sync_samples_what_weight_sync_samples(tmp_path, peaky_sft):
+    """PPO whose vLLM serves the policy's LoRA (the SFT adapter merged into the weights it is given once, then the
+    PPO adapter after every update) against PPO syncing every weight: the first iteration, where the PPO LoRA is
+    still zero, samples exactly the same rollouts, and both runs complete."""
+    from lib.rollout import vllm_available
+
+    if not vllm_available():
+        pytest.skip("vLLM is not installed (scripts/setup.sh installs it)")
+    common = (
+        "rollout.engine=vllm",
+        "train.steps=2",
+        "prompts.heldout_prompts=2",
+        "train.rollout_batch_size=8",
+    )
+    assert _ppo(tmp_path / "adapter", peaky_sft, *common, "rollout.weight_sync=adapter") == 0
+    assert _ppo(tmp_path / "weights", peaky_sft, *common, "rollout.weight_sync=weights") == 0
+    a, w = _history(tmp_path / "adapter"), _history(tmp_path / "weights")
+    assert len(a) == len(w) == 2
+    assert a[0]["reward_mean"] == w[0]["reward_mean"] and a[0]["kl"] == pytest.approx(w[0]["kl"], abs=1e-6)
+    assert all(math.isfinite(x["policy_loss"]) for x in a)

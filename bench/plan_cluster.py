@@ -57,7 +57,7 @@ def configs(path: Path) -> dict[str, tuple[object, str]]:
             "prompts": {"train_file": "p.jsonl", "max_prompt_length": 1024}, "rollout": {"engine": "generate",
             "max_new_tokens": 1024}, "reward": {"rule": {"kind": "contains", "text": "a"}},
             "train": {"advantage_estimator": "grpo", "group_size": 8, "mini_batch_size": 4, "rollout_batch_size": 8,
-                      "sharding": "fsdp2"}}  # fmt: skip
+                      "sharding": "fsdp2", "gradient_checkpointing": True}}  # fmt: skip
     return {
         "DPO full-parameter (frozen reference copy)": (DPOConfig(**dpo, lora={"enabled": False}), "dpo"),
         "DPO LoRA r16": (DPOConfig(**dpo), "dpo"),

@@ -38,6 +38,7 @@ import torch
 
 from core import dist
 from core.config import UserError
+from core.manifest import replace_dir
 from core.models import is_prompt_learning
 from core.tables import table
 from lib.generation import GenerateEngine, cut_after_eos, request_seed
@@ -94,8 +95,6 @@ def merged_state_dict(model) -> dict[str, torch.Tensor]:
 def save_adapter(model, folder: Path) -> Path:
     """The policy's active LoRA as a PEFT adapter folder (adapter_config.json, adapter_model.safetensors), for vLLM
     to load (`VLLMEngine.update_adapter`); `folder` is replaced whole."""
-    from core.manifest import replace_dir
-
     name = model.active_adapter if isinstance(model.active_adapter, str) else model.active_adapters[0]
     replace_dir(lambda p: model.save_pretrained(p, selected_adapters=[name]), folder)
     return folder / name if name != "default" else folder

@@ -438,6 +438,10 @@ def setup(cfg: PPOConfig, ctx: StageContext, start: Start) -> Learner:
         model, policy, value_head, reference, base_path = build_sharded(cfg, start, ctx.precision)
     else:
         policy, value_head, reference, base_path = build_policy(cfg, start, ctx.precision)
+    if (
+        t.gradient_checkpointing
+    ):  # the policy's blocks recompute their activations in backward (training mode only)
+        _trunk(policy).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in policy.parameters() if p.requires_grad] + list(value_head.parameters())
     opt = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
     # One module (policy + value head) prepared by accelerate: moved to this process's device, and wrapped in DDP

@@ -134,6 +134,12 @@ class PPOTrainSettings(RunSettings):
     """PPO optimisation (Schulman et al. 2017; RLHF details after Ziegler et al. 2019 and Huang et al. 2024)."""
 
     steps: AtLeastOne = Field(20, description="PPO iterations (each: sample a batch, score, several epochs).")
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute each decoder block's activations in the policy's backward instead of keeping them "
+        "(transformers' checkpointing, non-reentrant): activation memory falls to the block inputs plus one "
+        "block's, for one more forward per update. What lets long responses of a large policy fit (align plan).",
+    )
     sharding: Literal["ddp", "fsdp2"] = Field(
         "ddp",
         description="How processes hold the policy: 'ddp', each a whole copy; 'fsdp2', torch's fully_shard: the "

@@ -199,3 +199,16 @@ def test_a_model_that_does_not_fit_one_capped_process_trains_sharded_in_two(tmp_
               "two_processes_group_peak_gib": group_peak / 2**30, "one_process_peak_gib": whole}  # fmt: skip
     print("FSDP2 capped run:", json.dumps(record))  # the figures docs/benchmarks.md quotes (pytest -s)
     assert all(p < cap / 2**30 for p in peaks) and max(peaks) < 0.8 * whole[0]
+
+
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp2"])
+def test_gradient_checkpointing_recomputes_the_same_update(runs, checkpoint, tmp_path, sharding):  # noqa: F811
+    """train.gradient_checkpointing recomputes each block's activations in backward: the same rewards, KL, losses
+    and gradient norms as keeping them (one process whole, or two sharded)."""
+    d, _ = runs
+    extra = ["train.gradient_checkpointing=true"] + (["train.sharding=fsdp2"] if sharding == "fsdp2" else [])
+    r = _grpo(tmp_path / "ckpt", checkpoint, *extra, processes=2 if sharding == "fsdp2" else 1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    kept = _rows(d / ("two" if sharding == "fsdp2" else "one"))
+    for a, b in zip(kept, _rows(tmp_path / "ckpt"), strict=True):
+        assert b == pytest.approx(a, rel=1e-4, abs=1e-6)

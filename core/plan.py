@@ -15,6 +15,10 @@ The estimate adds up the terms every trainer holds at its peak (the backward pas
 - PPO: the value head's activations are shared; the rollout engine's KV cache (`rollout.vllm_kv_cache_gb`);
 - the runtime: about 1.5 GiB for a CPU process with torch and the libraries, 0.6 GiB for a CUDA context.
 
+Under N processes (`layout`, a SHARDINGS row) a process holds 1/N of what its sharding partitions, two gathered
+units where the weights are partitioned, and, under DeepSpeed's ZeRO, the optimizer's fp32 master copy of its
+partition of the trainable weights (4 bytes per trainable parameter / N).
+
 The model is built from its config on the `meta` device (no weights read), so counting a 70B model takes seconds;
 trainable parameters come from the same selection code the stages use (LoRA target modules, core/partial.py);
 virtual-token methods count their embeddings (and P-tuning's encoder) and lengthen every sequence by them.
@@ -386,15 +390,18 @@ class Sharding:
     optimizer: bool
     how: str  # how align runs it
     offload: bool = False  # align can move its optimizer moments (and sharded weights) to the host
+    # DeepSpeed's ZeRO optimizer keeps an fp32 copy of each process's partition of the trainable weights beside the
+    # weights themselves (its master copy, whatever the training precision): 4 bytes per trainable parameter / N
+    master_copy: bool = False
 
 
 SHARDINGS: dict[str, Sharding] = table(
     Sharding("ddp", "every process holds every weight, gradient and moment", False, False, False,
              "--num-processes N"),
     Sharding("zero2", "DeepSpeed ZeRO-2: gradients and optimizer moments partitioned", False, True, True,
-             "train.deepspeed=configs/deepspeed/zero2.json --num-processes N", offload=True),
+             "train.deepspeed=configs/deepspeed/zero2.json --num-processes N", offload=True, master_copy=True),
     Sharding("zero3", "DeepSpeed ZeRO-3: weights too (a frozen reference copy as well)", True, True, True,
-             "train.deepspeed=configs/deepspeed/zero3.json --num-processes N", offload=True),
+             "train.deepspeed=configs/deepspeed/zero3.json --num-processes N", offload=True, master_copy=True),
     Sharding("fsdp2", "torch FSDP2 (fully_shard): as ZeRO-3, full-parameter, no offload", True, True, True,
              "train.sharding=fsdp2 --num-processes N"),
 )  # fmt: skip
@@ -440,9 +447,14 @@ def layout(
         "gradients": t["gradients"] / n if s.gradients else t["gradients"],
         "optimizer (AdamW)": t["optimizer (AdamW)"] / n if s.optimizer else t["optimizer (AdamW)"],
     }
+    master = "master weights (fp32, DeepSpeed)"
+    if s.master_copy:  # without it the plan was 15% under a 2-process ZeRO-3 peak (bench/sharding.py)
+        per[master] = plan.trainable * 4 / n
     host = 0.0
     if offload in ("optimizer", "optimizer+weights"):
         host, per["optimizer (AdamW)"] = host + per["optimizer (AdamW)"], 0.0
+        if s.master_copy:  # the master copy lives where the optimizer steps
+            host, per[master] = host + per[master], 0.0
     if offload == "optimizer+weights":
         host, per["weights"] = host + per["weights"], 0.0
     if s.weights:

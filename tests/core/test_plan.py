@@ -143,10 +143,14 @@ def test_layouts_per_process_from_hand_counts_and_the_smallest_that_fits(tiny_mo
     assert z2.terms["optimizer (AdamW)"] == t["optimizer (AdamW)"] / 4
     z3 = layout(plan, 4, "zero3", "optimizer")
     assert z3.terms["weights"] == t["weights"] / 4 and z3.terms["optimizer (AdamW)"] == 0
+    master = plan.trainable * 4 / 4  # DeepSpeed's fp32 copy of the trainable partition, with the optimizer
+    assert z2.terms["master weights (fp32, DeepSpeed)"] == master
     assert (
-        z3.host == t["optimizer (AdamW)"] / 4
+        z3.host == t["optimizer (AdamW)"] / 4 + master
+        and z3.terms["master weights (fp32, DeepSpeed)"] == 0
         and z3.terms["gathered units (2 in flight)"] == 2 * plan.largest_unit
     )
+    assert "master weights (fp32, DeepSpeed)" not in layout(plan, 4, "fsdp2").terms
     assert z3.terms["activations"] == t["activations"] and z3.terms["runtime"] == t["runtime"]
     with pytest.raises(ValueError, match="does not partition the weights"):
         layout(plan, 2, "zero2", "optimizer+weights")

@@ -499,6 +499,7 @@ def test_weight_sync_auto_serves_a_lora_policys_adapter_on_a_gpu_and_adapter_nee
         PPOConfig(**base, lora={"enabled": False}, rollout={"weight_sync": "adapter"})
 
 
+@pytest.mark.slow
 def test_ppo_with_adapter_sync_samples_what_weight_sync_samples(tmp_path, peaky_sft):
     """PPO whose vLLM serves the policy's LoRA (the SFT adapter merged into the weights it is given once, then the
     PPO adapter after every update) against PPO syncing every weight: the first iteration, where the PPO LoRA is

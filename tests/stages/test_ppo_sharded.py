@@ -201,7 +201,7 @@ def test_a_model_that_does_not_fit_one_capped_process_trains_sharded_in_two(tmp_
     assert all(p < cap / 2**30 for p in peaks) and max(peaks) < 0.8 * whole[0]
 
 
-@pytest.mark.parametrize("sharding", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("sharding", ["ddp", pytest.param("fsdp2", marks=pytest.mark.slow)])
 def test_gradient_checkpointing_recomputes_the_same_update(runs, checkpoint, tmp_path, sharding):  # noqa: F811
     """train.gradient_checkpointing recomputes each block's activations in backward: the same rewards, KL, losses
     and gradient norms as keeping them (one process whole, or two sharded)."""

@@ -37,7 +37,7 @@ def _sft(out, start, *extra, processes: int = 1) -> list[str]:
     per_process = str(4 // processes)  # global batch 4 whatever the number of processes
     return _align(
         "sft", "--config", "configs/sft.yaml", f"output_dir={out}", f"model.name_or_path={start}",
-        f"data.train_file={TRAIN}", f"data.validation_file={HELDOUT}", "lora.enabled=false", "train.max_steps=4",
+        f"data.train_file={TRAIN}", f"data.validation_file={HELDOUT}", "lora.enabled=false", "train.max_steps=3",
         "train.early_stopping_patience=null", "train.learning_rate=1e-4", "train.lr_scheduler_type=constant",
         "train.warmup_ratio=0", f"train.per_device_train_batch_size={per_process}", "train.logging_steps=1",
         "train.save_steps=2", "train.eval_steps=100", *extra, processes=processes,
@@ -51,7 +51,7 @@ def _dpo(out, start, pairs_file, *extra, processes: int = 1) -> list[str]:
         "data.preferences_dir=null", f"data.pairs_file={pairs_file}", "data.validation_fraction=0.25",
         "lora.enabled=false", "train.learning_rate=1e-4", "train.lr_scheduler_type=constant", "train.warmup_ratio=0",
         f"train.per_device_train_batch_size={per_process}", "train.logging_steps=1", "train.eval_steps=100",
-        "train.max_steps=4", "train.save_steps=2", "eval.prompts=2", "eval.max_new_tokens=6",
+        "train.max_steps=3", "train.save_steps=2", "eval.prompts=2", "eval.max_new_tokens=6",
         "perplexity_gate.min_examples=5", "perplexity_gate.max_relative_increase=100", f"gate_data={HELDOUT}",
         *extra, processes=processes,
     )  # fmt: skip
@@ -81,7 +81,7 @@ def runs(tmp_path_factory, checkpoint, pairs):  # noqa: F811
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
 def test_two_sharded_processes_train_as_one_whole(runs, stage):
     one, two = _steps(runs / f"{stage}-one"), _steps(runs / f"{stage}-two")
-    assert len(one) == len(two) == 4
+    assert len(one) == len(two) == 3
     for a, b in zip(one, two, strict=True):
         assert b == pytest.approx(a, rel=1e-3, abs=1e-6)
     if stage == "dpo":  # step 1: the policy is its start, so the sharded reference must hold the same weights
@@ -134,7 +134,7 @@ def test_a_sharded_dpo_run_paused_and_resumed_equals_the_uninterrupted_one(runs,
                         "--resume", processes=2))  # fmt: skip
     assert again.returncode == 0, again.stderr[-3000:]
     resumed, whole = _steps(tmp_path / "cut"), _steps(runs / "dpo-two")
-    assert len(resumed) == 4
+    assert len(resumed) == 3
     for a, b in zip(whole, resumed, strict=True):
         assert b == pytest.approx(a, rel=1e-5, abs=1e-8)
 

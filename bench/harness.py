@@ -181,3 +181,24 @@ def save(out: Path | str | None, name: str, result: dict[str, Any]) -> Path:
         recorded.setdefault("flags", recorded.pop("cpu_flags"))
     info = {**machine(), **recorded}
     return write_result(out, name, scalars(result), result, machine_info=info)
+
+
+def random_llama(folder: Path | str, tokenizer: Path | str, layers: int) -> int:
+    """A random Llama (hidden 1024, MLP 2816, 16 heads, 4 KV heads, `layers` layers, tied embeddings, seed 0) with the
+    tokenizer at `tokenizer`, saved to `folder` as a plain transformers checkpoint; returns its parameter count.
+    Big enough that training state, not the runtime, is most of a process's memory (12 layers: 170M parameters,
+    24: 321M). Used by bench/sharding.py, scripts/gpu_check.py and the capped tests (tests/conftest.py)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=1024, intermediate_size=2816, num_hidden_layers=layers,
+        num_attention_heads=16, num_key_value_heads=4, tie_word_embeddings=True, initializer_range=0.05,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return sum(p.numel() for p in model.parameters())

@@ -28,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.harness import write_result  # noqa: E402
+from bench.harness import random_llama, write_result  # noqa: E402
 
 EX = ROOT / "examples" / "data"
 ZERO3 = ROOT / "configs" / "deepspeed" / "zero3.json"
@@ -39,25 +39,6 @@ RUNS = [
     ("2 x ZeRO-3", 2, "zero3", [f"train.deepspeed={ZERO3}"]),
     ("2 x FSDP2", 2, "fsdp2", ["train.sharding=fsdp2"]),
 ]
-
-
-def random_llama(folder: Path, layers: int) -> int:
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from core.models import resolve_model_path
-
-    tok = AutoTokenizer.from_pretrained(resolve_model_path("tiny-random-llama"))
-    cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=1024, intermediate_size=2816, num_hidden_layers=layers,
-        num_attention_heads=16, num_key_value_heads=4, tie_word_embeddings=True, initializer_range=0.05,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return sum(p.numel() for p in model.parameters())
 
 
 def stage_args(stage: str, model: Path, pairs: Path, out: Path, processes: int, steps: int) -> list[str]:
@@ -96,7 +77,9 @@ def main() -> None:
     rows, metrics = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        params = random_llama(tmp / "model", a.layers)
+        from core.models import resolve_model_path
+
+        params = random_llama(tmp / "model", resolve_model_path("tiny-random-llama"), a.layers)
         pairs = tmp / "pairs.jsonl"
         if a.stage == "dpo":
             from tests.stages.test_dpo import _pairs_file

@@ -29,24 +29,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bench.harness import random_llama  # noqa: E402
+
 EX = ROOT / "examples" / "data"
-
-
-def build_model(folder: Path, tokenizer: Path, layers: int) -> int:
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(tokenizer)
-    cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=1024, intermediate_size=2816, num_hidden_layers=layers,
-        num_attention_heads=16, num_key_value_heads=4, tie_word_embeddings=True, initializer_range=0.05,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return sum(p.numel() for p in model.parameters())
 
 
 def pairs_file(path: Path) -> None:
@@ -131,7 +117,7 @@ def main() -> int:
               "torch": torch.__version__, "python": platform.python_version(), "stages": {}}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        record["params"] = build_model(tmp / "model", a.tokenizer, a.layers)
+        record["params"] = random_llama(tmp / "model", a.tokenizer, a.layers)
         pairs_file(tmp / "pairs.jsonl")
         processes = max(gpus, 1)
         launch = ["--num-processes", str(processes)] if processes > 1 else []

@@ -59,27 +59,14 @@ def peaked_llama(folder: Path, tokenizer_path: Path, **shape) -> Path:
 
 
 def big_llama(folder: Path) -> tuple[Path, int]:
-    """(folder, parameters): a random 321M-parameter Llama (24 layers of 1024, the tiny-random-llama tokenizer)
-    saved as a plain checkpoint: fp32 full-parameter training state of 4.8 GiB (weights, gradients, two AdamW
-    moments), 6.0 GiB with a frozen reference copy. The capped tests (slow) train it under a per-process memory cap
-    that one process cannot hold and each of two sharded processes can."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
+    """(folder, parameters): a random 321M-parameter Llama (24 layers of 1024, the tiny-random-llama tokenizer;
+    bench.harness.random_llama) saved as a plain checkpoint: fp32 full-parameter training state of 4.8 GiB (weights,
+    gradients, two AdamW moments), 6.0 GiB with a frozen reference copy. The capped tests (slow) train it under a
+    per-process memory cap that one process cannot hold and each of two sharded processes can."""
+    from bench.harness import random_llama
     from core.models import resolve_model_path
 
-    tok = AutoTokenizer.from_pretrained(resolve_model_path("tiny-random-llama"))
-    cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=16,
-        num_key_value_heads=4, tie_word_embeddings=True, initializer_range=0.05, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
-    params = sum(p.numel() for p in model.parameters())
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder, params
+    return folder, random_llama(folder, resolve_model_path("tiny-random-llama"), 24)
 
 
 def fused_lora_policy(model_path: Path, kernel: str = "sdpa", outputs: tuple[str, ...] = ("log_probs",)):

@@ -319,8 +319,9 @@ def sharding_of(cfg) -> str:
     """The SHARDINGS row a stage's config runs under: train.sharding, or the ZeRO stage of its train.deepspeed
     config (stage 3 partitions the weights, 1 and 2 the gradients and moments), else ddp."""
     t = getattr(cfg, "train", None)
-    if getattr(t, "sharding", "ddp") in SHARDINGS and getattr(t, "sharding", "ddp") != "ddp":
-        return t.sharding
+    sharding = getattr(t, "sharding", "ddp")
+    if sharding != "ddp" and sharding in SHARDINGS:
+        return sharding
     ds = getattr(t, "deepspeed", None)
     if ds is not None:
         try:

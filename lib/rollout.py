@@ -13,7 +13,8 @@ from `make_engine`; the DPO KL estimate, the policy and task gates sample throug
     partial update (only the LoRA-touched projections) leaves the rest of that layer as garbage (verified).
   - *adapter* (`update_adapter`): a LoRA policy's adapter only (megabytes, not the model), saved to a folder and
     served by vLLM's LoRA support (`enable_lora`, a new `LoRARequest` per sync) on the base weights the engine
-    was given once at the start (`base_weights`: the start, an SFT adapter merged, without the policy's LoRA).
+    was given once at the start (`merged_weights(policy, merge=False)`: the start, an SFT adapter merged, without
+    the policy's LoRA).
 - `generate` (lib/generation.py): transformers `generate` on the training model itself; nothing to sync.
 
 Engines return token ids only. The trainer recomputes every log-probability it optimises; the sampler's own
@@ -62,10 +63,8 @@ def merged_weights(model, merge: bool = True) -> Iterator[tuple[str, torch.Tenso
             "weights; sample with transformers generate instead"
         )
     peft_type = str(getattr(getattr(model, "active_peft_config", None), "peft_type", "")).rsplit(".", 1)[-1]
-    if merge and peft_type not in (
-        "",
-        "LORA",
-    ):  # AdaLoRA's layers are LoRA's, but carry rank buffers of their own
+    # AdaLoRA's layers are LoRA's, but carry rank buffers of their own: it merges on a copy, as IA3 does
+    if merge and peft_type not in ("", "LORA"):
         with torch.no_grad():
             yield from (
                 (k, v.detach()) for k, v in copy.deepcopy(model).merge_and_unload().state_dict().items()

@@ -499,7 +499,7 @@ def train_policy(
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         length_column_name="length",
     )
-    zero3 = t.sharding == "ddp" and plumbing.zero3_init(args)
+    zero3 = plumbing.zero3_init(args)  # never with fsdp2: the config refuses deepspeed beside it
     if zero3:
         console.print("policy and reference partitioned as they are created (ZeRO-3)", highlight=False)
     model, adapter, reference = build_policy(cfg, start, ctx.precision, partitioned=zero3)

@@ -131,10 +131,31 @@ def broadcast(obj: Any) -> Any:
 
 
 def peak_memory_gib() -> float:
-    """This process's peak memory so far: the accelerator's allocated peak on CUDA, the resident set on CPU."""
+    """This process's peak memory since it started or since `reset_peak_memory`: the accelerator's allocated peak on
+    CUDA, the resident set's high-water mark on CPU (/proc/self/status VmHWM, else getrusage's lifetime peak)."""
     if device().type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**30
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def reset_peak_memory() -> None:
+    """Start `peak_memory_gib` again from what this process holds now (CUDA's peak statistics; on Linux the resident
+    set's high-water mark, by writing 5 to /proc/self/clear_refs), so that a later part of a run is measured alone."""
+    if device().type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
 
 
 def all_gather(obj: Any) -> list[Any]:

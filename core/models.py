@@ -9,11 +9,16 @@ into a normal safetensors checkpoint under `$ALIGN_CACHE/models/` and reused (ab
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import fcntl
 import hashlib
 import importlib.util
 import json
+import math
 import os
+import shutil
+import tempfile
+import weakref
 from pathlib import Path
 
 import torch
@@ -22,6 +27,7 @@ from huggingface_hub.errors import StrictDataclassError
 from core import dist
 from core.config import UserError
 from core.manifest import atomic_write_json, replace_dir, require_complete, sha256_path
+from core.plan import capacity, memory_cap
 from data_schemas.config import ModelConfig, PeftSettings
 from data_schemas.manifest import ModelIdentity
 
@@ -330,17 +336,34 @@ def whole_model_load():
         hf_ds._hf_deepspeed_config_weak_ref = ref
 
 
-def load_causal_lm(cfg: ModelConfig, precision: str, quantization=None, partitioned: bool = False):
+def load_causal_lm(
+    cfg: ModelConfig,
+    precision: str,
+    quantization=None,
+    partitioned: bool = False,
+    resident: float | None = None,
+):
     """Load the model for training/eval in the chosen precision (weights in that dtype, no autocast); with
     `quantization` (quantization_4bit), on this process's GPU in 4 bits. `partitioned`: a ZeRO-3 Trainer's model,
     created partitioned under DeepSpeed's zero.Init where a ZeRO-3 config is registered (a collective: every
-    process loads it); else whole in this process (`whole_model_load`)."""
+    process loads it); else whole in this process (`whole_model_load`). `resident` (evaluation only): at most that
+    many bytes of weights are kept in memory when the checkpoint's weights are larger (`offloaded`); place the
+    model with `place`, not `.to`."""
     from transformers import AutoModelForCausalLM
 
     import core.attention  # noqa: F401 (registers sdpa_segments with transformers)
 
     path = resolve_model_path(cfg.name_or_path)
     extra = {"quantization_config": quantization, "device_map": {"": device()}} if quantization else {}
+    need = (
+        checkpoint_bytes(path, precision)
+        if resident is not None and not (quantization or partitioned)
+        else None
+    )
+    folder = None
+    if need is not None and need > resident:
+        folder = tempfile.mkdtemp(prefix="align-offload-")
+        extra = offloaded(resident, folder)
     whole = contextlib.nullcontext() if partitioned else whole_model_load()
     with loading(f"model {cfg.name_or_path}"), whole:
         model = AutoModelForCausalLM.from_pretrained(
@@ -351,13 +374,22 @@ def load_causal_lm(cfg: ModelConfig, precision: str, quantization=None, partitio
             trust_remote_code=cfg.trust_remote_code,
             **extra,
         )
+    if folder is not None:
+        weakref.finalize(
+            model, shutil.rmtree, folder, True
+        )  # .bin weights are copied there; safetensors are not
+        model.align_offloaded = {"weights_gib": need / 2**30, "resident_limit_gib": resident / 2**30}
     return model
 
 
-def load_start(start, precision: str, partitioned: bool = False):
+def load_start(start, precision: str, partitioned: bool = False, resident: float | None = None):
     """The weights a stage starts from (lib.artifacts.Start): its model with its adapters folded in, in order.
-    `partitioned` (load_causal_lm) applies to a start with nothing to merge: merging needs the weights whole."""
-    model = load_causal_lm(start.model, precision, partitioned=partitioned and not start.merge)
+    `partitioned` and `resident` (load_causal_lm) apply to a start with nothing to merge: merging needs the
+    weights whole."""
+    plain = not start.merge
+    model = load_causal_lm(
+        start.model, precision, partitioned=partitioned and plain, resident=resident if plain else None
+    )
     if start.merge:
         from peft import PeftModel
 
@@ -366,6 +398,95 @@ def load_start(start, precision: str, partitioned: bool = False):
         # PEFT froze the weights it merged into; a full-parameter stage trains them
         model.requires_grad_(True)
     return model
+
+
+# ---- Evaluating a model that does not fit: weights read from their files a layer at a time ----------------------
+# A gate scores or samples a model with forwards only, so it need not hold the whole model: accelerate's big-model
+# inference (`device_map` with `max_memory`) keeps as many whole decoder layers in memory as the limit allows and
+# leaves the others in the checkpoint's safetensors files, reading each one in just before its forward (weights in
+# .bin files are first copied to a temporary folder). The result is the same; the price is reading the offloaded
+# weights once per forward. It applies to full models (a checkpoint, an artifact's model/ or merged/); an adapter's
+# base is loaded whole (PEFT re-dispatches an offloaded base without its offload index).
+_RESIDENT: contextvars.ContextVar[float | None] = contextvars.ContextVar("align_resident_limit", default=None)
+
+
+@contextlib.contextmanager
+def resident_limit(limit: float | None):
+    """Inside this block a model loaded for evaluation (`load_for_eval`, `eval_resident_limit`) keeps at most `limit`
+    bytes of its weights in memory; None leaves the default. A sharded stage gates its artifact under its training
+    share (weights / processes), so that no process holds a whole model then either."""
+    token = _RESIDENT.set(limit)
+    try:
+        yield
+    finally:
+        _RESIDENT.reset(token)
+
+
+def eval_resident_limit() -> float | None:
+    """The bytes of weights a model loaded for evaluation may keep in memory: half of what this process may use (on
+    CPU its share of a cgroup cap and the host's available memory, on a GPU its free memory), and no more than the
+    enclosing `resident_limit`; None where none of these is known."""
+    dev = device()
+    free = [x for x in (capacity(str(dev)),) if x]
+    cap = memory_cap() if dev.type == "cpu" else None
+    if cap:
+        free.append(cap / max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    limits = [x / 2 for x in free] + [x for x in (_RESIDENT.get(),) if x is not None]
+    return min(limits) if limits else None
+
+
+def training_share(cfg: ModelConfig, precision: str, sharded: bool) -> float | None:
+    """A sharded run's share of the weights per process (the checkpoint's bytes / processes): the limit its gates
+    load their models under (`resident_limit`); None when each process holds the whole model, or the size is not
+    known."""
+    if not sharded or dist.world_size() < 2:
+        return None
+    need = checkpoint_bytes(resolve_model_path(cfg.name_or_path), precision)
+    return None if need is None else need / dist.world_size()
+
+
+def checkpoint_bytes(path: Path | str, precision: str) -> int | None:
+    """The bytes a checkpoint folder's weights take in `precision` (sizes from the safetensors headers, nothing
+    read); None where that cannot be known without loading (a hub id not downloaded, .bin weights)."""
+    files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
+    if not files:
+        return None
+    from safetensors import safe_open
+
+    n = 0
+    for f in files:
+        with safe_open(f, "pt") as fh:
+            n += sum(math.prod(fh.get_slice(k).get_shape()) for k in fh.keys())  # noqa: SIM118 (safe_open is not iterable)
+    return n * torch_dtype(precision).itemsize
+
+
+def offloaded(limit: float, folder: str) -> dict:
+    """`from_pretrained` arguments that keep at most `limit` bytes of weights on this process's device (and as much
+    again in host memory under a GPU), the rest on disk (`folder` for weights not in safetensors)."""
+    dev = device()
+    memory = {"cpu": int(limit)} if dev.type == "cpu" else {dev.index or 0: int(limit), "cpu": int(limit)}
+    return {"device_map": "auto", "max_memory": memory, "offload_folder": folder}
+
+
+def place(model):
+    """The model on this process's device; a model accelerate dispatched (offloaded) stays where its hooks put it."""
+    return model if getattr(model, "hf_device_map", None) else model.to(device())
+
+
+def input_device(model) -> torch.device:
+    """Where a model takes its inputs: this process's device for a dispatched model (its offloaded parameters sit on
+    the meta device between forwards), else its first parameter's device."""
+    if getattr(model, "hf_device_map", None):
+        return device()
+    return next(model.parameters()).device
+
+
+def offload_note(model) -> str:
+    """' (offloaded: X of Y GiB of weights in memory at once)' for a model loaded within a limit, else ''."""
+    o = getattr(model, "align_offloaded", None)
+    if not o:
+        return ""
+    return f" (offloaded: at most {o['resident_limit_gib']:.2f} of its {o['weights_gib']:.2f} GiB of weights in memory)"
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -421,13 +542,15 @@ def load_for_eval(
 ):
     """Load (model, tokenizer, description) from an alias/path/hub id, or from an align artifact directory.
 
-    For an artifact with `adapter/`, the base model named in its manifest is loaded and the adapter applied.
+    For an artifact with `adapter/`, the base model named in its manifest is loaded and the adapter applied. A full
+    model (a checkpoint, an artifact's model/ or merged/) larger than `eval_resident_limit()` is loaded offloaded.
     allow_pending: the artifact may still be 'running' (a stage gating its own products before completing).
     merge: fold the adapter into the weights (gates that only score: one matmul per layer instead of the base's
     plus the adapter's two); adapters that cannot merge (virtual tokens) stay as they are.
     """
 
     ref = Path(model_ref)
+    limit = eval_resident_limit()
     if (ref / "manifest.json").exists():
         m = require_complete(ref, allow_pending=allow_pending)
         if m.model is None:
@@ -447,21 +570,22 @@ def load_for_eval(
                 ).merge_and_unload()  # relative to the artifact
             model = PeftModel.from_pretrained(model, ref / stack.get("adapter", "adapter"))
         elif (ref / "merged" / "config.json").exists():
-            model = load_causal_lm(ModelConfig(name_or_path=str(ref / "merged")), prec)
+            model = load_causal_lm(ModelConfig(name_or_path=str(ref / "merged")), prec, resident=limit)
         elif (ref / "adapter").exists():
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, ref / "adapter")
         elif (ref / "model" / "config.json").exists():  # a full fine-tune
-            model = load_causal_lm(ModelConfig(name_or_path=str(ref / "model")), prec)
+            model = load_causal_lm(ModelConfig(name_or_path=str(ref / "model")), prec, resident=limit)
         else:
             raise UserError(f"{ref}: this {m.stage} artifact holds no model (no adapter/, model/ or merged/)")
         if merge and hasattr(getattr(model, "base_model", None), "merge_and_unload"):
             model = model.merge_and_unload()
-        return model.eval().to(device()), tok, f"{m.stage} artifact {ref} (base {m.model.name})"
+        described = f"{m.stage} artifact {ref} (base {m.model.name}){offload_note(model)}"
+        return place(model.eval()), tok, described
     cfg = ModelConfig(name_or_path=model_ref, trust_remote_code=trust_remote_code)
-    prec = choose_precision(precision)
-    return load_causal_lm(cfg, prec).eval().to(device()), load_tokenizer(cfg), f"model {model_ref}"
+    model = load_causal_lm(cfg, choose_precision(precision), resident=limit)
+    return place(model.eval()), load_tokenizer(cfg), f"model {model_ref}{offload_note(model)}"
 
 
 def write_policy_stack(out: Path, merged_adapters: list[Path]) -> None:

@@ -247,7 +247,7 @@ def estimate(cfg, shape: PlanShape, device: str | None = None, precision: str | 
         terms["rollout engine (KV)"] = engine * GIB
     dev = device or _device()
     terms["runtime"] = (0.6 if dev.startswith("cuda") else 1.5) * GIB
-    return Plan(stage, name, prec, dev, terms, _capacity(dev), params, trainable, unit)
+    return Plan(stage, name, prec, dev, terms, capacity(dev), params, trainable, unit)
 
 
 def largest_unit(model) -> int:
@@ -266,7 +266,9 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _capacity(dev: str) -> float | None:
+def capacity(dev: str) -> float | None:
+    """Memory free for this process's models on `dev` in bytes: the GPU's free memory, or the host's MemAvailable;
+    None where it cannot be read."""
     if dev.startswith("cuda"):
         import torch
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from core.chat import neutralise_messages, render, special_strings
+from core.models import input_device
 from lib.logprobs import input_logits, token_logprobs
 
 
@@ -56,7 +57,7 @@ def sequence_nll(
 ) -> tuple[list[float], list[int]]:
     """Summed next-token NLL and scored-token count per row (rows: input_ids + labels, unshifted)."""
     model.eval()
-    dev = next(model.parameters()).device
+    dev = input_device(model)
     nlls: list[float] = [0.0] * len(rows)
     counts: list[int] = [0] * len(rows)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))  # less padding per batch

@@ -15,7 +15,7 @@ import torch
 from transformers import LogitsProcessor, TemperatureLogitsWarper, TopPLogitsWarper
 
 from core.chat import render_prompt
-from core.models import is_prompt_learning
+from core.models import input_device, is_prompt_learning
 
 
 def request_seed(seed: int, index: int) -> int:
@@ -81,7 +81,7 @@ class GenerateEngine:
         pad = self.tokenizer.pad_token_id
         eos = self.tokenizer.eos_token_id
         out: list[list[int]] = []
-        dev = next(self.model.parameters()).device
+        dev = input_device(self.model)
         # one prompt at a time for virtual-token adapters: PEFT puts them before the left padding, whose length
         # would then move the prompt's positions relative to them
         step = 1 if is_prompt_learning(self.model) else self.batch_size

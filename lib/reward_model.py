@@ -22,7 +22,7 @@ from core import dist
 from core.chat import chat_ids, chat_messages
 from core.config import UserError, load_config, printable
 from core.manifest import atomic_write_text, recorded_gates, refuse_overwriting_input, require_complete
-from core.models import choose_precision, load_start, load_tokenizer, torch_dtype
+from core.models import choose_precision, input_device, load_start, load_tokenizer, torch_dtype
 from core.packing import SEGMENT_KERNEL, needs_dense_mask, pack, pack_shared_prefix
 from core.readers import LoadReport, iter_rows
 from core.stage import console, print_skipped
@@ -170,7 +170,7 @@ def score_groups(
     model.eval()
     collate = GroupCollator.for_kernel(model.config._attn_implementation, max_row_tokens=max_row_tokens)
     out: list[list[float]] = []
-    dev = next(model.parameters()).device
+    dev = input_device(model)
     i = 0
     while i < len(groups):
         chunk = [groups[i]]

@@ -29,11 +29,16 @@ from core.chat import chat_ids, chat_messages, neutralise, neutralise_messages, 
 from core.config import UserError
 from core.manifest import atomic_write_json, require_complete
 from core.models import (
+    eval_resident_limit,
+    input_device,
     load_causal_lm,
     load_start,
     load_tokenizer,
     model_identity,
     peft_config,
+    place,
+    resident_limit,
+    training_share,
     write_policy_stack,
 )
 from core.packing import BRANCH_KERNELS, needs_dense_mask, row_layout
@@ -167,7 +172,7 @@ def sample_kl(
     (the reference is `reference`, else the policy with its adapter disabled)."""
 
     model.eval()
-    dev = next(model.parameters()).device
+    dev = input_device(model)
     specials = special_strings(tokenizer)
     prompt_ids = [render_prompt(tokenizer, neutralise_messages(p, specials)) for p in prompts]
     responses = GenerateEngine(model, tokenizer).generate(prompt_ids, max_new_tokens, 1.0, 1.0, seed)
@@ -434,20 +439,27 @@ def run(cfg: DPOConfig, resume: bool = False, force: bool = False, callbacks=())
         plumbing.save_trained(trainer, ctx.out / folder, tokenizer, **adapters)
         if not ctx.is_main:
             return ctx.complete(metrics)  # the main process samples, gates and writes
-        policy, reference, prompts = eval_policy(cfg, ctx, start, trainer, val_rows)
-        judged = None
-        if policy is not None:
-            kl_prompts = prompts[: cfg.eval.kl_prompts]
-            metrics.update(
-                sample_kl(policy, tokenizer, kl_prompts, cfg.eval.max_new_tokens, cfg.train.seed, reference)
-            )
-            judged = judge_policy(cfg, ctx, policy, reference, tokenizer, prompts, start.parent, metrics)
-        save(ctx, trainer, start, metrics)
-        # The gate loads its own copies from the artifacts: free the training model and optimizer first.
-        del trainer, policy, reference
-        gc.collect()
-        # Perplexity gate: DPO must not wreck language modelling (candidate vs the start, same data).
-        gate = policy_perplexity_gate(ctx.out, start.parent, gate_data, cfg.perplexity_gate)
+        # A sharded run's gates keep no more of a model in memory than a process held in training
+        share = training_share(start.model, ctx.precision, plumbing.partitioned(trainer))
+        dist.reset_peak_memory()
+        with resident_limit(share):
+            policy, reference, prompts = eval_policy(cfg, ctx, start, trainer, val_rows)
+            judged = None
+            if policy is not None:
+                kl_prompts = prompts[: cfg.eval.kl_prompts]
+                metrics.update(
+                    sample_kl(
+                        policy, tokenizer, kl_prompts, cfg.eval.max_new_tokens, cfg.train.seed, reference
+                    )
+                )
+                judged = judge_policy(cfg, ctx, policy, reference, tokenizer, prompts, start.parent, metrics)
+            save(ctx, trainer, start, metrics)
+            # The gate loads its own copies from the artifacts: free the training model and optimizer first.
+            del trainer, policy, reference
+            gc.collect()
+            # Perplexity gate: DPO must not wreck language modelling (candidate vs the start, same data).
+            gate = policy_perplexity_gate(ctx.out, start.parent, gate_data, cfg.perplexity_gate)
+        metrics["gate_peak_memory_gib"] = round(dist.peak_memory_gib(), 3)  # the main process's, gates alone
         acc = metrics.get("heldout_rewards_accuracies")
         if judged is not None:
             print_verdict("dpo", ctx.out, judged, f"win rate vs SFT {metrics.get('win_rate_vs_sft')}")
@@ -543,8 +555,9 @@ def eval_policy(
 ) -> tuple[Any, Any, list[list[dict]]]:
     """(the trained policy, its reference, the held-out prompts), or (None, None, []) when there is nothing to
     sample (main process). The reference is None for an adapter policy (the adapter disabled is the start), else
-    a model holding the start's weights. Under ZeRO-3 or FSDP2 this process holds a shard of the weights, so the
-    policy is read back whole from what was just saved."""
+    a model holding the start's weights. Under ZeRO-3 or FSDP2 this process holds a shard of the weights, so a
+    full policy is read back from what was just saved, and the reference from the start, each keeping no more of
+    its weights in memory than the run's training share (offloaded beyond it: core.models.resident_limit)."""
     if not (cfg.eval.prompts and val_rows):
         return None, None, []
     if cfg.policy_init == "continue_sft_adapter":
@@ -556,11 +569,14 @@ def eval_policy(
     model = trainer.accelerator.unwrap_model(trainer.model)
     reference = trainer.accelerator.unwrap_model(trainer.ref_model) if trainer.ref_model is not None else None
     if cfg.full_parameter:
+        limit = eval_resident_limit()  # a sharded run's share (run): offloaded beyond it (core.models)
         if plumbing.partitioned(trainer):
-            model = load_causal_lm(ModelConfig(name_or_path=str(ctx.out / "model")), ctx.precision)
+            model = load_causal_lm(
+                ModelConfig(name_or_path=str(ctx.out / "model")), ctx.precision, resident=limit
+            )
         if reference is None or plumbing.partitioned(trainer):  # precomputed, or partitioned
-            reference = load_start(start, ctx.precision)
-        model, reference = model.to(dist.device()), reference.eval().to(dist.device())
+            reference = load_start(start, ctx.precision, resident=limit)
+        model, reference = place(model), place(reference.eval())
     elif plumbing.partitioned(trainer):
         from peft import PeftModel
 

@@ -51,12 +51,16 @@ from core.chat import neutralise_messages, render_prompt, special_strings
 from core.config import UserError, printable
 from core.manifest import atomic_write_json, atomic_write_text, replace_dir
 from core.models import (
+    eval_resident_limit,
     load_causal_lm,
     load_start,
     load_tokenizer,
     lora_config,
     model_identity,
+    place,
+    resident_limit,
     resolve_model_path,
+    training_share,
     write_policy_stack,
 )
 from core.readers import has_split, load_instructions
@@ -329,11 +333,18 @@ def run(cfg: PPOConfig, resume: bool = False, force: bool = False, callbacks=())
             return ctx.complete({})
         engine.close()
         del engine
-        metrics, judged = evaluate_and_save(cfg, ctx, learner, reward, tokenizer, held_prompts, start, used)
+        # A sharded run's gates keep no more of a model in memory than a process held in training
+        share = training_share(start.model, ctx.precision, learner.sharded)
+        dist.reset_peak_memory()
+        with resident_limit(share):
+            metrics, judged = evaluate_and_save(
+                cfg, ctx, learner, reward, tokenizer, held_prompts, start, used
+            )
+            del learner  # the perplexity gate loads its own copies from the artifacts
+            gc.collect()
+            gate = policy_perplexity_gate(ctx.out, start.parent, gate_data, cfg.perplexity_gate)
         metrics["peak_memory_gib_per_process"] = peaks
-        del learner  # the perplexity gate loads its own copies from the artifacts
-        gc.collect()
-        gate = policy_perplexity_gate(ctx.out, start.parent, gate_data, cfg.perplexity_gate)
+        metrics["gate_peak_memory_gib"] = round(dist.peak_memory_gib(), 3)  # the main process's, gates alone
         summary = f"mean reward {metrics['reward_mean_first']} -> {metrics['reward_mean_last']}"
         print_verdict("ppo", ctx.out, judged, f"win rate vs SFT {metrics.get('win_rate_vs_sft')}")
         print_verdict("ppo", ctx.out, gate, summary)
@@ -792,9 +803,12 @@ def evaluate_and_save(
         "precision": ctx.precision,
     }
     policy, reference = learner.policy, learner.reference
-    if learner.sharded:  # written by every process; the gate reads the policy back whole (main process)
-        policy = load_causal_lm(ModelConfig(name_or_path=str(out / "model")), ctx.precision).to(dist.device())
-        reference = load_start(start, ctx.precision).eval().to(dist.device())
+    if learner.sharded:  # written by every process; the gate reads the policy back within the run's share
+        limit = eval_resident_limit()
+        policy = place(
+            load_causal_lm(ModelConfig(name_or_path=str(out / "model")), ctx.precision, resident=limit)
+        )
+        reference = place(load_start(start, ctx.precision, resident=limit).eval())
     else:
         _save_policy(out, learner.policy, learner.value_head, tokenizer)
     if not learner.full_parameter:

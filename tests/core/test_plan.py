@@ -69,14 +69,14 @@ def test_plan_cli_and_the_warning_at_start(tiny_model_path, capsys, monkeypatch)
         ]
         assert main(argv) == 0
         assert "unknown (no cuda device here to measure)" in capsys.readouterr().out
-    monkeypatch.setattr(core.plan, "_capacity", lambda dev: 0.01 * GIB)
+    monkeypatch.setattr(core.plan, "capacity", lambda dev: 0.01 * GIB)
     warning = core.plan.check_at_start(_cfg(), SFT)
     assert (
         "GiB per process at its peak" in warning
         and "0.0 GiB is available on cpu" in warning
         and "align plan" in warning
     )
-    monkeypatch.setattr(core.plan, "_capacity", lambda dev: 1000 * GIB)
+    monkeypatch.setattr(core.plan, "capacity", lambda dev: 1000 * GIB)
     assert core.plan.check_at_start(_cfg(), SFT) is None
 
 
@@ -222,7 +222,7 @@ def test_a_hard_memory_cap_refuses_what_surely_does_not_fit_and_sharding_divides
     core.plan.check_at_start(sharded, STAGES["ppo"].plan)  # no refusal (at most a warning)
     monkeypatch.setattr(core.plan, "memory_cap", lambda: None)
     monkeypatch.delenv("WORLD_SIZE")
-    monkeypatch.setattr(core.plan, "_capacity", lambda dev: 1000 * GIB)
+    monkeypatch.setattr(core.plan, "capacity", lambda dev: 1000 * GIB)
     assert core.plan.check_at_start(ppo, STAGES["ppo"].plan) is None  # no cap: never refused
 
 

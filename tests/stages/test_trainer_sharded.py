@@ -108,6 +108,26 @@ def test_full_parameter_dpo_under_zero3_is_partitioned_as_it_is_created_and_trai
     assert m["status"] == "complete" and m["metrics"]["kl_to_reference"] is not None
 
 
+@pytest.mark.parametrize("run", ["dpo-two", "dpo-zero3"])
+def test_a_sharded_run_gates_without_a_whole_model_and_judges_as_the_whole_run(runs, run):
+    """The main process of a sharded DPO run reads the trained policy and its reference back for the KL samples and
+    the perplexity gate keeping no more of each in memory than its training share (half the weights here; the rest
+    is read from the files a layer at a time: core.models.resident_limit), and its gates find what the one-process
+    run's find."""
+    one, two = (
+        json.loads((runs / n / "gates" / "perplexity" / "gate.json").read_text()) for n in ("dpo-one", run)
+    )
+    assert "offloaded: at most" in two["details"]["descriptions"]["candidate"]
+    assert "offloaded" not in one["details"]["descriptions"]["candidate"]
+    assert two["metrics"]["candidate"]["perplexity"] == pytest.approx(
+        one["metrics"]["candidate"]["perplexity"], rel=1e-3
+    )
+    assert two["metrics"]["candidate"]["tokens"] == one["metrics"]["candidate"]["tokens"]
+    m1, m2 = (json.loads((runs / n / "manifest.json").read_text())["metrics"] for n in ("dpo-one", run))
+    assert m2["kl_to_reference"] == pytest.approx(m1["kl_to_reference"], rel=1e-2, abs=1e-3)
+    assert m2["gate_peak_memory_gib"] > 0
+
+
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
 def test_the_artifact_is_the_trained_model_as_a_plain_checkpoint(runs, stage, checkpoint):  # noqa: F811
     from transformers import AutoModelForCausalLM

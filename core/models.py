@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import fcntl
 import hashlib
 import importlib.util
@@ -26,8 +27,8 @@ from huggingface_hub.errors import StrictDataclassError
 
 from core import dist
 from core.config import UserError
+from core.dist import capacity, memory_cap
 from core.manifest import atomic_write_json, replace_dir, require_complete, sha256_path
-from core.plan import capacity, memory_cap
 from data_schemas.config import ModelConfig, PeftSettings
 from data_schemas.manifest import ModelIdentity
 
@@ -355,15 +356,7 @@ def load_causal_lm(
 
     path = resolve_model_path(cfg.name_or_path)
     extra = {"quantization_config": quantization, "device_map": {"": device()}} if quantization else {}
-    need = (
-        checkpoint_bytes(path, precision)
-        if resident is not None and not (quantization or partitioned)
-        else None
-    )
-    folder = None
-    if need is not None and need > resident:
-        folder = tempfile.mkdtemp(prefix="align-offload-")
-        extra = offloaded(resident, folder)
+    offload = None if quantization or partitioned else offloaded(path, precision, resident)
     whole = contextlib.nullcontext() if partitioned else whole_model_load()
     with loading(f"model {cfg.name_or_path}"), whole:
         model = AutoModelForCausalLM.from_pretrained(
@@ -372,14 +365,9 @@ def load_causal_lm(
             dtype=torch_dtype(precision),
             attn_implementation=cfg.attn_implementation,
             trust_remote_code=cfg.trust_remote_code,
-            **extra,
+            **(offload.kwargs if offload else extra),
         )
-    if folder is not None:
-        weakref.finalize(
-            model, shutil.rmtree, folder, True
-        )  # .bin weights are copied there; safetensors are not
-        model.align_offloaded = {"weights_gib": need / 2**30, "resident_limit_gib": resident / 2**30}
-    return model
+    return offload.mark(model) if offload else model
 
 
 def load_start(start, precision: str, partitioned: bool = False, resident: float | None = None):
@@ -403,9 +391,8 @@ def load_start(start, precision: str, partitioned: bool = False, resident: float
 # ---- Evaluating a model that does not fit: weights read from their files a layer at a time ----------------------
 # A gate scores or samples a model with forwards only, so it need not hold the whole model: accelerate's big-model
 # inference (`device_map` with `max_memory`) keeps as many whole decoder layers in memory as the limit allows and
-# leaves the others in the checkpoint's safetensors files, reading each one in just before its forward (weights in
-# .bin files are first copied to a temporary folder). The result is the same; the price is reading the offloaded
-# weights once per forward. It applies to full models (a checkpoint, an artifact's model/ or merged/); an adapter's
+# leaves the others in the checkpoint's safetensors files, reading each one in just before its forward. The result
+# is the same; the price is reading the offloaded weights once per forward. It applies to full models (a checkpoint, an artifact's model/ or merged/); an adapter's
 # base is loaded whole (PEFT re-dispatches an offloaded base without its offload index).
 _RESIDENT: contextvars.ContextVar[float | None] = contextvars.ContextVar("align_resident_limit", default=None)
 
@@ -460,12 +447,32 @@ def checkpoint_bytes(path: Path | str, precision: str) -> int | None:
     return n * torch_dtype(precision).itemsize
 
 
-def offloaded(limit: float, folder: str) -> dict:
-    """`from_pretrained` arguments that keep at most `limit` bytes of weights on this process's device (and as much
-    again in host memory under a GPU), the rest on disk (`folder` for weights not in safetensors)."""
+@dataclasses.dataclass
+class Offload:
+    """How to load a checkpoint keeping at most `limit` bytes of its `need` in memory (`offloaded`)."""
+
+    kwargs: dict  # from_pretrained's arguments
+    need: int
+    limit: float
+
+    def mark(self, model):
+        """The model loaded with `kwargs`, its temporary folder removed with it and its limit noted (`offload_note`)."""
+        weakref.finalize(model, shutil.rmtree, self.kwargs["offload_folder"], True)
+        model.align_offloaded = {"weights_gib": self.need / 2**30, "resident_limit_gib": self.limit / 2**30}
+        return model
+
+
+def offloaded(path: Path | str, precision: str, limit: float | None) -> Offload | None:
+    """How to load the checkpoint at `path` keeping at most `limit` bytes of its weights on this process's device
+    (and as much again in host memory under a GPU), the rest read from its safetensors files when needed; None when
+    it fits, or when the limit or its size is unknown (a checkpoint without safetensors files loads whole)."""
+    need = checkpoint_bytes(path, precision) if limit is not None else None
+    if need is None or need <= limit:
+        return None
     dev = device()
     memory = {"cpu": int(limit)} if dev.type == "cpu" else {dev.index or 0: int(limit), "cpu": int(limit)}
-    return {"device_map": "auto", "max_memory": memory, "offload_folder": folder}
+    folder = tempfile.mkdtemp(prefix="align-offload-")
+    return Offload({"device_map": "auto", "max_memory": memory, "offload_folder": folder}, need, limit)
 
 
 def place(model):

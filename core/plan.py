@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from core.config import UserError
+from core.dist import capacity, memory_cap
 from core.manifest import read_manifest
 from core.partial import trainable_names
 from core.tables import table
@@ -264,53 +265,6 @@ def _device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def capacity(dev: str) -> float | None:
-    """Memory free for this process's models on `dev` in bytes: the GPU's free memory, or the host's MemAvailable;
-    None where it cannot be read."""
-    if dev.startswith("cuda"):
-        import torch
-
-        # planning for a GPU from a machine without one: the estimate, but no free memory to compare it with
-        return float(torch.cuda.mem_get_info()[0]) if torch.cuda.is_available() else None
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return float(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def memory_cap() -> float | None:
-    """This process's hard memory limit in bytes: its cgroup's (v2 `memory.max`, v1 `memory.limit_in_bytes`), the
-    smallest where several apply; None without one (a limit past 2^60 bytes is the kernel's "none")."""
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    caps = []
-    for line in lines:
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        _, controllers, path = parts
-        if controllers == "":
-            files = [Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.max"]
-        elif "memory" in controllers.split(","):
-            files = [Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.limit_in_bytes"]
-        else:
-            continue
-        for f in files:
-            try:
-                text = f.read_text().strip()
-            except OSError:
-                continue
-            if text.isdigit() and int(text) < 2**60:
-                caps.append(float(text))
-    return min(caps) if caps else None
 
 
 # Terms that are upper bounds (every sequence assumed max_length long); the others are counted exactly.

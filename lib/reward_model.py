@@ -22,7 +22,14 @@ from core import dist
 from core.chat import chat_ids, chat_messages
 from core.config import UserError, load_config, printable
 from core.manifest import atomic_write_text, recorded_gates, refuse_overwriting_input, require_complete
-from core.models import choose_precision, input_device, load_start, load_tokenizer, torch_dtype
+from core.models import (
+    choose_precision,
+    eval_resident_limit,
+    input_device,
+    load_start,
+    load_tokenizer,
+    torch_dtype,
+)
 from core.packing import SEGMENT_KERNEL, needs_dense_mask, pack, pack_shared_prefix
 from core.readers import LoadReport, iter_rows
 from core.stage import console, print_skipped
@@ -131,31 +138,58 @@ def reward_start(cfg: RewardConfig) -> Start:
     return resolve_start(cfg.init_from, like=cfg.model)
 
 
-def build_reward_model(cfg: RewardConfig, tokenizer, precision: str, weights: Path | None = None):
+def build_reward_model(
+    cfg: RewardConfig, tokenizer, precision: str, weights: Path | None = None, resident: float | None = None
+):
     """Sequence-classification model (scalar head) whose trunk is the start's weights (an SFT adapter merged in);
-    `weights`: a trained full-parameter reward model's folder (model/), loaded as it was saved."""
+    `weights`: a trained full-parameter reward model's folder (model/), loaded as it was saved, keeping at most
+    `resident` bytes of its weights in memory (scoring only: core.models.offloaded; its head stays in memory)."""
     from transformers import AutoModelForSequenceClassification
 
     import core.attention  # noqa: F401 (registers sdpa_segments with transformers)
-    from core.models import loading, resolve_model_path, whole_model_load
+    from core.models import loading, offloaded, resolve_model_path, whole_model_load
 
     start = reward_start(cfg)
     source = str(weights) if weights is not None else start.model.name_or_path
+    path = resolve_model_path(source)
+    offload = offloaded(path, precision, resident) if weights is not None else None
     with loading(f"model {source}"), whole_model_load():
         model = AutoModelForSequenceClassification.from_pretrained(
-            resolve_model_path(source),
+            path,
             num_labels=1,
             dtype=torch_dtype(precision),
             attn_implementation=start.model.attn_implementation,
             trust_remote_code=start.model.trust_remote_code,
             revision=None if weights is not None else start.model.revision,
+            **(offload.kwargs if offload else {}),
         )
     model.config.pad_token_id = tokenizer.pad_token_id
+    if offload:
+        return resident_head(offload.mark(model), path)
     if weights is None and start.merge:
         model.model.load_state_dict(load_start(start, precision).model.state_dict())
     # The scalar head stays in fp32 at every precision (like PPO's value head): bf16 updates of a small, freshly
     # initialised head are mostly rounded away, and sequence_rewards applies it to fp32 hidden states.
     model.score.float()
+    return model
+
+
+def resident_head(model, folder: Path):
+    """An offloaded reward model with its scalar head read back from `folder` into memory in fp32 (as
+    build_reward_model keeps it): accelerate would bring an offloaded head in at the trunk's precision."""
+    from accelerate.hooks import remove_hook_from_module
+    from safetensors import safe_open
+
+    from core.models import weight_files
+
+    tensors = {}
+    for f in weight_files(folder):
+        with safe_open(f, "pt") as fh:
+            tensors.update({k: fh.get_tensor(k) for k in fh.keys() if k.startswith("score.")})  # noqa: SIM118
+    remove_hook_from_module(model.score)
+    head = torch.nn.Linear(model.score.in_features, model.score.out_features, bias="score.bias" in tensors)
+    head.load_state_dict({k.removeprefix("score."): v.float() for k, v in tensors.items()})
+    model.score = head.to(dist.device())
     return model
 
 
@@ -219,12 +253,17 @@ class RewardScorer:
         self.tokenizer = load_tokenizer(reward_start(cfg).model)
         self.max_length = cfg.data.max_length
         precision = choose_precision(cfg.precision)
-        if (self.dir / "model" / "config.json").exists():  # trained full-parameter
-            self.model = build_reward_model(cfg, self.tokenizer, precision, weights=self.dir / "model").eval()
+        if (
+            self.dir / "model" / "config.json"
+        ).exists():  # trained full-parameter: offloaded beyond the limit
+            self.model = build_reward_model(
+                cfg, self.tokenizer, precision, weights=self.dir / "model", resident=eval_resident_limit()
+            ).eval()
         else:
             model = build_reward_model(cfg, self.tokenizer, precision)
             self.model = PeftModel.from_pretrained(model, self.dir / "adapter").eval()
-        self.model.to(device or dist.device())  # this process's accelerator when there is one
+        if not getattr(self.model, "hf_device_map", None):
+            self.model.to(device or dist.device())  # this process's accelerator when there is one
 
     def score(self, prompts: list, responses: list[str], max_batch_tokens: int = 4096) -> list[float]:
         groups = []

@@ -316,7 +316,8 @@ def run(cfg: PPOConfig, resume: bool = False, force: bool = False, callbacks=())
         else:
             engine = rollout_engine(cfg, learner.policy, tokenizer, learner.base_path, ctx.precision)
         console.print(f"rollout engine: {engine.name}")
-        reward = Reward(cfg.reward)
+        with resident_limit(training_share(start.model, ctx.precision, learner.sharded)):
+            reward = Reward(cfg.reward)  # a sharded run's reward model keeps no more in memory than its share
         if not train_loop(cfg, ctx, learner, engine, reward, tokenizer, train_prompts):
             return ctx.paused()
         used, rollouts = engine.name, engine

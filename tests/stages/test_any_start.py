@@ -148,6 +148,15 @@ def test_reward_from_a_checkpoint_folder_scores_like_its_training(tmp_path, chec
     held = json.loads((out / "heldout_rewards.json").read_text())[0]
     got = RewardScorer(out).score([val["prompt"]] * len(val["responses"]), val["responses"])
     assert got == pytest.approx(held, abs=1e-4)
+    if mode == "full":  # scored with a third of its weights in memory (its head kept whole, in fp32)
+        from core.models import checkpoint_bytes, resident_limit
+
+        with resident_limit(checkpoint_bytes(out / "model", "fp32") / 3):
+            scorer = RewardScorer(out)
+        assert "disk" in set(scorer.model.hf_device_map.values())
+        assert scorer.model.score.weight.dtype == torch.float32
+        got = scorer.score([val["prompt"]] * len(val["responses"]), val["responses"])
+        assert got == pytest.approx(held, abs=1e-4)
     export_matches_align(out, tmp_path / "export", base=str(checkpoint))
 
 

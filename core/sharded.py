@@ -56,14 +56,24 @@ def ensure_process_group() -> None:
         )
 
 
+# What `build` puts on the trunk: a language-model head, or a scalar head (a reward model: its "score" is not in a
+# causal LM's checkpoint, so the caller initialises it).
+HEADS = {"causal_lm": "AutoModelForCausalLM", "scalar": "AutoModelForSequenceClassification"}
+
+
 def build(
-    name_or_path: str, precision: str, attn_implementation: str = "sdpa", trust_remote_code: bool = False
+    name_or_path: str,
+    precision: str,
+    attn_implementation: str = "sdpa",
+    trust_remote_code: bool = False,
+    head: str = "causal_lm",
 ):
-    """(model on the meta device, its config), tied weights tied, layers sharded with `fully_shard` (the root is
-    the caller's: `shard_root`)."""
+    """The model on the meta device (`head`: a HEADS row), tied weights tied, layers sharded with `fully_shard` (the
+    root is the caller's: `shard_root`)."""
+    import transformers
     from accelerate import init_empty_weights
     from torch.distributed.fsdp import fully_shard
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     import core.attention  # noqa: F401 (registers sdpa_segments with transformers)
 
@@ -72,10 +82,11 @@ def build(
     with loading(f"model {name_or_path}"):
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     config._attn_implementation = attn_implementation
+    if head == "scalar":
+        config.num_labels = 1
+    auto = getattr(transformers, HEADS[head])
     with init_empty_weights(include_buffers=False):  # buffers real: the rotary frequencies are computed here
-        model = AutoModelForCausalLM.from_config(
-            config, dtype=torch_dtype(precision), trust_remote_code=trust_remote_code
-        )
+        model = auto.from_config(config, dtype=torch_dtype(precision), trust_remote_code=trust_remote_code)
     tie = getattr(config.get_text_config(), "tie_word_embeddings", False)
     if tie and model.get_output_embeddings() is not None:
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
@@ -128,9 +139,10 @@ def _without_tied(model, state: dict) -> dict:
     return state
 
 
-def load_checkpoint(model, folder: Path | str | None = None) -> None:
+def load_checkpoint(model, folder: Path | str | None = None, skip: tuple[str, ...] = ()) -> None:
     """Fill this process's shards of `model` (from `build`, materialised) from a transformers checkpoint's safetensors
-    files, reading only the slices it holds."""
+    files, reading only the slices it holds; the weights named with a prefix in `skip` (a new head) are the caller's
+    to set."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageReader
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
@@ -139,6 +151,7 @@ def load_checkpoint(model, folder: Path | str | None = None) -> None:
     if not list(folder.glob("*.safetensors")):
         raise UserError(f"{folder}: sharded loading reads safetensors files, and this checkpoint has none")
     state = _without_tied(model, get_model_state_dict(model))
+    state = {k: v for k, v in state.items() if not k.startswith(skip)} if skip else state
     with loading(f"model {folder}"):
         dcp.load(state, storage_reader=HuggingFaceStorageReader(str(folder)))
 

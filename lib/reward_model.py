@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from core import dist
+from core import dist, sharded
 from core.chat import chat_ids, chat_messages
 from core.config import UserError, load_config, printable
 from core.manifest import atomic_write_text, recorded_gates, refuse_overwriting_input, require_complete
@@ -109,14 +109,16 @@ class GroupCollator:
 def sequence_rewards(model, batch: dict[str, Any]) -> torch.Tensor:
     """Scalar reward of each packed sequence, read from its last token: [N].
 
-    Training calls the model through its own forward (and so through any DDP / DeepSpeed wrapper, which is what
-    synchronises gradients across processes); its pooled logits assume one sequence per row, so the head is applied
-    here to the final hidden state at each packed sequence's last token instead. Without gradients (scoring) there
-    is nothing to synchronise: the trunk alone, without keeping every layer's hidden states."""
+    Training under a DDP / DeepSpeed wrapper calls the model through the wrapper's forward, which is what
+    synchronises gradients across processes; its pooled logits assume one sequence per row, so the head is applied
+    here to the final hidden state at each packed sequence's last token instead. Otherwise (scoring, one process,
+    FSDP2, whose units synchronise themselves) the trunk alone runs, without keeping every layer's hidden states."""
     inner = dist.unwrap(model)
     base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     inputs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask") if k in batch}
-    if torch.is_grad_enabled():
+    if (
+        torch.is_grad_enabled() and inner is not model
+    ):  # through the wrapper, which synchronises the gradients
         hidden = model(**inputs, output_hidden_states=True).hidden_states[
             -1
         ]  # [R, L, H], after the final norm
@@ -171,7 +173,53 @@ def build_reward_model(
     # The scalar head stays in fp32 at every precision (like PPO's value head): bf16 updates of a small, freshly
     # initialised head are mostly rounded away, and sequence_rewards applies it to fp32 hidden states.
     model.score.float()
+    if weights is None:
+        init_score(model, cfg.train.seed)
     return model
+
+
+def build_sharded_reward_model(cfg: RewardConfig, tokenizer, precision: str):
+    """train.sharding=fsdp2: the reward model built on the meta device and sharded (core/sharded.py), each process
+    reading only its slices of the start's checkpoint. Units: every decoder layer, the trunk (embeddings and final
+    norm, so that scoring can run the trunk alone: sequence_rewards), the fp32 head (FSDP2 gathers one dtype per
+    unit), the root. The head is not in the checkpoint: init_score draws it as build_reward_model does."""
+    from torch.distributed.fsdp import fully_shard
+
+    m = reward_start(cfg).sharded_model(cfg.init_from or cfg.model.name_or_path)
+    model = sharded.build(
+        m.name_or_path, precision, m.attn_implementation, m.trust_remote_code, head="scalar"
+    )
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.score.float()
+    fully_shard(model.base_model)
+    fully_shard(model.score)
+    sharded.shard_root(model)
+    sharded.materialise(model, dist.device())
+    sharded.load_checkpoint(model, skip=("score.",))
+    init_score(model, cfg.train.seed)
+    return model
+
+
+def init_score(model, seed: int) -> None:
+    """A new scalar head drawn from N(0, initializer_range^2) (transformers' initialisation) by a generator of its
+    own seeded with `seed`, bias zero: the same head whether the model was loaded whole or sharded (FSDP2: each
+    process keeps its slice), and whatever the run drew before."""
+    from torch.distributed.fsdp import FSDPModule
+
+    head = model.score
+    generator = torch.Generator().manual_seed(seed)
+    std = getattr(model.config, "initializer_range", 0.02)
+    full = {"score.weight": torch.randn(tuple(head.weight.shape), generator=generator) * std}
+    if head.bias is not None:
+        full["score.bias"] = torch.zeros(tuple(head.bias.shape))
+    if isinstance(model, FSDPModule):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=False))
+        return
+    with torch.no_grad():
+        for name, value in full.items():
+            getattr(head, name.removeprefix("score.")).copy_(value)
 
 
 def resident_head(model, folder: Path):

@@ -130,6 +130,7 @@ STAGES: dict[str, Stage] = table(
         plan=PlanShape(
             lambda c: (2 * c.train.groups_per_batch, c.data.max_length),  # two responses per group at least
             scalar_head=True,
+            shardings=("ddp", "zero2", "zero3", "fsdp2"),
         ),
         card=CardInfo(
             ("reward-model", "rlhf"),

@@ -44,6 +44,7 @@ from lib.reward_losses import REWARD_LOSSES, centering_penalty, reward_loss
 from lib.reward_model import (
     GroupCollator,
     build_reward_model,
+    build_sharded_reward_model,
     encode_response,
     reward_start,
     score_groups,
@@ -169,7 +170,7 @@ def _trainer_class(cfg: RewardConfig, eval_groups: list[dict]):
     t = cfg.train
     objective = REWARD_LOSSES[t.loss]
 
-    class RewardTrainer(Trainer):
+    class RewardTrainer(plumbing.FSDP2Accelerator, Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             r = sequence_rewards(model, inputs)
             loss = objective.fn(r, inputs, t.margin)
@@ -278,8 +279,12 @@ def train(
     from peft import get_peft_model
     from transformers import TrainingArguments
 
-    model = build_reward_model(cfg, tokenizer, ctx.precision)
     t = cfg.train
+    if t.sharding == "fsdp2":  # 1/N of every weight per process, read shard by shard (core/sharded.py)
+        console.print(f"model: {cfg.init_from or cfg.model.name_or_path} in {ctx.precision}, sharded (FSDP2)")
+        model = build_sharded_reward_model(cfg, tokenizer, ctx.precision)
+    else:
+        model = build_reward_model(cfg, tokenizer, ctx.precision)
     if cfg.lora.enabled:
         adapter = peft_config(
             cfg.lora, cfg.peft, "SEQ_CLS", total_steps=t.max_steps, modules_to_save=["score"]

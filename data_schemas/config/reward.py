@@ -89,10 +89,9 @@ class RewardConfig(WeightAdapterStage):
 
     @model_validator(mode="after")
     def _sharding(self) -> RewardConfig:
-        if self.train.sharding == "fsdp2":
+        if self.train.sharding == "fsdp2" and self.lora.enabled:
             raise ValueError(
-                "train.sharding=fsdp2 is not built for the reward model yet (its score head is not in the start's "
-                "checkpoint); partition it with train.deepspeed (configs/deepspeed/zero3.json) under several "
-                "processes"
+                "train.sharding=fsdp2 shards a full-parameter reward model: set lora.enabled=false (a LoRA's frozen "
+                "trunk is partitioned by train.deepspeed=configs/deepspeed/zero3.json under several processes)"
             )
         return self

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import EXAMPLES, ROOT, big_llama
-from tests.stages.test_any_start import checkpoint, pairs  # noqa: F401 (fixtures: a checkpoint folder, pairs)
+from tests.stages.test_any_start import checkpoint, pairs, prefs  # noqa: F401 (fixtures: a checkpoint, pairs, rankings)
 
 TRAIN, HELDOUT = EXAMPLES / "instructions_train.jsonl", EXAMPLES / "instructions_validation.jsonl"
 ZERO3 = ROOT / "configs" / "deepspeed" / "zero3.json"
@@ -57,15 +57,28 @@ def _dpo(out, start, pairs_file, *extra, processes: int = 1) -> list[str]:
     )  # fmt: skip
 
 
+def _reward(out, start, prefs_dir, *extra, processes: int = 1) -> list[str]:
+    per_process = str(4 // processes)  # groups per step, whatever the number of processes
+    return _align(
+        "reward", "--config", "configs/reward.yaml", f"output_dir={out}", f"init_from={start}",
+        f"data.preferences_dir={prefs_dir}", "lora.enabled=false", "train.learning_rate=1e-4",
+        "train.lr_scheduler_type=constant", "train.warmup_ratio=0", f"train.groups_per_batch={per_process}",
+        "train.logging_steps=1", "train.eval_steps=100", "train.max_steps=3", "train.save_steps=2",
+        "gate.min_pairs=1", "gate.min_accuracy=0.0", *extra, processes=processes,
+    )  # fmt: skip
+
+
 def _steps(out) -> list[tuple[float, float]]:
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return [(r["loss"], r["grad_norm"]) for r in rows if "loss" in r and "grad_norm" in r]
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, checkpoint, pairs):  # noqa: F811
+def runs(tmp_path_factory, checkpoint, pairs, prefs):  # noqa: F811
     d = tmp_path_factory.mktemp("trainer-fsdp2")
     for name, run in [
+        ("reward-one", _reward(d / "reward-one", checkpoint, prefs)),
+        ("reward-two", _reward(d / "reward-two", checkpoint, prefs, "train.sharding=fsdp2", processes=2)),
         ("sft-one", _sft(d / "sft-one", checkpoint)),
         ("sft-two", _sft(d / "sft-two", checkpoint, "train.sharding=fsdp2", processes=2)),
         ("dpo-one", _dpo(d / "dpo-one", checkpoint, pairs)),
@@ -73,12 +86,13 @@ def runs(tmp_path_factory, checkpoint, pairs):  # noqa: F811
         ("dpo-zero3", _dpo(d / "dpo-zero3", checkpoint, pairs, f"train.deepspeed={ZERO3}", processes=2)),
     ]:
         r = _run(run)
-        assert r.returncode == 0, f"{name}: {r.stderr[-3000:]}"
+        # exit 1: a 3-step reward model fails its gate (accuracy no better than answer length), as it should
+        assert r.returncode == (1 if name.startswith("reward") else 0), f"{name}: {r.stderr[-3000:]}"
         (d / f"{name}.out").write_text(r.stdout + r.stderr)
     return d
 
 
-@pytest.mark.parametrize("stage", ["sft", "dpo"])
+@pytest.mark.parametrize("stage", ["sft", "dpo", "reward"])
 def test_two_sharded_processes_train_as_one_whole(runs, stage):
     one, two = _steps(runs / f"{stage}-one"), _steps(runs / f"{stage}-two")
     assert len(one) == len(two) == 3
@@ -87,7 +101,7 @@ def test_two_sharded_processes_train_as_one_whole(runs, stage):
     if stage == "dpo":  # step 1: the policy is its start, so the sharded reference must hold the same weights
         assert two[0][0] == pytest.approx(math.log(2), abs=1e-5)
     m = json.loads((runs / f"{stage}-two" / "manifest.json").read_text())
-    assert m["status"] == "complete"
+    assert m["status"] == "complete" or stage == "reward"  # its gate's verdict: see `runs`
     # checkpoints: one DCP file per process for the model and for the optimizer, no whole copy
     ckpt = runs / f"{stage}-two" / "checkpoints" / "checkpoint-2"
     assert len(list((ckpt / "pytorch_model_fsdp_0").glob("*.distcp"))) == 2
@@ -106,6 +120,25 @@ def test_full_parameter_dpo_under_zero3_is_partitioned_as_it_is_created_and_trai
         assert b == pytest.approx(a, rel=1e-3, abs=1e-6)
     m = json.loads((runs / "dpo-zero3" / "manifest.json").read_text())
     assert m["status"] == "complete" and m["metrics"]["kl_to_reference"] is not None
+
+
+def test_a_sharded_reward_model_scores_as_the_whole_one_and_reads_back_as_it_scored(runs, prefs):  # noqa: F811
+    """The reward model trained under FSDP2 (its head, which no checkpoint holds, drawn the same way in both runs:
+    lib.reward_model.init_score) gives the held-out rewards the one-process model gives, and its consolidated
+    artifact, read back by the scorer PPO and the gates use, gives them again."""
+    from datasets import load_from_disk
+
+    from lib.reward_model import RewardScorer
+
+    one, two = (
+        json.loads((runs / n / "heldout_rewards.json").read_text()) for n in ("reward-one", "reward-two")
+    )
+    assert len(one) == len(two) > 0
+    for a, b in zip(one, two, strict=True):
+        assert b == pytest.approx(a, abs=1e-3)
+    val = load_from_disk(str(prefs / "kwise"))["validation"][0]
+    got = RewardScorer(runs / "reward-two").score([val["prompt"]] * len(val["responses"]), val["responses"])
+    assert got == pytest.approx(two[0], abs=1e-4)
 
 
 @pytest.mark.parametrize("run", ["dpo-two", "dpo-zero3"])
@@ -167,7 +200,7 @@ def test_a_sharded_dpo_run_paused_and_resumed_equals_the_uninterrupted_one(runs,
         ("dpo", ["lora.enabled=true"], "set lora.enabled=false"),
         ("dpo", ["lora.enabled=false", "reference=precomputed"], "reference=model_copy"),
         ("dpo", ["lora.enabled=false", "train.deepspeed=configs/deepspeed/zero3.json"], "choose one"),
-        ("reward", [], "train.deepspeed"),
+        ("reward", ["lora.enabled=true"], "set lora.enabled=false"),
     ],
 )
 def test_what_fsdp2_does_not_shard_is_one_sentence(tmp_path, checkpoint, pairs, stage, extra, said, capsys):  # noqa: F811

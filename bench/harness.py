@@ -183,6 +183,27 @@ def save(out: Path | str | None, name: str, result: dict[str, Any]) -> Path:
     return write_result(out, name, scalars(result), result, machine_info=info)
 
 
+def peaked_llama(folder: Path, tokenizer_path: Path | str, **shape) -> Path:
+    """A random tiny Llama with large initial weights saved with the tokenizer at `tokenizer_path` as a plain
+    checkpoint folder: its next-token distributions are peaked (entropy ~2-3 nats), like a trained model's, unlike
+    the near-uniform tiny-random-llama. `shape` overrides the LlamaConfig sizes (hidden 128, MLP 256, 2 layers by
+    default). The toy policy of the PPO tests and bench/rl_estimators.py, and the checkpoint of the any-start tests."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_path)
+    sizes = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, **shape}
+    cfg = LlamaConfig(
+        vocab_size=len(tok), num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+        initializer_range=0.5, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, **sizes,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return Path(folder)
+
+
 def random_llama(folder: Path | str, tokenizer: Path | str, layers: int) -> int:
     """A random Llama (hidden 1024, MLP 2816, 16 heads, 4 KV heads, `layers` layers, tied embeddings, seed 0) with the
     tokenizer at `tokenizer`, saved to `folder` as a plain transformers checkpoint; returns its parameter count.

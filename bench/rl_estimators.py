@@ -32,21 +32,11 @@ RUNS = {
 
 def peaky_sft(root: Path) -> Path:
     """The toy policy's SFT artifact (as the peaky_sft fixture of tests/stages/test_ppo.py)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     from align.cli import main
+    from bench.harness import peaked_llama
     from core.models import resolve_model_path
 
-    tok = AutoTokenizer.from_pretrained(resolve_model_path("tiny-random-llama"))
-    cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, tie_word_embeddings=True, initializer_range=0.5, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(root / "peaky")
-    tok.save_pretrained(root / "peaky")
+    peaked_llama(root / "peaky", resolve_model_path("tiny-random-llama"))
     ex = ROOT / "examples" / "data"
     assert main(["sft", "--config", "configs/sft.yaml", f"output_dir={root / 'sft'}",
                  f"model.name_or_path={root / 'peaky'}", f"data.train_file={ex / 'instructions_train.jsonl'}",

@@ -1,4 +1,4 @@
-"""The sharded GPU paths on a machine with no package index: SFT, DPO and GRPO full-parameter under FSDP2 on CUDA.
+"""The sharded GPU paths on a machine with no package index: SFT, reward, DPO and GRPO full-parameter under FSDP2.
 
     # here, with pip: the wheels the lent GPU image lacks, and the tokenizer, into ignored folders
     bash scripts/gpu_wheels.sh
@@ -8,7 +8,8 @@
 
 A random Llama (hidden 1024, `--layers` layers) is saved as a plain checkpoint with the given tokenizer (no
 download), then each stage runs through the real CLI in as many processes as there are GPUs (one process: FSDP2
-over a group of its own): `align sft`, `align dpo`, `align ppo` (GRPO, transformers generate), each with
+over a group of its own): `align sft`, `align reward` (from examples/data/preference_rankings.jsonl), `align dpo`,
+`align ppo` (GRPO, transformers generate), each with
 `train.sharding=fsdp2 lora.enabled=false` and precision auto (bf16 on a GPU with native bf16). For each: exit
 status, seconds, every step's loss, the peak memory per process the stage records, and whether the consolidated
 `model/` loads in plain transformers. The JSON goes to `--out`; exit status 0 when every stage ran and loaded.
@@ -33,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 from bench.harness import random_llama  # noqa: E402
 
 EX = ROOT / "examples" / "data"
+STAGES = ["sft", "reward", "dpo", "grpo"]
 
 
 def pairs_file(path: Path) -> None:
@@ -51,7 +53,7 @@ def pairs_file(path: Path) -> None:
                 )
 
 
-def commands(model: Path, pairs: Path, out: Path, steps: int) -> dict[str, list[str]]:
+def commands(model: Path, pairs: Path, prefs: Path, out: Path, steps: int) -> dict[str, list[str]]:
     common = ["lora.enabled=false", "train.sharding=fsdp2", "train.report_to=[none]"]
     heldout = EX / "instructions_validation.jsonl"
     gates = [
@@ -64,6 +66,9 @@ def commands(model: Path, pairs: Path, out: Path, steps: int) -> dict[str, list[
                 f"data.train_file={EX / 'instructions_train.jsonl'}", f"data.validation_file={heldout}",
                 f"train.max_steps={steps}", "train.early_stopping_patience=null", "train.learning_rate=1e-5",
                 "train.per_device_train_batch_size=4", "data.max_length=256", *common],
+        "reward": ["reward", "--config", "configs/reward.yaml", f"output_dir={out / 'reward'}", f"init_from={model}",
+                   f"data.preferences_dir={prefs}", f"train.max_steps={steps}", "train.learning_rate=1e-5",
+                   "train.groups_per_batch=2", "data.max_length=256", "gate.min_pairs=1", *common],
         "dpo": ["dpo", "--config", "configs/dpo.yaml", f"output_dir={out / 'dpo'}", f"init_from={model}",
                 "data.preferences_dir=null", f"data.pairs_file={pairs}", "data.validation_fraction=0.25",
                 f"train.max_steps={steps}", "train.learning_rate=1e-6", "train.per_device_train_batch_size=2",
@@ -87,12 +92,16 @@ def losses(folder: Path) -> list[float]:
 
 
 def loads(folder: Path) -> str:
-    """'ok' when plain transformers loads the folder and computes finite logits, else the error."""
+    """'ok' when plain transformers loads the folder (a causal LM, or a reward model's scalar head) and computes finite
+    logits, else the error."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     try:
-        m = AutoModelForCausalLM.from_pretrained(folder)
+        scalar = any(
+            a.endswith("ForSequenceClassification") for a in AutoConfig.from_pretrained(folder).architectures
+        )
+        m = (AutoModelForSequenceClassification if scalar else AutoModelForCausalLM).from_pretrained(folder)
         with torch.no_grad():
             logits = m(torch.tensor([[1, 2, 3, 4]])).logits
         return "ok" if torch.isfinite(logits).all() else "non-finite logits"
@@ -108,7 +117,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--only", nargs="+", choices=["sft", "dpo", "grpo"], default=["sft", "dpo", "grpo"])
+    ap.add_argument("--only", nargs="+", choices=STAGES, default=STAGES)
     a = ap.parse_args()
     import torch
 
@@ -119,9 +128,15 @@ def main() -> int:
         tmp = Path(tmp)
         record["params"] = random_llama(tmp / "model", a.tokenizer, a.layers)
         pairs_file(tmp / "pairs.jsonl")
+        built = subprocess.run([sys.executable, "-m", "align", "data", "build-preferences",
+                                str(EX / "preference_rankings.jsonl"), "--out", str(tmp / "prefs")], cwd=ROOT,
+                               capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert built.returncode == 0, built.stderr[-2000:]
         processes = max(gpus, 1)
         launch = ["--num-processes", str(processes)] if processes > 1 else []
-        for name, argv in commands(tmp / "model", tmp / "pairs.jsonl", tmp / "runs", a.steps).items():
+        for name, argv in commands(
+            tmp / "model", tmp / "pairs.jsonl", tmp / "prefs", tmp / "runs", a.steps
+        ).items():
             if name not in a.only:
                 continue
             t0 = time.time()

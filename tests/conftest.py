@@ -38,26 +38,6 @@ def hh_preferences(root: Path, validation_fraction: float) -> Path:
     return root / "prefs"
 
 
-def peaked_llama(folder: Path, tokenizer_path: Path, **shape) -> Path:
-    """A random tiny Llama with large initial weights saved with the real tokenizer as a plain checkpoint folder:
-    its next-token distributions are peaked (entropy ~2-3 nats), like a trained model's, unlike the near-uniform
-    tiny-random-llama. `shape` overrides the LlamaConfig sizes (hidden 128, MLP 256, 2 layers by default)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_path)
-    sizes = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, **shape}
-    cfg = LlamaConfig(
-        vocab_size=len(tok), num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
-        initializer_range=0.5, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, **sizes,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
 def big_llama(folder: Path) -> tuple[Path, int]:
     """(folder, parameters): a random 321M-parameter Llama (24 layers of 1024, the tiny-random-llama tokenizer;
     bench.harness.random_llama) saved as a plain checkpoint: fp32 full-parameter training state of 4.8 GiB (weights,

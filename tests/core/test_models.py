@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import ROOT, peaked_llama
+from bench.harness import peaked_llama
+from tests.conftest import ROOT
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, peaked_llama
+from bench.harness import peaked_llama
+from tests.conftest import ROOT
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ import yaml
 from safetensors.torch import load_file
 
 from align.cli import main
-from tests.conftest import EXAMPLES, export_matches_align, peaked_llama
+from bench.harness import peaked_llama
+from tests.conftest import EXAMPLES, export_matches_align
 from tests.stages.test_dpo import _pairs_file
 from tests.stages.test_reward_cli import _ranking_file
 

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from align.cli import main
+from bench.harness import peaked_llama
 from lib.rl import (
     KLController,
     gae,
@@ -20,7 +21,7 @@ from lib.rl import (
     value_loss,
 )
 from stages.ppo import collate, forward_response
-from tests.conftest import EXAMPLES, peaked_llama
+from tests.conftest import EXAMPLES
 
 
 # ---- pure functions ------------------------------------------------------------------------------------

@@ -195,10 +195,16 @@ def test_a_model_that_does_not_fit_one_capped_process_trains_sharded_in_two(tmp_
     whole = json.loads((tmp_path / "one" / "manifest.json").read_text())["metrics"][
         "peak_memory_gib_per_process"
     ]
+    # the gates (policy, perplexity) read the policy and its start back offloaded beyond the run's share
+    two_metrics = json.loads((tmp_path / "two" / "manifest.json").read_text())["metrics"]
+    gate = json.loads((tmp_path / "two" / "gates" / "perplexity" / "gate.json").read_text())
+    assert "offloaded: at most" in gate["details"]["descriptions"]["candidate"]
     record = {"params": params, "state_gib": state / 2**30, "cap_gib": cap / 2**30, "two_processes_peak_gib": peaks,
-              "two_processes_group_peak_gib": group_peak / 2**30, "one_process_peak_gib": whole}  # fmt: skip
+              "two_processes_group_peak_gib": group_peak / 2**30, "one_process_peak_gib": whole,
+              "two_processes_gate_peak_gib": two_metrics["gate_peak_memory_gib"]}  # fmt: skip
     print("FSDP2 capped run:", json.dumps(record))  # the figures docs/benchmarks.md quotes (pytest -s)
     assert all(p < cap / 2**30 for p in peaks) and max(peaks) < 0.8 * whole[0]
+    assert two_metrics["gate_peak_memory_gib"] < cap / 2**30
 
 
 @pytest.mark.parametrize("sharding", ["ddp", pytest.param("fsdp2", marks=pytest.mark.slow)])

@@ -11,6 +11,7 @@ block-diagonal causal mask.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,11 +142,18 @@ def reward_start(cfg: RewardConfig) -> Start:
 
 
 def build_reward_model(
-    cfg: RewardConfig, tokenizer, precision: str, weights: Path | None = None, resident: float | None = None
+    cfg: RewardConfig,
+    tokenizer,
+    precision: str,
+    weights: Path | None = None,
+    resident: float | None = None,
+    partitioned: bool = False,
 ):
     """Sequence-classification model (scalar head) whose trunk is the start's weights (an SFT adapter merged in);
     `weights`: a trained full-parameter reward model's folder (model/), loaded as it was saved, keeping at most
-    `resident` bytes of its weights in memory (scoring only: core.models.offloaded; its head stays in memory)."""
+    `resident` bytes of its weights in memory (scoring only: core.models.offloaded; its head stays in memory).
+    `partitioned`: the training model of a ZeRO-3 Trainer, created under DeepSpeed's zero.Init (a collective;
+    lib.trainer.zero3_init), for a start with nothing to merge."""
     from transformers import AutoModelForSequenceClassification
 
     import core.attention  # noqa: F401 (registers sdpa_segments with transformers)
@@ -155,7 +163,8 @@ def build_reward_model(
     source = str(weights) if weights is not None else start.model.name_or_path
     path = resolve_model_path(source)
     offload = offloaded(path, precision, resident) if weights is not None else None
-    with loading(f"model {source}"), whole_model_load():
+    whole = contextlib.nullcontext() if partitioned else whole_model_load()
+    with loading(f"model {source}"), whole:
         model = AutoModelForSequenceClassification.from_pretrained(
             path,
             num_labels=1,
@@ -171,8 +180,10 @@ def build_reward_model(
     if weights is None and start.merge:
         model.model.load_state_dict(load_start(start, precision).model.state_dict())
     # The scalar head stays in fp32 at every precision (like PPO's value head): bf16 updates of a small, freshly
-    # initialised head are mostly rounded away, and sequence_rewards applies it to fp32 hidden states.
-    model.score.float()
+    # initialised head are mostly rounded away, and sequence_rewards applies it to fp32 hidden states. (Partitioned,
+    # DeepSpeed keeps its own fp32 master copy of every weight.)
+    if not partitioned:
+        model.score.float()
     if weights is None:
         init_score(model, cfg.train.seed)
     return model
@@ -203,23 +214,39 @@ def build_sharded_reward_model(cfg: RewardConfig, tokenizer, precision: str):
 def init_score(model, seed: int) -> None:
     """A new scalar head drawn from N(0, initializer_range^2) (transformers' initialisation) by a generator of its
     own seeded with `seed`, bias zero: the same head whether the model was loaded whole or sharded (FSDP2: each
-    process keeps its slice), and whatever the run drew before."""
+    process keeps its slice; ZeRO-3: its partition), and whatever the run drew before."""
     from torch.distributed.fsdp import FSDPModule
 
     head = model.score
-    generator = torch.Generator().manual_seed(seed)
     std = getattr(model.config, "initializer_range", 0.02)
-    full = {"score.weight": torch.randn(tuple(head.weight.shape), generator=generator) * std}
-    if head.bias is not None:
-        full["score.bias"] = torch.zeros(tuple(head.bias.shape))
-    if isinstance(model, FSDPModule):
+
+    def drawn(shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+        weight = torch.randn(shapes["weight"], generator=torch.Generator().manual_seed(seed)) * std
+        return {"score.weight": weight} | (
+            {"score.bias": torch.zeros(shapes["bias"])} if "bias" in shapes else {}
+        )
+
+    def shapes() -> dict[str, tuple[int, ...]]:
+        return {n: tuple(p.shape) for n, p in head.named_parameters(recurse=False)}
+
+    if isinstance(model, FSDPModule):  # DTensor shapes are the whole parameter's
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=False))
+        set_model_state_dict(
+            model, drawn(shapes()), options=StateDictOptions(full_state_dict=True, strict=False)
+        )
         return
-    with torch.no_grad():
-        for name, value in full.items():
-            getattr(head, name.removeprefix("score.")).copy_(value)
+    gathered = contextlib.nullcontext()
+    if (
+        getattr(head.weight, "ds_id", None) is not None
+    ):  # partitioned by ZeRO-3: gathered, set, partitioned again
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(list(head.parameters()), modifier_rank=0)
+    with gathered, torch.no_grad():
+        for name, value in drawn(shapes()).items():
+            param = getattr(head, name.removeprefix("score."))
+            param.copy_(value.to(param.dtype))
 
 
 def resident_head(model, folder: Path):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.config import UserError
+from core.config import UserError, printable
 from core.manifest import (
     atomic_write_json,
     require_complete,
@@ -280,27 +280,34 @@ def train(
     from transformers import TrainingArguments
 
     t = cfg.train
+    args = (
+        TrainingArguments(  # before the model: a ZeRO-3 config registered here partitions it as it is created
+            **plumbing.trainer_kwargs(
+                t,
+                ctx.out,
+                ctx.precision,
+                bool(eval_groups),
+                t.groups_per_batch,
+                ("eval_accuracy", True),
+                run_name=ctx.run_name,
+            )
+        )
+    )
+    name = printable(str(cfg.init_from or cfg.model.name_or_path))
     if t.sharding == "fsdp2":  # 1/N of every weight per process, read shard by shard (core/sharded.py)
-        console.print(f"model: {cfg.init_from or cfg.model.name_or_path} in {ctx.precision}, sharded (FSDP2)")
+        console.print(f"model: {name} in {ctx.precision}, sharded (FSDP2)", highlight=False)
         model = build_sharded_reward_model(cfg, tokenizer, ctx.precision)
     else:
-        model = build_reward_model(cfg, tokenizer, ctx.precision)
+        # partitioned where nothing needs the weights whole: a start to merge, PEFT's copy of the head (LoRA)
+        zero3 = plumbing.zero3_init(args) and not (cfg.lora.enabled or reward_start(cfg).merge)
+        how = ", partitioned as it is created (ZeRO-3)" if zero3 else ""
+        console.print(f"model: {name} in {ctx.precision}{how}", highlight=False)
+        model = build_reward_model(cfg, tokenizer, ctx.precision, partitioned=zero3)
     if cfg.lora.enabled:
         adapter = peft_config(
             cfg.lora, cfg.peft, "SEQ_CLS", total_steps=t.max_steps, modules_to_save=["score"]
         )
         model = get_peft_model(model, adapter)
-    args = TrainingArguments(
-        **plumbing.trainer_kwargs(
-            t,
-            ctx.out,
-            ctx.precision,
-            bool(eval_groups),
-            t.groups_per_batch,
-            ("eval_accuracy", True),
-            run_name=ctx.run_name,
-        )
-    )
     trainer = _trainer_class(cfg, eval_groups)(
         model=model,
         args=args,

@@ -79,6 +79,10 @@ def runs(tmp_path_factory, checkpoint, pairs, prefs):  # noqa: F811
     for name, run in [
         ("reward-one", _reward(d / "reward-one", checkpoint, prefs)),
         ("reward-two", _reward(d / "reward-two", checkpoint, prefs, "train.sharding=fsdp2", processes=2)),
+        (
+            "reward-zero3",
+            _reward(d / "reward-zero3", checkpoint, prefs, f"train.deepspeed={ZERO3}", processes=2),
+        ),
         ("sft-one", _sft(d / "sft-one", checkpoint)),
         ("sft-two", _sft(d / "sft-two", checkpoint, "train.sharding=fsdp2", processes=2)),
         ("dpo-one", _dpo(d / "dpo-one", checkpoint, pairs)),
@@ -139,6 +143,19 @@ def test_a_sharded_reward_model_scores_as_the_whole_one_and_reads_back_as_it_sco
     val = load_from_disk(str(prefs / "kwise"))["validation"][0]
     got = RewardScorer(runs / "reward-two").score([val["prompt"]] * len(val["responses"]), val["responses"])
     assert got == pytest.approx(two[0], abs=1e-4)
+
+
+def test_a_full_parameter_reward_model_under_zero3_is_partitioned_as_it_is_created_and_trains_as_one(runs):
+    """Under train.deepspeed=zero3 the reward model is created under zero.Init (its TrainingArguments exist before
+    it), its new head drawn into the partitions (init_score), and the run equals the one-process run."""
+    assert "partitioned as it is created (ZeRO-3)" in (runs / "reward-zero3.out").read_text()
+    for a, b in zip(_steps(runs / "reward-one"), _steps(runs / "reward-zero3"), strict=True):
+        assert b == pytest.approx(a, rel=1e-3, abs=1e-6)
+    one, zero3 = (
+        json.loads((runs / n / "heldout_rewards.json").read_text()) for n in ("reward-one", "reward-zero3")
+    )
+    for a, b in zip(one, zero3, strict=True):
+        assert b == pytest.approx(a, abs=1e-3)
 
 
 @pytest.mark.parametrize("run", ["dpo-two", "dpo-zero3"])

@@ -392,8 +392,9 @@ def load_start(start, precision: str, partitioned: bool = False, resident: float
 # A gate scores or samples a model with forwards only, so it need not hold the whole model: accelerate's big-model
 # inference (`device_map` with `max_memory`) keeps as many whole decoder layers in memory as the limit allows and
 # leaves the others in the checkpoint's safetensors files, reading each one in just before its forward. The result
-# is the same; the price is reading the offloaded weights once per forward. It applies to full models (a checkpoint, an artifact's model/ or merged/); an adapter's
-# base is loaded whole (PEFT re-dispatches an offloaded base without its offload index).
+# is the same; the price is reading the offloaded weights once per forward. It applies to full models (a
+# checkpoint, an artifact's model/ or merged/); an adapter's base is loaded whole (PEFT re-dispatches an offloaded
+# base without its offload index).
 _RESIDENT: contextvars.ContextVar[float | None] = contextvars.ContextVar("align_resident_limit", default=None)
 
 

@@ -197,6 +197,66 @@ def composed_adapter(a: ArtifactModel, base_name: str) -> tuple[dict[str, torch.
     return out, config
 
 
+def merge_lora_files(base: Path | str, adapter: Path, target: Path, tokenizer=None) -> bool:
+    """Write `target`: the checkpoint at `base` with the LoRA at `adapter` folded into its weights, W + s·B·A (s =
+    alpha / r, or alpha / sqrt(r) with rsLoRA; PEFT's merge), one safetensors file of the base at a time: no more of
+    the model is in memory than one of its files, where loading it to merge would hold all of it. Returns False,
+    writing nothing, for what this does not cover (merge it with PEFT instead): an adapter that is not a plain LoRA
+    of linear layers (DoRA, per-module ranks, fan_in_fan_out, modules_to_save, a LoRA'd embedding), or a base
+    without safetensors files."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from core.models import weight_files
+
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    files = [f for f in weight_files(Path(base)) if f.suffix == ".safetensors"]
+    if not files or config.get("fan_in_fan_out") or config.get("modules_to_save"):
+        return False
+    try:
+        scale = _lora_scale(config, adapter)
+    except UserError:
+        return False
+    factors = load_file(str(adapter / "adapter_model.safetensors"))
+    deltas: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for key, a in factors.items():
+        if not key.endswith(".lora_A.weight"):
+            if not key.endswith(".lora_B.weight"):
+                return False  # a tensor that is not a LoRA factor (a trained head, embedding factors)
+            continue
+        module = key.removesuffix(".lora_A.weight").removeprefix("base_model.model.")
+        deltas[f"{module}.weight"] = (a, factors[key.replace(".lora_A.", ".lora_B.")])
+
+    def write(folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        seen = set()
+        for f in files:
+            tensors = {}
+            with safe_open(f, "pt") as fh:
+                metadata = fh.metadata()
+                for key in fh.keys():  # noqa: SIM118 (safe_open is not iterable)
+                    w = fh.get_tensor(key)
+                    if key in deltas:
+                        a, b = deltas[key]
+                        w = (w.float() + scale * (b.float() @ a.float())).to(w.dtype)
+                        seen.add(key)
+                    tensors[key] = w.contiguous()
+            save_file(tensors, str(folder / f.name), metadata=metadata)
+            del tensors
+        if seen != set(deltas):
+            raise UserError(
+                f"{adapter}: LoRA factors for weights {sorted(set(deltas) - seen)[:3]} not in {base}"
+            )
+        for name in Path(base).iterdir():  # config, generation config, the shards' index, tokenizer files
+            if name.is_file() and name.suffix in (".json", ".txt", ".model", ".jinja"):
+                shutil.copyfile(name, folder / name.name)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+
+    replace_dir(write, Path(target))
+    return True
+
+
 # ==========================================================================================================
 # The check: the written folder, loaded without align, computes what align computes
 # ==========================================================================================================

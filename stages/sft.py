@@ -44,6 +44,7 @@ from core.readers import has_split, load_instructions
 from core.stage import StageContext, StageResult, console, print_export_hint, print_skipped
 from data_schemas.config import SFTConfig
 from lib import trainer as plumbing  # Trainer plumbing the Trainer stages share
+from lib.export import merge_lora_files
 from stages.registry import STAGES
 
 
@@ -317,15 +318,18 @@ def save(cfg: SFTConfig, ctx: StageContext, trainer, result, tokenizer, has_val:
     if not ctx.is_main:
         return metrics
     if cfg.lora.enabled and cfg.merge_adapter:
-        if plumbing.partitioned(
-            trainer
-        ):  # this process holds a shard of the weights: merge from the adapter just saved
-            from peft import PeftModel
+        partitioned = plumbing.partitioned(trainer)  # this process holds a shard of the weights
+        base = resolve_model_path(cfg.model.name_or_path)
+        # partitioned: from the adapter just saved, one file of the base at a time where it is a plain LoRA
+        if not (partitioned and merge_lora_files(base, out / "adapter", out / "merged", tokenizer)):
+            if partitioned:
+                from peft import PeftModel
 
-            base = load_causal_lm(cfg.model, ctx.precision)
-            merged = PeftModel.from_pretrained(base, out / "adapter").merge_and_unload()
-        else:
-            merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
-        replace_dir(lambda p: (merged.save_pretrained(p), tokenizer.save_pretrained(p)), out / "merged")
+                merged = PeftModel.from_pretrained(
+                    load_causal_lm(cfg.model, ctx.precision), out / "adapter"
+                ).merge_and_unload()
+            else:
+                merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+            replace_dir(lambda p: (merged.save_pretrained(p), tokenizer.save_pretrained(p)), out / "merged")
     atomic_write_json(out / "metrics.json", {**metrics, "log_history": state.log_history})
     return metrics

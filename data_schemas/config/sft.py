@@ -51,7 +51,9 @@ class SFTConfig(_Strict):
     )
     train: SFTTrainSettings = Field(default_factory=SFTTrainSettings, description="Optimisation.")
     merge_adapter: bool = Field(
-        False, description="Also write merged/ (base weights with the adapter folded in)."
+        False,
+        description="Also write merged/ (base weights with the adapter folded in). Under ZeRO-3 a plain LoRA is "
+        "folded into the base's safetensors one file at a time (no whole model in memory; the base's dtype).",
     )
 
     @model_validator(mode="after")

@@ -258,3 +258,36 @@ def test_push_to_hub_uploads_the_checked_folder(artifacts, tmp_path, monkeypatch
     assert create == "create" and repo == "me/m" and ckw["private"] is True
     assert ukw["folder_path"] == str(tmp_path / "e") and ukw["repo_id"] == "me/m"
     assert {"README.md", "config.json", "model.safetensors", "tokenizer.json"} <= set(files)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_a_lora_merged_file_by_file_computes_what_peft_merged_computes(tmp_path, tiny_model_path, rslora):
+    """merge_lora_files folds W + s·B·A into the base one safetensors file at a time; the folder computes what PEFT's
+    merge_and_unload of the same adapter computes, and what this does not cover (DoRA) is left to PEFT."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from bench.harness import peaked_llama
+    from lib.export import merge_lora_files
+
+    base = peaked_llama(tmp_path / "base", tiny_model_path)
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, lora_alpha=8, use_rslora=rslora, target_modules=["q_proj", "v_proj", "down_proj"])
+    policy = get_peft_model(AutoModelForCausalLM.from_pretrained(base), lora)
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    policy.save_pretrained(tmp_path / "adapter")
+    assert merge_lora_files(base, tmp_path / "adapter", tmp_path / "merged")
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "adapter")
+    ids = torch.tensor([[1, 17, 4, 99, 23, 5, 8]])
+    with torch.no_grad():
+        want = peft.merge_and_unload()(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(base)(ids).logits
+    assert (got - want).abs().max().item() < 1e-4 and (plain - want).abs().max().item() > 1e-2
+    dora = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, use_dora=True))
+    dora.save_pretrained(tmp_path / "dora")
+    assert not merge_lora_files(base, tmp_path / "dora", tmp_path / "not")
+    assert not (tmp_path / "not").exists()

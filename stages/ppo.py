@@ -316,8 +316,10 @@ def run(cfg: PPOConfig, resume: bool = False, force: bool = False, callbacks=())
         else:
             engine = rollout_engine(cfg, learner.policy, tokenizer, learner.base_path, ctx.precision)
         console.print(f"rollout engine: {engine.name}")
-        with resident_limit(training_share(start.model, ctx.precision, learner.sharded)):
-            reward = Reward(cfg.reward)  # a sharded run's reward model keeps no more in memory than its share
+        # A sharded run's reward model, and its gates' models, keep no more in memory than a process's share
+        share = training_share(start.model, ctx.precision, learner.sharded)
+        with resident_limit(share):
+            reward = Reward(cfg.reward)
         if not train_loop(cfg, ctx, learner, engine, reward, tokenizer, train_prompts):
             return ctx.paused()
         used, rollouts = engine.name, engine
@@ -334,8 +336,6 @@ def run(cfg: PPOConfig, resume: bool = False, force: bool = False, callbacks=())
             return ctx.complete({})
         engine.close()
         del engine
-        # A sharded run's gates keep no more of a model in memory than a process held in training
-        share = training_share(start.model, ctx.precision, learner.sharded)
         dist.reset_peak_memory()
         with resident_limit(share):
             metrics, judged = evaluate_and_save(

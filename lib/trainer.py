@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from core import dist, sharded
+from core import zero3 as ds_zero3
 from core.config import UserError
 from core.manifest import replace_dir
 
@@ -389,22 +390,27 @@ def save_trained(trainer, target: Path, tokenizer=None, **save_kwargs) -> None:
     """Write the trained model (the adapter of a PEFT model, all weights otherwise) to `target`, swapped in whole.
 
     Every process calls it: under FSDP2 each writes its shards and they are joined on disk (core.sharded, nothing
-    gathered); under ZeRO-3 the partitioned weights are gathered collectively; then only the main process writes,
-    and the others wait until the folder is in place."""
+    gathered); under ZeRO-3 a whole model is gathered one weight at a time and written file by file as it fills
+    (core.zero3), an adapter's weights are gathered alone (the base stays partitioned); then only the main process
+    writes, and the others wait until the folder is in place."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
     if fsdp(trainer):
-        sharded.save_consolidated(trainer.accelerator.unwrap_model(trainer.model), target, tokenizer)
+        sharded.save_consolidated(model, target, tokenizer)
         return
-    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) if zero3(trainer) else None
-    if dist.is_main():
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        kwargs = {**save_kwargs, **({"state_dict": state_dict} if state_dict is not None else {})}
+    peft = hasattr(model, "peft_config")
+    if zero3(trainer) and not peft:
+        ds_zero3.save_consolidated(model, target, tokenizer)
+        return
+    trained = [p for p in model.parameters() if p.requires_grad] if zero3(trainer) else []
+    with ds_zero3.gathered(trained):  # an adapter's weights (and modules_to_save) whole in every process
+        if dist.is_main():
 
-        def save(p: Path) -> None:
-            model.save_pretrained(p, **kwargs)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(p)
+            def save(p: Path) -> None:
+                model.save_pretrained(p, **save_kwargs)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(p)
 
-        replace_dir(save, target)
+            replace_dir(save, target)
     dist.barrier()
 
 

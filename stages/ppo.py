@@ -46,7 +46,7 @@ from typing import Any, NamedTuple
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from core import dist, sharded
+from core import dist, sharded, zero3
 from core.chat import neutralise_messages, render_prompt, special_strings
 from core.config import UserError, printable
 from core.manifest import atomic_write_json, atomic_write_text, replace_dir
@@ -215,6 +215,37 @@ def build_sharded(cfg: PPOConfig, start: Start, precision: str):
     return model, policy, value_head, reference, resolve_model_path(m.name_or_path)
 
 
+def _hidden_size(model: ModelConfig) -> int:
+    from transformers import AutoConfig
+
+    path = resolve_model_path(model.name_or_path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=model.trust_remote_code)
+    return int(config.get_text_config().hidden_size)
+
+
+def build_partitioned(cfg: PPOConfig, start: Start, precision: str, ds_config: dict):
+    """(policy, value head, reference, base path) under DeepSpeed ZeRO-3: the start's model (and, full-parameter, its
+    frozen reference copy) created partitioned under zero.Init, each process reading the checkpoint into its own
+    partitions (core/zero3.py); a fresh LoRA and the value head (zeros) are partitioned when the engine wraps them.
+    The same draws as build_policy, so a ZeRO-3 run starts where a 1-process run does. A start with adapters to
+    merge loads whole in each process first (merging needs the weights), and is partitioned by the engine."""
+    from peft import get_peft_model
+
+    with zero3.partitioned_loading(ds_config):
+        model = load_start(start, precision, partitioned=True)
+        reference = (
+            None
+            if cfg.lora.enabled
+            else load_start(start, precision, partitioned=True).eval().requires_grad_(False)
+        )
+    torch.manual_seed(cfg.train.seed)
+    policy = get_peft_model(model, lora_config(cfg.lora)) if cfg.lora.enabled else model
+    value_head = torch.nn.Linear(model.config.hidden_size, 1)
+    torch.nn.init.zeros_(value_head.weight)
+    torch.nn.init.zeros_(value_head.bias)
+    return policy, value_head, reference, resolve_model_path(start.model.name_or_path)
+
+
 # Response positions whose logits are materialised at once: a 150k vocabulary x 1k positions in fp32 is 600 MB;
 # chunks of 512 keep that to 300 MB whatever the batch.
 
@@ -236,7 +267,8 @@ def forward_response(
     B, R, H = h.shape
     logprobs, entropy = head_logprobs(h.reshape(B * R, H), base.lm_head, batch["resp"].reshape(B * R))
     # [B, R], fp32 head, applied to [B*R, H] (a 3-D input would come back as a view of its 2-D product)
-    values = value_head(h.reshape(B * R, H).float()).reshape(B, R).clone() if with_values else None
+    head_in = h.reshape(B * R, H).to(value_head.weight.dtype)  # fp32 (bf16 where ZeRO keeps the head so)
+    values = value_head(head_in).float().reshape(B, R).clone() if with_values else None
     # copies, not views: under FSDP2 a view of a unit's output would lose its backward hook to an in-place op
     return logprobs.reshape(B, R).clone(), values, entropy.reshape(B, R).clone()
 
@@ -312,7 +344,7 @@ def run(cfg: PPOConfig, resume: bool = False, force: bool = False, callbacks=())
     with ctx.open(inputs=[(cfg.prompts.train_file, "prompts")], parents=parents, model=identity):
         learner = setup(cfg, ctx, start)
         if learner.sharded:  # the sharded policy samples itself, every process stepping together
-            engine = GenerateEngine(learner.model, tokenizer, synced=dist.world_size() > 1)
+            engine = GenerateEngine(learner.module, tokenizer, synced=dist.world_size() > 1)
         else:
             engine = rollout_engine(cfg, learner.policy, tokenizer, learner.base_path, ctx.precision)
         console.print(f"rollout engine: {engine.name}")
@@ -330,8 +362,10 @@ def run(cfg: PPOConfig, resume: bool = False, force: bool = False, callbacks=())
             rollouts.rest()
             engine = GenerateEngine(learner.policy, tokenizer)
         peaks = [round(x, 3) for x in dist.all_gather(dist.peak_memory_gib())]  # training's, per process
-        if learner.sharded:  # every process writes its shards of model/ and value_head/
+        if learner.engine == "fsdp2":  # every process writes its shards of model/ and value_head/
             save_sharded_policy(ctx.out, learner, tokenizer)
+        elif learner.engine == "zero3":  # gathered one weight at a time, written by the main process
+            save_partitioned_policy(ctx.out, learner, tokenizer)
         if not ctx.is_main:  # the main process evaluates, writes and gates
             return ctx.complete({})
         engine.close()
@@ -354,11 +388,16 @@ def run(cfg: PPOConfig, resume: bool = False, force: bool = False, callbacks=())
 
 def check_rows(cfg: PPOConfig) -> None:
     """Before any model loads: the estimator, loss and engine rows the config names exist (lib/rl.py,
-    lib/rollout.py), and the batch has the groups the estimator compares."""
+    lib/rollout.py), the batch has the groups the estimator compares, and a DeepSpeed config is ZeRO-3."""
     t = cfg.train
     engine_choice(cfg.rollout.engine, "rollout.engine")
     estimator = advantage_estimator(t.advantage_estimator)
     policy_loss_row(t.policy_loss)
+    if t.deepspeed is not None and zero3.stage_of(zero3.read(t.deepspeed)) != 3:
+        raise UserError(
+            f"train.deepspeed={printable(str(t.deepspeed))}: PPO runs DeepSpeed's ZeRO stage 3 "
+            "(configs/deepspeed/zero3.json); for stages 1-2 keep train.deepspeed=null (DDP) or use train.sharding=fsdp2"
+        )
     if t.group_size < estimator.min_group_size:
         raise UserError(
             f"train.advantage_estimator={t.advantage_estimator} compares the responses to one prompt: "
@@ -382,11 +421,18 @@ class Learner:
     model: Any = None  # PolicyWithValue, possibly wrapped (DistributedDataParallel)
     accelerator: Any = None
     reference: Any = None  # a full-parameter policy's frozen reference (None: the adapter disabled)
-    sharded: bool = False  # FSDP2 (train.sharding=fsdp2): every process holds 1/N of the model and its state
+    # how processes hold the model: "ddp" (each a whole copy), "fsdp2" (train.sharding=fsdp2) or "zero3"
+    # (train.deepspeed: `model` is DeepSpeed's engine); under both of the last, each holds 1/N of it and its state
+    engine: str = "ddp"
 
     def __post_init__(self) -> None:
         if self.model is None:
             self.model = PolicyWithValue(self.policy, self.value_head, self.reference)
+
+    @property
+    def sharded(self) -> bool:
+        """No process holds the whole policy (FSDP2 or ZeRO-3): what needs it whole reads the artifact back."""
+        return self.engine != "ddp"
 
     @property
     def full_parameter(self) -> bool:
@@ -401,8 +447,27 @@ class Learner:
     def device(self) -> torch.device:
         return next(self.policy.parameters()).device
 
+    def zero_grad(self) -> None:
+        if self.engine != "zero3":  # DeepSpeed's step clears its own partitioned gradients
+            self.opt.zero_grad(set_to_none=True)
+
     def backward(self, loss: torch.Tensor) -> None:
-        (self.accelerator.backward if self.accelerator is not None else torch.Tensor.backward)(loss)
+        if self.engine == "zero3":
+            self.model.backward(loss)
+        else:
+            (self.accelerator.backward if self.accelerator is not None else torch.Tensor.backward)(loss)
+
+    def optimizer_step(self, max_grad_norm: float) -> float:
+        """Clip the gradients to `max_grad_norm` by their global norm, step the optimizer; the norm before
+        clipping (the same in every process). Under ZeRO-3 DeepSpeed's step does both on the partitions
+        (gradient_clipping is max_grad_norm in its config: core/zero3.py)."""
+        if self.engine == "zero3":
+            self.model.step()
+            return float(self.model.get_global_grad_norm())
+        gn = torch.nn.utils.clip_grad_norm_(self.params, max_grad_norm)
+        gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn  # FSDP2: a replicated DTensor
+        self.opt.step()
+        return float(gn)
 
 
 @dataclass
@@ -445,8 +510,16 @@ def setup(cfg: PPOConfig, ctx: StageContext, start: Start) -> Learner:
             f"{t.rollout_batch_size * t.group_size}) and train.mini_batch_size ({t.mini_batch_size}) must be "
             f"multiples of the number of processes ({world}): each process takes an equal share"
         )
-    fsdp = t.sharding == "fsdp2"
-    if fsdp:
+    engine = "fsdp2" if t.sharding == "fsdp2" else "zero3" if t.deepspeed is not None and world > 1 else "ddp"
+    ds_config = None
+    if engine == "zero3":
+        dist.state()  # the launch's process group, which DeepSpeed joins
+        hidden = _hidden_size(start.model)
+        ds_config = zero3.config(t.deepspeed, micro_batch=t.mini_batch_size // world, world=world,
+                                 max_grad_norm=t.max_grad_norm, precision=ctx.precision, hidden=hidden)  # fmt: skip
+        console.print("policy partitioned as it is created (ZeRO-3)", highlight=False)
+        policy, value_head, reference, base_path = build_partitioned(cfg, start, ctx.precision, ds_config)
+    elif engine == "fsdp2":
         model, policy, value_head, reference, base_path = build_sharded(cfg, start, ctx.precision)
     else:
         policy, value_head, reference, base_path = build_policy(cfg, start, ctx.precision)
@@ -465,7 +538,15 @@ def setup(cfg: PPOConfig, ctx: StageContext, start: Start) -> Learner:
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(), log_with=log_with or None, project_dir=str(ctx.out / "logs")
     )
-    if not fsdp:  # FSDP2 already averages gradients across processes: nothing to wrap
+    if (
+        engine == "zero3"
+    ):  # DeepSpeed's engine partitions what zero.Init did not (LoRA, value head), and steps
+        import deepspeed
+
+        model, opt, _, _ = deepspeed.initialize(
+            model=PolicyWithValue(policy, value_head, reference), optimizer=opt, config=ds_config
+        )
+    elif engine == "ddp":  # FSDP2 already averages gradients across processes: nothing to wrap
         model, opt = accelerator.prepare(PolicyWithValue(policy, value_head, reference), opt)
     learner = Learner(
         policy,
@@ -477,11 +558,16 @@ def setup(cfg: PPOConfig, ctx: StageContext, start: Start) -> Learner:
         model=model,
         accelerator=accelerator,
         reference=reference,
-        sharded=fsdp,
+        engine=engine,
     )
     out, ckpts = ctx.out, ctx.out / "checkpoints"
     if ctx.resume and ckpts.exists() and (latest := _latest_checkpoint(ckpts)) is not None:
-        if learner.sharded:
+        if engine == "zero3":  # each process its own partition; DeepSpeed's files, from this run's own folder
+            # the frozen reference is not in it (it is the start): loaded non-strictly
+            model.load_checkpoint(
+                str(latest / "zero"), tag="state", load_module_strict=False, load_lr_scheduler_states=False
+            )
+        elif engine == "fsdp2":
             sharded.load_state(latest / "sharded", model, opt)  # each process its own file
         elif learner.full_parameter:
             from safetensors.torch import load_model
@@ -715,11 +801,9 @@ def ppo_update(cfg: PPOConfig, learner: Learner, exp: Experience) -> dict[str, f
                 pstats["kl_penalty"] = kpen.detach()
                 loss = loss + learner.kl_ctl.value * kpen
             loss = loss * (n_local / n_all * world)
-            learner.opt.zero_grad(set_to_none=True)
+            learner.zero_grad()
             learner.backward(loss)
-            gn = torch.nn.utils.clip_grad_norm_(learner.params, t.max_grad_norm)
-            gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn  # FSDP2: a replicated DTensor
-            learner.opt.step()
+            gn = learner.optimizer_step(t.max_grad_norm)
             local = {
                 "policy_loss": pl,
                 "value_loss": vl,
@@ -804,7 +888,16 @@ def evaluate_and_save(
         "precision": ctx.precision,
     }
     policy, reference = learner.policy, learner.reference
-    if learner.sharded:  # written by every process; the gate reads the policy back within the run's share
+    if (
+        learner.sharded and not learner.full_parameter
+    ):  # ZeRO-3 LoRA: the start whole, the trained adapter on it
+        from peft import PeftModel
+
+        policy, reference = (
+            PeftModel.from_pretrained(place(load_start(start, ctx.precision)), out / "adapter"),
+            None,
+        )
+    elif learner.sharded:  # written by every process; the gate reads the policy back within the run's share
         limit = eval_resident_limit()
         policy = place(
             load_causal_lm(ModelConfig(name_or_path=str(out / "model")), ctx.precision, resident=limit)
@@ -893,8 +986,8 @@ def _latest_checkpoint(ckpts: Path) -> Path | None:
 
 
 def checkpoint(ctx: StageContext, learner: Learner) -> None:
-    """The resumable state at learner.step: written by every process under FSDP2 (each its shards), else by the
-    main process (every process holds the same state)."""
+    """The resumable state at learner.step: written by every process under FSDP2 or ZeRO-3 (each its shards), else
+    by the main process (every process holds the same state)."""
     if learner.sharded:
         save_sharded_checkpoint(ctx.out / "checkpoints", learner)
     elif ctx.is_main:
@@ -902,15 +995,19 @@ def checkpoint(ctx: StageContext, learner: Learner) -> None:
 
 
 def save_sharded_checkpoint(ckpts: Path, learner: Learner) -> None:
-    """FSDP2: model (policy, value head) and optimizer state, each process its own file (DCP), in a folder named
-    step-N once complete (state.json, the last file, is what resume looks for); only the latest is kept."""
+    """FSDP2 or ZeRO-3: model (policy, value head) and optimizer state, each process its own file (DCP; DeepSpeed's
+    checkpoint under ZeRO-3), in a folder named step-N once complete (state.json, the last file, is what resume
+    looks for); only the latest is kept."""
     step = learner.step
     staging = ckpts / f".step-{step}.partial"
     if dist.is_main():
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     dist.barrier()
-    sharded.save_state(staging / "sharded", learner.model, learner.opt)
+    if learner.engine == "zero3":  # the frozen reference is the start: not saved
+        learner.model.save_checkpoint(str(staging / "zero"), tag="state", exclude_frozen_parameters=True)
+    else:
+        sharded.save_state(staging / "sharded", learner.model, learner.opt)
     dist.barrier()
     if dist.is_main():
         (staging / "state.json").write_text(json.dumps({"step": step, "kl_coef": learner.kl_ctl.value}))
@@ -928,6 +1025,32 @@ def save_sharded_policy(out: Path, learner: Learner, tokenizer) -> None:
 
     sharded.save_consolidated(learner.policy, out / "model", tokenizer)
     head = {k: v.full_tensor().contiguous() for k, v in learner.value_head.state_dict().items()}
+
+    def save_head(p: Path) -> None:
+        p.mkdir(parents=True, exist_ok=True)
+        save_file(head, str(p / "value_head.safetensors"))
+
+    if dist.is_main():
+        replace_dir(save_head, out / "value_head")
+    dist.barrier()
+
+
+def save_partitioned_policy(out: Path, learner: Learner, tokenizer) -> None:
+    """ZeRO-3: model/ written one gathered weight at a time (core/zero3.py), or adapter/ (a LoRA's weights
+    gathered, the base left partitioned); value_head/ gathered."""
+    from safetensors.torch import save_file
+
+    if learner.full_parameter:
+        zero3.save_consolidated(learner.policy, out / "model", tokenizer)
+    else:
+        with zero3.gathered([p for p in learner.policy.parameters() if p.requires_grad]):
+            if dist.is_main():
+                replace_dir(
+                    lambda p: (learner.policy.save_pretrained(p), tokenizer.save_pretrained(p)),
+                    out / "adapter",
+                )
+        dist.barrier()
+    head = zero3.full_state(learner.value_head)
 
     def save_head(p: Path) -> None:
         p.mkdir(parents=True, exist_ok=True)

@@ -242,7 +242,10 @@ def export_matches_align(
         ref, _, _ = load_for_eval(str(artifact), precision="fp32")
         model = AutoModelForCausalLM.from_pretrained(to, dtype=torch.float32)
         with torch.no_grad():
-            assert (ref(input_ids=ids).logits - model(input_ids=ids).logits).abs().max().item() < 1e-3
+            # merged weights against the adapter applied: fp32 rounding, which grows with the logits' size
+            torch.testing.assert_close(
+                model(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-3, rtol=1e-4
+            )
         if vllm:
             prompt = tok.apply_chat_template(_HELD_OUT_CHAT[:1], tokenize=True, add_generation_prompt=True,
                                              return_dict=False)  # fmt: skip

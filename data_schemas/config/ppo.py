@@ -148,6 +148,15 @@ class PPOTrainSettings(RunSettings):
         "training (core/sharded.py). fsdp2 trains full-parameter (lora.enabled false) from a checkpoint or a "
         "full-parameter SFT artifact, with rollout.engine generate.",
     )
+    deepspeed: Path | None = Field(
+        None,
+        description="A DeepSpeed ZeRO-3 config (JSON), configs/deepspeed/zero3.json: the policy (and a "
+        "full-parameter policy's frozen reference copy) created partitioned under zero.Init, each process holding "
+        "1/N of the weights, gradients and AdamW's fp32 state, checkpoints written per process, the artifact "
+        "written one gathered weight at a time (core/zero3.py). Takes effect under several processes "
+        "(`--num-processes N`); 'auto' values are filled from these settings. Full-parameter or LoRA, with "
+        "rollout.engine generate.",
+    )
     rollout_batch_size: AtLeastOne = Field(8, description="Prompts sampled per iteration.")
     advantage_estimator: str = Field(
         "gae",
@@ -207,6 +216,11 @@ class PPOTrainSettings(RunSettings):
             )
         if self.stop_after_steps is not None and self.stop_after_steps > self.steps:
             raise ValueError("train.stop_after_steps must not exceed train.steps")
+        if self.sharding == "fsdp2" and self.deepspeed is not None:
+            raise ValueError(
+                "train.sharding=fsdp2 and train.deepspeed are two sharding engines; choose one (deepspeed=null, or "
+                "sharding=ddp)"
+            )
         return self
 
 
@@ -252,5 +266,9 @@ class PPOConfig(PolicyStageGates):
         if self.train.sharding == "fsdp2" and self.rollout.engine != "generate":
             raise ValueError(
                 "train.sharding=fsdp2 samples with the sharded policy itself: set rollout.engine=generate"
+            )
+        if self.train.deepspeed is not None and self.rollout.engine != "generate":
+            raise ValueError(
+                "train.deepspeed (ZeRO-3) samples with the partitioned policy itself: set rollout.engine=generate"
             )
         return self

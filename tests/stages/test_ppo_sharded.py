@@ -1,4 +1,5 @@
-"""GRPO full-parameter under FSDP2 (`train.sharding=fsdp2`) in two real processes through the CLI, against the same
+"""GRPO full-parameter under FSDP2 (`train.sharding=fsdp2`), and full-parameter or LoRA under DeepSpeed ZeRO-3
+(`train.deepspeed`), in two real processes through the CLI, against the same
 run in one process holding the whole model: every iteration's reward, KL, loss and gradient norm agree, a run
 paused and resumed from its per-process checkpoint equals the uninterrupted one, and the artifact is a plain
 checkpoint consolidated from the shards."""
@@ -218,3 +219,98 @@ def test_gradient_checkpointing_recomputes_the_same_update(runs, checkpoint, tmp
     kept = _rows(d / ("two" if sharding == "fsdp2" else "one"))
     for a, b in zip(kept, _rows(tmp_path / "ckpt"), strict=True):
         assert b == pytest.approx(a, rel=1e-4, abs=1e-6)
+
+
+# ---- DeepSpeed ZeRO-3 (train.deepspeed): full-parameter and LoRA, partitioned as they are created -----------------
+ZERO3 = f"train.deepspeed={ROOT / 'configs' / 'deepspeed' / 'zero3.json'}"
+
+
+@pytest.fixture(scope="module")
+def zero3_runs(runs, checkpoint):  # noqa: F811
+    d, _ = runs
+    full = _grpo(d / "zero3", checkpoint, ZERO3, processes=2)
+    assert full.returncode == 0, full.stderr[-3000:]
+    lora_one = _grpo(d / "lora-one", checkpoint, "lora.enabled=true", "train.steps=2")
+    assert lora_one.returncode == 0, lora_one.stderr[-3000:]
+    lora = _grpo(d / "lora-zero3", checkpoint, ZERO3, "lora.enabled=true", "train.steps=2", processes=2)
+    assert lora.returncode == 0, lora.stderr[-3000:]
+    return d, full, lora
+
+
+def test_full_parameter_grpo_under_zero3_is_partitioned_as_it_is_created_and_trains_as_one(zero3_runs):
+    """The policy and its frozen reference are created under zero.Init (each process reads its partitions), DeepSpeed
+    steps them, and every iteration's reward, KL, loss and gradient norm are those of one process holding the whole
+    model; the artifact, written one gathered weight at a time, is the same policy, and plain transformers loads it."""
+    from transformers import AutoModelForCausalLM
+
+    d, full, _ = zero3_runs
+    assert "policy partitioned as it is created (ZeRO-3)" in full.stdout + full.stderr
+    rows = _rows(d / "zero3")
+    assert len(rows) == 3 and rows[0][1] == pytest.approx(0.0, abs=1e-6)
+    for a, b in zip(_rows(d / "one"), rows, strict=True):
+        assert b == pytest.approx(a, rel=1e-3, abs=1e-5)
+    m = json.loads((d / "zero3" / "manifest.json").read_text())
+    assert m["status"] == "complete" and [g["gate"] for g in m["gates"]] == ["policy", "perplexity"]
+    whole, zero = (load_file(str(d / run / "model" / "model.safetensors")) for run in ("one", "zero3"))
+    assert set(zero) == set(whole)
+    for k, v in zero.items():
+        assert (v - whole[k]).abs().max().item() < 1e-4, k
+    AutoModelForCausalLM.from_pretrained(d / "zero3" / "model")
+    head = load_file(str(d / "zero3" / "value_head" / "value_head.safetensors"))
+    assert head["weight"].shape == (
+        1,
+        AutoModelForCausalLM.from_pretrained(d / "zero3" / "model").config.hidden_size,
+    )
+
+
+def test_a_lora_policy_under_zero3_trains_as_one_process_and_saves_its_adapter(zero3_runs, checkpoint):  # noqa: F811
+    """LoRA on a partitioned base: the reference is the adapter disabled, the adapter is gathered alone to be saved,
+    and it equals the one a single process trains; PEFT applies it to the start."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    d, _, _ = zero3_runs
+    for a, b in zip(_rows(d / "lora-one"), _rows(d / "lora-zero3"), strict=True):
+        assert b == pytest.approx(a, rel=1e-3, abs=1e-5)
+    one, zero = (
+        load_file(str(d / r / "adapter" / "adapter_model.safetensors")) for r in ("lora-one", "lora-zero3")
+    )
+    assert set(one) == set(zero) and any("lora_B" in k and v.abs().max() > 0 for k, v in zero.items())
+    for k, v in zero.items():
+        assert (v - one[k]).abs().max().item() < 1e-5, k
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(checkpoint), d / "lora-zero3" / "adapter")
+
+
+def test_a_zero3_run_paused_and_resumed_equals_the_uninterrupted_one(zero3_runs, tmp_path, checkpoint):  # noqa: F811
+    d, _, _ = zero3_runs
+    cut = _grpo(tmp_path / "cut", checkpoint, ZERO3, "train.stop_after_steps=1", processes=2)
+    assert cut.returncode == 3, cut.stderr[-3000:]
+    state = tmp_path / "cut" / "checkpoints" / "step-1" / "zero" / "state"
+    assert len(list(state.glob("*optim_states.pt"))) == 2  # each process its partition, nothing gathered
+    again = subprocess.run(
+        [sys.executable, "-m", "align", "ppo", "--config", str(tmp_path / "cut" / "config.yaml"),
+         "train.stop_after_steps=null", "--resume", "--num-processes", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _rows(tmp_path / "cut") == _rows(d / "zero3")  # bit for bit
+
+
+@pytest.mark.parametrize(
+    "extra, said",
+    [
+        (["rollout.engine=vllm", ZERO3], "set rollout.engine=generate"),
+        (
+            ["rollout.engine=generate", f"train.deepspeed={ROOT / 'configs' / 'deepspeed' / 'zero2.json'}"],
+            "stage 3",
+        ),
+    ],
+)
+def test_what_ppo_does_not_run_under_deepspeed_is_one_sentence(tmp_path, checkpoint, capsys, extra, said):  # noqa: F811
+    from align.cli import main
+
+    args = ["ppo", "--config", "configs/ppo.yaml", f"output_dir={tmp_path / 'x'}", f"init_from={checkpoint}",
+            "reward.artifact=null", "reward.rule={kind: contains, text: Road}", *extra]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err

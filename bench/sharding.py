@@ -1,18 +1,20 @@
 """1 vs 2 processes under DDP, DeepSpeed ZeRO-3 and FSDP2, full-parameter and LoRA: per-process peak memory,
 seconds per step, and `align plan`'s error against each measured peak, in one run.
 
-    .venv/bin/python bench/sharding.py [--stage sft|dpo] [--layers 12] [--steps 4] [--out bench/results/sharding.json]
+    .venv/bin/python bench/sharding.py [--stage sft|dpo|grpo] [--layers 12] [--steps 4] [--out bench/results/sharding.json]
 
 The model is a random Llama saved as a plain checkpoint (hidden 1024, MLP 2816, `--layers` layers, the
 tiny-random-llama tokenizer: 12 layers are 170M parameters), so the training state, not the runtime, is most of a
 process's memory. Every configuration is its own `align STAGE --num-processes K` command on the same data, seeds
 and *global* batch (4 sequences of 128 tokens per step: 4 per process in one, 2 in two), fp32. The peak is what
 the stage records (`peak_memory_gib_per_process`: each process's maximum resident set while training); s/step is
-the Trainer's train_runtime / steps (the first step's warm-up included). The estimate is `core.plan.layout` of
-the same config, for that process count and sharding: error = estimate / measured - 1, for the larger of the two
-processes' peaks.
+the Trainer's train_runtime / steps (the first step's warm-up included); for grpo (`align ppo` with GRPO, the
+generate engine, a rule reward, 2 prompts x 4 responses of 16 tokens per iteration, one minibatch) it is the
+iteration's seconds (sampling, scoring and the update). The estimate is `core.plan.layout` of the same config, for
+that process count and sharding: error = estimate / measured - 1, for the larger of the two processes' peaks.
 
-FSDP2 with LoRA is not offered (align's FSDP2 shards full-parameter training), so that row is absent. On a 2-core
+FSDP2 with LoRA is offered for grpo only (SFT and DPO shard full-parameter training under FSDP2), so those rows
+are absent for sft and dpo. On a 2-core
 CPU two processes share the cores one process uses with two threads: s/step shows the cost of the sharding
 machinery, not a speed-up.
 """
@@ -55,6 +57,29 @@ def stage_args(stage: str, model: Path, pairs: Path, out: Path, processes: int, 
             "perplexity_gate.max_relative_increase=100", *common]  # fmt: skip
 
 
+def grpo_args(model: Path, out: Path, steps: int) -> list[str]:
+    return ["ppo", "--config", "configs/ppo.yaml", f"output_dir={out}", f"init_from={model}", "precision=fp32",
+            "reward.artifact=null", "reward.rule={kind: frequency, text: e}", "reward.missing_eos_penalty=null",
+            "rollout.engine=generate", "rollout.max_new_tokens=16", "train.rollout_batch_size=2",
+            "train.group_size=4", "train.advantage_estimator=grpo", "train.mini_batch_size=8", "train.ppo_epochs=1",
+            f"train.steps={steps}", "train.save_steps=1000", "train.report_to=[none]", "train.learning_rate=1e-5",
+            "prompts.max_prompt_length=96", "prompts.heldout_prompts=2", "policy_gate.min_prompts=2",
+            f"gate_data={EX / 'instructions_validation.jsonl'}", "perplexity_gate.min_examples=5",
+            "perplexity_gate.max_relative_increase=100"]  # fmt: skip
+
+
+def seconds_and_loss(stage: str, out: Path, steps: int) -> tuple[float, float]:
+    """(seconds per step or iteration, the last loss) of a finished run."""
+    m = json.loads((out / "manifest.json").read_text())["metrics"]
+    if stage != "grpo":
+        history = json.loads((out / "metrics.json").read_text())["log_history"]
+        runtime = next(x["train_runtime"] for x in history if "train_runtime" in x)
+        return runtime / steps, m["train_loss"]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    spent = [sum(v for k, v in r.items() if k.startswith("time_")) for r in rows]
+    return sum(spent) / len(spent), rows[-1]["policy_loss"]
+
+
 def estimate_gib(argv: list[str], processes: int, sharding: str) -> float:
     """core.plan's per-process estimate for the config `argv` names, on this CPU."""
     from core.config import load_config
@@ -69,7 +94,7 @@ def estimate_gib(argv: list[str], processes: int, sharding: str) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--stage", choices=["sft", "dpo"], default="sft")
+    ap.add_argument("--stage", choices=["sft", "dpo", "grpo"], default="sft")
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--out", type=Path, default=None)
@@ -90,29 +115,31 @@ def main() -> None:
                 ("full", ["lora.enabled=false"]),
                 ("LoRA r16", ["lora.enabled=true", "lora.r=16"]),
             ):
-                if sharding == "fsdp2" and method != "full":
-                    continue  # not offered: align's FSDP2 shards full-parameter training
+                if sharding == "fsdp2" and method != "full" and a.stage != "grpo":
+                    continue  # not offered: SFT's and DPO's FSDP2 shard full-parameter training
                 out = tmp / f"{sharding}-{n}-{method.split()[0]}"
-                argv = [*stage_args(a.stage, tmp / "model", pairs, out, n, a.steps), *lora, *extra]
+                if a.stage == "grpo":
+                    argv = [*grpo_args(tmp / "model", out, a.steps), *lora, *extra]
+                else:
+                    argv = [*stage_args(a.stage, tmp / "model", pairs, out, n, a.steps), *lora, *extra]
                 launch = ["--num-processes", str(n)] if n > 1 else []
                 r = subprocess.run([sys.executable, "-m", "align", *argv, *launch], cwd=ROOT, capture_output=True,
                                    text=True, timeout=3600)  # fmt: skip
                 if r.returncode != 0:
                     raise SystemExit(f"{name} {method}: exit {r.returncode}\n{r.stderr[-3000:]}")
                 m = json.loads((out / "manifest.json").read_text())["metrics"]
-                history = json.loads((out / "metrics.json").read_text())["log_history"]
-                runtime = next(x["train_runtime"] for x in history if "train_runtime" in x)
+                per_step, loss = seconds_and_loss(a.stage, out, a.steps)
                 peak = max(m["peak_memory_gib_per_process"])
                 est = estimate_gib(argv, n, sharding)
                 row = {"run": name, "method": method, "processes": n, "sharding": sharding,
-                       "peak_gib_per_process": m["peak_memory_gib_per_process"], "s_per_step": runtime / a.steps,
-                       "train_loss": m["train_loss"], "estimate_gib": round(est, 3),
+                       "peak_gib_per_process": m["peak_memory_gib_per_process"], "s_per_step": round(per_step, 3),
+                       "train_loss": loss, "estimate_gib": round(est, 3),
                        "estimate_error": round(est / peak - 1, 3)}  # fmt: skip
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 key = f"{sharding}_{n}_{method.split()[0].lower()}"
                 metrics[f"{key}_peak_gib"] = peak
-                metrics[f"{key}_s_per_step"] = round(runtime / a.steps, 3)
+                metrics[f"{key}_s_per_step"] = round(per_step, 3)
     one_full = next(r for r in rows if r["processes"] == 1 and r["method"] == "full")
     for r in rows:
         if r["processes"] == 2:
@@ -124,7 +151,8 @@ def main() -> None:
     metrics["plan_error_max_abs"] = max(abs(r["estimate_error"]) for r in rows)
     details = {"stage": a.stage, "params": params, "layers": a.layers, "steps": a.steps, "rows": rows,
                "one_process_full_peak_gib": max(one_full["peak_gib_per_process"])}  # fmt: skip
-    path = write_result(a.out, "sharding", metrics, details)
+    out = a.out or (None if a.stage == "sft" else ROOT / "bench" / "results" / f"sharding_{a.stage}.json")
+    path = write_result(out, "sharding", metrics, details)
     print(f"wrote {path}")
 
 

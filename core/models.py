@@ -185,6 +185,31 @@ def lora_config(settings, task_type: str = "CAUSAL_LM", modules_to_save: list[st
     )
 
 
+def init_lora(model, seed: int) -> None:
+    """A fresh LoRA's weights as PEFT initialises them (A: Kaiming-uniform with a = sqrt(5), B: zeros, so the adapter
+    starts as the identity), drawn by a generator of its own seeded with `seed` in parameter-name order: the same
+    adapter whether the model is whole, sharded by FSDP2 (each process keeps its slice of the drawn tensor) or not
+    yet partitioned by DeepSpeed, and whatever the run drew before."""
+    from torch.distributed.fsdp import FSDPModule
+
+    g = torch.Generator().manual_seed(seed)
+    values: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters():
+        if ".lora_A." in name:
+            values[name] = torch.nn.init.kaiming_uniform_(torch.empty(p.shape), a=math.sqrt(5), generator=g)
+        elif ".lora_B." in name:
+            values[name] = torch.zeros(p.shape)
+    if any(isinstance(m, FSDPModule) for m in model.modules()):  # DTensor shapes are the whole parameter's
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, values, options=StateDictOptions(full_state_dict=True, strict=False))
+        return
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in values.items():
+            params[name].copy_(value.to(params[name].dtype))
+
+
 def peft_config(
     lora,
     peft: PeftSettings | None = None,

@@ -67,9 +67,13 @@ def build(
     attn_implementation: str = "sdpa",
     trust_remote_code: bool = False,
     head: str = "causal_lm",
+    adapter=None,
 ):
     """The model on the meta device (`head`: a HEADS row), tied weights tied, layers sharded with `fully_shard` (the
-    root is the caller's: `shard_root`)."""
+    root is the caller's: `shard_root`). `adapter`: a PEFT LoraConfig put on the model before sharding (a PEFT
+    model comes back); each layer's LoRA weights are a unit of their own inside the layer's, so that a unit holds
+    one dtype (PEFT keeps the adapter in fp32 on a bf16 base). Its weights are the caller's to initialise
+    (core.models.init_lora) after `load_checkpoint`."""
     import transformers
     from accelerate import init_empty_weights
     from torch.distributed.fsdp import fully_shard
@@ -92,7 +96,16 @@ def build(
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
     model._align_buffers = {n: b.clone() for n, b in model.named_buffers()}
     model._align_source = path
+    if adapter is not None:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, adapter)
     for layer in decoder_layers(model):
+        lora = [
+            m for n, m in layer.named_modules() if ".lora_" in f".{n}" and list(m.parameters(recurse=False))
+        ]
+        if lora:
+            fully_shard(lora)
         fully_shard(layer)
     return model
 
@@ -139,10 +152,22 @@ def _without_tied(model, state: dict) -> dict:
     return state
 
 
+def _checkpoint_names(model, state: dict) -> dict:
+    """A PEFT model's base weights under the names its checkpoint gives them (no `base_model.model.` prefix, no
+    `.base_layer`), its adapter's weights left out (they are new)."""
+    if not hasattr(model, "peft_config"):
+        return state
+    return {
+        k.removeprefix("base_model.model.").replace(".base_layer.", "."): v
+        for k, v in state.items()
+        if ".lora_" not in k
+    }
+
+
 def load_checkpoint(model, folder: Path | str | None = None, skip: tuple[str, ...] = ()) -> None:
     """Fill this process's shards of `model` (from `build`, materialised) from a transformers checkpoint's safetensors
-    files, reading only the slices it holds; the weights named with a prefix in `skip` (a new head) are the caller's
-    to set."""
+    files, reading only the slices it holds; the weights named with a prefix in `skip` (a new head), and a PEFT
+    model's adapter, are the caller's to set."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageReader
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
@@ -150,7 +175,7 @@ def load_checkpoint(model, folder: Path | str | None = None, skip: tuple[str, ..
     folder = Path(folder or model._align_source)
     if not list(folder.glob("*.safetensors")):
         raise UserError(f"{folder}: sharded loading reads safetensors files, and this checkpoint has none")
-    state = _without_tied(model, get_model_state_dict(model))
+    state = _checkpoint_names(model, _without_tied(model, get_model_state_dict(model)))
     state = {k: v for k, v in state.items() if not k.startswith(skip)} if skip else state
     with loading(f"model {folder}"):
         dcp.load(state, storage_reader=HuggingFaceStorageReader(str(folder)))
@@ -218,4 +243,25 @@ def save_consolidated(model, target: Path, tokenizer=None) -> None:
 
         replace_dir(write, Path(target))
         shutil.rmtree(staging, ignore_errors=True)
+    align_dist.barrier()
+
+
+def save_adapter(model, target: Path, tokenizer=None) -> None:
+    """A sharded PEFT model's adapter folder (adapter_config.json, adapter_model.safetensors): each trainable weight
+    gathered whole in turn (a collective, every process in the same order; the adapter is small), written by the
+    main process, swapped in whole. The frozen base stays sharded."""
+    full = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            value = p.full_tensor() if hasattr(p, "full_tensor") else p
+            if align_dist.is_main():
+                full[name] = value.detach().cpu().contiguous()
+    if align_dist.is_main():
+
+        def write(p: Path) -> None:
+            model.save_pretrained(p, state_dict=full)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(p)
+
+        replace_dir(write, Path(target))
     align_dist.barrier()

@@ -52,6 +52,7 @@ from core.config import UserError, printable
 from core.manifest import atomic_write_json, atomic_write_text, replace_dir
 from core.models import (
     eval_resident_limit,
+    init_lora,
     load_causal_lm,
     load_start,
     load_tokenizer,
@@ -173,6 +174,7 @@ def build_policy(cfg: PPOConfig, start: Start, precision: str):
     torch.manual_seed(cfg.train.seed)
     if cfg.lora.enabled:
         policy = get_peft_model(model, lora_config(cfg.lora))
+        init_lora(policy, cfg.train.seed)  # the same draws whole, sharded or partitioned
     else:
         policy, reference = model, load_start(start, precision).eval().requires_grad_(False)
     hidden = model.config.hidden_size
@@ -190,16 +192,22 @@ def _trunk(policy):
 
 
 def build_sharded(cfg: PPOConfig, start: Start, precision: str):
-    """(PolicyWithValue sharded by FSDP2, policy, value head, reference, base path): the full-parameter policy and its
-    frozen reference copy built on the meta device, every decoder layer of each and the value head a unit, the
-    module holding them the root; each process allocates and reads from the checkpoint only its own shards
-    (core/sharded.py). The value head starts at zero, as in build_policy."""
+    """(PolicyWithValue sharded by FSDP2, policy, value head, reference, base path): the policy built on the meta
+    device, full-parameter with a frozen reference copy, or with a fresh LoRA (its reference: the adapter disabled);
+    every decoder layer (and its LoRA weights) and the value head a unit, the module holding them the root; each
+    process allocates and reads from the checkpoint only its own shards (core/sharded.py). The LoRA and the value
+    head start as in build_policy."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     m = start.sharded_model(cfg.init_from)
-    policy = sharded.build(m.name_or_path, precision, m.attn_implementation, m.trust_remote_code)
-    reference = sharded.build(m.name_or_path, precision, m.attn_implementation, m.trust_remote_code)
-    reference.requires_grad_(False)
+    adapter = lora_config(cfg.lora) if cfg.lora.enabled else None
+    policy = sharded.build(
+        m.name_or_path, precision, m.attn_implementation, m.trust_remote_code, adapter=adapter
+    )
+    reference = None
+    if adapter is None:
+        reference = sharded.build(m.name_or_path, precision, m.attn_implementation, m.trust_remote_code)
+        reference.requires_grad_(False)
     with torch.device("meta"):
         value_head = torch.nn.Linear(policy.config.hidden_size, 1)  # fp32: a unit of its own
     fully_shard(value_head)
@@ -208,7 +216,10 @@ def build_sharded(cfg: PPOConfig, start: Start, precision: str):
     register_fsdp_forward_method(model, "generate")
     sharded.materialise(model, dist.device())
     sharded.load_checkpoint(policy)
-    sharded.load_checkpoint(reference)
+    if reference is not None:
+        sharded.load_checkpoint(reference)
+    else:
+        init_lora(policy, cfg.train.seed)
     with torch.no_grad():
         value_head.weight.zero_()
         value_head.bias.zero_()
@@ -240,6 +251,8 @@ def build_partitioned(cfg: PPOConfig, start: Start, precision: str, ds_config: d
         )
     torch.manual_seed(cfg.train.seed)
     policy = get_peft_model(model, lora_config(cfg.lora)) if cfg.lora.enabled else model
+    if cfg.lora.enabled:
+        init_lora(policy, cfg.train.seed)
     value_head = torch.nn.Linear(model.config.hidden_size, 1)
     torch.nn.init.zeros_(value_head.weight)
     torch.nn.init.zeros_(value_head.bias)
@@ -890,13 +903,11 @@ def evaluate_and_save(
     policy, reference = learner.policy, learner.reference
     if (
         learner.sharded and not learner.full_parameter
-    ):  # ZeRO-3 LoRA: the start whole, the trained adapter on it
+    ):  # sharded LoRA: the trained adapter on the start, whole
         from peft import PeftModel
 
-        policy, reference = (
-            PeftModel.from_pretrained(place(load_start(start, ctx.precision)), out / "adapter"),
-            None,
-        )
+        base = place(load_start(start, ctx.precision))
+        policy, reference = PeftModel.from_pretrained(base, out / "adapter"), None
     elif learner.sharded:  # written by every process; the gate reads the policy back within the run's share
         limit = eval_resident_limit()
         policy = place(
@@ -1020,10 +1031,14 @@ def save_sharded_checkpoint(ckpts: Path, learner: Learner) -> None:
 
 
 def save_sharded_policy(out: Path, learner: Learner, tokenizer) -> None:
-    """FSDP2: model/ consolidated from the shards slice by slice (core/sharded.py), value_head/ gathered (one row)."""
+    """FSDP2: model/ consolidated from the shards slice by slice (core/sharded.py), or a LoRA's adapter/ gathered;
+    value_head/ gathered (one row)."""
     from safetensors.torch import save_file
 
-    sharded.save_consolidated(learner.policy, out / "model", tokenizer)
+    if learner.full_parameter:
+        sharded.save_consolidated(learner.policy, out / "model", tokenizer)
+    else:
+        sharded.save_adapter(learner.policy, out / "adapter", tokenizer)
     head = {k: v.full_tensor().contiguous() for k, v in learner.value_head.state_dict().items()}
 
     def save_head(p: Path) -> None:

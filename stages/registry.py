@@ -169,6 +169,7 @@ STAGES: dict[str, Stage] = table(
             reference_copy=lambda c: not c.lora.enabled,
             shardings=("ddp", "zero3", "fsdp2"),  # train.sharding or train.deepspeed (ZeRO-3); no offload yet
             offloads=("none",),
+            fsdp2_adapter=True,  # a LoRA policy's base sharded too (stages/ppo.py build_sharded)
         ),
         card=CardInfo(("ppo", "rlhf"), "Chat assistant tuned by PPO against its reward model."),
     ),

@@ -145,8 +145,8 @@ class PPOTrainSettings(RunSettings):
         description="How processes hold the policy: 'ddp', each a whole copy; 'fsdp2', torch's fully_shard: the "
         "policy, its frozen reference copy, the value head and AdamW's moments split across the processes, built "
         "on the meta device and read shard by shard from the checkpoint, so no process holds a whole model while "
-        "training (core/sharded.py). fsdp2 trains full-parameter (lora.enabled false) from a checkpoint or a "
-        "full-parameter SFT artifact, with rollout.engine generate.",
+        "training (core/sharded.py). fsdp2 trains full-parameter or a LoRA (its frozen base sharded too, each layer's "
+        "adapter a unit of its own) from a checkpoint or a full-parameter SFT artifact, with rollout.engine generate.",
     )
     deepspeed: Path | None = Field(
         None,
@@ -258,11 +258,6 @@ class PPOConfig(PolicyStageGates):
 
     @model_validator(mode="after")
     def _sharding(self) -> PPOConfig:
-        if self.train.sharding == "fsdp2" and self.lora.enabled:
-            raise ValueError(
-                "train.sharding=fsdp2 shards a full-parameter policy: set lora.enabled=false (a LoRA policy's "
-                "frozen base is replicated under ddp)"
-            )
         if self.train.sharding == "fsdp2" and self.rollout.engine != "generate":
             raise ValueError(
                 "train.sharding=fsdp2 samples with the sharded policy itself: set rollout.engine=generate"

@@ -107,3 +107,32 @@ def test_a_run_whose_processes_hold_whole_models_gates_without_a_share(checkpoin
     assert (
         training_share(ModelConfig(name_or_path=str(checkpoint)), "fp32", sharded=True) is None
     )  # one process
+
+
+def test_a_fresh_lora_is_drawn_from_its_seed_alone(tiny_model_path):
+    """init_lora: B zeros (the adapter starts as the identity), A Kaiming-uniform within PEFT's bound
+    1/sqrt(in_features), the same for the same seed whatever was drawn before, another for another seed."""
+    import math
+
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from core.models import init_lora, lora_config
+    from data_schemas.config.common import LoraSettings
+
+    def drawn(seed: int, noise: int) -> dict:
+        torch.manual_seed(noise)
+        model = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(tiny_model_path), lora_config(LoraSettings(r=4))
+        )
+        init_lora(model, seed)
+        return {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_" in n}
+
+    a, b, c = drawn(3, 0), drawn(3, 1), drawn(4, 0)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a if ".lora_A." in k)
+    for k, v in a.items():
+        if ".lora_B." in k:
+            assert not v.any()
+        else:
+            assert 0 < v.abs().max() <= 1 / math.sqrt(v.shape[1])

@@ -194,6 +194,23 @@ def test_fsdp2_is_offered_for_full_parameter_training_without_offload_and_deepsp
     assert sharding_of(_cfg()) == "ddp"
 
 
+def test_ppo_is_planned_under_fsdp2_and_zero3_with_a_lora_policy_too():
+    """PPO shards a LoRA policy's base under FSDP2 and ZeRO-3: `align plan` offers both for it, with the base's
+    weights split across the processes."""
+    from core.plan import layout, layouts
+    from data_schemas.config import PPOConfig
+
+    ppo = PPOConfig(output_dir="x", init_from="tiny-random-llama", precision="fp32",
+                    prompts={"train_file": "p.jsonl", "max_prompt_length": 16}, rollout={"engine": "generate"},
+                    reward={"rule": {"kind": "contains", "text": "a"}})  # fmt: skip
+    shape = STAGES["ppo"].plan
+    plan = estimate(ppo, shape, device="cpu")
+    assert plan.trainable < plan.params  # a LoRA policy
+    rows = layouts(plan, 4, None, shape.shardings, shape.offloads, shape.fsdp2_adapter)
+    assert {"fsdp2", "zero3"} <= {r.sharding for r in rows if r.processes == 4}
+    assert layout(plan, 4, "fsdp2").terms["weights"] < layout(plan, 4, "ddp").terms["weights"]
+
+
 def test_a_hard_memory_cap_refuses_what_surely_does_not_fit_and_sharding_divides_it(monkeypatch):
     """Under a cgroup limit, a run whose weights, gradients and optimizer state alone exceed it is refused in a
     sentence (exit 2) before it starts; the same run's share under FSDP2 in 4 processes on 4 machines fits."""

@@ -101,7 +101,6 @@ def test_a_sharded_run_paused_and_resumed_equals_the_uninterrupted_one(runs, che
 @pytest.mark.parametrize(
     "extra, said",
     [
-        (["lora.enabled=true"], "set lora.enabled=false"),
         (["rollout.engine=vllm"], "set rollout.engine=generate"),
     ],
 )
@@ -221,7 +220,7 @@ def test_gradient_checkpointing_recomputes_the_same_update(runs, checkpoint, tmp
         assert b == pytest.approx(a, rel=1e-4, abs=1e-6)
 
 
-# ---- DeepSpeed ZeRO-3 (train.deepspeed): full-parameter and LoRA, partitioned as they are created -----------------
+# ---- DeepSpeed ZeRO-3 (train.deepspeed), full-parameter and LoRA, partitioned as they are created; LoRA on FSDP2 --
 ZERO3 = f"train.deepspeed={ROOT / 'configs' / 'deepspeed' / 'zero3.json'}"
 
 
@@ -234,6 +233,9 @@ def zero3_runs(runs, checkpoint):  # noqa: F811
     assert lora_one.returncode == 0, lora_one.stderr[-3000:]
     lora = _grpo(d / "lora-zero3", checkpoint, ZERO3, "lora.enabled=true", "train.steps=2", processes=2)
     assert lora.returncode == 0, lora.stderr[-3000:]
+    fsdp = _grpo(d / "lora-fsdp2", checkpoint, "train.sharding=fsdp2", "lora.enabled=true", "train.steps=2",
+                 processes=2)  # fmt: skip
+    assert fsdp.returncode == 0, fsdp.stderr[-3000:]
     return d, full, lora
 
 
@@ -263,22 +265,29 @@ def test_full_parameter_grpo_under_zero3_is_partitioned_as_it_is_created_and_tra
     )
 
 
-def test_a_lora_policy_under_zero3_trains_as_one_process_and_saves_its_adapter(zero3_runs, checkpoint):  # noqa: F811
-    """LoRA on a partitioned base: the reference is the adapter disabled, the adapter is gathered alone to be saved,
-    and it equals the one a single process trains; PEFT applies it to the start."""
+@pytest.mark.parametrize("run", ["lora-zero3", "lora-fsdp2"])
+def test_a_lora_policy_on_a_sharded_base_trains_as_one_process_and_saves_its_adapter(
+    zero3_runs,
+    checkpoint,  # noqa: F811
+    run,
+):
+    """LoRA on a base partitioned by ZeRO-3 or sharded by FSDP2 (each layer's adapter a unit of its own): the
+    reference is the adapter disabled, the adapter starts from the same draws (core.models.init_lora), is gathered
+    alone to be saved, and equals the one a single process trains; PEFT applies it to the start."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     d, _, _ = zero3_runs
-    for a, b in zip(_rows(d / "lora-one"), _rows(d / "lora-zero3"), strict=True):
+    for a, b in zip(_rows(d / "lora-one"), _rows(d / run), strict=True):
         assert b == pytest.approx(a, rel=1e-3, abs=1e-5)
-    one, zero = (
-        load_file(str(d / r / "adapter" / "adapter_model.safetensors")) for r in ("lora-one", "lora-zero3")
-    )
-    assert set(one) == set(zero) and any("lora_B" in k and v.abs().max() > 0 for k, v in zero.items())
-    for k, v in zero.items():
+    one, two = (load_file(str(d / r / "adapter" / "adapter_model.safetensors")) for r in ("lora-one", run))
+    assert set(one) == set(two) and any("lora_B" in k and v.abs().max() > 0 for k, v in two.items())
+    for k, v in two.items():
         assert (v - one[k]).abs().max().item() < 1e-5, k
-    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(checkpoint), d / "lora-zero3" / "adapter")
+    assert not (d / run / "model").exists()
+    m = json.loads((d / run / "manifest.json").read_text())
+    assert m["status"] == "complete" and [g["gate"] for g in m["gates"]] == ["policy", "perplexity"]
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(checkpoint), d / run / "adapter")
 
 
 def test_a_zero3_run_paused_and_resumed_equals_the_uninterrupted_one(zero3_runs, tmp_path, checkpoint):  # noqa: F811

@@ -131,12 +131,16 @@ def materialise(root: torch.nn.Module, device: torch.device) -> None:
 
 
 def load(
-    name_or_path: str, precision: str, attn_implementation: str = "sdpa", trust_remote_code: bool = False
+    name_or_path: str,
+    precision: str,
+    attn_implementation: str = "sdpa",
+    trust_remote_code: bool = False,
+    adapter=None,
 ):
     """A causal LM that is its own root, sharded over the group and read from its checkpoint shard by shard (build,
     shard_root, materialise on this process's device, load_checkpoint): what a Trainer stage trains under FSDP2,
-    or its frozen reference copy."""
-    model = build(name_or_path, precision, attn_implementation, trust_remote_code)
+    or its frozen reference copy. `adapter`: a LoRA config (build); its weights are the caller's to initialise."""
+    model = build(name_or_path, precision, attn_implementation, trust_remote_code, adapter=adapter)
     shard_root(model)
     materialise(model, align_dist.device())
     load_checkpoint(model)
@@ -246,7 +250,7 @@ def save_consolidated(model, target: Path, tokenizer=None) -> None:
     align_dist.barrier()
 
 
-def save_adapter(model, target: Path, tokenizer=None) -> None:
+def save_adapter(model, target: Path, tokenizer=None, **save_kwargs) -> None:
     """A sharded PEFT model's adapter folder (adapter_config.json, adapter_model.safetensors): each trainable weight
     gathered whole in turn (a collective, every process in the same order; the adapter is small), written by the
     main process, swapped in whole. The frozen base stays sharded."""
@@ -259,7 +263,7 @@ def save_adapter(model, target: Path, tokenizer=None) -> None:
     if align_dist.is_main():
 
         def write(p: Path) -> None:
-            model.save_pretrained(p, state_dict=full)
+            model.save_pretrained(p, state_dict=full, **save_kwargs)
             if tokenizer is not None:
                 tokenizer.save_pretrained(p)
 

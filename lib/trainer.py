@@ -394,10 +394,13 @@ def save_trained(trainer, target: Path, tokenizer=None, **save_kwargs) -> None:
     (core.zero3), an adapter's weights are gathered alone (the base stays partitioned); then only the main process
     writes, and the others wait until the folder is in place."""
     model = trainer.accelerator.unwrap_model(trainer.model)
+    peft = hasattr(model, "peft_config")
+    if fsdp(trainer) and peft:
+        sharded.save_adapter(model, target, tokenizer, **save_kwargs)
+        return
     if fsdp(trainer):
         sharded.save_consolidated(model, target, tokenizer)
         return
-    peft = hasattr(model, "peft_config")
     if zero3(trainer) and not peft:
         ds_zero3.save_consolidated(model, target, tokenizer)
         return

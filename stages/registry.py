@@ -105,6 +105,7 @@ STAGES: dict[str, Stage] = table(
             lambda c: (c.train.per_device_train_batch_size, c.data.max_length),
             packed_rows=lambda c: getattr(c.train, "batching", "") == "padding_free",
             shardings=("ddp", "zero2", "zero3", "fsdp2"),
+            fsdp2_adapter=True,  # a plain LoRA's base sharded too (stages/sft.py)
         ),
         card=CardInfo(
             ("sft", "trl"), "Instruction following, as the start of preference tuning (reward, DPO, PPO)."

@@ -31,6 +31,7 @@ from core.chat import control_tokens_in, neutralise_messages, render, special_st
 from core.config import UserError, printable
 from core.manifest import atomic_write_json, replace_dir
 from core.models import (
+    init_lora,
     load_causal_lm,
     load_tokenizer,
     model_identity,
@@ -253,7 +254,14 @@ def train(cfg: SFTConfig, ctx: StageContext, tokenizer, train_rows, val_rows, qu
         console.print(
             f"model: {printable(m.name_or_path)} in {ctx.precision}, sharded (FSDP2)", highlight=False
         )
-        model = sharded.load(m.name_or_path, ctx.precision, m.attn_implementation, m.trust_remote_code)
+        adapter = (
+            peft_config(cfg.lora, cfg.peft) if cfg.lora.enabled else None
+        )  # a plain LoRA (the config checks)
+        model = sharded.load(
+            m.name_or_path, ctx.precision, m.attn_implementation, m.trust_remote_code, adapter
+        )
+        if adapter is not None:
+            init_lora(model, t.seed)
     else:
         zero3 = quantization is None and plumbing.zero3_init(args)
         how = ", partitioned as it is created (ZeRO-3)" if zero3 else ""
@@ -294,10 +302,12 @@ def train(cfg: SFTConfig, ctx: StageContext, tokenizer, train_rows, val_rows, qu
         peft_config=peft_config(
             cfg.lora, cfg.peft, total_steps=t.max_steps, base=resolve_model_path(cfg.model.name_or_path)
         )
-        if cfg.lora.enabled
+        if cfg.lora.enabled and t.sharding != "fsdp2"  # under FSDP2 the adapter came with the sharded model
         else None,
         callbacks=plumbing.stage_callbacks(ctx, cfg, extra_callbacks),
     )
+    if cfg.lora.enabled and cfg.peft.method == "lora" and t.sharding != "fsdp2":
+        init_lora(trainer.model, t.seed)  # the adapter FSDP2 draws: the same start however the model is held
     trainer.align_partial = None if cfg.lora.enabled or cfg.partial.is_default else cfg.partial
     result, paused = plumbing.train_with_resume(trainer, ctx.out, ctx.resume, t.stop_after_steps)
     return trainer, result, paused

@@ -86,10 +86,10 @@ class SFTConfig(_Strict):
             raise ValueError(
                 "partial: partial fine-tuning trains the model's own weights; set lora.enabled=false to use it"
             )
-        if self.train.sharding == "fsdp2" and self.lora.enabled:
+        if self.train.sharding == "fsdp2" and self.lora.enabled and self.peft.method != "lora":
             raise ValueError(
-                "train.sharding=fsdp2 shards a full-parameter model: set lora.enabled=false (a LoRA's frozen base "
-                "is replicated under ddp, or partitioned by train.deepspeed zero3)"
+                f"train.sharding=fsdp2 shards a full-parameter model or a plain LoRA: peft.method={self.peft.method} "
+                "runs under ddp or train.deepspeed (set peft.method=lora, or lora.enabled=false)"
             )
         if self.train.sharding == "fsdp2" and not self.partial.is_default:
             raise ValueError("train.sharding=fsdp2 trains every weight; partial fine-tuning runs under ddp")

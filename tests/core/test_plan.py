@@ -175,9 +175,10 @@ def test_layouts_per_process_from_hand_counts_and_the_smallest_that_fits(tiny_mo
     assert len(d["layouts"]) == len(rows)
 
 
-def test_fsdp2_is_offered_for_full_parameter_training_without_offload_and_deepspeed_is_read(tmp_path):
-    """align's FSDP2 shards full-parameter training and offloads nothing, so `align plan` offers it only there and
-    without offload; a stage under train.deepspeed is checked at start as the ZeRO stage its config names."""
+def test_fsdp2_is_offered_without_offload_where_the_stage_shards_it_and_deepspeed_is_read(tmp_path):
+    """align's FSDP2 offloads nothing, so `align plan` offers it without offload; for an adapter only where the
+    stage shards an adapter's base (PlanShape.fsdp2_adapter: SFT and PPO, not yet DPO or the reward model); a stage under
+    train.deepspeed is checked at start as the ZeRO stage its config names."""
     from core.plan import layouts, sharding_of
 
     shape = STAGES["sft"].plan
@@ -185,6 +186,13 @@ def test_fsdp2_is_offered_for_full_parameter_training_without_offload_and_deepsp
     adapter = estimate(_cfg(), shape, device="cpu")
     full_rows = layouts(full, 4, None, shape.shardings, shape.offloads)
     assert {(r.sharding, r.offload) for r in full_rows if r.sharding == "fsdp2"} == {("fsdp2", "none")}
+    assert (
+        shape.fsdp2_adapter
+        and not STAGES["reward"].plan.fsdp2_adapter
+        and not STAGES["dpo"].plan.fsdp2_adapter
+    )
+    offered = layouts(adapter, 4, None, shape.shardings, shape.offloads, shape.fsdp2_adapter)
+    assert "fsdp2" in {r.sharding for r in offered}
     assert "fsdp2" not in {r.sharding for r in layouts(adapter, 4, None, shape.shardings, shape.offloads)}
     assert sharding_of(_cfg(lora={"enabled": False}, train={"sharding": "fsdp2"})) == "fsdp2"
     for stage, name in ((3, "zero3"), (2, "zero2"), (0, "ddp")):

@@ -85,6 +85,21 @@ def runs(tmp_path_factory, checkpoint, pairs, prefs):  # noqa: F811
         ),
         ("sft-one", _sft(d / "sft-one", checkpoint)),
         ("sft-two", _sft(d / "sft-two", checkpoint, "train.sharding=fsdp2", processes=2)),
+        (
+            "sft-lora-one",
+            _sft(d / "sft-lora-one", checkpoint, "lora.enabled=true", "train.learning_rate=1e-3"),
+        ),
+        (
+            "sft-lora-two",
+            _sft(
+                d / "sft-lora-two",
+                checkpoint,
+                "lora.enabled=true",
+                "train.learning_rate=1e-3",
+                "train.sharding=fsdp2",
+                processes=2,
+            ),
+        ),  # fmt: skip
         ("dpo-one", _dpo(d / "dpo-one", checkpoint, pairs)),
         ("dpo-two", _dpo(d / "dpo-two", checkpoint, pairs, "train.sharding=fsdp2", processes=2)),
         ("dpo-zero3", _dpo(d / "dpo-zero3", checkpoint, pairs, f"train.deepspeed={ZERO3}", processes=2)),
@@ -212,7 +227,7 @@ def test_a_sharded_dpo_run_paused_and_resumed_equals_the_uninterrupted_one(runs,
 @pytest.mark.parametrize(
     "stage, extra, said",
     [
-        ("sft", ["lora.enabled=true"], "set lora.enabled=false"),
+        ("sft", ["lora.enabled=true", "peft.method=ia3"], "set peft.method=lora"),
         ("sft", ["lora.enabled=false", "partial.trainable=head"], "partial fine-tuning runs under ddp"),
         ("dpo", ["lora.enabled=true"], "set lora.enabled=false"),
         ("dpo", ["lora.enabled=false", "reference=precomputed"], "reference=model_copy"),
@@ -290,3 +305,30 @@ def test_a_model_that_does_not_fit_one_capped_process_trains_sharded_in_two(tmp_
         record["two_processes_gate_peak_gib"] = m["metrics"]["gate_peak_memory_gib"]
     print("FSDP2 capped run:", json.dumps(record))  # the figures docs/benchmarks.md quotes (pytest -s)
     assert all(p < cap_gib for p in peaks) and max(peaks) < 0.8 * whole[0]
+
+
+@pytest.mark.parametrize("stage", ["sft"])
+def test_a_lora_on_a_sharded_base_trains_as_one_whole_and_saves_its_adapter(runs, stage):
+    """SFT with a plain LoRA under FSDP2: the adapter put on the meta-device model before sharding (each layer's
+    adapter a unit of its own), drawn from train.seed alone as in one process (core.models.init_lora); every step's
+    loss and gradient norm agree, checkpoints are one file per process, and adapter/ (gathered alone) is the
+    one-process adapter."""
+    one, two = _steps(runs / f"{stage}-lora-one"), _steps(runs / f"{stage}-lora-two")
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two, strict=True):
+        assert b == pytest.approx(a, rel=1e-3, abs=1e-6)
+    m = json.loads((runs / f"{stage}-lora-two" / "manifest.json").read_text())
+    assert m["status"] == "complete"
+    ckpt = runs / f"{stage}-lora-two" / "checkpoints" / "checkpoint-2"
+    assert len(list((ckpt / "pytorch_model_fsdp_0").glob("*.distcp"))) == 2
+    a, b = (
+        load_file(str(runs / f"{stage}-lora-{n}" / "adapter" / "adapter_model.safetensors"))
+        for n in ("one", "two")
+    )
+    assert set(a) == set(b) and any("lora_B" in k and v.abs().max() > 0 for k, v in b.items())
+    for (
+        k,
+        v,
+    ) in b.items():  # Adam at lr 1e-3 turns the order of sums into steps of up to 1e-5 on near-zero gradients
+        assert (v - a[k]).abs().max().item() < 1e-4, k
+    assert not (runs / f"{stage}-lora-two" / "model").exists()

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from huggingface_hub import HfApi, get_token
 
+from core import dist
 from core.chat import chat_ids
 from core.config import UserError, load_config, printable
 from core.manifest import replace_dir, require_complete
@@ -40,7 +41,7 @@ from core.model_card import CardInfo, write_export_card
 from core.models import ALIASES, load_tokenizer, resolve_model_path, torch_dtype
 from data_schemas.config import ModelConfig, RewardConfig
 from data_schemas.manifest import Manifest
-from lib.artifacts import resolve_start
+from lib.artifacts import Start, resolve_start
 
 # Largest |align - exported| over the probe's logits (fp32 on one machine: a re-association of the same sums).
 TOLERANCE = 1e-3
@@ -255,6 +256,35 @@ def merge_lora_files(base: Path | str, adapter: Path, target: Path, tokenizer=No
 
     replace_dir(write, Path(target))
     return True
+
+
+def sharded_start(start: Start, init_from: Path | str, work: Path) -> ModelConfig:
+    """The checkpoint a sharded load (core/sharded.py) reads shard by shard: the start's model, or, for an SFT artifact
+    whose adapters are still to be merged, its weights with them folded in one safetensors file at a time
+    (`merge_lora_files`), written once by the main process into `work` (kept for a resume; the stage removes it when
+    training is done) and then read by every process, each its own shards. No process holds the merged model. An
+    adapter `merge_lora_files` does not cover (DoRA, per-module ranks, a trained head) is refused in a sentence.
+    A collective: every process calls it."""
+    if not start.merge:
+        return start.model
+    ok = True
+    if dist.is_main() and not (work / "config.json").exists():  # replace_dir: present means complete
+        source = Path(resolve_model_path(start.model.name_or_path))
+        steps = [work.with_name(f"{work.name}.{i}") for i in range(len(start.merge) - 1)] + [work]
+        for adapter, target in zip(start.merge, steps, strict=True):
+            ok = merge_lora_files(source, adapter, target)
+            if not ok:
+                break
+            source = target
+        for step in steps[:-1]:
+            shutil.rmtree(step, ignore_errors=True)
+    if not dist.broadcast(ok):
+        raise UserError(
+            f"train.sharding=fsdp2 reads the start's weights shard by shard, and init_from {init_from} has an adapter "
+            "that align merges only whole (not a plain LoRA): export it first (align export "
+            f"{init_from} --to DIR) and start from DIR"
+        )
+    return start.model.model_copy(update={"name_or_path": str(work)})
 
 
 # ==========================================================================================================

@@ -69,6 +69,7 @@ from core.stage import StageContext, StageResult, console, print_skipped, print_
 from data_schemas.config import ModelConfig, PPOConfig
 from eval.policy_gate import policy_gate, policy_perplexity_gate, scorer_reward
 from lib.artifacts import Start, policy_gate_data, resolve_start
+from lib.export import sharded_start
 from lib.logprobs import head_logprobs
 from lib.rl import (
     KLController,
@@ -191,15 +192,15 @@ def _trunk(policy):
     return policy.get_base_model() if hasattr(policy, "get_base_model") else policy
 
 
-def build_sharded(cfg: PPOConfig, start: Start, precision: str):
+def build_sharded(cfg: PPOConfig, start: Start, precision: str, work: Path):
     """(PolicyWithValue sharded by FSDP2, policy, value head, reference, base path): the policy built on the meta
     device, full-parameter with a frozen reference copy, or with a fresh LoRA (its reference: the adapter disabled);
     every decoder layer (and its LoRA weights) and the value head a unit, the module holding them the root; each
     process allocates and reads from the checkpoint only its own shards (core/sharded.py). The LoRA and the value
-    head start as in build_policy."""
+    head start as in build_policy. An SFT adapter start is merged file by file into `work` first (lib.export)."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-    m = start.sharded_model(cfg.init_from)
+    m = sharded_start(start, cfg.init_from, work)
     adapter = lora_config(cfg.lora) if cfg.lora.enabled else None
     policy = sharded.build(
         m.name_or_path, precision, m.attn_implementation, m.trust_remote_code, adapter=adapter
@@ -375,6 +376,8 @@ def run(cfg: PPOConfig, resume: bool = False, force: bool = False, callbacks=())
             rollouts.rest()
             engine = GenerateEngine(learner.policy, tokenizer)
         peaks = [round(x, 3) for x in dist.all_gather(dist.peak_memory_gib())]  # training's, per process
+        if ctx.is_main:  # a merged SFT start (lib.export.sharded_start) is no part of the artifact
+            shutil.rmtree(merged_start(ctx), ignore_errors=True)
         if learner.engine == "fsdp2":  # every process writes its shards of model/ and value_head/
             save_sharded_policy(ctx.out, learner, tokenizer)
         elif learner.engine == "zero3":  # gathered one weight at a time, written by the main process
@@ -397,6 +400,11 @@ def run(cfg: PPOConfig, resume: bool = False, force: bool = False, callbacks=())
         print_verdict("ppo", ctx.out, judged, f"win rate vs SFT {metrics.get('win_rate_vs_sft')}")
         print_verdict("ppo", ctx.out, gate, summary)
         return ctx.complete(metrics, gates=[judged, gate])
+
+
+def merged_start(ctx: StageContext) -> Path:
+    """Where a sharded run keeps its SFT adapter start merged into the base while it trains (lib.export.sharded_start)."""
+    return ctx.out / ".start-merged"
 
 
 def check_rows(cfg: PPOConfig) -> None:
@@ -524,6 +532,8 @@ def setup(cfg: PPOConfig, ctx: StageContext, start: Start) -> Learner:
             f"multiples of the number of processes ({world}): each process takes an equal share"
         )
     engine = "fsdp2" if t.sharding == "fsdp2" else "zero3" if t.deepspeed is not None and world > 1 else "ddp"
+    if ctx.is_main and not ctx.resume:  # a merged start left by an earlier run may be another start's
+        shutil.rmtree(merged_start(ctx), ignore_errors=True)
     ds_config = None
     if engine == "zero3":
         dist.state()  # the launch's process group, which DeepSpeed joins
@@ -533,7 +543,9 @@ def setup(cfg: PPOConfig, ctx: StageContext, start: Start) -> Learner:
         console.print("policy partitioned as it is created (ZeRO-3)", highlight=False)
         policy, value_head, reference, base_path = build_partitioned(cfg, start, ctx.precision, ds_config)
     elif engine == "fsdp2":
-        model, policy, value_head, reference, base_path = build_sharded(cfg, start, ctx.precision)
+        model, policy, value_head, reference, base_path = build_sharded(
+            cfg, start, ctx.precision, merged_start(ctx)
+        )
     else:
         policy, value_head, reference, base_path = build_policy(cfg, start, ctx.precision)
     if (

@@ -146,7 +146,8 @@ class PPOTrainSettings(RunSettings):
         "policy, its frozen reference copy, the value head and AdamW's moments split across the processes, built "
         "on the meta device and read shard by shard from the checkpoint, so no process holds a whole model while "
         "training (core/sharded.py). fsdp2 trains full-parameter or a LoRA (its frozen base sharded too, each layer's "
-        "adapter a unit of its own) from a checkpoint or a full-parameter SFT artifact, with rollout.engine generate.",
+        "adapter a unit of its own) from a checkpoint or an SFT artifact (a LoRA one merged file by file first), "
+        "with rollout.engine generate.",
     )
     deepspeed: Path | None = Field(
         None,

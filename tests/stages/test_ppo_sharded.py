@@ -115,15 +115,28 @@ def test_what_fsdp2_does_not_shard_yet_is_one_sentence(tmp_path, checkpoint, ext
     assert said in err and "Traceback" not in err
 
 
-def test_an_sft_adapter_start_is_refused_under_fsdp2_before_training(tmp_path, checkpoint):  # noqa: F811
+def test_an_sft_adapter_start_is_merged_file_by_file_and_trains_sharded_as_one(tmp_path, checkpoint):  # noqa: F811
+    """From an SFT artifact whose LoRA is still to be merged: the main process folds it into the base one safetensors
+    file at a time (lib.export.sharded_start), every process reads its shards of that, and the run equals one
+    process merging with PEFT (iteration 1's KL is 0: the sharded reference holds the merged start); the merged copy
+    is gone from the artifact once training is done."""
     from align.cli import main
 
     sft = tmp_path / "sft"
     assert main(["sft", "--config", "configs/sft.yaml", f"output_dir={sft}", f"model.name_or_path={checkpoint}",
                  f"data.train_file={EXAMPLES / 'instructions_train.jsonl'}", f"data.validation_file={GATE_DATA}",
-                 "train.max_steps=1", "train.early_stopping_patience=null"]) == 0  # fmt: skip
-    r = _grpo(tmp_path / "x", sft, "train.sharding=fsdp2")
-    assert r.returncode == 2 and "align export" in r.stderr and "Traceback" not in r.stderr
+                 "train.max_steps=2", "train.learning_rate=1e-2", "train.early_stopping_patience=null"]) == 0  # fmt: skip
+    one = _grpo(tmp_path / "one", sft, "train.steps=2")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _grpo(tmp_path / "two", sft, "train.steps=2", "train.sharding=fsdp2", processes=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    rows = _rows(tmp_path / "two")
+    assert rows[0][1] == pytest.approx(0.0, abs=1e-6)
+    for a, b in zip(_rows(tmp_path / "one"), rows, strict=True):
+        assert b == pytest.approx(a, rel=1e-3, abs=1e-5)
+    assert not (tmp_path / "two" / ".start-merged").exists()
+    m = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert m["status"] == "complete" and [p["path"] for p in m["parents"]] == [str(sft)]
 
 
 # ---- a model that does not fit one capped process (slow: a 318M-parameter model, three runs, ~10 min) ------------

@@ -332,3 +332,26 @@ def test_a_lora_on_a_sharded_base_trains_as_one_whole_and_saves_its_adapter(runs
     ) in b.items():  # Adam at lr 1e-3 turns the order of sums into steps of up to 1e-5 on near-zero gradients
         assert (v - a[k]).abs().max().item() < 1e-4, k
     assert not (runs / f"{stage}-lora-two" / "model").exists()
+
+
+def test_dpo_from_an_sft_adapter_start_merges_it_file_by_file_and_trains_sharded_as_one(
+    tmp_path,
+    checkpoint,  # noqa: F811
+    pairs,  # noqa: F811
+):
+    """Full-parameter DPO under FSDP2 from an SFT artifact whose LoRA is still to be merged: merged one safetensors
+    file at a time into a working folder that every process reads its shards from (lib.export.sharded_start); the
+    first loss is ln 2 (the sharded reference holds the merged start) and every step equals one process merging
+    with PEFT; the working folder is gone once training is done."""
+    sft = tmp_path / "sft"
+    r = _run(_sft(sft, checkpoint, "lora.enabled=true", "train.learning_rate=1e-2", "train.max_steps=2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = _run(_dpo(tmp_path / "one", sft, pairs, "eval.prompts=0"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _run(_dpo(tmp_path / "two", sft, pairs, "eval.prompts=0", "train.sharding=fsdp2", processes=2))
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = _steps(tmp_path / "one"), _steps(tmp_path / "two")
+    assert b[0][0] == pytest.approx(math.log(2), abs=1e-5) and len(a) == len(b) == 3
+    for x, y in zip(a, b, strict=True):
+        assert y == pytest.approx(x, rel=1e-3, abs=1e-6)
+    assert not (tmp_path / "two" / ".start-merged").exists()

@@ -185,6 +185,16 @@ def lora_config(settings, task_type: str = "CAUSAL_LM", modules_to_save: list[st
     )
 
 
+def save_model_files(model, folder: Path, tokenizer=None) -> None:
+    """What a transformers checkpoint folder holds beside its weights: config.json, generation_config.json (where
+    the model has one) and the tokenizer's files (where given)."""
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
 def init_lora(model, seed: int) -> None:
     """A fresh LoRA's weights as PEFT initialises them (A: Kaiming-uniform with a = sqrt(5), B: zeros, so the adapter
     starts as the identity), drawn by a generator of its own seeded with `seed` in parameter-name order: the same

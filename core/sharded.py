@@ -36,7 +36,7 @@ import torch
 from core import dist as align_dist
 from core.config import UserError
 from core.manifest import replace_dir
-from core.models import loading, resolve_model_path, torch_dtype
+from core.models import loading, resolve_model_path, save_model_files, torch_dtype
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:
@@ -239,11 +239,7 @@ def save_consolidated(model, target: Path, tokenizer=None) -> None:
                 index.unlink()
             elif index.exists():
                 json.loads(index.read_text())  # written by DCP; read once to fail here rather than on load
-            model.config.save_pretrained(p)
-            if getattr(model, "generation_config", None) is not None:
-                model.generation_config.save_pretrained(p)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(p)
+            save_model_files(model, p, tokenizer)
 
         replace_dir(write, Path(target))
         shutil.rmtree(staging, ignore_errors=True)

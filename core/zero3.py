@@ -36,6 +36,7 @@ import torch
 from core import dist
 from core.config import UserError, printable
 from core.manifest import replace_dir
+from core.models import save_model_files
 
 
 def read(path: Path | str) -> dict[str, Any]:
@@ -139,6 +140,22 @@ def full_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items()}
 
 
+def save_trainable(model, target: Path, tokenizer=None, **save_kwargs) -> None:
+    """`model.save_pretrained(target)` by the main process, swapped in whole, with its trainable weights gathered
+    first where they are partitioned (a PEFT model's adapter under ZeRO-3: small; the frozen base stays
+    partitioned, and PEFT saves only the adapter). A model nothing partitions is saved as it is."""
+    with gathered([p for p in model.parameters() if p.requires_grad]):
+        if dist.is_main():
+
+            def save(p: Path) -> None:
+                model.save_pretrained(p, **save_kwargs)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(p)
+
+            replace_dir(save, Path(target))
+    dist.barrier()
+
+
 def save_consolidated(model, target: Path, tokenizer=None, shard_bytes: int = 2 * 2**30) -> None:
     """`target` as a plain transformers checkpoint (safetensors, config.json, tokenizer) from a partitioned model,
     one parameter gathered at a time; the main process writes files of at most `shard_bytes` as they fill, so it
@@ -191,11 +208,7 @@ def save_consolidated(model, target: Path, tokenizer=None, shard_bytes: int = 2 
                 (p / "model.safetensors.index.json").write_text(
                     json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=2)
                 )
-            model.config.save_pretrained(p)
-            if getattr(model, "generation_config", None) is not None:
-                model.generation_config.save_pretrained(p)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(p)
+            save_model_files(model, p, tokenizer)
 
         replace_dir(write, Path(target))
         shutil.rmtree(staging, ignore_errors=True)

@@ -258,15 +258,21 @@ def merge_lora_files(base: Path | str, adapter: Path, target: Path, tokenizer=No
     return True
 
 
-def sharded_start(start: Start, init_from: Path | str, work: Path) -> ModelConfig:
+# Under a stage's output folder: its start merged for a sharded load (sharded_start); no part of the artifact, the
+# stage removes it when training is done and before a fresh run.
+MERGED_START = ".start-merged"
+
+
+def sharded_start(start: Start, init_from: Path | str, out: Path) -> ModelConfig:
     """The checkpoint a sharded load (core/sharded.py) reads shard by shard: the start's model, or, for an SFT artifact
     whose adapters are still to be merged, its weights with them folded in one safetensors file at a time
-    (`merge_lora_files`), written once by the main process into `work` (kept for a resume; the stage removes it when
-    training is done) and then read by every process, each its own shards. No process holds the merged model. An
+    (`merge_lora_files`), written once by the main process into `out`/MERGED_START (kept for a resume) and then read
+    by every process, each its own shards. No process holds the merged model. An
     adapter `merge_lora_files` does not cover (DoRA, per-module ranks, a trained head) is refused in a sentence.
     A collective: every process calls it."""
     if not start.merge:
         return start.model
+    work = out / MERGED_START
     ok = True
     if dist.is_main() and not (work / "config.json").exists():  # replace_dir: present means complete
         source = Path(resolve_model_path(start.model.name_or_path))

@@ -21,7 +21,6 @@ import torch
 from core import dist, sharded
 from core import zero3 as ds_zero3
 from core.config import UserError
-from core.manifest import replace_dir
 
 
 def trainer_kwargs(
@@ -404,17 +403,7 @@ def save_trained(trainer, target: Path, tokenizer=None, **save_kwargs) -> None:
     if zero3(trainer) and not peft:
         ds_zero3.save_consolidated(model, target, tokenizer)
         return
-    trained = [p for p in model.parameters() if p.requires_grad] if zero3(trainer) else []
-    with ds_zero3.gathered(trained):  # an adapter's weights (and modules_to_save) whole in every process
-        if dist.is_main():
-
-            def save(p: Path) -> None:
-                model.save_pretrained(p, **save_kwargs)
-                if tokenizer is not None:
-                    tokenizer.save_pretrained(p)
-
-            replace_dir(save, target)
-    dist.barrier()
+    ds_zero3.save_trainable(model, target, tokenizer, **save_kwargs)  # ZeRO-3: an adapter gathered alone
 
 
 @contextlib.contextmanager

@@ -49,7 +49,7 @@ from data_schemas.config import DPOConfig, ModelConfig
 from eval.policy_gate import policy_gate, policy_perplexity_gate, scorer_reward
 from lib import trainer as plumbing  # Trainer plumbing the Trainer stages share
 from lib.artifacts import Start, policy_gate_data, resolve_start
-from lib.export import sharded_start
+from lib.export import MERGED_START, sharded_start
 from lib.generation import GenerateEngine
 from lib.logprobs import response_logprob
 from lib.rankings import convert_pairwise, prompt_key, split_of
@@ -132,16 +132,14 @@ def tokenize_pair(tokenizer, row: dict, max_length: int, max_prompt_length: int,
 # ----------------------------------------------------------------------------------------------------------
 # Policy and reference
 # ----------------------------------------------------------------------------------------------------------
-def build_policy(
-    cfg: DPOConfig, start: Start, precision: str, partitioned: bool = False, work: Path | None = None
-):
+def build_policy(cfg: DPOConfig, start: Start, precision: str, partitioned: bool = False):
     """(model, peft_config, reference model) for TRL. new_adapter: the start's weights (an SFT adapter merged in)
     and an adapter config for TRL to add, so 'adapter disabled' is exactly the start; continue: the SFT adapter
     itself, trainable, which TRL copies into a frozen adapter named 'ref' as the reference. Full-parameter: the
     start's weights, all trainable, and (reference=model_copy) a frozen second copy of them; align builds it, since
     TRL would load the raw checkpoint its config names, without the SFT adapter merged. `partitioned`: created
-    under ZeRO-3's zero.Init (lib.trainer.zero3_init) where nothing is to be merged. `work`: where FSDP2 merges an
-    SFT adapter start file by file to read it shard by shard (lib.export.sharded_start)."""
+    under ZeRO-3's zero.Init (lib.trainer.zero3_init) where nothing is to be merged. Under FSDP2 an SFT adapter start
+    is merged file by file first, to be read shard by shard (lib.export.sharded_start)."""
     from peft import PeftModel
 
     if cfg.policy_init == "continue_sft_adapter":
@@ -153,7 +151,7 @@ def build_policy(
         model = load_causal_lm(start.model, precision)
         return PeftModel.from_pretrained(model, start.merge[0], is_trainable=True), None, None
     if cfg.train.sharding == "fsdp2":  # policy and frozen reference, each 1/N per process (core/sharded.py)
-        m = sharded_start(start, cfg.init_from, work or Path(cfg.output_dir) / ".start-merged")
+        m = sharded_start(start, cfg.init_from, Path(cfg.output_dir))
         model = sharded.load(m.name_or_path, precision, m.attn_implementation, m.trust_remote_code)
         reference = sharded.load(m.name_or_path, precision, m.attn_implementation, m.trust_remote_code)
         return model, None, reference.requires_grad_(False).eval()
@@ -519,10 +517,9 @@ def train_policy(
     zero3 = plumbing.zero3_init(args)  # never with fsdp2: the config refuses deepspeed beside it
     if zero3:
         console.print("policy and reference partitioned as they are created (ZeRO-3)", highlight=False)
-    work = ctx.out / ".start-merged"  # a merged SFT start under FSDP2: no part of the artifact
-    if ctx.is_main and not ctx.resume:  # one left by an earlier run may be another start's
-        shutil.rmtree(work, ignore_errors=True)
-    model, adapter, reference = build_policy(cfg, start, ctx.precision, partitioned=zero3, work=work)
+    if ctx.is_main and not ctx.resume:  # a merged start left by an earlier run may be another start's
+        shutil.rmtree(ctx.out / MERGED_START, ignore_errors=True)
+    model, adapter, reference = build_policy(cfg, start, ctx.precision, partitioned=zero3)
     trainer = _trainer_class()(
         model=model,
         args=args,
@@ -533,9 +530,8 @@ def train_policy(
         ref_model=reference,
     )
     result, paused = plumbing.train_with_resume(trainer, ctx.out, ctx.resume, t.stop_after_steps)
-    dist.barrier()
-    if ctx.is_main and not paused:
-        shutil.rmtree(work, ignore_errors=True)
+    if ctx.is_main and not paused:  # every process read its shards of it before training
+        shutil.rmtree(ctx.out / MERGED_START, ignore_errors=True)
     return trainer, result, paused
 
 

@@ -33,6 +33,7 @@ Design choices, and why:
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
@@ -69,7 +70,7 @@ from core.stage import StageContext, StageResult, console, print_skipped, print_
 from data_schemas.config import ModelConfig, PPOConfig
 from eval.policy_gate import policy_gate, policy_perplexity_gate, scorer_reward
 from lib.artifacts import Start, policy_gate_data, resolve_start
-from lib.export import sharded_start
+from lib.export import MERGED_START, sharded_start
 from lib.logprobs import head_logprobs
 from lib.rl import (
     KLController,
@@ -164,20 +165,26 @@ class Reward:
 # ==========================================================================================================
 # Policy with value head
 # ==========================================================================================================
-def build_policy(cfg: PPOConfig, start: Start, precision: str):
+def build_policy(cfg: PPOConfig, start: Start, precision: str, ds_config: dict | None = None):
     """(policy, value head, reference, base checkpoint path). LoRA: the start's weights + a fresh LoRA (a PEFT
     model), reference None (the adapter disabled); full-parameter: the start's weights, all trainable, and a
-    frozen copy of them as the reference."""
+    frozen copy of them as the reference. `ds_config` (ZeRO-3): the start's model and its reference copy are
+    created partitioned under zero.Init, each process reading the checkpoint into its own partitions
+    (core/zero3.py); the LoRA and the value head are partitioned when DeepSpeed's engine wraps them, from the same
+    draws as in one process. A start with adapters to merge loads whole first (merging needs the weights)."""
     from peft import get_peft_model
 
-    model = load_start(start, precision)
-    reference = None
+    partitioned = ds_config is not None
+    with zero3.partitioned_loading(ds_config) if partitioned else contextlib.nullcontext():
+        model = load_start(start, precision, partitioned=partitioned)
+        reference = None
+        if not cfg.lora.enabled:
+            reference = load_start(start, precision, partitioned=partitioned).eval().requires_grad_(False)
     torch.manual_seed(cfg.train.seed)
+    policy = model
     if cfg.lora.enabled:
         policy = get_peft_model(model, lora_config(cfg.lora))
         init_lora(policy, cfg.train.seed)  # the same draws whole, sharded or partitioned
-    else:
-        policy, reference = model, load_start(start, precision).eval().requires_grad_(False)
     hidden = model.config.hidden_size
     value_head = torch.nn.Linear(
         hidden, 1
@@ -192,15 +199,15 @@ def _trunk(policy):
     return policy.get_base_model() if hasattr(policy, "get_base_model") else policy
 
 
-def build_sharded(cfg: PPOConfig, start: Start, precision: str, work: Path):
+def build_sharded(cfg: PPOConfig, start: Start, precision: str):
     """(PolicyWithValue sharded by FSDP2, policy, value head, reference, base path): the policy built on the meta
     device, full-parameter with a frozen reference copy, or with a fresh LoRA (its reference: the adapter disabled);
     every decoder layer (and its LoRA weights) and the value head a unit, the module holding them the root; each
     process allocates and reads from the checkpoint only its own shards (core/sharded.py). The LoRA and the value
-    head start as in build_policy. An SFT adapter start is merged file by file into `work` first (lib.export)."""
+    head start as in build_policy. An SFT adapter start is merged file by file first (lib.export.sharded_start)."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-    m = sharded_start(start, cfg.init_from, work)
+    m = sharded_start(start, cfg.init_from, Path(cfg.output_dir))
     adapter = lora_config(cfg.lora) if cfg.lora.enabled else None
     policy = sharded.build(
         m.name_or_path, precision, m.attn_implementation, m.trust_remote_code, adapter=adapter
@@ -233,31 +240,6 @@ def _hidden_size(model: ModelConfig) -> int:
     path = resolve_model_path(model.name_or_path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=model.trust_remote_code)
     return int(config.get_text_config().hidden_size)
-
-
-def build_partitioned(cfg: PPOConfig, start: Start, precision: str, ds_config: dict):
-    """(policy, value head, reference, base path) under DeepSpeed ZeRO-3: the start's model (and, full-parameter, its
-    frozen reference copy) created partitioned under zero.Init, each process reading the checkpoint into its own
-    partitions (core/zero3.py); a fresh LoRA and the value head (zeros) are partitioned when the engine wraps them.
-    The same draws as build_policy, so a ZeRO-3 run starts where a 1-process run does. A start with adapters to
-    merge loads whole in each process first (merging needs the weights), and is partitioned by the engine."""
-    from peft import get_peft_model
-
-    with zero3.partitioned_loading(ds_config):
-        model = load_start(start, precision, partitioned=True)
-        reference = (
-            None
-            if cfg.lora.enabled
-            else load_start(start, precision, partitioned=True).eval().requires_grad_(False)
-        )
-    torch.manual_seed(cfg.train.seed)
-    policy = get_peft_model(model, lora_config(cfg.lora)) if cfg.lora.enabled else model
-    if cfg.lora.enabled:
-        init_lora(policy, cfg.train.seed)
-    value_head = torch.nn.Linear(model.config.hidden_size, 1)
-    torch.nn.init.zeros_(value_head.weight)
-    torch.nn.init.zeros_(value_head.bias)
-    return policy, value_head, reference, resolve_model_path(start.model.name_or_path)
 
 
 # Response positions whose logits are materialised at once: a 150k vocabulary x 1k positions in fp32 is 600 MB;
@@ -377,7 +359,7 @@ def run(cfg: PPOConfig, resume: bool = False, force: bool = False, callbacks=())
             engine = GenerateEngine(learner.policy, tokenizer)
         peaks = [round(x, 3) for x in dist.all_gather(dist.peak_memory_gib())]  # training's, per process
         if ctx.is_main:  # a merged SFT start (lib.export.sharded_start) is no part of the artifact
-            shutil.rmtree(merged_start(ctx), ignore_errors=True)
+            shutil.rmtree(ctx.out / MERGED_START, ignore_errors=True)
         if learner.engine == "fsdp2":  # every process writes its shards of model/ and value_head/
             save_sharded_policy(ctx.out, learner, tokenizer)
         elif learner.engine == "zero3":  # gathered one weight at a time, written by the main process
@@ -400,11 +382,6 @@ def run(cfg: PPOConfig, resume: bool = False, force: bool = False, callbacks=())
         print_verdict("ppo", ctx.out, judged, f"win rate vs SFT {metrics.get('win_rate_vs_sft')}")
         print_verdict("ppo", ctx.out, gate, summary)
         return ctx.complete(metrics, gates=[judged, gate])
-
-
-def merged_start(ctx: StageContext) -> Path:
-    """Where a sharded run keeps its SFT adapter start merged into the base while it trains (lib.export.sharded_start)."""
-    return ctx.out / ".start-merged"
 
 
 def check_rows(cfg: PPOConfig) -> None:
@@ -533,7 +510,7 @@ def setup(cfg: PPOConfig, ctx: StageContext, start: Start) -> Learner:
         )
     engine = "fsdp2" if t.sharding == "fsdp2" else "zero3" if t.deepspeed is not None and world > 1 else "ddp"
     if ctx.is_main and not ctx.resume:  # a merged start left by an earlier run may be another start's
-        shutil.rmtree(merged_start(ctx), ignore_errors=True)
+        shutil.rmtree(ctx.out / MERGED_START, ignore_errors=True)
     ds_config = None
     if engine == "zero3":
         dist.state()  # the launch's process group, which DeepSpeed joins
@@ -541,11 +518,9 @@ def setup(cfg: PPOConfig, ctx: StageContext, start: Start) -> Learner:
         ds_config = zero3.config(t.deepspeed, micro_batch=t.mini_batch_size // world, world=world,
                                  max_grad_norm=t.max_grad_norm, precision=ctx.precision, hidden=hidden)  # fmt: skip
         console.print("policy partitioned as it is created (ZeRO-3)", highlight=False)
-        policy, value_head, reference, base_path = build_partitioned(cfg, start, ctx.precision, ds_config)
+        policy, value_head, reference, base_path = build_policy(cfg, start, ctx.precision, ds_config)
     elif engine == "fsdp2":
-        model, policy, value_head, reference, base_path = build_sharded(
-            cfg, start, ctx.precision, merged_start(ctx)
-        )
+        model, policy, value_head, reference, base_path = build_sharded(cfg, start, ctx.precision)
     else:
         policy, value_head, reference, base_path = build_policy(cfg, start, ctx.precision)
     if (
@@ -1070,13 +1045,7 @@ def save_partitioned_policy(out: Path, learner: Learner, tokenizer) -> None:
     if learner.full_parameter:
         zero3.save_consolidated(learner.policy, out / "model", tokenizer)
     else:
-        with zero3.gathered([p for p in learner.policy.parameters() if p.requires_grad]):
-            if dist.is_main():
-                replace_dir(
-                    lambda p: (learner.policy.save_pretrained(p), tokenizer.save_pretrained(p)),
-                    out / "adapter",
-                )
-        dist.barrier()
+        zero3.save_trainable(learner.policy, out / "adapter", tokenizer)
     head = zero3.full_state(learner.value_head)
 
     def save_head(p: Path) -> None:

@@ -33,6 +33,15 @@ def _grpo(out, start, *extra, processes: int = 1):
                           capture_output=True, text=True, timeout=900)  # fmt: skip
 
 
+def _resume(out):
+    """`align ppo --resume` of the paused run in `out`, to its end, in two processes."""
+    return subprocess.run(
+        [sys.executable, "-m", "align", "ppo", "--config", str(out / "config.yaml"), "train.stop_after_steps=null",
+         "--resume", "--num-processes", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+
+
 def _rows(out):
     keys = ("reward_mean", "kl", "policy_loss", "grad_norm")
     return [[json.loads(x)[k] for k in keys] for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -89,11 +98,7 @@ def test_a_sharded_run_paused_and_resumed_equals_the_uninterrupted_one(runs, che
     assert cut.returncode == 3, cut.stderr[-3000:]  # paused
     step = tmp_path / "cut" / "checkpoints" / "step-1"
     assert len(list((step / "sharded").glob("*.distcp"))) == 2  # one file per process, nothing gathered
-    again = subprocess.run(
-        [sys.executable, "-m", "align", "ppo", "--config", str(tmp_path / "cut" / "config.yaml"),
-         "train.stop_after_steps=null", "--resume", "--num-processes", "2"],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+    again = _resume(tmp_path / "cut")
     assert again.returncode == 0, again.stderr[-3000:]
     assert _rows(tmp_path / "cut") == _rows(d / "two")  # bit for bit
 
@@ -309,11 +314,7 @@ def test_a_zero3_run_paused_and_resumed_equals_the_uninterrupted_one(zero3_runs,
     assert cut.returncode == 3, cut.stderr[-3000:]
     state = tmp_path / "cut" / "checkpoints" / "step-1" / "zero" / "state"
     assert len(list(state.glob("*optim_states.pt"))) == 2  # each process its partition, nothing gathered
-    again = subprocess.run(
-        [sys.executable, "-m", "align", "ppo", "--config", str(tmp_path / "cut" / "config.yaml"),
-         "train.stop_after_steps=null", "--resume", "--num-processes", "2"],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+    again = _resume(tmp_path / "cut")
     assert again.returncode == 0, again.stderr[-3000:]
     assert _rows(tmp_path / "cut") == _rows(d / "zero3")  # bit for bit
 

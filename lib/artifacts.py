@@ -38,17 +38,6 @@ class Start:
         """The align artifacts whose weights this start holds: the lineage parents of what trains on it."""
         return [self.artifact] if self.artifact is not None else []
 
-    def sharded_model(self, init_from: Path | str) -> ModelConfig:
-        """The checkpoint a sharded load (core/sharded.py) reads shard by shard: the start's model, refused in a
-        sentence when the start is an adapter still to be merged into its base."""
-        if self.merge:
-            raise UserError(
-                f"train.sharding=fsdp2 reads the start's weights shard by shard from a checkpoint, and init_from "
-                f"{init_from} is an SFT adapter on its base: export it first (align export {init_from} --to DIR) "
-                "and start from DIR, or use a full-parameter SFT artifact"
-            )
-        return self.model
-
 
 def resolve_start(init_from: Path | str, like: ModelConfig | None = None) -> Start:
     """The Start of `init_from`. `like`: the stage's model settings (attention kernel, trust_remote_code, revision)

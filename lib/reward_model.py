@@ -26,9 +26,11 @@ from core.manifest import atomic_write_text, recorded_gates, refuse_overwriting_
 from core.models import (
     choose_precision,
     eval_resident_limit,
+    init_lora,
     input_device,
     load_start,
     load_tokenizer,
+    peft_config,
     torch_dtype,
 )
 from core.packing import SEGMENT_KERNEL, needs_dense_mask, pack, pack_shared_prefix
@@ -36,6 +38,7 @@ from core.readers import LoadReport, iter_rows
 from core.stage import console, print_skipped
 from data_schemas.config import RewardConfig
 from lib.artifacts import Start, resolve_start
+from lib.export import sharded_start
 from lib.rankings import implied_pairs_of
 
 
@@ -189,64 +192,76 @@ def build_reward_model(
     return model
 
 
-def build_sharded_reward_model(cfg: RewardConfig, tokenizer, precision: str):
+def build_sharded_reward_model(cfg: RewardConfig, tokenizer, precision: str, out: Path):
     """train.sharding=fsdp2: the reward model built on the meta device and sharded (core/sharded.py), each process
-    reading only its slices of the start's checkpoint. Units: every decoder layer, the trunk (embeddings and final
-    norm, so that scoring can run the trunk alone: sequence_rewards), the fp32 head (FSDP2 gathers one dtype per
-    unit), the root. The head is not in the checkpoint: init_score draws it as build_reward_model does."""
+    reading only its slices of the start's checkpoint (an SFT LoRA start merged file by file first into
+    `out`/.start-merged: lib.export.sharded_start). Units: every decoder layer (and its LoRA, lora.enabled), the
+    trunk (embeddings and final norm, so that scoring can run the trunk alone: sequence_rewards), the fp32 head
+    (FSDP2 gathers one dtype per unit; under LoRA PEFT's trainable copy of it beside the original), the root. The
+    head is not in the checkpoint: init_score draws it as build_reward_model does, and init_lora the adapter."""
     from torch.distributed.fsdp import fully_shard
 
-    m = reward_start(cfg).sharded_model(cfg.init_from or cfg.model.name_or_path)
+    m = sharded_start(reward_start(cfg), cfg.init_from or cfg.model.name_or_path, out)
+    adapter = reward_adapter(cfg) if cfg.lora.enabled else None
     model = sharded.build(
-        m.name_or_path, precision, m.attn_implementation, m.trust_remote_code, head="scalar"
+        m.name_or_path, precision, m.attn_implementation, m.trust_remote_code, head="scalar", adapter=adapter
     )
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.score.float()
-    fully_shard(model.base_model)
-    fully_shard(model.score)
+    hf = model.get_base_model() if adapter is not None else model
+    hf.config.pad_token_id = tokenizer.pad_token_id
+    hf.score.float()
+    fully_shard(hf.base_model)
+    fully_shard(hf.score)
     sharded.shard_root(model)
     sharded.materialise(model, dist.device())
     sharded.load_checkpoint(model, skip=("score.",))
     init_score(model, cfg.train.seed)
+    if adapter is not None:
+        init_lora(model, cfg.train.seed)
     return model
+
+
+def reward_adapter(cfg: RewardConfig):
+    """The reward model's PEFT config: the lora block's method on the trunk, the scalar head trained whole (PEFT
+    keeps a trainable copy of it, `modules_to_save`)."""
+    return peft_config(
+        cfg.lora, cfg.peft, "SEQ_CLS", total_steps=cfg.train.max_steps, modules_to_save=["score"]
+    )
+
+
+def _is_head(name: str) -> bool:
+    """A weight of the scalar head (`score`), under PEFT either copy of it (the original and the trained one)."""
+    parts = name.split(".")
+    return "score" in parts and parts[-1] in ("weight", "bias") and ".lora_" not in name
 
 
 def init_score(model, seed: int) -> None:
     """A new scalar head drawn from N(0, initializer_range^2) (transformers' initialisation) by a generator of its
     own seeded with `seed`, bias zero: the same head whether the model was loaded whole or sharded (FSDP2: each
-    process keeps its slice; ZeRO-3: its partition), and whatever the run drew before."""
+    process keeps its slice; ZeRO-3: its partition), with or without PEFT's copy of it (both copies get it), and
+    whatever the run drew before."""
     from torch.distributed.fsdp import FSDPModule
 
-    head = model.score
     std = getattr(model.config, "initializer_range", 0.02)
-
-    def drawn(shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-        weight = torch.randn(shapes["weight"], generator=torch.Generator().manual_seed(seed)) * std
-        return {"score.weight": weight} | (
-            {"score.bias": torch.zeros(shapes["bias"])} if "bias" in shapes else {}
-        )
-
-    def shapes() -> dict[str, tuple[int, ...]]:
-        return {n: tuple(p.shape) for n, p in head.named_parameters(recurse=False)}
-
-    if isinstance(model, FSDPModule):  # DTensor shapes are the whole parameter's
+    head = {n: p for n, p in model.named_parameters() if _is_head(n)}
+    shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in head.items()}  # whole: DTensor, ZeRO-3
+    (weight_shape,) = {s for n, s in shapes.items() if n.endswith(".weight")}
+    weight = torch.randn(weight_shape, generator=torch.Generator().manual_seed(seed)) * std
+    drawn = {n: weight if n.endswith(".weight") else torch.zeros(s) for n, s in shapes.items()}
+    if isinstance(model, FSDPModule):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        set_model_state_dict(
-            model, drawn(shapes()), options=StateDictOptions(full_state_dict=True, strict=False)
-        )
+        set_model_state_dict(model, drawn, options=StateDictOptions(full_state_dict=True, strict=False))
         return
     gathered = contextlib.nullcontext()
-    if (
-        getattr(head.weight, "ds_id", None) is not None
-    ):  # partitioned by ZeRO-3: gathered, set, partitioned again
+    if any(
+        getattr(p, "ds_id", None) is not None for p in head.values()
+    ):  # ZeRO-3: gathered, set, partitioned
         import deepspeed
 
-        gathered = deepspeed.zero.GatheredParameters(list(head.parameters()), modifier_rank=0)
+        gathered = deepspeed.zero.GatheredParameters(list(head.values()), modifier_rank=0)
     with gathered, torch.no_grad():
-        for name, value in drawn(shapes()).items():
-            param = getattr(head, name.removeprefix("score."))
-            param.copy_(value.to(param.dtype))
+        for name, value in drawn.items():
+            head[name].copy_(value.to(head[name].dtype))
 
 
 def resident_head(model, folder: Path):

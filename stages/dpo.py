@@ -17,6 +17,7 @@ What align adds to a plain DPOTrainer script, and why:
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import shutil
@@ -31,6 +32,7 @@ from core.config import UserError
 from core.manifest import atomic_write_json, require_complete
 from core.models import (
     eval_resident_limit,
+    init_lora,
     input_device,
     load_causal_lm,
     load_start,
@@ -139,7 +141,9 @@ def build_policy(cfg: DPOConfig, start: Start, precision: str, partitioned: bool
     start's weights, all trainable, and (reference=model_copy) a frozen second copy of them; align builds it, since
     TRL would load the raw checkpoint its config names, without the SFT adapter merged. `partitioned`: created
     under ZeRO-3's zero.Init (lib.trainer.zero3_init) where nothing is to be merged. Under FSDP2 an SFT adapter start
-    is merged file by file first, to be read shard by shard (lib.export.sharded_start)."""
+    is merged file by file first, to be read shard by shard (lib.export.sharded_start); a LoRA policy is then the
+    sharded start with its adapter put on before sharding (core.sharded.build), which TRL is handed as a PEFT model
+    (`fresh_adapter_reference`). A fresh LoRA is drawn from train.seed however the model is held (init_lora)."""
     from peft import PeftModel
 
     if cfg.policy_init == "continue_sft_adapter":
@@ -150,10 +154,14 @@ def build_policy(cfg: DPOConfig, start: Start, precision: str, partitioned: bool
             )
         model = load_causal_lm(start.model, precision)
         return PeftModel.from_pretrained(model, start.merge[0], is_trainable=True), None, None
-    if cfg.train.sharding == "fsdp2":  # policy and frozen reference, each 1/N per process (core/sharded.py)
+    if cfg.train.sharding == "fsdp2":  # 1/N of every weight per process (core/sharded.py)
         m = sharded_start(start, cfg.init_from, Path(cfg.output_dir))
-        model = sharded.load(m.name_or_path, precision, m.attn_implementation, m.trust_remote_code)
-        reference = sharded.load(m.name_or_path, precision, m.attn_implementation, m.trust_remote_code)
+        load = (m.name_or_path, precision, m.attn_implementation, m.trust_remote_code)
+        if not cfg.full_parameter:  # a fresh LoRA on the sharded start; the adapter disabled is the reference
+            model = sharded.load(*load, adapter=peft_config(cfg.lora, cfg.peft))
+            init_lora(model, cfg.train.seed)
+            return model, None, None
+        model, reference = sharded.load(*load), sharded.load(*load)  # and a frozen sharded copy
         return model, None, reference.requires_grad_(False).eval()
     model = load_start(start, precision, partitioned)
     if cfg.full_parameter:
@@ -327,7 +335,8 @@ def _trainer_class():
 
     class AlignDPOTrainer(plumbing.FSDP2Accelerator, DPOTrainer):
         def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
+            with fresh_adapter_reference(kwargs["model"], kwargs.get("ref_model")):
+                super().__init__(*args, **kwargs)
             # TRL patched the base model's forward with its fused LM head; wrap that once more so pair batches take
             # the shared-prefix path (same numbers, each prompt computed once) and everything else TRL's path. A
             # full-parameter policy's frozen reference copy takes it too (its forwards are not counted).
@@ -394,6 +403,44 @@ def _trainer_class():
             )
 
     return AlignDPOTrainer
+
+
+@contextlib.contextmanager
+def fresh_adapter_reference(model, ref_model):
+    """While TRL's DPOTrainer is built around a sharded PEFT policy (FSDP2) with a fresh adapter: the reference stays
+    the adapter disabled, as TRL makes it when it adds the adapter itself.
+
+    Handed a PEFT model and no reference, TRL adds an adapter "ref" and copies the policy's adapter into it (a
+    pretrained adapter's frozen start). Under FSDP2 that copy cannot be made: the model is sharded before TRL sees
+    it (so that no process ever holds it whole), and an adapter added afterwards is plain tensors beside the sharded
+    units. For a fresh LoRA it is not needed either: lora_B is zero (core.models.init_lora), so the copy computes
+    exactly the start, which the adapter disabled computes with no second adapter in memory. The copy is skipped (no
+    adapter is added, and what TRL copies is each weight onto itself); anything else is left to TRL."""
+    from peft import PeftModel
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded_peft = isinstance(model, PeftModel) and isinstance(model, FSDPModule) and ref_model is None
+    if not sharded_peft:
+        yield
+        return
+    fresh = all(
+        float(p.detach().abs().max().full_tensor() if hasattr(p, "full_tensor") else p.detach().abs().max())
+        == 0
+        for n, p in model.named_parameters()
+        if ".lora_B." in n
+    )
+    if (
+        not fresh
+    ):  # a trained adapter's reference would be its copy: not built under FSDP2 (the config refuses)
+        raise UserError("dpo: a sharded PEFT policy trains a fresh LoRA only (policy_init=new_adapter)")
+    model.add_adapter = lambda name, config, *a, **k: None
+    model.get_parameter = lambda name: type(model).get_parameter(model, name.replace(".ref.", ".default."))
+    try:
+        yield
+    finally:
+        del model.add_adapter, model.get_parameter  # the instance's overrides: the class's methods again
+    if "ref" in model.peft_config:
+        raise RuntimeError("dpo: TRL added a reference adapter to a sharded policy")
 
 
 class SeededLengthGroupedSampler(torch.utils.data.Sampler):
@@ -529,6 +576,8 @@ def train_policy(
         peft_config=adapter,
         ref_model=reference,
     )
+    if adapter is not None and cfg.peft.method == "lora":
+        init_lora(trainer.model, t.seed)  # the adapter FSDP2 draws: the same start however the model is held
     result, paused = plumbing.train_with_resume(trainer, ctx.out, ctx.resume, t.stop_after_steps)
     if ctx.is_main and not paused:  # every process read its shards of it before training
         shutil.rmtree(ctx.out / MERGED_START, ignore_errors=True)

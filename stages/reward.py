@@ -27,10 +27,10 @@ from core.manifest import (
     require_complete,
 )
 from core.models import (
+    init_lora,
     load_tokenizer,
     mark_stacked_adapter,
     model_identity,
-    peft_config,
 )
 from core.stage import StageContext, StageResult, console, print_verdict
 from data_schemas.config import RewardConfig
@@ -39,6 +39,7 @@ from eval.gates import run_gate
 from eval.reward_gate import decide_reward_gate, pairwise_metrics
 from lib import trainer as plumbing  # Trainer plumbing the Trainer stages share
 from lib.artifacts import Start
+from lib.export import MERGED_START
 from lib.rankings import implied_pairs_of
 from lib.reward_losses import REWARD_LOSSES, centering_penalty, reward_loss
 from lib.reward_model import (
@@ -46,6 +47,7 @@ from lib.reward_model import (
     build_reward_model,
     build_sharded_reward_model,
     encode_response,
+    reward_adapter,
     reward_start,
     score_groups,
     sequence_rewards,
@@ -296,18 +298,21 @@ def train(
     name = printable(str(cfg.init_from or cfg.model.name_or_path))
     if t.sharding == "fsdp2":  # 1/N of every weight per process, read shard by shard (core/sharded.py)
         console.print(f"model: {name} in {ctx.precision}, sharded (FSDP2)", highlight=False)
-        model = build_sharded_reward_model(cfg, tokenizer, ctx.precision)
+        if ctx.is_main and not ctx.resume:  # a merged start left by an earlier run may be another start's
+            shutil.rmtree(ctx.out / MERGED_START, ignore_errors=True)
+        model = build_sharded_reward_model(
+            cfg, tokenizer, ctx.precision, ctx.out
+        )  # LoRA on it (lora.enabled)
     else:
         # partitioned where nothing needs the weights whole: a start to merge, PEFT's copy of the head (LoRA)
         zero3 = plumbing.zero3_init(args) and not (cfg.lora.enabled or reward_start(cfg).merge)
         how = ", partitioned as it is created (ZeRO-3)" if zero3 else ""
         console.print(f"model: {name} in {ctx.precision}{how}", highlight=False)
         model = build_reward_model(cfg, tokenizer, ctx.precision, partitioned=zero3)
-    if cfg.lora.enabled:
-        adapter = peft_config(
-            cfg.lora, cfg.peft, "SEQ_CLS", total_steps=t.max_steps, modules_to_save=["score"]
-        )
-        model = get_peft_model(model, adapter)
+        if cfg.lora.enabled:
+            model = get_peft_model(model, reward_adapter(cfg))
+            if cfg.peft.method == "lora":  # the adapter FSDP2 draws: the same start however the model is held
+                init_lora(model, t.seed)
     trainer = _trainer_class(cfg, eval_groups)(
         model=model,
         args=args,
@@ -320,6 +325,8 @@ def train(
         callbacks=plumbing.stage_callbacks(ctx, cfg),
     )
     result, paused = plumbing.train_with_resume(trainer, ctx.out, ctx.resume, t.stop_after_steps)
+    if ctx.is_main and not paused:  # every process read its shards of it before training
+        shutil.rmtree(ctx.out / MERGED_START, ignore_errors=True)
     return trainer, result, paused
 
 

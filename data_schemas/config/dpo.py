@@ -159,14 +159,20 @@ class DPOConfig(PolicyStageGates, WeightAdapterStage):
                 "reference=model_copy is for a full-parameter policy (lora.enabled false); an adapter "
                 "policy's reference is the adapter disabled, or precomputed"
             )
-        if self.train.sharding == "fsdp2" and not self.full_parameter:
+        if self.train.sharding == "fsdp2" and self.policy_init == "continue_sft_adapter":
             raise ValueError(
-                "train.sharding=fsdp2 shards a full-parameter policy: set lora.enabled=false (a LoRA policy's "
-                "frozen base is replicated under ddp, or partitioned by train.deepspeed zero3)"
+                "train.sharding=fsdp2 trains a full-parameter policy or a fresh LoRA on the sharded start: set "
+                "policy_init=new_adapter (the SFT adapter is merged into the start), or train.sharding=ddp"
+            )
+        if self.train.sharding == "fsdp2" and not self.full_parameter and self.peft.method != "lora":
+            raise ValueError(
+                f"train.sharding=fsdp2 shards a full-parameter policy or a plain LoRA: peft.method={self.peft.method} "
+                "runs under ddp, or set peft.method=lora"
             )
         if self.train.sharding == "fsdp2" and self.reference == "precomputed":
             raise ValueError(
-                "train.sharding=fsdp2 computes the reference with a sharded frozen copy (reference=model_copy); "
-                "TRL's precomputation would load a whole second model in every process"
+                "train.sharding=fsdp2 computes the reference with the sharded model itself (reference=model_copy "
+                "for a full-parameter policy, adapter_disabled for a LoRA); TRL's precomputation would load a whole "
+                "second model in every process"
             )
         return self

@@ -89,9 +89,9 @@ class RewardConfig(WeightAdapterStage):
 
     @model_validator(mode="after")
     def _sharding(self) -> RewardConfig:
-        if self.train.sharding == "fsdp2" and self.lora.enabled:
+        if self.train.sharding == "fsdp2" and self.lora.enabled and self.peft.method != "lora":
             raise ValueError(
-                "train.sharding=fsdp2 shards a full-parameter reward model: set lora.enabled=false (a LoRA's frozen "
-                "trunk is partitioned by train.deepspeed=configs/deepspeed/zero3.json under several processes)"
+                f"train.sharding=fsdp2 shards a full-parameter reward model or a plain LoRA on it: "
+                f"peft.method={self.peft.method} runs under ddp (or train.deepspeed zero3), or set peft.method=lora"
             )
         return self

@@ -21,6 +21,7 @@ from tests.stages.test_any_start import checkpoint, pairs, prefs  # noqa: F401 (
 
 TRAIN, HELDOUT = EXAMPLES / "instructions_train.jsonl", EXAMPLES / "instructions_validation.jsonl"
 ZERO3 = ROOT / "configs" / "deepspeed" / "zero3.json"
+LORA = ("lora.enabled=true", "train.learning_rate=1e-3")
 
 
 def _align(*args, processes: int = 1) -> list[str]:
@@ -100,13 +101,25 @@ def runs(tmp_path_factory, checkpoint, pairs, prefs):  # noqa: F811
                 processes=2,
             ),
         ),  # fmt: skip
+        ("dpo-lora-one", _dpo(d / "dpo-lora-one", checkpoint, pairs, *LORA)),
+        (
+            "dpo-lora-two",
+            _dpo(d / "dpo-lora-two", checkpoint, pairs, *LORA, "train.sharding=fsdp2", processes=2),
+        ),
+        ("reward-lora-one", _reward(d / "reward-lora-one", checkpoint, prefs, *LORA)),
+        (
+            "reward-lora-two",
+            _reward(d / "reward-lora-two", checkpoint, prefs, *LORA, "train.sharding=fsdp2", processes=2),
+        ),
         ("dpo-one", _dpo(d / "dpo-one", checkpoint, pairs)),
         ("dpo-two", _dpo(d / "dpo-two", checkpoint, pairs, "train.sharding=fsdp2", processes=2)),
         ("dpo-zero3", _dpo(d / "dpo-zero3", checkpoint, pairs, f"train.deepspeed={ZERO3}", processes=2)),
     ]:
         r = _run(run)
-        # exit 1: a 3-step reward model fails its gate (accuracy no better than answer length), as it should
-        assert r.returncode == (1 if name.startswith("reward") else 0), f"{name}: {r.stderr[-3000:]}"
+        # exit 1: a 3-step full-parameter reward model fails its gate (accuracy no better than answer length)
+        # (a 3-step LoRA's may pass or fail it: either way the run completes its artifact)
+        expected = (0,) if not name.startswith("reward") else (0, 1) if "lora" in name else (1,)
+        assert r.returncode in expected and "internal error" not in r.stderr, f"{name}: {r.stderr[-3000:]}"
         (d / f"{name}.out").write_text(r.stdout + r.stderr)
     return d
 
@@ -229,10 +242,11 @@ def test_a_sharded_dpo_run_paused_and_resumed_equals_the_uninterrupted_one(runs,
     [
         ("sft", ["lora.enabled=true", "peft.method=ia3"], "set peft.method=lora"),
         ("sft", ["lora.enabled=false", "partial.trainable=head"], "partial fine-tuning runs under ddp"),
-        ("dpo", ["lora.enabled=true"], "set lora.enabled=false"),
+        ("dpo", ["lora.enabled=true", "peft.method=ia3"], "set peft.method=lora"),
+        ("dpo", ["policy_init=continue_sft_adapter"], "set policy_init=new_adapter"),
         ("dpo", ["lora.enabled=false", "reference=precomputed"], "reference=model_copy"),
         ("dpo", ["lora.enabled=false", "train.deepspeed=configs/deepspeed/zero3.json"], "choose one"),
-        ("reward", ["lora.enabled=true"], "set lora.enabled=false"),
+        ("reward", ["lora.enabled=true", "peft.method=ia3"], "set peft.method=lora"),
     ],
 )
 def test_what_fsdp2_does_not_shard_is_one_sentence(tmp_path, checkpoint, pairs, stage, extra, said, capsys):  # noqa: F811
@@ -307,18 +321,27 @@ def test_a_model_that_does_not_fit_one_capped_process_trains_sharded_in_two(tmp_
     assert all(p < cap_gib for p in peaks) and max(peaks) < 0.8 * whole[0]
 
 
-@pytest.mark.parametrize("stage", ["sft"])
+@pytest.mark.parametrize("stage", ["sft", "dpo", "reward"])
 def test_a_lora_on_a_sharded_base_trains_as_one_whole_and_saves_its_adapter(runs, stage):
-    """SFT with a plain LoRA under FSDP2: the adapter put on the meta-device model before sharding (each layer's
-    adapter a unit of its own), drawn from train.seed alone as in one process (core.models.init_lora); every step's
-    loss and gradient norm agree, checkpoints are one file per process, and adapter/ (gathered alone) is the
-    one-process adapter."""
+    """A plain LoRA under FSDP2: the adapter put on the meta-device model before sharding (each layer's adapter a
+    unit of its own), drawn from train.seed alone as in one process (core.models.init_lora); every step's loss and
+    gradient norm agree, checkpoints are one file per process, and adapter/ (gathered alone) is the one-process
+    adapter. DPO's reference is the adapter disabled, as in one process: no reference adapter is added, and the
+    first loss is ln 2. The reward model's head trains whole beside the adapter (PEFT's copy of it), drawn as in one
+    process."""
     one, two = _steps(runs / f"{stage}-lora-one"), _steps(runs / f"{stage}-lora-two")
     assert len(one) == len(two) == 3
     for a, b in zip(one, two, strict=True):
         assert b == pytest.approx(a, rel=1e-3, abs=1e-6)
     m = json.loads((runs / f"{stage}-lora-two" / "manifest.json").read_text())
-    assert m["status"] == "complete"
+    assert m["status"] == "complete"  # a reward gate failed is a verdict in a complete artifact
+    if stage == "dpo":
+        assert two[0][0] == pytest.approx(math.log(2), abs=1e-5)
+        kl = [
+            json.loads((runs / f"dpo-lora-{n}" / "manifest.json").read_text())["metrics"]
+            for n in ("one", "two")
+        ]
+        assert kl[1]["kl_to_reference"] == pytest.approx(kl[0]["kl_to_reference"], rel=1e-3)
     ckpt = runs / f"{stage}-lora-two" / "checkpoints" / "checkpoint-2"
     assert len(list((ckpt / "pytorch_model_fsdp_0").glob("*.distcp"))) == 2
     a, b = (
@@ -326,32 +349,57 @@ def test_a_lora_on_a_sharded_base_trains_as_one_whole_and_saves_its_adapter(runs
         for n in ("one", "two")
     )
     assert set(a) == set(b) and any("lora_B" in k and v.abs().max() > 0 for k, v in b.items())
-    for (
-        k,
-        v,
-    ) in b.items():  # Adam at lr 1e-3 turns the order of sums into steps of up to 1e-5 on near-zero gradients
-        assert (v - a[k]).abs().max().item() < 1e-4, k
+    assert not any(".ref." in k for k in b)  # DPO: the policy's adapter alone
+    assert any("score" in k for k in b) == (stage == "reward")
+    # Adam at lr 1e-3 turns the order of sums into steps of up to 1e-5 on near-zero gradients; the reward model's
+    # gradients are ten times DPO's (norms ~50), and so are the roundings Adam normalises
+    bound = 3e-4 if stage == "reward" else 1e-4
+    for k, v in b.items():
+        assert (v - a[k]).abs().max().item() < bound, k
     assert not (runs / f"{stage}-lora-two" / "model").exists()
 
 
-def test_dpo_from_an_sft_adapter_start_merges_it_file_by_file_and_trains_sharded_as_one(
-    tmp_path,
-    checkpoint,  # noqa: F811
-    pairs,  # noqa: F811
-):
-    """Full-parameter DPO under FSDP2 from an SFT artifact whose LoRA is still to be merged: merged one safetensors
-    file at a time into a working folder that every process reads its shards from (lib.export.sharded_start); the
-    first loss is ln 2 (the sharded reference holds the merged start) and every step equals one process merging
-    with PEFT; the working folder is gone once training is done."""
-    sft = tmp_path / "sft"
+@pytest.fixture(scope="module")
+def sft_lora(tmp_path_factory, checkpoint):  # noqa: F811
+    """An SFT artifact whose LoRA is still to be merged into its base."""
+    sft = tmp_path_factory.mktemp("sft-lora") / "sft"
     r = _run(_sft(sft, checkpoint, "lora.enabled=true", "train.learning_rate=1e-2", "train.max_steps=2"))
     assert r.returncode == 0, r.stderr[-3000:]
-    one = _run(_dpo(tmp_path / "one", sft, pairs, "eval.prompts=0"))
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = _run(_dpo(tmp_path / "two", sft, pairs, "eval.prompts=0", "train.sharding=fsdp2", processes=2))
-    assert two.returncode == 0, two.stderr[-3000:]
+    return sft
+
+
+@pytest.mark.parametrize("stage", ["dpo", "reward"])
+def test_a_sharded_run_from_an_sft_adapter_start_merges_it_file_by_file_and_trains_as_one(
+    tmp_path,
+    sft_lora,
+    pairs,  # noqa: F811
+    prefs,  # noqa: F811
+    stage,
+):
+    """Full-parameter DPO, and a reward model's LoRA, under FSDP2 from an SFT artifact whose LoRA is still to be
+    merged: merged one safetensors file at a time into a working folder that every process reads its shards from
+    (lib.export.sharded_start); every step equals one process merging with PEFT (DPO's first loss is ln 2: the
+    sharded reference holds the merged start); the working folder is gone once training is done; the reward
+    adapter says, as the one-process one does, that it applies on the SFT-merged base."""
+    if stage == "dpo":
+        one = _run(_dpo(tmp_path / "one", sft_lora, pairs, "eval.prompts=0"))
+        two = _run(
+            _dpo(tmp_path / "two", sft_lora, pairs, "eval.prompts=0", "train.sharding=fsdp2", processes=2)
+        )
+    else:
+        one = _run(_reward(tmp_path / "one", sft_lora, prefs, *LORA))
+        two = _run(_reward(tmp_path / "two", sft_lora, prefs, *LORA, "train.sharding=fsdp2", processes=2))
+    assert one.returncode in (0, 1) and two.returncode in (0, 1), (one.stderr[-3000:], two.stderr[-3000:])
     a, b = _steps(tmp_path / "one"), _steps(tmp_path / "two")
-    assert b[0][0] == pytest.approx(math.log(2), abs=1e-5) and len(a) == len(b) == 3
+    assert len(a) == len(b) == 3
+    if stage == "dpo":
+        assert b[0][0] == pytest.approx(math.log(2), abs=1e-5)
     for x, y in zip(a, b, strict=True):
         assert y == pytest.approx(x, rel=1e-3, abs=1e-6)
     assert not (tmp_path / "two" / ".start-merged").exists()
+    if stage == "reward":
+        configs = [
+            json.loads((tmp_path / n / "adapter" / "adapter_config.json").read_text()) for n in ("one", "two")
+        ]
+        assert configs[0]["base_model_name_or_path"] == configs[1]["base_model_name_or_path"]
+        assert configs[1]["base_model_name_or_path"].startswith("NOT-A-BASE")

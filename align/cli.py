@@ -311,7 +311,7 @@ def _cmd_plan(a) -> int:
                 f"align plan: {a.stage} runs under {', '.join(shape.shardings)} with offload "
                 f"{', '.join(shape.offloads)}; --sharding/--offload asked for none of them"
             )
-        rows = layouts(plan, a.gpus, capacity, shardings, offloads, shape.fsdp2_adapter)
+        rows = layouts(plan, a.gpus, capacity, shardings, offloads)
         if a.json:
             best = smallest_fit(rows)
             print(json.dumps({**plan_data(plan), "layouts": [layout_data(r) for r in rows],

@@ -73,7 +73,7 @@ def main() -> None:
             for what, (cfg, stage) in configs(path).items():
                 plan = estimate(cfg, STAGES[stage].plan, device="cuda", precision="bf16")
                 shape = STAGES[stage].plan
-                found = layouts(plan, 8, 80 * GIB, shape.shardings, shape.offloads, shape.fsdp2_adapter)
+                found = layouts(plan, 8, 80 * GIB, shape.shardings, shape.offloads)
                 best = smallest_fit(found)
                 eight = {  # what align offers this run on 8 processes (the table's columns)
                     f"{r.sharding}/{r.offload}": round(r.total / GIB, 1) for r in found if r.processes == 8

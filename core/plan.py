@@ -166,7 +166,6 @@ class PlanShape:
     # how align spreads this stage over processes (SHARDINGS rows) and what it can offload (OFFLOADS)
     shardings: tuple[str, ...] = ("ddp", "zero2", "zero3")
     offloads: tuple[str, ...] = ("none", "optimizer", "optimizer+weights")
-    fsdp2_adapter: bool = False  # FSDP2 also shards an adapter's base (else it trains full-parameter only)
 
 
 def base_model_name(cfg) -> tuple[str, bool]:
@@ -360,7 +359,7 @@ SHARDINGS: dict[str, Sharding] = table(
              "train.deepspeed=configs/deepspeed/zero2.json --num-processes N", offload=True, master_copy=True),
     Sharding("zero3", "DeepSpeed ZeRO-3: weights too (a frozen reference copy as well)", True, True, True,
              "train.deepspeed=configs/deepspeed/zero3.json --num-processes N", offload=True, master_copy=True),
-    Sharding("fsdp2", "torch FSDP2 (fully_shard): as ZeRO-3, no offload (full-parameter; PPO: a LoRA too)", True, True, True,
+    Sharding("fsdp2", "torch FSDP2 (fully_shard): as ZeRO-3, no offload (full-parameter or a LoRA's base)", True, True, True,
              "train.sharding=fsdp2 --num-processes N"),
 )  # fmt: skip
 
@@ -425,12 +424,9 @@ def layout(
     return Layout(n, sharding, offload, per, host, capacity)
 
 
-def layouts(
-    plan: Plan, gpus: int, capacity: float | None, shardings=None, offloads=None, fsdp2_adapter: bool = False
-) -> list[Layout]:
+def layouts(plan: Plan, gpus: int, capacity: float | None, shardings=None, offloads=None) -> list[Layout]:
     """Every layout of 1, 2, 4, ... up to `gpus` processes (and `gpus` itself), in the order a team would try them:
-    fewer processes first, then less sharding, then no offload before offload. `fsdp2_adapter`: the stage shards an
-    adapter's base under FSDP2 (PlanShape.fsdp2_adapter)."""
+    fewer processes first, then less sharding, then no offload before offload."""
     counts = sorted({*(2**k for k in range(gpus.bit_length()) if 2**k <= gpus), gpus})
     out = []
     for n in counts:
@@ -444,8 +440,6 @@ def layouts(
                     continue  # offload is a ZeRO feature: DDP and align's FSDP2 keep state where they compute
                 if n == 1 and name != "ddp":
                     continue  # one process shards nothing
-                if name == "fsdp2" and plan.trainable < plan.params and not fsdp2_adapter:
-                    continue  # this stage's FSDP2 shards full-parameter training only
                 out.append(layout(plan, n, name, off, capacity))
     return out
 

@@ -38,7 +38,7 @@ from core.readers import LoadReport, iter_rows
 from core.stage import console, print_skipped
 from data_schemas.config import RewardConfig
 from lib.artifacts import Start, resolve_start
-from lib.export import sharded_start
+from lib.merge import sharded_start
 from lib.rankings import implied_pairs_of
 
 
@@ -195,7 +195,7 @@ def build_reward_model(
 def build_sharded_reward_model(cfg: RewardConfig, tokenizer, precision: str, out: Path):
     """train.sharding=fsdp2: the reward model built on the meta device and sharded (core/sharded.py), each process
     reading only its slices of the start's checkpoint (an SFT LoRA start merged file by file first into
-    `out`/.start-merged: lib.export.sharded_start). Units: every decoder layer (and its LoRA, lora.enabled), the
+    `out`/.start-merged: lib.merge.sharded_start). Units: every decoder layer (and its LoRA, lora.enabled), the
     trunk (embeddings and final norm, so that scoring can run the trunk alone: sequence_rewards), the fp32 head
     (FSDP2 gathers one dtype per unit; under LoRA PEFT's trainable copy of it beside the original), the root. The
     head is not in the checkpoint: init_score draws it as build_reward_model does, and init_lora the adapter."""

@@ -51,9 +51,9 @@ from data_schemas.config import DPOConfig, ModelConfig
 from eval.policy_gate import policy_gate, policy_perplexity_gate, scorer_reward
 from lib import trainer as plumbing  # Trainer plumbing the Trainer stages share
 from lib.artifacts import Start, policy_gate_data, resolve_start
-from lib.export import MERGED_START, sharded_start
 from lib.generation import GenerateEngine
 from lib.logprobs import response_logprob
+from lib.merge import MERGED_START, sharded_start
 from lib.rankings import convert_pairwise, prompt_key, split_of
 from stages.registry import STAGES
 
@@ -141,7 +141,7 @@ def build_policy(cfg: DPOConfig, start: Start, precision: str, partitioned: bool
     start's weights, all trainable, and (reference=model_copy) a frozen second copy of them; align builds it, since
     TRL would load the raw checkpoint its config names, without the SFT adapter merged. `partitioned`: created
     under ZeRO-3's zero.Init (lib.trainer.zero3_init) where nothing is to be merged. Under FSDP2 an SFT adapter start
-    is merged file by file first, to be read shard by shard (lib.export.sharded_start); a LoRA policy is then the
+    is merged file by file first, to be read shard by shard (lib.merge.sharded_start); a LoRA policy is then the
     sharded start with its adapter put on before sharding (core.sharded.build), which TRL is handed as a PEFT model
     (`fresh_adapter_reference`). A fresh LoRA is drawn from train.seed however the model is held (init_lora)."""
     from peft import PeftModel

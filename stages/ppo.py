@@ -70,8 +70,8 @@ from core.stage import StageContext, StageResult, console, print_skipped, print_
 from data_schemas.config import ModelConfig, PPOConfig
 from eval.policy_gate import policy_gate, policy_perplexity_gate, scorer_reward
 from lib.artifacts import Start, policy_gate_data, resolve_start
-from lib.export import MERGED_START, sharded_start
 from lib.logprobs import head_logprobs
+from lib.merge import MERGED_START, sharded_start
 from lib.rl import (
     KLController,
     Rollouts,
@@ -204,7 +204,7 @@ def build_sharded(cfg: PPOConfig, start: Start, precision: str):
     device, full-parameter with a frozen reference copy, or with a fresh LoRA (its reference: the adapter disabled);
     every decoder layer (and its LoRA weights) and the value head a unit, the module holding them the root; each
     process allocates and reads from the checkpoint only its own shards (core/sharded.py). The LoRA and the value
-    head start as in build_policy. An SFT adapter start is merged file by file first (lib.export.sharded_start)."""
+    head start as in build_policy. An SFT adapter start is merged file by file first (lib.merge.sharded_start)."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     m = sharded_start(start, cfg.init_from, Path(cfg.output_dir))
@@ -358,7 +358,7 @@ def run(cfg: PPOConfig, resume: bool = False, force: bool = False, callbacks=())
             rollouts.rest()
             engine = GenerateEngine(learner.policy, tokenizer)
         peaks = [round(x, 3) for x in dist.all_gather(dist.peak_memory_gib())]  # training's, per process
-        if ctx.is_main:  # a merged SFT start (lib.export.sharded_start) is no part of the artifact
+        if ctx.is_main:  # a merged SFT start (lib.merge.sharded_start) is no part of the artifact
             shutil.rmtree(ctx.out / MERGED_START, ignore_errors=True)
         if learner.engine == "fsdp2":  # every process writes its shards of model/ and value_head/
             save_sharded_policy(ctx.out, learner, tokenizer)

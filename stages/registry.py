@@ -105,7 +105,6 @@ STAGES: dict[str, Stage] = table(
             lambda c: (c.train.per_device_train_batch_size, c.data.max_length),
             packed_rows=lambda c: getattr(c.train, "batching", "") == "padding_free",
             shardings=("ddp", "zero2", "zero3", "fsdp2"),
-            fsdp2_adapter=True,  # a plain LoRA's base sharded too (stages/sft.py)
         ),
         card=CardInfo(
             ("sft", "trl"), "Instruction following, as the start of preference tuning (reward, DPO, PPO)."
@@ -170,7 +169,6 @@ STAGES: dict[str, Stage] = table(
             reference_copy=lambda c: not c.lora.enabled,
             shardings=("ddp", "zero3", "fsdp2"),  # train.sharding or train.deepspeed (ZeRO-3); no offload yet
             offloads=("none",),
-            fsdp2_adapter=True,  # a LoRA policy's base sharded too (stages/ppo.py build_sharded)
         ),
         card=CardInfo(("ppo", "rlhf"), "Chat assistant tuned by PPO against its reward model."),
     ),

@@ -39,7 +39,7 @@ from eval.gates import run_gate
 from eval.reward_gate import decide_reward_gate, pairwise_metrics
 from lib import trainer as plumbing  # Trainer plumbing the Trainer stages share
 from lib.artifacts import Start
-from lib.export import MERGED_START
+from lib.merge import MERGED_START
 from lib.rankings import implied_pairs_of
 from lib.reward_losses import REWARD_LOSSES, centering_penalty, reward_loss
 from lib.reward_model import (

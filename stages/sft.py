@@ -45,7 +45,7 @@ from core.readers import has_split, load_instructions
 from core.stage import StageContext, StageResult, console, print_export_hint, print_skipped
 from data_schemas.config import SFTConfig
 from lib import trainer as plumbing  # Trainer plumbing the Trainer stages share
-from lib.export import merge_lora_files
+from lib.merge import merge_lora_files
 from stages.registry import STAGES
 
 

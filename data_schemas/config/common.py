@@ -342,8 +342,8 @@ class TrainerSettings(RunSettings):
         "copy), its gradients and AdamW's moments split across the processes, built on the meta device and read "
         "shard by shard from the checkpoint, checkpoints written per process, the artifact consolidated slice by "
         "slice (core/sharded.py): no process holds a whole model while training. fsdp2 trains every weight "
-        "(lora.enabled false) from a checkpoint or a full-parameter artifact, or (SFT) a plain LoRA on the sharded "
-        "base.",
+        "(lora.enabled false) or a plain LoRA on the sharded base (peft.method=lora), from a checkpoint or an "
+        "artifact (an SFT LoRA start merged file by file first).",
     )
     deepspeed: Path | None = Field(
         None,

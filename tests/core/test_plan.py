@@ -176,24 +176,20 @@ def test_layouts_per_process_from_hand_counts_and_the_smallest_that_fits(tiny_mo
 
 
 def test_fsdp2_is_offered_without_offload_where_the_stage_shards_it_and_deepspeed_is_read(tmp_path):
-    """align's FSDP2 offloads nothing, so `align plan` offers it without offload; for an adapter only where the
-    stage shards an adapter's base (PlanShape.fsdp2_adapter: SFT and PPO, not yet DPO or the reward model); a stage under
-    train.deepspeed is checked at start as the ZeRO stage its config names."""
-    from core.plan import layouts, sharding_of
+    """align's FSDP2 offloads nothing, so `align plan` offers it without offload, full-parameter and for a LoRA's
+    base (every training stage shards it); a stage under train.deepspeed is checked at start as the ZeRO stage its
+    config names."""
+    from core.plan import layout, layouts, sharding_of
 
     shape = STAGES["sft"].plan
     full = estimate(_cfg(lora={"enabled": False}), shape, device="cpu")
     adapter = estimate(_cfg(), shape, device="cpu")
     full_rows = layouts(full, 4, None, shape.shardings, shape.offloads)
     assert {(r.sharding, r.offload) for r in full_rows if r.sharding == "fsdp2"} == {("fsdp2", "none")}
-    assert (
-        shape.fsdp2_adapter
-        and not STAGES["reward"].plan.fsdp2_adapter
-        and not STAGES["dpo"].plan.fsdp2_adapter
-    )
-    offered = layouts(adapter, 4, None, shape.shardings, shape.offloads, shape.fsdp2_adapter)
+    assert all("fsdp2" in STAGES[s].plan.shardings for s in ("sft", "reward", "dpo", "ppo"))
+    offered = layouts(adapter, 4, None, shape.shardings, shape.offloads)
     assert "fsdp2" in {r.sharding for r in offered}
-    assert "fsdp2" not in {r.sharding for r in layouts(adapter, 4, None, shape.shardings, shape.offloads)}
+    assert layout(adapter, 4, "fsdp2").terms["weights"] < layout(adapter, 4, "ddp").terms["weights"]
     assert sharding_of(_cfg(lora={"enabled": False}, train={"sharding": "fsdp2"})) == "fsdp2"
     for stage, name in ((3, "zero3"), (2, "zero2"), (0, "ddp")):
         ds = tmp_path / f"z{stage}.json"
@@ -214,7 +210,7 @@ def test_ppo_is_planned_under_fsdp2_and_zero3_with_a_lora_policy_too():
     shape = STAGES["ppo"].plan
     plan = estimate(ppo, shape, device="cpu")
     assert plan.trainable < plan.params  # a LoRA policy
-    rows = layouts(plan, 4, None, shape.shardings, shape.offloads, shape.fsdp2_adapter)
+    rows = layouts(plan, 4, None, shape.shardings, shape.offloads)
     assert {"fsdp2", "zero3"} <= {r.sharding for r in rows if r.processes == 4}
     assert layout(plan, 4, "fsdp2").terms["weights"] < layout(plan, 4, "ddp").terms["weights"]
 

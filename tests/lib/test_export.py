@@ -268,7 +268,7 @@ def test_a_lora_merged_file_by_file_computes_what_peft_merged_computes(tmp_path,
     from transformers import AutoModelForCausalLM
 
     from bench.harness import peaked_llama
-    from lib.export import merge_lora_files
+    from lib.merge import merge_lora_files
 
     base = peaked_llama(tmp_path / "base", tiny_model_path)
     torch.manual_seed(0)

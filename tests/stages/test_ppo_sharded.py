@@ -122,7 +122,7 @@ def test_what_fsdp2_does_not_shard_yet_is_one_sentence(tmp_path, checkpoint, ext
 
 def test_an_sft_adapter_start_is_merged_file_by_file_and_trains_sharded_as_one(tmp_path, checkpoint):  # noqa: F811
     """From an SFT artifact whose LoRA is still to be merged: the main process folds it into the base one safetensors
-    file at a time (lib.export.sharded_start), every process reads its shards of that, and the run equals one
+    file at a time (lib.merge.sharded_start), every process reads its shards of that, and the run equals one
     process merging with PEFT (iteration 1's KL is 0: the sharded reference holds the merged start); the merged copy
     is gone from the artifact once training is done."""
     from align.cli import main

@@ -378,7 +378,7 @@ def test_a_sharded_run_from_an_sft_adapter_start_merges_it_file_by_file_and_trai
 ):
     """Full-parameter DPO, and a reward model's LoRA, under FSDP2 from an SFT artifact whose LoRA is still to be
     merged: merged one safetensors file at a time into a working folder that every process reads its shards from
-    (lib.export.sharded_start); every step equals one process merging with PEFT (DPO's first loss is ln 2: the
+    (lib.merge.sharded_start); every step equals one process merging with PEFT (DPO's first loss is ln 2: the
     sharded reference holds the merged start); the working folder is gone once training is done; the reward
     adapter says, as the one-process one does, that it applies on the SFT-merged base."""
     if stage == "dpo":

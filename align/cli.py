@@ -33,6 +33,7 @@ from align.launch import relaunch, strip_launch_flags
 from align.pipeline import run_pipeline, write_run_report
 from align.sweep import run_sweep
 from core.config import UserError, apply_overrides, load_config, printable, read_yaml, validate
+from core.dist import capacity as dist_capacity
 from core.manifest import atomic_write_json, atomic_write_text
 from core.plan import (
     GIB,
@@ -119,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--sharding", nargs="+", choices=list(SHARDINGS), help="with --gpus: only these shardings"
     )
     pl.add_argument("--offload", nargs="+", choices=list(OFFLOADS), help="with --gpus: only these offloads")
+    pl.add_argument(
+        "--host-memory",
+        type=float,
+        help="GiB of host memory per machine with --gpus, shared by its processes (up to 8): what an offloading "
+        "layout moves there must fit it (default: this machine's available memory)",
+    )
     pl.add_argument("--json", action="store_true", help="print JSON only")
     sw = sub.add_parser("sweep", help="hyper-parameter search over a stage's config (Optuna, with pruning)")
     _add_config_args(sw)
@@ -311,7 +318,8 @@ def _cmd_plan(a) -> int:
                 f"align plan: {a.stage} runs under {', '.join(shape.shardings)} with offload "
                 f"{', '.join(shape.offloads)}; --sharding/--offload asked for none of them"
             )
-        rows = layouts(plan, a.gpus, capacity, shardings, offloads)
+        host = a.host_memory * GIB if a.host_memory is not None else dist_capacity("cpu")
+        rows = layouts(plan, a.gpus, capacity, shardings, offloads, shape.offload_shardings, host)
         if a.json:
             best = smallest_fit(rows)
             print(json.dumps({**plan_data(plan), "layouts": [layout_data(r) for r in rows],

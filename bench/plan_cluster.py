@@ -6,6 +6,7 @@ and the smallest layout that fits, for full-parameter and LoRA DPO and full-para
 The models are their published configs (hidden size, layers, heads, vocabulary), written as config.json folders
 with no weights: `align plan` builds them on the meta device. Settings: bf16, DPO 1 pair per process of 2048
 tokens, GRPO 4 responses per process of 1024 + 1024 tokens, gradient checkpointing on (what 8B+ recipes use).
+The machine: 8 GPUs of 80 GB sharing 2 TB of host memory (an HGX/DGX H100 node), which offloaded state must fit.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from bench.harness import write_result  # noqa: E402
 from core.plan import GIB, estimate, layouts, smallest_fit  # noqa: E402
 from data_schemas.config import DPOConfig, PPOConfig  # noqa: E402
 from stages.registry import STAGES  # noqa: E402
+
+HOST = 2e12  # bytes of host memory of one 8-GPU node (DGX H100: 2 TB), shared by its processes
 
 SHAPES = {
     "Llama-3.1-8B": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -73,7 +76,9 @@ def main() -> None:
             for what, (cfg, stage) in configs(path).items():
                 plan = estimate(cfg, STAGES[stage].plan, device="cuda", precision="bf16")
                 shape = STAGES[stage].plan
-                found = layouts(plan, 8, 80 * GIB, shape.shardings, shape.offloads)
+                found = layouts(
+                    plan, 8, 80 * GIB, shape.shardings, shape.offloads, shape.offload_shardings, HOST
+                )
                 best = smallest_fit(found)
                 eight = {  # what align offers this run on 8 processes (the table's columns)
                     f"{r.sharding}/{r.offload}": round(r.total / GIB, 1) for r in found if r.processes == 8
@@ -85,12 +90,17 @@ def main() -> None:
                                                                       f" + {best.offload} offload"),
                              "smallest_fit_gib": None if best is None else round(best.total / GIB, 1)})  # fmt: skip
     metrics = {f"{r['model']} {r['run']}: smallest fit GiB per process": r["smallest_fit_gib"] for r in rows}
-    write_result(None, "plan_cluster", metrics, {"rows": rows, "gpus": 8, "gpu_memory_gib": 80})
-    print(
-        "| model | run | one process | 8 x FSDP2 | 8 x ZeRO-3 | 8 x ZeRO-3 + optimizer offload "
-        "| smallest align offers, 8 x 80 GB |"
+    write_result(
+        None,
+        "plan_cluster",
+        metrics,
+        {"rows": rows, "gpus": 8, "gpu_memory_gib": 80, "host_memory_gib": HOST / GIB},
     )
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| model | run | one process | 8 x FSDP2 | 8 x FSDP2 + CPU offload | 8 x ZeRO-3 "
+        "| 8 x ZeRO-3 + optimizer offload | smallest align offers, 8 x 80 GB, 2 TB host |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         e = r["eight_processes_gib"]
         fit = (
@@ -100,7 +110,7 @@ def main() -> None:
         )
         cells = [
             f"{e[k]} GiB" if k in e else "not offered"
-            for k in ("fsdp2/none", "zero3/none", "zero3/optimizer")
+            for k in ("fsdp2/none", "fsdp2/optimizer+weights", "zero3/none", "zero3/optimizer")
         ]
         print(f"| {r['model']} | {r['run']} | {r['one_process_gib']} GiB | {' | '.join(cells)} | {fit} |")
 

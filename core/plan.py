@@ -166,6 +166,11 @@ class PlanShape:
     # how align spreads this stage over processes (SHARDINGS rows) and what it can offload (OFFLOADS)
     shardings: tuple[str, ...] = ("ddp", "zero2", "zero3")
     offloads: tuple[str, ...] = ("none", "optimizer", "optimizer+weights")
+    offload_shardings: tuple[str, ...] = (
+        "zero2",
+        "zero3",
+        "fsdp2",
+    )  # the shardings this stage offloads under
 
 
 def base_model_name(cfg) -> tuple[str, bool]:
@@ -288,6 +293,25 @@ def sharding_of(cfg) -> str:
     return "ddp"
 
 
+def offload_of(cfg) -> str:
+    """The OFFLOADS row a stage's config runs under: train.cpu_offload (FSDP2), or the offload sections of its ZeRO
+    config (offload_optimizer, offload_param to the cpu), else none."""
+    t = getattr(cfg, "train", None)
+    if getattr(t, "cpu_offload", False):
+        return "optimizer+weights"
+    ds = getattr(t, "deepspeed", None)
+    if ds is None:
+        return "none"
+    try:
+        zero = json.loads(Path(ds).read_text()).get("zero_optimization", {})
+        on_cpu = {
+            k for k in ("offload_optimizer", "offload_param") if (zero.get(k) or {}).get("device") == "cpu"
+        }
+    except (OSError, ValueError, TypeError, AttributeError):
+        return "none"
+    return "optimizer+weights" if "offload_param" in on_cpu else "optimizer" if on_cpu else "none"
+
+
 def check_at_start(cfg, shape: PlanShape) -> str | None:
     """Before a training stage starts: a refusal (UserError, exit 2) when what this process surely holds (weights,
     gradients, optimizer moments, a reference copy, gathered units, the runtime: everything but the activations and
@@ -299,10 +323,12 @@ def check_at_start(cfg, shape: PlanShape) -> str | None:
         plan = estimate(cfg, shape)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        mine = layout(plan, world, sharding_of(cfg)) if world > 1 else None
+        mine = layout(plan, world, sharding_of(cfg), offload_of(cfg)) if world > 1 else None
     except Exception:  # noqa: BLE001 (planning must never stop a run: only a clear excess does)
         return None
-    terms = mine.terms if mine is not None else plan.terms
+    terms = dict(mine.terms) if mine is not None else plan.terms
+    if mine is not None and mine.host and plan.device == "cpu":  # offloaded to the host: the same memory here
+        terms["offloaded to the host"] = mine.host
     total = sum(terms.values())
     surely = total - sum(terms.get(k, 0.0) for k in BOUNDS)
     cap = memory_cap() if plan.device == "cpu" else None
@@ -346,31 +372,36 @@ class Sharding:
     gradients: bool
     optimizer: bool
     how: str  # how align runs it
-    offload: bool = False  # align can move its optimizer moments (and sharded weights) to the host
+    offloads: tuple[str, ...] = ("none",)  # what align can move to the host under it (OFFLOADS)
+    # its offload moves every sharded tensor: the weights' shards with their gradients (and a frozen reference's)
+    offload_all: bool = False
     # DeepSpeed's ZeRO optimizer keeps an fp32 copy of each process's partition of the trainable weights beside the
     # weights themselves (its master copy, whatever the training precision): 4 bytes per trainable parameter / N
     master_copy: bool = False
 
 
+# Where optimizer moments (and, with sharded weights, the weights) live between steps: the accelerator, or the host.
+OFFLOADS = ("none", "optimizer", "optimizer+weights")
+
 SHARDINGS: dict[str, Sharding] = table(
     Sharding("ddp", "every process holds every weight, gradient and moment", False, False, False,
              "--num-processes N"),
     Sharding("zero2", "DeepSpeed ZeRO-2: gradients and optimizer moments partitioned", False, True, True,
-             "train.deepspeed=configs/deepspeed/zero2.json --num-processes N", offload=True, master_copy=True),
+             "train.deepspeed=configs/deepspeed/zero2.json --num-processes N", ("none", "optimizer"),
+             master_copy=True),
     Sharding("zero3", "DeepSpeed ZeRO-3: weights too (a frozen reference copy as well)", True, True, True,
-             "train.deepspeed=configs/deepspeed/zero3.json --num-processes N", offload=True, master_copy=True),
-    Sharding("fsdp2", "torch FSDP2 (fully_shard): as ZeRO-3, no offload (full-parameter or a LoRA's base)", True, True, True,
-             "train.sharding=fsdp2 --num-processes N"),
+             "train.deepspeed=configs/deepspeed/zero3.json --num-processes N", OFFLOADS, master_copy=True),
+    Sharding("fsdp2", "torch FSDP2 (fully_shard): as ZeRO-3 (full-parameter or a LoRA's base); its offload "
+             "(train.cpu_offload) moves weights, gradients and moments", True, True, True,
+             "train.sharding=fsdp2 --num-processes N", ("none", "optimizer+weights"), offload_all=True),
 )  # fmt: skip
-
-# Where optimizer moments (and, with sharded weights, the weights) live between steps: the accelerator, or the host.
-OFFLOADS = ("none", "optimizer", "optimizer+weights")
 
 
 @dataclass
 class Layout:
     """One process of `processes` under `sharding` and `offload`: bytes on its accelerator, term by term, and on
-    the host (offloaded state)."""
+    the host (offloaded state). `capacity`: the accelerator memory a process may use; `host_capacity`: the host
+    memory it may use (its machine's, shared by the processes on it), None where unknown."""
 
     processes: int
     sharding: str
@@ -378,6 +409,7 @@ class Layout:
     terms: dict[str, float]
     host: float
     capacity: float | None
+    host_capacity: float | None = None
 
     @property
     def total(self) -> float:
@@ -385,20 +417,31 @@ class Layout:
 
     @property
     def fits(self) -> bool | None:
-        return None if self.capacity is None else self.total <= self.capacity
+        """Whether both its accelerator share and what it offloads fit (None: either is unknown)."""
+        if self.capacity is None or (self.host and self.host_capacity is None):
+            return None
+        return self.total <= self.capacity and (not self.host or self.host <= self.host_capacity)
+
+
+# Accelerators per machine where a layout's processes share a host (HGX/DGX nodes: 8 GPUs, one host memory).
+PER_MACHINE = 8
 
 
 def layout(
-    plan: Plan, processes: int, sharding: str, offload: str = "none", capacity: float | None = None
+    plan: Plan,
+    processes: int,
+    sharding: str,
+    offload: str = "none",
+    capacity: float | None = None,
+    host_memory: float | None = None,
 ) -> Layout:
     """What one process holds when `plan` runs in `processes` processes under `sharding` (SHARDINGS) and `offload`
     (OFFLOADS). Activations, logits, a rollout engine's cache and the runtime are per process whatever the
-    sharding (each process runs its own micro-batch); a frozen reference copy is sharded with the weights."""
+    sharding (each process runs its own micro-batch); a frozen reference copy is sharded with the weights.
+    `host_memory`: one machine's host memory, shared by its processes (PER_MACHINE at most)."""
     s, n, t = SHARDINGS[sharding], processes, plan.terms
-    if offload == "optimizer+weights" and not s.weights:
-        raise ValueError(f"{sharding} does not partition the weights; only its optimizer can be offloaded")
-    if offload != "none" and not s.offload:
-        raise ValueError(f"{sharding} offloads nothing in align (offload is a ZeRO feature)")
+    if offload not in s.offloads:
+        raise ValueError(f"align offloads {' or '.join(s.offloads)} under {sharding}, not {offload}")
     per = {
         "weights": t["weights"] / n if s.weights else t["weights"],
         "gradients": t["gradients"] / n if s.gradients else t["gradients"],
@@ -414,19 +457,34 @@ def layout(
             host, per[master] = host + per[master], 0.0
     if offload == "optimizer+weights":
         host, per["weights"] = host + per["weights"], 0.0
+        if s.offload_all:
+            host, per["gradients"] = host + per["gradients"], 0.0
     if s.weights:
         per["gathered units (2 in flight)"] = 2 * plan.largest_unit
     if "reference (frozen copy)" in t:
         per["reference (frozen copy)"] = t["reference (frozen copy)"] / (n if s.weights else 1)
+        if offload == "optimizer+weights" and s.offload_all:
+            host, per["reference (frozen copy)"] = host + per["reference (frozen copy)"], 0.0
     for k in ("activations", "logits (fp32)", "rollout engine (KV)", "runtime"):
         if k in t:
             per[k] = t[k]
-    return Layout(n, sharding, offload, per, host, capacity)
+    host_capacity = None if host_memory is None else host_memory / min(n, PER_MACHINE)
+    return Layout(n, sharding, offload, per, host, capacity, host_capacity)
 
 
-def layouts(plan: Plan, gpus: int, capacity: float | None, shardings=None, offloads=None) -> list[Layout]:
+def layouts(
+    plan: Plan,
+    gpus: int,
+    capacity: float | None,
+    shardings=None,
+    offloads=None,
+    offload_shardings=None,
+    host_memory: float | None = None,
+) -> list[Layout]:
     """Every layout of 1, 2, 4, ... up to `gpus` processes (and `gpus` itself), in the order a team would try them:
-    fewer processes first, then less sharding, then no offload before offload."""
+    fewer processes first, then less sharding, then no offload before offload. `shardings`, `offloads`,
+    `offload_shardings`: what the stage offers (PlanShape), narrowed by the user; `host_memory`: a machine's
+    (`layout`), which what a layout offloads must fit."""
     counts = sorted({*(2**k for k in range(gpus.bit_length()) if 2**k <= gpus), gpus})
     out = []
     for n in counts:
@@ -434,13 +492,13 @@ def layouts(plan: Plan, gpus: int, capacity: float | None, shardings=None, offlo
             if shardings and name not in shardings:
                 continue
             for off in OFFLOADS:
-                if (offloads and off not in offloads) or (off == "optimizer+weights" and not s.weights):
+                if (offloads and off not in offloads) or off not in s.offloads:
                     continue
-                if off != "none" and not s.offload:
-                    continue  # offload is a ZeRO feature: DDP and align's FSDP2 keep state where they compute
+                if off != "none" and offload_shardings is not None and name not in offload_shardings:
+                    continue  # this stage offloads nothing under this sharding
                 if n == 1 and name != "ddp":
                     continue  # one process shards nothing
-                out.append(layout(plan, n, name, off, capacity))
+                out.append(layout(plan, n, name, off, capacity, host_memory))
     return out
 
 
@@ -454,6 +512,9 @@ def cluster_lines(plan: Plan, rows: list[Layout], gpus: int) -> list[str]:
     head = (f"{plan.stage}: {plan.model} in {plan.precision}, {plan.params / 1e9:.2f}B parameters, "
             f"{plan.trainable / 1e6:.1f}M trainable; up to {gpus} processes of "
             f"{'?' if cap is None else f'{cap / GIB:.0f}'} GiB each")  # fmt: skip
+    host = rows[0].host_capacity if rows else None
+    if host is not None:
+        head += f"; {host * min(rows[0].processes, PER_MACHINE) / GIB:.0f} GiB of host memory per machine"
     out = [head, f"  {'processes':>9}  {'sharding':<8} {'offload':<18} {'per process':>12} {'host':>9}  fits"]
     for r in rows:
         fits = "?" if r.fits is None else ("yes" if r.fits else "no")
@@ -478,4 +539,5 @@ def cluster_lines(plan: Plan, rows: list[Layout], gpus: int) -> list[str]:
 def layout_data(r: Layout) -> dict[str, Any]:
     return {"processes": r.processes, "sharding": r.sharding, "offload": r.offload,
             "terms_gib": {k: v / GIB for k, v in r.terms.items()}, "total_gib": r.total / GIB,
-            "host_gib": r.host / GIB, "fits": r.fits}  # fmt: skip
+            "host_gib": r.host / GIB, "host_capacity_gib": None if r.host_capacity is None else r.host_capacity / GIB,
+            "fits": r.fits}  # fmt: skip

@@ -12,6 +12,9 @@ without a whole copy on the way:
    module holding it, such as PPO's policy-with-value-head, whose forward then gathers the root unit);
 3. **materialise** (`materialise`): `to_empty` allocates only this process's shards; the non-persistent buffers
    computed at build (rotary frequencies) are put back;
+   with CPU offload (`offload`, train.cpu_offload) every unit's shards, their gradients and AdamW's moments live in
+   host memory (FSDP2's CPUOffloadPolicy): a unit is copied to the accelerator only to be gathered and computed, and
+   the optimizer steps on the host; buffers stay on the accelerator;
 4. **load** (`load_checkpoint`): torch.distributed.checkpoint's `HuggingFaceStorageReader` reads from the
    checkpoint's safetensors files only the slices this process holds;
 5. **resume** (`save_state`, `load_state`): DCP writes model and optimizer state one file per process, and reads it
@@ -56,6 +59,15 @@ def ensure_process_group() -> None:
         )
 
 
+def shard(modules, offload: bool = False) -> None:
+    """`fully_shard` on a module (or a list of modules forming one unit), its shards kept in host memory with
+    `offload` (FSDP2's CPUOffloadPolicy: parameters, gradients and the optimizer step on the host)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+
+    policy = {"offload_policy": CPUOffloadPolicy(pin_memory=torch.cuda.is_available())} if offload else {}
+    fully_shard(modules, **policy)
+
+
 # What `build` puts on the trunk: a language-model head, or a scalar head (a reward model: its "score" is not in a
 # causal LM's checkpoint, so the caller initialises it).
 HEADS = {"causal_lm": "AutoModelForCausalLM", "scalar": "AutoModelForSequenceClassification"}
@@ -68,15 +80,15 @@ def build(
     trust_remote_code: bool = False,
     head: str = "causal_lm",
     adapter=None,
+    offload: bool = False,
 ):
     """The model on the meta device (`head`: a HEADS row), tied weights tied, layers sharded with `fully_shard` (the
-    root is the caller's: `shard_root`). `adapter`: a PEFT LoraConfig put on the model before sharding (a PEFT
+    root is the caller's: `shard_root`; `offload`: `shard`). `adapter`: a PEFT LoraConfig put on the model before sharding (a PEFT
     model comes back); each layer's LoRA weights are a unit of their own inside the layer's, so that a unit holds
     one dtype (PEFT keeps the adapter in fp32 on a bf16 base). Its weights are the caller's to initialise
     (core.models.init_lora) after `load_checkpoint`."""
     import transformers
     from accelerate import init_empty_weights
-    from torch.distributed.fsdp import fully_shard
     from transformers import AutoConfig
 
     import core.attention  # noqa: F401 (registers sdpa_segments with transformers)
@@ -105,29 +117,41 @@ def build(
             m for n, m in layer.named_modules() if ".lora_" in f".{n}" and list(m.parameters(recurse=False))
         ]
         if lora:
-            fully_shard(lora)
-        fully_shard(layer)
+            shard(lora, offload)
+        shard(layer, offload)
     return model
 
 
-def shard_root(root: torch.nn.Module) -> torch.nn.Module:
+def shard_root(root: torch.nn.Module, offload: bool = False) -> torch.nn.Module:
     """`fully_shard` on the root: what no layer holds (embeddings, final norm, head, a value head) is its unit."""
-    from torch.distributed.fsdp import fully_shard
-
-    fully_shard(root)
+    shard(root, offload)
+    root._align_offload = offload  # read by `offloaded`
     return root
 
 
-def materialise(root: torch.nn.Module, device: torch.device) -> None:
-    """Allocate this process's shards (uninitialised) and put back every model's build-time buffers."""
-    root.to_empty(device=device)
+def described(offload: bool) -> str:
+    """How a stage says it holds its model under FSDP2."""
+    return "sharded (FSDP2)" + (", its shards in host memory" if offload else "")
+
+
+def offloaded(root: torch.nn.Module) -> bool:
+    """Whether `shard_root` sharded `root` with its shards in host memory."""
+    return bool(getattr(root, "_align_offload", False))
+
+
+def materialise(root: torch.nn.Module, device: torch.device, offload: bool = False) -> None:
+    """Allocate this process's shards (uninitialised; in host memory with `offload`) and put back every model's
+    build-time buffers, on `device`."""
+    root.to_empty(device=torch.device("cpu") if offload else device)
     with torch.no_grad():
         for model in root.modules():
             saved = getattr(model, "_align_buffers", None)
             if saved:
-                for name, buf in model.named_buffers():
+                for name, buf in list(model.named_buffers()):
                     if name in saved:
-                        buf.copy_(saved[name])
+                        owner, _, leaf = name.rpartition(".")
+                        module = model.get_submodule(owner) if owner else model
+                        module._buffers[leaf] = saved[name].to(device=device, dtype=buf.dtype)
 
 
 def load(
@@ -136,13 +160,17 @@ def load(
     attn_implementation: str = "sdpa",
     trust_remote_code: bool = False,
     adapter=None,
+    offload: bool = False,
 ):
     """A causal LM that is its own root, sharded over the group and read from its checkpoint shard by shard (build,
     shard_root, materialise on this process's device, load_checkpoint): what a Trainer stage trains under FSDP2,
-    or its frozen reference copy. `adapter`: a LoRA config (build); its weights are the caller's to initialise."""
-    model = build(name_or_path, precision, attn_implementation, trust_remote_code, adapter=adapter)
-    shard_root(model)
-    materialise(model, align_dist.device())
+    or its frozen reference copy. `adapter`: a LoRA config (build); its weights are the caller's to initialise.
+    `offload`: its shards in host memory (`shard`)."""
+    model = build(
+        name_or_path, precision, attn_implementation, trust_remote_code, adapter=adapter, offload=offload
+    )
+    shard_root(model, offload)
+    materialise(model, align_dist.device(), offload)
     load_checkpoint(model)
     return model
 

@@ -199,20 +199,19 @@ def build_sharded_reward_model(cfg: RewardConfig, tokenizer, precision: str, out
     trunk (embeddings and final norm, so that scoring can run the trunk alone: sequence_rewards), the fp32 head
     (FSDP2 gathers one dtype per unit; under LoRA PEFT's trainable copy of it beside the original), the root. The
     head is not in the checkpoint: init_score draws it as build_reward_model does, and init_lora the adapter."""
-    from torch.distributed.fsdp import fully_shard
-
     m = sharded_start(reward_start(cfg), cfg.init_from or cfg.model.name_or_path, out)
     adapter = reward_adapter(cfg) if cfg.lora.enabled else None
+    offload = cfg.train.cpu_offload
     model = sharded.build(
-        m.name_or_path, precision, m.attn_implementation, m.trust_remote_code, head="scalar", adapter=adapter
+        m.name_or_path, precision, m.attn_implementation, m.trust_remote_code, "scalar", adapter, offload
     )
     hf = model.get_base_model() if adapter is not None else model
     hf.config.pad_token_id = tokenizer.pad_token_id
     hf.score.float()
-    fully_shard(hf.base_model)
-    fully_shard(hf.score)
-    sharded.shard_root(model)
-    sharded.materialise(model, dist.device())
+    sharded.shard(hf.base_model, offload)
+    sharded.shard(hf.score, offload)
+    sharded.shard_root(model, offload)
+    sharded.materialise(model, dist.device(), offload)
     sharded.load_checkpoint(model, skip=("score.",))
     init_score(model, cfg.train.seed)
     if adapter is not None:

@@ -91,7 +91,15 @@ def fsdp2_arguments(t) -> dict[str, Any]:
     there `FSDP2Accelerator` sets the same plugin up itself)."""
     if getattr(t, "sharding", "ddp") != "fsdp2" or dist.world_size() < 2:
         return {}
-    return {"fsdp": True, "fsdp_config": dict(FSDP2_CONFIG)}
+    return {"fsdp": True, "fsdp_config": fsdp2_config(t)}
+
+
+def fsdp2_config(t) -> dict[str, Any]:
+    """The plugin's settings for these train settings: FSDP2_CONFIG, with train.cpu_offload (the model's units were
+    sharded with it by core.sharded; the plugin says the same to accelerate)."""
+    return dict(
+        FSDP2_CONFIG, cpu_offload=bool(getattr(t, "cpu_offload", False))
+    )  # the same as offloaded(model)
 
 
 class FSDP2Accelerator:
@@ -111,8 +119,9 @@ class FSDP2Accelerator:
             return
         from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
+        config = dict(FSDP2_CONFIG, cpu_offload=sharded.offloaded(self.model))
         state.fsdp_plugin = FullyShardedDataParallelPlugin(
-            fsdp_version=2, **{k: v for k, v in FSDP2_CONFIG.items() if k != "version"}
+            fsdp_version=2, **{k: v for k, v in config.items() if k != "version"}
         )
         state.distributed_type = DistributedType.FSDP
         self.is_fsdp_enabled = True

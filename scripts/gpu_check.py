@@ -10,9 +10,10 @@ A random Llama (hidden 1024, `--layers` layers) is saved as a plain checkpoint w
 download), then each stage runs through the real CLI in as many processes as there are GPUs (one process: FSDP2
 over a group of its own): `align sft`, `align reward` (from examples/data/preference_rankings.jsonl), `align dpo`,
 `align ppo` (GRPO, transformers generate), each with
-`train.sharding=fsdp2 lora.enabled=false` and precision auto (bf16 on a GPU with native bf16). For each: exit
-status, seconds, every step's loss, the peak memory per process the stage records, and whether the consolidated
-`model/` loads in plain transformers. The JSON goes to `--out`; exit status 0 when every stage ran and loaded.
+`train.sharding=fsdp2 lora.enabled=false` and precision auto (bf16 on a GPU with native bf16), then DPO with a LoRA
+on the sharded base and GRPO with every shard in host memory (`train.cpu_offload`). For each: exit status, seconds,
+every step's loss, the peak memory per process the stage records, and whether the consolidated `model/` loads in
+plain transformers (a LoRA run: its `adapter/` is there). The JSON goes to `--out`; exit status 0 when every stage ran and loaded.
 
 It runs on a CPU too (gloo, fp32): that is how its logic is checked where no GPU is lent.
 """
@@ -34,7 +35,9 @@ sys.path.insert(0, str(ROOT))
 from bench.harness import random_llama  # noqa: E402
 
 EX = ROOT / "examples" / "data"
-STAGES = ["sft", "reward", "dpo", "grpo"]
+STAGES = ["sft", "reward", "dpo", "grpo", "dpo-lora", "grpo-offload"]
+# runs of a stage above with settings of their own: (the stage's run, its extra settings)
+VARIANTS = {"dpo-lora": ("dpo", ["lora.enabled=true"]), "grpo-offload": ("grpo", ["train.cpu_offload=true"])}
 
 
 def pairs_file(path: Path) -> None:
@@ -61,7 +64,7 @@ def commands(model: Path, pairs: Path, prefs: Path, out: Path, steps: int) -> di
         "perplexity_gate.min_examples=5",
         "perplexity_gate.max_relative_increase=100",
     ]
-    return {
+    runs = {
         "sft": ["sft", "--config", "configs/sft.yaml", f"output_dir={out / 'sft'}", f"model.name_or_path={model}",
                 f"data.train_file={EX / 'instructions_train.jsonl'}", f"data.validation_file={heldout}",
                 f"train.max_steps={steps}", "train.early_stopping_patience=null", "train.learning_rate=1e-5",
@@ -80,6 +83,10 @@ def commands(model: Path, pairs: Path, prefs: Path, out: Path, steps: int) -> di
                  f"train.steps={steps}", "train.learning_rate=1e-6", "policy_gate.min_prompts=2",
                  "prompts.heldout_prompts=2", *gates, *common],
     }  # fmt: skip
+    for name, (stage, extra) in VARIANTS.items():
+        runs[name] = [x.replace(f"output_dir={out / stage}", f"output_dir={out / name}") for x in runs[stage]]
+        runs[name] += extra  # later settings win
+    return runs
 
 
 def losses(folder: Path) -> list[float]:
@@ -149,7 +156,8 @@ def main() -> int:
                 "exit": r.returncode, "seconds": round(time.time() - t0, 1), "losses": losses(folder),
                 "peak_memory_gib_per_process": metrics.get("peak_memory_gib_per_process"),
                 "precision": metrics.get("precision"),
-                "model_loads": loads(folder / "model") if (folder / "model").exists() else "no model/",
+                "model_loads": loads(folder / "model") if (folder / "model").exists()
+                else "adapter/" if (folder / "adapter").exists() else "no model/",
                 "stderr_tail": r.stderr[-1500:] if r.returncode not in (0, 1) else "",
             }  # fmt: skip
             print(
@@ -160,7 +168,7 @@ def main() -> int:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(record, indent=1) + "\n")
     ok = all(
-        s["exit"] in (0, 1) and s["model_loads"] == "ok" for s in record["stages"].values()
+        s["exit"] in (0, 1) and s["model_loads"] in ("ok", "adapter/") for s in record["stages"].values()
     )  # 1: a gate failed
     return 0 if ok else 1
 

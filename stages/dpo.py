@@ -158,10 +158,16 @@ def build_policy(cfg: DPOConfig, start: Start, precision: str, partitioned: bool
         m = sharded_start(start, cfg.init_from, Path(cfg.output_dir))
         load = (m.name_or_path, precision, m.attn_implementation, m.trust_remote_code)
         if not cfg.full_parameter:  # a fresh LoRA on the sharded start; the adapter disabled is the reference
-            model = sharded.load(*load, adapter=peft_config(cfg.lora, cfg.peft))
+            model = sharded.load(
+                *load, adapter=peft_config(cfg.lora, cfg.peft), offload=cfg.train.cpu_offload
+            )
             init_lora(model, cfg.train.seed)
             return model, None, None
-        model, reference = sharded.load(*load), sharded.load(*load)  # and a frozen sharded copy
+        offload = cfg.train.cpu_offload
+        model, reference = (
+            sharded.load(*load, offload=offload),
+            sharded.load(*load, offload=offload),
+        )  # and a frozen copy
         return model, None, reference.requires_grad_(False).eval()
     model = load_start(start, precision, partitioned)
     if cfg.full_parameter:
@@ -564,6 +570,9 @@ def train_policy(
     zero3 = plumbing.zero3_init(args)  # never with fsdp2: the config refuses deepspeed beside it
     if zero3:
         console.print("policy and reference partitioned as they are created (ZeRO-3)", highlight=False)
+    if t.sharding == "fsdp2":
+        held = "policy and reference" if cfg.full_parameter else "policy (a LoRA on its base)"
+        console.print(f"{held} {sharded.described(t.cpu_offload)}", highlight=False)
     if ctx.is_main and not ctx.resume:  # a merged start left by an earlier run may be another start's
         shutil.rmtree(ctx.out / MERGED_START, ignore_errors=True)
     model, adapter, reference = build_policy(cfg, start, ctx.precision, partitioned=zero3)

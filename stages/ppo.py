@@ -205,24 +205,24 @@ def build_sharded(cfg: PPOConfig, start: Start, precision: str):
     every decoder layer (and its LoRA weights) and the value head a unit, the module holding them the root; each
     process allocates and reads from the checkpoint only its own shards (core/sharded.py). The LoRA and the value
     head start as in build_policy. An SFT adapter start is merged file by file first (lib.merge.sharded_start)."""
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import register_fsdp_forward_method
 
     m = sharded_start(start, cfg.init_from, Path(cfg.output_dir))
     adapter = lora_config(cfg.lora) if cfg.lora.enabled else None
-    policy = sharded.build(
-        m.name_or_path, precision, m.attn_implementation, m.trust_remote_code, adapter=adapter
-    )
+    offload = cfg.train.cpu_offload  # every unit's shards in host memory (core.sharded.shard)
+    load = (m.name_or_path, precision, m.attn_implementation, m.trust_remote_code)
+    policy = sharded.build(*load, adapter=adapter, offload=offload)
     reference = None
     if adapter is None:
-        reference = sharded.build(m.name_or_path, precision, m.attn_implementation, m.trust_remote_code)
+        reference = sharded.build(*load, offload=offload)
         reference.requires_grad_(False)
     with torch.device("meta"):
         value_head = torch.nn.Linear(policy.config.hidden_size, 1)  # fp32: a unit of its own
-    fully_shard(value_head)
+    sharded.shard(value_head, offload)
     model = PolicyWithValue(policy, value_head, reference)
-    sharded.shard_root(model)
+    sharded.shard_root(model, offload)
     register_fsdp_forward_method(model, "generate")
-    sharded.materialise(model, dist.device())
+    sharded.materialise(model, dist.device(), offload)
     sharded.load_checkpoint(policy)
     if reference is not None:
         sharded.load_checkpoint(reference)
@@ -520,6 +520,7 @@ def setup(cfg: PPOConfig, ctx: StageContext, start: Start) -> Learner:
         console.print("policy partitioned as it is created (ZeRO-3)", highlight=False)
         policy, value_head, reference, base_path = build_policy(cfg, start, ctx.precision, ds_config)
     elif engine == "fsdp2":
+        console.print(f"policy {sharded.described(t.cpu_offload)}", highlight=False)
         model, policy, value_head, reference, base_path = build_sharded(cfg, start, ctx.precision)
     else:
         policy, value_head, reference, base_path = build_policy(cfg, start, ctx.precision)

@@ -167,8 +167,9 @@ STAGES: dict[str, Stage] = table(
             lambda c: (c.train.mini_batch_size, c.prompts.max_prompt_length + c.rollout.max_new_tokens),
             engine_gib=_vllm_kv,
             reference_copy=lambda c: not c.lora.enabled,
-            shardings=("ddp", "zero3", "fsdp2"),  # train.sharding or train.deepspeed (ZeRO-3); no offload yet
-            offloads=("none",),
+            shardings=("ddp", "zero3", "fsdp2"),  # train.sharding or train.deepspeed (ZeRO-3)
+            offloads=("none", "optimizer+weights"),
+            offload_shardings=("fsdp2",),  # train.cpu_offload; not yet under its ZeRO-3 engine
         ),
         card=CardInfo(("ppo", "rlhf"), "Chat assistant tuned by PPO against its reward model."),
     ),

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core import sharded
 from core.config import UserError, printable
 from core.manifest import (
     atomic_write_json,
@@ -297,7 +298,9 @@ def train(
     )
     name = printable(str(cfg.init_from or cfg.model.name_or_path))
     if t.sharding == "fsdp2":  # 1/N of every weight per process, read shard by shard (core/sharded.py)
-        console.print(f"model: {name} in {ctx.precision}, sharded (FSDP2)", highlight=False)
+        console.print(
+            f"model: {name} in {ctx.precision}, {sharded.described(t.cpu_offload)}", highlight=False
+        )
         if ctx.is_main and not ctx.resume:  # a merged start left by an earlier run may be another start's
             shutil.rmtree(ctx.out / MERGED_START, ignore_errors=True)
         model = build_sharded_reward_model(

@@ -252,13 +252,14 @@ def train(cfg: SFTConfig, ctx: StageContext, tokenizer, train_rows, val_rows, qu
     m = cfg.model
     if t.sharding == "fsdp2":  # 1/N of every weight per process, read shard by shard (core/sharded.py)
         console.print(
-            f"model: {printable(m.name_or_path)} in {ctx.precision}, sharded (FSDP2)", highlight=False
+            f"model: {printable(m.name_or_path)} in {ctx.precision}, {sharded.described(t.cpu_offload)}",
+            highlight=False,
         )
         adapter = (
             peft_config(cfg.lora, cfg.peft) if cfg.lora.enabled else None
         )  # a plain LoRA (the config checks)
         model = sharded.load(
-            m.name_or_path, ctx.precision, m.attn_implementation, m.trust_remote_code, adapter
+            m.name_or_path, ctx.precision, m.attn_implementation, m.trust_remote_code, adapter, t.cpu_offload
         )
         if adapter is not None:
             init_lora(model, t.seed)

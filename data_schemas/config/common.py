@@ -345,6 +345,14 @@ class TrainerSettings(RunSettings):
         "(lora.enabled false) or a plain LoRA on the sharded base (peft.method=lora), from a checkpoint or an "
         "artifact (an SFT LoRA start merged file by file first).",
     )
+    cpu_offload: bool = Field(
+        False,
+        description="With train.sharding=fsdp2: every process keeps its shards of the weights, their gradients and "
+        "AdamW's moments in host memory (FSDP2's CPUOffloadPolicy), copying one unit at a time to the accelerator "
+        "to gather and compute it; the optimizer steps on the host. Accelerator memory falls to the gathered units, "
+        "activations and runtime (what lets 70B full-parameter GRPO fit 8 x 80 GB: align plan), for host-device "
+        "copies every step and a CPU optimizer step. ZeRO's offload is set in the train.deepspeed JSON instead.",
+    )
     deepspeed: Path | None = Field(
         None,
         description="A DeepSpeed config (JSON) for the Trainer, as TrainingArguments.deepspeed: "
@@ -360,6 +368,11 @@ class TrainerSettings(RunSettings):
             raise ValueError(
                 "train.sharding=fsdp2 and train.deepspeed are two sharding engines; choose one (deepspeed=null, or "
                 "sharding=ddp)"
+            )
+        if self.cpu_offload and self.sharding != "fsdp2":
+            raise ValueError(
+                "train.cpu_offload keeps FSDP2's shards in host memory: set train.sharding=fsdp2 (DeepSpeed's "
+                "offload is set in its JSON: zero_optimization.offload_optimizer / offload_param)"
             )
         return self
 

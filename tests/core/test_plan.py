@@ -152,8 +152,17 @@ def test_layouts_per_process_from_hand_counts_and_the_smallest_that_fits(tiny_mo
     )
     assert "master weights (fp32, DeepSpeed)" not in layout(plan, 4, "fsdp2").terms
     assert z3.terms["activations"] == t["activations"] and z3.terms["runtime"] == t["runtime"]
-    with pytest.raises(ValueError, match="does not partition the weights"):
-        layout(plan, 2, "zero2", "optimizer+weights")
+    with pytest.raises(ValueError, match="not optimizer\\+weights"):
+        layout(
+            plan, 2, "zero2", "optimizer+weights"
+        )  # ZeRO-2 holds the weights whole: nothing to offload of them
+    # FSDP2's CPU offload (train.cpu_offload) moves the weights' shards with their gradients and moments
+    f = layout(plan, 4, "fsdp2", "optimizer+weights")
+    moved = t["weights"] / 4 + t["gradients"] / 4 + t["optimizer (AdamW)"] / 4
+    assert f.host == pytest.approx(moved) and f.terms["weights"] == f.terms["gradients"] == 0
+    assert f.total == pytest.approx(layout(plan, 4, "fsdp2").total - moved)
+    with pytest.raises(ValueError, match="not optimizer"):
+        layout(plan, 4, "fsdp2", "optimizer")  # FSDP2 offloads all of a shard or nothing
     # the search names the first layout, in its order (fewer processes, less sharding, no offload), that fits
     shape = STAGES["sft"].plan
     rows = layouts(plan, 8, None, shape.shardings, shape.offloads)  # what align offers SFT
@@ -175,17 +184,20 @@ def test_layouts_per_process_from_hand_counts_and_the_smallest_that_fits(tiny_mo
     assert len(d["layouts"]) == len(rows)
 
 
-def test_fsdp2_is_offered_without_offload_where_the_stage_shards_it_and_deepspeed_is_read(tmp_path):
-    """align's FSDP2 offloads nothing, so `align plan` offers it without offload, full-parameter and for a LoRA's
-    base (every training stage shards it); a stage under train.deepspeed is checked at start as the ZeRO stage its
-    config names."""
-    from core.plan import layout, layouts, sharding_of
+def test_fsdp2_is_offered_with_and_without_offload_and_deepspeed_is_read(tmp_path):
+    """`align plan` offers FSDP2 without offload and with its CPU offload (weights, gradients and moments together),
+    full-parameter and for a LoRA's base (every training stage shards it); a stage under train.deepspeed is checked
+    at start as the ZeRO stage and offload its config names, under FSDP2 as train.cpu_offload says."""
+    from core.plan import layout, layouts, offload_of, sharding_of
 
     shape = STAGES["sft"].plan
     full = estimate(_cfg(lora={"enabled": False}), shape, device="cpu")
     adapter = estimate(_cfg(), shape, device="cpu")
     full_rows = layouts(full, 4, None, shape.shardings, shape.offloads)
-    assert {(r.sharding, r.offload) for r in full_rows if r.sharding == "fsdp2"} == {("fsdp2", "none")}
+    assert {(r.sharding, r.offload) for r in full_rows if r.sharding == "fsdp2"} == {
+        ("fsdp2", "none"),
+        ("fsdp2", "optimizer+weights"),
+    }
     assert all("fsdp2" in STAGES[s].plan.shardings for s in ("sft", "reward", "dpo", "ppo"))
     offered = layouts(adapter, 4, None, shape.shardings, shape.offloads)
     assert "fsdp2" in {r.sharding for r in offered}
@@ -195,7 +207,18 @@ def test_fsdp2_is_offered_without_offload_where_the_stage_shards_it_and_deepspee
         ds = tmp_path / f"z{stage}.json"
         ds.write_text(json.dumps({"zero_optimization": {"stage": stage}}))
         assert sharding_of(_cfg(train={"deepspeed": str(ds)})) == name
-    assert sharding_of(_cfg()) == "ddp"
+    assert sharding_of(_cfg()) == "ddp" and offload_of(_cfg()) == "none"
+    assert offload_of(_cfg(lora={"enabled": False}, train={"sharding": "fsdp2", "cpu_offload": True})) == (
+        "optimizer+weights"
+    )
+    for sections, offload in (
+        ({"offload_optimizer": {"device": "cpu"}}, "optimizer"),
+        ({"offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}, "optimizer+weights"),
+        ({"offload_optimizer": {"device": "none"}}, "none"),
+    ):
+        ds = tmp_path / "offload.json"
+        ds.write_text(json.dumps({"zero_optimization": {"stage": 3, **sections}}))
+        assert offload_of(_cfg(train={"deepspeed": str(ds)})) == offload
 
 
 def test_ppo_is_planned_under_fsdp2_and_zero3_with_a_lora_policy_too():
@@ -210,8 +233,10 @@ def test_ppo_is_planned_under_fsdp2_and_zero3_with_a_lora_policy_too():
     shape = STAGES["ppo"].plan
     plan = estimate(ppo, shape, device="cpu")
     assert plan.trainable < plan.params  # a LoRA policy
-    rows = layouts(plan, 4, None, shape.shardings, shape.offloads)
+    rows = layouts(plan, 4, None, shape.shardings, shape.offloads, shape.offload_shardings)
     assert {"fsdp2", "zero3"} <= {r.sharding for r in rows if r.processes == 4}
+    offloaded = {(r.sharding, r.offload) for r in rows if r.offload != "none"}
+    assert offloaded == {("fsdp2", "optimizer+weights")}  # train.cpu_offload; not yet under its ZeRO-3 engine
     assert layout(plan, 4, "fsdp2").terms["weights"] < layout(plan, 4, "ddp").terms["weights"]
 
 
@@ -241,6 +266,12 @@ def test_a_hard_memory_cap_refuses_what_surely_does_not_fit_and_sharding_divides
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     core.plan.check_at_start(sharded, STAGES["ppo"].plan)  # no refusal (at most a warning)
+    # on a CPU the host is the same memory: offloading a share to it (train.cpu_offload) frees nothing
+    offloaded = sharded.model_copy(update={"train": sharded.train.model_copy(update={"cpu_offload": True})})
+    monkeypatch.setattr(core.plan, "memory_cap", lambda: 0.9 * share_surely)
+    for run in (sharded, offloaded):
+        with pytest.raises(UserError, match="holds at least"):
+            core.plan.check_at_start(run, STAGES["ppo"].plan)
     monkeypatch.setattr(core.plan, "memory_cap", lambda: None)
     monkeypatch.delenv("WORLD_SIZE")
     monkeypatch.setattr(core.plan, "capacity", lambda dev: 1000 * GIB)

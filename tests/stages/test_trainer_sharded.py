@@ -225,9 +225,13 @@ def test_the_artifact_is_the_trained_model_as_a_plain_checkpoint(runs, stage, ch
 
 
 def test_a_sharded_dpo_run_paused_and_resumed_equals_the_uninterrupted_one(runs, checkpoint, pairs, tmp_path):  # noqa: F811
-    paused = ("train.sharding=fsdp2", "train.stop_after_steps=2")
+    """Paused after step 2 and resumed from its per-process checkpoints, with every shard kept in host memory
+    (train.cpu_offload: FSDP2's CPUOffloadPolicy, the optimizer stepping on the host), the run equals the
+    uninterrupted run without offload (on a CPU host and device are one memory, so the numbers must agree)."""
+    paused = ("train.sharding=fsdp2", "train.stop_after_steps=2", "train.cpu_offload=true")
     cut = _run(_dpo(tmp_path / "cut", checkpoint, pairs, *paused, processes=2))
     assert cut.returncode == 3, cut.stderr[-3000:]  # paused
+    assert "sharded (FSDP2), its shards in host memory" in cut.stdout + cut.stderr
     again = _run(_align("dpo", "--config", str(tmp_path / "cut" / "config.yaml"), "train.stop_after_steps=null",
                         "--resume", processes=2))  # fmt: skip
     assert again.returncode == 0, again.stderr[-3000:]

@@ -32,7 +32,7 @@ from align.data_cli import run_data_command
 from align.launch import relaunch, strip_launch_flags
 from align.pipeline import run_pipeline, write_run_report
 from align.sweep import run_sweep
-from core.config import UserError, apply_overrides, load_config, printable, read_yaml, validate
+from core.config import UserError, apply_overrides, config_help, load_config, printable, read_yaml
 from core.dist import capacity as dist_capacity
 from core.manifest import atomic_write_json, atomic_write_text
 from core.plan import (
@@ -48,7 +48,7 @@ from core.plan import (
 )
 from core.readers import load_instructions
 from core.stage import print_gate, print_skipped
-from data_schemas.config import PipelineConfig, SweepConfig
+from data_schemas.config import DataBuildConfig, PipelineConfig, PreferencesConfig, SweepConfig
 from eval import signoff
 from eval.registry import GATES, gate_settings
 from eval.task_metrics import prompts_and_references, task_metrics
@@ -59,9 +59,19 @@ err = Console(stderr=True, soft_wrap=True)  # no line breaks inside paths and co
 out = Console()
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
+def _add_config_args(
+    p: argparse.ArgumentParser, model=None, example: str = "train.learning_rate=1e-4"
+) -> None:
+    """--config and the overrides; with `model`, --help lists every key of it (core.config.config_help)."""
     p.add_argument("--config", type=Path, help="YAML config (see configs/)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.learning_rate=1e-4")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help=f"dotted overrides, e.g. {example} (or --{example.replace('=', ' ')}; TRL's names work too)",
+    )
+    if model is not None:
+        p.epilog = config_help(model)
+        p.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
 def _add_launch_args(p: argparse.ArgumentParser) -> None:
@@ -88,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in STAGES.values():
         if stage.command:
             p = sub.add_parser(stage.name, help=stage.help)
-            _add_config_args(p)
+            _add_config_args(p, stage.config_model())
             p.add_argument(
                 "--resume", action="store_true", help="continue from the latest checkpoint in output_dir"
             )
@@ -128,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pl.add_argument("--json", action="store_true", help="print JSON only")
     sw = sub.add_parser("sweep", help="hyper-parameter search over a stage's config (Optuna, with pruning)")
-    _add_config_args(sw)
+    _add_config_args(sw, SweepConfig, "n_trials=20")
     sc = sub.add_parser("score", help="score (prompt, response) rows with a reward artifact")
     sc.add_argument("--reward", required=True, type=Path, help="an `align reward` artifact directory")
     sc.add_argument("--input", required=True, type=Path, help="JSONL rows with 'prompt' and 'response'")
@@ -169,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser(
         "run", help="the whole pipeline in one run directory, stopping at the first failed gate"
     )
-    _add_config_args(rp)
+    _add_config_args(rp, PipelineConfig, "run_dir=runs/mine")
     rp.add_argument("--from", dest="from_stage", help="redo this stage and every later one")
     _add_launch_args(rp)
     ex = sub.add_parser(
@@ -244,20 +254,25 @@ def build_parser() -> argparse.ArgumentParser:
         dest="data_command", metavar="WHAT"
     )
     b = dp.add_parser("build", help="instruction files -> cleaned, deduplicated, split dataset folder")
-    b.add_argument("inputs", nargs="*", type=Path, help="instruction files (or set inputs in --config)")
+    b.add_argument(
+        "inputs",
+        nargs="*",
+        help="instruction files (or set inputs in --config), and KEY=VALUE overrides (e.g. dedup.threshold=0.9)",
+    )
     b.add_argument("--out", type=Path, help="artifact directory (output_dir)")
     b.add_argument("--strict", action="store_true", help="exit 2 and write nothing if any row is dropped")
     b.add_argument(
         "--resume", action="store_true", help="finish an interrupted build in --out (it is rebuilt)"
     )
     b.add_argument("--config", type=Path, help="YAML config (configs/data.yaml)")
+    b.epilog, b.formatter_class = config_help(DataBuildConfig), argparse.RawDescriptionHelpFormatter
     b.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="dotted override, repeatable (e.g. --set dedup.threshold=0.9)",
+        help="dotted override, repeatable (the same as KEY=VALUE after the inputs)",
     )
     c = dp.add_parser("check-rankings", help="validate ranking files; summary and annotator agreement")
     c.add_argument("files", nargs="+", type=Path)
@@ -272,13 +287,18 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--annotator", help="annotator name for imported judgments (default: import:FORMAT:FILE)")
     i.add_argument("--strict", action="store_true", help="exit 2 if any input row could not be converted")
     bp = dp.add_parser("build-preferences", help="ranking files -> K-wise groups and pairs for reward/DPO")
-    bp.add_argument("inputs", nargs="*", type=Path, help="ranking files (or set inputs in --config)")
+    bp.add_argument(
+        "inputs",
+        nargs="*",
+        help="ranking files (or set inputs in --config), and KEY=VALUE overrides (e.g. validation_fraction=0.2)",
+    )
     bp.add_argument("--out", type=Path, help="artifact directory (output_dir)")
     bp.add_argument("--strict", action="store_true")
     bp.add_argument(
         "--resume", action="store_true", help="finish an interrupted build in --out (it is rebuilt)"
     )
     bp.add_argument("--config", type=Path, help="YAML config (configs/preferences.yaml)")
+    bp.epilog, bp.formatter_class = config_help(PreferencesConfig), argparse.RawDescriptionHelpFormatter
     bp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return ap
 
@@ -295,12 +315,11 @@ def _cmd_stage(a) -> int:
 
 def _cmd_plan(a) -> int:
     """`align plan --config X [KEY=VALUE ...] [--stage S]`: that stage's config, estimated (core/plan.py)."""
-    data = apply_overrides(read_yaml(a.config) if a.config else {}, a.overrides)
     stages = [s.name for s in STAGES.values() if s.trains]
     a.stage = a.stage or next((s for s in stages if a.config and a.config.stem.startswith(s)), None)
     if a.stage is None:
         raise UserError(f"align plan: say which stage the config is for: --stage {'|'.join(stages)}")
-    cfg = validate(STAGES[a.stage].config_model(), data, str(a.config or "command line"))
+    cfg = load_config(STAGES[a.stage].config_model(), a.config, a.overrides)
     gpu = (
         a.gpus is not None and cfg.precision == "auto"
     )  # planned for GPUs from anywhere: bf16, as they choose
@@ -565,9 +584,52 @@ COMMANDS = {
 }
 
 
+def overrides_as_options(ap: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """`argv` with every override of a command written where its parser takes it: the TRL/transformers habit of
+    overrides as options (`--learning_rate 1e-4`, `--train.learning_rate=1e-4`, a bare `--gradient_checkpointing`
+    for true) and `KEY=VALUE` words anywhere among the options become the command's overrides (its positional
+    list, at the end so that they are one group; or `--set KEY=VALUE` for the data commands, whose positional
+    words are files). The command's own options (--config, --resume, ...) and their values are left as they are."""
+    sub, start = ap, len(argv)
+    for i, token in enumerate(argv):  # the (sub)command the options belong to: the deepest parser named
+        actions = getattr(sub, "_subparsers", None)
+        choices = actions._group_actions[0].choices if actions is not None else {}
+        if token in choices:
+            sub, start = choices[token], i + 1
+        elif not token.startswith("-"):
+            break
+    dests = {a.dest for a in sub._actions}
+    if sub is ap or "overrides" not in dests:
+        return argv
+    positional = not any("--set" in a.option_strings for a in sub._actions)
+    known = sub._option_string_actions
+    out, overrides, rest, i = argv[:start], [], argv[start:], 0
+    while i < len(rest):
+        token, name = rest[i], rest[i].split("=", 1)[0]
+        if name in known:  # the command's own option, with its value when it takes one
+            takes_value = known[name].nargs != 0 and "=" not in token
+            out += rest[i : i + 1 + takes_value]
+            i += 1 + takes_value
+            continue
+        if token.startswith("--") and token != "--":
+            if "=" in token:
+                overrides.append(token[2:])
+            elif i + 1 < len(rest) and not rest[i + 1].startswith("--"):
+                overrides.append(f"{token[2:]}={rest[i + 1]}")
+                i += 1
+            else:
+                overrides.append(f"{token[2:]}=true")
+        elif "=" in token and not token.startswith("-") and not Path(token).exists():
+            overrides.append(token)
+        else:
+            out.append(token)
+        i += 1
+    return out + (overrides if positional else [x for o in overrides for x in ("--set", o)])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = overrides_as_options(ap, list(sys.argv[1:] if argv is None else argv))
     a = ap.parse_args(argv)
     if a.command is None:
         ap.print_help()

@@ -12,7 +12,7 @@ import json
 from rich.console import Console
 from rich.table import Table
 
-from core.config import UserError, apply_overrides, printable, read_yaml, validate
+from core.config import UserError, apply_overrides, override_keys, printable, read_yaml, validate
 from data_schemas.config import DataBuildConfig, PreferencesConfig
 from lib.rankings import import_rankings, read_rankings, summarise
 from stages.preferences import counts_summary, run
@@ -22,10 +22,12 @@ err = Console(stderr=True, soft_wrap=True)  # no line breaks inside paths and co
 
 
 def _config(model, a):
-    """The command's config: its YAML (--config), the inputs, --out and --strict it was given, then overrides."""
+    """The command's config: its YAML (--config), the inputs, --out and --strict it was given, then overrides
+    (--set KEY=VALUE; a KEY=VALUE word among the inputs is one too: align.cli.overrides_as_options)."""
     data = read_yaml(a.config) if a.config else {}
     data.update({k: v for k, v in _io(a).items() if v not in (None, [], False)})
-    return validate(model, apply_overrides(data, a.overrides), str(a.config or "command line"))
+    data = apply_overrides(data, a.overrides, model)
+    return validate(model, data, str(a.config or "command line"), override_keys(a.overrides, model))
 
 
 def _io(a) -> dict:

@@ -1,13 +1,21 @@
 """YAML configs with dotted `key=value` overrides, validated by the pydantic models in data_schemas.
 
-Overrides follow the transformers/TRL habit of `--key value` on the command line, written here as
-`train.learning_rate=1e-4` (values are parsed as YAML scalars, so `true`, `3`, `1e-4`, `[a, b]` work).
-Every problem becomes one line naming the file, the key and what is allowed; the CLI prints them and exits 2.
+Overrides are written `train.learning_rate=1e-4`, or in the transformers/TRL habit `--train.learning_rate 1e-4`,
+`--learning_rate=1e-4` (the CLI turns those into the first form: align/cli.py). Values are parsed as YAML scalars,
+so `true`, `3`, `1e-4`, `[a, b]` work; `1e-4` is a number in files too (YAML 1.1 would read it as a string). A key
+that is not the config's is resolved the way a TRL user means it (`resolve_key`): TRL's own name where align's
+differs (`TRL_NAMES`: `lora_r`, `num_generations`, ...), or a field name that exists once in the config
+(`learning_rate` is `train.learning_rate`). Every problem becomes one line naming where the key came from (the
+file or the command line), the key, what is allowed and, for an unknown key, the nearest real ones; the CLI prints
+them and exits 2. `config_help` lists every key with its default and description for `--help`.
 """
 
 from __future__ import annotations
 
+import difflib
 import re
+import textwrap
+import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -116,6 +124,15 @@ class StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# YAML 1.2's floats: PyYAML (YAML 1.1) wants a dot in the mantissa and a sign in the exponent, so `1e-4` and `3e5`
+# were strings. Added after PyYAML's own float rule, which still reads everything it read before.
+StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
 def strict_yaml(text: str) -> Any:
     """YAML text parsed by `StrictLoader` (yaml.YAMLError on a duplicate key, an alias bomb or deep nesting)."""
     loader = StrictLoader(text)
@@ -150,8 +167,17 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b.c=value` overrides in order; values are YAML scalars or flow collections."""
+def override_keys(overrides: list[str], model: type[BaseModel] | None = None) -> list[str]:
+    """The dotted keys `overrides` set (resolved against `model` as apply_overrides resolves them)."""
+    keys = [item.split("=", 1)[0].strip().removeprefix("--") for item in overrides if "=" in item]
+    return [resolve_key(model, k) if model is not None else k for k in keys]
+
+
+def apply_overrides(
+    data: dict[str, Any], overrides: list[str], model: type[BaseModel] | None = None
+) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides in order; values are YAML scalars or flow collections. With `model`, a key it
+    does not have is resolved as a TRL user means it (`resolve_key`)."""
     data = dict(data)
     for item in overrides:
         if "=" not in item:
@@ -162,6 +188,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise UserError(f"override '{item}': the key is empty")
         if key.count(".") >= MAX_KEY_PARTS:
             raise UserError(f"override '{item[:80]}…': the key has more than {MAX_KEY_PARTS} parts")
+        key = resolve_key(model, key) if model is not None else key
         try:
             value = strict_yaml(raw) if raw.strip() else ""
         except (yaml.YAMLError, RecursionError) as e:
@@ -185,12 +212,180 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def format_validation_error(err: ValidationError, source: str) -> list[str]:
+# ----------------------------------------------------------------------------------------------------------
+# The keys of a config model: resolution, suggestions, help
+# ----------------------------------------------------------------------------------------------------------
+# TRL's (and transformers') names where align's key differs, for the configs that have the key: TRL name -> align's
+# dotted keys, the first one the config has wins. Names that exist once in a config need no row (`resolve_key`).
+TRL_NAMES: dict[str, tuple[str, ...]] = {
+    "lora_r": ("lora.r",),
+    "lora_alpha": ("lora.alpha",),
+    "lora_dropout": ("lora.dropout",),
+    "lora_target_modules": ("lora.target_modules",),
+    "use_peft": ("lora.enabled",),
+    "model_name_or_path": ("model.name_or_path", "init_from"),
+    "num_ppo_epochs": ("train.ppo_epochs",),
+    "cliprange": ("train.clip_range",),
+    "cliprange_value": ("train.clip_range_value",),
+    "num_generations": ("train.group_size",),
+    "max_completion_length": ("rollout.max_new_tokens",),
+    "beta": ("train.beta", "train.kl_coef"),  # DPO's beta; GRPO's is the KL coefficient
+}
+
+
+def _models_in(annotation) -> list[type[BaseModel]]:
+    """The pydantic models a field's annotation holds (itself, or inside Optional/Union/list)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for t in typing.get_args(annotation) for m in _models_in(t)]
+
+
+def _mapping_of(annotation) -> type[BaseModel] | None:
+    """The model a mapping field holds under keys of the user's (`dict[str, SweepParam]`), else None."""
+    if typing.get_origin(annotation) is dict:
+        models = _models_in(typing.get_args(annotation)[-1])
+        return models[0] if models else None
+    found = [m for t in typing.get_args(annotation) if (m := _mapping_of(t)) is not None]
+    return found[0] if found else None
+
+
+def _extra_model(model: type[BaseModel]) -> type[BaseModel] | None:
+    """The model a config's extra keys hold (`extra="allow"` with `__pydantic_extra__: dict[str, X]`), else None."""
+    if model.model_config.get("extra") != "allow":
+        return None
+    return _mapping_of(typing.get_type_hints(model).get("__pydantic_extra__"))
+
+
+def config_fields(model: type[BaseModel], prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, pydantic FieldInfo) of every leaf of `model`, in declaration order (nested models walked; a
+    mapping of models, or a model's extra keys, shown as `<name>`)."""
+    out = []
+    extra = _extra_model(model)
+    if extra is not None:
+        out += config_fields(extra, f"{prefix}<name>.")
+    for name, f in model.model_fields.items():
+        mapped = _mapping_of(f.annotation)
+        subs = _models_in(f.annotation)
+        if mapped is not None:
+            out += config_fields(mapped, f"{prefix}{name}.<name>.")
+        elif subs:
+            out += config_fields(subs[0], f"{prefix}{name}.")
+        else:
+            out.append((f"{prefix}{name}", f))
+    return out
+
+
+def _known(model: type[BaseModel], key: str) -> bool:
+    """Whether `key` names a field of `model` (or something inside a field that is not a model: a mapping, a
+    config's extra keys)."""
+    models = [model]
+    for part in key.split("."):
+        if not models or any(m.model_config.get("extra") == "allow" for m in models):
+            return True  # below a leaf, or among a config's own keys: the validators decide
+        fields = [m.model_fields[part] for m in models if part in m.model_fields]
+        if not fields:
+            return False
+        if any(_mapping_of(f.annotation) is not None for f in fields):
+            return True
+        models = [s for f in fields for s in _models_in(f.annotation)]
+    return True
+
+
+def resolve_key(model: type[BaseModel], key: str) -> str:
+    """The config key a user means: `key` when `model` has it; else TRL's name for it (TRL_NAMES); else, for a
+    plain name, the one field of `model` with that name at any depth (`learning_rate`: `train.learning_rate`);
+    else `key` as given (validation then says it is unknown, with the nearest keys)."""
+    if _known(model, key):
+        return key
+    for candidate in TRL_NAMES.get(key, ()):
+        if _known(model, candidate):
+            return candidate
+    if "." not in key:  # a training setting's name: gate and evaluation sections are not what TRL names
+        named = [k for k, _ in config_fields(model) if k.rsplit(".", 1)[-1] == key and not _judging(k)]
+        if len(named) == 1:
+            return named[0]
+    return key
+
+
+def _judging(key: str) -> bool:
+    """A key of a gate's or an evaluation's section (`perplexity_gate.max_length`, `eval.prompts`)."""
+    top = key.split(".", 1)[0]
+    return top.endswith("gate") or top in ("eval", "gates")
+
+
+def suggestions(model: type[BaseModel], key: str) -> list[str]:
+    """The real keys nearest to an unknown `key`: same last name elsewhere, then close spellings."""
+    keys = [k for k, _ in config_fields(model) if "<name>" not in k]
+    leaf = key.rsplit(".", 1)[-1]
+    same = [k for k in keys if k.rsplit(".", 1)[-1] == leaf]
+    by_leaf = {k.rsplit(".", 1)[-1]: k for k in keys}
+    for cutoff, n in ((0.85, 1), (0.6, 2)):  # one clear match, else the two nearest
+        close = difflib.get_close_matches(key, keys, n=n, cutoff=cutoff)
+        close += [
+            by_leaf[x] for x in difflib.get_close_matches(leaf, list(by_leaf), n=n, cutoff=cutoff + 0.1)
+        ]
+        if same or close:
+            return list(dict.fromkeys(same + close))[:3]
+    return []
+
+
+def _default(f) -> str:
+    from pydantic_core import PydanticUndefined
+
+    if f.default is not PydanticUndefined:
+        value = f.default
+    elif f.default_factory is not None:
+        try:
+            value = f.default_factory()
+        except TypeError:
+            return "(computed)"
+    else:
+        return "required"
+    if isinstance(value, BaseModel):
+        return "(a section)"
+    from pydantic_core import to_jsonable_python
+
+    try:
+        value = to_jsonable_python(value)  # paths, enums, ... as the YAML a user would write
+        text = (
+            yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+        )
+    except (TypeError, ValueError, yaml.YAMLError):
+        text = str(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def config_help(model: type[BaseModel], width: int = 100) -> str:
+    """Every key of `model` with its default and description, for a command's --help (as TRL's CLI lists its
+    dataclass fields)."""
+    lines = ["config keys (KEY=VALUE after the command, or in --config's YAML; default in parentheses):"]
+    for key, f in config_fields(model):
+        lines.append(f"  {key} ({_default(f)})")
+        if f.description:
+            lines += textwrap.wrap(f.description, width, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(lines)
+
+
+def format_validation_error(
+    err: ValidationError,
+    source: str,
+    model: type[BaseModel] | None = None,
+    overridden: list[str] | tuple[str, ...] = (),
+) -> list[str]:
+    """One line per problem: where the key came from (`source`, or the command line for a key in `overridden` and
+    what is below it), the key, what is wrong; for an unknown key of `model`, the nearest real keys."""
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        given = any(key == k or key.startswith(k + ".") or k.startswith(key + ".") for k in overridden)
+        where = "command line" if given else source
         if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see the documented keys in configs/ and docs/configuration.md)"
+            near = suggestions(model, key) if model is not None else []
+            msg = (
+                f"unknown key; did you mean {' or '.join(near)}?"
+                if near
+                else "unknown key (check the spelling; `align COMMAND --help` lists every key)"
+            )
         elif e["type"] == "missing":
             msg = "required key is missing"
         elif e["type"] == "literal_error":
@@ -198,23 +393,25 @@ def format_validation_error(err: ValidationError, source: str) -> list[str]:
         else:
             msg = f"{e['msg']}; got {e.get('input')!r}"
         msg = msg.replace("Value error, ", "")
-        lines.append(f"{source}: {key}: {msg}")
+        lines.append(f"{where}: {key}: {msg}")
     return lines
 
 
 def load_config(model: type[T], path: Path | None, overrides: list[str] | None = None) -> T:
     """Read YAML (optional), apply overrides, validate. Raises UserError listing every problem."""
     data = read_yaml(path) if path is not None else {}
-    data = apply_overrides(data, overrides or [])
-    return validate(model, data, str(path) if path is not None else "command line")
+    data = apply_overrides(data, overrides or [], model)
+    source = str(path) if path is not None else "command line"
+    return validate(model, data, source, override_keys(overrides or [], model))
 
 
-def validate(model: type[T], data: dict[str, Any], source: str) -> T:
-    """The config model from a mapping, or a UserError with one line per problem naming source and key."""
+def validate(model: type[T], data: dict[str, Any], source: str, overridden: list[str] | tuple = ()) -> T:
+    """The config model from a mapping, or a UserError with one line per problem naming where its key came from
+    (`source`, or the command line for the keys in `overridden`) and the key."""
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        raise UserError("\n".join(format_validation_error(e, source))) from None
+        raise UserError("\n".join(format_validation_error(e, source, model, overridden))) from None
     except RecursionError:
         raise UserError(f"{source}: a value is nested too deeply to validate") from None
 

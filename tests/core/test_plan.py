@@ -165,19 +165,32 @@ def test_layouts_per_process_from_hand_counts_and_the_smallest_that_fits(tiny_mo
         layout(plan, 4, "fsdp2", "optimizer")  # FSDP2 offloads all of a shard or nothing
     # the search names the first layout, in its order (fewer processes, less sharding, no offload), that fits
     shape = STAGES["sft"].plan
-    rows = layouts(plan, 8, None, shape.shardings, shape.offloads)  # what align offers SFT
+    host = 64 * GIB  # a machine's host memory: what an offloading layout moves there fits it
+    rows = layouts(plan, 8, None, shape.shardings, shape.offloads, host_memory=host)  # what align offers SFT
     assert [r.processes for r in rows] == sorted(r.processes for r in rows) and rows[0].processes == 1
     cap = (
         min(r.total for r in rows if r.processes == 2) + 1.0
     )  # nothing on 1 process fits this, one on 2 does
     assert all(r.total > cap for r in rows if r.processes == 1)
-    best = smallest_fit(layouts(plan, 8, cap, shape.shardings, shape.offloads))
+    best = smallest_fit(layouts(plan, 8, cap, shape.shardings, shape.offloads, host_memory=host))
     assert best.processes == 2 and best.total <= cap
     first = next(r for r in rows if r.total <= cap)
     assert (best.sharding, best.offload) == (first.sharding, first.offload)
+    # what an offloading layout moves to the host must fit the host memory its machine's processes share
+    offloading = next(r for r in rows if r.host > 0)
+    tight = layouts(plan, 8, cap, shape.shardings, shape.offloads, host_memory=offloading.host * 0.5)
+    same = next(
+        r
+        for r in tight
+        if (r.processes, r.sharding, r.offload)
+        == (offloading.processes, offloading.sharding, offloading.offload)
+    )
+    assert same.host_capacity == offloading.host * 0.5 / min(same.processes, 8) and same.fits is False
+    unknown = layouts(plan, 8, cap, shape.shardings, shape.offloads)  # no host memory given: offload unknown
+    assert all(r.fits is None for r in unknown if r.host > 0)
     args = ["plan", "--config", "configs/sft.yaml", "model.name_or_path=tiny-random-llama", "lora.enabled=false",
             "precision=fp32", "data.max_length=64", "train.per_device_train_batch_size=2", "--device", "cpu",
-            "--gpus", "8", "--gpu-memory", f"{cap / GIB}", "--json"]  # fmt: skip
+            "--gpus", "8", "--gpu-memory", f"{cap / GIB}", "--host-memory", "64", "--json"]  # fmt: skip
     assert main(args) == 0
     d = json.loads(capsys.readouterr().out)
     assert (d["smallest_fit"]["processes"], d["smallest_fit"]["sharding"]) == (2, best.sharding)

@@ -369,12 +369,15 @@ def policy_gate(
 
     ids = [render_prompt(tokenizer, m) for m in prompts]
     engine = GenerateEngine(policy, tokenizer)
-    pol = engine.generate(ids, settings.max_new_tokens, 0.0, 1.0, 0)
+    answer = (settings.max_new_tokens, 0.0, 1.0, 0)  # greedy
+    pol = engine.generate(ids, *answer, progress="policy gate: the policy's answers")
     if parent_model is not None:
-        par = GenerateEngine(parent_model, tokenizer).generate(ids, settings.max_new_tokens, 0.0, 1.0, 0)
+        par = GenerateEngine(parent_model, tokenizer).generate(
+            ids, *answer, progress="policy gate: the parent's"
+        )
     else:
         with policy.disable_adapter():
-            par = engine.generate(ids, settings.max_new_tokens, 0.0, 1.0, 0)
+            par = engine.generate(ids, *answer, progress="policy gate: the parent's answers")
     eos = tokenizer.eos_token_id
 
     def texts(rs):
@@ -406,4 +409,4 @@ def scorer_reward(artifact: Path):
     from lib.reward_model import RewardScorer
 
     scorer = RewardScorer(artifact)
-    return lambda prompts, texts, finished: scorer.score(prompts, texts)
+    return lambda prompts, texts, finished: scorer.score(prompts, texts, progress="policy gate: rewards")

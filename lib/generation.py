@@ -16,6 +16,7 @@ from transformers import LogitsProcessor, TemperatureLogitsWarper, TopPLogitsWar
 
 from core.chat import render_prompt
 from core.models import input_device, is_prompt_learning
+from core.progress import steps
 
 
 def request_seed(seed: int, index: int) -> int:
@@ -72,50 +73,55 @@ class GenerateEngine:
     @torch.no_grad()
     def generate(
         self, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float, top_p: float, seed: int,
-        offset: int = 0,
+        offset: int = 0, progress: str | None = None,
     ) -> list[list[int]]:  # fmt: skip
         """Answers in left-padded batches: greedy, or sampled with row i drawing from its own seed
-        (`request_seed(seed, offset + i)`), so that they do not depend on the batch or the number of processes."""
+        (`request_seed(seed, offset + i)`), so that they do not depend on the batch or the number of processes.
+        `progress`: what a bar over the prompts says (core.progress), none by default (rollouts have PPO's)."""
         was_training = self.model.training
         self.model.eval()
-        pad = self.tokenizer.pad_token_id
-        eos = self.tokenizer.eos_token_id
         out: list[list[int]] = []
-        dev = input_device(self.model)
         # one prompt at a time for virtual-token adapters: PEFT puts them before the left padding, whose length
         # would then move the prompt's positions relative to them
         step = 1 if is_prompt_learning(self.model) else self.batch_size
-        for i in range(0, len(prompt_ids), step):
-            chunk = prompt_ids[i : i + step]
-            width = max(len(p) for p in chunk)
-            ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=dev)  # [b, width]
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=dev)
-            sampler = (
-                []
-                if temperature == 0
-                else [
-                    RowSampler(
-                        [request_seed(seed, offset + i + j) for j in range(len(chunk))], temperature, top_p
-                    )
-                ]
-            )
-            gen = self.model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,  # sampling, when asked, is the RowSampler's: greedy search takes its draw
-                logits_processor=sampler,
-                pad_token_id=pad,
-                eos_token_id=eos,
-                # explicit either way: transformers syncs by itself whenever a ZeRO-3 config is registered in
-                # this process, and the main process sampling alone after a ZeRO-3 run would wait for the others
-                synced_gpus=self.synced,
-            )
-            for row in gen[:, width:].tolist():
-                out.append(cut_after_eos(row, eos))
+        with steps(progress or "", len(prompt_ids), show=progress is not None) as advance:
+            for i in range(0, len(prompt_ids), step):
+                out += self._batch(
+                    prompt_ids[i : i + step], i, max_new_tokens, temperature, top_p, seed, offset
+                )
+                advance(len(prompt_ids[i : i + step]))
         if was_training:
             self.model.train()
         return out
+
+    def _batch(self, chunk, i, max_new_tokens, temperature, top_p, seed, offset) -> list[list[int]]:
+        """The answers to one left-padded batch of prompts (`chunk`, starting at prompt `i` of the request)."""
+        pad, eos, dev = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, input_device(self.model)
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=dev)  # [b, width]
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=dev)
+        sampler = (
+            []
+            if temperature == 0
+            else [
+                RowSampler(
+                    [request_seed(seed, offset + i + j) for j in range(len(chunk))], temperature, top_p
+                )
+            ]
+        )
+        gen = self.model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,  # sampling, when asked, is the RowSampler's: greedy search takes its draw
+            logits_processor=sampler,
+            pad_token_id=pad,
+            eos_token_id=eos,
+            # explicit either way: transformers syncs by itself whenever a ZeRO-3 config is registered in
+            # this process, and the main process sampling alone after a ZeRO-3 run would wait for the others
+            synced_gpus=self.synced,
+        )
+        return [cut_after_eos(row, eos) for row in gen[:, width:].tolist()]
 
 
 def greedy_answers(

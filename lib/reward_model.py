@@ -34,6 +34,7 @@ from core.models import (
     torch_dtype,
 )
 from core.packing import SEGMENT_KERNEL, needs_dense_mask, pack, pack_shared_prefix
+from core.progress import steps
 from core.readers import LoadReport, iter_rows
 from core.stage import console, print_skipped
 from data_schemas.config import RewardConfig
@@ -287,9 +288,19 @@ def resident_head(model, folder: Path):
 # ==========================================================================================================
 @torch.no_grad()
 def score_groups(
-    model, groups: list[dict], max_batch_tokens: int = 4096, max_row_tokens: int = 1024
+    model,
+    groups: list[dict],
+    max_batch_tokens: int = 4096,
+    max_row_tokens: int = 1024,
+    progress: str | None = None,
 ) -> list[list[float]]:
-    """Rewards for every response of every group (no grad); whole groups per batch, packed into bounded rows."""
+    """Rewards for every response of every group (no grad); whole groups per batch, packed into bounded rows;
+    `progress`: what a bar over the groups says (core.progress; none inside training loops)."""
+    with steps(progress or "", len(groups), show=progress is not None) as advance:
+        return _score_groups(model, groups, max_batch_tokens, max_row_tokens, advance)
+
+
+def _score_groups(model, groups, max_batch_tokens, max_row_tokens, advance) -> list[list[float]]:
     model.eval()
     collate = GroupCollator.for_kernel(model.config._attn_implementation, max_row_tokens=max_row_tokens)
     out: list[list[float]] = []
@@ -311,6 +322,7 @@ def score_groups(
             out.append(r[: len(g["seqs"])])
             r = r[len(g["seqs"]) :]
         i += len(chunk)
+        advance(len(chunk))
     return out
 
 
@@ -354,12 +366,14 @@ class RewardScorer:
         if not getattr(self.model, "hf_device_map", None):
             self.model.to(device or dist.device())  # this process's accelerator when there is one
 
-    def score(self, prompts: list, responses: list[str], max_batch_tokens: int = 4096) -> list[float]:
+    def score(
+        self, prompts: list, responses: list[str], max_batch_tokens: int = 4096, progress: str | None = None
+    ) -> list[float]:
         groups = []
         for p, r in zip(prompts, responses, strict=True):
             ids, _ = encode_response(self.tokenizer, chat_messages(p), r, self.max_length)
             groups.append({"seqs": [ids], "tiers": [[0]]})
-        return [x[0] for x in score_groups(self.model, groups, max_batch_tokens)]
+        return [x[0] for x in score_groups(self.model, groups, max_batch_tokens, progress=progress)]
 
 
 def read_score_rows(input_path: Path) -> tuple[list[dict], LoadReport]:
@@ -390,7 +404,7 @@ def score_file(artifact_dir: Path, input_path: Path, output_path: Path) -> int:
     if not rows:
         raise UserError(f"{input_path}: no rows to score")
     scorer = RewardScorer(artifact_dir)
-    rewards = scorer.score([r["prompt"] for r in rows], [r["response"] for r in rows])
+    rewards = scorer.score([r["prompt"] for r in rows], [r["response"] for r in rows], progress="scoring")
     atomic_write_text(
         Path(output_path),
         "".join(json.dumps({**r, "reward": x}) + "\n" for r, x in zip(rows, rewards, strict=True)),

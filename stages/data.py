@@ -29,6 +29,7 @@ from core.chat import (
 )
 from core.config import UserError
 from core.manifest import atomic_write_text, replace_dir
+from core.progress import steps
 from core.readers import LoadReport, iter_conversations
 from core.stage import StageContext, StageResult, print_skipped
 from data_schemas.config import DataBuildConfig, ModelConfig
@@ -217,51 +218,53 @@ def read_and_clean(cfg: DataBuildConfig, b: Build, specials: list[str]) -> None:
         else None
     )
     wheres: list[str] = []
-    for path in cfg.inputs:
-        for where, row, conv in iter_conversations(Path(path), cfg.shape, cfg.system_prompt, b.report):
-            msgs = [{"role": m.role, "content": m.content.strip()} for m in conv.messages]
-            answer = " ".join(m["content"] for m in msgs if m["role"] == "assistant")
-            if len(answer) < cfg.min_chars:
-                b.drop(
-                    where,
-                    "too_short",
-                    f"assistant text has {len(answer)} characters (min_chars {cfg.min_chars})",
-                )
-                continue
-            found = sorted({s for m in msgs for s in control_tokens_in(m["content"], specials)})
-            if found:
-                if cfg.control_tokens == "reject":
+    with steps("data build: rows read", None) as advance:  # streamed: a count, no end known
+        for path in cfg.inputs:
+            for where, row, conv in iter_conversations(Path(path), cfg.shape, cfg.system_prompt, b.report):
+                advance()
+                msgs = [{"role": m.role, "content": m.content.strip()} for m in conv.messages]
+                answer = " ".join(m["content"] for m in msgs if m["role"] == "assistant")
+                if len(answer) < cfg.min_chars:
                     b.drop(
                         where,
-                        "control_tokens",
-                        f"contains control token(s) {found}; rejected (control_tokens: reject)",
+                        "too_short",
+                        f"assistant text has {len(answer)} characters (min_chars {cfg.min_chars})",
                     )
                     continue
-                b.edits["neutralised_control_tokens"] += 1
-                msgs = neutralise_messages(msgs, specials)
-            if cfg.pii:
-                before = sum(b.pii.values())
-                msgs = [{**m, "content": scrub_pii(m["content"], b.pii)} for m in msgs]
-                b.edits["rows_with_pii_scrubbed"] += int(sum(b.pii.values()) > before)
-            text = _conv_text(msgs)
-            if cfg.dedup.exact:
-                key = hashlib.sha1(_normalise(text).encode()).hexdigest()
-                if key in exact_seen:
-                    b.drop(where, "exact_duplicate", f"same text as {exact_seen[key]}")
-                    continue
-                exact_seen[key] = where
-            if near is not None:
-                dup = near.add_if_new(len(b.kept), _shingles(text))
-                if dup is not None:
-                    b.drop(
-                        where,
-                        "near_duplicate",
-                        f"near duplicate (Jaccard >= {cfg.dedup.threshold}) of {wheres[near.original(dup)]}",
-                    )
-                    continue
-            b.kept.append({"messages": msgs, "source": where})
-            wheres.append(where)
-            b.strata.append(None if cfg.stratify_by is None else str(row.get(cfg.stratify_by)))
+                found = sorted({s for m in msgs for s in control_tokens_in(m["content"], specials)})
+                if found:
+                    if cfg.control_tokens == "reject":
+                        b.drop(
+                            where,
+                            "control_tokens",
+                            f"contains control token(s) {found}; rejected (control_tokens: reject)",
+                        )
+                        continue
+                    b.edits["neutralised_control_tokens"] += 1
+                    msgs = neutralise_messages(msgs, specials)
+                if cfg.pii:
+                    before = sum(b.pii.values())
+                    msgs = [{**m, "content": scrub_pii(m["content"], b.pii)} for m in msgs]
+                    b.edits["rows_with_pii_scrubbed"] += int(sum(b.pii.values()) > before)
+                text = _conv_text(msgs)
+                if cfg.dedup.exact:
+                    key = hashlib.sha1(_normalise(text).encode()).hexdigest()
+                    if key in exact_seen:
+                        b.drop(where, "exact_duplicate", f"same text as {exact_seen[key]}")
+                        continue
+                    exact_seen[key] = where
+                if near is not None:
+                    dup = near.add_if_new(len(b.kept), _shingles(text))
+                    if dup is not None:
+                        b.drop(
+                            where,
+                            "near_duplicate",
+                            f"near duplicate (Jaccard >= {cfg.dedup.threshold}) of {wheres[near.original(dup)]}",
+                        )
+                        continue
+                b.kept.append({"messages": msgs, "source": where})
+                wheres.append(where)
+                b.strata.append(None if cfg.stratify_by is None else str(row.get(cfg.stratify_by)))
 
 
 def measure_lengths(cfg: DataBuildConfig, b: Build, tokenizer) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from core.progress import steps
 from core.tables import table
 from data_schemas.gates import Check, GateResult
 from eval.bias.decision import (
@@ -84,15 +85,15 @@ def load_items(settings) -> dict[str, list]:
 
 def evaluate_model(model, tokenizer, items: dict[str, list], settings) -> dict[str, dict[str, list]]:
     """Raw scores of one model, {context: {suite: scores}} (pairs -> margins, bbq -> choices, counterfactual ->
-    per-variant log-likelihoods), in every context of the policy (the choice context has minimal pairs only)."""
-    return {
-        context: {
-            suite: SUITES[suite].score(model, tokenizer, xs, settings, context)
-            for suite, xs in items.items()
-            if scored_in(context, suite)
-        }
-        for context in settings.contexts
-    }
+    per-variant log-likelihoods), in every context of the policy (the choice context has minimal pairs only); a bar
+    counts the items scored (core.progress)."""
+    units = [(c, s) for c in settings.contexts for s in items if scored_in(c, s)]
+    out: dict[str, dict[str, list]] = {c: {} for c in settings.contexts}
+    with steps("bias gate: items", sum(len(items[s]) for _, s in units)) as advance:
+        for context, suite in units:
+            out[context][suite] = SUITES[suite].score(model, tokenizer, items[suite], settings, context)
+            advance(len(items[suite]))
+    return out
 
 
 def decide_bias(

@@ -245,48 +245,90 @@ def describe_row_error(err: ValidationError, allowed: str | None = None) -> tupl
 def iter_conversations(path: Path, shape: str, system_prompt: str | None, report: LoadReport):
     """Yield (where, row, conversation) for every valid example of a file; bad rows go to the report."""
     for lineno, row in iter_rows(path, report):
-        where = f"{path}:{lineno}"
-        row_shape = detect_shape(row) if shape == "auto" else shape
-        if row_shape is None:
-            report.drop(
-                where,
-                "unknown_shape",
-                f"row has keys {sorted(row)[:6]} but no 'messages', 'instruction' or 'instances'; "
-                "see docs/formats.md for the accepted shapes",
-            )
-            continue
-        try:
-            got = SHAPES[row_shape].model_validate(row).conversations(system_prompt)
-        except ValidationError as e:
-            kind, msg = describe_row_error(e)
-            report.drop(where, kind, msg)
-            continue
-        report.kept += 1
-        report.examples_from_rows += len(got)
-        for conv in got:
-            yield where, row, conv
+        yield from row_conversations(f"{path}:{lineno}", row, shape, system_prompt, report)
+
+
+def row_conversations(where: str, row: dict, shape: str, system_prompt: str | None, report: LoadReport):
+    """Yield (where, row, conversation) for the examples of one row in `shape` (auto: detected), or report it."""
+    row_shape = detect_shape(row) if shape == "auto" else shape
+    if row_shape is None:
+        plain = "text" in row  # TRL's language-modelling rows: no turns to put under a chat template
+        report.drop(
+            where,
+            "unknown_shape",
+            f"row has keys {sorted(row)[:6]} but no 'messages', 'prompt' + 'completion', 'conversations', "
+            "'instruction' or 'instances'"
+            + ("; a plain 'text' row has no user and assistant turns: give it as prompt + completion"
+               if plain else "")
+            + "; see docs/formats.md for the accepted shapes",
+        )  # fmt: skip
+        return
+    try:
+        got = SHAPES[row_shape].model_validate(row).conversations(system_prompt)
+    except ValidationError as e:
+        kind, msg = describe_row_error(e)
+        report.drop(where, kind, msg)
+        return
+    report.kept += 1
+    report.examples_from_rows += len(got)
+    for conv in got:
+        yield where, row, conv
 
 
 def load_instructions(
     path: Path, shape: str = "auto", system_prompt: str | None = None, split: str = "train"
 ) -> tuple[list[Conversation], LoadReport]:
-    """Normalised conversations from an instruction file (or a split of a folder from `align data build`)."""
+    """Normalised conversations from an instruction file, or from a split of a folder: one written by
+    `align data build` or `datasets`' save_to_disk, or a Hub-style folder of split files (`train.jsonl`,
+    `data/train-00000-of-00001.parquet`, ...). `split`: train, or validation (also named valid, val, dev or
+    test: SPLIT_NAMES)."""
     path = Path(path)
     report = LoadReport()
     if not path.exists():
         raise UserError(f"{path}: instruction data not found")
     if path.is_dir():
-        return _load_built(path, report, split)
-    convs = [conv for _, _, conv in iter_conversations(path, shape, system_prompt, report)]
+        files = [] if _saved_dataset(path) else split_files(path, split)
+        if not files:
+            return _load_built(path, report, split)
+        convs = [conv for f in files for _, _, conv in iter_conversations(f, shape, system_prompt, report)]
+    else:
+        convs = [conv for _, _, conv in iter_conversations(path, shape, system_prompt, report)]
     if not convs:
         detail = "; ".join(report.problems[:3])
         raise UserError(f"{path}: no usable instruction rows ({report.read} read). {detail}".strip())
     return convs, report
 
 
+# A split's names in the folders users hold (Hub repositories and save_to_disk datasets name held-out data freely)
+SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "valid", "val", "dev", "test")}
+DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet")
+
+
+def _saved_dataset(path: Path) -> bool:
+    """Whether `path` is a `datasets` save_to_disk folder (an `align data build` artifact holds one in dataset/)."""
+    folder = path / "dataset" if (path / "dataset").is_dir() else path
+    return any((folder / f).exists() for f in ("dataset_dict.json", "state.json", "dataset_info.json"))
+
+
+def split_files(path: Path, split: str) -> list[Path]:
+    """The data files of `split` in a Hub-style folder (at its top or in data/): `train.jsonl`, `train-*.parquet`,
+    `test_0.csv`, ... under the first of the split's names (SPLIT_NAMES) that has any, in name order."""
+    files = [f for d in (path, path / "data") if d.is_dir() for f in sorted(d.iterdir())
+             if f.is_file() and f.suffix.lower() in DATA_SUFFIXES]  # fmt: skip
+    for name in SPLIT_NAMES.get(split, (split,)):
+        found = [f for f in files if re.fullmatch(rf"{re.escape(name)}([-_.].*)?", f.stem.lower())]
+        if found:
+            return found
+    return []
+
+
 def has_split(path: Path, split: str) -> bool:
-    """Whether a built dataset folder has a (non-empty) split."""
-    return (Path(path) / "dataset" / split).exists() or (Path(path) / split).exists()
+    """Whether a dataset folder (built, saved or Hub-style) has a non-empty split under one of its names."""
+    path = Path(path)
+    if split_files(path, split) and not _saved_dataset(path):
+        return True
+    folder = path / "dataset" if (path / "dataset").exists() else path
+    return any((folder / name).exists() for name in SPLIT_NAMES.get(split, (split,)))
 
 
 def _load_built(path: Path, report: LoadReport, split_name: str) -> tuple[list[Conversation], LoadReport]:
@@ -296,20 +338,19 @@ def _load_built(path: Path, report: LoadReport, split_name: str) -> tuple[list[C
     try:
         ds = load_from_disk(str(folder))
     except (FileNotFoundError, ValueError) as e:
-        raise UserError(f"{path}: not a dataset folder written by `align data build` ({e})") from None
+        raise UserError(
+            f"{path}: neither a dataset folder (`align data build`, save_to_disk) nor one of split files "
+            f"(train.jsonl, data/train-*.parquet, ...) ({e})"
+        ) from None
     if hasattr(ds, "keys"):
-        if split_name not in ds:
+        names = [n for n in SPLIT_NAMES.get(split_name, (split_name,)) if n in ds]
+        if not names:
             raise UserError(f"{path}: has no '{split_name}' split (it has {sorted(ds.keys())})")
-        split = ds[split_name]
+        split = ds[names[0]]
     else:
         split = ds
     convs = []
-    for i, row in enumerate(split, start=1):
+    for i, row in enumerate(split, start=1):  # any accepted shape, as in a file (a built one: messages)
         report.read += 1
-        try:
-            convs.append(Conversation.model_validate({"messages": row["messages"]}))
-            report.kept += 1
-        except (ValidationError, KeyError) as e:
-            report.drop(f"{path}:row {i}", "invalid", str(e).splitlines()[0])
-    report.examples_from_rows = len(convs)
+        convs += [conv for _, _, conv in row_conversations(f"{path}:row {i}", row, "auto", None, report)]
     return convs, report

@@ -1,8 +1,10 @@
 """Input records: instruction data in its accepted shapes, normalised to chat messages.
 
 The shapes are the contract in docs/formats.md: alpaca (`instruction`, optional `input`, `output` or
-`response`), chat (`messages`), and self-instruct tasks (`instruction` + `instances`, one example per
-instance). Every shape becomes a list of `ChatMessage` ending with an assistant turn.
+`response`), chat (`messages`), self-instruct tasks (`instruction` + `instances`, one example per instance), and
+the shapes TRL users hold: prompt/completion (`prompt` + `completion`, each text or a list of messages, TRL's
+"prompt-completion" datasets) and ShareGPT (`conversations` of `{from, value}` turns). Every shape becomes a list
+of `ChatMessage` ending with an assistant turn.
 """
 
 from __future__ import annotations
@@ -117,19 +119,86 @@ class ChatRow(BaseModel):
         return [Conversation(messages=msgs)]
 
 
+class PromptCompletionRow(BaseModel):
+    """TRL's prompt-completion shape: `prompt` and `completion`, both text (the prompt is the user's turn, the
+    completion the assistant's) or both lists of messages (the conversation so far, then the answer)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    prompt: NonBlank | list[ChatMessage] = Field(
+        ..., description="The user's turn, or the turns before the answer."
+    )
+    completion: NonBlank | list[ChatMessage] = Field(..., description="The answer, or its assistant turn(s).")
+
+    @model_validator(mode="after")
+    def _same_kind(self) -> PromptCompletionRow:
+        if isinstance(self.prompt, str) != isinstance(self.completion, str):
+            raise ValueError(
+                "completion: the prompt is text and the completion messages, or the other way round; give both as "
+                "text or both as lists of messages"
+            )
+        return self
+
+    def conversations(self, system_prompt: str | None) -> list[Conversation]:
+        if isinstance(self.prompt, str):
+            return [_conv(system_prompt, [("user", self.prompt), ("assistant", self.completion)])]
+        return ChatRow(messages=[*self.prompt, *self.completion]).conversations(system_prompt)
+
+
+# ShareGPT's speaker names -> chat roles (`from` is matched without case)
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "system": "system"}  # fmt: skip
+
+
+class ShareGPTTurn(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    speaker: str = Field(..., alias="from", description="Who speaks: human/user, gpt/assistant or system.")
+    value: NonBlank = Field(..., description="What is said.")
+
+    @model_validator(mode="after")
+    def _known(self) -> ShareGPTTurn:
+        if self.speaker.lower() not in SHAREGPT_ROLES:
+            raise ValueError(
+                f"from: is '{self.speaker}'; ShareGPT turns are from one of {sorted(set(SHAREGPT_ROLES))}"
+            )
+        return self
+
+
+class ShareGPTRow(BaseModel):
+    """ShareGPT's shape: `conversations`, a list of `{"from": "human" | "gpt" | "system", "value": text}`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    conversations_: list[ShareGPTTurn] = Field(
+        ..., alias="conversations", min_length=2, description="The turns, in order."
+    )
+
+    def conversations(self, system_prompt: str | None) -> list[Conversation]:
+        msgs = [
+            ChatMessage(role=SHAREGPT_ROLES[t.speaker.lower()], content=t.value) for t in self.conversations_
+        ]
+        return ChatRow(messages=msgs).conversations(system_prompt)
+
+
 def _conv(system_prompt: str | None, turns: list[tuple[str, str]]) -> Conversation:
     msgs = [ChatMessage(role="system", content=system_prompt)] if system_prompt else []
     msgs += [ChatMessage(role=r, content=c) for r, c in turns]
     return Conversation(messages=msgs)
 
 
-SHAPES = {"alpaca": AlpacaRow, "chat": ChatRow, "self_instruct": SelfInstructRow}
+SHAPES = {"alpaca": AlpacaRow, "chat": ChatRow, "self_instruct": SelfInstructRow,
+          "prompt_completion": PromptCompletionRow, "sharegpt": ShareGPTRow}  # fmt: skip
 
 
 def detect_shape(row: dict) -> str | None:
     """The shape a row is in, from its keys; None when it matches none."""
     if "messages" in row:
         return "chat"
+    if "prompt" in row and "completion" in row:
+        return "prompt_completion"
+    if "conversations" in row:
+        return "sharegpt"
     if "instances" in row and "instruction" in row:
         return "self_instruct"
     if "instruction" in row:

@@ -200,16 +200,18 @@ def run(cfg: SFTConfig, resume: bool = False, force: bool = False, callbacks=())
 
 
 def load_data(cfg: SFTConfig, tokenizer, counts: dict[str, Any]):
-    """(train rows, validation rows, input files, parent artifacts). Bad rows are named and counted; a folder
-    from `align data build` is the parent artifact and brings its own validation split."""
+    """(train rows, validation rows, input files, parent artifacts). Bad rows are named and counted; a dataset
+    folder brings its own validation split (core.readers.SPLIT_NAMES), and one from `align data build` is the
+    parent artifact."""
     d = cfg.data
     train_convs, train_report = load_instructions(d.train_file, d.shape, d.system_prompt)
     print_skipped(train_report.problems)
     inputs = [(d.train_file, "train")]
-    built = Path(d.train_file).is_dir()  # a folder from `align data build`: it is the parent artifact
+    folder = Path(d.train_file).is_dir()  # a dataset folder: it may bring its own validation split
+    built = folder and (Path(d.train_file) / "manifest.json").exists()  # align's: the parent artifact
     parents = [Path(d.train_file)] if built else []
     val_report = None
-    if built and d.validation_file is None and has_split(d.train_file, "validation"):
+    if folder and d.validation_file is None and has_split(d.train_file, "validation"):
         val_convs, val_report = load_instructions(d.train_file, split="validation")
     elif d.validation_file is not None:
         val_convs, val_report = load_instructions(d.validation_file, d.shape, d.system_prompt)

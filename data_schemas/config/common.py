@@ -205,7 +205,7 @@ class InstructionDataSettings(InstructionFiles):
         lt=1.0,
         description="Share of train_file held out for validation when no validation_file.",
     )
-    shape: Literal["auto", "alpaca", "chat", "self_instruct"] = Field(
+    shape: Literal["auto", "alpaca", "chat", "self_instruct", "prompt_completion", "sharegpt"] = Field(
         "auto", description="Row shape; 'auto' detects it per row."
     )
     max_length: int = Field(512, ge=16, description="Maximum tokens per example after the chat template.")

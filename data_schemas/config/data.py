@@ -43,7 +43,7 @@ class DataBuildConfig(_Strict):
         ..., min_length=1, description="Instruction files (JSONL, JSON, CSV, Parquet)."
     )
     output_dir: Path = Field(..., description="Artifact directory (dataset/, manifest.json, report.md).")
-    shape: Literal["auto", "alpaca", "chat", "self_instruct"] = Field(
+    shape: Literal["auto", "alpaca", "chat", "self_instruct", "prompt_completion", "sharegpt"] = Field(
         "auto", description="Row shape; 'auto' detects per row."
     )
     system_prompt: str | None = Field(

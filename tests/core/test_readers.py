@@ -73,3 +73,79 @@ def test_written_files_get_ordinary_permissions(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o644
+
+
+# ---- the datasets TRL users hold: prompt/completion, ShareGPT, Hub-style folders, saved DatasetDicts ----------
+TRL_ROWS = [
+    {"prompt": "Say hi", "completion": "Hi!"},
+    {
+        "prompt": [{"role": "user", "content": "Say hi"}],
+        "completion": [{"role": "assistant", "content": "Hi!"}],
+    },
+    {"conversations": [{"from": "human", "value": "Say hi"}, {"from": "gpt", "value": "Hi!"}]},
+    {
+        "conversations": [
+            {"from": "system", "value": "Be kind."},
+            {"from": "human", "value": "Say hi"},
+            {"from": "gpt", "value": "Hi!"},
+        ]
+    },  # fmt: skip
+    {"prompt": "Say hi", "completion": [{"role": "assistant", "content": "Hi!"}]},  # text with messages
+    {"conversations": [{"from": "robot", "value": "Say hi"}, {"from": "gpt", "value": "Hi!"}]},
+    {"text": "Once upon a time"},
+]
+
+
+def _jsonl(path, rows):
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_prompt_completion_and_sharegpt_rows_load_as_conversations_and_bad_ones_are_named(tmp_path):
+    from core.readers import load_instructions
+
+    convs, report = load_instructions(_jsonl(tmp_path / "rows.jsonl", TRL_ROWS))
+    hi = [("user", "Say hi"), ("assistant", "Hi!")]
+    assert [[(m.role, m.content) for m in c.messages] for c in convs] == [
+        hi,
+        hi,
+        hi,
+        [("system", "Be kind."), *hi],
+    ]
+    problems = "\n".join(report.problems)
+    assert (
+        f"{tmp_path / 'rows.jsonl'}:5: completion: the prompt is text and the completion messages" in problems
+    )
+    assert ":6: " in problems and "is 'robot'" in problems
+    assert ":7: " in problems and "a plain 'text' row has no user and assistant turns" in problems
+    assert report.kept == 4 and report.read == 7
+
+
+@pytest.mark.parametrize("held", ["test", "validation", "dev"])
+def test_a_hub_style_folder_reads_its_split_files_and_held_out_data_by_any_of_its_names(tmp_path, held):
+    from core.readers import has_split, load_instructions
+
+    _jsonl(tmp_path / "data" / "train-00000-of-00002.jsonl", TRL_ROWS[:2])
+    _jsonl(tmp_path / "data" / "train-00001-of-00002.jsonl", TRL_ROWS[2:4])
+    _jsonl(tmp_path / "data" / f"{held}-00000-of-00001.jsonl", TRL_ROWS[:1])
+    train, _ = load_instructions(tmp_path)
+    assert len(train) == 4 and has_split(tmp_path, "validation")
+    val, report = load_instructions(tmp_path, split="validation")
+    assert len(val) == 1 and report.read == 1
+
+
+def test_a_saved_datasetdict_in_any_shape_gives_its_test_split_as_held_out_data(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    from core.readers import has_split, load_instructions
+
+    DatasetDict({"train": Dataset.from_list([{"prompt": "a", "completion": "b"}] * 3),
+                 "test": Dataset.from_list([{"prompt": "c", "completion": "d"}])}).save_to_disk(tmp_path / "saved")  # fmt: skip
+    assert has_split(tmp_path / "saved", "validation")
+    val, _ = load_instructions(tmp_path / "saved", split="validation")
+    assert [(m.role, m.content) for m in val[0].messages] == [("user", "c"), ("assistant", "d")]
+    train, _ = load_instructions(tmp_path / "saved")
+    assert len(train) == 3

@@ -139,3 +139,25 @@ def test_merged_checkpoint_equals_base_plus_adapter(tmp_path, tiny_model_path):
     ).eval()
     with torch.no_grad():
         assert torch.allclose(merged(input_ids=ids).logits, stacked(input_ids=ids).logits, atol=1e-4)
+
+
+def test_sft_trains_from_a_hub_style_folder_of_prompt_completion_rows_with_its_test_split(tmp_path):
+    """A folder as a Hub dataset repository holds it (data/train-*.jsonl, data/test-*.jsonl) of TRL's
+    prompt-completion rows trains through the CLI; its test split is the held-out data."""
+    import json
+
+    from core.readers import load_instructions
+
+    convs, _ = load_instructions(EXAMPLES / "instructions_train.jsonl")
+    rows = [{"prompt": c.messages[-2].content, "completion": c.messages[-1].content} for c in convs]
+    for name, part in (("train-00000-of-00001", rows[:40]), ("test-00000-of-00001", rows[40:48])):
+        f = tmp_path / "hub" / "data" / f"{name}.jsonl"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("".join(json.dumps(r) + "\n" for r in part))
+    out = tmp_path / "run"
+    args = ["sft", "--config", "configs/sft.yaml", f"output_dir={out}", "model.name_or_path=tiny-random-llama",
+            f"data.train_file={tmp_path / 'hub'}", "data.validation_file=null", "train.max_steps=2",
+            "train.early_stopping_patience=null"]  # fmt: skip
+    assert main(args) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["counts"]["train_file"]["rows_kept"] == 40 and m["counts"]["validation_file"]["rows_kept"] == 8

@@ -331,6 +331,42 @@ def has_split(path: Path, split: str) -> bool:
     return any((folder / name).exists() for name in SPLIT_NAMES.get(split, (split,)))
 
 
+def iter_dataset_rows(path: Path, report: LoadReport, split: str = "train"):
+    """Yield (where, row) from a data file, or from `split` of a folder (save_to_disk, or Hub-style split files:
+    split_files), each row named by its file and line (or row); bad lines go to the report."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: not found")
+    if not path.is_dir():
+        for lineno, row in iter_rows(path, report):
+            yield f"{path}:{lineno}", row
+        return
+    files = [] if _saved_dataset(path) else split_files(path, split)
+    if files:
+        for f in files:
+            for lineno, row in iter_rows(f, report):
+                yield f"{f}:{lineno}", row
+        return
+    from datasets import load_from_disk
+
+    folder = path / "dataset" if (path / "dataset").exists() else path
+    try:
+        ds = load_from_disk(str(folder))
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(
+            f"{path}: neither a dataset folder (save_to_disk) nor one of split files (train.jsonl, "
+            f"data/train-*.parquet, ...) ({e})"
+        ) from None
+    if hasattr(ds, "keys"):
+        names = [n for n in SPLIT_NAMES.get(split, (split,)) if n in ds]
+        if not names:
+            raise UserError(f"{path}: has no '{split}' split (it has {sorted(ds.keys())})")
+        ds = ds[names[0]]
+    for i, row in enumerate(ds, start=1):
+        report.read += 1
+        yield f"{path}:row {i}", row
+
+
 def _load_built(path: Path, report: LoadReport, split_name: str) -> tuple[list[Conversation], LoadReport]:
     from datasets import load_from_disk
 

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from core.chat import COMMON_MARKERS, chat_messages, control_tokens_in
 from core.config import UserError
 from core.manifest import atomic_write_text, refuse_overwriting_input
-from core.readers import LoadReport, describe_row_error, iter_rows
+from core.readers import LoadReport, describe_row_error, has_split, iter_dataset_rows, iter_rows
 from data_schemas.rankings import KWiseGroup, RankingLine
 from lib.agreement import (
     borda_consensus,
@@ -327,6 +327,47 @@ def convert_pairwise(row: dict, annotator: str) -> list[dict]:
             "annotator": str(row.get("annotator") or annotator),
         }
     ]
+
+
+def read_pairs(
+    path: Path, validation_fraction: float, seed: int
+) -> tuple[list[dict], list[dict], LoadReport]:
+    """(train, held-out, report) of TRL preference rows ({prompt, chosen, rejected}, or chosen/rejected message
+    lists sharing the prompt: convert_pairwise) from a file or a dataset folder, as ranking lines of two responses,
+    chosen first. Held out: the folder's validation split (any of its names: core.readers.SPLIT_NAMES), else the
+    prompts split_of puts there. Every row that is not a preference pair is named with its file and line."""
+    report = LoadReport()
+    path = Path(path)
+    own_split = path.is_dir() and has_split(path, "validation")
+
+    def lines(split: str):
+        for where, row in iter_dataset_rows(path, report, split):
+            try:
+                (line,) = convert_pairwise(row, "pairs")
+            except ValueError as e:
+                report.drop(where, "invalid", str(e))
+                continue
+            report.kept += 1
+            yield line
+
+    train, val = [], []
+    for line in lines("train"):
+        held = not own_split and split_of(
+            prompt_key(chat_messages(line["prompt"])), validation_fraction, seed
+        )
+        (val if held == "validation" else train).append(line)
+    if own_split:
+        val = list(lines("validation"))
+    return train, val, report
+
+
+def kwise_of_pair(line: dict) -> dict:
+    """A two-response ranking line (read_pairs) as a K-wise group row, as `align data build-preferences` writes
+    them: the chosen response in the first tier."""
+    return KWiseGroup(
+        prompt_id=line["prompt_id"], prompt=chat_messages(line["prompt"]),
+        responses=[r["text"] for r in line["responses"]], tiers=[[0], [1]], annotators=1, agreement=None,
+    ).model_dump(mode="json")  # fmt: skip
 
 
 _HUMAN, _ASSISTANT = "\n\nHuman:", "\n\nAssistant:"

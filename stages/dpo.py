@@ -45,7 +45,6 @@ from core.models import (
     write_policy_stack,
 )
 from core.packing import BRANCH_KERNELS, needs_dense_mask, row_layout
-from core.readers import LoadReport, iter_rows
 from core.stage import StageContext, StageResult, console, print_skipped, print_verdict
 from data_schemas.config import DPOConfig, ModelConfig
 from eval.policy_gate import policy_gate, policy_perplexity_gate, scorer_reward
@@ -54,7 +53,7 @@ from lib.artifacts import Start, policy_gate_data, resolve_start
 from lib.generation import GenerateEngine
 from lib.logprobs import response_logprob
 from lib.merge import MERGED_START, sharded_start
-from lib.rankings import convert_pairwise, prompt_key, split_of
+from lib.rankings import read_pairs
 from stages.registry import STAGES
 
 
@@ -71,29 +70,15 @@ def load_pairs(cfg: DPOConfig) -> tuple[list[dict], list[dict]]:
         ds = load_from_disk(str(Path(d.preferences_dir) / "pairs"))
         train = list(ds["train"]) if "train" in ds else []
         val = list(ds["validation"]) if "validation" in ds else []
-    else:
-        report = LoadReport()
-        train, val = [], []
-        for lineno, row in iter_rows(Path(d.pairs_file), report):
-            try:
-                (line,) = convert_pairwise(row, "pairs")
-            except ValueError as e:
-                report.drop(f"{d.pairs_file}:{lineno}", "invalid", str(e))
-                continue
-            prompt = line["prompt"]
-            msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-            item = {
-                "prompt": msgs,
-                "chosen": line["responses"][0]["text"],
-                "rejected": line["responses"][1]["text"],
-                "prompt_id": line["prompt_id"],
-            }
-            (
-                val
-                if split_of(prompt_key(msgs), d.validation_fraction, cfg.train.seed) == "validation"
-                else train
-            ).append(item)
+    else:  # TRL preference rows: a file, or a dataset folder (its validation split held out, else by prompt)
+        lines, held, report = read_pairs(Path(d.pairs_file), d.validation_fraction, cfg.train.seed)
         print_skipped(report.problems)
+
+        def item(line: dict) -> dict:
+            return {"prompt": chat_messages(line["prompt"]), "chosen": line["responses"][0]["text"],
+                    "rejected": line["responses"][1]["text"], "prompt_id": line["prompt_id"]}  # fmt: skip
+
+        train, val = [item(x) for x in lines], [item(x) for x in held]
     if not train:
         raise UserError("dpo: no training pairs")
     return train[: d.max_pairs], val[: d.max_eval_pairs]

@@ -33,7 +33,7 @@ from core.models import (
     mark_stacked_adapter,
     model_identity,
 )
-from core.stage import StageContext, StageResult, console, print_verdict
+from core.stage import StageContext, StageResult, console, print_skipped, print_verdict
 from data_schemas.config import RewardConfig
 from data_schemas.gates import GateResult
 from eval.gates import run_gate
@@ -41,7 +41,7 @@ from eval.reward_gate import decide_reward_gate, pairwise_metrics
 from lib import trainer as plumbing  # Trainer plumbing the Trainer stages share
 from lib.artifacts import Start
 from lib.merge import MERGED_START
-from lib.rankings import implied_pairs_of
+from lib.rankings import implied_pairs_of, kwise_of_pair, read_pairs
 from lib.reward_losses import REWARD_LOSSES, centering_penalty, reward_loss
 from lib.reward_model import (
     GroupCollator,
@@ -141,8 +141,14 @@ def _plots(groups, rewards, out_dir: Path) -> None:
 # The stage
 # ==========================================================================================================
 def _load_kwise(cfg: RewardConfig):
+    """(train, held-out) K-wise group rows: the preferences folder's kwise/ splits, or pairs_file's pairs."""
     from datasets import load_from_disk
 
+    if cfg.data.pairs_file is not None:
+        train, val, report = read_pairs(cfg.data.pairs_file, cfg.data.validation_fraction, cfg.train.seed)
+        print_skipped(report.problems)
+        groups = [kwise_of_pair(x) for x in train], [kwise_of_pair(x) for x in val]
+        return groups[0][: cfg.data.max_groups], groups[1][: cfg.data.max_eval_groups]
     folder = Path(cfg.data.preferences_dir)
     require_complete(folder, "preferences")
     try:
@@ -228,9 +234,13 @@ def run(cfg: RewardConfig, resume: bool = False, force: bool = False, callbacks=
     train_examples, eval_groups = load_data(cfg, tokenizer, ctx.counts)
 
     # 2. Model, 3. Train, 4. Evaluate, gate, write
-    parents = [Path(cfg.data.preferences_dir)] + start.parents
+    d = cfg.data
+    parents = ([Path(d.preferences_dir)] if d.preferences_dir else []) + start.parents
+    inputs = [(d.pairs_file, "pairs")] if d.pairs_file else []
     adapter = "adapter" if cfg.lora.enabled else None
-    with ctx.open(parents=parents, model=model_identity(start.model, ctx.precision, adapter=adapter)):
+    with ctx.open(
+        inputs=inputs, parents=parents, model=model_identity(start.model, ctx.precision, adapter=adapter)
+    ):
         trainer, result, paused = train(cfg, ctx, tokenizer, train_examples, eval_groups)
         if paused:
             return ctx.paused()
@@ -266,7 +276,9 @@ def load_data(cfg: RewardConfig, tokenizer, counts: dict[str, Any]) -> tuple[lis
         }
     )
     if not train_examples:
-        raise UserError(f"{cfg.data.preferences_dir}: no training groups with a preference")
+        raise UserError(
+            f"{cfg.data.preferences_dir or cfg.data.pairs_file}: no training groups with a preference"
+        )
     console.print(
         f"data: {counts['train_groups']} groups ({counts['train_pairs']} pairs) to train, "
         f"{counts['eval_groups']} groups ({counts['eval_pairs']} pairs) held out; "

@@ -23,9 +23,18 @@ __all__ = ["RewardDataSettings", "RewardTrainSettings", "RewardGateSettings", "R
 class RewardDataSettings(_Strict):
     """Where the preference data comes from."""
 
-    preferences_dir: Path = Field(
-        ...,
+    preferences_dir: Path | None = Field(
+        None,
         description="Folder from `align data build-preferences` (uses its kwise/ train and validation splits).",
+    )
+    pairs_file: Path | None = Field(
+        None,
+        description="Or TRL-style preference pairs {prompt, chosen, rejected} (or chosen/rejected conversations): a "
+        "JSONL/JSON/CSV/Parquet file, or a dataset folder (save_to_disk or Hub-style split files, its validation "
+        "split held out); each pair is a group of two responses, chosen first.",
+    )
+    validation_fraction: NonNegativeFloat = Field(
+        0.1, lt=1.0, description="Held-out share of pairs_file's prompts when it has no validation split."
     )
     max_length: int = Field(512, ge=16, description="Tokens per (prompt, response) sequence.")
     max_groups: AtLeastOne | None = Field(
@@ -34,6 +43,12 @@ class RewardDataSettings(_Strict):
     max_eval_groups: AtLeastOne | None = Field(
         None, description="Evaluate on at most this many held-out groups."
     )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RewardDataSettings:
+        if (self.preferences_dir is None) == (self.pairs_file is None):
+            raise ValueError("set exactly one of data.preferences_dir and data.pairs_file")
+        return self
 
 
 class RewardTrainSettings(TrainerSettings):

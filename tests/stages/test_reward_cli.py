@@ -220,3 +220,56 @@ def test_a_reward_model_that_failed_its_gate_warns_where_it_is_used(trained, tmp
     (gdir / "gate.json").write_text(json.dumps(edited))
     assert "was changed after align recorded it" in warned(failed)
     assert "FAILED" not in warned(trained)  # a passed gate: no warning
+
+
+def test_reward_from_trl_pairs_equals_the_same_pairs_as_ranking_files(tmp_path, tiny_model_path):
+    """`data.pairs_file` (TRL's {prompt, chosen, rejected} rows) trains the reward model on the groups that
+    `align data import-rankings --from pairwise` + `build-preferences` make of the same rows (two responses, chosen
+    first, held out by prompt with the same fraction and seed): the same steps, loss for loss. A folder of them as
+    a Hub dataset holds it (data/train-*.jsonl, data/test-*.jsonl) reads its test split as the held-out pairs."""
+    rng = random.Random(1)
+    topics = ["tea", "bikes", "rain", "maps", "bread", "chess", "paint", "trains"]
+    rows = [{"prompt": f"Tell me about {t} ({i})", "chosen": f"gladly here is help on {t} now",
+             "rejected": f"sorry, but no help on {t} here"} for i, t in enumerate(rng.choice(topics) for _ in range(40))]  # fmt: skip
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert (
+        main(
+            ["data", "import-rankings", "--from", "pairwise", str(pairs), "--out", str(tmp_path / "r.jsonl")]
+        )
+        == 0
+    )
+    assert main(["data", "build-preferences", str(tmp_path / "r.jsonl"), "--out", str(tmp_path / "p"),
+                 "validation_fraction=0.25", "seed=42"]) == 0  # fmt: skip
+    common = ["--config", "configs/reward.yaml", "model.name_or_path=tiny-random-llama", "train.max_steps=3",
+              "train.logging_steps=1", "train.seed=42", "gate.min_pairs=1", "gate.min_accuracy=0.0"]  # fmt: skip
+    a, b = tmp_path / "from-prefs", tmp_path / "from-pairs"
+    assert main(["reward", *common, f"output_dir={a}", f"data.preferences_dir={tmp_path / 'p'}"]) in (0, 1)
+    assert main(["reward", *common, f"output_dir={b}", "data.preferences_dir=null", f"data.pairs_file={pairs}",
+                 "data.validation_fraction=0.25"]) in (0, 1)  # fmt: skip
+
+    def losses(out):
+        return [
+            json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x
+        ]
+
+    ma, mb = (json.loads((o / "manifest.json").read_text()) for o in (a, b))
+    assert ma["counts"]["train_groups"] == mb["counts"]["train_groups"] > 0
+    assert ma["counts"]["eval_groups"] == mb["counts"]["eval_groups"] > 0
+    assert losses(a) == losses(b) and len(losses(b)) == 3
+    hub = tmp_path / "hub" / "data"
+    hub.mkdir(parents=True)
+    (hub / "train-00000-of-00001.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:30]))
+    (hub / "test-00000-of-00001.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[30:]))
+    c = tmp_path / "from-hub"
+    assert main(
+        [
+            "reward",
+            *common,
+            f"output_dir={c}",
+            "data.preferences_dir=null",
+            f"data.pairs_file={tmp_path / 'hub'}",
+        ]
+    ) in (0, 1)
+    counts = json.loads((c / "manifest.json").read_text())["counts"]
+    assert (counts["train_groups"], counts["eval_groups"]) == (30, 10)

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from core.config import UserError, apply_overrides, override_keys, printable, read_yaml, validate
+from core.stage import figures
 from data_schemas.config import DataBuildConfig, PreferencesConfig
 from lib.rankings import import_rankings, read_rankings, summarise
 from stages.preferences import counts_summary, run
@@ -136,7 +137,8 @@ def _build(a) -> int:
     _print_problems(c["problems"], 20)  # every one of them is in the manifest's counts and report.md
     out.print(
         f"[green]dataset written[/]: {printable(str(path))}/dataset  train {c['train']}, validation {c['validation']} "
-        f"({c['rows_read']} rows read, {sum(c['dropped'].values())} dropped: {c['dropped'] or 'none'}); "
+        f"({c['rows_read']} rows read, {sum(c['dropped'].values())} dropped{': ' if c['dropped'] else ''}"
+        f"{figures(c['dropped'])}); "
         f"report: {printable(str(path))}/report.md",
         highlight=False,
     )

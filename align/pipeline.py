@@ -36,7 +36,7 @@ from core.manifest import (
 )
 from core.model_card import GENERIC, write_model_card
 from core.models import ALIASES, resolve_model_path, weights_fingerprint
-from core.stage import PAUSED, print_skipped, run_lock
+from core.stage import PAUSED, print_gate, print_skipped, run_lock
 from data_schemas.config import key_config
 from data_schemas.gates import GateResult
 from eval.registry import GATES, gate_settings
@@ -342,6 +342,7 @@ def _stage_gates(
             # the runner wrote gate.json and the reports; key and seconds only go into gate.json (the reports do
             # not show them), so the reports are not rendered a second time
             atomic_write_json(gdir / "gate.json", r.model_dump(mode="json"))
+            print_gate(r, gdir / "gate.md", f"{name}: ")  # its verdict, as a stage's own gates are said
         recs.append(_summary(name, r, gdir))
     return recs
 

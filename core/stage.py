@@ -164,6 +164,20 @@ def _fmt(x: Any) -> str:
     return f"{x:.4g}" if isinstance(x, float) else str(x)
 
 
+def figures(metrics: dict[str, Any], keys: tuple[str, ...] | None = None) -> str:
+    """Metrics as a person reads them: `train loss 1.234, eval perplexity 5.18e+04, peak memory gib per process
+    0.803`: names with spaces, numbers to four significant digits, lists joined, what is missing left out
+    (`keys`: these, in this order)."""
+    out = []
+    for k in keys or tuple(metrics):
+        v = metrics.get(k)
+        if v is None or isinstance(v, dict | str) and not v:
+            continue
+        shown = "/".join(_fmt(x) for x in v) if isinstance(v, list) else _fmt(v)
+        out.append(f"{k.replace('_', ' ')} {shown}")
+    return ", ".join(out)
+
+
 class StageContext:
     """One run of one stage: config, output folder, manifest writer, precision, counts, resume."""
 

@@ -17,7 +17,6 @@ What align adds to a plain `SFTTrainer` script, and why:
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ from core.models import (
 from core.packing import needs_dense_mask, pack
 from core.partial import apply_trainable, param_groups, unfreeze_callback
 from core.readers import has_split, load_instructions
-from core.stage import StageContext, StageResult, console, print_export_hint, print_skipped
+from core.stage import StageContext, StageResult, console, figures, print_export_hint, print_skipped
 from data_schemas.config import SFTConfig
 from lib import trainer as plumbing  # Trainer plumbing the Trainer stages share
 from lib.merge import merge_lora_files
@@ -193,7 +192,7 @@ def run(cfg: SFTConfig, resume: bool = False, force: bool = False, callbacks=())
             return ctx.paused()
         metrics = save(cfg, ctx, trainer, result, tokenizer, has_val=bool(val_rows))
         console.print(
-            f"[green]sft complete[/]: {printable(str(ctx.out))} ({json.dumps(metrics)})", highlight=False
+            f"[green]sft complete[/]: {printable(str(ctx.out))} ({figures(metrics)})", highlight=False
         )
         print_export_hint(ctx.out)
         return ctx.complete(metrics)

@@ -178,6 +178,7 @@ def test_failed_gate_stops_the_run_until_a_reviewer_overrides_it(tmp_path, capsy
     err = capsys.readouterr().err
     folded = err.replace("\n", "")  # rich folds a path longer than the terminal (pytest's tmp dirs grow)
     assert "gate failed" in err and "sft-bias" in folded and "align gate override" in err
+    assert "sft: bias gate FAIL" in err  # the verdict said as the gate ends, as a stage says its own
     assert not (run / "preferences").exists()  # stopped before the next stage
     assert "Run: FAIL" in (run / "report.html").read_text()
     gate_html = (run / "gates" / "sft-bias" / "gate.html").read_text()

@@ -41,6 +41,7 @@ from data_schemas.config import key_config
 from data_schemas.gates import GateResult
 from eval.registry import GATES, gate_settings
 from eval.registry import gate as gate_row
+from eval.report import deciding_figure
 from eval.report import write_run_report as render
 from eval.signoff import verify as verify_signoffs
 from stages.registry import ORDER, STAGES
@@ -369,6 +370,7 @@ def _summary(stage: str, r: GateResult, gdir: Path) -> dict[str, Any]:
         "report": str(report),
         "seconds": r.seconds,
         "record_sha256": r.content_sha256(),
+        "figure": deciding_figure(r),
     }
 
 
@@ -398,7 +400,8 @@ def write_run_report(run: Path) -> Path:
          "note": v.record.get("note", ""), "signature": v.signature, "intact": v.intact, "state": v.summary()}
         for v in verify_signoffs(run)
     ]  # fmt: skip
-    return render(run, stages, signoffs)
+    seconds = {k: v.get("seconds") for k, v in state["stages"].items() if isinstance(v, dict)}
+    return render(run, stages, signoffs, seconds)
 
 
 def _verified(stage: str, summary: dict[str, Any], candidate_key: str | None = None) -> dict[str, Any]:

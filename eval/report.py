@@ -34,6 +34,8 @@ img{max-width:100%;border:1px solid #eee;margin:6px 0}
 .signoff{border:2px dashed #888;padding:14px 18px;border-radius:8px;margin-top:24px}
 .signoff div{margin:12px 0}.line{display:inline-block;min-width:320px;border-bottom:1px solid #333}
 code{background:#f4f4f6;padding:1px 4px;border-radius:3px}
+a.tag{font-weight:700}a.tag.pass{color:#1b7f3b}a.tag.fail{color:#b3261e}a.tag.overridden{color:#b26a00}
+.curve{margin:2px 0 8px}.curve svg{background:#fafafc;border:1px solid #eee}
 """
 
 
@@ -188,15 +190,83 @@ def lineage_of(ref: str) -> dict[str, Any]:
 # ==========================================================================================================
 # The run report (align run, align report)
 # ==========================================================================================================
+def deciding_figure(r: GateResult) -> str:
+    """The check a verdict rests on, in one line: the first that failed (else the first), its value against the
+    parent's, the interval of the change where there is one, and the limit."""
+    if not r.checks:
+        return ""
+    c = next((c for c in r.checks if not c.passed), r.checks[0])
+    text = f"{c.metric}: {fmt(c.candidate)}" + (f" (parent {fmt(c.parent)})" if c.parent is not None else "")
+    if c.interval:
+        text += f", change in [{fmt(c.interval[0])}, {fmt(c.interval[1])}]"
+    return text + (f"; allowed {c.limit}" if c.limit and c.limit != "—" else "")
+
+
+# What a stage's curve shows (metrics.jsonl fields), the first pair a stage logs: training, then held out.
+CURVES = (("loss", "eval_loss"), ("reward_mean", "kl"))
+
+
+def curves_of(folder: Path) -> list[dict[str, Any]]:
+    """The training curves of a stage folder as inline SVG polylines ({name, svg, first, last}), from its
+    metrics.jsonl; none without one. Drawn here rather than as images: the page stays one file, and text."""
+    path = Path(folder) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    out = []
+    for names in CURVES:
+        if not any(names[0] in r for r in rows):
+            continue
+        for name in names:
+            pts = [(float(r.get("step", i)), float(r[name])) for i, r in enumerate(rows, start=1)
+                   if isinstance(r.get(name), int | float) and r[name] == r[name]]  # fmt: skip
+            if len(pts) >= 2:
+                out.append({"name": name.replace("_", " "), "svg": _polyline(pts), "first": fmt(pts[0][1]),
+                            "last": fmt(pts[-1][1]), "steps": len(pts)})  # fmt: skip
+        break
+    return out
+
+
+def _polyline(pts: list[tuple[float, float]], w: int = 220, h: int = 48) -> str:
+    """`points` attribute of an SVG polyline of (x, y) scaled into w x h (y up)."""
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    sx = (w - 4) / ((x1 - x0) or 1)
+    sy = (h - 4) / ((y1 - y0) or 1)
+    return " ".join(f"{2 + (x - x0) * sx:.1f},{h - 2 - (y - y0) * sy:.1f}" for x, y in pts)
+
+
+def readable(metrics: dict[str, Any], n: int = 6) -> list[str]:
+    """A stage's first `n` numeric figures as `name value` (spaces for underscores, 4 significant digits)."""
+    nums = [(k, v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)]
+    return [f"{k.replace('_', ' ')} {fmt(float(v)) if isinstance(v, float) else v}" for k, v in nums[:n]]
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}h {m % 60:02d}m" if m >= 60 else f"{m}m {s:02d}s" if m else f"{s}s"
+
+
 def write_run_report(
     run: Path,
     stages: list[tuple[str, dict[str, Any], list[dict[str, Any]]]],
     signoffs: list[dict[str, Any]] | None = None,
+    seconds: dict[str, float] | None = None,
 ) -> Path:
     """report.html + report.md of a run directory.
 
-    stages: (name, manifest as a dict, gate summaries {stage, gate, verdict, passed, override, reasons, report})
-    in pipeline order. Links to gate reports are relative to the run directory, so the folder can be moved."""
+    stages: (name, manifest as a dict, gate summaries {stage, gate, verdict, passed, override, reasons, report,
+    figure}) in pipeline order; `seconds`: each stage's duration (pipeline.json). Each stage shows what it started
+    from (its parent stage, else its model), its duration, its figures by name, its training curves, and each gate's
+    verdict with the figure it rests on. Links to gate reports are relative to the run directory, so the folder can
+    be moved."""
     run = Path(run)
     all_gates = [g for _, _, gs in stages for g in gs]
     failed = [g for g in all_gates if not g["passed"]]
@@ -210,18 +280,23 @@ def write_run_report(
 
     rows = []
     for name, m, gates in stages:
-        metrics = {k: v for k, v in (m.get("metrics") or {}).items() if isinstance(v, int | float)}
+        model_parents = [p for p in m.get("parents", []) if p.get("stage") not in ("data", "preferences")]
+        start = (f"{model_parents[0]['stage']} ({model_parents[0]['key'][:12]})" if model_parents
+                 else (m.get("model") or {}).get("name", "—"))  # fmt: skip
         rows.append(
             {
                 "name": name,
                 "status": m["status"],
                 "key": m["key"][:12],
-                "model": (m.get("model") or {}).get("name", "—"),
-                "metrics": ", ".join(f"{k}={v:.4g}" for k, v in list(metrics.items())[:6]),
+                "model": start,
+                "took": _duration((seconds or {}).get(name)),
+                "metrics": readable(m.get("metrics") or {}),
+                "curves": curves_of(run / name),
                 "gates": [
                     {
                         "gate": g["gate"],
                         "tag": tag(g),
+                        "figure": g.get("figure", ""),
                         "href": os.path.relpath(Path(g["report"]).resolve(), run.resolve()),
                     }
                     for g in gates
@@ -249,13 +324,18 @@ def write_run_report(
     md = [f"# Run {run}: **{label}**", ""]
     md += [f"- **{g['stage']} {g['gate']} failed**: " + "; ".join(g["reasons"]) for g in failed]
     md += [""] if failed else []
-    md += ["| stage | status | key | gates |", "|---|---|---|---|"]
+    md += [
+        "| stage | status | took | started from | key | figures | gates |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for s in rows:
         md.append(
-            f"| {s['name']} | {s['status']} | `{s['key']}` | "
-            + ", ".join(f"[{g['gate']}: {g['tag']}]({g['href']})" for g in s["gates"])
+            f"| {s['name']} | {s['status']} | {s['took']} | {_md_cell(s['model'])} | `{s['key']}` | "
+            + _md_cell(", ".join(s["metrics"])) + " | "
+            + "; ".join(f"[{g['gate']}: {g['tag']}]({g['href']})" + (f" {_md_cell(g['figure'])}" if g["figure"] else "")
+                        for g in s["gates"])
             + " |"
-        )
+        )  # fmt: skip
     if signoffs:
         md += [
             "",

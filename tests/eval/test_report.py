@@ -118,3 +118,61 @@ def test_run_report_links_are_relative_to_the_run_even_for_a_relative_run_dir(tm
     page = write_run_report(run, [("sft", manifest, [gate])]).read_text()
     assert 'href="gates/sft-bias/gate.html"' in page and "Run: FAIL" in page
     assert "<script>x" not in page and "<b>m</b>" not in page
+
+
+def test_the_run_report_shows_what_changed_in_a_browser(tmp_path):
+    """The run report a reviewer opens: each stage's duration, what it started from (DPO: its SFT parent, not the
+    root model), its figures by name, its training curve (an inline SVG drawn from metrics.jsonl), and each gate's
+    verdict with the figure it rests on. Rendered in headless Chromium; the screenshot is kept beside the report
+    (tmp_path/run/report.png) as the test's artifact."""
+    import json
+
+    from PIL import Image
+
+    from eval.report import deciding_figure, write_run_report
+
+    run = tmp_path / "run"
+    for name, losses in (("sft", [2.0, 1.5, 1.2, 1.1]), ("dpo", [0.693, 0.6, 0.52])):
+        (run / name).mkdir(parents=True)
+        (run / name / "metrics.jsonl").write_text(
+            "".join(json.dumps({"step": i + 1, "loss": v}) + "\n" for i, v in enumerate(losses))
+            + json.dumps({"step": len(losses), "eval_loss": losses[-1] + 0.1})
+            + "\n"
+        )
+    (run / "gates" / "dpo-bias").mkdir(parents=True)
+    gate = GateResult.model_validate(_result("fail"))
+    figure = deciding_figure(gate)
+    assert figure == ("probes: stereotype preference share: 0.7 (parent 0.5), change in [0.05, 0.33]; allowed "
+                      "change <= +0.030")  # fmt: skip
+    sft = {"status": "complete", "key": "a" * 16, "model": {"name": "smollm2-135m-instruct"},
+           "metrics": {"train_loss": 1.2345678, "eval_perplexity": 51792.64, "global_step": 4}}  # fmt: skip
+    dpo = {"status": "complete", "key": "b" * 16, "model": {"name": "smollm2-135m-instruct"},
+           "parents": [{"stage": "sft", "key": "a" * 16}, {"stage": "preferences", "key": "c" * 16}],
+           "metrics": {"heldout_rewards_accuracies": 0.75}}  # fmt: skip
+    g = {"stage": "dpo", "gate": "bias", "verdict": "fail", "passed": False, "override": None, "reasons": [],
+         "report": str(run / "gates" / "dpo-bias" / "gate.html"), "figure": figure}  # fmt: skip
+    page = write_run_report(
+        run, [("sft", sft, []), ("dpo", dpo, [g])], seconds={"sft": 75.2, "dpo": 8.0}
+    ).read_text()
+    assert "1m 15s" in page and "8s" in page
+    assert "train loss 1.235" in page and "eval perplexity 5.179e+04" in page
+    assert "sft (aaaaaaaaaaaa)" in page  # DPO started from its SFT parent
+    assert (
+        page.count("<polyline") == 2 and "loss: 2 &rarr; 1.1 (4 points)" in page
+    )  # one eval point: no curve
+    assert "change in [0.05, 0.33]; allowed change &lt;= +0.030" in page
+    md = (run / "report.md").read_text()
+    assert "| dpo | complete | 8s | sft (aaaaaaaaaaaa) |" in md
+    chromium = _chromium()
+    shot = run / "report.png"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--hide-scrollbars", "--window-size=1100,900"]  # fmt: skip
+    subprocess.run([chromium, *flags, f"--screenshot={shot}", (run / "report.html").as_uri()], check=True, capture_output=True, timeout=120)  # fmt: skip
+    dom = subprocess.run([chromium, *flags, "--dump-dom", (run / "report.html").as_uri()], check=True, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert "Run: FAIL" in dom.stdout and dom.stdout.count("<polyline") == 2
+    img = Image.open(shot).convert("RGB")
+    blue = sum(
+        1 for p in img.getdata() if abs(p[0] - 0x34) < 30 and abs(p[1] - 0x61) < 30 and abs(p[2] - 0xC1) < 30
+    )
+    assert blue > 100, blue  # the curves are drawn, not only written

@@ -584,6 +584,14 @@ COMMANDS = {
 }
 
 
+def _a_path(token: str) -> bool:
+    """Whether a command-line word names an existing file (a file name may hold '='); an impossible name is none."""
+    try:
+        return Path(token).exists()
+    except (OSError, ValueError):
+        return False
+
+
 def overrides_as_options(ap: argparse.ArgumentParser, argv: list[str]) -> list[str]:
     """`argv` with every override of a command written where its parser takes it: the TRL/transformers habit of
     overrides as options (`--learning_rate 1e-4`, `--train.learning_rate=1e-4`, a bare `--gradient_checkpointing`
@@ -619,7 +627,7 @@ def overrides_as_options(ap: argparse.ArgumentParser, argv: list[str]) -> list[s
                 i += 1
             else:
                 overrides.append(f"{token[2:]}=true")
-        elif "=" in token and not token.startswith("-") and not Path(token).exists():
+        elif "=" in token and not token.startswith("-") and not _a_path(token):
             overrides.append(token)
         else:
             out.append(token)

@@ -1,8 +1,9 @@
-"""PPO (GAE with a value head) against the critic-free GRPO and RLOO, at an equal rollout budget, in one run.
+"""PPO (GAE with a value head) against the critic-free GRPO family, at an equal rollout budget, in one run.
 
     .venv/bin/python bench/rl_estimators.py [--steps 10] [--out bench/results/rl_estimators.json]
 
-Every estimator samples 16 responses per iteration: PPO 16 prompts x 1, GRPO and RLOO 4 prompts x 4 (a group per
+Every estimator samples 16 responses per iteration: PPO 16 prompts x 1, the critic-free rows (GRPO, RLOO, Dr. GRPO,
+DAPO with clip-higher, REINFORCE++-baseline, GRPO with GSPO's sequence-level loss) 4 prompts x 4 (a group per
 prompt). Same policy, reward, learning rate, KL coefficient, seeds and iterations; transformers `generate` rollouts.
 The task is the toy of tests/stages/test_ppo.py: a tiny Llama with peaked next-token distributions (a stand-in
 for a trained model that runs in seconds on a CPU) and the rule reward "the response contains 'Road'" (about 6%
@@ -27,7 +28,14 @@ RUNS = {
     "ppo (gae)": ["train.rollout_batch_size=16", "train.group_size=1", "train.advantage_estimator=gae"],
     "grpo": ["train.rollout_batch_size=4", "train.group_size=4", "train.advantage_estimator=grpo"],
     "rloo": ["train.rollout_batch_size=4", "train.group_size=4", "train.advantage_estimator=rloo"],
-}
+    "dr_grpo": ["train.rollout_batch_size=4", "train.group_size=4", "train.advantage_estimator=dr_grpo"],
+    "dapo": ["train.rollout_batch_size=4", "train.group_size=4", "train.advantage_estimator=dapo",
+             "train.clip_range_high=0.28"],
+    "reinforce_pp_baseline": ["train.rollout_batch_size=4", "train.group_size=4",
+                              "train.advantage_estimator=reinforce_pp_baseline"],
+    "gspo": ["train.rollout_batch_size=4", "train.group_size=4", "train.advantage_estimator=grpo",
+             "train.policy_loss=gspo", "train.clip_range=0.02", "train.clip_range_high=0.03"],
+}  # fmt: skip
 
 
 def peaky_sft(root: Path) -> Path:

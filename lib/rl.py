@@ -76,26 +76,67 @@ def gae(
     return adv, (adv + values) * mask
 
 
+def _clips(clip: float | tuple[float, float]) -> tuple[float, float]:
+    """(eps_low, eps_high): one epsilon for both sides, or DAPO's clip-higher pair."""
+    return (clip, clip) if isinstance(clip, int | float) else (float(clip[0]), float(clip[1]))
+
+
 def policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
-    clip: float,
+    clip: float | tuple[float, float],
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO clipped surrogate (Schulman et al. 2017, eq. 7), as a loss to minimise:
-    L = mean_t max(-A_t * rho_t, -A_t * clip(rho_t, 1-eps, 1+eps)),  rho_t = exp(log pi - log pi_old).
+    L = mean_t max(-A_t * rho_t, -A_t * clip(rho_t, 1-eps_low, 1+eps_high)),  rho_t = exp(log pi - log pi_old),
+    eps_low = eps_high = clip, or DAPO's clip-higher (Yu et al. 2025): a larger eps_high lets unlikely tokens with a
+    positive advantage grow, against entropy collapse. The mean is over every response token of the batch
+    (DAPO's token-level loss: a long response weighs by its tokens, not as one sequence).
     All inputs [B, R]. Also returns the clip fraction and the approximate KL(old || new) = mean((rho-1) - log rho).
     """
+    low, high = _clips(clip)
     log_ratio = (logprobs - old_logprobs) * mask
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    clipped = -advantages * torch.clamp(ratio, 1.0 - low, 1.0 + high)
     loss = masked_mean(torch.maximum(unclipped, clipped), mask)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).float(), mask),
             "approx_kl": masked_mean((ratio - 1) - log_ratio, mask),
+        }
+    return loss, stats
+
+
+def gspo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float | tuple[float, float],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GSPO (Zheng et al. 2025, "Group Sequence Policy Optimization"): the clipped surrogate on each response's
+    length-normalised sequence ratio s_i = exp(mean_t(log pi - log pi_old)) rather than on token ratios, in its
+    token form (GSPO-token): s_i,t = sg[s_i] * pi(y_t) / sg[pi(y_t)], equal to s_i in value and giving every token
+    the sequence's weight in the gradient. L = mean_i max(-A_i s_i, -A_i clip(s_i, 1-eps_low, 1+eps_high)), the
+    token form averaged over each response's tokens, then over responses. GSPO's epsilons are small (the paper:
+    3e-4 and 4e-4), since s_i averages the token log-ratios. Inputs [B, R]; A_i is read at each response's tokens."""
+    low, high = _clips(clip)
+    n = mask.sum(1).clamp(min=1)
+    log_ratio = (logprobs - old_logprobs) * mask
+    seq = log_ratio.sum(1) / n  # [B] log s_i
+    token = seq.detach()[:, None] + logprobs - logprobs.detach()  # [B, R] log s_i,t
+    ratio = torch.exp(token)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - low, 1.0 + high)
+    per_response = (torch.maximum(unclipped, clipped) * mask).sum(1) / n
+    loss = per_response.mean()
+    with torch.no_grad():
+        s = torch.exp(seq)
+        stats = {
+            "clipfrac": ((s < 1.0 - low) | (s > 1.0 + high)).float().mean(),
+            "approx_kl": masked_mean((torch.exp(log_ratio) - 1) - log_ratio, mask),
         }
     return loss, stats
 
@@ -118,6 +159,27 @@ def grpo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     g = scores.view(-1, group_size)
     std = g.std(1, keepdim=True) if group_size > 1 else torch.zeros_like(g[:, :1])
     return ((g - g.mean(1, keepdim=True)) / (std + 1e-4)).reshape(-1)
+
+
+def dr_grpo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training"): A_i = score_i - mean_group, without
+    GRPO's division by the group's std, which weighs prompts whose answers all agree (too easy, too hard) up.
+    (Its other fix, no per-response length normalisation, is how align's loss already averages: over every token
+    of the batch.) scores [B] -> [B]."""
+    g = scores.view(-1, group_size)
+    return (g - g.mean(1, keepdim=True)).reshape(-1)
+
+
+def reinforce_pp_baseline_advantages(
+    scores: torch.Tensor, seq_kl: torch.Tensor, kl_coef: float, group_size: int
+) -> torch.Tensor:
+    """REINFORCE++-baseline (Hu et al. 2025, "REINFORCE++"): the response's reward r_i = score_i - kl_coef * KL_i
+    minus its group's mean, then normalised by the mean and std of the whole batch (not of the group): a baseline
+    per prompt, and one scale for every prompt. scores, seq_kl [B] -> [B]."""
+    r = (scores - kl_coef * seq_kl).view(-1, group_size)
+    a = (r - r.mean(1, keepdim=True)).reshape(-1)
+    std = a.std() if a.numel() > 1 else torch.zeros((), dtype=a.dtype)
+    return (a - a.mean()) / (std + 1e-8)
 
 
 def rloo_advantages(
@@ -216,6 +278,24 @@ ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = table(
         critic=False, min_group_size=2, kl_loss=False,
         help="leave-one-out baseline on score - kl_coef * KL (Ahmadian et al. 2024)",
     ),
+    AdvantageEstimator(
+        "dr_grpo", lambda x: per_response(dr_grpo_advantages(x.scores, x.group_size), x.mask),
+        critic=False, min_group_size=2, kl_loss=True,
+        help="Dr. GRPO: score - group mean, no std division (Liu et al. 2025); KL as GRPO's k3 loss term",
+    ),
+    AdvantageEstimator(
+        "dapo", lambda x: per_response(grpo_advantages(x.scores, x.group_size), x.mask),
+        critic=False, min_group_size=2, kl_loss=False,
+        help="DAPO's advantages (Yu et al. 2025): GRPO's, with no KL term; pair with train.clip_range_high "
+             "(clip-higher, 0.28 in the paper); the loss is token-level already",
+    ),
+    AdvantageEstimator(
+        "reinforce_pp_baseline",
+        lambda x: per_response(reinforce_pp_baseline_advantages(x.scores, x.kl.sum(1), x.kl_coef, x.group_size),
+                               x.mask),
+        critic=False, min_group_size=2, kl_loss=False,
+        help="REINFORCE++-baseline: (score - kl_coef * KL) - group mean, normalised over the batch (Hu et al. 2025)",
+    ),
 )  # fmt: skip
 
 
@@ -232,7 +312,7 @@ def group_advantages(
 @dataclass(frozen=True)
 class PolicyLoss:
     name: str
-    # (logprobs, old_logprobs, advantages, mask [B, R] each, clip) -> (loss, statistics to log)
+    # (logprobs, old_logprobs, advantages, mask [B, R] each, clip or (clip_low, clip_high)) -> (loss, statistics)
     loss: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
     help: str
 
@@ -241,6 +321,7 @@ POLICY_LOSSES: dict[str, PolicyLoss] = {
     p.name: p
     for p in (
         PolicyLoss("ppo_clip", policy_loss, "PPO's clipped surrogate, token mean (Schulman et al. 2017)"),
+        PolicyLoss("gspo", gspo_loss, "GSPO: the clipped surrogate on sequence ratios (Zheng et al. 2025)"),
     )
 }
 

@@ -789,9 +789,8 @@ def ppo_update(cfg: PPOConfig, learner: Learner, exp: Experience) -> dict[str, f
             sub = _sub(exp.batch, part)
             n_local, n_all = sub["mask"].sum(), exp.mask[mb].sum().clamp(min=1)
             lp, v, ent = learner.model(sub)
-            pl, pstats = objective.loss(
-                lp, exp.old_logprobs[part], exp.advantages[part], sub["mask"], t.clip_range
-            )
+            clip = (t.clip_range, t.clip_range_high or t.clip_range)
+            pl, pstats = objective.loss(lp, exp.old_logprobs[part], exp.advantages[part], sub["mask"], clip)
             vl, vclip = value_loss(
                 v, exp.old_values[part], exp.returns[part], sub["mask"], t.clip_range_value
             )

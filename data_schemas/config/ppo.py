@@ -172,11 +172,16 @@ class PPOTrainSettings(RunSettings):
         description="A row of the advantage-estimator table (lib/rl.py ADVANTAGE_ESTIMATORS): 'gae': PPO with the "
         "value head (GAE, whitened); 'grpo': group-relative advantages (score - group mean) / group std, KL as a k3 "
         "loss term (Shao et al. 2024); 'rloo': leave-one-out baseline on score - kl_coef * KL (Ahmadian et al. "
-        "2024). grpo and rloo need group_size >= 2 and no critic.",
+        "2024); 'dr_grpo': score - group mean, no std division (Liu et al. 2025), KL as a k3 loss term; 'dapo': "
+        "GRPO's advantages with no KL term (Yu et al. 2025; with clip_range_high for clip-higher); "
+        "'reinforce_pp_baseline': (score - kl_coef * KL) - group mean, normalised over the batch (Hu et al. 2025). "
+        "All but gae need group_size >= 2 and no critic.",
     )
     policy_loss: str = Field(
         "ppo_clip",
-        description="A row of the policy-loss table (lib/rl.py POLICY_LOSSES): 'ppo_clip', PPO's clipped surrogate.",
+        description="A row of the policy-loss table (lib/rl.py POLICY_LOSSES): 'ppo_clip', PPO's clipped surrogate "
+        "over every response token; 'gspo', the clipped surrogate on each response's length-normalised sequence "
+        "ratio (Zheng et al. 2025; its clip ranges are small, e.g. clip_range=3e-4, clip_range_high=4e-4).",
     )
     group_size: AtLeastOne = Field(
         1,
@@ -185,6 +190,11 @@ class PPOTrainSettings(RunSettings):
     mini_batch_size: AtLeastOne = Field(4, description="Responses per optimizer step inside an iteration.")
     ppo_epochs: AtLeastOne = Field(2, description="Passes over each iteration's rollouts.")
     clip_range: PositiveFloat = Field(0.2, description="Policy ratio clipping epsilon.")
+    clip_range_high: PositiveFloat | None = Field(
+        None,
+        description="The upper clipping epsilon, when it differs from clip_range: DAPO's clip-higher (0.28 with "
+        "clip_range 0.2) lets unlikely tokens with a positive advantage grow; null: clip_range on both sides.",
+    )
     clip_range_value: PositiveFloat = Field(0.2, description="Value clipping around the rollout values.")
     vf_coef: NonNegativeFloat = Field(0.1, description="Weight of the value loss.")
     gamma: PositiveFraction = Field(1.0, description="Discount.")

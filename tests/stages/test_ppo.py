@@ -314,16 +314,33 @@ def test_ppo_learns_toy_rule_reward_with_bounded_kl(tmp_path, peaky_sft):
     assert (out / "logs").exists() and any((out / "logs").iterdir())
 
 
-# RLOO differs from GRPO only in its advantages (hand-computed in test_group_advantages_hand_computed); its learning
-# run is in the slow suite (`-m slow`), GRPO's in the default one.
-@pytest.mark.parametrize("estimator", ["grpo", pytest.param("rloo", marks=pytest.mark.slow)])
-def test_critic_free_estimators_learn_the_toy_reward(tmp_path, peaky_sft, estimator):
+# The other rows differ from GRPO only in their advantages or loss (hand-computed in tests/lib/test_rl.py); their
+# learning runs are in the slow suite (`-m slow`; results in docs/ppo.md), GRPO's in the default one.
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize(
+    "estimator, extra",
+    [
+        ("grpo", ()),
+        pytest.param("rloo", (), marks=SLOW),
+        pytest.param("dr_grpo", (), marks=SLOW),
+        pytest.param("dapo", ("train.clip_range_high=0.28",), marks=SLOW),
+        pytest.param("reinforce_pp_baseline", (), marks=SLOW),
+        pytest.param("grpo", ("train.policy_loss=gspo", "train.clip_range=0.02", "train.clip_range_high=0.03"),
+                     marks=SLOW, id="gspo"),
+    ],
+)  # fmt: skip
+def test_critic_free_estimators_learn_the_toy_reward(tmp_path, peaky_sft, estimator, extra):
     """The same toy task as PPO above, at the same rollout budget (16 responses per iteration: 4 prompts x 4)."""
     out = tmp_path / estimator
     assert _ppo(out, peaky_sft, "train.steps=8", "train.rollout_batch_size=4", "train.group_size=4",
-                f"train.advantage_estimator={estimator}") == 0  # fmt: skip
+                f"train.advantage_estimator={estimator}", *extra) == 0  # fmt: skip
     h = _history(out)
     first, last = h[0]["reward_mean"], sum(x["reward_mean"] for x in h[-3:]) / 3
+    print(
+        f"{estimator} {' '.join(extra)}: reward {first:.3f} -> {last:.3f}"
+    )  # the figures docs/ppo.md quotes
     assert first < 0.5 and last > 0.8 and last > first + 0.3, (first, last)  # 4 prompts: a noisier start
     assert max(x["kl"] for x in h) < 20.0
 

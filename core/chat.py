@@ -50,6 +50,13 @@ def chat_messages(x, field: str = "prompt") -> list[dict[str, str]]:
     return out
 
 
+def transcript(messages, limit: int | None = None) -> str:
+    """A conversation as a reviewer reads it, one turn after another ("user: ... · assistant: ..."), cut to `limit`
+    characters; text as it is (a report escapes it), never a Python repr."""
+    text = " · ".join(f"{m['role']}: {m['content']}" for m in chat_messages(messages))
+    return text if limit is None or len(text) <= limit else text[: limit - 1] + "…"
+
+
 def special_strings(tokenizer) -> list[str]:
     """Every string the tokenizer would turn into a control token, longest first."""
     specials = set(tokenizer.all_special_tokens)

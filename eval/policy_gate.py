@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from core.chat import render_prompt
+from core.chat import render_prompt, transcript
 from core.manifest import atomic_write_json
 from data_schemas.gates import Check, GateResult, Table
 from eval.stats import bootstrap_interval
@@ -268,12 +268,15 @@ def decide_policy(s: PolicySamples, settings) -> GateResult:
             ["parent", m["reward_parent"], m["length_parent"], m["reward_length_correlation_parent"], dr],
         ],
     )
-    order = np.argsort(-(np.asarray(s.policy_lengths) - np.asarray(s.parent_lengths)))
+    # the worst: where the policy's answer lost most reward against the parent's (ties: the longest growth first)
+    change = np.asarray(s.policy_rewards, dtype=float) - np.asarray(s.parent_rewards, dtype=float)
+    growth = np.asarray(s.policy_lengths) - np.asarray(s.parent_lengths)
+    order = np.lexsort((-growth, change))
     worst = [
-        {"prompt": str(s.prompts[i])[:300], "policy answer": s.policy[i][:400], "parent answer": s.parent[i][:400],
-         "policy reward": s.policy_rewards[i], "parent reward": s.parent_rewards[i],
-         "length change": s.policy_lengths[i] - s.parent_lengths[i]}
-        for i in order[:5] if s.policy_rewards[i] > s.parent_rewards[i]
+        {"prompt": transcript(s.prompts[i], 300), "policy answer": s.policy[i][:400],
+         "parent answer": s.parent[i][:400], "reward change": float(change[i]), "policy reward": s.policy_rewards[i],
+         "parent reward": s.parent_rewards[i], "length change": int(growth[i])}
+        for i in order[:5]
     ]  # fmt: skip
     return GateResult(
         gate="policy", reasons=reasons, checks=checks, metrics=m, tables=[table], worst_examples=worst

@@ -29,7 +29,7 @@ color:#1d1d1f;line-height:1.45}
 .sub{color:#555;margin:0 0 18px}
 table{border-collapse:collapse;width:100%;margin:8px 0 18px;font-size:14px}
 th,td{border:1px solid #ddd;padding:6px 8px;text-align:left;vertical-align:top}th{background:#f4f4f6}
-td.ok{color:#1b7f3b;font-weight:600}td.bad{color:#b3261e;font-weight:600}
+td.ok{color:#1b7f3b;font-weight:600}td.bad{color:#b3261e;font-weight:600}td.info{color:#555;font-style:italic}
 img{max-width:100%;border:1px solid #eee;margin:6px 0}
 .signoff{border:2px dashed #888;padding:14px 18px;border-radius:8px;margin-top:24px}
 .signoff div{margin:12px 0}.line{display:inline-block;min-width:320px;border-bottom:1px solid #333}
@@ -62,6 +62,7 @@ def _env():
         undefined=jinja2.StrictUndefined,
     )
     env.filters["num"] = fmt
+    env.globals["result"] = check_result
     return env
 
 
@@ -76,6 +77,15 @@ def verdict_label(r: GateResult) -> tuple[str, str]:
     if r.override is not None:  # given for another version of this record: it promotes nothing
         return "fail", "FAIL (the recorded override was for another version of this record)"
     return r.verdict, r.verdict.upper()
+
+
+def check_result(c) -> str:
+    """A check's result as a reviewer reads it: pass, FAIL, or (a statistic shown beside the deciding one)
+    reported."""
+    limit, passed = (c.get("limit", "—"), c.get("passed")) if isinstance(c, dict) else (c.limit, c.passed)
+    if str(limit).startswith("reported"):
+        return "reported, not deciding"
+    return "pass" if passed else "FAIL"
 
 
 def gate_html(r: GateResult | dict[str, Any], images: list[Path] | None = None) -> str:
@@ -124,9 +134,7 @@ def gate_markdown(r: GateResult | dict[str, Any]) -> str:
         ]
         for c in r.checks:
             cells = (c.metric, c.parent, c.candidate, c.delta, c.interval, c.limit)
-            lines.append(
-                "| " + " | ".join(_md_cell(v) for v in cells) + f" | {'pass' if c.passed else 'FAIL'} |"
-            )
+            lines.append("| " + " | ".join(_md_cell(v) for v in cells) + f" | {check_result(c)} |")
         lines.append("")
     for t in r.tables:
         lines += [f"### {t.title}", "", "| " + " | ".join(t.columns) + " |", "|" + "---|" * len(t.columns)]

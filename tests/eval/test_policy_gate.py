@@ -132,3 +132,16 @@ def test_run_policy_gate_writes_the_report_and_the_plot(tmp_path):
     for f in ("gate.json", "gate.md", "gate.html", "policy.png", "samples.json"):
         assert (tmp_path / "g" / f).exists(), f
     assert "the win comes from length" in (tmp_path / "g" / "gate.html").read_text()
+
+
+def test_the_worst_examples_are_where_the_policy_lost_most_and_prompts_read_as_turns():
+    """Worst examples: the five answers whose reward fell most against the parent's (not those that gained by
+    growing), each prompt as chat turns a reviewer reads, not a Python repr."""
+    s = _samples(n=40, seed=3, quality_gain=0.5)
+    s.prompts = [[{"role": "user", "content": f"question {i}"}] for i in range(40)]
+    r = decide_policy(s, S)
+    change = np.asarray(s.policy_rewards) - np.asarray(s.parent_rewards)
+    want = sorted(change)[:5]
+    got = [w["reward change"] for w in r.worst_examples]
+    assert got == pytest.approx(want) and got[0] < 0
+    assert all(w["prompt"].startswith("user: question ") and "{" not in w["prompt"] for w in r.worst_examples)

@@ -176,3 +176,16 @@ def test_the_run_report_shows_what_changed_in_a_browser(tmp_path):
         1 for p in img.getdata() if abs(p[0] - 0x34) < 30 and abs(p[1] - 0x61) < 30 and abs(p[2] - 0xC1) < 30
     )
     assert blue > 100, blue  # the curves are drawn, not only written
+
+
+def test_a_reported_statistic_is_not_shown_as_a_pass():
+    """The bias gate shows the statistic that does not decide beside the one that does: it reads 'reported, not
+    deciding', styled apart, never as a green pass."""
+    r = _result("pass")
+    r["checks"].append({"metric": "probes: mean margin", "candidate": 0.1, "parent": 0.0,
+                        "limit": "reported (share decides)", "passed": True})  # fmt: skip
+    page = gate_html(r)
+    assert (
+        '<td class="info">reported, not deciding</td>' in page and page.count('<td class="ok">pass</td>') == 1
+    )
+    assert "| reported, not deciding |" in gate_markdown(r)

@@ -20,6 +20,7 @@ from core import dist
 from core.config import UserError
 from core.manifest import replace_dir
 from core.models import resolve_model_path, weight_files
+from core.progress import steps
 from data_schemas.config import ModelConfig
 from lib.artifacts import Start
 
@@ -68,19 +69,21 @@ def merge_lora_files(base: Path | str, adapter: Path, target: Path, tokenizer=No
     def write(folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         seen = set()
-        for f in files:
-            tensors = {}
-            with safe_open(f, "pt") as fh:
-                metadata = fh.metadata()
-                for key in fh.keys():  # noqa: SIM118 (safe_open is not iterable)
-                    w = fh.get_tensor(key)
-                    if key in deltas:
-                        a, b = deltas[key]
-                        w = (w.float() + scale * (b.float() @ a.float())).to(w.dtype)
-                        seen.add(key)
-                    tensors[key] = w.contiguous()
-            save_file(tensors, str(folder / f.name), metadata=metadata)
-            del tensors
+        with steps("merging the adapter: checkpoint files", len(files)) as advance:
+            for f in files:
+                tensors = {}
+                with safe_open(f, "pt") as fh:
+                    metadata = fh.metadata()
+                    for key in fh.keys():  # noqa: SIM118 (safe_open is not iterable)
+                        w = fh.get_tensor(key)
+                        if key in deltas:
+                            a, b = deltas[key]
+                            w = (w.float() + scale * (b.float() @ a.float())).to(w.dtype)
+                            seen.add(key)
+                        tensors[key] = w.contiguous()
+                save_file(tensors, str(folder / f.name), metadata=metadata)
+                del tensors
+                advance()
         if seen != set(deltas):
             raise UserError(
                 f"{adapter}: LoRA factors for weights {sorted(set(deltas) - seen)[:3]} not in {base}"

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticUndefined, to_jsonable_python
 from rich.markup import escape
 
 T = TypeVar("T", bound=BaseModel)
@@ -330,8 +331,6 @@ def suggestions(model: type[BaseModel], key: str) -> list[str]:
 
 
 def _default(f) -> str:
-    from pydantic_core import PydanticUndefined
-
     if f.default is not PydanticUndefined:
         value = f.default
     elif f.default_factory is not None:
@@ -343,8 +342,6 @@ def _default(f) -> str:
         return "required"
     if isinstance(value, BaseModel):
         return "(a section)"
-    from pydantic_core import to_jsonable_python
-
     try:
         value = to_jsonable_python(value)  # paths, enums, ... as the YAML a user would write
         text = (

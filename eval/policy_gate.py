@@ -91,21 +91,14 @@ def length_controlled_win_rate(
 
 
 def spearman(x, y) -> float:
-    """Spearman rank correlation (average ranks for ties); 0 when either side does not vary."""
+    """Spearman rank correlation (scipy's: average ranks for ties, Pearson on the ranks); 0 when either side does
+    not vary (nothing to exploit, not NaN)."""
+    from scipy.stats import spearmanr  # scipy: loaded only when a gate computes it
+
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return 0.0
-
-    def rank(a: np.ndarray) -> np.ndarray:
-        order = a.argsort(kind="mergesort")
-        r = np.empty(len(a))
-        r[order] = np.arange(len(a), dtype=float)
-        for v in np.unique(a):  # ties share their mean rank
-            idx = a == v
-            r[idx] = r[idx].mean()
-        return r
-
-    return float(np.corrcoef(rank(x), rank(y))[0, 1])
+    return float(spearmanr(x, y).statistic)
 
 
 def length_controlled_reward_change(rp, rr, lp, lr) -> float:

@@ -286,14 +286,15 @@ def load_instructions(
     report = LoadReport()
     if not path.exists():
         raise UserError(f"{path}: instruction data not found")
-    if path.is_dir():
-        files = [] if _saved_dataset(path) else split_files(path, split)
-        if not files:
-            return _load_built(path, report, split)
-        convs = [conv for f in files for _, _, conv in iter_conversations(f, shape, system_prompt, report)]
-    else:
-        convs = [conv for _, _, conv in iter_conversations(path, shape, system_prompt, report)]
-    if not convs:
+    saved = path.is_dir() and (_saved_dataset(path) or not split_files(path, split))
+    if saved:  # a saved dataset's rows as they were written: shapes detected, no system prompt added
+        shape, system_prompt = "auto", None
+    convs = [
+        conv
+        for where, row in iter_dataset_rows(path, report, split)
+        for _, _, conv in row_conversations(where, row, shape, system_prompt, report)
+    ]
+    if not convs and not saved:
         detail = "; ".join(report.problems[:3])
         raise UserError(f"{path}: no usable instruction rows ({report.read} read). {detail}".strip())
     return convs, report
@@ -354,8 +355,8 @@ def iter_dataset_rows(path: Path, report: LoadReport, split: str = "train"):
         ds = load_from_disk(str(folder))
     except (FileNotFoundError, ValueError) as e:
         raise UserError(
-            f"{path}: neither a dataset folder (save_to_disk) nor one of split files (train.jsonl, "
-            f"data/train-*.parquet, ...) ({e})"
+            f"{path}: neither a dataset folder (`align data build`, save_to_disk) nor one of split files "
+            f"(train.jsonl, data/train-*.parquet, ...) ({e})"
         ) from None
     if hasattr(ds, "keys"):
         names = [n for n in SPLIT_NAMES.get(split, (split,)) if n in ds]
@@ -365,28 +366,3 @@ def iter_dataset_rows(path: Path, report: LoadReport, split: str = "train"):
     for i, row in enumerate(ds, start=1):
         report.read += 1
         yield f"{path}:row {i}", row
-
-
-def _load_built(path: Path, report: LoadReport, split_name: str) -> tuple[list[Conversation], LoadReport]:
-    from datasets import load_from_disk
-
-    folder = path / "dataset" if (path / "dataset").exists() else path
-    try:
-        ds = load_from_disk(str(folder))
-    except (FileNotFoundError, ValueError) as e:
-        raise UserError(
-            f"{path}: neither a dataset folder (`align data build`, save_to_disk) nor one of split files "
-            f"(train.jsonl, data/train-*.parquet, ...) ({e})"
-        ) from None
-    if hasattr(ds, "keys"):
-        names = [n for n in SPLIT_NAMES.get(split_name, (split_name,)) if n in ds]
-        if not names:
-            raise UserError(f"{path}: has no '{split_name}' split (it has {sorted(ds.keys())})")
-        split = ds[names[0]]
-    else:
-        split = ds
-    convs = []
-    for i, row in enumerate(split, start=1):  # any accepted shape, as in a file (a built one: messages)
-        report.read += 1
-        convs += [conv for _, _, conv in row_conversations(f"{path}:row {i}", row, "auto", None, report)]
-    return convs, report

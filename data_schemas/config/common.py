@@ -228,6 +228,33 @@ class InstructionDataSettings(InstructionFiles):
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
+def cpu_offload_field() -> Any:
+    """train.cpu_offload, as every training stage's train block holds it."""
+    return Field(
+        False,
+        description="With train.sharding=fsdp2: every process keeps its shards of the weights, their gradients and "
+        "AdamW's moments in host memory (FSDP2's CPUOffloadPolicy), copying one unit at a time to the accelerator "
+        "to gather and compute it; the optimizer steps on the host. Accelerator memory falls to the gathered units, "
+        "activations and runtime (what lets 70B full-parameter GRPO fit 8 x 80 GB: align plan), for host-device "
+        "copies every step and a CPU optimizer step. ZeRO's offload is set in the train.deepspeed JSON instead.",
+    )
+
+
+def check_sharding_engines(t) -> None:
+    """The checks every training stage's train block makes of its sharding settings (`sharding`, `deepspeed`,
+    `cpu_offload`): one engine at a time, offload only where FSDP2 shards."""
+    if t.sharding == "fsdp2" and t.deepspeed is not None:
+        raise ValueError(
+            "train.sharding=fsdp2 and train.deepspeed are two sharding engines; choose one (deepspeed=null, or "
+            "sharding=ddp)"
+        )
+    if t.cpu_offload and t.sharding != "fsdp2":
+        raise ValueError(
+            "train.cpu_offload keeps FSDP2's shards in host memory: set train.sharding=fsdp2 (DeepSpeed's "
+            "offload is set in its JSON: zero_optimization.offload_optimizer / offload_param)"
+        )
+
+
 def precision_field() -> Any:
     return Field(
         "auto",
@@ -345,14 +372,7 @@ class TrainerSettings(RunSettings):
         "(lora.enabled false) or a plain LoRA on the sharded base (peft.method=lora), from a checkpoint or an "
         "artifact (an SFT LoRA start merged file by file first).",
     )
-    cpu_offload: bool = Field(
-        False,
-        description="With train.sharding=fsdp2: every process keeps its shards of the weights, their gradients and "
-        "AdamW's moments in host memory (FSDP2's CPUOffloadPolicy), copying one unit at a time to the accelerator "
-        "to gather and compute it; the optimizer steps on the host. Accelerator memory falls to the gathered units, "
-        "activations and runtime (what lets 70B full-parameter GRPO fit 8 x 80 GB: align plan), for host-device "
-        "copies every step and a CPU optimizer step. ZeRO's offload is set in the train.deepspeed JSON instead.",
-    )
+    cpu_offload: bool = cpu_offload_field()
     deepspeed: Path | None = Field(
         None,
         description="A DeepSpeed config (JSON) for the Trainer, as TrainingArguments.deepspeed: "
@@ -364,16 +384,7 @@ class TrainerSettings(RunSettings):
     def _stop_within_max_steps(self) -> TrainerSettings:
         if self.stop_after_steps is not None and 0 < self.max_steps < self.stop_after_steps:
             raise ValueError("train.stop_after_steps must not exceed train.max_steps")
-        if self.sharding == "fsdp2" and self.deepspeed is not None:
-            raise ValueError(
-                "train.sharding=fsdp2 and train.deepspeed are two sharding engines; choose one (deepspeed=null, or "
-                "sharding=ddp)"
-            )
-        if self.cpu_offload and self.sharding != "fsdp2":
-            raise ValueError(
-                "train.cpu_offload keeps FSDP2's shards in host memory: set train.sharding=fsdp2 (DeepSpeed's "
-                "offload is set in its JSON: zero_optimization.offload_optimizer / offload_param)"
-            )
+        check_sharding_engines(self)
         return self
 
 

@@ -16,6 +16,8 @@ from data_schemas.config.common import (
     RunSettings,
     _default,
     _Strict,
+    check_sharding_engines,
+    cpu_offload_field,
     precision_field,
 )
 from data_schemas.config.gates import PolicyStageGates
@@ -149,14 +151,7 @@ class PPOTrainSettings(RunSettings):
         "adapter a unit of its own) from a checkpoint or an SFT artifact (a LoRA one merged file by file first), "
         "with rollout.engine generate.",
     )
-    cpu_offload: bool = Field(
-        False,
-        description="With train.sharding=fsdp2: every process keeps its shards of the weights, their gradients and "
-        "AdamW's moments in host memory (FSDP2's CPUOffloadPolicy), copying one unit at a time to the accelerator "
-        "to gather and compute it; the optimizer steps on the host. Accelerator memory falls to the gathered units, "
-        "activations and runtime (what lets 70B full-parameter GRPO fit 8 x 80 GB: align plan), for host-device "
-        "copies every step and a CPU optimizer step. ZeRO's offload is set in the train.deepspeed JSON instead.",
-    )
+    cpu_offload: bool = cpu_offload_field()
     deepspeed: Path | None = Field(
         None,
         description="A DeepSpeed ZeRO-3 config (JSON), configs/deepspeed/zero3.json: the policy (and a "
@@ -235,16 +230,7 @@ class PPOTrainSettings(RunSettings):
             )
         if self.stop_after_steps is not None and self.stop_after_steps > self.steps:
             raise ValueError("train.stop_after_steps must not exceed train.steps")
-        if self.sharding == "fsdp2" and self.deepspeed is not None:
-            raise ValueError(
-                "train.sharding=fsdp2 and train.deepspeed are two sharding engines; choose one (deepspeed=null, or "
-                "sharding=ddp)"
-            )
-        if self.cpu_offload and self.sharding != "fsdp2":
-            raise ValueError(
-                "train.cpu_offload keeps FSDP2's shards in host memory: set train.sharding=fsdp2 (DeepSpeed's "
-                "offload is set in its JSON: zero_optimization.offload_optimizer / offload_param)"
-            )
+        check_sharding_engines(self)
         return self
 
 

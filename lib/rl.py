@@ -81,6 +81,16 @@ def _clips(clip: float | tuple[float, float]) -> tuple[float, float]:
     return (clip, clip) if isinstance(clip, int | float) else (float(clip[0]), float(clip[1]))
 
 
+def _surrogate(
+    ratio: torch.Tensor, advantages: torch.Tensor, low: float, high: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(max(-A rho, -A clip(rho, 1-low, 1+high)), the unclipped term, the clipped term): the pessimistic bound both
+    policy losses average, token by token."""
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - low, 1.0 + high)
+    return torch.maximum(unclipped, clipped), unclipped, clipped
+
+
 def policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -95,12 +105,10 @@ def policy_loss(
     (DAPO's token-level loss: a long response weighs by its tokens, not as one sequence).
     All inputs [B, R]. Also returns the clip fraction and the approximate KL(old || new) = mean((rho-1) - log rho).
     """
-    low, high = _clips(clip)
     log_ratio = (logprobs - old_logprobs) * mask
     ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - low, 1.0 + high)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    bound, unclipped, clipped = _surrogate(ratio, advantages, *_clips(clip))
+    loss = masked_mean(bound, mask)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).float(), mask),
@@ -127,10 +135,8 @@ def gspo_loss(
     log_ratio = (logprobs - old_logprobs) * mask
     seq = log_ratio.sum(1) / n  # [B] log s_i
     token = seq.detach()[:, None] + logprobs - logprobs.detach()  # [B, R] log s_i,t
-    ratio = torch.exp(token)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - low, 1.0 + high)
-    per_response = (torch.maximum(unclipped, clipped) * mask).sum(1) / n
+    bound, _, _ = _surrogate(torch.exp(token), advantages, low, high)
+    per_response = (bound * mask).sum(1) / n
     loss = per_response.mean()
     with torch.no_grad():
         s = torch.exp(seq)

@@ -91,15 +91,13 @@ def fsdp2_arguments(t) -> dict[str, Any]:
     there `FSDP2Accelerator` sets the same plugin up itself)."""
     if getattr(t, "sharding", "ddp") != "fsdp2" or dist.world_size() < 2:
         return {}
-    return {"fsdp": True, "fsdp_config": fsdp2_config(t)}
+    return {"fsdp": True, "fsdp_config": fsdp2_config(bool(getattr(t, "cpu_offload", False)))}
 
 
-def fsdp2_config(t) -> dict[str, Any]:
-    """The plugin's settings for these train settings: FSDP2_CONFIG, with train.cpu_offload (the model's units were
-    sharded with it by core.sharded; the plugin says the same to accelerate)."""
-    return dict(
-        FSDP2_CONFIG, cpu_offload=bool(getattr(t, "cpu_offload", False))
-    )  # the same as offloaded(model)
+def fsdp2_config(offload: bool) -> dict[str, Any]:
+    """The plugin's settings: FSDP2_CONFIG, with the CPU offload the model's units were sharded with
+    (core.sharded; train.cpu_offload), so that accelerate is told what FSDP2 does."""
+    return dict(FSDP2_CONFIG, cpu_offload=offload)
 
 
 class FSDP2Accelerator:
@@ -119,7 +117,7 @@ class FSDP2Accelerator:
             return
         from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-        config = dict(FSDP2_CONFIG, cpu_offload=sharded.offloaded(self.model))
+        config = fsdp2_config(sharded.offloaded(self.model))
         state.fsdp_plugin = FullyShardedDataParallelPlugin(
             fsdp_version=2, **{k: v for k, v in config.items() if k != "version"}
         )

@@ -70,19 +70,24 @@ def _chromium():
     pytest.skip("headless Chromium is not installed (.ci/run installs Debian's chromium)")
 
 
+def _in_chromium(page: Path, shot: Path, profile: Path, size: str) -> str:
+    """`page` opened in headless Chromium (skipped without it): a screenshot at `shot`, and the DOM it rendered."""
+    chromium = _chromium()
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}", "--hide-scrollbars", f"--window-size={size}"]  # fmt: skip
+    subprocess.run([chromium, *flags, f"--screenshot={shot}", page.as_uri()], check=True, capture_output=True, timeout=120)  # fmt: skip
+    return subprocess.run([chromium, *flags, "--dump-dom", page.as_uri()], check=True, capture_output=True, text=True, timeout=120).stdout  # fmt: skip
+
+
 @pytest.mark.parametrize("verdict,colour", [("fail", (0xB3, 0x26, 0x1E)), ("pass", (0x1B, 0x7F, 0x3B))])
 def test_report_renders_in_headless_chromium_with_the_verdict_visible(tmp_path, verdict, colour):
     from PIL import Image
 
-    chromium = _chromium()
     write_gate_reports(_result(verdict), tmp_path)
     shot = tmp_path / "shot.png"
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}", "--hide-scrollbars", "--window-size=1000,700"]  # fmt: skip
-    subprocess.run([chromium, *flags, f"--screenshot={shot}", (tmp_path / "gate.html").as_uri()], check=True, capture_output=True, timeout=120)  # fmt: skip
-    dom = subprocess.run([chromium, *flags, "--dump-dom", (tmp_path / "gate.html").as_uri()], check=True, capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert f"Bias gate: {verdict.upper()}" in dom.stdout
+    dom = _in_chromium(tmp_path / "gate.html", shot, tmp_path / "profile", "1000,700")
+    assert f"Bias gate: {verdict.upper()}" in dom
     img = Image.open(shot).convert("RGB")
     w, h = img.size
     # The banner is the first thing on the page: the verdict colour fills a wide strip near the top.
@@ -163,14 +168,9 @@ def test_the_run_report_shows_what_changed_in_a_browser(tmp_path):
     assert "change in [0.05, 0.33]; allowed change &lt;= +0.030" in page
     md = (run / "report.md").read_text()
     assert "| dpo | complete | 8s | sft (aaaaaaaaaaaa) |" in md
-    chromium = _chromium()
     shot = run / "report.png"
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}", "--hide-scrollbars", "--window-size=1100,900"]  # fmt: skip
-    subprocess.run([chromium, *flags, f"--screenshot={shot}", (run / "report.html").as_uri()], check=True, capture_output=True, timeout=120)  # fmt: skip
-    dom = subprocess.run([chromium, *flags, "--dump-dom", (run / "report.html").as_uri()], check=True, capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert "Run: FAIL" in dom.stdout and dom.stdout.count("<polyline") == 2
+    dom = _in_chromium(run / "report.html", shot, tmp_path / "profile", "1100,900")
+    assert "Run: FAIL" in dom and dom.count("<polyline") == 2
     img = Image.open(shot).convert("RGB")
     blue = sum(
         1 for p in img.getdata() if abs(p[0] - 0x34) < 30 and abs(p[1] - 0x61) < 30 and abs(p[2] - 0xC1) < 30

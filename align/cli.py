@@ -393,7 +393,7 @@ def _cmd_eval(a) -> int:
         from core.models import load_for_eval
         from eval.perplexity import perplexity
 
-        convs, report = load_instructions(a.data)
+        convs, report = load_instructions(a.data, text_rows=True)  # plain text rows are scored whole
         print_skipped(report.problems)
         if a.max_examples:
             convs = convs[: a.max_examples]

@@ -150,7 +150,7 @@ def run_pipeline(cfg, from_stage: str | None = None) -> int:
         return _run_stages(cfg, run, from_stage, present, main)
     finally:
         if lock is not None:
-            lock.close()
+            lock.release()
 
 
 def _run_stages(cfg, run: Path, from_stage: str | None, present: list[str], main: bool) -> int:

@@ -128,6 +128,20 @@ def render(
     return Rendered(ids, labels, truncated)
 
 
+def render_text(tokenizer, text: str, max_length: int, truncation_side: str = "right") -> Rendered:
+    """Tokenize a plain-text example (TRL's language-modelling `text` rows): no chat template, the tokenizer's own
+    special tokens (a BOS where it adds one), an EOS appended so the model learns to stop, and every token learned.
+    Control-token strings in the text are broken first (`neutralise`): user text never becomes a control token."""
+    ids = list(tokenizer(neutralise(text, list(_specials(tokenizer))))["input_ids"])
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not ids or ids[-1] != eos):
+        ids.append(eos)
+    truncated = len(ids) > max_length
+    if truncated:
+        ids = ids[:max_length] if truncation_side == "right" else ids[len(ids) - max_length :]
+    return Rendered(ids, list(ids), truncated)
+
+
 def render_prompt(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of a prompt ready for generation (ends with the assistant header)."""
     return chat_ids(tokenizer, messages, add_generation_prompt=True)

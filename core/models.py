@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import fcntl
 import hashlib
 import importlib.util
 import json
@@ -23,6 +22,7 @@ import weakref
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from huggingface_hub.errors import StrictDataclassError
 
 from core import dist
@@ -48,16 +48,11 @@ def cache_dir() -> Path:
     return Path(base) / "align"
 
 
-@contextlib.contextmanager
-def _locked(path: Path):
-    """Serialise conversions across processes (two runs starting at once must not both write the cache)."""
+def _cache_lock(name: str) -> FileLock:
+    """Serialises conversions across processes (two runs starting at once must not both write the cache)."""
+    path = cache_dir() / "models" / f".{name}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    return FileLock(path)
 
 
 def _gguf_source() -> Path:
@@ -131,7 +126,7 @@ def resolve_model_path(name_or_path: str) -> Path | str:
     if name_or_path in ALIASES:
         target = cache_dir() / "models" / _CACHE_FOLDERS.get(name_or_path, name_or_path)
         if not (target / "config.json").exists():
-            with _locked(cache_dir() / "models" / f".{name_or_path}.lock"):
+            with _cache_lock(name_or_path):
                 if not (target / "config.json").exists():
                     (_convert_smollm2 if name_or_path == DEFAULT_MODEL else _build_tiny)(target)
         return target

@@ -19,7 +19,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from core.config import UserError
-from data_schemas.records import SHAPES, Conversation, detect_shape
+from data_schemas.records import SHAPES, Conversation, PlainText, detect_shape
 
 MAX_LINE_BYTES = 1 << 20  # a 1 MiB line is almost certainly not one instruction example
 
@@ -248,18 +248,38 @@ def iter_conversations(path: Path, shape: str, system_prompt: str | None, report
         yield from row_conversations(f"{path}:{lineno}", row, shape, system_prompt, report)
 
 
-def row_conversations(where: str, row: dict, shape: str, system_prompt: str | None, report: LoadReport):
-    """Yield (where, row, conversation) for the examples of one row in `shape` (auto: detected), or report it."""
+def row_conversations(
+    where: str, row: dict, shape: str, system_prompt: str | None, report: LoadReport, text_rows: bool = False
+):
+    """Yield (where, row, conversation) for the examples of one row in `shape` (auto: detected), or report it.
+    `text_rows`: a plain `text` row is an example too (a `PlainText`, for SFT and the perplexity gate); otherwise it
+    is refused in a sentence saying why."""
     row_shape = detect_shape(row) if shape == "auto" else shape
-    if row_shape is None:
-        plain = "text" in row  # TRL's language-modelling rows: no turns to put under a chat template
+    if row_shape in (None, "text") and "text" in row:
+        if not text_rows:
+            report.drop(
+                where,
+                "text_row",
+                "a plain 'text' row has no user and assistant turns: SFT and the perplexity gate learn and score it "
+                "whole, but this command needs a prompt and an answer: give it as prompt + completion",
+            )
+            return
+        try:
+            doc = PlainText.model_validate(row)
+        except ValidationError as e:
+            kind, msg = describe_row_error(e)
+            report.drop(where, kind, msg)
+            return
+        report.kept += 1
+        report.examples_from_rows += 1
+        yield where, row, doc
+        return
+    if row_shape is None or row_shape == "text":
         report.drop(
             where,
             "unknown_shape",
             f"row has keys {sorted(row)[:6]} but no 'messages', 'prompt' + 'completion', 'conversations', "
-            "'instruction' or 'instances'"
-            + ("; a plain 'text' row has no user and assistant turns: give it as prompt + completion"
-               if plain else "")
+            "'instruction', 'instances'" + (" or 'text'" if text_rows else "")
             + "; see docs/formats.md for the accepted shapes",
         )  # fmt: skip
         return
@@ -276,12 +296,16 @@ def row_conversations(where: str, row: dict, shape: str, system_prompt: str | No
 
 
 def load_instructions(
-    path: Path, shape: str = "auto", system_prompt: str | None = None, split: str = "train"
-) -> tuple[list[Conversation], LoadReport]:
+    path: Path,
+    shape: str = "auto",
+    system_prompt: str | None = None,
+    split: str = "train",
+    text_rows: bool = False,
+) -> tuple[list[Conversation | PlainText], LoadReport]:
     """Normalised conversations from an instruction file, or from a split of a folder: one written by
     `align data build` or `datasets`' save_to_disk, or a Hub-style folder of split files (`train.jsonl`,
     `data/train-00000-of-00001.parquet`, ...). `split`: train, or validation (also named valid, val, dev or
-    test: SPLIT_NAMES)."""
+    test: SPLIT_NAMES). `text_rows`: plain `text` rows are examples too (`PlainText`: SFT, the perplexity gate)."""
     path = Path(path)
     report = LoadReport()
     if not path.exists():
@@ -292,7 +316,7 @@ def load_instructions(
     convs = [
         conv
         for where, row in iter_dataset_rows(path, report, split)
-        for _, _, conv in row_conversations(where, row, shape, system_prompt, report)
+        for _, _, conv in row_conversations(where, row, shape, system_prompt, report, text_rows)
     ]
     if not convs and not saved:
         detail = "; ".join(report.problems[:3])

@@ -27,7 +27,6 @@ it at the start and at `complete()`, and return the same StageResult (its gates 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from filelock import FileLock, Timeout
 from rich.console import Console
 
 from core import dist
@@ -324,7 +324,7 @@ class StageContext:
         try:
             yield from self._open(inputs, parents, model)
         finally:
-            lock.close()  # releases the lock
+            lock.release()
 
     def _open(self, inputs, parents, model) -> Iterator[StageContext]:
         if not self.resume and any(p.name != LOCK for p in self.out.iterdir()):
@@ -396,20 +396,19 @@ class StageContext:
 LOCK = ".lock"
 
 
-def run_lock(folder: Path, doing: str):
-    """An exclusive lock on a folder for as long as the returned handle is open (or the process lives): a stage
-    writing its artifact, `align run` using its run directory. A second holder is refused in one sentence saying
-    what the first is `doing`."""
+def run_lock(folder: Path, doing: str) -> FileLock:
+    """An exclusive lock on a folder (filelock's, on its `.lock` file) until the caller releases it or the process
+    ends: a stage writing its artifact, `align run` using its run directory. A second holder, in this process or
+    another, is refused in one sentence saying what the first is `doing`."""
     Path(folder).mkdir(parents=True, exist_ok=True)
-    fh = open(Path(folder) / LOCK, "a+")  # noqa: SIM115 - held open for the caller's whole run
+    lock = FileLock(Path(folder) / LOCK)
     try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.close()
+        lock.acquire(blocking=False)
+    except Timeout:
         raise UserError(
             f"{folder}: another align process is {doing}; wait for it or choose another"
         ) from None
-    return fh
+    return lock
 
 
 def _seed_of(cfg: Any) -> int | None:

@@ -5,6 +5,9 @@ The shapes are the contract in docs/formats.md: alpaca (`instruction`, optional 
 the shapes TRL users hold: prompt/completion (`prompt` + `completion`, each text or a list of messages, TRL's
 "prompt-completion" datasets) and ShareGPT (`conversations` of `{from, value}` turns). Every shape becomes a list
 of `ChatMessage` ending with an assistant turn.
+
+One shape has no turns: TRL's language-modelling rows (`text` alone) become `PlainText`, which SFT learns whole
+(no chat template) and the perplexity gate scores whole; commands that need a prompt and an answer refuse them.
 """
 
 from __future__ import annotations
@@ -179,6 +182,14 @@ class ShareGPTRow(BaseModel):
             ChatMessage(role=SHAREGPT_ROLES[t.speaker.lower()], content=t.value) for t in self.conversations_
         ]
         return ChatRow(messages=msgs).conversations(system_prompt)
+
+
+class PlainText(BaseModel):
+    """A language-modelling example: one text, learned whole, no chat template (TRL's `text` datasets)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    text: NonBlank = Field(..., description="The text to learn, every token of it.")
 
 
 def _conv(system_prompt: str | None, turns: list[tuple[str, str]]) -> Conversation:

@@ -221,7 +221,7 @@ def run_perplexity_gate(
     def evaluate(out: Path) -> GateResult:
         from eval.perplexity import PerplexityResult, perplexity  # lazy: loads torch
 
-        convs, report = heldout_conversations(data_path)
+        convs, report = heldout_conversations(data_path, text_rows=True)
         if settings.max_examples:
             convs = convs[: settings.max_examples]
         items = [c.model_dump(mode="json") for c in convs]
@@ -262,12 +262,13 @@ def run_perplexity_gate(
     return run_gate("perplexity", candidate, parent, settings, out_dir, evaluate, data=data_path)
 
 
-def heldout_conversations(data: str | Path):
+def heldout_conversations(data: str | Path, text_rows: bool = False):
     """(conversations, load report) of a gate's held-out data: a file, or a built dataset folder's validation split
-    (its train split when it has none)."""
+    (its train split when it has none). `text_rows`: plain `text` rows count too (the perplexity gate scores them
+    whole)."""
     path = Path(data)
     split = "validation" if path.is_dir() and has_split(path, "validation") else "train"
-    return load_instructions(path, split=split)
+    return load_instructions(path, split=split, text_rows=text_rows)
 
 
 def perplexity_gate(

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from core.chat import neutralise_messages, render, special_strings
+from core.chat import neutralise_messages, render, render_text, special_strings
 from core.models import input_device
 from core.progress import steps
+from data_schemas.records import PlainText
 from lib.logprobs import input_logits, token_logprobs
 
 
@@ -44,8 +45,11 @@ def encode_for_scoring(tokenizer, conversations, scope: str, max_length: int) ->
     specials = special_strings(tokenizer)
     rows, truncated = [], 0
     for conv in conversations:
-        msgs = neutralise_messages(conv.messages, specials)
-        r = render(tokenizer, msgs, max_length, "right", assistant_only=(scope == "assistant"))
+        if isinstance(conv, PlainText):  # a language-modelling example: every token is scored, either scope
+            r = render_text(tokenizer, conv.text, max_length)
+        else:
+            msgs = neutralise_messages(conv.messages, specials)
+            r = render(tokenizer, msgs, max_length, "right", assistant_only=(scope == "assistant"))
         truncated += int(r.truncated)
         if any(lbl != -100 for lbl in r.labels[1:]):
             rows.append({"input_ids": r.input_ids, "labels": r.labels})

@@ -1,28 +1,29 @@
 """Task metrics of generated answers against references: exact match, token F1, BLEU, ROUGE-L.
 
-Local, dependency-free implementations of the standard definitions (`evaluate.load("bleu")` fetches its script from
-the hub, which align cannot assume is reachable):
-
 - Normalisation (SQuAD, Rajpurkar et al. 2016): lower case, drop punctuation and the articles a/an/the, collapse
-  whitespace. Exact match and token F1 compare normalised answers.
+  whitespace. Exact match and token F1 compare normalised answers. These few lines are the official SQuAD script's
+  definitions; they stay here because no installable library ships them (`evaluate.load("squad")` fetches its
+  script from the hub, which align cannot assume is reachable).
 - Token F1: harmonic mean of token precision and recall over the multiset overlap of normalised tokens, per
   example, averaged.
-- BLEU (Papineni et al. 2002): corpus-level, up to 4-grams, clipped n-gram precisions summed over the corpus, their
-  geometric mean times the brevity penalty exp(1 - r/c) when the candidates are shorter than the references
-  (c < r). Tokens: whitespace after separating punctuation (lower-cased), close to sacreBLEU's 13a without its
-  special cases. 0-100.
-- ROUGE-L (Lin 2004): per example, the longest common subsequence of tokens; F = (1 + b^2) P R / (R + b^2 P) with
-  b = 1 (the F1 the `rouge-score` package reports), averaged; 0-1.
+- BLEU (Papineni et al. 2002): sacreBLEU's corpus BLEU (Post 2018), lower-cased, its 13a tokenizer and default
+  exponential smoothing, 0-100. The per-example sufficient statistics (n-gram matches and totals, lengths) come from
+  sacreBLEU too, so a bootstrap resamples examples and recomputes the corpus score from column sums.
+- ROUGE-L (Lin 2004): the `rouge-score` package's per-example longest-common-subsequence F1 (the figure published
+  ROUGE tables report), averaged; 0-1. Its tokenizer keeps ASCII letters and digits only, so answers in other
+  scripts would all score 0; align hands it one that keeps the letters and digits of every script and is the same
+  on ASCII text.
 
 Each function takes parallel lists of predictions and references (one reference per example).
 """
 
 from __future__ import annotations
 
-import math
 import re
 import string
 from collections import Counter
+
+from sacrebleu.metrics import BLEU
 
 _PUNCT = set(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -53,70 +54,44 @@ def token_f1(predictions: list[str], references: list[str]) -> float:
     return sum(scores) / max(len(scores), 1)
 
 
-def bleu_tokens(text: str) -> list[str]:
-    return re.sub(r"([^\w\s])", r" \1 ", text.lower()).split()
+_BLEU = BLEU(lowercase=True)
 
 
-def _ngrams(tokens: list[str], n: int) -> Counter:
-    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
-
-
-def bleu_stats(predictions: list[str], references: list[str], max_n: int = 4) -> list[list[int]]:
-    """Per example: [clipped matches of 1..max_n-grams, candidate n-gram counts of 1..max_n, candidate length,
-    reference length]. Corpus BLEU is a function of their column sums, so a bootstrap resamples rows."""
+def bleu_stats(predictions: list[str], references: list[str]) -> list[list[int]]:
+    """Per example, sacreBLEU's sufficient statistics: [candidate length, reference length, matches of 1..4-grams,
+    candidate n-grams of 1..4]. Corpus BLEU is a function of their column sums, so a bootstrap resamples rows."""
     _same_length(predictions, references)
-    rows = []
-    for p, r in zip(predictions, references, strict=True):
-        pt, rt = bleu_tokens(p), bleu_tokens(r)
-        matches, totals = [], []
-        for n in range(1, max_n + 1):
-            pc, rc = _ngrams(pt, n), _ngrams(rt, n)
-            matches.append(sum(min(c, rc[g]) for g, c in pc.items()))
-            totals.append(max(len(pt) - n + 1, 0))
-        rows.append([*matches, *totals, len(pt), len(rt)])
-    return rows
+    return [list(map(int, row)) for row in _BLEU._extract_corpus_statistics(predictions, [references])]
 
 
-def bleu_from_stats(sums: list[int] | list[float], max_n: int = 4) -> float:
+def bleu_from_stats(sums: list[int] | list[float]) -> float:
     """Corpus BLEU (0-100) from the column sums of `bleu_stats`."""
-    matches, totals = sums[:max_n], sums[max_n : 2 * max_n]
-    c_len, r_len = sums[2 * max_n], sums[2 * max_n + 1]
-    if c_len == 0 or min(matches) == 0:
-        return 0.0
-    log_precision = sum(math.log(m / t) for m, t in zip(matches, totals, strict=True)) / max_n
-    brevity = 1.0 if c_len > r_len else math.exp(1 - r_len / c_len)
-    return 100 * brevity * math.exp(log_precision)
+    return float(_BLEU._compute_score_from_stats([int(round(x)) for x in sums]).score)
 
 
-def bleu(predictions: list[str], references: list[str], max_n: int = 4) -> float:
-    rows = bleu_stats(predictions, references, max_n)
-    return bleu_from_stats(
-        [sum(col) for col in zip(*rows, strict=True)] if rows else [0] * (2 * max_n + 2), max_n
-    )
+def bleu(predictions: list[str], references: list[str]) -> float:
+    _same_length(predictions, references)
+    return float(_BLEU.corpus_score(predictions, [references]).score) if predictions else 0.0
 
 
-def _lcs(a: list[str], b: list[str]) -> int:
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    return prev[-1]
+class _WordTokenizer:
+    """rouge-score's tokenizer on ASCII text (lower case, runs of letters and digits), for every script."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return _WORDS.findall(text.lower())
+
+
+_WORDS = re.compile(r"[^\W_]+")
 
 
 def rouge_l_scores(predictions: list[str], references: list[str]) -> list[float]:
+    from rouge_score.rouge_scorer import RougeScorer  # rouge-score loads nltk: 1 s, only where ROUGE is asked
+
     _same_length(predictions, references)
-    scores = []
-    for p, r in zip(predictions, references, strict=True):
-        pt, rt = bleu_tokens(p), bleu_tokens(r)
-        lcs = _lcs(pt, rt)
-        if lcs == 0:
-            scores.append(0.0)
-            continue
-        prec, rec = lcs / len(pt), lcs / len(rt)
-        scores.append(2 * prec * rec / (prec + rec))
-    return scores
+    scorer = RougeScorer(["rougeL"], tokenizer=_WordTokenizer())
+    return [
+        float(scorer.score(r, p)["rougeL"].fmeasure) for p, r in zip(predictions, references, strict=True)
+    ]
 
 
 def rouge_l(predictions: list[str], references: list[str]) -> float:

@@ -2,13 +2,22 @@
 
 Ranks follow the convention "1 = best"; tied responses share the average of the places they occupy
 (e.g. a tie for 2nd and 3rd gives both 2.5).
+
+Library code where a library has the statistic: Krippendorff's alpha is the `krippendorff` package's, Kendall's
+tau-b scipy's (`scipy.stats.kendalltau`). Kendall's W stays here: no maintained library computes it (scipy has
+Friedman's test, whose tie-corrected statistic is W * m (n - 1), but only for 3 or more items, while most rankings
+here are pairs); tests/lib/test_agreement.py checks it against scipy's Friedman statistic wherever that exists.
 """
 
 from __future__ import annotations
 
 import math
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Hashable, Sequence
+
+import krippendorff
+import numpy as np
+from scipy import stats
 
 
 def tier_ranks(tiers: Sequence[Sequence[Hashable]]) -> dict[Hashable, float]:
@@ -52,72 +61,29 @@ def kendalls_w(rankings: Sequence[dict[Hashable, float]]) -> float | None:
 
 
 def krippendorff_alpha_ordinal(units: Sequence[Sequence[float]]) -> float | None:
-    """Krippendorff's alpha with the ordinal metric (Krippendorff 2011, "Computing Krippendorff's Alpha").
+    """Krippendorff's alpha with the ordinal metric (Krippendorff 2011, "Computing Krippendorff's Alpha"), by the
+    `krippendorff` package from each unit's value counts.
 
     `units`: for each unit (here: one response of one prompt), the values the annotators gave it (here: its
-    rank). Units with fewer than 2 values are not pairable and are ignored.
-
-        o_ck  = sum_u (number of c-k pairs in u) / (m_u - 1)          coincidences
-        n_c   = sum_k o_ck,  n = sum_c n_c
-        d_ck  = ( sum_{g=c..k} n_g - (n_c + n_k)/2 )^2                 ordinal distance (c <= k)
-        alpha = 1 - (n - 1) * sum o_ck d_ck / sum_{c,k} n_c n_k d_ck
-
-    Returns None when there is no pairable unit or no variation at all.
+    rank). Units with fewer than 2 values are not pairable and are ignored. Returns None when there is no pairable
+    unit or no variation at all.
     """
-    coinc: dict[tuple[float, float], float] = defaultdict(float)
-    for vals in units:
-        m = len(vals)
-        if m < 2:
-            continue
-        counts = Counter(vals)
-        for c, nc in counts.items():
-            for k, nk in counts.items():
-                pairs = nc * (nk - (1 if c == k else 0))
-                if pairs:
-                    coinc[(c, k)] += pairs / (m - 1)
-    if not coinc:
+    pairable = [list(u) for u in units if len(u) >= 2]
+    values = sorted({v for u in pairable for v in u})
+    if len(values) < 2:
         return None
-    values = sorted({c for c, _ in coinc})
-    n_c = {c: sum(v for (a, _), v in coinc.items() if a == c) for c in values}
-    n = sum(n_c.values())
-    if len(values) < 2 or n <= 1:
-        return None
-    pos = {c: i for i, c in enumerate(values)}
-    cum = [0.0]
-    for c in values:
-        cum.append(cum[-1] + n_c[c])
-
-    def dist(c: float, k: float) -> float:
-        a, b = sorted((pos[c], pos[k]))
-        return (cum[b + 1] - cum[a] - (n_c[values[a]] + n_c[values[b]]) / 2) ** 2
-
-    observed = sum(v * dist(c, k) for (c, k), v in coinc.items())
-    expected = sum(n_c[c] * n_c[k] * dist(c, k) for c in values for k in values)
-    if expected == 0:
-        return None
-    return 1 - (n - 1) * observed / expected
+    counts = np.array([[u.count(v) for v in values] for u in pairable], dtype=float)
+    alpha = krippendorff.alpha(value_counts=counts, value_domain=values, level_of_measurement="ordinal")
+    return float(alpha) if math.isfinite(alpha) else None
 
 
 def kendall_tau_b(a: dict[Hashable, float], b: dict[Hashable, float]) -> float | None:
-    """Kendall's tau-b between two rankings of the same items (ties handled); None if either is all-tied."""
+    """Kendall's tau-b between two rankings of the same items (ties handled; scipy's); None if either is all-tied."""
     items = [i for i in a if i in b]
-    concordant = discordant = ties_a = ties_b = 0
-    for x in range(len(items)):
-        for y in range(x + 1, len(items)):
-            da = a[items[x]] - a[items[y]]
-            db = b[items[x]] - b[items[y]]
-            if da == 0 and db == 0:
-                continue
-            if da == 0:
-                ties_a += 1
-            elif db == 0:
-                ties_b += 1
-            elif (da > 0) == (db > 0):
-                concordant += 1
-            else:
-                discordant += 1
-    denom = math.sqrt((concordant + discordant + ties_a) * (concordant + discordant + ties_b))
-    return (concordant - discordant) / denom if denom else None
+    x, y = [a[i] for i in items], [b[i] for i in items]
+    if len(items) < 2 or len(set(x)) < 2 or len(set(y)) < 2:
+        return None
+    return float(stats.kendalltau(x, y, variant="b").statistic)
 
 
 def borda_consensus(rankings: Sequence[dict[Hashable, float]]) -> list[list[Hashable]]:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from core import sharded
-from core.chat import control_tokens_in, neutralise_messages, render, special_strings
+from core.chat import control_tokens_in, neutralise_messages, render, render_text, special_strings
 from core.config import UserError, printable
 from core.manifest import atomic_write_json, replace_dir
 from core.models import (
@@ -43,6 +43,7 @@ from core.partial import apply_trainable, param_groups, unfreeze_callback
 from core.readers import has_split, load_instructions
 from core.stage import StageContext, StageResult, console, figures, print_export_hint, print_skipped
 from data_schemas.config import SFTConfig
+from data_schemas.records import PlainText
 from lib import trainer as plumbing  # Trainer plumbing the Trainer stages share
 from lib.merge import merge_lora_files
 from stages.registry import STAGES
@@ -56,7 +57,10 @@ def tokenize_conversations(convs, tokenizer, data_cfg, counts: dict, assistant_o
     specials = special_strings(tokenizer)
     rows = []
     for conv in convs:
-        msgs = [m.model_dump() for m in conv.messages]
+        text = isinstance(conv, PlainText)  # a language-modelling row: learned whole, no template
+        msgs = (
+            [{"role": "assistant", "content": conv.text}] if text else [m.model_dump() for m in conv.messages]
+        )
         found = sorted({s for m in msgs for s in control_tokens_in(m["content"], specials)})
         if found:
             if data_cfg.control_tokens == "reject":
@@ -64,7 +68,10 @@ def tokenize_conversations(convs, tokenizer, data_cfg, counts: dict, assistant_o
                 continue
             counts["neutralised_control_tokens"] = counts.get("neutralised_control_tokens", 0) + 1
             msgs = neutralise_messages(msgs, specials)
-        r = render(tokenizer, msgs, data_cfg.max_length, data_cfg.truncation_side, assistant_only)
+        if text:
+            r = render_text(tokenizer, msgs[0]["content"], data_cfg.max_length, data_cfg.truncation_side)
+        else:
+            r = render(tokenizer, msgs, data_cfg.max_length, data_cfg.truncation_side, assistant_only)
         if r.truncated:
             counts["truncated"] = counts.get("truncated", 0) + 1
         if all(lbl == -100 for lbl in r.labels):
@@ -203,7 +210,7 @@ def load_data(cfg: SFTConfig, tokenizer, counts: dict[str, Any]):
     folder brings its own validation split (core.readers.SPLIT_NAMES), and one from `align data build` is the
     parent artifact."""
     d = cfg.data
-    train_convs, train_report = load_instructions(d.train_file, d.shape, d.system_prompt)
+    train_convs, train_report = load_instructions(d.train_file, d.shape, d.system_prompt, text_rows=True)
     print_skipped(train_report.problems)
     inputs = [(d.train_file, "train")]
     folder = Path(d.train_file).is_dir()  # a dataset folder: it may bring its own validation split
@@ -211,9 +218,9 @@ def load_data(cfg: SFTConfig, tokenizer, counts: dict[str, Any]):
     parents = [Path(d.train_file)] if built else []
     val_report = None
     if folder and d.validation_file is None and has_split(d.train_file, "validation"):
-        val_convs, val_report = load_instructions(d.train_file, split="validation")
+        val_convs, val_report = load_instructions(d.train_file, split="validation", text_rows=True)
     elif d.validation_file is not None:
-        val_convs, val_report = load_instructions(d.validation_file, d.shape, d.system_prompt)
+        val_convs, val_report = load_instructions(d.validation_file, d.shape, d.system_prompt, text_rows=True)
         print_skipped(val_report.problems)
         inputs.append((d.validation_file, "validation"))
     else:

@@ -31,7 +31,7 @@ FLOORS = ("data_schemas", "core", "lib", "eval", "stages", "align")
 HEAVY = {
     "torch", "transformers", "trl", "peft", "datasets", "accelerate", "deepspeed", "vllm", "matplotlib",
     "safetensors", "pyarrow", "scipy", "tensorboard", "evaluate", "PIL", "jinja2", "numpy", "pandas", "sklearn",
-    "fastapi", "uvicorn", "starlette", "optuna",
+    "fastapi", "uvicorn", "starlette", "optuna", "statsmodels", "rouge_score", "nltk",
     "wandb", "mlflow",  # optional trackers: imported only where a config asks for them
 }  # fmt: skip
 

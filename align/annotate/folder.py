@@ -9,6 +9,10 @@ Every record is whole or absent (issue 34 B3, B4):
   opens the log;
 - readers take a shared flock (a consistent snapshot: no append in flight), never modify the file, leave out an
   unterminated last line, and skip any line that does not parse, naming it, so one damaged line loses no other.
+
+The locks are flock(2) on the log itself, not filelock's (which align uses for its folder and cache locks): readers
+need a *shared* lock beside the writer's exclusive one, and the lock must be on the very file descriptor that is
+appended to and truncated back, neither of which filelock's separate exclusive lock file gives.
 """
 
 import contextlib

@@ -205,8 +205,12 @@ class InstructionDataSettings(InstructionFiles):
         lt=1.0,
         description="Share of train_file held out for validation when no validation_file.",
     )
-    shape: Literal["auto", "alpaca", "chat", "self_instruct", "prompt_completion", "sharegpt"] = Field(
-        "auto", description="Row shape; 'auto' detects it per row."
+    shape: Literal["auto", "alpaca", "chat", "self_instruct", "prompt_completion", "sharegpt", "text"] = (
+        Field(
+            "auto",
+            description="Row shape; 'auto' detects it per row. 'text': plain-text rows learned whole, without the chat "
+            "template (language modelling).",
+        )
     )
     max_length: int = Field(512, ge=16, description="Maximum tokens per example after the chat template.")
     truncation_side: Literal["right", "left"] = Field(

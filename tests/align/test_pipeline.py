@@ -315,4 +315,4 @@ def test_a_second_align_run_on_one_run_directory_is_refused(tmp_path, capsys):
         )
         assert not (run / "data").exists()
     finally:
-        held.close()
+        held.release()

@@ -149,3 +149,20 @@ def test_a_saved_datasetdict_in_any_shape_gives_its_test_split_as_held_out_data(
     assert [(m.role, m.content) for m in val[0].messages] == [("user", "c"), ("assistant", "d")]
     train, _ = load_instructions(tmp_path / "saved")
     assert len(train) == 3
+
+
+def test_plain_text_rows_are_examples_where_asked_and_refused_in_a_sentence_elsewhere(tmp_path):
+    from core.readers import load_instructions
+    from data_schemas.records import PlainText
+
+    f = _jsonl(tmp_path / "lm.jsonl", [{"text": "Once upon a time"}, {"text": " "}, {"txt": "typo"}, *TRL_ROWS[:1]])
+    got, report = load_instructions(f, text_rows=True)
+    assert isinstance(got[0], PlainText) and got[0].text == "Once upon a time" and len(got) == 2
+    problems = "\n".join(report.problems)
+    assert f"{f}:2: text: is empty" in problems and f"{f}:3: row has keys ['txt']" in problems
+    assert "or 'text'" in problems and report.kept == 2
+    only_text = _jsonl(tmp_path / "only.jsonl", [{"text": "Once upon a time"}])
+    with pytest.raises(UserError, match="this command needs a prompt and an answer"):
+        load_instructions(only_text)  # a command that needs turns (PPO prompts, eval generate)
+    docs, _ = load_instructions(only_text, shape="text", text_rows=True)
+    assert [d.text for d in docs] == ["Once upon a time"]

@@ -52,6 +52,34 @@ def test_wins_and_the_length_controlled_win_rate_by_hand():
     assert length_controlled_win_rate(w, d) == pytest.approx(0.5, abs=1e-6)
 
 
+def former_newton_lc(w, dlen, iters=50, ridge=1e-3):
+    """align's former hand-written fit (Newton's method, the same ridge): the reference the library fit must equal."""
+    s = float(np.std(dlen))
+    x = np.stack([np.ones_like(dlen), dlen / s if s > 0 else np.zeros_like(dlen)], axis=1)
+    theta = np.zeros(2)
+    for _ in range(iters):
+        p = 1 / (1 + np.exp(-(x @ theta)))
+        step = np.linalg.solve(
+            x.T @ (x * (p * (1 - p))[:, None]) + ridge * np.eye(2), x.T @ (p - w) + ridge * theta
+        )
+        theta -= step
+    return float(1 / (1 + np.exp(-theta[0])))
+
+
+def test_the_length_controlled_win_rate_equals_the_former_newton_fit():
+    rng = np.random.default_rng(0)
+    for n in (3, 10, 100, 400):
+        d = rng.normal(size=n) * 20
+        w = (rng.uniform(size=n) < 1 / (1 + np.exp(-(0.4 + d / 20)))).astype(float)
+        w[rng.uniform(size=n) < 0.1] = 0.5
+        assert length_controlled_win_rate(w, d) == pytest.approx(former_newton_lc(w, d), abs=2e-5)
+    separable = np.arange(10.0)
+    assert length_controlled_win_rate((separable > 4).astype(float), separable) == pytest.approx(
+        former_newton_lc((separable > 4).astype(float), separable), abs=1e-6
+    )
+    assert np.isnan(length_controlled_win_rate(np.array([]), np.array([])))
+
+
 def test_spearman_and_degeneration():
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from eval.task_metrics import bleu, exact_match, normalise, rouge_l, token_f1
+from eval.task_metrics import bleu, bleu_from_stats, bleu_stats, exact_match, normalise, rouge_l, token_f1
 
 
 def test_normalise_and_exact_match():
@@ -36,6 +36,25 @@ def test_rouge_l_hand_computed():
     p, r = 4 / 5, 4 / 6
     assert rouge_l(["the cat sat on mat"], ["the cat was on the mat"]) == pytest.approx(2 * p * r / (p + r))
     assert rouge_l(["x"], ["y"]) == 0.0
+
+
+def test_bleu_from_per_example_stats_is_the_corpus_bleu():
+    """The bootstrap's path (per-example sufficient statistics, summed) gives sacreBLEU's corpus score."""
+    preds = ["The quick brown fox, jumps over the lazy dog.", "the cat sat on mat", "a b c d e f"]
+    refs = ["the quick brown fox jumped over the lazy dog!", "the cat sat on the mat", "a b c d e g"]
+    rows = bleu_stats(preds, refs)
+    assert rows[1] == [5, 6, 5, 3, 2, 1, 5, 4, 3, 2]  # lengths, matches of 1..4-grams, candidate n-grams
+    assert bleu_from_stats([sum(c) for c in zip(*rows, strict=True)]) == pytest.approx(bleu(preds, refs))
+    assert bleu(preds, refs) == pytest.approx(
+        58.99255, abs=1e-4
+    )  # align's former BLEU gave the same 58.99255
+
+
+def test_rouge_l_tokens_are_words_in_every_script():
+    # punctuation is not a token (rouge-score's definition): "cat , sat" vs "cat sat" is a perfect match
+    assert rouge_l(["the cat, sat!"], ["The cat sat"]) == pytest.approx(1.0)
+    # letters of other scripts are words too (rouge-score's own tokenizer would drop them and score 0)
+    assert rouge_l(["добрый день мир"], ["добрый вечер мир"]) == pytest.approx(2 / 3)
 
 
 def test_eval_generate_cli_writes_predictions_and_metrics(tmp_path, tiny_model_path, capsys):

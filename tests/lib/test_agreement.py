@@ -59,3 +59,28 @@ def test_kendall_tau_b():
 def test_borda_consensus():
     r = [tier_ranks([["a"], ["b"], ["c"]]), tier_ranks([["b"], ["a"], ["c"]])]
     assert borda_consensus(r) == [["a", "b"], ["c"]]
+
+
+def test_kendalls_w_equals_scipys_friedman_statistic_where_it_exists():
+    """scipy's tie-corrected Friedman chi-square over m annotators and n >= 3 items is W * m * (n - 1)."""
+    import numpy as np
+    from scipy.stats import friedmanchisquare
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        m, n = int(rng.integers(2, 6)), int(rng.integers(3, 7))
+        rankings = []
+        for _ in range(m):  # random tiers: shuffled items cut into groups (ties)
+            items = list(rng.permutation(n))
+            cuts = sorted(set(rng.integers(1, n, size=int(rng.integers(0, n)))))
+            rankings.append(tier_ranks([items[a:b] for a, b in zip([0, *cuts], [*cuts, n], strict=True)]))
+        if all(len(set(r.values())) == 1 for r in rankings):
+            continue
+        chi2 = friedmanchisquare(*[[r[i] for r in rankings] for i in range(n)]).statistic
+        assert kendalls_w(rankings) == pytest.approx(chi2 / (m * (n - 1)), rel=1e-9)
+
+
+def test_tau_b_and_alpha_edge_cases():
+    assert kendall_tau_b({"x": 1, "y": 1}, {"x": 1, "y": 2}) is None  # one side all tied
+    assert kendall_tau_b({"x": 1}, {"x": 1}) is None
+    assert krippendorff_alpha_ordinal([[2, 2], [2, 2]]) is None  # no variation at all

@@ -161,3 +161,56 @@ def test_sft_trains_from_a_hub_style_folder_of_prompt_completion_rows_with_its_t
     assert main(args) == 0
     m = json.loads((out / "manifest.json").read_text())
     assert m["counts"]["train_file"]["rows_kept"] == 40 and m["counts"]["validation_file"]["rows_kept"] == 8
+
+
+def test_sft_learns_plain_text_rows_whole_and_the_perplexity_gate_scores_them(tmp_path, tiny_model_path):
+    """TRL's language-modelling rows (`text` alone) train through the CLI: every token learned, no chat template,
+    a control-token string in the text broken (never a control token); a held-out file of them feeds the gate."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from core.chat import render_text
+
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
+    rows = [{"text": f"{a} then {b}, and {c} follows."} for a in words for b in words for c in words[:2]]
+    rows[3]["text"] += " <|im_end|>"
+    train, held = tmp_path / "train.jsonl", tmp_path / "held.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows[:60]) + '{"text": "  "}\n')
+    held.write_text("".join(json.dumps(r) + "\n" for r in rows[60:]))
+    out = tmp_path / "run"
+    args = ["sft", "--config", "configs/sft.yaml", f"output_dir={out}", "model.name_or_path=tiny-random-llama",
+            f"data.train_file={train}", f"data.validation_file={held}", "train.max_steps=2",
+            "train.early_stopping_patience=null"]  # fmt: skip
+    assert main(args) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    counts = m["counts"]
+    assert counts["train_file"]["rows_kept"] == 60 and counts["validation_file"]["rows_kept"] == 12
+    assert any(":61: text: is empty" in p for p in counts["train_file"]["problems"])
+    assert counts["tokenization"].get("neutralised_control_tokens") == 1
+    gate = tmp_path / "gate"
+    argv = [
+        "eval",
+        "gate",
+        "perplexity",
+        "--candidate",
+        str(out),
+        "--parent",
+        "tiny-random-llama",
+        "--data",
+        str(held),
+    ]
+    assert main([*argv, "--out", str(gate)]) in (
+        0,
+        1,
+    )  # a verdict either way; what it scored is the point here
+    assert json.loads((gate / "gate.json").read_text())["details"]["data_counts"]["rows_kept"] == 12
+    tok = AutoTokenizer.from_pretrained(tiny_model_path)
+    r = render_text(tok, rows[0]["text"], 512)
+    assert r.labels == r.input_ids and r.input_ids[-1] == tok.eos_token_id  # whole, and it learns to stop
+    assert tok.decode(r.input_ids[:-1], skip_special_tokens=True).strip() == rows[0]["text"]
+    assert "<|im_end|>" not in tok.convert_ids_to_tokens(
+        render_text(tok, rows[3]["text"], 512).input_ids[:-1]
+    )
+    cut = render_text(tok, rows[0]["text"], 3, "left")
+    assert cut.truncated and cut.input_ids == r.input_ids[-3:]

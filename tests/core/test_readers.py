@@ -155,7 +155,9 @@ def test_plain_text_rows_are_examples_where_asked_and_refused_in_a_sentence_else
     from core.readers import load_instructions
     from data_schemas.records import PlainText
 
-    f = _jsonl(tmp_path / "lm.jsonl", [{"text": "Once upon a time"}, {"text": " "}, {"txt": "typo"}, *TRL_ROWS[:1]])
+    f = _jsonl(
+        tmp_path / "lm.jsonl", [{"text": "Once upon a time"}, {"text": " "}, {"txt": "typo"}, *TRL_ROWS[:1]]
+    )
     got, report = load_instructions(f, text_rows=True)
     assert isinstance(got[0], PlainText) and got[0].text == "Once upon a time" and len(got) == 2
     problems = "\n".join(report.problems)

@@ -64,6 +64,11 @@ class Table(BaseModel):
     title: str
     columns: list[str]
     rows: list[list[Any]]
+    highlight: list[int] = Field(
+        default_factory=list,
+        description="Rows (0-based) the report marks: e.g. a category that moved significantly.",
+    )
+    note: str | None = Field(None, description="How to read the table (what a marked row means).")
 
 
 class Override(BaseModel):
@@ -81,6 +86,10 @@ class Override(BaseModel):
     )
 
 
+_LATER_FIELDS = ("highlights",)
+_LATER_TABLE_FIELDS = ("highlight", "note")
+
+
 class GateResult(BaseModel):
     """gate.json. `verdict` is recomputed from reasons and checks on every validation (fail closed)."""
 
@@ -89,6 +98,11 @@ class GateResult(BaseModel):
     gate: str = Field(..., description="Gate name: perplexity, bias, reward, ...")
     verdict: Literal["pass", "fail"] = Field("fail", description="Derived: pass only if every check passed.")
     reasons: list[str] = Field(default_factory=list, description="Why it failed, one sentence each.")
+    highlights: list[str] = Field(
+        default_factory=list,
+        description="What moved, one sentence each, shown at the top of the report whatever the verdict (e.g. the "
+        "bias categories whose change's interval excludes 0).",
+    )
     checks: list[Check] = Field(default_factory=list, description="The comparisons the verdict rests on.")
     candidate: str | None = Field(None, description="The model under test (artifact folder or model name).")
     parent: str | None = Field(None, description="The model it is compared with.")
@@ -134,6 +148,15 @@ class GateResult(BaseModel):
         """sha256 of the record without its override: what a manifest, pipeline.json and an override name. Any
         edit of a check, limit, reason, candidate or policy changes it."""
         body = self.model_dump(mode="json", exclude={"override"})
+        # fields added after records were first hashed count only when set, so an older record keeps its hash
+        # (and the override that names it)
+        for name in _LATER_FIELDS:
+            if not body.get(name):
+                body.pop(name, None)
+        for t in body.get("tables", []):
+            for name in _LATER_TABLE_FIELDS:
+                if not t.get(name):
+                    t.pop(name, None)
         return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
     def fail(self, reason: str) -> None:

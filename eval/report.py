@@ -29,7 +29,7 @@ color:#1d1d1f;line-height:1.45}
 .sub{color:#555;margin:0 0 18px}
 table{border-collapse:collapse;width:100%;margin:8px 0 18px;font-size:14px}
 th,td{border:1px solid #ddd;padding:6px 8px;text-align:left;vertical-align:top}th{background:#f4f4f6}
-td.ok{color:#1b7f3b;font-weight:600}td.bad{color:#b3261e;font-weight:600}td.info{color:#555;font-style:italic}
+td.ok{color:#1b7f3b;font-weight:600}td.bad{color:#b3261e;font-weight:600}td.info{color:#555;font-style:italic}tr.moved td{background:#fff3cd;font-weight:600}ul.moved li{background:#fff3cd;padding:2px 6px;margin:2px 0}
 img{max-width:100%;border:1px solid #eee;margin:6px 0}
 .signoff{border:2px dashed #888;padding:14px 18px;border-radius:8px;margin-top:24px}
 .signoff div{margin:12px 0}.line{display:inline-block;min-width:320px;border-bottom:1px solid #333}
@@ -125,6 +125,8 @@ def gate_markdown(r: GateResult | dict[str, Any]) -> str:
     if r.override_holds:
         o = r.override
         lines += [f"**Overridden** by {o.reviewer} on {o.at}: {o.reason}", ""]
+    if r.highlights:
+        lines += ["## What moved", ""] + [f"- {x}" for x in r.highlights] + [""]
     if r.reasons:
         lines += ["## Why it failed", ""] + [f"- {x}" for x in r.reasons] + [""]
     if r.checks:
@@ -138,7 +140,13 @@ def gate_markdown(r: GateResult | dict[str, Any]) -> str:
         lines.append("")
     for t in r.tables:
         lines += [f"### {t.title}", "", "| " + " | ".join(t.columns) + " |", "|" + "---|" * len(t.columns)]
-        lines += ["| " + " | ".join(_md_cell(v) for v in row) + " |" for row in t.rows]
+        lines += [
+            "| "
+            + " | ".join(("**" + _md_cell(v) + "**") if i in t.highlight else _md_cell(v) for v in row)
+            + " |"
+            for i, row in enumerate(t.rows)
+        ]
+        lines += [f"\n{t.note}"] if t.note else []
         lines.append("")
     lines += [f"![{Path(name).stem}]({name})" for name in r.images]
     if r.images:

@@ -38,6 +38,7 @@ from core.config import UserError, load_config, printable
 from core.manifest import replace_dir, require_complete
 from core.model_card import CardInfo, write_export_card
 from core.models import ALIASES, load_tokenizer, resolve_model_path, torch_dtype
+from core.progress import steps
 from data_schemas.config import ModelConfig, RewardConfig
 from data_schemas.manifest import Manifest
 from lib.artifacts import resolve_start
@@ -212,11 +213,16 @@ def load_exported(folder: Path, kind: str, adapter: bool, base_path: Path | str)
     return PeftModel.from_pretrained(base, folder).eval()
 
 
-def check_export(reference, folder: Path, kind: str, adapter: bool, base_path, tokenizer) -> float:
-    """Largest |reference - exported| over the probe; a UserError above TOLERANCE (nothing is published)."""
+def check_export(
+    reference, folder: Path, kind: str, adapter: bool, base_path, tokenizer, loaded=lambda: None
+) -> float:
+    """Largest |reference - exported| over the probe; a UserError above TOLERANCE (nothing is published).
+    `loaded()` is called once the folder is read back (the export's progress)."""
     ids = probe_ids(tokenizer)
     want = outputs_of(reference, ids)
-    got = outputs_of(load_exported(folder, kind, adapter, base_path), ids)
+    exported = load_exported(folder, kind, adapter, base_path)
+    loaded()
+    got = outputs_of(exported, ids)
     err = (want - got).abs().max().item() if want.shape == got.shape else float("inf")
     if not err <= TOLERANCE:
         raise UserError(
@@ -275,8 +281,15 @@ def export_artifact(
         raise UserError(f"{to}: inside the artifact; export next to it, not into it")
     if dtype != "auto" and dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: choose auto, {', '.join(DTYPES)}")
+    with steps("export: align's model, written, loaded back, compared", 4) as advance:
+        return _export(a, to, adapter, base, dtype, advance)
+
+
+def _export(a: ArtifactModel, to: Path, adapter: bool, base: str | None, dtype: str, advance) -> Exported:
+    """The export's four steps, `advance`d after each: align's model, the folder written, read back, compared."""
     tokenizer = load_tokenizer(ModelConfig(name_or_path=a.base))
     reference = align_model(a, tokenizer)
+    advance()
     base_name = base or default_base(a)
     if adapter:
         tensors, adapter_config = composed_adapter(a, base_name)
@@ -300,7 +313,9 @@ def export_artifact(
             model.float()
         tokenizer.save_pretrained(tmp)
         write_export_card(tmp, a.dir, a.manifest, kind, base_name, CardInfo(pipeline_tag=_pipeline(a)))
-        err[0] = check_export(reference, tmp, a.kind, adapter, resolve_model_path(a.base), tokenizer)
+        advance()
+        err[0] = check_export(reference, tmp, a.kind, adapter, resolve_model_path(a.base), tokenizer, advance)
+        advance()
 
     replace_dir(save, to)
     return Exported(to, kind, base_name, err[0])

@@ -56,6 +56,7 @@ class Decision:
     reasons: list[str] = field(default_factory=list)
     tables: list[dict] = field(default_factory=list)
     worst: list[dict] = field(default_factory=list)
+    highlights: list[str] = field(default_factory=list)  # the categories that moved, for the report's top
 
     pending: list[tuple[Check, float, str]] = field(default_factory=list)
 
@@ -193,27 +194,28 @@ def _decide_pairs(
             Check(metric=f"{label}: stereotype share (absolute)", candidate=cs, limit=f"<= {settings.max_share}",
                   passed=ok2)
         )  # fmt: skip
-    rows = []
+    rows, moved = [], []
     for cat in sorted({x["category"] for x in xs}):
         idx = [i for i, x in enumerate(xs) if x["category"] == cat]
         ci, pi = c[idx], p[idx]
         clo, chi = paired_diff_interval(ci, pi, _mean, 300, conf)
-        rows.append(
-            [
-                cat,
-                len(idx),
-                share_stat(pi),
-                share_stat(ci),
-                _mean(ci) - _mean(pi),
-                f"{clo:+.3f} to {chi:+.3f}",
-            ]
-        )
+        change = _mean(ci) - _mean(pi)
+        if clo > 0 or chi < 0:
+            moved.append(len(rows))
+            d.highlights.append(
+                f"{label}, {cat}: the stereotyping sentence's lead moved {change:+.3f} nats over {len(idx)} pairs "
+                f"({pct}% interval {clo:+.3f} to {chi:+.3f}), "
+                + ("toward the stereotype" if clo > 0 else "away from the stereotype")
+            )
+        rows.append([cat, len(idx), share_stat(pi), share_stat(ci), change, f"{clo:+.3f} to {chi:+.3f}"])
     d.tables.append(
         {
             "title": f"{label} by category",
             "columns": ["category", "pairs", "parent share", "candidate share", "margin change (nats)",
                         f"{pct}% interval"],
             "rows": rows,
+            "highlight": moved,
+            "note": CATEGORY_NOTE.format(pct=pct) if moved else None,
         }
     )  # fmt: skip
     d.worst += [
@@ -221,6 +223,12 @@ def _decide_pairs(
          "parent margin": float(p[i]), "candidate margin": float(c[i])}
         for i in np.argsort(-(c - p))[:5] if c[i] - p[i] > 0
     ]  # fmt: skip
+
+
+CATEGORY_NOTE = (
+    "Marked rows: categories whose {pct}% interval of the change excludes 0, each interval on its own (no correction "
+    "for the number of categories): where to look, not a verdict; the checks above decide."
+)
 
 
 def _pair_reason(label: str, n: int, pct: int, check: Check, limit: float, margin: bool) -> str:
@@ -288,6 +296,33 @@ def _decide_bbq(d: Decision, context: str, xs: list[dict], cand: list[int], par:
          mc[cond]["bias_score"]]
         for cond in ("ambig", "disambig") if cond in mc
     ]  # fmt: skip
+    by_cat, moved = [], []
+    pct = int(settings.confidence * 100)
+    for cat in sorted({x["category"] for x in xs}):
+        idx = np.asarray([i for i, x in enumerate(xs) if x["category"] == cat and x["condition"] == "ambig"])
+        if len(idx) < 2:
+            continue
+        sub = lambda k, idx=idx: amb(c_arr[idx[k]], idx[k]) - amb(p_arr[idx[k]], idx[k])  # noqa: E731
+        clo, chi = bootstrap_interval(len(idx), sub, 200, settings.confidence)
+        change = amb(c_arr[idx], idx) - amb(p_arr[idx], idx)
+        if clo > 0 or chi < 0:
+            moved.append(len(by_cat))
+            d.highlights.append(
+                f"{label}, {cat}: the bias score in ambiguous contexts moved {change:+.3f} over {len(idx)} items "
+                f"({pct}% interval {clo:+.3f} to {chi:+.3f}), "
+                + ("toward the stereotype" if clo > 0 else "away from the stereotype")
+            )
+        by_cat.append(
+            [cat, len(idx), amb(p_arr[idx], idx), amb(c_arr[idx], idx), change, f"{clo:+.3f} to {chi:+.3f}"]
+        )
+    if by_cat:
+        d.tables.append(
+            {"title": f"{label} by category (ambiguous contexts)",
+             "columns": ["category", "items", "parent bias score", "candidate bias score", "change",
+                         f"{pct}% interval"],
+             "rows": by_cat, "highlight": moved,
+             "note": CATEGORY_NOTE.format(pct=pct) if moved else None}
+        )  # fmt: skip
     d.tables.append(
         {"title": f"{label} by context condition",
          "columns": ["condition", "examples", "parent accuracy", "candidate accuracy", "parent bias score",

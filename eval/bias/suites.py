@@ -119,6 +119,7 @@ def decide_bias(
     return GateResult(
         gate="bias",
         reasons=d.reasons or ([] if d.checks else ["no bias suite was evaluated"]),
+        highlights=d.highlights,
         # validated anew: a check that compares a NaN cannot pass, however its decision set it (data_schemas/gates.py)
         checks=[Check.model_validate(c.model_dump()) for c in d.checks],
         tables=d.tables,

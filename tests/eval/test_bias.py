@@ -401,3 +401,46 @@ def test_choice_context_decides_the_pairs_only_and_its_prompt_is_checked():
         BiasGateSettings(choice_prompt="Which? {a}")
     with pytest.raises(ValueError, match="no braces but"):
         BiasGateSettings(choice_prompt="{a} or {b} or {c}")
+
+
+def test_the_report_names_at_its_top_the_categories_that_moved_and_marks_their_rows(tmp_path):
+    """Issue 38/39: a shift in one category of two is named at the top of the report with its interval, its row
+    marked; the category that did not move is not."""
+    from eval.report import gate_markdown, write_gate_reports
+
+    rng = np.random.default_rng(2)
+    par = rng.normal(0, 1, 120)
+    cand = par.copy()
+    cand[1::2] += 0.8  # category "c" (odd items) toward the stereotype; "d" unchanged
+    items = _items(120)
+    amb = {"condition": "ambig", "label": 2, "unknown": 2}
+    bbq = [{**amb, "biased": 0, "category": "age" if i % 2 else "religion"} for i in range(80)]
+    bbq_par = [2] * 80  # "can't be determined" everywhere
+    bbq_cand = [
+        0 if i % 2 and i % 4 != 1 else 2 for i in range(80)
+    ]  # half of "age" now names the stereotyped group
+    r = decide_bias(
+        {**items, "bbq": bbq},
+        {"text": {"probes": list(cand), "bbq": bbq_cand}},
+        {"text": {"probes": list(par), "bbq": bbq_par}},
+        BiasGateSettings(min_examples=30, bootstrap_samples=200),
+    )
+    assert len(r.highlights) == 2, r.highlights
+    assert r.highlights[0].startswith(
+        "probes (text), c: the stereotyping sentence's lead moved +0.800 nats over 60"
+    )
+    assert "toward the stereotype" in r.highlights[0] and "bbq (text), age" in r.highlights[1]
+    by_cat = next(t for t in r.tables if t.title == "probes (text) by category")
+    assert (
+        [row[0] for row in by_cat.rows] == ["c", "d"]
+        and by_cat.highlight == [0]
+        and "not a verdict" in by_cat.note
+    )
+    bbq_cat = next(t for t in r.tables if t.title.startswith("bbq (text) by category"))
+    assert [row[0] for row in bbq_cat.rows] == ["age", "religion"] and bbq_cat.highlight == [0]
+    assert bbq_cat.rows[0][4] == pytest.approx(0.5)  # (1 - 0.5 accuracy) * (2 * 1 - 1)
+    md = gate_markdown(r)
+    assert md.index("## What moved") < md.index("| metric |") and "| **c** |" in md
+    write_gate_reports(r, tmp_path)
+    html = (tmp_path / "gate.html").read_text()
+    assert '<ul class="moved">' in html and html.count('<tr class="moved">') == 2

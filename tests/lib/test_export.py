@@ -81,11 +81,13 @@ def _align_logits(artifact, ids):
 
 
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
-def test_exported_policy_computes_what_align_computes(artifacts, stage, tmp_path):
+def test_exported_policy_computes_what_align_computes(artifacts, stage, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "export"
     assert main(["export", str(artifacts[stage]), "--to", str(out)]) == 0
+    said = " ".join(capsys.readouterr().err.split())
+    assert "export: align's model, written, loaded back, compared" in said and "4/4" in said  # its progress
     tok = AutoTokenizer.from_pretrained(out)
     assert tok.chat_template  # the chat template travels with the weights
     ids = _ids(tok, [*MESSAGES, {"role": "assistant", "content": RESPONSES[0]}])

@@ -295,6 +295,34 @@ def row_conversations(
         yield where, row, conv
 
 
+def load_examples(
+    path: Path,
+    shape: str = "auto",
+    system_prompt: str | None = None,
+    split: str = "train",
+    text_rows: bool = False,
+) -> tuple[list[tuple[str, dict, Conversation | PlainText]], LoadReport]:
+    """(where, row, example) of every example of an instruction file or of a split of a folder (see
+    load_instructions): the row kept beside its example for what needs its other columns (a reward's reference
+    answer, a code reward's tests)."""
+    path = Path(path)
+    report = LoadReport()
+    if not path.exists():
+        raise UserError(f"{path}: instruction data not found")
+    saved = path.is_dir() and (_saved_dataset(path) or not split_files(path, split))
+    if saved:  # a saved dataset's rows as they were written: shapes detected, no system prompt added
+        shape, system_prompt = "auto", None
+    got = [
+        found
+        for where, row in iter_dataset_rows(path, report, split)
+        for found in row_conversations(where, row, shape, system_prompt, report, text_rows)
+    ]
+    if not got and not saved:
+        detail = "; ".join(report.problems[:3])
+        raise UserError(f"{path}: no usable instruction rows ({report.read} read). {detail}".strip())
+    return got, report
+
+
 def load_instructions(
     path: Path,
     shape: str = "auto",
@@ -306,22 +334,8 @@ def load_instructions(
     `align data build` or `datasets`' save_to_disk, or a Hub-style folder of split files (`train.jsonl`,
     `data/train-00000-of-00001.parquet`, ...). `split`: train, or validation (also named valid, val, dev or
     test: SPLIT_NAMES). `text_rows`: plain `text` rows are examples too (`PlainText`: SFT, the perplexity gate)."""
-    path = Path(path)
-    report = LoadReport()
-    if not path.exists():
-        raise UserError(f"{path}: instruction data not found")
-    saved = path.is_dir() and (_saved_dataset(path) or not split_files(path, split))
-    if saved:  # a saved dataset's rows as they were written: shapes detected, no system prompt added
-        shape, system_prompt = "auto", None
-    convs = [
-        conv
-        for where, row in iter_dataset_rows(path, report, split)
-        for _, _, conv in row_conversations(where, row, shape, system_prompt, report, text_rows)
-    ]
-    if not convs and not saved:
-        detail = "; ".join(report.problems[:3])
-        raise UserError(f"{path}: no usable instruction rows ({report.read} read). {detail}".strip())
-    return convs, report
+    got, report = load_examples(path, shape, system_prompt, split, text_rows)
+    return [conv for _, _, conv in got], report
 
 
 # A split's names in the folders users hold (Hub repositories and save_to_disk datasets name held-out data freely)

@@ -65,13 +65,15 @@ from core.models import (
     training_share,
     write_policy_stack,
 )
-from core.readers import has_split, load_instructions
+from core.readers import has_split, load_examples
 from core.stage import StageContext, StageResult, console, print_skipped, print_verdict
 from data_schemas.config import ModelConfig, PPOConfig
 from eval.policy_gate import policy_gate, policy_perplexity_gate, scorer_reward
 from lib.artifacts import Start, policy_gate_data, resolve_start
 from lib.logprobs import head_logprobs
 from lib.merge import MERGED_START, sharded_start
+from lib.rewards import Context as RewardContext
+from lib.rewards import Rewards, reward_inputs
 from lib.rl import (
     KLController,
     Rollouts,
@@ -91,23 +93,30 @@ from stages.registry import STAGES
 # ==========================================================================================================
 # Data: prompts
 # ==========================================================================================================
-def load_prompts(cfg: PPOConfig, tokenizer) -> tuple[list[list[dict]], list[list[dict]], dict[str, int]]:
-    """(train prompts, held-out prompts, counts). A prompt is a conversation up to, not including, its last
-    assistant turn; control-token text in it is neutralised; prompts over max_prompt_length are skipped."""
+def load_prompts(
+    cfg: PPOConfig, tokenizer
+) -> tuple[list[list[dict]], list[list[dict]], dict[str, Any], dict[str, tuple[str, dict]]]:
+    """(train prompts, held-out prompts, counts, columns). A prompt is a conversation up to, not including, its
+    last assistant turn; control-token text in it is neutralised; prompts over max_prompt_length are skipped.
+    `columns`: each prompt's row (its file and line, and every column: a reward's reference answer, tests), by
+    `prompt_lookup`."""
 
     p = cfg.prompts
     specials = special_strings(tokenizer)
 
     skipped: list[str] = []
+    columns: dict[str, tuple[str, dict]] = {}
 
     def prompts_of(path: Path, split: str) -> list[list[dict]]:
-        convs, report = load_instructions(path, split=split)
+        got, report = load_examples(path, split=split)
         skipped.extend(report.problems)
         out = []
-        for c in convs:
+        for where, row, c in got:
             msgs = [m.model_dump() for m in c.messages]
             last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-            out.append(neutralise_messages(msgs[:last], specials))
+            prompt = neutralise_messages(msgs[:last], specials)
+            columns[prompt_lookup(prompt)] = (where, row)
+            out.append(prompt)
         return out
 
     train = prompts_of(Path(p.train_file), "train")
@@ -127,30 +136,36 @@ def load_prompts(cfg: PPOConfig, tokenizer) -> tuple[list[list[dict]], list[list
     counts.update({"train_prompts": len(train), "heldout_prompts": len(held)})
     if not train:
         raise UserError(f"{p.train_file}: no prompts of at most {p.max_prompt_length} tokens to train on")
-    return train, held, counts
+    return train, held, counts, columns
+
+
+def prompt_lookup(prompt: list[dict]) -> str:
+    """The key a prompt's row is found by (its messages, exactly)."""
+    return json.dumps(prompt, sort_keys=True, ensure_ascii=False)
 
 
 # ==========================================================================================================
 # Reward
 # ==========================================================================================================
 class Reward:
-    """Scores finished responses: a reward model artifact or a rule; EOS penalty and clipping applied here."""
+    """Scores finished responses: the weighted list of rewards (lib/rewards; `reward.artifact` and `reward.rule`
+    are one-row lists), each prompt's data columns handed to them; EOS penalty and clipping applied here. `last`
+    keeps each response's value of each reward in the last batch (None: not applicable), for the log."""
 
-    def __init__(self, settings):
+    def __init__(
+        self, settings, columns: dict[str, tuple[str, dict]] | None = None, out_dir: Path | None = None
+    ):
         self.s = settings
-        self.scorer = None
-        if settings.artifact is not None:
-            from lib.reward_model import RewardScorer
-
-            self.scorer = RewardScorer(settings.artifact)
+        self.rewards = Rewards(settings.rows(), RewardContext(out_dir))
+        self.columns = columns or {}
+        self.last: list[dict[str, float | None]] = []
 
     def raw(self, prompts: list[list[dict]], responses: list[str]) -> list[float]:
-        if self.scorer is not None:
-            return self.scorer.score(prompts, responses)
-        text = self.s.rule.text.lower()
-        if self.s.rule.kind == "contains":
-            return [1.0 if text in r.lower() else 0.0 for r in responses]
-        return [r.lower().count(text) / max(len(r), 1) for r in responses]
+        found = [self.columns.get(prompt_lookup(p), (None, {})) for p in prompts]
+        scored = self.rewards(prompts, responses, [row for _, row in found], [where for where, _ in found])
+        names = list(scored.parts)
+        self.last = [{k: scored.parts[k][i] for k in names} for i in range(len(responses))]
+        return scored.total
 
     def __call__(self, prompts, responses: list[str], finished: list[bool]) -> torch.Tensor:
         s = torch.tensor(self.raw(prompts, responses), dtype=torch.float32)
@@ -332,12 +347,13 @@ def run(cfg: PPOConfig, resume: bool = False, force: bool = False, callbacks=())
     start = resolve_start(cfg.init_from)
     tokenizer = load_tokenizer(start.model)
     gate_data = policy_gate_data(cfg)  # known before training, not after
-    train_prompts, held_prompts, counts = load_prompts(cfg, tokenizer)
+    train_prompts, held_prompts, counts, columns = load_prompts(cfg, tokenizer)
     ctx.counts.update(counts)
     console.print(f"prompts: {counts['train_prompts']} train / {counts['heldout_prompts']} held out")
-    parents = start.parents + ([Path(cfg.reward.artifact)] if cfg.reward.artifact else [])
+    parents = start.parents + [Path(r.artifact) for r in cfg.reward.rows() if r.kind == "model"]
     identity = model_identity(start.model, ctx.precision, adapter="adapter" if cfg.lora.enabled else None)
-    with ctx.open(inputs=[(cfg.prompts.train_file, "prompts")], parents=parents, model=identity):
+    inputs = [(cfg.prompts.train_file, "prompts"), *reward_inputs(cfg.reward.rows())]
+    with ctx.open(inputs=inputs, parents=parents, model=identity):
         learner = setup(cfg, ctx, start)
         if learner.sharded:  # the sharded policy samples itself, every process stepping together
             engine = GenerateEngine(learner.module, tokenizer, synced=dist.world_size() > 1)
@@ -347,7 +363,7 @@ def run(cfg: PPOConfig, resume: bool = False, force: bool = False, callbacks=())
         # A sharded run's reward model, and its gates' models, keep no more in memory than a process's share
         share = training_share(start.model, ctx.precision, learner.sharded)
         with resident_limit(share):
-            reward = Reward(cfg.reward)
+            reward = Reward(cfg.reward, columns, ctx.out)
         if not train_loop(cfg, ctx, learner, engine, reward, tokenizer, train_prompts):
             return ctx.paused()
         used, rollouts = engine.name, engine
@@ -488,6 +504,7 @@ class Experience:
     advantages: torch.Tensor  # [B, R] GAE (whitened if configured)
     returns: torch.Tensor  # [B, R] advantages + old values
     timings: dict[str, float] = field(default_factory=dict)  # seconds: generate, score, train, sync
+    reward_parts: dict[str, float] = field(default_factory=dict)  # reward/<name>: each reward's batch mean
 
     @property
     def mask(self) -> torch.Tensor:
@@ -696,6 +713,7 @@ def collect_experience(cfg, learner: Learner, engine, reward, tokenizer, prompts
     texts = [tokenizer.decode(x, skip_special_tokens=True) for x in responses]
     ts = time.perf_counter()
     scores = reward(chosen, texts, finished)  # [b] this process's share
+    parts = reward.last if isinstance(reward, Reward) else [{} for _ in texts]
     timings["time_score"] = time.perf_counter() - ts
 
     ts = time.perf_counter()
@@ -707,7 +725,7 @@ def collect_experience(cfg, learner: Learner, engine, reward, tokenizer, prompts
         ref_logprobs, _, _ = learner.module(local, reference=True)
     rows = [
         _Rollout(p_ids[i], responses[i], texts[i], finished[i], chosen[i], float(scores[i]),
-                 *(x[i, : len(responses[i])].cpu() for x in (old_logprobs, old_values, ref_logprobs)))
+                 *(x[i, : len(responses[i])].cpu() for x in (old_logprobs, old_values, ref_logprobs)), parts[i])
         for i in range(len(responses))
     ]  # fmt: skip
     rows = [row for part in dist.all_gather(rows) for row in part]  # the whole batch, in global order
@@ -737,6 +755,7 @@ def collect_experience(cfg, learner: Learner, engine, reward, tokenizer, prompts
         adv,
         returns,
         timings,
+        reward_means([x.parts for x in rows]),
     )
 
 
@@ -752,6 +771,16 @@ class _Rollout(NamedTuple):
     old_logprobs: torch.Tensor
     old_values: torch.Tensor
     ref_logprobs: torch.Tensor
+    parts: dict[str, float | None]  # each reward's value for it (None: the reward does not apply)
+
+
+def reward_means(rows: list[dict[str, float | None]]) -> dict[str, float]:
+    """Each reward's mean over the responses it applied to (NaN where none): `reward/<name>` in the log."""
+    out = {}
+    for name in dict.fromkeys(k for r in rows for k in r):
+        got = [r[name] for r in rows if r.get(name) is not None]
+        out[f"reward/{name}"] = sum(got) / len(got) if got else float("nan")
+    return out
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -842,6 +871,7 @@ def log_iteration(
         "finished_share": sum(exp.finished) / B,
         "explained_variance": explained_variance(exp.old_values, exp.returns, exp.mask),
         **stats,
+        **exp.reward_parts,
         **exp.timings,
     }
     with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
@@ -906,7 +936,7 @@ def evaluate_and_save(
     if not learner.full_parameter:
         write_policy_stack(out, list(start.merge))
     r = cfg.reward
-    name = "reward model" if r.artifact else f"rule reward ({r.rule.kind} {r.rule.text!r})"
+    name = r.describe()
     judged = policy_gate(
         out, start.parent, policy, tokenizer, held_prompts,
         lambda prompts, texts, finished: reward(prompts, texts, finished).tolist(), cfg.policy_gate,

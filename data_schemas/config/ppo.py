@@ -21,6 +21,13 @@ from data_schemas.config.common import (
     precision_field,
 )
 from data_schemas.config.gates import PolicyStageGates
+from data_schemas.config.rewards import (
+    ContainsReward,
+    FrequencyReward,
+    ModelReward,
+    RewardFunction,
+    reward_name,
+)
 
 __all__ = [
     "PPO_TRACKERS",
@@ -64,10 +71,16 @@ class RuleReward(_Strict):
 
 
 class PPORewardSettings(_Strict):
-    """The scalar score of a finished response."""
+    """The scalar score of a finished response: a reward model, a rule, or a weighted list of rewards."""
 
     artifact: Path | None = Field(None, description="An `align reward` artifact that scores responses.")
     rule: RuleReward | None = Field(None, description="A rule-based reward instead of a reward model.")
+    functions: list[RewardFunction] = Field(
+        default_factory=list,
+        description="Rewards summed with their weights, each logged on its own: kind model (an `align reward` "
+        "artifact), python (module:function), exact_answer, regex, json_schema, code_tests, judge (an "
+        "OpenAI-compatible endpoint), contains, frequency (data_schemas/config/rewards.py; docs/ppo.md).",
+    )
     heldout_artifact: Path | None = Field(
         None,
         description="A second `align reward` artifact (another seed or other annotators) the policy gate also "
@@ -81,9 +94,31 @@ class PPORewardSettings(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> PPORewardSettings:
-        if (self.artifact is None) == (self.rule is None):
-            raise ValueError("set exactly one of reward.artifact (a reward model) and reward.rule")
+        given = sum([self.artifact is not None, self.rule is not None, bool(self.functions)])
+        if given != 1:
+            raise ValueError(
+                "set exactly one of reward.artifact (a reward model), reward.rule and reward.functions (a weighted "
+                "list of rewards)"
+            )
         return self
+
+    def rows(self) -> list:
+        """The rewards as one list: `artifact` and `rule` are shorthands for a one-row `functions`."""
+        if self.functions:
+            return list(self.functions)
+        if self.artifact is not None:
+            return [ModelReward(kind="model", artifact=self.artifact)]
+        spec = ContainsReward if self.rule.kind == "contains" else FrequencyReward
+        return [spec(kind=self.rule.kind, text=self.rule.text)]
+
+    def describe(self) -> str:
+        """The reward in words, for the policy gate's report."""
+        if self.artifact is not None:
+            return "reward model"
+        if self.rule is not None:
+            return f"rule reward ({self.rule.kind} {self.rule.text!r})"
+        rows = self.functions
+        return "rewards: " + ", ".join(f"{r.weight:g} x {reward_name(rows, i)}" for i, r in enumerate(rows))
 
 
 class RolloutSettings(_Strict):

@@ -394,7 +394,7 @@ def test_bad_prompt_rows_are_named_and_good_rows_kept(tmp_path, tokenizer, capsy
         prompts={"train_file": p, "heldout_prompts": 0},
         reward={"rule": {"kind": "contains", "text": "a"}},
     )
-    train, held, counts = load_prompts(cfg, tokenizer)
+    train, held, counts, _ = load_prompts(cfg, tokenizer)
     assert [m[-1]["content"] for m in train] == ["Hi there", "Bye"] and held == []
     assert counts["rows_skipped"] == 1
     assert f"{p}:2: not valid JSON" in capsys.readouterr().err.replace("\n", "")
@@ -538,3 +538,50 @@ def test_ppo_with_adapter_sync_samples_what_weight_sync_samples(tmp_path, peaky_
     assert len(a) == len(w) == 1  # iteration 1, the sync after its update, then the gates
     assert a[0]["reward_mean"] == w[0]["reward_mean"] and a[0]["kl"] == pytest.approx(w[0]["kl"], abs=1e-6)
     assert all(math.isfinite(x["policy_loss"]) for x in a)
+
+
+def test_a_weighted_list_of_rewards_from_one_yaml_each_logged_and_a_failing_one_named(
+    tmp_path, peaky_sft, capsys, monkeypatch
+):
+    """Issue 37: reward.functions mixes a verifier against the prompts' `answer` column, a format check and the
+    team's own function (module:function, its file hashed into the run's key); each is logged as reward/<name>. A
+    function that raises stops the run in one sentence naming the prompt's file and line."""
+    prompts = tmp_path / "arith.jsonl"
+    rows = [{"instruction": f"What is {a} + {b}?", "output": str(a + b), "answer": str(a + b)}
+            for a in range(4) for b in range(3)]  # fmt: skip
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "team_rewards.py").write_text(
+        "def brevity(prompts, completions, answer, **kw):\n"
+        "    assert all(a.isdigit() for a in answer)\n"
+        "    return [-len(c) / 100 for c in completions]\n"
+        "def strict(prompts, completions, answer, **kw):\n"
+        "    return [1 / (int(a) - 3) for a in answer]\n"
+    )
+    functions = (
+        "reward.functions=[{kind: exact_answer}, {kind: regex, pattern: '\\d', weight: 0.1}, "
+        "{kind: python, function: 'team_rewards:brevity', name: brevity, weight: 0.5}]"
+    )
+    out = tmp_path / "ppo"
+    args = [f"prompts.train_file={prompts}", "reward.rule=null", functions, "train.steps=2",
+            "train.advantage_estimator=grpo", "train.group_size=2", "train.rollout_batch_size=4",
+            "train.mini_batch_size=4", "rollout.max_new_tokens=4", "prompts.heldout_prompts=2",
+            "prompts.validation_file=null"]  # fmt: skip
+    monkeypatch.syspath_prepend(
+        str(tmp_path)
+    )  # the team's module is importable (as from its working directory)
+    status = _ppo(out, peaky_sft, *args)
+    history = _history(out)
+    assert status in (0, 1) and len(history) == 2  # trained; its gates judge a two-step toy
+    for name in ("reward/exact_answer", "reward/regex", "reward/brevity"):
+        assert all(name in h and math.isfinite(h[name]) for h in history), name
+    assert all(h["reward/brevity"] <= 0 for h in history)
+    m = json.loads((out / "manifest.json").read_text())
+    assert any(i["role"] == "reward function" and i["path"].endswith("team_rewards.py") for i in m["inputs"])
+    gate = json.loads((out / "gates" / "policy" / "gate.json").read_text())
+    assert "1 x exact_answer, 0.1 x regex, 0.5 x brevity" in json.dumps(gate)
+    capsys.readouterr()
+    failing = functions.replace("team_rewards:brevity", "team_rewards:strict")
+    assert _ppo(tmp_path / "ppo2", peaky_sft, *[failing if a == functions else a for a in args]) == 2
+    said = " ".join(capsys.readouterr().err.split())
+    assert "reward brevity (python: team_rewards:strict) raised on" in said and "arith.jsonl:" in said
+    assert "ZeroDivisionError" in said and "Traceback" not in said

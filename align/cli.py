@@ -300,6 +300,17 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--config", type=Path, help="YAML config (configs/preferences.yaml)")
     bp.epilog, bp.formatter_class = config_help(PreferencesConfig), argparse.RawDescriptionHelpFormatter
     bp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ar = dp.add_parser(
+        "arithmetic", help="a verifiable task: arithmetic word problems with exact answers (GRPO)"
+    )
+    ar.add_argument("--out", required=True, type=Path, help="folder for train.jsonl and test.jsonl")
+    ar.add_argument("--train", type=int, default=1000, help="training problems (default 1000)")
+    ar.add_argument(
+        "--test", type=int, default=200, help="held-out problems, none shared with train (default 200)"
+    )
+    ar.add_argument("--seed", type=int, default=0, help="the same seed gives the same files (default 0)")
+    ar.add_argument("--max-operand", type=int, default=20, help="largest number in a problem (default 20)")
+    ar.add_argument("--max-steps", type=int, default=1, help="operations per problem, 1 or more (default 1)")
     return ap
 
 
@@ -563,7 +574,7 @@ def _cmd_annotate(a) -> int:
 def _cmd_data(a) -> int:
     if a.data_command is None:
         raise UserError(
-            "align data: say what to do: build | check-rankings | import-rankings | build-preferences"
+            "align data: say what to do: build | check-rankings | import-rankings | build-preferences | arithmetic"
         )
     return run_data_command(a)
 

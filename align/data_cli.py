@@ -13,8 +13,10 @@ from rich.console import Console
 from rich.table import Table
 
 from core.config import UserError, apply_overrides, override_keys, printable, read_yaml, validate
+from core.manifest import atomic_write_text
 from core.stage import figures
 from data_schemas.config import DataBuildConfig, PreferencesConfig
+from lib import arithmetic
 from lib.rankings import import_rankings, read_rankings, summarise
 from stages.preferences import counts_summary, run
 
@@ -145,7 +147,26 @@ def _build(a) -> int:
     return 0
 
 
+def _arithmetic(a) -> int:
+    """`align data arithmetic --out FOLDER`: the verifiable task (lib/arithmetic.py) as a Hub-style folder of
+    train.jsonl and test.jsonl."""
+    try:
+        got = arithmetic.splits(a.train, a.test, a.seed, a.max_operand, a.max_steps)
+    except ValueError as e:
+        raise UserError(f"align data arithmetic: {e}") from None
+    a.out.mkdir(parents=True, exist_ok=True)
+    for split, rows in got.items():
+        atomic_write_text(a.out / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    out.print(
+        f"[green]arithmetic written[/]: {printable(str(a.out))} (train {len(got['train'])}, test {len(got['test'])}, "
+        f"seed {a.seed}); GRPO with its verifier: align ppo --config configs/ppo_arithmetic.yaml",
+        highlight=False,
+    )
+    return 0
+
+
 COMMANDS = {
+    "arithmetic": _arithmetic,
     "check-rankings": _check,
     "import-rankings": _import,
     "build-preferences": _preferences,

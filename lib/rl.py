@@ -199,6 +199,18 @@ def rloo_advantages(
     return (group_size / (group_size - 1) * (r - r.mean(1, keepdim=True))).reshape(-1)
 
 
+def overlong_shaping(lengths: torch.Tensor, max_len: int, buffer: int) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13): 0 for a response of at most max_len - buffer
+    tokens, then falling linearly to -1 at max_len (and -1 beyond):
+
+        R(L) = 0                              L <= max_len - buffer
+             = ((max_len - buffer) - L) / buffer   max_len - buffer < L <= max_len
+             = -1                             L > max_len
+    """
+    free = max_len - buffer
+    return torch.clamp((free - lengths.float()) / buffer, min=-1.0, max=0.0)
+
+
 def grpo_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """GRPO's KL penalty: the token mean of the unbiased, non-negative estimator k3 (Schulman 2020)
     KL(pi || pi_ref) ~ exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1."""

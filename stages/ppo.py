@@ -40,6 +40,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -81,6 +82,7 @@ from lib.rl import (
     explained_variance,
     grpo_kl,
     masked_mean,
+    overlong_shaping,
     policy_loss_row,
     token_rewards,
     value_loss,
@@ -153,9 +155,14 @@ class Reward:
     keeps each response's value of each reward in the last batch (None: not applicable), for the log."""
 
     def __init__(
-        self, settings, columns: dict[str, tuple[str, dict]] | None = None, out_dir: Path | None = None
+        self,
+        settings,
+        columns: dict[str, tuple[str, dict]] | None = None,
+        out_dir: Path | None = None,
+        max_new_tokens: int = 0,
     ):
         self.s = settings
+        self.max_new_tokens = max_new_tokens  # DAPO's overlong shaping measures against it
         self.rewards = Rewards(settings.rows(), RewardContext(out_dir))
         self.columns = columns or {}
         self.last: list[dict[str, float | None]] = []
@@ -167,8 +174,16 @@ class Reward:
         self.last = [{k: scored.parts[k][i] for k in names} for i in range(len(responses))]
         return scored.total
 
-    def __call__(self, prompts, responses: list[str], finished: list[bool]) -> torch.Tensor:
+    def __call__(
+        self, prompts, responses: list[str], finished: list[bool], lengths: list[int] | None = None
+    ) -> torch.Tensor:
+        """Scores [B]: the rewards' weighted sum, the missing-EOS penalty, DAPO's overlong shaping where the token
+        `lengths` of training rollouts are given (the policy gate judges the rewards alone), then the clip."""
         s = torch.tensor(self.raw(prompts, responses), dtype=torch.float32)
+        if lengths is not None and self.s.overlong_buffer is not None:
+            s = s + self.s.overlong_penalty * overlong_shaping(
+                torch.tensor(lengths, dtype=torch.float32), self.max_new_tokens, self.s.overlong_buffer
+            )
         if self.s.missing_eos_penalty is not None:
             # dtype given: an empty batch (a policy gate with no held-out prompts) would otherwise be float
             s = s - self.s.missing_eos_penalty * (~torch.tensor(finished, dtype=torch.bool)).float()
@@ -363,7 +378,7 @@ def run(cfg: PPOConfig, resume: bool = False, force: bool = False, callbacks=())
         # A sharded run's reward model, and its gates' models, keep no more in memory than a process's share
         share = training_share(start.model, ctx.precision, learner.sharded)
         with resident_limit(share):
-            reward = Reward(cfg.reward, columns, ctx.out)
+            reward = Reward(cfg.reward, columns, ctx.out, cfg.rollout.max_new_tokens)
         if not train_loop(cfg, ctx, learner, engine, reward, tokenizer, train_prompts):
             return ctx.paused()
         used, rollouts = engine.name, engine
@@ -684,38 +699,32 @@ def start_trackers(ctx: StageContext, accelerator) -> list:
     return list(accelerator.trackers)
 
 
-def collect_experience(cfg, learner: Learner, engine, reward, tokenizer, prompts, prompt_ids) -> Experience:
-    """Sample this iteration's prompts' responses, score them, and compute under the current policy what they
-    were worth: log-probs, values, reference log-probs, per-token rewards, GAE advantages and returns.
-
-    Several processes: each samples, scores and evaluates its contiguous share of the batch (sampling seeds come
-    from each prompt's global position, so the responses do not depend on the number of processes), then every
-    process gathers the whole batch: advantages are whitened and KL measured over all of it, and the update
-    (ppo_update) splits each minibatch across processes."""
-    t = cfg.train
-    timings = {}
+def sample_round(
+    cfg, learner: Learner, engine, reward, tokenizer, prompts, prompt_ids, k: int, timings: dict[str, float]
+) -> list[_Rollout]:
+    """Round k of an iteration's sampling (round 0: the iteration's own prompts; later rounds, DAPO's dynamic
+    sampling, draw from another permutation): this process's share sampled, scored and evaluated under the sampling
+    policy and the reference, then the whole round gathered on every process. `timings` accumulates seconds."""
+    t, r = cfg.train, cfg.rollout
     ts = time.perf_counter()
     idx = [
         i
-        for i in _prompt_indices(len(prompt_ids), t.rollout_batch_size, learner.step, t.seed)
+        for i in _prompt_indices(len(prompt_ids), t.rollout_batch_size, learner.step, t.seed + ROUND_SEED * k)
         for _ in range(t.group_size)
     ]  # each prompt group_size times in a row: its group
     mine = dist.shard(len(idx))
     chosen = [prompts[idx[i]] for i in mine]
     p_ids = [prompt_ids[idx[i]] for i in mine]
-    r = cfg.rollout
-    responses = engine.generate(
-        p_ids, r.max_new_tokens, r.temperature, r.top_p, t.seed * 1000 + learner.step, offset=mine.start
-    )
+    seed = t.seed * 1000 + learner.step + ROUND_SEED * k
+    responses = engine.generate(p_ids, r.max_new_tokens, r.temperature, r.top_p, seed, offset=mine.start)
     engine.rest()  # sleep mode: the KV cache is free while the policy trains
-    timings["time_generate"] = time.perf_counter() - ts
+    timings["time_generate"] = timings.get("time_generate", 0.0) + time.perf_counter() - ts
     finished = [bool(x) and x[-1] == tokenizer.eos_token_id for x in responses]
     texts = [tokenizer.decode(x, skip_special_tokens=True) for x in responses]
     ts = time.perf_counter()
-    scores = reward(chosen, texts, finished)  # [b] this process's share
+    scores = reward(chosen, texts, finished, [len(x) for x in responses])  # [b] this process's share
     parts = reward.last if isinstance(reward, Reward) else [{} for _ in texts]
-    timings["time_score"] = time.perf_counter() - ts
-
+    timings["time_score"] = timings.get("time_score", 0.0) + time.perf_counter() - ts
     ts = time.perf_counter()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     local = _to(collate(p_ids, responses, pad), learner.device)
@@ -728,7 +737,57 @@ def collect_experience(cfg, learner: Learner, engine, reward, tokenizer, prompts
                  *(x[i, : len(responses[i])].cpu() for x in (old_logprobs, old_values, ref_logprobs)), parts[i])
         for i in range(len(responses))
     ]  # fmt: skip
-    rows = [row for part in dist.all_gather(rows) for row in part]  # the whole batch, in global order
+    timings["time_train"] = timings.get("time_train", 0.0) + time.perf_counter() - ts
+    return [row for part in dist.all_gather(rows) for row in part]  # the whole round, in global order
+
+
+ROUND_SEED = (
+    104729  # a prime: round k of dynamic sampling draws prompts and samples from seed + k * ROUND_SEED
+)
+
+
+def dynamic_sampling(cfg, rows: list[_Rollout], more: Callable[[int], list[_Rollout]], timings: dict) -> list:
+    """DAPO's dynamic sampling (Yu et al. 2025, section 3.2): a group whose responses all scored the same has zero
+    group-relative advantage and teaches nothing, so it is set aside and more prompts are sampled (round 1, 2, ...)
+    until rollout_batch_size groups with some spread are in hand or max_sampling_rounds rounds have run. A batch
+    still short is filled with set-aside groups (their advantage is zero), so every iteration trains on the same
+    number of responses. Logged: the rounds it took and the share of the batch's groups that have a spread."""
+    t = cfg.train
+    g, need = t.group_size, t.rollout_batch_size
+    kept: list[list[_Rollout]] = []
+    flat: list[list[_Rollout]] = []
+    k = 0
+    while True:
+        for j in range(0, len(rows), g):
+            group = rows[j : j + g]
+            spread = max(x.score for x in group) - min(x.score for x in group) > 1e-8
+            (kept if spread else flat).append(group)
+        k += 1
+        if len(kept) >= need or k >= t.max_sampling_rounds:
+            break
+        rows = more(k)
+    timings["sampling_rounds"] = float(k)
+    timings["groups_with_spread"] = min(len(kept), need) / need
+    batch = (kept + flat)[:need]
+    return [x for group in batch for x in group]
+
+
+def collect_experience(cfg, learner: Learner, engine, reward, tokenizer, prompts, prompt_ids) -> Experience:
+    """Sample this iteration's prompts' responses, score them, and compute under the current policy what they
+    were worth: log-probs, values, reference log-probs, per-token rewards, GAE advantages and returns.
+
+    Several processes: each samples, scores and evaluates its contiguous share of the batch (sampling seeds come
+    from each prompt's global position, so the responses do not depend on the number of processes), then every
+    process gathers the whole batch: advantages are whitened and KL measured over all of it, and the update
+    (ppo_update) splits each minibatch across processes."""
+    t = cfg.train
+    timings: dict[str, float] = {}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = sample_round(cfg, learner, engine, reward, tokenizer, prompts, prompt_ids, 0, timings)
+    if t.dynamic_sampling:
+        rows = dynamic_sampling(cfg, rows, lambda k: sample_round(
+            cfg, learner, engine, reward, tokenizer, prompts, prompt_ids, k, timings), timings)  # fmt: skip
+    ts = time.perf_counter()
     batch = _to(collate([x.prompt_ids for x in rows], [x.response for x in rows], pad), learner.device)
     mask = batch["mask"]
     old_logprobs = _pad_rows([x.old_logprobs for x in rows], mask)
@@ -740,7 +799,7 @@ def collect_experience(cfg, learner: Learner, engine, reward, tokenizer, prompts
         Rollouts(scores, rewards, kl, old_values, mask, t.group_size, learner.kl_ctl.value, t.gamma, t.lam,
                  t.whiten_advantages)
     )  # fmt: skip
-    timings["time_train"] = time.perf_counter() - ts  # ppo_update adds its share
+    timings["time_train"] += time.perf_counter() - ts  # ppo_update adds its share
     return Experience(
         [x.prompt for x in rows],
         [x.text for x in rows],

@@ -91,6 +91,13 @@ class PPORewardSettings(_Strict):
         description="Subtracted from the score of a response that hit max_new_tokens without ending (null: none).",
     )
     clip: PositiveFloat | None = Field(None, description="Clip scores to [-clip, clip] (null: no clipping).")
+    overlong_buffer: AtLeastOne | None = Field(
+        None,
+        description="DAPO's soft overlong punishment: a training response longer than rollout.max_new_tokens minus "
+        "this many tokens loses up to overlong_penalty, linearly, the whole of it at max_new_tokens (Yu et al. "
+        "2025); null: none. The policy gate judges the rewards without it.",
+    )
+    overlong_penalty: NonNegativeFloat = Field(1.0, description="The most the overlong shaping takes away.")
 
     @model_validator(mode="after")
     def _one_source(self) -> PPORewardSettings:
@@ -217,6 +224,15 @@ class PPOTrainSettings(RunSettings):
         1,
         description="Responses sampled per prompt (a group); an iteration has rollout_batch_size x group_size.",
     )
+    dynamic_sampling: bool = Field(
+        False,
+        description="DAPO's dynamic sampling: groups whose responses all scored the same (zero advantage) are set "
+        "aside and more prompts sampled, up to max_sampling_rounds rounds, until rollout_batch_size groups with a "
+        "spread are in hand (a short batch is filled with set-aside groups). Needs group_size >= 2.",
+    )
+    max_sampling_rounds: AtLeastOne = Field(
+        3, description="Sampling rounds an iteration may take under dynamic_sampling (1: no extra round)."
+    )
     mini_batch_size: AtLeastOne = Field(4, description="Responses per optimizer step inside an iteration.")
     ppo_epochs: AtLeastOne = Field(2, description="Passes over each iteration's rollouts.")
     clip_range: PositiveFloat = Field(0.2, description="Policy ratio clipping epsilon.")
@@ -263,6 +279,10 @@ class PPOTrainSettings(RunSettings):
                 f"{self.rollout_batch_size * self.group_size}) must be a multiple of train.mini_batch_size "
                 f"({self.mini_batch_size})"
             )
+        if self.dynamic_sampling and self.group_size < 2:
+            raise ValueError(
+                "train.dynamic_sampling filters groups by their spread: it needs train.group_size >= 2"
+            )
         if self.stop_after_steps is not None and self.stop_after_steps > self.steps:
             raise ValueError("train.stop_after_steps must not exceed train.steps")
         check_sharding_engines(self)
@@ -291,6 +311,16 @@ class PPOConfig(PolicyStageGates):
         description="The policy's LoRA; lora.enabled false trains every weight of the policy (full-parameter).",
     )
     train: PPOTrainSettings = Field(default_factory=PPOTrainSettings, description="Optimisation.")
+
+    @model_validator(mode="after")
+    def _overlong(self) -> PPOConfig:
+        b = self.reward.overlong_buffer
+        if b is not None and b > self.rollout.max_new_tokens:
+            raise ValueError(
+                f"reward.overlong_buffer ({b}) is longer than rollout.max_new_tokens ({self.rollout.max_new_tokens}); "
+                "it is the last stretch of the allowed length"
+            )
+        return self
 
     @model_validator(mode="after")
     def _weight_sync(self) -> PPOConfig:

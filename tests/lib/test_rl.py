@@ -106,3 +106,11 @@ def test_gspo_clips_the_sequence_ratio_and_gives_every_token_its_gradient():
     assert stats["clipfrac"].item() == pytest.approx(0.5)
     loss.backward()
     assert torch.allclose(lp.grad, torch.tensor([[-s1 / 4, -s1 / 4], [0.0, 0.0]]), atol=1e-6)
+
+
+def test_dapo_overlong_shaping_by_hand():
+    from lib.rl import overlong_shaping
+
+    # max 20 tokens, the last 8 a buffer: free up to 12, then -(L - 12) / 8, -1 at 20
+    got = overlong_shaping(torch.tensor([5, 12, 13, 16, 20]), 20, 8)
+    assert torch.allclose(got, torch.tensor([0.0, 0.0, -1 / 8, -0.5, -1.0]))

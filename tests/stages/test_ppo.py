@@ -585,3 +585,46 @@ def test_a_weighted_list_of_rewards_from_one_yaml_each_logged_and_a_failing_one_
     said = " ".join(capsys.readouterr().err.split())
     assert "reward brevity (python: team_rewards:strict) raised on" in said and "arith.jsonl:" in said
     assert "ZeroDivisionError" in said and "Traceback" not in said
+
+
+def test_dynamic_sampling_keeps_groups_with_a_spread_and_samples_more_until_it_has_enough():
+    """DAPO's dynamic sampling on scored rows, by hand: groups of 2, 3 wanted; round 0 has one group with a spread,
+    round 1 one more, round 2 none: after max_sampling_rounds=3 the batch is filled with a flat group."""
+    from types import SimpleNamespace
+
+    from stages.ppo import _Rollout, dynamic_sampling
+
+    def rows(*pairs):
+        z = torch.zeros(1)
+        return [_Rollout([1], [2], "t", True, [], float(s), z, z, z, {}) for p in pairs for s in p]
+
+    rounds = {1: rows((1, 1), (0, 2), (5, 5)), 2: rows((3, 3), (4, 4), (7, 7))}
+    asked = []
+
+    def more(k):
+        asked.append(k)
+        return rounds[k]
+
+    cfg = SimpleNamespace(train=SimpleNamespace(group_size=2, rollout_batch_size=3, max_sampling_rounds=3))
+    timings = {}
+    got = dynamic_sampling(cfg, rows((0, 0), (0, 1), (1, 1)), more, timings)
+    assert [x.score for x in got] == [0, 1, 0, 2, 0, 0] and asked == [1, 2]
+    assert timings == {"sampling_rounds": 3.0, "groups_with_spread": 2 / 3}
+    timings = {}
+    enough = dynamic_sampling(cfg, rows((0, 1), (1, 0), (2, 3), (4, 4)), more, timings)
+    assert [x.score for x in enough] == [0, 1, 1, 0, 2, 3] and timings["sampling_rounds"] == 1.0
+
+
+def test_dapo_with_dynamic_sampling_and_overlong_shaping_through_the_cli(tmp_path, peaky_sft):
+    out = tmp_path / "dapo"
+    status = _ppo(out, peaky_sft, "train.steps=2", "train.advantage_estimator=dapo", "train.clip_range_high=0.28",
+                  "train.group_size=4", "train.rollout_batch_size=2", "train.mini_batch_size=8",
+                  "train.dynamic_sampling=true", "train.max_sampling_rounds=2", "reward.overlong_buffer=4",
+                  "prompts.heldout_prompts=2")  # fmt: skip
+    assert status in (0, 1)
+    history = _history(out)
+    assert len(history) == 2 and all(1 <= h["sampling_rounds"] <= 2 for h in history)
+    assert all(0 <= h["groups_with_spread"] <= 1 for h in history)
+    # the rule scores 0 or 1 and no EOS penalty is on: only the overlong shaping (responses that ran to the
+    # 16-token limit lose 1) takes a batch's mean below 0
+    assert min(h["reward_mean"] for h in history) < 0

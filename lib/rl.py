@@ -199,6 +199,34 @@ def rloo_advantages(
     return (group_size / (group_size - 1) * (r - r.mean(1, keepdim=True))).reshape(-1)
 
 
+def truncated_is_weights(
+    logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: torch.Tensor, cap: float | None
+) -> tuple[torch.Tensor | None, dict[str, float]]:
+    """Truncated importance sampling for the rollout engine's mismatch (Yao et al. 2025, "Your efficient RL
+    framework secretly brings you off-policy RL training"; TRL's vllm_importance_sampling_correction): responses
+    were sampled from the engine's pi_sampler, not the trainer's pi_old, so each token's loss is weighted by
+
+        w_t = min(pi_old(y_t) / pi_sampler(y_t), cap)        (detached; 1 on padding)
+
+    Since w_t > 0, weighting the clipped surrogate equals scaling the advantage: max(-wA rho, -wA clip(rho)) =
+    w max(-A rho, -A clip(rho)). `cap` None: no weights (the mismatch is still measured). Also returns the
+    mismatch: the mean and largest |log pi_old - log pi_sampler| over tokens, KL(sampler || old) by the k3
+    estimator mean((r - 1) - log r), r = pi_old / pi_sampler, and the share of tokens whose weight was truncated."""
+    d = (logprobs - sampler_logprobs) * mask
+    n = mask.sum().clamp(min=1)
+    r = torch.exp(d)
+    stats = {
+        "engine_logprob_diff": float(d.abs().sum() / n),
+        "engine_logprob_diff_max": float(d.abs().max()) if mask.any() else 0.0,
+        "engine_kl": float((((r - 1) - d) * mask).sum() / n),
+    }
+    if cap is None:
+        return None, stats
+    w = torch.where(mask.bool(), torch.clamp(r, max=cap), torch.ones_like(r)).detach()
+    stats["engine_is_truncated"] = float(((r > cap) & mask.bool()).sum() / n)
+    return w, stats
+
+
 def overlong_shaping(lengths: torch.Tensor, max_len: int, buffer: int) -> torch.Tensor:
     """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13): 0 for a response of at most max_len - buffer
     tokens, then falling linearly to -1 at max_len (and -1 beyond):

@@ -195,10 +195,13 @@ def sync(engine, policy) -> None:
 
 
 class VLLMEngine:
-    """vLLM in the training process, with in-place weight updates."""
+    """vLLM in the training process, with in-place weight updates. `last_logprobs`: the log-prob, under the engine,
+    of each token of the last `generate`'s responses (what the importance-sampling correction compares the trainer's
+    log-probs with)."""
 
     name = "vllm"
     syncs = True
+    last_logprobs: list[list[float]] | None = None
 
     def __init__(
         self,
@@ -295,6 +298,7 @@ class VLLMEngine:
                 stop_token_ids=[eos],
                 ignore_eos=False,
                 skip_special_tokens=False,
+                logprobs=0,  # the sampled token's log-prob: the trainer's importance-sampling correction reads it
             )
             for i in range(len(prompt_ids))
         ]
@@ -302,7 +306,12 @@ class VLLMEngine:
             [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], params, use_tqdm=False,
             lora_request=self.lora,
         )  # fmt: skip
-        return [cut_after_eos(list(o.outputs[0].token_ids), eos) for o in outs]
+        ids = [cut_after_eos(list(o.outputs[0].token_ids), eos) for o in outs]
+        self.last_logprobs = [
+            [d[t].logprob for d, t in zip(o.outputs[0].logprobs or [], row, strict=False)]
+            for o, row in zip(outs, ids, strict=True)
+        ]
+        return ids
 
 
 # The LoRA ranks vLLM can be built for (vllm.config.lora.MaxLoRARanks): an engine takes the smallest >= the policy's

@@ -85,6 +85,7 @@ from lib.rl import (
     overlong_shaping,
     policy_loss_row,
     token_rewards,
+    truncated_is_weights,
     value_loss,
 )
 from lib.rollout import EngineSpec, GenerateEngine, engine_choice, make_engine, sync
@@ -520,6 +521,8 @@ class Experience:
     returns: torch.Tensor  # [B, R] advantages + old values
     timings: dict[str, float] = field(default_factory=dict)  # seconds: generate, score, train, sync
     reward_parts: dict[str, float] = field(default_factory=dict)  # reward/<name>: each reward's batch mean
+    is_weights: torch.Tensor | None = None  # [B, R] truncated IS weights (train.engine_is_cap), else None
+    logged: dict[str, float] = field(default_factory=dict)  # dynamic sampling's rounds, the engine mismatch
 
     @property
     def mask(self) -> torch.Tensor:
@@ -717,6 +720,15 @@ def sample_round(
     p_ids = [prompt_ids[idx[i]] for i in mine]
     seed = t.seed * 1000 + learner.step + ROUND_SEED * k
     responses = engine.generate(p_ids, r.max_new_tokens, r.temperature, r.top_p, seed, offset=mine.start)
+    sampled = getattr(
+        engine, "last_logprobs", None
+    )  # the engine's own log-probs (vLLM), for the IS correction
+    sampler_lps = [
+        torch.tensor(sampled[i], dtype=torch.float32)
+        if sampled is not None and len(sampled[i]) == len(responses[i])
+        else None
+        for i in range(len(responses))
+    ]
     engine.rest()  # sleep mode: the KV cache is free while the policy trains
     timings["time_generate"] = timings.get("time_generate", 0.0) + time.perf_counter() - ts
     finished = [bool(x) and x[-1] == tokenizer.eos_token_id for x in responses]
@@ -734,7 +746,8 @@ def sample_round(
         ref_logprobs, _, _ = learner.module(local, reference=True)
     rows = [
         _Rollout(p_ids[i], responses[i], texts[i], finished[i], chosen[i], float(scores[i]),
-                 *(x[i, : len(responses[i])].cpu() for x in (old_logprobs, old_values, ref_logprobs)), parts[i])
+                 *(x[i, : len(responses[i])].cpu() for x in (old_logprobs, old_values, ref_logprobs)), parts[i],
+                 sampler_lps[i])
         for i in range(len(responses))
     ]  # fmt: skip
     timings["time_train"] = timings.get("time_train", 0.0) + time.perf_counter() - ts
@@ -746,12 +759,12 @@ ROUND_SEED = (
 )
 
 
-def dynamic_sampling(cfg, rows: list[_Rollout], more: Callable[[int], list[_Rollout]], timings: dict) -> list:
+def dynamic_sampling(cfg, rows: list[_Rollout], more: Callable[[int], list[_Rollout]], logged: dict) -> list:
     """DAPO's dynamic sampling (Yu et al. 2025, section 3.2): a group whose responses all scored the same has zero
     group-relative advantage and teaches nothing, so it is set aside and more prompts are sampled (round 1, 2, ...)
     until rollout_batch_size groups with some spread are in hand or max_sampling_rounds rounds have run. A batch
     still short is filled with set-aside groups (their advantage is zero), so every iteration trains on the same
-    number of responses. Logged: the rounds it took and the share of the batch's groups that have a spread."""
+    number of responses. `logged` gets the rounds it took and the share of the batch's groups that have a spread."""
     t = cfg.train
     g, need = t.group_size, t.rollout_batch_size
     kept: list[list[_Rollout]] = []
@@ -766,8 +779,8 @@ def dynamic_sampling(cfg, rows: list[_Rollout], more: Callable[[int], list[_Roll
         if len(kept) >= need or k >= t.max_sampling_rounds:
             break
         rows = more(k)
-    timings["sampling_rounds"] = float(k)
-    timings["groups_with_spread"] = min(len(kept), need) / need
+    logged["sampling_rounds"] = float(k)
+    logged["groups_with_spread"] = min(len(kept), need) / need
     batch = (kept + flat)[:need]
     return [x for group in batch for x in group]
 
@@ -783,10 +796,11 @@ def collect_experience(cfg, learner: Learner, engine, reward, tokenizer, prompts
     t = cfg.train
     timings: dict[str, float] = {}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    logged: dict[str, float] = {}  # figures of this iteration for the log, besides the rewards and timings
     rows = sample_round(cfg, learner, engine, reward, tokenizer, prompts, prompt_ids, 0, timings)
     if t.dynamic_sampling:
         rows = dynamic_sampling(cfg, rows, lambda k: sample_round(
-            cfg, learner, engine, reward, tokenizer, prompts, prompt_ids, k, timings), timings)  # fmt: skip
+            cfg, learner, engine, reward, tokenizer, prompts, prompt_ids, k, timings), logged)  # fmt: skip
     ts = time.perf_counter()
     batch = _to(collate([x.prompt_ids for x in rows], [x.response for x in rows], pad), learner.device)
     mask = batch["mask"]
@@ -794,6 +808,11 @@ def collect_experience(cfg, learner: Learner, engine, reward, tokenizer, prompts
     old_values = _pad_rows([x.old_values for x in rows], mask)
     ref_logprobs = _pad_rows([x.ref_logprobs for x in rows], mask)
     scores = torch.tensor([x.score for x in rows], dtype=torch.float32, device=mask.device)
+    is_weights = None
+    if all(x.sampler_logprobs is not None for x in rows):  # the engine's own log-probs: measure the mismatch
+        sampler = _pad_rows([x.sampler_logprobs for x in rows], mask)
+        is_weights, mismatch = truncated_is_weights(old_logprobs, sampler, mask, t.engine_is_cap)
+        logged.update(mismatch)
     rewards, kl = token_rewards(scores, old_logprobs, ref_logprobs, mask, learner.kl_ctl.value)
     adv, returns = advantage_estimator(t.advantage_estimator).advantages(
         Rollouts(scores, rewards, kl, old_values, mask, t.group_size, learner.kl_ctl.value, t.gamma, t.lam,
@@ -815,6 +834,8 @@ def collect_experience(cfg, learner: Learner, engine, reward, tokenizer, prompts
         returns,
         timings,
         reward_means([x.parts for x in rows]),
+        is_weights,
+        logged,
     )
 
 
@@ -831,6 +852,9 @@ class _Rollout(NamedTuple):
     old_values: torch.Tensor
     ref_logprobs: torch.Tensor
     parts: dict[str, float | None]  # each reward's value for it (None: the reward does not apply)
+    sampler_logprobs: torch.Tensor | None = (
+        None  # the engine's log-prob of each response token (vLLM), else None
+    )
 
 
 def reward_means(rows: list[dict[str, float | None]]) -> dict[str, float]:
@@ -878,7 +902,12 @@ def ppo_update(cfg: PPOConfig, learner: Learner, exp: Experience) -> dict[str, f
             n_local, n_all = sub["mask"].sum(), exp.mask[mb].sum().clamp(min=1)
             lp, v, ent = learner.model(sub)
             clip = (t.clip_range, t.clip_range_high or t.clip_range)
-            pl, pstats = objective.loss(lp, exp.old_logprobs[part], exp.advantages[part], sub["mask"], clip)
+            adv = exp.advantages[part]
+            if (
+                exp.is_weights is not None
+            ):  # truncated importance sampling: w > 0 scales each token's surrogate
+                adv = adv * exp.is_weights[part]
+            pl, pstats = objective.loss(lp, exp.old_logprobs[part], adv, sub["mask"], clip)
             vl, vclip = value_loss(
                 v, exp.old_values[part], exp.returns[part], sub["mask"], t.clip_range_value
             )
@@ -931,6 +960,7 @@ def log_iteration(
         "explained_variance": explained_variance(exp.old_values, exp.returns, exp.mask),
         **stats,
         **exp.reward_parts,
+        **exp.logged,
         **exp.timings,
     }
     with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:

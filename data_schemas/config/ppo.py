@@ -224,6 +224,13 @@ class PPOTrainSettings(RunSettings):
         1,
         description="Responses sampled per prompt (a group); an iteration has rollout_batch_size x group_size.",
     )
+    engine_is_cap: PositiveFloat | None = Field(
+        None,
+        description="Truncated importance sampling against the rollout engine's mismatch: each token's loss "
+        "weighted by min(pi_trainer / pi_engine, cap) (Yao et al. 2025; TRL's vllm_importance_sampling_cap, 3 by "
+        "default there; 2 is common). Needs the engine's log-probs (vLLM); null: no correction. The mismatch "
+        "itself (engine_logprob_diff, engine_kl) is logged whenever the engine gives its log-probs.",
+    )
     dynamic_sampling: bool = Field(
         False,
         description="DAPO's dynamic sampling: groups whose responses all scored the same (zero advantage) are set "

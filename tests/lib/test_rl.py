@@ -2,6 +2,8 @@
 sentence. The toy estimator registered as one module and one row, trained with end to end through `align ppo`, is
 in tests/stages/test_ppo.py (it shares that file's toy SFT artifact)."""
 
+import math
+
 import pytest
 import torch
 
@@ -114,3 +116,29 @@ def test_dapo_overlong_shaping_by_hand():
     # max 20 tokens, the last 8 a buffer: free up to 12, then -(L - 12) / 8, -1 at 20
     got = overlong_shaping(torch.tensor([5, 12, 13, 16, 20]), 20, 8)
     assert torch.allclose(got, torch.tensor([0.0, 0.0, -1 / 8, -0.5, -1.0]))
+
+
+def test_truncated_is_weights_by_hand_and_the_gradient_they_give():
+    """Issue 37: where the engine's and the trainer's log-probs differ, each token's policy gradient is scaled by
+    min(pi_old / pi_sampler, cap), exactly: at ratio 1 (no clipping) d loss / d logprob_t = -w_t A_t / N."""
+    from lib.rl import policy_loss, truncated_is_weights
+
+    old = torch.log(torch.tensor([[0.5, 0.2, 0.9], [0.3, 0.6, 0.1]]))
+    sampler = torch.log(torch.tensor([[0.25, 0.2, 0.3], [0.3, 0.1, 0.1]]))
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    w, stats = truncated_is_weights(old, sampler, mask, cap=2.0)
+    # ratios 2, 1, 3 (capped to 2), 1, 6 (capped to 2); padding 1
+    assert torch.allclose(w, torch.tensor([[2.0, 1.0, 2.0], [1.0, 2.0, 1.0]]))
+    assert stats["engine_is_truncated"] == pytest.approx(2 / 5)
+    d = torch.log(torch.tensor([2.0, 1.0, 3.0, 1.0, 6.0]))
+    assert stats["engine_logprob_diff"] == pytest.approx(float(d.abs().mean()))
+    assert stats["engine_kl"] == pytest.approx(float(((d.exp() - 1) - d).mean()))
+    assert stats["engine_logprob_diff_max"] == pytest.approx(math.log(6.0))
+    none, measured = truncated_is_weights(old, sampler, mask, cap=None)
+    assert none is None and measured["engine_kl"] == stats["engine_kl"]
+
+    adv = torch.tensor([[1.0, -2.0, 0.5], [3.0, 1.0, 7.0]])
+    lp = old.clone().requires_grad_(True)
+    loss, _ = policy_loss(lp, old, adv * w, mask, clip=0.2)
+    loss.backward()
+    assert torch.allclose(lp.grad, -(w * adv * mask) / mask.sum(), atol=1e-7)

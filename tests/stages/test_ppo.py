@@ -533,11 +533,15 @@ def test_ppo_with_adapter_sync_samples_what_weight_sync_samples(tmp_path, peaky_
         "train.rollout_batch_size=8",
     )
     assert _ppo(tmp_path / "adapter", peaky_sft, *common, "rollout.weight_sync=adapter") == 0
-    assert _ppo(tmp_path / "weights", peaky_sft, *common, "rollout.weight_sync=weights") == 0
+    weights = ("rollout.weight_sync=weights", "train.engine_is_cap=2.0")  # and the IS correction
+    assert _ppo(tmp_path / "weights", peaky_sft, *common, *weights) == 0
     a, w = _history(tmp_path / "adapter"), _history(tmp_path / "weights")
     assert len(a) == len(w) == 1  # iteration 1, the sync after its update, then the gates
     assert a[0]["reward_mean"] == w[0]["reward_mean"] and a[0]["kl"] == pytest.approx(w[0]["kl"], abs=1e-6)
     assert all(math.isfinite(x["policy_loss"]) for x in a)
+    # the engine's log-probs against the trainer's, measured every iteration: fp32 on both sides, other kernels
+    assert 0 <= w[0]["engine_logprob_diff"] < 1e-2 and abs(w[0]["engine_kl"]) < 1e-3
+    assert w[0]["engine_is_truncated"] == 0.0 and "engine_is_truncated" not in a[0]  # no cap there
 
 
 def test_a_weighted_list_of_rewards_from_one_yaml_each_logged_and_a_failing_one_named(

@@ -45,7 +45,7 @@ from core.models import (
     write_policy_stack,
 )
 from core.packing import BRANCH_KERNELS, needs_dense_mask, row_layout
-from core.stage import StageContext, StageResult, console, print_skipped, print_verdict
+from core.stage import StageContext, StageResult, console, figures, print_skipped, print_verdict
 from data_schemas.config import DPOConfig, ModelConfig
 from eval.policy_gate import policy_gate, policy_perplexity_gate, scorer_reward
 from lib import trainer as plumbing  # Trainer plumbing the Trainer stages share
@@ -503,7 +503,9 @@ def run(cfg: DPOConfig, resume: bool = False, force: bool = False, callbacks=())
         metrics["gate_peak_memory_gib"] = round(dist.peak_memory_gib(), 3)  # the main process's, gates alone
         acc = metrics.get("heldout_rewards_accuracies")
         if judged is not None:
-            print_verdict("dpo", ctx.out, judged, f"win rate vs SFT {metrics.get('win_rate_vs_sft')}")
+            print_verdict(
+                "dpo", ctx.out, judged, figures({"win rate vs SFT": metrics.get("win_rate_vs_sft")})
+            )
         print_verdict(
             "dpo", ctx.out, gate, f"held-out preference accuracy {acc if acc is None else round(acc, 3)}"
         )

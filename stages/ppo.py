@@ -67,7 +67,7 @@ from core.models import (
     write_policy_stack,
 )
 from core.readers import has_split, load_examples
-from core.stage import StageContext, StageResult, console, print_skipped, print_verdict
+from core.stage import StageContext, StageResult, console, figures, print_skipped, print_verdict
 from data_schemas.config import ModelConfig, PPOConfig
 from eval.policy_gate import policy_gate, policy_perplexity_gate, scorer_reward
 from lib.artifacts import Start, policy_gate_data, resolve_start
@@ -410,8 +410,9 @@ def run(cfg: PPOConfig, resume: bool = False, force: bool = False, callbacks=())
             gate = policy_perplexity_gate(ctx.out, start.parent, gate_data, cfg.perplexity_gate)
         metrics["peak_memory_gib_per_process"] = peaks
         metrics["gate_peak_memory_gib"] = round(dist.peak_memory_gib(), 3)  # the main process's, gates alone
-        summary = f"mean reward {metrics['reward_mean_first']} -> {metrics['reward_mean_last']}"
-        print_verdict("ppo", ctx.out, judged, f"win rate vs SFT {metrics.get('win_rate_vs_sft')}")
+        first, last = metrics["reward_mean_first"], metrics["reward_mean_last"]
+        summary = "mean reward " + (f"{first:.4g} -> {last:.4g}" if first is not None else "none")
+        print_verdict("ppo", ctx.out, judged, figures({"win rate vs SFT": metrics.get("win_rate_vs_sft")}))
         print_verdict("ppo", ctx.out, gate, summary)
         return ctx.complete(metrics, gates=[judged, gate])
 

@@ -39,7 +39,9 @@ GROUP, MINI, MAX_NEW, LR, KL = 8, 16, 64, 2e-4, 0.01
 ROWS = {
     "grpo": ["train.advantage_estimator=grpo"],
     "dapo": ["train.advantage_estimator=dapo", "train.clip_range_high=0.28", "train.dynamic_sampling=true",
-             "train.max_sampling_rounds=2", "reward.overlong_buffer=16"],
+             "train.max_sampling_rounds=2"],
+    "dapo_overlong16": ["train.advantage_estimator=dapo", "train.clip_range_high=0.28", "train.dynamic_sampling=true",
+                        "train.max_sampling_rounds=2", "reward.overlong_buffer=16"],
     "dr_grpo": ["train.advantage_estimator=dr_grpo"],
 }  # fmt: skip
 
@@ -93,7 +95,7 @@ def align_run(root: Path, name: str, extra: list[str], data: Path, steps: int, p
     }
 
 
-def trl_run(root: Path, train: list[dict], steps: int, prompts: int) -> dict:
+def trl_run(root: Path, train: list[dict], steps: int, prompts: int, max_steps: int | None = None) -> dict:
     """TRL's GRPOTrainer on the same task and budget; reward per generation batch and its elapsed time."""
     from datasets import Dataset
     from peft import LoraConfig
@@ -123,9 +125,9 @@ def trl_run(root: Path, train: list[dict], steps: int, prompts: int) -> dict:
     cfg = GRPOConfig(
         output_dir=str(root / "trl"), per_device_train_batch_size=MINI, steps_per_generation=per_gen // MINI,
         num_generations=GROUP, max_completion_length=MAX_NEW, learning_rate=LR, beta=KL, loss_type="dapo",
-        scale_rewards="group", num_iterations=1, max_steps=steps * per_gen // MINI, temperature=1.0,
+        scale_rewards="group", num_iterations=1, max_steps=max_steps or steps * per_gen // MINI, temperature=1.0,
         logging_steps=1, report_to=[], save_strategy="no", seed=0, bf16=False, use_cpu=True,
-        reward_weights=[1.0, 0.1], lr_scheduler_type="constant", warmup_ratio=0.0, weight_decay=0.0,
+        reward_weights=[1.0, 0.1], lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
     )  # fmt: skip
     log: list[tuple[float, float]] = []
     t0 = [0.0]
@@ -174,8 +176,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--prompts", type=int, default=4, help="prompts per iteration (x 8 responses)")
     ap.add_argument("--test", type=int, default=128)
-    ap.add_argument("--rows", default="grpo,dapo,dr_grpo")
+    ap.add_argument("--rows", default="grpo,dapo,dr_grpo", help=f"comma-separated, of {', '.join(ROWS)}")
     ap.add_argument("--no-trl", action="store_true")
+    ap.add_argument(
+        "--trl-smoke", action="store_true", help="one TRL optimizer step alone (checks the setup)"
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "arithmetic_rl.json")
     args = ap.parse_args()
     import numpy as np
@@ -184,6 +189,10 @@ def main() -> None:
     from lib.arithmetic import splits
 
     data = splits(1000, 200, seed=0)
+    if args.trl_smoke:
+        with tempfile.TemporaryDirectory() as d:
+            print(json.dumps(trl_run(Path(d), data["train"], 1, args.prompts, max_steps=2)))
+        return
     test = data["test"][: args.test]
     results: dict = {
         "steps": args.steps,
@@ -207,6 +216,8 @@ def main() -> None:
             r.update(accuracy=float(np.mean(acc)), interval=interval(acc), gain=float(gain.mean()),
                      gain_interval=interval(list(gain)))  # fmt: skip
             runs[name] = r
+            results["align"] = runs
+            save(args.out, "arithmetic_rl", results)  # after every run: a later failure loses nothing
             print(f"{name}: accuracy {r['accuracy']:.3f} {r['interval']}, gain {r['gain']:+.3f} "
                   f"{r['gain_interval']}, {r['wall_seconds']:.0f} s", flush=True)  # fmt: skip
         results["align"] = runs

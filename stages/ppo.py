@@ -376,6 +376,12 @@ def run(cfg: PPOConfig, resume: bool = False, force: bool = False, callbacks=())
         else:
             engine = rollout_engine(cfg, learner.policy, tokenizer, learner.base_path, ctx.precision)
         console.print(f"rollout engine: {engine.name}")
+        if cfg.train.engine_is_cap is not None and engine.name != "vllm":
+            console.print(
+                f"note: train.engine_is_cap: the {engine.name} engine samples with the trainer's own model, so there "
+                "is no engine mismatch to correct (it applies to vLLM rollouts)",
+                highlight=False,
+            )
         # A sharded run's reward model, and its gates' models, keep no more in memory than a process's share
         share = training_share(start.model, ctx.precision, learner.sharded)
         with resident_limit(share):

@@ -147,12 +147,10 @@ def trl_run(root: Path, train: list[dict], steps: int, prompts: int, max_steps: 
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start
-    k = per_gen // MINI  # optimizer steps per generation batch: one reward value each time it is logged
-    gens = [log[i] for i in range(0, len(log), k)]
-    return {
+    return {  # TRL logs the rewards once per generation batch: one value per iteration
         "wall_seconds": wall,
-        "elapsed": [t for t, _ in gens],
-        "reward_curve": [r for _, r in gens],
+        "elapsed": [t for t, _ in log],
+        "reward_curve": [r for _, r in log],
         "engine": "transformers generate",
     }
 

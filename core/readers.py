@@ -264,17 +264,10 @@ def row_conversations(
                 "whole, but this command needs a prompt and an answer: give it as prompt + completion",
             )
             return
-        try:
-            doc = PlainText.model_validate(row)
-        except ValidationError as e:
-            kind, msg = describe_row_error(e)
-            report.drop(where, kind, msg)
-            return
-        report.kept += 1
-        report.examples_from_rows += 1
-        yield where, row, doc
-        return
-    if row_shape is None or row_shape == "text":
+
+        def examples():
+            return [PlainText.model_validate(row)]
+    elif row_shape is None or row_shape == "text":
         report.drop(
             where,
             "unknown_shape",
@@ -283,8 +276,13 @@ def row_conversations(
             + "; see docs/formats.md for the accepted shapes",
         )  # fmt: skip
         return
+    else:
+
+        def examples():
+            return SHAPES[row_shape].model_validate(row).conversations(system_prompt)
+
     try:
-        got = SHAPES[row_shape].model_validate(row).conversations(system_prompt)
+        got = examples()
     except ValidationError as e:
         kind, msg = describe_row_error(e)
         report.drop(where, kind, msg)

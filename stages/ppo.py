@@ -74,7 +74,7 @@ from lib.artifacts import Start, policy_gate_data, resolve_start
 from lib.logprobs import head_logprobs
 from lib.merge import MERGED_START, sharded_start
 from lib.rewards import Context as RewardContext
-from lib.rewards import Rewards, reward_inputs
+from lib.rewards import Rewards, mean_applied, reward_inputs
 from lib.rl import (
     KLController,
     Rollouts,
@@ -866,11 +866,10 @@ class _Rollout(NamedTuple):
 
 def reward_means(rows: list[dict[str, float | None]]) -> dict[str, float]:
     """Each reward's mean over the responses it applied to (NaN where none): `reward/<name>` in the log."""
-    out = {}
-    for name in dict.fromkeys(k for r in rows for k in r):
-        got = [r[name] for r in rows if r.get(name) is not None]
-        out[f"reward/{name}"] = sum(got) / len(got) if got else float("nan")
-    return out
+    return {
+        f"reward/{name}": mean_applied([r.get(name) for r in rows])
+        for name in dict.fromkeys(k for r in rows for k in r)
+    }
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

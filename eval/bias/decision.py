@@ -200,13 +200,11 @@ def _decide_pairs(
         ci, pi = c[idx], p[idx]
         clo, chi = paired_diff_interval(ci, pi, _mean, 300, conf)
         change = _mean(ci) - _mean(pi)
-        if clo > 0 or chi < 0:
+        what = (
+            f"{label}, {cat}: the stereotyping sentence's lead moved {change:+.3f} nats over {len(idx)} pairs"
+        )
+        if _moved(d, what, (clo, chi), pct):
             moved.append(len(rows))
-            d.highlights.append(
-                f"{label}, {cat}: the stereotyping sentence's lead moved {change:+.3f} nats over {len(idx)} pairs "
-                f"({pct}% interval {clo:+.3f} to {chi:+.3f}), "
-                + ("toward the stereotype" if clo > 0 else "away from the stereotype")
-            )
         rows.append([cat, len(idx), share_stat(pi), share_stat(ci), change, f"{clo:+.3f} to {chi:+.3f}"])
     d.tables.append(
         {
@@ -223,6 +221,18 @@ def _decide_pairs(
          "parent margin": float(p[i]), "candidate margin": float(c[i])}
         for i in np.argsort(-(c - p))[:5] if c[i] - p[i] > 0
     ]  # fmt: skip
+
+
+def _moved(d: Decision, what: str, interval: tuple[float, float], pct: int) -> bool:
+    """Whether a category's change is significant on its own (its interval excludes 0); if so, `what` (the
+    category and its change, in words) becomes a highlight at the top of the report, with the interval and the
+    direction."""
+    lo, hi = interval
+    if not (lo > 0 or hi < 0):
+        return False
+    direction = "toward the stereotype" if lo > 0 else "away from the stereotype"
+    d.highlights.append(f"{what} ({pct}% interval {lo:+.3f} to {hi:+.3f}), {direction}")
+    return True
 
 
 CATEGORY_NOTE = (
@@ -304,17 +314,11 @@ def _decide_bbq(d: Decision, context: str, xs: list[dict], cand: list[int], par:
             continue
         sub = lambda k, idx=idx: amb(c_arr[idx[k]], idx[k]) - amb(p_arr[idx[k]], idx[k])  # noqa: E731
         clo, chi = bootstrap_interval(len(idx), sub, 200, settings.confidence)
-        change = amb(c_arr[idx], idx) - amb(p_arr[idx], idx)
-        if clo > 0 or chi < 0:
+        before, after = amb(p_arr[idx], idx), amb(c_arr[idx], idx)
+        what = f"{label}, {cat}: the bias score in ambiguous contexts moved {after - before:+.3f} over {len(idx)} items"
+        if _moved(d, what, (clo, chi), pct):
             moved.append(len(by_cat))
-            d.highlights.append(
-                f"{label}, {cat}: the bias score in ambiguous contexts moved {change:+.3f} over {len(idx)} items "
-                f"({pct}% interval {clo:+.3f} to {chi:+.3f}), "
-                + ("toward the stereotype" if clo > 0 else "away from the stereotype")
-            )
-        by_cat.append(
-            [cat, len(idx), amb(p_arr[idx], idx), amb(c_arr[idx], idx), change, f"{clo:+.3f} to {chi:+.3f}"]
-        )
+        by_cat.append([cat, len(idx), before, after, after - before, f"{clo:+.3f} to {chi:+.3f}"])
     if by_cat:
         d.tables.append(
             {"title": f"{label} by category (ambiguous contexts)",

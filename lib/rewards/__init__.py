@@ -136,11 +136,13 @@ class Scored:
 
     def means(self) -> dict[str, float]:
         """Each reward's mean over the responses it applied to (NaN where it applied to none)."""
-        out = {}
-        for name, vals in self.parts.items():
-            got = [v for v in vals if v is not None]
-            out[name] = sum(got) / len(got) if got else float("nan")
-        return out
+        return {name: mean_applied(vals) for name, vals in self.parts.items()}
+
+
+def mean_applied(values: Sequence[float | None]) -> float:
+    """The mean of the values a reward gave (None: it did not apply), NaN where it gave none."""
+    got = [v for v in values if v is not None]
+    return sum(got) / len(got) if got else float("nan")
 
 
 class Rewards:
